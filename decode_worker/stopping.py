@@ -1,0 +1,37 @@
+"""When a sequence stops: EOS, a stop token, a stop string, or max_tokens.
+
+Stop strings are matched on the decoded text of the last few tokens only, so
+the check costs the same at token 5 and token 5000. The router later cuts the
+final text at the first stop string (OpenAI semantics: the stop is not returned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from engine.config import SamplingParams
+
+
+class StopChecker:
+    def __init__(self, eos_token_ids: Sequence[int], tokenizer: Any | None) -> None:
+        self.eos = frozenset(eos_token_ids)
+        self.tokenizer = tokenizer
+
+    def check(self, output: Sequence[int], params: SamplingParams) -> str | None:
+        """'stop', 'length' or None for a sequence whose newest token is output[-1]."""
+        last = output[-1]
+        if (not params.ignore_eos and last in self.eos) or last in params.stop_token_ids:
+            return "stop"
+        if params.stop and self.tokenizer is not None and self._hits_stop_string(output, params.stop):
+            return "stop"
+        if len(output) >= params.max_tokens:
+            return "length"
+        return None
+
+    def _hits_stop_string(self, output: Sequence[int], stops: Sequence[str]) -> bool:
+        # A stop string of n characters spans at most n tokens; two more cover a token split across it.
+        window = max(len(s) for s in stops) + 2
+        # Checked at every token, so any match in the tail is a new one.
+        tail = self.tokenizer.decode(list(output[-window:]), skip_special_tokens=False)
+        return any(s in tail for s in stops)

@@ -1,0 +1,192 @@
+"""The decode worker: owns a paged KV pool, receives KV into it, runs continuous batching.
+
+Run as a threaded Ray actor: the decode loop has its own thread; `reserve`,
+`admit`, `release` and `poll` are called by the router concurrently, and the
+gRPC server's threads write arriving KV. Ownership:
+  - BlockManager and KVInbox: guarded by `_lock` (router calls and the loop).
+  - ContinuousBatcher: the loop thread only; others talk to it through `_admissions`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from decode_worker.batcher import ContinuousBatcher, DecodeSequence
+from decode_worker.stopping import StopChecker
+from engine.kv_cache import BlockManager, KVPool
+from engine.loader import load_tokenizer
+from engine.runner import ModelRunner, model_fingerprint
+from kvtransfer.base import KVEndpoint
+from kvtransfer.inbox import KVInbox
+from proto.messages import Admission, DecodeResult, Reservation, WorkerConfig
+
+log = logging.getLogger("pdserve.decode")
+
+
+class DecodeWorker:
+    def __init__(self, config: WorkerConfig, node_id: str = "local", node_ip: str = "127.0.0.1") -> None:
+        self.config = config
+        self.worker_id = config.worker_id
+        self.runner = ModelRunner(config.engine)
+        layout = self.runner.kv_layout()
+        self._shared = None
+        if config.engine.device == "cpu" and config.transport in ("auto", "shm"):
+            from kvtransfer.shm import SharedKVPool
+
+            self._shared = SharedKVPool(layout)
+            self.pool = self._shared.pool
+        else:
+            self.pool = KVPool.allocate(layout, config.engine.device)
+        self.blocks = BlockManager(layout.num_blocks, layout.block_size)
+        self.inbox = KVInbox(self.pool)
+        self._lock = threading.Lock()
+        self._admitted: set[str] = set()  # handed to the loop, not yet finished
+        fingerprint = model_fingerprint(self.runner.folder)
+        self._server = None
+        if config.transport in ("auto", "grpc"):
+            from kvtransfer.grpc_transport import KVServer
+
+            self._server = KVServer(self.inbox, receiver_id=self.worker_id, model_fingerprint=fingerprint,
+                                    auth_token=config.auth_token, host=config.kv_host or node_ip)
+        self.endpoint_info = KVEndpoint(
+            worker_id=self.worker_id, node_id=node_id, layout=layout, model_fingerprint=fingerprint,
+            grpc_address=self._server.address if self._server else None,
+            shm_name=self._shared.name if self._shared else None)
+        stopper = StopChecker(self.runner.arch.eos_token_ids, load_tokenizer(self.runner.folder))
+        self.batcher = ContinuousBatcher(self.runner, self.pool, stopper, config.engine.max_num_seqs)
+        self._admissions: queue.Queue[DecodeSequence | str] = queue.Queue()
+        self._results: queue.Queue[DecodeResult] = queue.Queue()
+        self._stop = threading.Event()
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name=f"decode-{self.worker_id}", daemon=True)
+        self._thread.start()
+
+    # ---- router-facing API -------------------------------------------------------------
+    def endpoint(self) -> KVEndpoint:
+        return self.endpoint_info
+
+    def reserve(self, reservations: list[Reservation]) -> dict[str, tuple[int, ...]]:
+        """Allocate blocks for prompt + max_tokens of each request; those that don't fit are left out."""
+        granted: dict[str, tuple[int, ...]] = {}
+        with self._lock:
+            for r in reservations:
+                total = r.prompt_tokens + r.max_tokens
+                if self.blocks.holds(r.request_id):  # a retry of a reservation we already hold
+                    self._release_locked(r.request_id)
+                if not self.blocks.can_allocate(total):
+                    continue
+                table = self.blocks.allocate(r.request_id, total)
+                self.inbox.expect(r.request_id, table, r.prompt_tokens)
+                granted[r.request_id] = tuple(table)
+        return granted
+
+    def admit(self, admissions: list[Admission]) -> list[str]:
+        """Start decoding requests whose KV is in place; return ids refused (KV incomplete or not reserved)."""
+        refused = []
+        with self._lock:
+            for a in admissions:
+                complete = a.transport == "shm" or self.inbox.is_complete(a.request_id)
+                if not self.blocks.holds(a.request_id) or not complete:
+                    refused.append(a.request_id)
+                    continue
+                self.inbox.forget(a.request_id)
+                self._admitted.add(a.request_id)
+                self._admissions.put(DecodeSequence(
+                    request_id=a.request_id, prompt_len=a.prompt_tokens, params=a.params,
+                    block_table=self.blocks.table(a.request_id), output=[a.first_token],
+                    token_times=[a.first_token_time]))
+        return refused
+
+    def release(self, request_ids: list[str]) -> int:
+        """Abort requests (transfer failed, router gave up): stop them and free their blocks."""
+        freed = 0
+        with self._lock:
+            for rid in request_ids:
+                if rid in self._admitted:
+                    self._admissions.put(rid)  # the loop takes it out of the batch, then frees
+                else:
+                    freed += self._release_locked(rid)
+        return freed
+
+    def poll(self, timeout: float = 0.5) -> list[DecodeResult]:
+        """Finished requests since the last poll; waits up to `timeout` for the first one."""
+        out: list[DecodeResult] = []
+        try:
+            out.append(self._results.get(timeout=timeout))
+        except queue.Empty:
+            return out
+        while True:
+            try:
+                out.append(self._results.get_nowait())
+            except queue.Empty:
+                return out
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"worker_id": self.worker_id, "num_blocks": self.blocks.num_blocks,
+                    "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
+                    "running": len(self.batcher.running), "waiting": len(self.batcher.waiting),
+                    "steps": self.steps}
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self._server:
+            self._server.stop()
+        if self._shared:
+            self.pool = None  # type: ignore[assignment]
+            self.batcher.pool = None  # type: ignore[assignment]
+            self.inbox.pool = None  # type: ignore[assignment]
+            self._shared.close()
+
+    # ---- decode loop -------------------------------------------------------------------
+    def _release_locked(self, request_id: str) -> int:
+        self._admitted.discard(request_id)
+        self.inbox.forget(request_id)
+        return self.blocks.free(request_id)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_admissions(block=not self.batcher.has_work())
+            if not self.batcher.has_work():
+                continue
+            try:
+                finished = self.batcher.step()
+            except Exception as e:  # a bug in a step must not strand requests: report them failed
+                log.exception("decode step failed")
+                for seq in self.batcher.running + list(self.batcher.waiting):
+                    self._finish(seq, error=f"decode step failed: {e!r}")
+                self.batcher.running, self.batcher.waiting = [], type(self.batcher.waiting)()
+                continue
+            self.steps += 1
+            for seq in finished:
+                self._finish(seq)
+
+    def _drain_admissions(self, block: bool) -> None:
+        try:
+            item = self._admissions.get(timeout=0.05) if block else self._admissions.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, str):  # an abort
+                self.batcher.remove(item)
+                with self._lock:
+                    self._release_locked(item)
+            else:
+                done = self.batcher.add(item)
+                if done is not None:
+                    self._finish(done)
+            try:
+                item = self._admissions.get_nowait()
+            except queue.Empty:
+                return
+
+    def _finish(self, seq: DecodeSequence, error: str | None = None) -> None:
+        with self._lock:
+            self._release_locked(seq.request_id)
+        self._results.put(DecodeResult(
+            request_id=seq.request_id, token_ids=tuple(seq.output), finish_reason=seq.finish_reason or "error",
+            admitted_at=seq.admitted_at, finished_at=time.time(), token_times=tuple(seq.token_times), error=error))

@@ -1,0 +1,143 @@
+"""Frozen configuration shared by every engine user (workers, router, tests).
+
+`ModelArch` is what the forward needs to know about a checkpoint; `EngineConfig`
+is what a user chooses; `SamplingParams` travels with each request.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Architectures our forward implements, by HF `model_type`.
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def default_cache_dir() -> Path:
+    """Where converted weights live; PDSERVE_CACHE overrides."""
+    env = os.environ.get("PDSERVE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdserve"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """The shape of a Llama-family checkpoint, read from its HF config."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # Qwen2 has q/k/v biases
+    qk_norm: bool  # Qwen3 normalizes q and k per head before RoPE
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_hf(cls, config: Any) -> ModelArch:
+        model_type = config.model_type
+        if model_type not in SUPPORTED_ARCHS:
+            raise ValueError(f"unsupported architecture {model_type!r}; pdserve runs {', '.join(SUPPORTED_ARCHS)}")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        eos = config.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        return cls(
+            model_type=model_type,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(config, "attention_bias", model_type == "qwen2")),
+            qk_norm=model_type == "qwen3",
+            eos_token_ids=eos_ids,
+        )
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """K and V values stored per token across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
+        per_layer = attn + 3 * h * i + 2 * h
+        embed = self.vocab_size * h
+        return self.num_layers * per_layer + embed + h + (0 if self.tie_word_embeddings else embed)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What a user picks for model execution; identical on prefill and decode workers."""
+
+    model: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
+    dtype: str = "float32"
+    device: str = field(default_factory=default_device)
+    block_size: int = 16
+    kv_cache_gib: float = 2.0  # decode worker's KV pool
+    max_num_seqs: int = 128  # decode batch limit
+    max_prefill_tokens: int = 2048  # prefill batch token budget
+    num_threads: int = 0  # torch intra-op threads; 0 leaves torch's choice
+    cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_gib <= 0 or self.max_num_seqs <= 0 or self.max_prefill_tokens <= 0:
+            raise ValueError("kv_cache_gib, max_num_seqs and max_prefill_tokens must be positive")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding rules. temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1

@@ -1,0 +1,103 @@
+"""ModelRunner: the only thing that calls the model. `prefill(batch)` and `decode(batch)`.
+
+It takes plain token lists and block tables; it knows nothing of requests'
+states, workers or transports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.attention import KVSink, PagedDecodeAttention, PrefillAttention
+from engine.config import EngineConfig, ModelArch
+from engine.kv_cache import KVLayout, KVPool
+from engine.loader import load_hf_config, load_state_dict, read_generation_eos, resolve_model
+from engine.model.llama import CausalLM
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    folder: Path
+    arch: ModelArch
+    model: CausalLM
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    folder = resolve_model(config.model, config.cache_dir)
+    hf_config = load_hf_config(folder)
+    arch = ModelArch.from_hf(hf_config)
+    extra_eos = read_generation_eos(folder)
+    if extra_eos:
+        arch = ModelArch(**{**arch.__dict__, "eos_token_ids": tuple(dict.fromkeys(arch.eos_token_ids + extra_eos))})
+    with torch.device("meta"):  # skip the random init of 100M+ parameters
+        model = CausalLM(arch, hf_config)
+    model = model.to_empty(device="cpu")
+    if arch.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.load_hf_weights(load_state_dict(folder))
+    model = model.to(device=config.device, dtype=config.torch_dtype).eval()
+    model.init_rope(config.torch_dtype)
+    return LoadedModel(folder, arch, model)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        loaded = loaded or load_model(config)
+        self.folder, self.arch, self.model = loaded.folder, loaded.arch, loaded.model
+        self.device = torch.device(config.device)
+
+    def kv_layout(self, num_blocks: int | None = None) -> KVLayout:
+        """The pool layout for this model; sized from `kv_cache_gib` unless `num_blocks` is given."""
+        a, c = self.arch, self.config
+        if num_blocks is not None:
+            return KVLayout(a.num_layers, num_blocks, c.block_size, a.num_kv_heads, a.head_dim, c.dtype)
+        return KVLayout.for_budget(num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
+                                   block_size=c.block_size, dtype=c.dtype, budget_bytes=int(c.kv_cache_gib * 2**30))
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], kv_sink: KVSink | None) -> torch.Tensor:
+        """Run all prompts packed together; return last-token logits [n, vocab] float32."""
+        lens = [len(p) for p in prompts]
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
+        last = torch.tensor(lens, device=self.device).cumsum(0) - 1
+        return self.model(ids, positions, PrefillAttention(lens, kv_sink), logits_index=last)
+
+    @torch.inference_mode()
+    def decode(self, pool: KVPool, tokens: torch.Tensor, positions: torch.Tensor,
+               block_tables: torch.Tensor) -> torch.Tensor:
+        """One step for B sequences: tokens/positions [B], block_tables [B, MB] -> logits [B, vocab]."""
+        bs = pool.layout.block_size
+        slots = block_tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
+        ctx = PagedDecodeAttention(pool, slots, block_tables, positions + 1)
+        return self.model(tokens, positions, ctx)
+
+
+def pool_writer(pool: KVPool, slot_lists: list[list[int]]) -> KVSink:
+    """A KV sink that writes packed prefill K/V into a local pool (single-process use and tests)."""
+    slots = torch.tensor([s for lst in slot_lists for s in lst], dtype=torch.long, device=pool.tensor.device)
+
+    def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        pool.write_tokens(layer, slots, k, v)
+
+    return sink
+
+
+def token_slots(table: list[int], num_tokens: int, block_size: int) -> list[int]:
+    return [table[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
+
+
+def model_fingerprint(folder: Path) -> str:
+    """Identifies a checkpoint so two workers can check they run the same model."""
+    import hashlib
+
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]

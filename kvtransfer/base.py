@@ -1,0 +1,127 @@
+"""The transport interface both workers program against, and how one is chosen.
+
+Decode side: a worker owns a KV pool and publishes one `KVEndpoint` that says
+how to reach it (shared-memory name, gRPC address). Prefill side: a worker
+`connect`s to an endpoint once and, per request, `begin`s a transfer, writes
+each layer's K/V as prefill computes it, and `finish`es with a deadline.
+
+    prefill worker                           decode worker
+    conn = connect(endpoint, ...)            endpoint = KVEndpoint(...)
+    h = conn.begin(request_id, table, n)     (blocks reserved by the router)
+    conn.write_layer(h, layer, k, v)  ---->  pool[layer, :, table] <- k, v
+    stats = conn.finish(h, timeout)          inbox.is_complete(request_id)
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.kv_cache import KVLayout
+
+TRANSPORTS = ("auto", "shm", "grpc")
+
+
+class TransferError(RuntimeError):
+    """A transfer did not complete; the request must be retried elsewhere or failed."""
+
+
+class TransferTimeout(TransferError):
+    pass
+
+
+class IntegrityError(TransferError):
+    """A chunk's checksum, shape, dtype or block range does not match what was reserved."""
+
+
+class IncompatiblePeer(TransferError):
+    """The two workers disagree on model or KV layout; refused before any byte moves."""
+
+
+class Unauthenticated(TransferError):
+    pass
+
+
+@dataclass(frozen=True)
+class KVEndpoint:
+    """How to reach one decode worker's KV pool; published once at start-up."""
+
+    worker_id: str
+    node_id: str
+    layout: KVLayout
+    model_fingerprint: str
+    grpc_address: str | None = None
+    shm_name: str | None = None
+
+
+@dataclass(frozen=True)
+class TransferHandle:
+    request_id: str
+    block_table: tuple[int, ...]  # physical block ids reserved on the decode worker
+    num_tokens: int
+    started: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    request_id: str
+    transport: str
+    bytes: int
+    start: float
+    end: float
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / max(self.end - self.start, 1e-9) / 1e9
+
+
+class KVConnection(ABC):
+    """Prefill side of one (prefill worker, decode worker) pair."""
+
+    transport: str
+
+    @abstractmethod
+    def begin(self, request_id: str, block_table: list[int], num_tokens: int) -> TransferHandle: ...
+
+    @abstractmethod
+    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [num_tokens, KVH, D] for `layer`, already on the sender's device."""
+
+    @abstractmethod
+    def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
+        """Block until the receiver holds every layer; raise TransferError otherwise."""
+
+    def abort(self, handle: TransferHandle) -> None:
+        """Give up on a transfer (the router releases the decode-side blocks)."""
+
+    def close(self) -> None: ...
+
+
+def select_transport(requested: str, sender_node: str, endpoint: KVEndpoint) -> str:
+    """Forced transport wins; `auto` takes shared memory on the same node, gRPC across nodes."""
+    if requested not in TRANSPORTS:
+        raise ValueError(f"--transport must be one of {TRANSPORTS}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "shm" if endpoint.shm_name and sender_node == endpoint.node_id else "grpc"
+
+
+_MODULES = {"shm": "kvtransfer.shm", "grpc": "kvtransfer.grpc_transport"}
+
+
+def connect(endpoint: KVEndpoint, transport: str, *, sender_id: str, auth_token: str,
+            sender_layout: KVLayout, model_fingerprint: str, timeout: float = 30.0) -> KVConnection:
+    """Open a connection of `transport` (lazily imported) and run the compatibility check."""
+    problem = endpoint.layout.compatible_with(sender_layout)
+    if problem is None and endpoint.model_fingerprint != model_fingerprint:
+        problem = f"model: {endpoint.model_fingerprint} != {model_fingerprint}"
+    if problem:
+        raise IncompatiblePeer(f"decode worker {endpoint.worker_id} refuses {sender_id}: {problem}")
+    module = importlib.import_module(_MODULES[transport])
+    return module.open_connection(endpoint, sender_id=sender_id, auth_token=auth_token,
+                                  sender_layout=sender_layout, model_fingerprint=model_fingerprint,
+                                  timeout=timeout)

@@ -1,0 +1,212 @@
+"""gRPC transport (any two nodes): one client stream per request, layers sent as computed.
+
+Client: `write_layer` hands the layer's tensors to a bounded queue and returns
+at once; gRPC's sending thread encodes chunks from it while prefill computes
+the next layer. The bound is the flow control: a slow receiver stalls prefill
+instead of growing memory. Server: every chunk is checked and written into
+the reserved blocks through the decode worker's `KVInbox`.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from concurrent import futures
+
+import grpc
+import torch
+
+from engine.kv_cache import KVLayout
+from kvtransfer.base import (IncompatiblePeer, IntegrityError, KVConnection, KVEndpoint, TransferError,
+                             TransferHandle, TransferStats, TransferTimeout, Unauthenticated)
+from kvtransfer.inbox import KVInbox
+from kvtransfer.wire import DEFAULT_MAX_CHUNK_BYTES, decode_chunk, encode_layer
+from proto import kv_transfer_pb2 as pb
+from proto import kv_transfer_pb2_grpc as pb_grpc
+
+AUTH_HEADER = "x-pdserve-token"
+_MAX_MESSAGE = 64 << 20
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE),
+                    ("grpc.max_receive_message_length", _MAX_MESSAGE)]
+_QUEUED_LAYERS = 8  # per request: layers waiting to be encoded and sent
+
+
+def layout_spec(layout: KVLayout) -> pb.KVLayoutSpec:
+    return pb.KVLayoutSpec(num_layers=layout.num_layers, block_size=layout.block_size,
+                           num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype)
+
+
+class _Servicer(pb_grpc.KVTransferServicer):
+    def __init__(self, inbox: KVInbox, receiver_id: str, model_fingerprint: str, auth_token: str) -> None:
+        self.inbox, self.receiver_id = inbox, receiver_id
+        self.model_fingerprint, self.auth_token = model_fingerprint, auth_token
+
+    def _authenticate(self, context: grpc.ServicerContext) -> None:
+        if dict(context.invocation_metadata()).get(AUTH_HEADER) != self.auth_token:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+
+    def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeReply:
+        self._authenticate(context)
+        mine = layout_spec(self.inbox.layout)
+        problems = [f"{f}: {getattr(mine, f)} != {getattr(request.layout, f)}"
+                    for f in ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
+                    if getattr(mine, f) != getattr(request.layout, f)]
+        if request.model_fingerprint != self.model_fingerprint:
+            problems.append(f"model: {self.model_fingerprint} != {request.model_fingerprint}")
+        return pb.HandshakeReply(ok=not problems, reason="; ".join(problems), receiver_id=self.receiver_id)
+
+    def PushKV(self, request_iterator, context: grpc.ServicerContext) -> pb.PushReply:
+        self._authenticate(context)
+        request_id, chunks, nbytes = "", 0, 0
+        try:
+            for chunk in request_iterator:
+                request_id = chunk.request_id
+                k, v = decode_chunk(chunk, self.inbox.layout)
+                nbytes += self.inbox.accept(chunk.request_id, chunk.layer, chunk.block_start, chunk.num_blocks, k, v)
+                chunks += 1
+        except IntegrityError as e:
+            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+        return pb.PushReply(request_id=request_id, chunks=chunks, bytes=nbytes,
+                            complete=bool(request_id) and self.inbox.is_complete(request_id))
+
+
+class KVServer:
+    """The decode worker's gRPC endpoint; binds to `host` (the node's own address)."""
+
+    def __init__(self, inbox: KVInbox, *, receiver_id: str, model_fingerprint: str, auth_token: str,
+                 host: str = "127.0.0.1", port: int = 0, max_workers: int = 16) -> None:
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_CHANNEL_OPTIONS)
+        pb_grpc.add_KVTransferServicer_to_server(
+            _Servicer(inbox, receiver_id, model_fingerprint, auth_token), self._server)
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind the KV server to {host}:{port}")
+        self.address = f"{host}:{bound}"
+        self._server.start()
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._server.stop(grace).wait()
+
+
+class _Stream:
+    """One request's client stream: a bounded queue of layers and the call consuming it."""
+
+    def __init__(self, stub: pb_grpc.KVTransferStub, metadata: list[tuple[str, str]], handle: TransferHandle,
+                 block_size: int, max_chunk_bytes: int, timeout: float) -> None:
+        self.layers: queue.Queue = queue.Queue(maxsize=_QUEUED_LAYERS)
+        self.bytes = 0
+
+        def chunks():
+            while True:
+                item = self.layers.get()
+                if item is None:
+                    return
+                layer, k, v = item
+                yield from encode_layer(handle.request_id, layer, k, v, block_size, max_chunk_bytes)
+
+        self.call = stub.PushKV.future(chunks(), metadata=metadata, timeout=timeout)
+
+
+class GrpcConnection(KVConnection):
+    transport = "grpc"
+
+    def __init__(self, endpoint: KVEndpoint, *, sender_id: str, auth_token: str, sender_layout: KVLayout,
+                 model_fingerprint: str, timeout: float,
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+        if not endpoint.grpc_address:
+            raise ValueError(f"decode worker {endpoint.worker_id} exposes no gRPC address")
+        self.endpoint = endpoint
+        self.block_size = sender_layout.block_size
+        self.max_chunk_bytes = max_chunk_bytes
+        self.timeout = timeout
+        self._metadata = [(AUTH_HEADER, auth_token)]
+        self._channel = grpc.insecure_channel(endpoint.grpc_address, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.KVTransferStub(self._channel)
+        self._streams: dict[str, _Stream] = {}
+        try:
+            reply = self._stub.Handshake(
+                pb.HandshakeRequest(sender_id=sender_id, model_fingerprint=model_fingerprint,
+                                    layout=layout_spec(sender_layout)),
+                metadata=self._metadata, timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            self._channel.close()
+            raise _typed(e, f"handshake with {endpoint.worker_id} at {endpoint.grpc_address}") from e
+        if not reply.ok:
+            self._channel.close()
+            raise IncompatiblePeer(f"decode worker {endpoint.worker_id} refused {sender_id}: {reply.reason}")
+
+    def begin(self, request_id: str, block_table: list[int], num_tokens: int) -> TransferHandle:
+        handle = TransferHandle(request_id, tuple(block_table), num_tokens, time.time())
+        self._streams[request_id] = _Stream(self._stub, self._metadata, handle, self.block_size,
+                                            self.max_chunk_bytes, self.timeout)
+        return handle
+
+    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        stream = self._streams[handle.request_id]
+        deadline = handle.started + self.timeout
+        item = (layer, k.cpu(), v.cpu())
+        while True:
+            if stream.call.done():  # the receiver ended the call early: surface its error now
+                self._raise_from(stream, handle)
+            try:
+                stream.layers.put(item, timeout=min(0.5, max(deadline - time.time(), 0.001)))
+                break
+            except queue.Full:
+                if time.time() > deadline:
+                    self.abort(handle)
+                    raise TransferTimeout(f"KV of request {handle.request_id} stalled past {self.timeout:.0f}s")
+        stream.bytes += (k.numel() + v.numel()) * k.element_size()
+
+    def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
+        stream = self._streams.pop(handle.request_id)
+        try:
+            stream.layers.put(None, timeout=timeout)
+            reply = stream.call.result(timeout=timeout)
+        except queue.Full as e:
+            stream.call.cancel()
+            raise TransferTimeout(f"KV of request {handle.request_id} stalled past {timeout:.0f}s") from e
+        except grpc.FutureTimeoutError as e:
+            stream.call.cancel()
+            raise TransferTimeout(f"KV of request {handle.request_id} not acknowledged within {timeout:.0f}s") from e
+        except grpc.RpcError as e:
+            raise _typed(e, f"KV of request {handle.request_id}") from e
+        if not reply.complete:
+            raise TransferError(f"decode worker {self.endpoint.worker_id} holds only part of the KV of "
+                                f"request {handle.request_id}")
+        return TransferStats(handle.request_id, self.transport, stream.bytes, handle.started, time.time())
+
+    def _raise_from(self, stream: _Stream, handle: TransferHandle) -> None:
+        self._streams.pop(handle.request_id, None)
+        try:
+            stream.call.result(timeout=0)
+        except grpc.RpcError as e:
+            raise _typed(e, f"KV of request {handle.request_id}") from e
+        raise TransferError(f"decode worker ended the KV stream of request {handle.request_id} early")
+
+    def abort(self, handle: TransferHandle) -> None:
+        stream = self._streams.pop(handle.request_id, None)
+        if stream is not None:
+            stream.call.cancel()
+
+    def close(self) -> None:
+        for stream in self._streams.values():
+            stream.call.cancel()
+        self._streams.clear()
+        self._channel.close()
+
+
+def _typed(error: grpc.RpcError, what: str) -> TransferError:
+    code = error.code() if hasattr(error, "code") else None
+    detail = error.details() if hasattr(error, "details") else str(error)
+    message = f"{what}: {detail}"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(message)
+    if code in (grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INVALID_ARGUMENT):
+        return IntegrityError(message)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return TransferTimeout(message)
+    return TransferError(f"{message} ({code.name if code else 'unknown'})")
+
+
+def open_connection(endpoint: KVEndpoint, **kwargs) -> GrpcConnection:
+    return GrpcConnection(endpoint, **kwargs)

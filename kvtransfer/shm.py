@@ -1,0 +1,87 @@
+"""Shared-memory transport (same node, CPU): the decode worker's pool lives in
+one POSIX shared-memory segment; a prefill worker maps it once and writes each
+request's K/V straight into the reserved blocks. One copy, no serialization.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from multiprocessing import resource_tracker, shared_memory
+
+import torch
+
+from engine.kv_cache import KVLayout, KVPool
+from kvtransfer.base import KVConnection, KVEndpoint, TransferHandle, TransferStats
+
+
+class SharedKVPool:
+    """A KV pool backed by a named shared-memory segment.
+
+    The creator (decode worker) owns the segment and unlinks it on close; an
+    attacher (prefill worker) only maps it and must never unlink it.
+    """
+
+    def __init__(self, layout: KVLayout, name: str | None = None) -> None:
+        self.layout = layout
+        self.owner = name is None
+        if self.owner:
+            name = f"pdserve-kv-{uuid.uuid4().hex[:12]}"
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nbytes)
+        else:
+            self._shm = shared_memory.SharedMemory(name=name)
+            # Python < 3.13 registers attached segments too and would unlink the owner's pool at our exit.
+            resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
+        self.name = name
+        self.pool = KVPool(layout, torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=layout.nbytes))
+
+    def close(self) -> None:
+        self.pool = None  # type: ignore[assignment]  # drop views before unmapping
+        try:
+            self._shm.close()
+        except BufferError:
+            return  # a view still exists somewhere; the mapping goes with the process
+        if self.owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class ShmConnection(KVConnection):
+    transport = "shm"
+
+    def __init__(self, endpoint: KVEndpoint) -> None:
+        if not endpoint.shm_name:
+            raise ValueError(f"decode worker {endpoint.worker_id} exposes no shared-memory pool")
+        self._shared = SharedKVPool(endpoint.layout, endpoint.shm_name)
+        self._slots: dict[str, torch.Tensor] = {}
+        self._bytes: dict[str, int] = {}
+
+    def begin(self, request_id: str, block_table: list[int], num_tokens: int) -> TransferHandle:
+        bs = self._shared.layout.block_size
+        table = torch.tensor(block_table, dtype=torch.long)
+        pos = torch.arange(num_tokens)
+        self._slots[request_id] = table[pos // bs] * bs + pos % bs
+        self._bytes[request_id] = 0
+        return TransferHandle(request_id, tuple(block_table), num_tokens, time.time())
+
+    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._shared.pool.write_tokens(layer, self._slots[handle.request_id], k.cpu(), v.cpu())
+        self._bytes[handle.request_id] += (k.numel() + v.numel()) * k.element_size()
+
+    def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
+        self._slots.pop(handle.request_id, None)
+        nbytes = self._bytes.pop(handle.request_id, 0)
+        return TransferStats(handle.request_id, self.transport, nbytes, handle.started, time.time())
+
+    def abort(self, handle: TransferHandle) -> None:
+        self._slots.pop(handle.request_id, None)
+        self._bytes.pop(handle.request_id, None)
+
+    def close(self) -> None:
+        self._shared.close()
+
+
+def open_connection(endpoint: KVEndpoint, **_: object) -> ShmConnection:
+    return ShmConnection(endpoint)

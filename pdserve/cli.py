@@ -1,0 +1,102 @@
+"""The `pdserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from engine.config import DTYPES, EngineConfig, default_device
+from kvtransfer.base import TRANSPORTS
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None,
+                   help="an HF folder, a .gguf file, or omit for the default SmolLM2-135M-Instruct")
+    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present, else cpu)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV pool size per decode worker")
+    g.add_argument("--max-num-seqs", type=int, default=128, help="decode batch limit")
+    g.add_argument("--max-prefill-tokens", type=int, default=2048, help="prefill batch token budget")
+    g.add_argument("--cache-dir", default=None, help="where converted weights are cached")
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster: omit to start a local one, 'auto' to join the running one, or ray://host:port")
+    g.add_argument("--prefill-workers", type=int, default=1)
+    g.add_argument("--decode-workers", type=int, default=1)
+    g.add_argument("--transport", default="auto", choices=TRANSPORTS,
+                   help="KV transport; auto: shared memory on the same node, gRPC across nodes")
+    g.add_argument("--prefill-threads", type=int, default=0, help="torch threads per prefill worker (0: auto)")
+    g.add_argument("--decode-threads", type=int, default=0, help="torch threads per decode worker (0: auto)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    kwargs = dict(model=args.model, dtype=args.dtype, device=args.device or default_device(),
+                  block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
+                  max_prefill_tokens=args.max_prefill_tokens)
+    if args.cache_dir:
+        kwargs["cache_dir"] = args.cache_dir
+    return EngineConfig(**kwargs)
+
+
+def cluster_config(args: argparse.Namespace):
+    from router.cluster import ClusterConfig
+
+    return ClusterConfig(address=args.address, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
+                         transport=args.transport, prefill_threads=args.prefill_threads,
+                         decode_threads=args.decode_threads)
+
+
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    from router.offline import BatchOptions, run_batch
+    from router.router import RouterConfig
+
+    engine = engine_config(args)
+    summary = run_batch(Path(args.input), Path(args.output), engine, cluster_config(args),
+                        RouterConfig(max_prefill_tokens=engine.max_prefill_tokens),
+                        BatchOptions(default_max_tokens=args.default_max_tokens, ignore_eos=args.ignore_eos,
+                                     progress=not args.quiet))
+    print(summary.render())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rb = sub.add_parser("run-batch", help="run an OpenAI-format JSONL batch (as `vllm run-batch` reads)")
+    rb.add_argument("-i", "--input", required=True, help="input JSONL")
+    rb.add_argument("-o", "--output", required=True, help="output JSONL (one line per input line)")
+    rb.add_argument("--ignore-eos", action="store_true", help="generate max_tokens for every request (benchmarks)")
+    rb.add_argument("--default-max-tokens", type=int, default=512,
+                    help="max_tokens for requests that set none (KV is reserved for prompt + max_tokens)")
+    rb.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    _engine_args(rb)
+    _cluster_args(rb)
+    rb.set_defaults(func=cmd_run_batch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as e:
+        print(f"pdserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pdserve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

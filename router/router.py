@@ -1,0 +1,357 @@
+"""The router: the homework's two loops (3.2) driven from one event loop over Ray futures.
+
+Prefill side: while requests wait, give every prefill worker with room a
+batch drawn from one length bucket (`constrained_get`) up to a token budget;
+each request first gets a decode worker with room for prompt + max_tokens
+(`does_fit`), which reserves the blocks before prefill starts.
+Decode side: when a prefill batch returns, admit its requests on their decode
+workers; poll each decode worker for finished requests.
+A worker that dies or a transfer that fails sends its requests back to the
+queue (a fresh attempt id each time), up to `max_attempts`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from kvtransfer.base import KVEndpoint
+from proto.messages import Admission, DecodeResult, PrefillResult, PrefillTask, Reservation
+from router.placement import DecodeCapacity, Placement
+from router.queue import DEFAULT_BUCKET_EDGES, LengthBucketQueue
+from router.request import Request, State
+
+log = logging.getLogger("pdserve.router")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    max_prefill_tokens: int = 2048
+    max_prefill_batch: int = 64
+    prefill_batches_in_flight: int = 2  # per prefill worker: the next batch waits in its mailbox
+    bucket_edges: tuple[int, ...] = DEFAULT_BUCKET_EDGES
+    aging_s: float = 10.0
+    max_attempts: int = 3
+    poll_timeout_s: float = 0.2
+    call_timeout_s: float = 120.0  # deadline for any single worker call
+
+
+@dataclass
+class WorkerSet:
+    """Handles to the running workers and the decode workers' KV endpoints."""
+
+    prefill: dict[str, Any]
+    decode: dict[str, Any]
+    endpoints: dict[str, KVEndpoint] = field(default_factory=dict)
+    max_num_seqs: int = 128
+
+
+@dataclass
+class _Call:
+    kind: str  # prefill | admit | poll | release | endpoint | ready
+    worker_id: str
+    requests: list[Request] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+
+class Router:
+    def __init__(self, workers: WorkerSet, config: RouterConfig,
+                 on_finished: Callable[[Request], None]) -> None:
+        self.workers = workers
+        self.config = config
+        self.on_finished = on_finished
+        self.queue: LengthBucketQueue[Request] = LengthBucketQueue(config.bucket_edges, config.aging_s)
+        self.placement = Placement()
+        for wid, ep in workers.endpoints.items():
+            self._add_decode_capacity(wid, ep)
+        self.active: dict[str, Request] = {}  # request_id -> unfinished request
+        self._by_attempt: dict[str, Request] = {}
+        self._calls: dict[ray.ObjectRef, _Call] = {}
+        self._prefill_load: dict[str, int] = {wid: 0 for wid in workers.prefill}
+        self._polling: set[str] = set()
+        self._down: set[str] = set()  # workers being restarted by Ray
+
+    # ---- intake ------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        tokens = req.prompt_len + req.params.max_tokens
+        if not self.placement.fits_anywhere_when_empty(tokens):
+            req.fail(f"prompt + max_tokens = {tokens} tokens exceeds every decode worker's KV pool")
+            self.on_finished(req)
+            return
+        self.active[req.request_id] = req
+        self._enqueue(req)
+
+    def _enqueue(self, req: Request) -> None:
+        self._by_attempt[req.attempt_id] = req
+        self.queue.put(req, req.prompt_len, req.priority)
+
+    @property
+    def done(self) -> bool:
+        return not self.active
+
+    # ---- the loop ----------------------------------------------------------------------
+    def run(self, until_done: bool = True, on_tick: Callable[[], None] | None = None) -> None:
+        while self.active or not until_done:
+            self.tick()
+            if on_tick:
+                on_tick()
+
+    def tick(self, wait_s: float = 0.5) -> None:
+        self._dispatch_prefill()
+        self._ensure_polls()
+        if not self._calls:
+            time.sleep(0.01)
+            return
+        refs = list(self._calls)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
+        if ready:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            call = self._calls.pop(ref)
+            try:
+                value = ray.get(ref)
+            except (RayActorError, RayTaskError) as e:
+                self._call_failed(call, e)
+                continue
+            self._handle(call, value)
+        self._expire_calls()
+
+    def _handle(self, call: _Call, value: Any) -> None:
+        if call.kind == "prefill":
+            self._prefill_load[call.worker_id] -= 1
+            self._on_prefill(call, value)
+        elif call.kind == "admit":
+            self._on_admit(call, value)
+        elif call.kind == "poll":
+            self._polling.discard(call.worker_id)
+            self._on_decoded(value)
+        elif call.kind == "endpoint":
+            self._on_decode_back(call.worker_id, value)
+        elif call.kind == "ready":
+            self._on_prefill_back(call.worker_id)
+
+    # ---- prefill dispatch --------------------------------------------------------------
+    def _dispatch_prefill(self) -> None:
+        for wid, handle in self.workers.prefill.items():
+            while (wid not in self._down and len(self.queue)
+                   and self._prefill_load[wid] < self.config.prefill_batches_in_flight):
+                if not self._send_prefill_batch(wid, handle):
+                    return  # nothing fits on any decode worker now; wait for blocks to free
+
+    def _send_prefill_batch(self, wid: str, handle: Any) -> bool:
+        chosen: dict[str, str] = {}
+
+        def fits(req: Request) -> bool:  # does_fit + reserve in the mirror
+            where = self.placement.place(req.attempt_id, req.prompt_len + req.params.max_tokens)
+            if where is not None:
+                chosen[req.attempt_id] = where
+            return where is not None
+
+        batch = self.queue.constrained_get(fits, self.config.max_prefill_tokens, self.config.max_prefill_batch)
+        if not batch:
+            return False
+        by_decode: dict[str, list[Request]] = defaultdict(list)
+        for req in batch:
+            req.decode_worker = chosen[req.attempt_id]
+            by_decode[req.decode_worker].append(req)
+        tasks: list[PrefillTask] = []
+        for did, reqs in by_decode.items():
+            tables = self._reserve(did, reqs)
+            for req in reqs:
+                table = tables.get(req.attempt_id) if tables is not None else None
+                if table is None:
+                    self.placement.release(did, req.attempt_id)
+                    if tables is not None:  # the worker had less room than the mirror: a bug, but recoverable
+                        log.warning("decode worker %s refused a reservation the router expected to fit", did)
+                    self._retry(req, f"decode worker {did} could not reserve KV blocks")
+                    continue
+                req.prefill_worker = wid
+                req.move(State.PREFILL)
+                tasks.append(PrefillTask(req.attempt_id, tuple(req.prompt_token_ids), req.params, did, table))
+        sent = [self._by_attempt[t.request_id] for t in tasks]
+        if tasks:
+            self._prefill_load[wid] += 1
+            self._calls[handle.prefill.remote(tasks)] = _Call("prefill", wid, sent)
+        return True
+
+    def _reserve(self, did: str, reqs: list[Request]) -> dict[str, tuple[int, ...]] | None:
+        handle = self.workers.decode[did]
+        ask = [Reservation(r.attempt_id, r.prompt_len, r.params.max_tokens) for r in reqs]
+        try:
+            return ray.get(handle.reserve.remote(ask), timeout=self.config.call_timeout_s)
+        except (RayActorError, RayTaskError, GetTimeoutError) as e:
+            self._decode_lost(did, f"reserve failed: {e}")
+            return None
+
+    # ---- results -----------------------------------------------------------------------
+    def _on_prefill(self, call: _Call, results: list[PrefillResult]) -> None:
+        admits: dict[str, list[tuple[Request, Admission]]] = defaultdict(list)
+        for res in results:
+            req = self._current(res.request_id)
+            if req is None:
+                continue
+            if res.error:
+                self._release(req)
+                self._retry(req, res.error)
+                continue
+            req.timeline.update(prefill_start=res.prefill_start, prefill_end=res.prefill_end,
+                                transfer_start=res.transfer_start, transfer_end=res.transfer_end,
+                                first_token=res.prefill_end)
+            req.transport, req.kv_bytes = res.transport, res.kv_bytes
+            req.output_token_ids = [res.first_token]
+            req.move(State.TRANSFER, at=res.prefill_end)
+            admits[req.decode_worker].append((req, Admission(
+                req.attempt_id, req.prompt_len, res.first_token, res.prefill_end, req.params, res.transport)))
+        for did, items in admits.items():
+            if did in self._down or did not in self.workers.decode:
+                for req, _ in items:
+                    self._retry(req, f"decode worker {did} was lost before admission")
+                continue
+            ref = self.workers.decode[did].admit.remote([a for _, a in items])
+            self._calls[ref] = _Call("admit", did, [r for r, _ in items])
+
+    def _on_admit(self, call: _Call, refused: list[str]) -> None:
+        refused_set = set(refused)
+        for req in call.requests:
+            if self._by_attempt.get(req.attempt_id) is not req or req.state != State.TRANSFER:
+                continue
+            if req.attempt_id in refused_set:
+                self._release(req)
+                self._retry(req, f"decode worker {call.worker_id} did not receive the whole KV cache")
+            else:
+                req.move(State.DECODE)
+
+    def _on_decoded(self, results: list[DecodeResult]) -> None:
+        for res in results:
+            req = self._current(res.request_id)
+            if req is None:
+                continue
+            self.placement.release(req.decode_worker, req.attempt_id)
+            if res.error:
+                self._retry(req, res.error)
+                continue
+            req.output_token_ids = list(res.token_ids)
+            req.token_times = list(res.token_times)
+            req.finish_reason = res.finish_reason
+            req.timeline.update(decode_admit=res.admitted_at, finish=res.finished_at)
+            if req.state == State.TRANSFER:  # finished before the admit reply was handled
+                req.move(State.DECODE)
+            req.move(State.DONE, at=res.finished_at)
+            self._finish(req)
+
+    def _ensure_polls(self) -> None:
+        for did, handle in self.workers.decode.items():
+            if did not in self._polling and did not in self._down:
+                self._polling.add(did)
+                self._calls[handle.poll.remote(self.config.poll_timeout_s)] = _Call("poll", did)
+
+    # ---- faults ------------------------------------------------------------------------
+    def _call_failed(self, call: _Call, error: Exception) -> None:
+        if call.kind in ("prefill", "ready"):
+            if call.kind == "prefill":
+                self._prefill_load[call.worker_id] -= 1
+            self._prefill_lost(call.worker_id, f"prefill worker {call.worker_id} failed: {_short(error)}")
+        else:
+            if call.kind == "poll":
+                self._polling.discard(call.worker_id)
+            self._decode_lost(call.worker_id, f"decode worker {call.worker_id} failed: {_short(error)}")
+
+    def _prefill_lost(self, wid: str, reason: str) -> None:
+        log.warning("%s; requeueing its requests", reason)
+        for req in list(self.active.values()):
+            if req.prefill_worker == wid and req.state == State.PREFILL:
+                self._release(req)
+                self._retry(req, reason)
+        self._prefill_load[wid] = 0
+        if wid not in self._down:
+            self._down.add(wid)
+            self._calls[self.workers.prefill[wid].set_endpoints.remote(list(self.workers.endpoints.values()))] = \
+                _Call("ready", wid)
+
+    def _on_prefill_back(self, wid: str) -> None:
+        self._down.discard(wid)
+
+    def _decode_lost(self, did: str, reason: str) -> None:
+        if did in self._down:
+            return
+        log.warning("%s; requeueing its requests", reason)
+        self._down.add(did)
+        self._polling.discard(did)
+        self.placement.remove_worker(did)
+        for req in list(self.active.values()):
+            if req.decode_worker == did and req.state in (State.PREFILL, State.TRANSFER, State.DECODE):
+                self._retry(req, reason)
+        self._calls[self.workers.decode[did].endpoint.remote()] = _Call("endpoint", did)
+
+    def _on_decode_back(self, did: str, endpoint: KVEndpoint) -> None:
+        self._down.discard(did)
+        self.workers.endpoints[did] = endpoint
+        self._add_decode_capacity(did, endpoint)
+        for wid, handle in self.workers.prefill.items():
+            handle.set_endpoints.remote([endpoint])
+
+    def _expire_calls(self) -> None:
+        now = time.time()
+        for ref, call in list(self._calls.items()):
+            if call.kind != "poll" and now - call.started > self.config.call_timeout_s:
+                del self._calls[ref]
+                ray.cancel(ref, force=False)
+                reason = f"{call.kind} call to {call.worker_id} exceeded {self.config.call_timeout_s:.0f}s"
+                if call.kind == "prefill":
+                    self._prefill_load[call.worker_id] -= 1
+                for req in call.requests:
+                    if self._by_attempt.get(req.attempt_id) is req and not req.finished:
+                        self._release(req)
+                        self._retry(req, reason)
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _add_decode_capacity(self, did: str, ep: KVEndpoint) -> None:
+        self.placement.add_worker(DecodeCapacity(did, ep.layout.num_blocks, ep.layout.block_size,
+                                                 self.workers.max_num_seqs))
+
+    def _current(self, attempt_id: str) -> Request | None:
+        """The request this attempt belongs to, unless the attempt is stale (already retried or finished)."""
+        req = self._by_attempt.get(attempt_id)
+        return None if req is None or req.finished or req.attempt_id != attempt_id else req
+
+    def _release(self, req: Request) -> None:
+        did = req.decode_worker
+        self.placement.release(did, req.attempt_id)
+        if did and did in self.workers.decode and did not in self._down:
+            self.workers.decode[did].release.remote([req.attempt_id])  # best effort; the reply is not needed
+
+    def _retry(self, req: Request, reason: str) -> None:
+        self._by_attempt.pop(req.attempt_id, None)
+        self.placement.release(req.decode_worker, req.attempt_id)
+        if req.attempts + 1 >= self.config.max_attempts:
+            req.errors.append(reason)
+            req.fail(f"gave up after {req.attempts + 1} attempts; last error: {reason}")
+            self._finish(req)
+            return
+        req.requeue(reason)
+        self._enqueue(req)
+
+    def _finish(self, req: Request) -> None:
+        self._by_attempt.pop(req.attempt_id, None)
+        self.active.pop(req.request_id, None)
+        self.on_finished(req)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Live state for progress bars and dashboards."""
+        states: dict[str, int] = defaultdict(int)
+        for req in self.active.values():
+            states[req.state.value] += 1
+        return {"states": dict(states), "queue_depth": self.queue.depth_by_bucket(),
+                "kv_blocks_held": {w.worker_id: w.num_blocks - w.free_blocks for w in self.placement.workers.values()}}
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
