@@ -5,9 +5,11 @@ request's K/V straight into the reserved blocks. One copy, no serialization.
 
 from __future__ import annotations
 
+import mmap
+import os
 import time
 import uuid
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import torch
 
@@ -25,20 +27,34 @@ class SharedKVPool:
     def __init__(self, layout: KVLayout, name: str | None = None) -> None:
         self.layout = layout
         self.owner = name is None
-        if self.owner:
+        if name is None:
             name = f"pdserve-kv-{uuid.uuid4().hex[:12]}"
+            # The owner registers with Python's resource tracker, which unlinks the segment if we die.
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nbytes)
+            buf = self._shm.buf
         else:
-            self._shm = shared_memory.SharedMemory(name=name)
-            # Python < 3.13 registers attached segments too and would unlink the owner's pool at our exit.
-            resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
+            # Map without SharedMemory: before 3.13 it registers attachers too, and their exit would
+            # unlink the owner's pool.
+            import _posixshmem
+
+            fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+            try:
+                if os.fstat(fd).st_size < layout.nbytes:
+                    raise ValueError(f"shared pool {name} is smaller than layout {layout}")
+                self._map = mmap.mmap(fd, layout.nbytes)
+            finally:
+                os.close(fd)
+            buf = self._map
         self.name = name
-        self.pool = KVPool(layout, torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=layout.nbytes))
+        self.pool = KVPool(layout, torch.frombuffer(buf, dtype=torch.uint8, count=layout.nbytes))
 
     def close(self) -> None:
         self.pool = None  # type: ignore[assignment]  # drop views before unmapping
         try:
-            self._shm.close()
+            if self.owner:
+                self._shm.close()
+            else:
+                self._map.close()
         except BufferError:
             return  # a view still exists somewhere; the mapping goes with the process
         if self.owner:

@@ -1,0 +1,18 @@
+# The two commands of the README. Both set everything up on a fresh machine.
+.PHONY: demo test setup proto bench
+
+VENV := .venv/bin
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@mkdir -p results
+	$(VENV)/pdserve run-batch -i examples/sample_batch.jsonl -o results/sample_output.jsonl
+	@$(VENV)/python scripts/show_results.py results/sample_output.jsonl
+
+test: setup
+	$(VENV)/python -m pytest -q
+
+proto: setup
+	$(VENV)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. proto/kv_transfer.proto

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random-weight checkpoints, the default model, one Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _save_tiny(folder: Path, config) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init leaves norms at 1: perturb them so a norm bug cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+TINY_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+
+
+def tiny_configs():
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    return {
+        "llama": LlamaConfig(**TINY_COMMON, tie_word_embeddings=False,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        "llama-tied-llama3rope": LlamaConfig(
+            **TINY_COMMON, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+        "llama-linear-rope": LlamaConfig(**TINY_COMMON,
+                                         rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                          "factor": 2.0}),
+        "qwen2": Qwen2Config(**TINY_COMMON, tie_word_embeddings=False),
+        "qwen3": Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: _save_tiny(root / name, cfg) for name, cfg in tiny_configs().items()}
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from engine.config import default_cache_dir
+    from engine.loader import resolve_model
+
+    return resolve_model(None, default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from engine.loader import load_tokenizer
+
+    return load_tokenizer(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, num_cpus=os.cpu_count(), logging_level="WARNING")
+    yield ray
+    ray.shutdown()
