@@ -66,6 +66,29 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    import json
+
+    from pdserve.bench.throughput import SYSTEMS, ThroughputBench, run
+    from pdserve.bench.workload import WorkloadSpec
+
+    if args.quick:
+        spec = WorkloadSpec(num_requests=4, min_prompt=16, max_prompt=64, min_output=2, max_output=6, seed=args.seed)
+    else:
+        spec = WorkloadSpec(num_requests=args.num_requests, seed=args.seed)
+    systems = tuple(s for s in args.systems.split(",") if s)
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        raise ValueError(f"--systems takes {','.join(SYSTEMS)}; unknown: {','.join(sorted(unknown))}")
+    bench = ThroughputBench(workload=spec, dtypes=tuple(args.dtypes.split(",")), systems=systems,
+                            static_batch_size=args.static_batch_size)
+    report = run(bench, engine_config(args), cluster_config(args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(report["last_line"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -81,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(rb)
     _cluster_args(rb)
     rb.set_defaults(func=cmd_run_batch)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    tp = bench.add_parser("throughput", help="pdserve vs transformers (static and continuous batching)")
+    tp.add_argument("--quick", action="store_true", help="4 short requests: checks the benchmark runs")
+    tp.add_argument("--num-requests", type=int, default=64)
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; the last one makes the last line")
+    tp.add_argument("--systems", default="hf_static,hf_cb,pdserve", help="comma-separated subset")
+    tp.add_argument("--static-batch-size", type=int, default=8)
+    tp.add_argument("--json", default=None, help="also write the full report here")
+    _engine_args(tp)
+    _cluster_args(tp)
+    tp.set_defaults(func=cmd_bench_throughput)
     return parser
 
 

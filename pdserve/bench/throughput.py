@@ -1,0 +1,164 @@
+"""`pdserve bench throughput`: pdserve against transformers on one workload, in one run.
+
+For each dtype: transformers' `generate` in static batches, transformers'
+continuous batching, and pdserve (1 prefill + 1 decode worker by default),
+then a table of wall time, useful output tok/s, total tok/s, mean TTFT/TPOT,
+the ratio of pdserve to each baseline, and the share of the compute bound
+(matmul FLOP/s measured in this run / 2·params). The last line is
+    throughput ratio_vs_hf_cb=<x> ratio_vs_hf_static=<y> roofline_share=<z>
+for the last dtype run (bf16 by default).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig, ModelArch
+from engine.loader import load_hf_config, load_tokenizer, model_display_name, resolve_model
+from pdserve.bench.baselines import SystemResult, hf_continuous, hf_static
+from pdserve.bench.workload import WorkloadSpec, make_workload, write_batch
+
+SYSTEMS = ("hf_static", "hf_cb", "pdserve")
+
+
+@dataclass(frozen=True)
+class ThroughputBench:
+    workload: WorkloadSpec = WorkloadSpec()
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    systems: tuple[str, ...] = SYSTEMS
+    static_batch_size: int = 8
+    baseline_threads: int = 0  # 0: all cores
+    check_outputs: bool = True  # pdserve's greedy outputs vs the baselines'
+
+
+def matmul_flops(dtype: str, threads: int, m: int = 2048, k: int = 576, n: int = 1536, repeats: int = 20) -> float:
+    """Best FLOP/s of a prefill-shaped matmul on this machine, now."""
+    torch.set_num_threads(threads)
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(m, k).to(dt), torch.randn(k, n).to(dt)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / best
+
+
+def run_pdserve(requests, batch_path: Path, engine: EngineConfig, cluster, dtype: str) -> SystemResult:
+    from router.offline import BatchOptions, run_batch
+    from router.router import RouterConfig
+
+    out = batch_path.with_name(f"pdserve-{dtype}.jsonl")
+    summary = run_batch(batch_path, out, replace(engine, dtype=dtype), cluster,
+                        RouterConfig(max_prefill_tokens=engine.max_prefill_tokens), BatchOptions(progress=False))
+    if summary.failed:
+        raise RuntimeError(f"pdserve failed {summary.failed} benchmark requests; see {out}")
+    result = SystemResult("pdserve", dtype, summary.wall_s, summary.completion_tokens, summary.prompt_tokens,
+                          summary.ttft_s, summary.tpot_s)
+    for line in out.read_text().splitlines():
+        rec = json.loads(line)
+        result.outputs[rec["custom_id"]] = rec["pdserve"]["output_token_ids"]
+    return result
+
+
+def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print) -> dict:
+    import os
+
+    folder = resolve_model(engine.model, engine.cache_dir)
+    tokenizer = load_tokenizer(folder)
+    arch = ModelArch.from_hf(load_hf_config(folder))
+    params = arch.num_params()
+    threads = bench.baseline_threads or os.cpu_count() or 1
+    requests = make_workload(bench.workload, tokenizer)
+    prompt_tokens = sum(len(r.prompt_ids) for r in requests)
+    output_tokens = sum(r.max_tokens for r in requests)
+    print_fn(f"workload: {len(requests)} requests, {prompt_tokens} prompt tokens "
+             f"({min(len(r.prompt_ids) for r in requests)}-{max(len(r.prompt_ids) for r in requests)} each), "
+             f"{output_tokens} output tokens ({min(r.max_tokens for r in requests)}-"
+             f"{max(r.max_tokens for r in requests)} each), greedy, EOS ignored; {params / 1e6:.1f}M params")
+    report: dict = {"workload": bench.workload.__dict__, "params": params, "dtypes": {}}
+    with tempfile.TemporaryDirectory(prefix="pdserve-bench-") as tmp:
+        batch_path = write_batch(requests, Path(tmp) / "workload.jsonl", model_display_name(engine.model))
+        for dtype in bench.dtypes:
+            flops = matmul_flops(dtype, threads)
+            bound = flops / (2 * params)
+            results: dict[str, SystemResult] = {}
+            for system in bench.systems:
+                print_fn(f"[{dtype}] running {system} ...")
+                torch.set_num_threads(threads)
+                if system == "hf_static":
+                    results[system] = hf_static(folder, dtype, requests, bench.static_batch_size)
+                elif system == "hf_cb":
+                    results[system] = hf_continuous(folder, dtype, requests)
+                elif system == "pdserve":
+                    results[system] = run_pdserve(requests, batch_path, engine, cluster, dtype)
+                r = results[system]
+                print_fn(f"[{dtype}] {system}: {r.output_tok_s:.1f} output tok/s in {r.wall_s:.1f} s")
+            report["dtypes"][dtype] = _summarize(results, flops, bound)
+            report["dtypes"][dtype]["agreement"] = _agreement(results, requests) if bench.check_outputs else {}
+            print_fn(render_table(dtype, report["dtypes"][dtype]))
+    last = report["dtypes"][bench.dtypes[-1]]
+    line = (f"throughput ratio_vs_hf_cb={_fmt(last.get('ratio_vs_hf_cb'))} "
+            f"ratio_vs_hf_static={_fmt(last.get('ratio_vs_hf_static'))} "
+            f"roofline_share={_fmt(last.get('roofline_share'), 4)}")
+    report["last_line"] = line
+    return report
+
+
+def _summarize(results: dict[str, SystemResult], flops: float, bound_tok_s: float) -> dict:
+    rows = {}
+    for name, r in results.items():
+        rows[name] = {"wall_s": r.wall_s, "output_tok_s": r.output_tok_s, "total_tok_s": r.total_tok_s,
+                      "mean_ttft_s": r.mean_ttft_s, "mean_tpot_s": r.mean_tpot_s,
+                      "roofline_share": r.total_tok_s / bound_tok_s}
+    out: dict = {"matmul_tflops": flops / 1e12, "compute_bound_tok_s": bound_tok_s, "rows": rows}
+    if "pdserve" in results:
+        p = results["pdserve"].output_tok_s
+        for base in ("hf_cb", "hf_static"):
+            if base in results:
+                out[f"ratio_vs_{base}"] = p / results[base].output_tok_s
+        out["roofline_share"] = rows["pdserve"]["roofline_share"]
+    return out
+
+
+def _agreement(results: dict[str, SystemResult], requests) -> dict:
+    """Share of requests whose greedy tokens equal between pdserve and each baseline."""
+    if "pdserve" not in results:
+        return {}
+    ours = results["pdserve"].outputs
+    agree = {}
+    for name, r in results.items():
+        if name != "pdserve" and r.outputs:
+            same = sum(ours.get(q.custom_id) == r.outputs.get(q.custom_id) for q in requests)
+            agree[name] = same / len(requests)
+    return agree
+
+
+def _fmt(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def render_table(dtype: str, d: dict) -> str:
+    head = (f"\n{dtype}: matmul {d['matmul_tflops']:.2f} TFLOP/s measured -> compute bound "
+            f"{d['compute_bound_tok_s']:.0f} tok/s\n")
+    cols = ("system", "wall s", "out tok/s", "total tok/s", "TTFT ms", "TPOT ms", "x hf_cb", "x hf_static",
+            "roofline")
+    lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, row in d["rows"].items():
+        vs_cb = row["output_tok_s"] / d["rows"]["hf_cb"]["output_tok_s"] if "hf_cb" in d["rows"] else None
+        vs_st = row["output_tok_s"] / d["rows"]["hf_static"]["output_tok_s"] if "hf_static" in d["rows"] else None
+        lines.append(f"| {name} | {row['wall_s']:.1f} | {row['output_tok_s']:.1f} | {row['total_tok_s']:.1f} | "
+                     f"{row['mean_ttft_s'] * 1000:.0f} | {row['mean_tpot_s'] * 1000:.1f} | {_fmt(vs_cb)} | "
+                     f"{_fmt(vs_st)} | {row['roofline_share']:.3f} |")
+    if d.get("agreement"):
+        lines.append("greedy agreement with pdserve: " +
+                     ", ".join(f"{k} {v:.0%}" for k, v in d["agreement"].items()))
+    return "\n".join(lines)

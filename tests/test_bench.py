@@ -1,0 +1,29 @@
+"""The benchmarks run (no timing assertions): `pdserve bench throughput --quick`."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pdserve.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_throughput_quick(ray_cluster, tmp_path, capsys):
+    report_path = tmp_path / "report.json"
+    assert main(["bench", "throughput", "--quick", "--dtypes", "float32", "--json", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"throughput ratio_vs_hf_cb=\d+\.\d\d ratio_vs_hf_static=\d+\.\d\d roofline_share=\d\.\d{4}",
+                        last), last
+    for system in ("hf_static", "hf_cb", "pdserve"):
+        assert re.search(rf"^\| {system} \|", out, re.M), f"no table row for {system}"
+    import json
+
+    report = json.loads(report_path.read_text())
+    fp32 = report["dtypes"]["float32"]
+    # In fp32, greedy pdserve equals both transformers baselines token for token.
+    assert fp32["agreement"] == {"hf_static": 1.0, "hf_cb": 1.0}
+    assert fp32["rows"]["pdserve"]["output_tok_s"] > 0 and 0 < fp32["roofline_share"] < 1
