@@ -1,10 +1,11 @@
 """The decode worker: owns a paged KV pool, receives KV into it, runs continuous batching.
 
-Run as a threaded Ray actor: the decode loop has its own thread; `reserve`,
-`admit`, `release` and `poll` are called by the router concurrently, and the
-gRPC server's threads write arriving KV. Ownership:
+Run as a threaded Ray actor: the model loads and the decode loop runs on one
+ComputeThread; `reserve`, `admit`, `release` and `poll` are called by the
+router concurrently, and the gRPC server's threads write arriving KV.
+Ownership:
   - BlockManager and KVInbox: guarded by `_lock` (router calls and the loop).
-  - ContinuousBatcher: the loop thread only; others talk to it through `_admissions`.
+  - ContinuousBatcher: the loop only; others talk to it through `_admissions`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 
 from decode_worker.batcher import ContinuousBatcher, DecodeSequence
 from decode_worker.stopping import StopChecker
+from engine.compute_thread import ComputeThread
 from engine.kv_cache import BlockManager, KVPool
 from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
@@ -30,7 +32,8 @@ class DecodeWorker:
     def __init__(self, config: WorkerConfig, node_id: str = "local", node_ip: str = "127.0.0.1") -> None:
         self.config = config
         self.worker_id = config.worker_id
-        self.runner = ModelRunner(config.engine)
+        self.compute = ComputeThread(config.engine.num_threads, name=f"decode-{self.worker_id}")
+        self.runner = self.compute.call(ModelRunner, config.engine)
         layout = self.runner.kv_layout()
         self._shared = None
         if config.engine.device == "cpu" and config.transport in ("auto", "shm"):
@@ -39,7 +42,7 @@ class DecodeWorker:
             self._shared = SharedKVPool(layout)
             self.pool = self._shared.pool
         else:
-            self.pool = KVPool.allocate(layout, config.engine.device)
+            self.pool = self.compute.call(KVPool.allocate, layout, config.engine.device)
         self.blocks = BlockManager(layout.num_blocks, layout.block_size)
         self.inbox = KVInbox(self.pool)
         self._lock = threading.Lock()
@@ -61,8 +64,9 @@ class DecodeWorker:
         self._results: queue.Queue[DecodeResult] = queue.Queue()
         self._stop = threading.Event()
         self.steps = 0
-        self._thread = threading.Thread(target=self._loop, name=f"decode-{self.worker_id}", daemon=True)
-        self._thread.start()
+        self.step_seconds = 0.0  # time inside batcher.step()
+        self.step_rows = 0  # sum of batch sizes over steps
+        self._loop_done = self.compute.submit(self._loop)
 
     # ---- router-facing API -------------------------------------------------------------
     def endpoint(self) -> KVEndpoint:
@@ -129,11 +133,12 @@ class DecodeWorker:
             return {"worker_id": self.worker_id, "num_blocks": self.blocks.num_blocks,
                     "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
                     "running": len(self.batcher.running), "waiting": len(self.batcher.waiting),
-                    "steps": self.steps}
+                    "steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows}
 
     def shutdown(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._loop_done.result(timeout=30)
+        self.compute.shutdown()
         if self._server:
             self._server.stop()
         if self._shared:
@@ -153,6 +158,8 @@ class DecodeWorker:
             self._drain_admissions(block=not self.batcher.has_work())
             if not self.batcher.has_work():
                 continue
+            rows = len(self.batcher.running) + len(self.batcher.waiting)
+            started = time.perf_counter()
             try:
                 finished = self.batcher.step()
             except Exception as e:  # a bug in a step must not strand requests: report them failed
@@ -162,6 +169,8 @@ class DecodeWorker:
                 self.batcher.running, self.batcher.waiting = [], type(self.batcher.waiting)()
                 continue
             self.steps += 1
+            self.step_seconds += time.perf_counter() - started
+            self.step_rows += min(rows, self.batcher.max_num_seqs)
             for seq in finished:
                 self._finish(seq)
 

@@ -45,13 +45,18 @@ def load_model(config: EngineConfig) -> LoadedModel:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
-        if config.num_threads > 0:
-            torch.set_num_threads(config.num_threads)
         self.config = config
+        self.bind_thread()
         loaded = loaded or load_model(config)
         self.folder, self.arch, self.model = loaded.folder, loaded.arch, loaded.model
         self.device = torch.device(config.device)
         self.attention_backend, self._decode_kernel = decode_kernel(config.attention_backend, config.device)
+
+    def bind_thread(self) -> None:
+        """Apply `num_threads` to the calling thread (OpenMP's thread count is per calling thread).
+        Workers run the model on one ComputeThread, which does this at start."""
+        if self.config.num_threads > 0:
+            torch.set_num_threads(self.config.num_threads)
 
     def kv_layout(self, num_blocks: int | None = None) -> KVLayout:
         """The pool layout for this model; sized from `kv_cache_gib` unless `num_blocks` is given."""

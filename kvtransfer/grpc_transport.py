@@ -16,6 +16,7 @@ from concurrent import futures
 import grpc
 import torch
 
+from engine.compute_thread import single_threaded
 from engine.kv_cache import KVLayout
 from kvtransfer.base import (IncompatiblePeer, IntegrityError, KVConnection, KVEndpoint, TransferError,
                              TransferHandle, TransferStats, TransferTimeout, Unauthenticated)
@@ -97,6 +98,7 @@ class _Stream:
         self.bytes = 0
 
         def chunks():
+            single_threaded()  # gRPC's sending thread
             while True:
                 item = self.layers.get()
                 if item is None:

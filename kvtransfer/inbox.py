@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.compute_thread import single_threaded
 from engine.kv_cache import KVPool
 from kvtransfer.base import IntegrityError
 
@@ -43,6 +44,7 @@ class KVInbox:
     def accept(self, request_id: str, layer: int, block_start: int, num_blocks: int,
                k: torch.Tensor, v: torch.Tensor) -> int:
         """Write one chunk (k, v: [n, KVH, D]) into the reserved blocks; return its bytes."""
+        single_threaded()  # a receiver thread: keep OpenMP off the decode loop's cores
         bs = self.layout.block_size
         with self._lock:
             exp = self._expected.get(request_id)

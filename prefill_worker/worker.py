@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from engine.compute_thread import ComputeThread
 from engine.runner import ModelRunner, model_fingerprint
 from engine.sampler import sample
 from kvtransfer.base import KVConnection, KVEndpoint, TransferError, TransferHandle, connect, select_transport
@@ -26,7 +27,8 @@ class PrefillWorker:
         self.config = config
         self.worker_id = config.worker_id
         self.node_id = node_id
-        self.runner = ModelRunner(config.engine)
+        self.compute = ComputeThread(config.engine.num_threads, name=f"prefill-{self.worker_id}")
+        self.runner = self.compute.call(ModelRunner, config.engine)
         self.layout = self.runner.kv_layout(num_blocks=1)  # the shape of what we send; we hold no pool
         self.fingerprint = model_fingerprint(self.runner.folder)
         self.endpoints: dict[str, KVEndpoint] = {}
@@ -54,6 +56,10 @@ class PrefillWorker:
         return conn
 
     def prefill(self, tasks: list[PrefillTask]) -> list[PrefillResult]:
+        """Called on any Ray thread; the work runs on the compute thread."""
+        return self.compute.call(self._prefill, tasks)
+
+    def _prefill(self, tasks: list[PrefillTask]) -> list[PrefillResult]:
         errors: dict[str, str] = {}
         handles: list[tuple[KVConnection, TransferHandle] | None] = []
         for t in tasks:
@@ -103,3 +109,4 @@ class PrefillWorker:
         for conn in self._connections.values():
             conn.close()
         self._connections.clear()
+        self.compute.shutdown()

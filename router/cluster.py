@@ -48,15 +48,29 @@ def _node() -> tuple[str, str]:
     return ctx.get_node_id(), ray.util.get_node_ip_address()
 
 
+def _unnice() -> None:
+    """Ray starts workers at niceness 15, so any driver or raylet activity preempts the model.
+    Serving workers are the point of this cluster: run them at 0."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (PermissionError, OSError) as e:
+        log.warning("worker stays at niceness %d (%s); start Ray with RAY_worker_niceness=0", os.nice(0), e)
+
+
 @ray.remote
 class PrefillActor(PrefillWorker):
     def __init__(self, config: WorkerConfig) -> None:
+        _unnice()
         super().__init__(config, node_id=_node()[0])
+
+    def node(self) -> str:
+        return self.node_id
 
 
 @ray.remote
 class DecodeActor(DecodeWorker):
     def __init__(self, config: WorkerConfig) -> None:
+        _unnice()
         node_id, node_ip = _node()
         super().__init__(config, node_id=node_id, node_ip=node_ip)
 
@@ -65,6 +79,7 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address is None:
+        os.environ.setdefault("RAY_worker_niceness", "0")  # see _unnice
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     else:
         ray.init(address=address, logging_level=logging.WARNING)
@@ -74,7 +89,9 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     """Create the actors, wait until every one has loaded the model, wire prefill to decode."""
     init_ray(cluster.address)
     cores = max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
-    even = max(1, cores // (cluster.num_prefill + cluster.num_decode))
+    # Prefill workers run at the same time as each other, decode workers too; with batch admissions
+    # (router) the two roles mostly take turns, so each role gets all the cores.
+    even = max(1, cores // max(cluster.num_prefill, cluster.num_decode))
     token = secrets.token_hex(16)
 
     def worker_config(role: str, i: int, threads: int) -> WorkerConfig:
@@ -82,16 +99,23 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
                             auth_token=token, transport=cluster.transport,
                             transfer_timeout_s=cluster.transfer_timeout_s)
 
-    common = {"max_restarts": cluster.max_restarts, "num_cpus": 0}
-    decode = {f"decode-{i}": DecodeActor.options(max_concurrency=32, **common).remote(
+    def options(threads: int) -> dict:
+        # Every thread of the worker starts with OMP_NUM_THREADS OpenMP threads (Ray sets 1 by default).
+        return {"max_restarts": cluster.max_restarts, "num_cpus": 0,
+                "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads or even)}}}
+
+    decode = {f"decode-{i}": DecodeActor.options(max_concurrency=32, **options(cluster.decode_threads)).remote(
         worker_config("decode", i, cluster.decode_threads)) for i in range(cluster.num_decode)}
-    prefill = {f"prefill-{i}": PrefillActor.options(max_concurrency=4, **common).remote(
+    prefill = {f"prefill-{i}": PrefillActor.options(max_concurrency=4, **options(cluster.prefill_threads)).remote(
         worker_config("prefill", i, cluster.prefill_threads)) for i in range(cluster.num_prefill)}
     endpoints = dict(zip(decode, ray.get([h.endpoint.remote() for h in decode.values()],
                                          timeout=cluster.start_timeout_s)))
     ray.get([h.set_endpoints.remote(list(endpoints.values())) for h in prefill.values()],
             timeout=cluster.start_timeout_s)
-    return WorkerSet(prefill=prefill, decode=decode, endpoints=endpoints, max_num_seqs=engine.max_num_seqs)
+    prefill_nodes = ray.get([h.node.remote() for h in prefill.values()], timeout=cluster.start_timeout_s)
+    nodes = set(prefill_nodes) | {ep.node_id for ep in endpoints.values()}
+    return WorkerSet(prefill=prefill, decode=decode, endpoints=endpoints, max_num_seqs=engine.max_num_seqs,
+                     shared_cores=engine.device == "cpu" and len(nodes) == 1)
 
 
 def stop_workers(workers: WorkerSet) -> None:

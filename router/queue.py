@@ -2,12 +2,14 @@
 
 Prompts are bucketed by token length (edges like 64, 128, 256, ...), so a
 prefill batch holds similar lengths. Within a bucket, items leave in
-(priority, arrival) order; lower priority values go first.
+(priority, tiebreak, arrival) order; lower values go first. The router uses
+tiebreak = -max_tokens: among equals, the longest decode starts first, which
+shortens the tail of an offline batch (longest-processing-time first).
 
 Which bucket serves next: the one whose head has the best *aged* priority,
     score = priority - waited_seconds / aging_s
 so a bucket whose head has waited long enough wins over any other, and no
-bucket starves. Ties go to the bucket with the oldest head.
+bucket starves. Ties go by the heads' tiebreak, then to the oldest head.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ DEFAULT_BUCKET_EDGES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 @dataclass(order=True)
 class _Entry(Generic[T]):
     priority: int
+    tiebreak: float
     seq: int
     enqueued: float = field(compare=False)
     length: int = field(compare=False)
@@ -56,9 +59,9 @@ class LengthBucketQueue(Generic[T]):
         lo = 0 if index == 0 else self.edges[index - 1]
         return f"{lo}-{self.edges[index] - 1}" if index < len(self.edges) else f"{lo}+"
 
-    def put(self, item: T, length: int, priority: int = 0) -> None:
+    def put(self, item: T, length: int, priority: int = 0, tiebreak: float = 0.0) -> None:
         heapq.heappush(self._buckets[self.bucket_of(length)],
-                       _Entry(priority, next(self._seq), self.clock(), length, item))
+                       _Entry(priority, tiebreak, next(self._seq), self.clock(), length, item))
         self._len += 1
 
     def __len__(self) -> int:
@@ -73,7 +76,7 @@ class LengthBucketQueue(Generic[T]):
         for bucket in self._buckets:
             if bucket:
                 head = bucket[0]
-                key = (head.priority - (now - head.enqueued) / self.aging_s, head.seq)
+                key = (head.priority - (now - head.enqueued) / self.aging_s, head.tiebreak, head.seq)
                 if best_key is None or key < best_key:
                     best, best_key = bucket, key
         return best

@@ -39,6 +39,10 @@ class RouterConfig:
     bucket_edges: tuple[int, ...] = DEFAULT_BUCKET_EDGES
     aging_s: float = 10.0
     max_attempts: int = 3
+    # Hold prefilled requests until the prefill pipeline is idle, then admit them together. Pays when
+    # prefill and decode share CPU cores: decode then runs fewer, fuller steps instead of competing
+    # with prefill at small batch sizes. None: on when the workers share cores (WorkerSet.shared_cores).
+    batch_admissions: bool | None = None
     poll_timeout_s: float = 0.2
     call_timeout_s: float = 120.0  # deadline for any single worker call
 
@@ -51,6 +55,7 @@ class WorkerSet:
     decode: dict[str, Any]
     endpoints: dict[str, KVEndpoint] = field(default_factory=dict)
     max_num_seqs: int = 128
+    shared_cores: bool = False  # prefill and decode workers compete for the same CPU cores
 
 
 @dataclass
@@ -77,6 +82,9 @@ class Router:
         self._prefill_load: dict[str, int] = {wid: 0 for wid in workers.prefill}
         self._polling: set[str] = set()
         self._down: set[str] = set()  # workers being restarted by Ray
+        self._held: dict[str, list[tuple[Request, Admission]]] = defaultdict(list)  # see batch_admissions
+        self.batch_admissions = (workers.shared_cores if config.batch_admissions is None
+                                 else config.batch_admissions)
 
     # ---- intake ------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -90,7 +98,7 @@ class Router:
 
     def _enqueue(self, req: Request) -> None:
         self._by_attempt[req.attempt_id] = req
-        self.queue.put(req, req.prompt_len, req.priority)
+        self.queue.put(req, req.prompt_len, req.priority, tiebreak=-req.params.max_tokens)
 
     @property
     def done(self) -> bool:
@@ -105,6 +113,7 @@ class Router:
 
     def tick(self, wait_s: float = 0.5) -> None:
         self._dispatch_prefill()
+        self._flush_admissions()
         self._ensure_polls()
         if not self._calls:
             time.sleep(0.01)
@@ -192,7 +201,6 @@ class Router:
 
     # ---- results -----------------------------------------------------------------------
     def _on_prefill(self, call: _Call, results: list[PrefillResult]) -> None:
-        admits: dict[str, list[tuple[Request, Admission]]] = defaultdict(list)
         for res in results:
             req = self._current(res.request_id)
             if req is None:
@@ -207,9 +215,17 @@ class Router:
             req.transport, req.kv_bytes = res.transport, res.kv_bytes
             req.output_token_ids = [res.first_token]
             req.move(State.TRANSFER, at=res.prefill_end)
-            admits[req.decode_worker].append((req, Admission(
+            self._held[req.decode_worker].append((req, Admission(
                 req.attempt_id, req.prompt_len, res.first_token, res.prefill_end, req.params, res.transport)))
-        for did, items in admits.items():
+
+    def _flush_admissions(self) -> None:
+        if self.batch_admissions and any(self._prefill_load.values()):
+            return  # prefill still running: admit later, all at once
+        held, self._held = self._held, defaultdict(list)
+        for did, items in held.items():
+            items = [(r, a) for r, a in items if self._by_attempt.get(r.attempt_id) is r and r.state == State.TRANSFER]
+            if not items:
+                continue
             if did in self._down or did not in self.workers.decode:
                 for req, _ in items:
                     self._retry(req, f"decode worker {did} was lost before admission")

@@ -103,3 +103,12 @@ def test_remove_if():
     while len(q):
         got += q.constrained_get()
     assert sorted(got) == [1, 3, 5]
+
+
+def test_tiebreak_orders_equals_within_and_across_buckets():
+    q, _ = make()
+    q.put("short-out", 5, tiebreak=-10)
+    q.put("long-out", 6, tiebreak=-200)
+    q.put("mid-bucket-longest", 40, tiebreak=-500)
+    assert q.constrained_get() == ["mid-bucket-longest"]
+    assert q.constrained_get() == ["long-out", "short-out"]

@@ -91,6 +91,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_pool, torc
   TORCH_CHECK(tables.size(0) == B && lens.size(0) == B, "one block table and length per sequence");
   auto out = torch::empty_like(q);
   const int64_t MB = tables.size(1);
+  pybind11::gil_scoped_release no_gil;  // pure C++ from here: let other Python threads run
   if (q.scalar_type() == torch::kFloat32) {
     decode_kernel<float>(q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>(),
                          tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(),
