@@ -32,10 +32,13 @@ class DecodeWorker:
     def __init__(self, config: WorkerConfig, node_id: str = "local", node_ip: str = "127.0.0.1") -> None:
         self.config = config
         self.worker_id = config.worker_id
+        self.node_id = node_id
         self.compute = ComputeThread(config.engine.num_threads, name=f"decode-{self.worker_id}")
         self.runner = self.compute.call(ModelRunner, config.engine)
         layout = self.runner.kv_layout()
+        # The pool is exposed once, in the form a same-node peer can write into directly.
         self._shared = None
+        cuda_handle = None
         if config.engine.device == "cpu" and config.transport in ("auto", "shm"):
             from kvtransfer.shm import SharedKVPool
 
@@ -43,6 +46,10 @@ class DecodeWorker:
             self.pool = self._shared.pool
         else:
             self.pool = self.compute.call(KVPool.allocate, layout, config.engine.device)
+            if self.pool.tensor.is_cuda and config.transport in ("auto", "cuda_ipc"):
+                from kvtransfer.cuda_ipc import export_pool
+
+                cuda_handle = export_pool(self.pool)
         self.blocks = BlockManager(layout.num_blocks, layout.block_size)
         self.inbox = KVInbox(self.pool)
         self._lock = threading.Lock()
@@ -53,11 +60,11 @@ class DecodeWorker:
             from kvtransfer.grpc_transport import KVServer
 
             self._server = KVServer(self.inbox, receiver_id=self.worker_id, model_fingerprint=fingerprint,
-                                    auth_token=config.auth_token, host=config.kv_host or node_ip)
+                                    auth_token=config.auth_token, host=config.kv_host or node_ip, tls=config.tls)
         self.endpoint_info = KVEndpoint(
             worker_id=self.worker_id, node_id=node_id, layout=layout, model_fingerprint=fingerprint,
-            grpc_address=self._server.address if self._server else None,
-            shm_name=self._shared.name if self._shared else None)
+            grpc_address=self._server.address if self._server else None, grpc_tls=config.tls is not None,
+            shm_name=self._shared.name if self._shared else None, cuda_ipc=cuda_handle)
         stopper = StopChecker(self.runner.arch.eos_token_ids, load_tokenizer(self.runner.folder))
         self.batcher = ContinuousBatcher(self.runner, self.pool, stopper, config.engine.max_num_seqs)
         self._admissions: queue.Queue[DecodeSequence | str] = queue.Queue()
@@ -92,7 +99,8 @@ class DecodeWorker:
         refused = []
         with self._lock:
             for a in admissions:
-                complete = a.transport == "shm" or self.inbox.is_complete(a.request_id)
+                # Same-node transports wrote straight into the pool before the prefill call returned.
+                complete = a.transport in ("shm", "cuda_ipc") or self.inbox.is_complete(a.request_id)
                 if not self.blocks.holds(a.request_id) or not complete:
                     refused.append(a.request_id)
                     continue

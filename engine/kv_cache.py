@@ -91,11 +91,44 @@ class KVPool:
     def read_blocks(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tensor[layer, 0].index_select(0, block_ids), self.tensor[layer, 1].index_select(0, block_ids)
 
+    def write_runs(self, layer: int, runs: list[tuple[int, int, int]], k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [n, KVH, D] copied as contiguous runs (dst slot, src row, length): memcpy speed."""
+        _, _, nb, bs, kvh, d = self.layout.shape
+        dst_k = self.tensor[layer, 0].view(nb * bs, kvh, d)
+        dst_v = self.tensor[layer, 1].view(nb * bs, kvh, d)
+        for dst, src, n in runs:
+            dst_k[dst:dst + n].copy_(k[src:src + n])
+            dst_v[dst:dst + n].copy_(v[src:src + n])
+
     def write_tokens(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [T, KVH, D] into flat slots (block * BS + offset) of `layer`."""
         _, _, nb, bs, kvh, d = self.layout.shape
         self.tensor[layer, 0].view(nb * bs, kvh, d).index_copy_(0, slots, k)
         self.tensor[layer, 1].view(nb * bs, kvh, d).index_copy_(0, slots, v)
+
+
+def block_runs(table: list[int], block_size: int, num_tokens: int, first_block: int = 0) -> list[tuple[int, int, int]]:
+    """Tokens [first_block * BS, first_block * BS + num_tokens) of a request as contiguous copies.
+
+    Consecutive block ids are consecutive in the pool (slot-major inside a block), so a run of them
+    takes one copy: returns (dst slot, src row, length) per run. A fresh pool hands out consecutive
+    blocks, so a request is usually one run.
+    """
+    runs: list[tuple[int, int, int]] = []
+    src = 0
+    index = first_block
+    while src < num_tokens:
+        start_block = table[index]
+        length = 0
+        while src + length < num_tokens and table[index] == start_block + (length // block_size):
+            take = min(block_size, num_tokens - src - length)
+            length += take
+            index += 1
+            if index >= len(table) or take < block_size:
+                break
+        runs.append((start_block * block_size, src, length))
+        src += length
+    return runs
 
 
 class OutOfBlocks(RuntimeError):
@@ -108,12 +141,16 @@ class BlockManager:
     `can_allocate` / `allocate` / `free` form the contract: the caller checks,
     allocates once per request for all the tokens it will ever hold
     (prompt + max_tokens: no preemption needed), and frees when done.
+
+    The free list is a stack: the most recently freed blocks are reused first
+    (warm in cache and TLB), and a table comes out in ascending block order
+    whenever it can, so a request's cache is usually one contiguous run.
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() yields 0, 1, 2, ...
         self._tables: dict[str, list[int]] = {}
 
     def blocks_for(self, num_tokens: int) -> int:
@@ -136,7 +173,7 @@ class BlockManager:
         need = self.blocks_for(num_tokens)
         if need > len(self._free):
             raise OutOfBlocks(f"request {request_id} needs {need} blocks, {len(self._free)} free")
-        table = [self._free.popleft() for _ in range(need)]
+        table = [self._free.pop() for _ in range(need)]
         self._tables[request_id] = table
         return table
 
@@ -151,7 +188,7 @@ class BlockManager:
         table = self._tables.pop(request_id, None)
         if table is None:
             return 0
-        self._free.extend(table)
+        self._free.extend(reversed(table))
         return len(table)
 
     def requests(self) -> list[str]:

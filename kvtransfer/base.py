@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.kv_cache import KVLayout
+from proto.messages import KVEndpoint, TLSFiles
 
-TRANSPORTS = ("auto", "shm", "grpc")
+TRANSPORTS = ("auto", "shm", "cuda_ipc", "grpc")
 
 
 class TransferError(RuntimeError):
@@ -47,18 +48,6 @@ class Unauthenticated(TransferError):
 
 
 @dataclass(frozen=True)
-class KVEndpoint:
-    """How to reach one decode worker's KV pool; published once at start-up."""
-
-    worker_id: str
-    node_id: str
-    layout: KVLayout
-    model_fingerprint: str
-    grpc_address: str | None = None
-    shm_name: str | None = None
-
-
-@dataclass(frozen=True)
 class TransferHandle:
     request_id: str
     block_table: tuple[int, ...]  # physical block ids reserved on the decode worker
@@ -73,6 +62,10 @@ class TransferStats:
     bytes: int
     start: float
     end: float
+
+    @property
+    def seconds(self) -> float:
+        return max(self.end - self.start, 0.0)
 
     @property
     def gbps(self) -> float:
@@ -102,19 +95,25 @@ class KVConnection(ABC):
 
 
 def select_transport(requested: str, sender_node: str, endpoint: KVEndpoint) -> str:
-    """Forced transport wins; `auto` takes shared memory on the same node, gRPC across nodes."""
+    """Forced transport wins; `auto` takes CUDA IPC or shared memory on the same node, gRPC across nodes."""
     if requested not in TRANSPORTS:
         raise ValueError(f"--transport must be one of {TRANSPORTS}, got {requested!r}")
     if requested != "auto":
         return requested
-    return "shm" if endpoint.shm_name and sender_node == endpoint.node_id else "grpc"
+    if sender_node == endpoint.node_id:
+        if endpoint.cuda_ipc:
+            return "cuda_ipc"
+        if endpoint.shm_name:
+            return "shm"
+    return "grpc"
 
 
-_MODULES = {"shm": "kvtransfer.shm", "grpc": "kvtransfer.grpc_transport"}
+_MODULES = {"shm": "kvtransfer.shm", "cuda_ipc": "kvtransfer.cuda_ipc", "grpc": "kvtransfer.grpc_transport"}
 
 
 def connect(endpoint: KVEndpoint, transport: str, *, sender_id: str, auth_token: str,
-            sender_layout: KVLayout, model_fingerprint: str, timeout: float = 30.0) -> KVConnection:
+            sender_layout: KVLayout, model_fingerprint: str, timeout: float = 30.0,
+            tls: TLSFiles | None = None) -> KVConnection:
     """Open a connection of `transport` (lazily imported) and run the compatibility check."""
     problem = endpoint.layout.compatible_with(sender_layout)
     if problem is None and endpoint.model_fingerprint != model_fingerprint:
@@ -124,4 +123,4 @@ def connect(endpoint: KVEndpoint, transport: str, *, sender_id: str, auth_token:
     module = importlib.import_module(_MODULES[transport])
     return module.open_connection(endpoint, sender_id=sender_id, auth_token=auth_token,
                                   sender_layout=sender_layout, model_fingerprint=model_fingerprint,
-                                  timeout=timeout)
+                                  timeout=timeout, tls=tls)

@@ -24,6 +24,7 @@ from kvtransfer.inbox import KVInbox
 from kvtransfer.wire import DEFAULT_MAX_CHUNK_BYTES, decode_chunk, encode_layer
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
+from proto.messages import TLSFiles
 
 AUTH_HEADER = "x-pdserve-token"
 _MAX_MESSAGE = 64 << 20
@@ -72,14 +73,19 @@ class _Servicer(pb_grpc.KVTransferServicer):
 
 
 class KVServer:
-    """The decode worker's gRPC endpoint; binds to `host` (the node's own address)."""
+    """The decode worker's gRPC endpoint; binds to `host` (the node's own address), TLS when `tls` is given."""
 
     def __init__(self, inbox: KVInbox, *, receiver_id: str, model_fingerprint: str, auth_token: str,
-                 host: str = "127.0.0.1", port: int = 0, max_workers: int = 16) -> None:
+                 host: str = "127.0.0.1", port: int = 0, max_workers: int = 16, tls: TLSFiles | None = None) -> None:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_CHANNEL_OPTIONS)
         pb_grpc.add_KVTransferServicer_to_server(
             _Servicer(inbox, receiver_id, model_fingerprint, auth_token), self._server)
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        self.tls = tls is not None
+        if tls is not None:
+            cert, key, _ = tls.read()
+            bound = self._server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise OSError(f"cannot bind the KV server to {host}:{port}")
         self.address = f"{host}:{bound}"
@@ -113,7 +119,7 @@ class GrpcConnection(KVConnection):
     transport = "grpc"
 
     def __init__(self, endpoint: KVEndpoint, *, sender_id: str, auth_token: str, sender_layout: KVLayout,
-                 model_fingerprint: str, timeout: float,
+                 model_fingerprint: str, timeout: float, tls: TLSFiles | None = None,
                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
         if not endpoint.grpc_address:
             raise ValueError(f"decode worker {endpoint.worker_id} exposes no gRPC address")
@@ -122,7 +128,13 @@ class GrpcConnection(KVConnection):
         self.max_chunk_bytes = max_chunk_bytes
         self.timeout = timeout
         self._metadata = [(AUTH_HEADER, auth_token)]
-        self._channel = grpc.insecure_channel(endpoint.grpc_address, options=_CHANNEL_OPTIONS)
+        if endpoint.grpc_tls:
+            if tls is None:
+                raise Unauthenticated(f"decode worker {endpoint.worker_id} requires TLS; no CA configured")
+            creds = grpc.ssl_channel_credentials(root_certificates=tls.read()[2])
+            self._channel = grpc.secure_channel(endpoint.grpc_address, creds, options=_CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(endpoint.grpc_address, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.KVTransferStub(self._channel)
         self._streams: dict[str, _Stream] = {}
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.compute_thread import single_threaded
-from engine.kv_cache import KVPool
+from engine.kv_cache import KVPool, block_runs
 from kvtransfer.base import IntegrityError
 
 
@@ -60,10 +60,9 @@ class KVInbox:
             if k.shape[0] != t1 - t0:
                 raise IntegrityError(f"chunk has {k.shape[0]} tokens, blocks {block_start}+{num_blocks} hold {t1 - t0}")
             table = exp.table
-        positions = torch.arange(t0, t1)
-        blocks = torch.tensor(table[block_start:block_start + num_blocks]).repeat_interleave(bs)[: t1 - t0]
-        slots = (blocks * bs + positions % bs).to(self.pool.tensor.device)
-        self.pool.write_tokens(layer, slots, k.to(self.pool.tensor.device), v.to(self.pool.tensor.device))
+        runs = block_runs(table, bs, t1 - t0, first_block=block_start)
+        device = self.pool.tensor.device
+        self.pool.write_runs(layer, runs, k.to(device), v.to(device))
         nbytes = (k.numel() + v.numel()) * k.element_size()
         with self._lock:
             exp = self._expected.get(request_id)

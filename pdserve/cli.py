@@ -34,6 +34,10 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                    help="KV transport; auto: shared memory on the same node, gRPC across nodes")
     g.add_argument("--prefill-threads", type=int, default=0, help="torch threads per prefill worker (0: auto)")
     g.add_argument("--decode-threads", type=int, default=0, help="torch threads per decode worker (0: auto)")
+    g.add_argument("--transfer-timeout", type=float, default=60.0, help="deadline of one request's KV transfer (s)")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate of the KV endpoints (enables TLS)")
+    g.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    g.add_argument("--tls-ca", default=None, help="PEM CA that signed --tls-cert (default: the cert itself)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -46,22 +50,36 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def cluster_config(args: argparse.Namespace):
+    from proto.messages import TLSFiles
     from router.cluster import ClusterConfig
 
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca or args.tls_cert)
     return ClusterConfig(address=args.address, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
                          transport=args.transport, prefill_threads=args.prefill_threads,
-                         decode_threads=args.decode_threads)
+                         decode_threads=args.decode_threads, transfer_timeout_s=args.transfer_timeout, tls=tls)
 
 
 def cmd_run_batch(args: argparse.Namespace) -> int:
     from router.offline import BatchOptions, run_batch
     from router.router import RouterConfig
 
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
     engine = engine_config(args)
-    summary = run_batch(Path(args.input), Path(args.output), engine, cluster_config(args),
-                        RouterConfig(max_prefill_tokens=engine.max_prefill_tokens),
-                        BatchOptions(default_max_tokens=args.default_max_tokens, ignore_eos=args.ignore_eos,
-                                     progress=not args.quiet))
+    try:
+        summary = run_batch(Path(args.input), Path(args.output), engine, cluster_config(args),
+                            RouterConfig(max_prefill_tokens=engine.max_prefill_tokens),
+                            BatchOptions(default_max_tokens=args.default_max_tokens, ignore_eos=args.ignore_eos,
+                                         progress=not args.quiet, resume=not args.no_resume))
+    except KeyboardInterrupt:
+        print(f"pdserve: interrupted; finished lines are in {args.output}. Run the same command again to "
+              "finish the rest.", file=sys.stderr)
+        return 130
     print(summary.render())
     return 0
 
@@ -89,6 +107,16 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_kvtransfer(args: argparse.Namespace) -> int:
+    from pdserve.bench.kvtransfer import KVBench, last_line, run
+
+    tokens = (64, 512) if args.quick else tuple(int(t) for t in args.tokens.split(","))
+    transports = tuple(t for t in args.transports.split(",") if t)
+    report = run(KVBench(tokens=tokens, transports=transports, dtype=args.dtype, repeats=1 if args.quick else 3))
+    print(last_line(report, transports))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -101,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--default-max-tokens", type=int, default=512,
                     help="max_tokens for requests that set none (KV is reserved for prompt + max_tokens)")
     rb.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    rb.add_argument("--no-resume", action="store_true",
+                    help="start over even if OUTPUT.journal shows an interrupted run of this batch")
     _engine_args(rb)
     _cluster_args(rb)
     rb.set_defaults(func=cmd_run_batch)
@@ -117,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(tp)
     _cluster_args(tp)
     tp.set_defaults(func=cmd_bench_throughput)
+
+    kv = bench.add_parser("kvtransfer", help="KV caches through each transport vs an in-memory copy")
+    kv.add_argument("--tokens", default="1024,8192,32768", help="comma-separated cache sizes in tokens")
+    kv.add_argument("--transports", default="shm,grpc")
+    kv.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    kv.add_argument("--quick", action="store_true", help="two small caches, one repeat")
+    kv.set_defaults(func=cmd_bench_kvtransfer)
     return parser
 
 

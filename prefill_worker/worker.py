@@ -31,28 +31,22 @@ class PrefillWorker:
         self.runner = self.compute.call(ModelRunner, config.engine)
         self.layout = self.runner.kv_layout(num_blocks=1)  # the shape of what we send; we hold no pool
         self.fingerprint = model_fingerprint(self.runner.folder)
-        self.endpoints: dict[str, KVEndpoint] = {}
-        self._connections: dict[str, KVConnection] = {}
+        self._connections: dict[str, tuple[KVEndpoint, KVConnection]] = {}  # by decode worker id
+        self._faults_left = config.inject_transfer_failures
 
-    def set_endpoints(self, endpoints: list[KVEndpoint]) -> None:
-        """The decode workers this worker may send to (called again when one restarts)."""
-        for ep in endpoints:
-            old = self.endpoints.get(ep.worker_id)
-            if old is not None and old != ep:
-                conn = self._connections.pop(ep.worker_id, None)
-                if conn:
-                    conn.close()
-            self.endpoints[ep.worker_id] = ep
-
-    def connection(self, decode_worker_id: str) -> KVConnection:
-        conn = self._connections.get(decode_worker_id)
-        if conn is None:
-            ep = self.endpoints[decode_worker_id]
-            transport = select_transport(self.config.transport, self.node_id, ep)
-            conn = connect(ep, transport, sender_id=self.worker_id, auth_token=self.config.auth_token,
-                           sender_layout=self.layout, model_fingerprint=self.fingerprint,
-                           timeout=self.config.transfer_timeout_s)
-            self._connections[decode_worker_id] = conn
+    def connection(self, endpoint: KVEndpoint) -> KVConnection:
+        """A cached connection to `endpoint`; a restarted decode worker (new endpoint) gets a new one."""
+        cached = self._connections.get(endpoint.worker_id)
+        if cached is not None and cached[0] == endpoint:
+            return cached[1]
+        if cached is not None:
+            cached[1].close()
+            del self._connections[endpoint.worker_id]
+        transport = select_transport(self.config.transport, self.node_id, endpoint)
+        conn = connect(endpoint, transport, sender_id=self.worker_id, auth_token=self.config.auth_token,
+                       sender_layout=self.layout, model_fingerprint=self.fingerprint,
+                       timeout=self.config.transfer_timeout_s, tls=self.config.tls)
+        self._connections[endpoint.worker_id] = (endpoint, conn)
         return conn
 
     def prefill(self, tasks: list[PrefillTask]) -> list[PrefillResult]:
@@ -64,10 +58,10 @@ class PrefillWorker:
         handles: list[tuple[KVConnection, TransferHandle] | None] = []
         for t in tasks:
             try:
-                conn = self.connection(t.decode_worker_id)
+                conn = self.connection(t.decode)
                 handles.append((conn, conn.begin(t.request_id, list(t.block_table), len(t.prompt_token_ids))))
-            except (TransferError, KeyError, OSError) as e:
-                errors[t.request_id] = f"KV connection to {t.decode_worker_id} failed: {e}"
+            except (TransferError, ValueError, OSError) as e:
+                errors[t.request_id] = f"{type(e).__name__}: KV connection to {t.decode.worker_id} failed: {e}"
                 handles.append(None)
         bounds, start = [], 0
         for t in tasks:
@@ -81,7 +75,7 @@ class PrefillWorker:
                 try:
                     h[0].write_layer(h[1], layer, k[s:e], v[s:e])
                 except TransferError as err:
-                    errors[t.request_id] = f"KV transfer to {t.decode_worker_id} failed: {err}"
+                    errors[t.request_id] = f"{type(err).__name__}: KV transfer to {t.decode.worker_id} failed: {err}"
 
         prefill_start = time.time()
         logits = self.runner.prefill([list(t.prompt_token_ids) for t in tasks], ship)
@@ -90,11 +84,15 @@ class PrefillWorker:
         results = []
         for t, h, token in zip(tasks, handles, first):
             stats = None
-            if h is not None and t.request_id not in errors:
+            if h is not None and t.request_id not in errors and self._faults_left > 0:
+                self._faults_left -= 1
+                h[0].abort(h[1])
+                errors[t.request_id] = f"TransferError: injected fault (drill) on the way to {t.decode.worker_id}"
+            elif h is not None and t.request_id not in errors:
                 try:
                     stats = h[0].finish(h[1], timeout=self.config.transfer_timeout_s)
                 except TransferError as err:
-                    errors[t.request_id] = f"KV transfer to {t.decode_worker_id} failed: {err}"
+                    errors[t.request_id] = f"{type(err).__name__}: KV transfer to {t.decode.worker_id} failed: {err}"
             elif h is not None:
                 h[0].abort(h[1])
             results.append(PrefillResult(
@@ -106,7 +104,7 @@ class PrefillWorker:
         return results
 
     def shutdown(self) -> None:
-        for conn in self._connections.values():
+        for _, conn in self._connections.values():
             conn.close()
         self._connections.clear()
         self.compute.shutdown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig, SamplingParams
+from engine.kv_cache import KVLayout
 
 
 @dataclass(frozen=True)
@@ -21,13 +22,30 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class KVEndpoint:
+    """How to reach one decode worker's KV pool; published once at start-up."""
+
+    worker_id: str
+    node_id: str
+    layout: KVLayout
+    model_fingerprint: str
+    grpc_address: str | None = None
+    grpc_tls: bool = False
+    shm_name: str | None = None
+    cuda_ipc: bytes | None = None  # pickled IPC handle of a CUDA pool
+
+
+@dataclass(frozen=True)
 class PrefillTask:
-    """Router -> prefill worker: one request of a prefill batch and where its KV goes."""
+    """Router -> prefill worker: one request of a prefill batch and where its KV goes.
+
+    The decode worker's endpoint travels with the task, so a prefill worker
+    always sends to the current incarnation of a restarted decode worker."""
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
-    decode_worker_id: str
+    decode: KVEndpoint
     block_table: tuple[int, ...]
 
 
@@ -72,6 +90,20 @@ class DecodeResult:
 
 
 @dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for the KV endpoint. The server uses cert + key; clients verify with ca."""
+
+    cert: str
+    key: str
+    ca: str
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        from pathlib import Path
+
+        return Path(self.cert).read_bytes(), Path(self.key).read_bytes(), Path(self.ca).read_bytes()
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """Router -> worker at start-up: everything a prefill or decode worker needs."""
 
@@ -81,3 +113,5 @@ class WorkerConfig:
     transport: str = "auto"  # auto | shm | grpc
     kv_host: str | None = None  # bind address of the KV server; None: the node's own address
     transfer_timeout_s: float = 60.0
+    tls: TLSFiles | None = None  # TLS for the gRPC KV endpoint
+    inject_transfer_failures: int = 0  # fault drill: the first N transfers of a prefill worker fail

@@ -271,12 +271,20 @@ def _extension(req: Request) -> dict[str, Any]:
         "token_times_ms": [round((t - first) * 1000, 2) for t in req.token_times] if first else [],
         "output_token_ids": list(req.output_token_ids),
         "kv_bytes": req.kv_bytes,
+        "kv_transfer_gbps": _gbps(req),
         "transport": req.transport,
         "prefill_worker": req.prefill_worker,
         "decode_worker": req.decode_worker,
         "attempts": req.attempts + 1,
         "retried_after": list(req.errors),
     }
+
+
+def _gbps(req: Request) -> float | None:
+    t = req.timeline
+    if not req.kv_bytes or "transfer_end" not in t or "transfer_start" not in t:
+        return None
+    return round(req.kv_bytes / max(t["transfer_end"] - t["transfer_start"], 1e-9) / 1e9, 3)
 
 
 def check_paths(input_path: Path, output_path: Path) -> None:

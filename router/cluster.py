@@ -18,7 +18,7 @@ from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig
 from kvtransfer.base import TRANSPORTS
 from prefill_worker.worker import PrefillWorker
-from proto.messages import WorkerConfig
+from proto.messages import TLSFiles, WorkerConfig
 from router.router import WorkerSet
 
 log = logging.getLogger("pdserve.cluster")
@@ -35,6 +35,8 @@ class ClusterConfig:
     max_restarts: int = 2
     transfer_timeout_s: float = 60.0
     start_timeout_s: float = 300.0
+    tls: TLSFiles | None = None
+    inject_transfer_failures: int = 0  # fault drills (tests): per prefill worker
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -57,18 +59,30 @@ def _unnice() -> None:
         log.warning("worker stays at niceness %d (%s); start Ray with RAY_worker_niceness=0", os.nice(0), e)
 
 
-@ray.remote
-class PrefillActor(PrefillWorker):
-    def __init__(self, config: WorkerConfig) -> None:
-        _unnice()
-        super().__init__(config, node_id=_node()[0])
+class _ActorInfo:
+    """What the router asks any worker actor about itself."""
+
+    node_id: str
 
     def node(self) -> str:
         return self.node_id
 
+    def rss_mib(self) -> float:
+        """Peak resident memory of this worker process."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 
 @ray.remote
-class DecodeActor(DecodeWorker):
+class PrefillActor(PrefillWorker, _ActorInfo):
+    def __init__(self, config: WorkerConfig) -> None:
+        _unnice()
+        super().__init__(config, node_id=_node()[0])
+
+
+@ray.remote
+class DecodeActor(DecodeWorker, _ActorInfo):
     def __init__(self, config: WorkerConfig) -> None:
         _unnice()
         node_id, node_ip = _node()
@@ -97,7 +111,8 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     def worker_config(role: str, i: int, threads: int) -> WorkerConfig:
         return WorkerConfig(engine=replace(engine, num_threads=threads or even), worker_id=f"{role}-{i}",
                             auth_token=token, transport=cluster.transport,
-                            transfer_timeout_s=cluster.transfer_timeout_s)
+                            transfer_timeout_s=cluster.transfer_timeout_s, tls=cluster.tls,
+                            inject_transfer_failures=cluster.inject_transfer_failures if role == "prefill" else 0)
 
     def options(threads: int) -> dict:
         # Every thread of the worker starts with OMP_NUM_THREADS OpenMP threads (Ray sets 1 by default).
@@ -110,8 +125,6 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
         worker_config("prefill", i, cluster.prefill_threads)) for i in range(cluster.num_prefill)}
     endpoints = dict(zip(decode, ray.get([h.endpoint.remote() for h in decode.values()],
                                          timeout=cluster.start_timeout_s)))
-    ray.get([h.set_endpoints.remote(list(endpoints.values())) for h in prefill.values()],
-            timeout=cluster.start_timeout_s)
     prefill_nodes = ray.get([h.node.remote() for h in prefill.values()], timeout=cluster.start_timeout_s)
     nodes = set(prefill_nodes) | {ep.node_id for ep in endpoints.values()}
     return WorkerSet(prefill=prefill, decode=decode, endpoints=endpoints, max_num_seqs=engine.max_num_seqs,

@@ -13,12 +13,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from engine.config import EngineConfig, ModelArch
 from engine.loader import load_hf_config, load_tokenizer, model_display_name, resolve_model
 from router.batch_io import BatchLimits, check_paths, error_record, iter_lines, parse_line, success_record
 from router.cluster import ClusterConfig, start_workers, stop_workers
+from router.journal import Journal, input_identity
 from router.request import Request, State
 from router.router import Router, RouterConfig
 
@@ -29,12 +31,14 @@ class BatchOptions:
     ignore_eos: bool = False
     max_pending: int = 4096  # requests held in memory (queued or running) at once
     progress: bool = True
+    resume: bool = True  # continue an interrupted run of the same batch (see router/journal.py)
 
 
 @dataclass
 class BatchSummary:
     output_path: str
     lines: int = 0
+    resumed: int = 0  # lines finished by an earlier, interrupted run
     succeeded: int = 0
     failed: int = 0
     prompt_tokens: int = 0
@@ -42,6 +46,7 @@ class BatchSummary:
     wall_s: float = 0.0
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
+    kv_blocks_leaked: int | None = None  # blocks still held on decode workers after the batch: must be 0
 
     def as_dict(self) -> dict[str, Any]:
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
@@ -49,27 +54,38 @@ class BatchSummary:
                 "failed": self.failed, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "wall_s": round(self.wall_s, 3),
                 "output_tok_per_s": round(self.completion_tokens / self.wall_s, 2) if self.wall_s else None,
-                "mean_ttft_s": mean(self.ttft_s), "mean_tpot_s": mean(self.tpot_s)}
+                "mean_ttft_s": mean(self.ttft_s), "mean_tpot_s": mean(self.tpot_s),
+                "kv_blocks_leaked": self.kv_blocks_leaked}
 
     def render(self) -> str:
         d = self.as_dict()
         fmt = lambda x: "n/a" if x is None else f"{x * 1000:.0f} ms"  # noqa: E731
-        return (f"{d['lines']} requests: {d['succeeded']} succeeded, {d['failed']} failed in {d['wall_s']:.1f} s\n"
+        resumed = f" ({self.resumed} done by an earlier run)" if self.resumed else ""
+        return (f"{d['lines']} requests{resumed}: {d['succeeded']} succeeded, {d['failed']} failed "
+                f"in {d['wall_s']:.1f} s\n"
                 f"tokens: {d['prompt_tokens']} prompt, {d['completion_tokens']} completion "
                 f"({d['output_tok_per_s']} output tok/s)\n"
-                f"mean TTFT {fmt(d['mean_ttft_s'])}, mean TPOT {fmt(d['mean_tpot_s'])}\n"
+                f"mean TTFT {fmt(d['mean_ttft_s'])}, mean TPOT {fmt(d['mean_tpot_s'])}, "
+                f"KV blocks leaked {d['kv_blocks_leaked']}\n"
                 f"results: {d['output']}")
 
 
 class _Output:
-    """Writes and flushes one line per finished request; keeps the summary."""
+    """Writes and flushes one line per finished request, then journals it; keeps the summary."""
 
-    def __init__(self, stream: TextIO, tokenizer: Any, model_name: str, summary: BatchSummary) -> None:
-        self.stream, self.tokenizer, self.model_name, self.summary = stream, tokenizer, model_name, summary
+    def __init__(self, stream: TextIO, tokenizer: Any, model_name: str, summary: BatchSummary,
+                 journal: Journal) -> None:
+        self.stream, self.tokenizer, self.model_name = stream, tokenizer, model_name
+        self.summary, self.journal = summary, journal
 
     def write(self, record: dict[str, Any]) -> None:
         self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.stream.flush()
+        self.journal.record(record["pdserve"]["line"])
+
+    def error(self, custom_id: str | None, line: int, code: str, message: str) -> None:
+        self.write(error_record(custom_id, line, code, message))
+        self.summary.failed += 1
 
     def finished(self, req: Request) -> None:
         s = self.summary
@@ -88,7 +104,12 @@ class _Output:
 
 
 def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster: ClusterConfig,
-              router_config: RouterConfig, options: BatchOptions) -> BatchSummary:
+              router_config: RouterConfig, options: BatchOptions,
+              on_tick: Callable[[Router], None] | None = None) -> BatchSummary:
+    """Serve every line of `input_path`, appending one output line per input line to `output_path`.
+
+    Resumable: rerun after an interruption with the same arguments and only the unfinished lines run.
+    `on_tick` is called after every router step (progress hooks, fault drills in tests)."""
     check_paths(input_path, output_path)
     with open(input_path, "rb") as f:
         if not any(line.strip() for line in iter(lambda: f.readline(1 << 20), b"")):
@@ -101,34 +122,76 @@ def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster
                          model_names=tuple(dict.fromkeys([name, str(engine.model or name)])),
                          default_max_tokens=options.default_max_tokens, ignore_eos=options.ignore_eos)
     summary = BatchSummary(output_path=str(output_path))
+    journal = Journal.for_output(output_path)
+    journal.open(output_path, input_identity(input_path), _result_options(engine, options), options.resume)
+    summary.resumed = len(journal.done)
+    if journal.complete:
+        journal.close()
+        summary.lines = summary.resumed
+        return summary
     workers = start_workers(engine, cluster)
     start = time.time()
     try:
-        with open(output_path, "w", encoding="utf-8") as out_stream:
-            out = _Output(out_stream, tokenizer, name, summary)
+        with open(output_path, "a", encoding="utf-8") as out_stream:
+            out = _Output(out_stream, tokenizer, name, summary, journal)
             router = Router(workers, router_config, on_finished=out.finished)
             progress = _Progress(summary, router) if options.progress else None
+
+            def tick() -> None:
+                router.tick()
+                if progress:
+                    progress.update()
+                if on_tick:
+                    on_tick(router)
+
             seen: set[str] = set()
             with open(input_path, "rb") as f:
                 for number, raw in iter_lines(f, limits.max_line_bytes):
                     summary.lines += 1
+                    if number in journal.done:  # finished in an earlier, interrupted run
+                        _remember_custom_id(raw, seen)
+                        continue
                     parsed = parse_line(number, raw, tokenizer, limits, seen)
                     if parsed.error is not None:
-                        out.write(error_record(parsed.custom_id, number, parsed.error.code, str(parsed.error)))
-                        summary.failed += 1
+                        out.error(parsed.custom_id, number, parsed.error.code, str(parsed.error))
                         continue
                     router.submit(parsed.request)
                     while len(router.active) >= options.max_pending:
-                        router.tick()
-                        progress and progress.update()
+                        tick()
             while not router.done:
-                router.tick()
-                progress and progress.update()
-            progress and progress.close()
+                tick()
+            if progress:
+                progress.close()
+            summary.kv_blocks_leaked = leaked_blocks(workers)
+            journal.finish()
     finally:
         summary.wall_s = time.time() - start
+        journal.close()
         stop_workers(workers)
     return summary
+
+
+def _result_options(engine: EngineConfig, options: BatchOptions) -> dict[str, Any]:
+    """What shapes the results: a journal written under other values must not be resumed."""
+    return {"model": engine.model, "dtype": engine.dtype, "default_max_tokens": options.default_max_tokens,
+            "ignore_eos": options.ignore_eos}
+
+
+def _remember_custom_id(raw: bytes | None, seen: set[str]) -> None:
+    try:
+        cid = json.loads(raw or b"").get("custom_id")
+    except (ValueError, AttributeError):
+        return
+    if isinstance(cid, str):
+        seen.add(cid)
+
+
+def leaked_blocks(workers) -> int:
+    """KV blocks the decode workers still hold once no request is in flight (each is a leak)."""
+    import ray
+
+    stats = ray.get([h.stats.remote() for h in workers.decode.values()], timeout=60)
+    return sum(s["num_blocks"] - s["free_blocks"] for s in stats)
 
 
 class _Progress:

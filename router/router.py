@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from kvtransfer.base import KVEndpoint
 from proto.messages import Admission, DecodeResult, PrefillResult, PrefillTask, Reservation
@@ -45,6 +45,7 @@ class RouterConfig:
     batch_admissions: bool | None = None
     poll_timeout_s: float = 0.2
     call_timeout_s: float = 120.0  # deadline for any single worker call
+    restart_timeout_s: float = 300.0  # how long a lost worker may take to come back before it is retired
 
 
 @dataclass
@@ -60,7 +61,7 @@ class WorkerSet:
 
 @dataclass
 class _Call:
-    kind: str  # prefill | admit | poll | release | endpoint | ready
+    kind: str  # prefill | admit | poll | probe_prefill | probe_decode
     worker_id: str
     requests: list[Request] = field(default_factory=list)
     started: float = field(default_factory=time.time)
@@ -82,6 +83,8 @@ class Router:
         self._prefill_load: dict[str, int] = {wid: 0 for wid in workers.prefill}
         self._polling: set[str] = set()
         self._down: set[str] = set()  # workers being restarted by Ray
+        self._lost_at: dict[str, float] = {}
+        self._probe_later: dict[str, tuple[str, float]] = {}  # worker -> (probe kind, when)
         self._held: dict[str, list[tuple[Request, Admission]]] = defaultdict(list)  # see batch_admissions
         self.batch_admissions = (workers.shared_cores if config.batch_admissions is None
                                  else config.batch_admissions)
@@ -112,6 +115,7 @@ class Router:
                 on_tick()
 
     def tick(self, wait_s: float = 0.5) -> None:
+        self._send_due_probes()
         self._dispatch_prefill()
         self._flush_admissions()
         self._ensure_polls()
@@ -141,10 +145,8 @@ class Router:
         elif call.kind == "poll":
             self._polling.discard(call.worker_id)
             self._on_decoded(value)
-        elif call.kind == "endpoint":
-            self._on_decode_back(call.worker_id, value)
-        elif call.kind == "ready":
-            self._on_prefill_back(call.worker_id)
+        elif call.kind.startswith("probe_"):
+            self._on_worker_back(call, value)
 
     # ---- prefill dispatch --------------------------------------------------------------
     def _dispatch_prefill(self) -> None:
@@ -183,7 +185,8 @@ class Router:
                     continue
                 req.prefill_worker = wid
                 req.move(State.PREFILL)
-                tasks.append(PrefillTask(req.attempt_id, tuple(req.prompt_token_ids), req.params, did, table))
+                tasks.append(PrefillTask(req.attempt_id, tuple(req.prompt_token_ids), req.params,
+                                         self.workers.endpoints[did], table))
         sent = [self._by_attempt[t.request_id] for t in tasks]
         if tasks:
             self._prefill_load[wid] += 1
@@ -223,7 +226,7 @@ class Router:
             return  # prefill still running: admit later, all at once
         held, self._held = self._held, defaultdict(list)
         for did, items in held.items():
-            items = [(r, a) for r, a in items if self._by_attempt.get(r.attempt_id) is r and r.state == State.TRANSFER]
+            items = [(r, a) for r, a in items if r.attempt_id == a.request_id and not r.finished]
             if not items:
                 continue
             if did in self._down or did not in self.workers.decode:
@@ -269,63 +272,110 @@ class Router:
                 self._calls[handle.poll.remote(self.config.poll_timeout_s)] = _Call("poll", did)
 
     # ---- faults ------------------------------------------------------------------------
+    # A failed call marks its worker down and requeues the requests it held; a probe call then
+    # waits for Ray to restart the actor (max_restarts). If the probe fails too, the worker is
+    # gone for good and is retired; with no worker of a role left, every request fails.
     def _call_failed(self, call: _Call, error: Exception) -> None:
-        if call.kind in ("prefill", "ready"):
-            if call.kind == "prefill":
-                self._prefill_load[call.worker_id] -= 1
-            self._prefill_lost(call.worker_id, f"prefill worker {call.worker_id} failed: {_short(error)}")
+        role = "prefill" if call.kind in ("prefill", "probe_prefill") else "decode"
+        reason = f"{role} worker {call.worker_id} failed: {_short(error)}"
+        if call.kind == "prefill":
+            self._prefill_load[call.worker_id] -= 1
+        if call.kind == "poll":
+            self._polling.discard(call.worker_id)
+        if call.kind.startswith("probe_"):
+            lost_at = self._lost_at.get(call.worker_id, call.started)
+            if isinstance(error, ActorUnavailableError) and time.time() - lost_at < self.config.restart_timeout_s:
+                self._probe_later[call.worker_id] = (call.kind, time.time() + 0.5)  # still restarting
+            else:
+                self._retire(role, call.worker_id, reason)
+        elif role == "prefill":
+            self._prefill_lost(call.worker_id, reason)
         else:
-            if call.kind == "poll":
-                self._polling.discard(call.worker_id)
-            self._decode_lost(call.worker_id, f"decode worker {call.worker_id} failed: {_short(error)}")
+            self._decode_lost(call.worker_id, reason)
 
     def _prefill_lost(self, wid: str, reason: str) -> None:
+        if wid in self._down or wid not in self.workers.prefill:
+            return
         log.warning("%s; requeueing its requests", reason)
+        self._down.add(wid)
+        self._lost_at[wid] = time.time()
         for req in list(self.active.values()):
             if req.prefill_worker == wid and req.state == State.PREFILL:
                 self._release(req)
                 self._retry(req, reason)
-        self._prefill_load[wid] = 0
-        if wid not in self._down:
-            self._down.add(wid)
-            self._calls[self.workers.prefill[wid].set_endpoints.remote(list(self.workers.endpoints.values()))] = \
-                _Call("ready", wid)
-
-    def _on_prefill_back(self, wid: str) -> None:
-        self._down.discard(wid)
+        self._probe("probe_prefill", wid)
 
     def _decode_lost(self, did: str, reason: str) -> None:
-        if did in self._down:
+        if did in self._down or did not in self.workers.decode:
             return
         log.warning("%s; requeueing its requests", reason)
         self._down.add(did)
+        self._lost_at[did] = time.time()
         self._polling.discard(did)
-        self.placement.remove_worker(did)
+        self.placement.remove_worker(did)  # its reservations died with it
         for req in list(self.active.values()):
             if req.decode_worker == did and req.state in (State.PREFILL, State.TRANSFER, State.DECODE):
                 self._retry(req, reason)
-        self._calls[self.workers.decode[did].endpoint.remote()] = _Call("endpoint", did)
+        self._probe("probe_decode", did)
 
-    def _on_decode_back(self, did: str, endpoint: KVEndpoint) -> None:
-        self._down.discard(did)
-        self.workers.endpoints[did] = endpoint
-        self._add_decode_capacity(did, endpoint)
-        for wid, handle in self.workers.prefill.items():
-            handle.set_endpoints.remote([endpoint])
+    def _probe(self, kind: str, wid: str) -> None:
+        """Ask a lost worker who it is; the answer comes once Ray has restarted it."""
+        handle = (self.workers.prefill if kind == "probe_prefill" else self.workers.decode).get(wid)
+        if handle is not None:
+            ref = handle.node.remote() if kind == "probe_prefill" else handle.endpoint.remote()
+            self._calls[ref] = _Call(kind, wid)
+
+    def _send_due_probes(self) -> None:
+        now = time.time()
+        for wid, (kind, due) in list(self._probe_later.items()):
+            if due <= now:
+                del self._probe_later[wid]
+                self._probe(kind, wid)
+
+    def _on_worker_back(self, call: _Call, value: Any) -> None:
+        self._down.discard(call.worker_id)
+        if call.kind == "probe_decode":  # a restarted decode worker: fresh pool, fresh endpoint
+            self.workers.endpoints[call.worker_id] = value
+            self._add_decode_capacity(call.worker_id, value)
+        else:
+            self._prefill_load[call.worker_id] = 0
+        log.warning("%s worker %s is back", call.kind.removeprefix("probe_"), call.worker_id)
+
+    def _retire(self, role: str, wid: str, reason: str) -> None:
+        log.error("%s; it will not come back", reason)
+        self._down.discard(wid)
+        if role == "prefill":
+            self.workers.prefill.pop(wid, None)
+            self._prefill_load.pop(wid, None)
+        else:
+            self.workers.decode.pop(wid, None)
+            self.workers.endpoints.pop(wid, None)
+            self.placement.remove_worker(wid)
+        if not self.workers.prefill or not self.workers.decode:
+            for req in list(self.active.values()):
+                self._by_attempt.pop(req.attempt_id, None)
+                req.errors.append(reason)
+                req.fail(f"WorkerLost: no {role} workers left ({reason})")
+                self._finish(req)
+            self.queue.remove_if(lambda _: True)
 
     def _expire_calls(self) -> None:
         now = time.time()
         for ref, call in list(self._calls.items()):
-            if call.kind != "poll" and now - call.started > self.config.call_timeout_s:
-                del self._calls[ref]
-                ray.cancel(ref, force=False)
-                reason = f"{call.kind} call to {call.worker_id} exceeded {self.config.call_timeout_s:.0f}s"
-                if call.kind == "prefill":
-                    self._prefill_load[call.worker_id] -= 1
-                for req in call.requests:
-                    if self._by_attempt.get(req.attempt_id) is req and not req.finished:
-                        self._release(req)
-                        self._retry(req, reason)
+            if call.kind == "poll" or now - call.started <= self.config.call_timeout_s:
+                continue
+            del self._calls[ref]
+            ray.cancel(ref, force=False)
+            reason = f"CallTimeout: {call.kind} call to {call.worker_id} exceeded {self.config.call_timeout_s:.0f}s"
+            if call.kind.startswith("probe_"):
+                self._retire(call.kind.removeprefix("probe_"), call.worker_id, reason)
+                continue
+            if call.kind == "prefill":
+                self._prefill_load[call.worker_id] -= 1
+            for req in call.requests:
+                if self._by_attempt.get(req.attempt_id) is req and not req.finished:
+                    self._release(req)
+                    self._retry(req, reason)
 
     # ---- helpers -----------------------------------------------------------------------
     def _add_decode_capacity(self, did: str, ep: KVEndpoint) -> None:

@@ -27,3 +27,12 @@ def test_bench_throughput_quick(ray_cluster, tmp_path, capsys):
     # In fp32, greedy pdserve equals both transformers baselines token for token.
     assert fp32["agreement"] == {"hf_static": 1.0, "hf_cb": 1.0}
     assert fp32["rows"]["pdserve"]["output_tok_s"] > 0 and 0 < fp32["roofline_share"] < 1
+
+
+def test_bench_kvtransfer_quick(capsys):
+    assert main(["bench", "kvtransfer", "--quick"]) == 0
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"kvtransfer tokens=512 shm_gbps=[\d.]+ shm_vs_memcpy=[\d.]+ grpc_gbps=[\d.]+ "
+                        r"grpc_vs_memcpy=[\d.]+", last), last
+    assert "memcpy" in out and out.count("tokens") >= 3

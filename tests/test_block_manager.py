@@ -73,3 +73,40 @@ def test_pool_layout_and_block_round_trip():
     other = KVLayout(3, 8, 16, 2, 8, "bfloat16")
     assert "block_size" in layout.compatible_with(other)
     assert layout.compatible_with(KVLayout(3, 99, 4, 2, 8, "bfloat16")) is None  # pool size may differ
+
+
+def test_block_runs_cover_every_token_exactly_once():
+    import random
+
+    from engine.kv_cache import block_runs
+
+    rng = random.Random(0)
+    for _ in range(200):
+        bs = rng.choice([1, 4, 16])
+        n_blocks = rng.randint(1, 12)
+        ids = list(range(40))
+        rng.shuffle(ids)
+        table = sorted(ids[:n_blocks]) if rng.random() < 0.5 else ids[:n_blocks]
+        first = rng.randint(0, n_blocks - 1)
+        tokens = rng.randint(1, (n_blocks - first) * bs)
+        expected = [table[first + p // bs] * bs + p % bs for p in range(tokens)]
+        got = []
+        for dst, src, length in block_runs(table, bs, tokens, first_block=first):
+            assert src == len(got)
+            got += list(range(dst, dst + length))
+        assert got == expected
+
+
+def test_a_fresh_pool_hands_out_ascending_runs_and_reuses_freed_blocks_first():
+    from engine.kv_cache import block_runs
+
+    bm = BlockManager(num_blocks=100, block_size=16)
+    a = bm.allocate("a", 100)
+    assert a == list(range(7)) and len(block_runs(a, 16, 100)) == 1
+    b = bm.allocate("b", 40)
+    bm.free("a")
+    c = bm.allocate("c", 64)  # the blocks "a" just released, in order
+    assert c == list(range(4))
+    bm.free("b")
+    bm.free("c")
+    bm.assert_empty()

@@ -34,8 +34,8 @@ class Receiver:
         self.inbox = KVInbox(self.pool)
         self.server = KVServer(self.inbox, receiver_id="decode-test", model_fingerprint=FINGERPRINT,
                                auth_token=TOKEN, host="127.0.0.1")
-        self.endpoint = KVEndpoint("decode-test", "node-a", layout, FINGERPRINT, self.server.address,
-                                   self.shared.name)
+        self.endpoint = KVEndpoint("decode-test", "node-a", layout, FINGERPRINT, grpc_address=self.server.address,
+                                   shm_name=self.shared.name)
 
     def reserve(self, rid: str, tokens: int) -> list[int]:
         table = self.blocks.allocate(rid, tokens)

@@ -1,0 +1,178 @@
+"""Per-stage metrics and goodput, computed from per-request timelines.
+
+One definition serves the live dashboard, the Prometheus endpoint and the
+batch report, so the three always agree. Inputs are output records (or
+their `pdserve` extension): stage timestamps in Unix seconds and each output
+token's time in ms after the first.
+
+    queue wait        prefill_start - queued
+    prefill time      prefill_end - prefill_start
+    TTFT              first_token - queued
+    transfer time     transfer_end - transfer_start  (GB/s = kv_bytes / transfer time)
+    decode admit wait decode_admit - transfer_end
+    TPOT              (finish - first_token) / (output tokens - 1); p99 of inter-token gaps too
+    end-to-end        finish - queued
+Goodput (DistServe): completed requests per second that meet both the TTFT
+and the TPOT SLO. Attainment: prefill stage = share within the TTFT SLO;
+decode stage = share within the TPOT SLO.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Defaults suit SmolLM2-135M on a 2-core CPU; set your own with --slo-ttft / --slo-tpot."""
+
+    ttft_s: float = 10.0
+    tpot_s: float = 0.25
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    custom_id: str | None
+    ok: bool
+    queued: float
+    finish: float
+    prompt_tokens: int
+    output_tokens: int
+    queue_wait_s: float | None = None
+    prefill_s: float | None = None
+    ttft_s: float | None = None
+    transfer_s: float | None = None
+    transfer_gbps: float | None = None
+    kv_bytes: int = 0
+    decode_admit_wait_s: float | None = None
+    tpot_s: float | None = None
+    itl_p99_s: float | None = None  # 99th percentile inter-token gap
+    e2e_s: float | None = None
+    prefill_start: float | None = None
+    prefill_end: float | None = None
+    transfer_start: float | None = None
+    transfer_end: float | None = None
+    decode_admit: float | None = None
+    slo_ttft_s: float | None = None  # per-request SLOs override the batch's
+    slo_tpot_s: float | None = None
+
+    def meets(self, slo: SLO) -> tuple[bool, bool]:
+        """(TTFT within SLO, TPOT within SLO); a single-token answer has no TPOT and meets it."""
+        ttft = self.ttft_s is not None and self.ttft_s <= (self.slo_ttft_s or slo.ttft_s)
+        tpot = self.tpot_s is None or self.tpot_s <= (self.slo_tpot_s or slo.tpot_s)
+        return ttft and self.ok, tpot and self.ok
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100]); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def from_record(record: dict[str, Any]) -> RequestMetrics:
+    """Metrics of one output line of run-batch."""
+    ext = record.get("pdserve") or {}
+    t = ext.get("timeline") or {}
+    ok = record.get("error") is None
+    usage = ((record.get("response") or {}).get("body") or {}).get("usage") or {}
+    out_tokens = usage.get("completion_tokens", len(ext.get("output_token_ids") or []))
+    times = ext.get("token_times_ms") or []
+    gaps = [(b - a) / 1000 for a, b in zip(times, times[1:])]
+    transfer = _diff(t.get("transfer_end"), t.get("transfer_start"))
+    kv_bytes = ext.get("kv_bytes") or 0
+    slo = ext.get("slo") or {}
+    return RequestMetrics(
+        custom_id=record.get("custom_id"), ok=ok, queued=t.get("queued") or 0.0,
+        finish=t.get("finish") or t.get("queued") or 0.0,
+        prompt_tokens=usage.get("prompt_tokens", 0), output_tokens=out_tokens if ok else 0,
+        queue_wait_s=_diff(t.get("prefill_start"), t.get("queued")),
+        prefill_s=_diff(t.get("prefill_end"), t.get("prefill_start")),
+        ttft_s=_diff(t.get("first_token"), t.get("queued")),
+        transfer_s=transfer,
+        transfer_gbps=kv_bytes / transfer / 1e9 if transfer and kv_bytes else None, kv_bytes=kv_bytes,
+        decode_admit_wait_s=_diff(t.get("decode_admit"), t.get("transfer_end")),
+        tpot_s=(_diff(t.get("finish"), t.get("first_token")) / (out_tokens - 1)
+                if ok and out_tokens > 1 and t.get("finish") and t.get("first_token") else None),
+        itl_p99_s=percentile(gaps, 99),
+        e2e_s=_diff(t.get("finish"), t.get("queued")),
+        prefill_start=t.get("prefill_start"), prefill_end=t.get("prefill_end"),
+        transfer_start=t.get("transfer_start"), transfer_end=t.get("transfer_end"),
+        decode_admit=t.get("decode_admit"), slo_ttft_s=slo.get("ttft_s"), slo_tpot_s=slo.get("tpot_s"))
+
+
+def _stats(values: Iterable[float | None]) -> dict[str, float | None]:
+    xs = [v for v in values if v is not None]
+    return {"mean": sum(xs) / len(xs) if xs else None, "p50": percentile(xs, 50), "p90": percentile(xs, 90),
+            "p99": percentile(xs, 99), "max": max(xs) if xs else None, "count": len(xs)}
+
+
+def summarize(requests: Sequence[RequestMetrics], slo: SLO, window: tuple[float, float] | None = None) -> dict:
+    """Batch-level figures. `window` (start, end) defaults to first queued .. last finish."""
+    if window is None:
+        window = (min((r.queued for r in requests), default=0.0), max((r.finish for r in requests), default=0.0))
+    span = max(window[1] - window[0], 1e-9)
+    ok = [r for r in requests if r.ok]
+    meets = [r.meets(slo) for r in ok]
+    both = sum(1 for a, b in meets if a and b)
+    prefilled = [r for r in requests if r.prefill_end is not None]
+    return {
+        "requests": len(requests), "succeeded": len(ok), "failed": len(requests) - len(ok),
+        "window_s": span, "slo": asdict(slo),
+        "goodput_rps": both / span,
+        "throughput_rps": len(ok) / span,
+        "slo_attainment": both / len(ok) if ok else None,
+        "stages": {
+            "queue": {"wait_s": _stats(r.queue_wait_s for r in requests)},
+            "prefill": {
+                "requests_per_s": len(prefilled) / span,
+                "tokens_per_s": sum(r.prompt_tokens for r in prefilled) / span,
+                "time_s": _stats(r.prefill_s for r in requests),
+                "ttft_s": _stats(r.ttft_s for r in ok),
+                "slo_attainment": sum(a for a, _ in meets) / len(ok) if ok else None,
+            },
+            "transfer": {
+                "time_s": _stats(r.transfer_s for r in requests),
+                "gbps": _stats(r.transfer_gbps for r in requests),
+                "bytes": sum(r.kv_bytes for r in ok),
+            },
+            "decode": {
+                "requests_per_s": len(ok) / span,
+                "tokens_per_s": sum(r.output_tokens for r in ok) / span,
+                "admit_wait_s": _stats(r.decode_admit_wait_s for r in ok),
+                "tpot_s": _stats(r.tpot_s for r in ok),
+                "itl_p99_s": _stats(r.itl_p99_s for r in ok),
+                "slo_attainment": sum(b for _, b in meets) / len(ok) if ok else None,
+            },
+            "end_to_end": {"latency_s": _stats(r.e2e_s for r in ok)},
+        },
+    }
+
+
+def goodput_series(requests: Sequence[RequestMetrics], slo: SLO, bucket_s: float = 1.0,
+                   start: float | None = None) -> list[dict[str, float]]:
+    """Goodput and throughput per time bucket (by finish time), for the 'goodput over time' panel."""
+    if not requests:
+        return []
+    t0 = min(r.queued for r in requests) if start is None else start
+    end = max(r.finish for r in requests)
+    n = max(1, math.ceil((end - t0) / bucket_s))
+    good, done = [0] * n, [0] * n
+    for r in requests:
+        if not r.ok:
+            continue
+        i = min(n - 1, max(0, int((r.finish - t0) / bucket_s)))
+        done[i] += 1
+        a, b = r.meets(slo)
+        good[i] += a and b
+    return [{"t": round(i * bucket_s, 3), "goodput_rps": good[i] / bucket_s, "throughput_rps": done[i] / bucket_s}
+            for i in range(n)]
