@@ -8,10 +8,12 @@ setup:
 
 demo: setup
 	@mkdir -p results
-	$(VENV)/pdserve run-batch -i examples/sample_batch.jsonl -o results/sample_output.jsonl
+	$(VENV)/pdserve run-batch -i examples/sample_batch.jsonl -o results/sample_output.jsonl --no-resume
 	@$(VENV)/python scripts/show_results.py results/sample_output.jsonl
+	@$(VENV)/pdserve report results/sample_output.jsonl -o results/sample_report.html
 
-test: setup
+test:
+	@bash scripts/setup.sh --test
 	$(VENV)/python -m pytest -q
 
 proto: setup

@@ -39,13 +39,14 @@ class DecodeWorker:
         # The pool is exposed once, in the form a same-node peer can write into directly.
         self._shared = None
         cuda_handle = None
-        if config.engine.device == "cpu" and config.transport in ("auto", "shm"):
+        device = self.runner.config.device
+        if device == "cpu" and config.transport in ("auto", "shm"):
             from kvtransfer.shm import SharedKVPool
 
             self._shared = SharedKVPool(layout)
             self.pool = self._shared.pool
         else:
-            self.pool = self.compute.call(KVPool.allocate, layout, config.engine.device)
+            self.pool = self.compute.call(KVPool.allocate, layout, device)
             if self.pool.tensor.is_cuda and config.transport in ("auto", "cuda_ipc"):
                 from kvtransfer.cuda_ipc import export_pool
 

@@ -6,7 +6,7 @@ A context is built once per forward and passed to the model explicitly.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -94,7 +94,7 @@ class EngineConfig:
 
     model: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
     dtype: str = "float32"
-    device: str = field(default_factory=default_device)
+    device: str = "auto"  # auto: CUDA when the worker's process sees a GPU, else CPU
     block_size: int = 16
     kv_cache_gib: float = 2.0  # decode worker's KV pool
     max_num_seqs: int = 128  # decode batch limit
@@ -114,6 +114,12 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def resolved(self) -> EngineConfig:
+        """This config with `auto` device resolved where it runs (a worker may have a GPU the driver lacks)."""
+        from dataclasses import replace
+
+        return self if self.device != "auto" else replace(self, device=default_device())
 
 
 @dataclass(frozen=True)

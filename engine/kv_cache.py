@@ -13,7 +13,6 @@ BS*KVH*D contiguous values: the unit the KV-transfer layer ships.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch

@@ -26,6 +26,7 @@ class LoadedModel:
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
+    config = config.resolved()
     folder = resolve_model(config.model, config.cache_dir)
     hf_config = load_hf_config(folder)
     arch = ModelArch.from_hf(hf_config)
@@ -45,6 +46,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        config = config.resolved()
         self.config = config
         self.bind_thread()
         loaded = loaded or load_model(config)

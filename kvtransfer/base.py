@@ -57,11 +57,15 @@ class TransferHandle:
 
 @dataclass(frozen=True)
 class TransferStats:
+    """One request's transfer. With layer streaming, start..end spans the prefill that overlaps it;
+    `busy_s` is the time actually spent moving bytes, so `gbps` is the transport's own rate."""
+
     request_id: str
     transport: str
     bytes: int
     start: float
     end: float
+    busy_s: float
 
     @property
     def seconds(self) -> float:
@@ -69,7 +73,7 @@ class TransferStats:
 
     @property
     def gbps(self) -> float:
-        return self.bytes / max(self.end - self.start, 1e-9) / 1e9
+        return self.bytes / max(self.busy_s, 1e-9) / 1e9
 
 
 class KVConnection(ABC):

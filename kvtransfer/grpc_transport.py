@@ -18,8 +18,17 @@ import torch
 
 from engine.compute_thread import single_threaded
 from engine.kv_cache import KVLayout
-from kvtransfer.base import (IncompatiblePeer, IntegrityError, KVConnection, KVEndpoint, TransferError,
-                             TransferHandle, TransferStats, TransferTimeout, Unauthenticated)
+from kvtransfer.base import (
+    IncompatiblePeer,
+    IntegrityError,
+    KVConnection,
+    KVEndpoint,
+    TransferError,
+    TransferHandle,
+    TransferStats,
+    TransferTimeout,
+    Unauthenticated,
+)
 from kvtransfer.inbox import KVInbox
 from kvtransfer.wire import DEFAULT_MAX_CHUNK_BYTES, decode_chunk, encode_layer
 from proto import kv_transfer_pb2 as pb
@@ -102,15 +111,20 @@ class _Stream:
                  block_size: int, max_chunk_bytes: int, timeout: float) -> None:
         self.layers: queue.Queue = queue.Queue(maxsize=_QUEUED_LAYERS)
         self.bytes = 0
+        self.busy_s = 0.0  # encoding + handing chunks to gRPC; the wait for the next layer is not counted
+        self.drained = 0.0  # perf_counter when the last chunk was handed to gRPC
 
         def chunks():
             single_threaded()  # gRPC's sending thread
             while True:
                 item = self.layers.get()
                 if item is None:
+                    self.drained = time.perf_counter()
                     return
+                started = time.perf_counter()
                 layer, k, v = item
                 yield from encode_layer(handle.request_id, layer, k, v, block_size, max_chunk_bytes)
+                self.busy_s += time.perf_counter() - started
 
         self.call = stub.PushKV.future(chunks(), metadata=metadata, timeout=timeout)
 
@@ -165,10 +179,11 @@ class GrpcConnection(KVConnection):
             try:
                 stream.layers.put(item, timeout=min(0.5, max(deadline - time.time(), 0.001)))
                 break
-            except queue.Full:
+            except queue.Full as full:
                 if time.time() > deadline:
                     self.abort(handle)
-                    raise TransferTimeout(f"KV of request {handle.request_id} stalled past {self.timeout:.0f}s")
+                    raise TransferTimeout(
+                        f"KV of request {handle.request_id} stalled past {self.timeout:.0f}s") from full
         stream.bytes += (k.numel() + v.numel()) * k.element_size()
 
     def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
@@ -187,7 +202,9 @@ class GrpcConnection(KVConnection):
         if not reply.complete:
             raise TransferError(f"decode worker {self.endpoint.worker_id} holds only part of the KV of "
                                 f"request {handle.request_id}")
-        return TransferStats(handle.request_id, self.transport, stream.bytes, handle.started, time.time())
+        # Waiting for the receiver to take the last chunks and acknowledge is part of moving the bytes.
+        busy = stream.busy_s + max(0.0, time.perf_counter() - stream.drained)
+        return TransferStats(handle.request_id, self.transport, stream.bytes, handle.started, time.time(), busy)
 
     def _raise_from(self, stream: _Stream, handle: TransferHandle) -> None:
         self._streams.pop(handle.request_id, None)

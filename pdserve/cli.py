@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from engine.config import DTYPES, EngineConfig, default_device
+from engine.config import DTYPES, EngineConfig
 from kvtransfer.base import TRANSPORTS
 
 
@@ -16,7 +16,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="an HF folder, a .gguf file, or omit for the default SmolLM2-135M-Instruct")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present, else cpu)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA on workers that have a GPU, else CPU")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV pool size per decode worker")
     g.add_argument("--max-num-seqs", type=int, default=128, help="decode batch limit")
@@ -35,13 +36,21 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-threads", type=int, default=0, help="torch threads per prefill worker (0: auto)")
     g.add_argument("--decode-threads", type=int, default=0, help="torch threads per decode worker (0: auto)")
     g.add_argument("--transfer-timeout", type=float, default=60.0, help="deadline of one request's KV transfer (s)")
+    for role in ("prefill", "decode"):
+        g.add_argument(f"--{role}-cpus", type=float, default=0.0, help=f"CPUs each {role} worker reserves")
+        g.add_argument(f"--{role}-gpus", type=float, default=0.0, help=f"GPUs each {role} worker reserves")
+        g.add_argument(f"--{role}-resources", default="",
+                       help=f"custom Ray resources per {role} worker, e.g. {role}=1 (see deploy/)")
+        g.add_argument(f"--{role}-labels", default="", help=f"node labels a {role} worker needs, e.g. role={role}")
+    g.add_argument("--placement-strategy", default="SPREAD", choices=("PACK", "SPREAD", "STRICT_PACK",
+                                                                       "STRICT_SPREAD"))
     g.add_argument("--tls-cert", default=None, help="PEM certificate of the KV endpoints (enables TLS)")
     g.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     g.add_argument("--tls-ca", default=None, help="PEM CA that signed --tls-cert (default: the cert itself)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    kwargs = dict(model=args.model, dtype=args.dtype, device=args.device or default_device(),
+    kwargs = dict(model=args.model, dtype=args.dtype, device=args.device,
                   block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                   max_prefill_tokens=args.max_prefill_tokens)
     if args.cache_dir:
@@ -58,30 +67,154 @@ def cluster_config(args: argparse.Namespace):
         if not (args.tls_cert and args.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca or args.tls_cert)
+    from router.cluster import WorkerResources
+
+    roles = {role: WorkerResources.parse(getattr(args, f"{role}_cpus"), getattr(args, f"{role}_gpus"),
+                                         getattr(args, f"{role}_resources"), getattr(args, f"{role}_labels"))
+             for role in ("prefill", "decode")}
     return ClusterConfig(address=args.address, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
                          transport=args.transport, prefill_threads=args.prefill_threads,
-                         decode_threads=args.decode_threads, transfer_timeout_s=args.transfer_timeout, tls=tls)
+                         decode_threads=args.decode_threads, prefill=roles["prefill"], decode=roles["decode"],
+                         placement_strategy=args.placement_strategy, transfer_timeout_s=args.transfer_timeout,
+                         tls=tls)
 
 
 def cmd_run_batch(args: argparse.Namespace) -> int:
+    import signal
+
+    from router.metrics import SLO
     from router.offline import BatchOptions, run_batch
     from router.router import RouterConfig
 
-    import signal
-
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
     engine = engine_config(args)
+    slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
+    collector = server = None
+    if args.dashboard:
+        from router.dashboard.collector import MetricsCollector
+        from router.dashboard.server import DashboardServer
+
+        collector = MetricsCollector(slo, title=f"pdserve: {Path(args.input).name}")
+        server = DashboardServer(collector, host=args.dashboard_host, port=args.dashboard_port)
+        print(f"dashboard: {server.url}  (Prometheus: {server.url}metrics)", file=sys.stderr)
     try:
         summary = run_batch(Path(args.input), Path(args.output), engine, cluster_config(args),
                             RouterConfig(max_prefill_tokens=engine.max_prefill_tokens),
                             BatchOptions(default_max_tokens=args.default_max_tokens, ignore_eos=args.ignore_eos,
-                                         progress=not args.quiet, resume=not args.no_resume))
+                                         progress=not args.quiet, resume=not args.no_resume, slo=slo),
+                            collector=collector, deployment=args.deployment)
     except KeyboardInterrupt:
         print(f"pdserve: interrupted; finished lines are in {args.output}. Run the same command again to "
               "finish the rest.", file=sys.stderr)
         return 130
+    finally:
+        if server:
+            server.stop()
     print(summary.render())
+    if args.dashboard:
+        from router.dashboard.report import write_report
+
+        report = Path(args.output).with_suffix(".report.html")
+        write_report(Path(args.output), report, slo)
+        print(f"report: {report}")
     return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from router.metrics import SLO
+    from router.router import RouterConfig
+    from router.service import DeploymentSpec, deploy
+
+    engine = engine_config(args)
+    spec = DeploymentSpec(name=args.name, engine=engine, cluster=cluster_config(args),
+                          router=RouterConfig(max_prefill_tokens=engine.max_prefill_tokens),
+                          slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot))
+    actor = deploy(spec, args.address)
+    _print_status(_ray_get(actor.status.remote()))
+    print(f"deployment {args.name!r} is up; use it with `pdserve run-batch --deployment {args.name} ...`")
+    return 0
+
+
+def _ray_get(ref, timeout: float = 120):
+    import ray
+
+    return ray.get(ref, timeout=timeout)
+
+
+def _print_status(st: dict) -> None:
+    print(f"deployment {st['name']}: model {st['model']} ({st['dtype']}), up {st['uptime_s']:.0f} s, "
+          f"{st['in_flight']} requests in flight, {st['queued']} queued")
+    print(f"{'worker':<12} {'node':<16} {'device':<8} {'threads':>7} {'KV blocks used':>16} {'running':>8}")
+    for w in sorted(st["workers"], key=lambda w: w["worker_id"]):
+        kv = f"{w['num_blocks'] - w['free_blocks']}/{w['num_blocks']}" if "num_blocks" in w else "-"
+        device = w["gpu"] or w["device"]
+        print(f"{w['worker_id']:<12} {w['node_ip']:<16} {device:<8} {w['threads']:>7} {kv:>16} "
+              f"{w.get('running', '-'):>8}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from router.service import find
+
+    _print_status(_ray_get(find(args.name, args.address).status.remote()))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from router.service import teardown
+
+    teardown(args.name, args.address)
+    print(f"deployment {args.name!r} stopped")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import time
+
+    from router.dashboard.server import DashboardServer
+    from router.service import find
+
+    actor = find(args.name, args.address)
+
+    class Remote:  # the collector interface, answered by the deployment's router
+        def state(self):
+            return _ray_get(actor.dashboard_state.remote())
+
+        def prometheus(self):
+            return _ray_get(actor.prometheus.remote())
+
+    server = DashboardServer(Remote(), host=args.dashboard_host, port=args.dashboard_port)
+    print(f"dashboard of deployment {args.name!r}: {server.url}  (Prometheus: {server.url}metrics); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace, passthrough: list[str]) -> int:
+    from pdserve.jobs import submit
+
+    return submit(Path(args.input), Path(args.output), args.address, passthrough, python=args.python)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from router.dashboard.report import write_report
+    from router.metrics import SLO
+
+    state = write_report(Path(args.output_file), Path(args.o), SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot))
+    s = state["summary"]
+    print(f"{s['requests']} requests, goodput {s['goodput_rps']:.3f} req/s, SLO attainment "
+          f"{(s['slo_attainment'] or 0):.1%} -> {args.o}")
+    return 0
+
+
+def _slo_args(p: argparse.ArgumentParser) -> None:
+    from router.metrics import SLO
+
+    g = p.add_argument_group("service-level objectives (goodput counts requests within both)")
+    g.add_argument("--slo-ttft", type=float, default=SLO.ttft_s, help="time-to-first-token SLO, seconds")
+    g.add_argument("--slo-tpot", type=float, default=SLO.tpot_s, help="time-per-output-token SLO, seconds")
 
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
@@ -131,9 +264,53 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     rb.add_argument("--no-resume", action="store_true",
                     help="start over even if OUTPUT.journal shows an interrupted run of this batch")
+    rb.add_argument("--dashboard", action="store_true",
+                    help="serve the live per-stage dashboard and Prometheus /metrics while the batch runs, "
+                         "and write OUTPUT.report.html at the end")
+    rb.add_argument("--dashboard-host", default="127.0.0.1")
+    rb.add_argument("--dashboard-port", type=int, default=8470)
+    rb.add_argument("--deployment", default=None,
+                    help="send the batch to this running deployment (`pdserve up`) instead of starting workers")
+    _slo_args(rb)
     _engine_args(rb)
     _cluster_args(rb)
     rb.set_defaults(func=cmd_run_batch)
+
+    up = sub.add_parser("up", help="start a long-lived deployment (router + workers) on a running Ray cluster")
+    up.add_argument("--name", default="pdserve", help="deployment name")
+    _engine_args(up)
+    _cluster_args(up)
+    _slo_args(up)
+    up.set_defaults(func=cmd_up, address_default="auto")
+
+    for cmd, fn, text in (("status", cmd_status, "show a deployment's workers, nodes, devices and KV use"),
+                          ("down", cmd_down, "stop a deployment")):
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("--name", default="pdserve")
+        p.add_argument("--address", default="auto")
+        p.set_defaults(func=fn)
+
+    db = sub.add_parser("dashboard", help="serve the live dashboard of a running deployment")
+    db.add_argument("--name", default="pdserve")
+    db.add_argument("--address", default="auto")
+    db.add_argument("--dashboard-host", default="127.0.0.1")
+    db.add_argument("--dashboard-port", type=int, default=8470)
+    db.set_defaults(func=cmd_dashboard)
+
+    sb = sub.add_parser("submit", help="run a batch as a Ray Job; other options go to run-batch on the cluster",
+                        epilog="Example: pdserve submit -i in.jsonl -o out.jsonl --address http://head:8265 "
+                               "--deployment pdserve")
+    sb.add_argument("-i", "--input", required=True)
+    sb.add_argument("-o", "--output", required=True)
+    sb.add_argument("--address", required=True, help="the Ray dashboard / job server, http://HEAD:8265")
+    sb.add_argument("--python", default="python", help="the cluster's Python that has pdserve installed")
+    sb.set_defaults(func=cmd_submit, passthrough=True)
+
+    rp = sub.add_parser("report", help="write the dashboard's panels for a finished batch as one HTML file")
+    rp.add_argument("output_file", help="a run-batch output JSONL")
+    rp.add_argument("-o", required=True, help="the HTML report to write")
+    _slo_args(rp)
+    rp.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     tp = bench.add_parser("throughput", help="pdserve vs transformers (static and continuous batching)")
@@ -158,11 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "address_default", None) and args.address is None:
+        args.address = args.address_default
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return args.func(args)
+        return args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)
     except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 2

@@ -100,6 +100,7 @@ class PrefillWorker:
                 transfer_start=h[1].started if h else prefill_start,
                 transfer_end=stats.end if stats else time.time(),
                 transport=h[0].transport if h else "none", kv_bytes=stats.bytes if stats else 0,
+                transfer_busy_s=stats.busy_s if stats else 0.0,
                 error=errors.get(t.request_id)))
         return results
 

@@ -61,6 +61,7 @@ class PrefillResult:
     transfer_end: float
     transport: str
     kv_bytes: int
+    transfer_busy_s: float = 0.0  # time spent moving bytes (the span overlaps prefill)
     error: str | None = None
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from engine.config import SamplingParams
-from router.request import TIMELINE_FIELDS, Request
+from router.request import TIMELINE_FIELDS, Request, State
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -159,6 +159,11 @@ def _build_request(number: int, custom_id: str, kind: str, body: dict, tokenizer
     priority = body.get("priority", 0)
     if not _is_int(priority):
         raise LineError(f"priority must be an integer, got {priority!r}")
+    slo = body.get("slo")
+    if slo is not None:
+        if not isinstance(slo, dict) or not set(slo) <= {"ttft_s", "tpot_s"} or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in slo.values()):
+            raise LineError('slo must be an object like {"ttft_s": 2.0, "tpot_s": 0.1} with positive seconds')
     ignore_eos = body.get("ignore_eos", limits.ignore_eos)
     if not isinstance(ignore_eos, bool):
         raise LineError(f"ignore_eos must be true or false, got {ignore_eos!r}")
@@ -167,7 +172,7 @@ def _build_request(number: int, custom_id: str, kind: str, body: dict, tokenizer
         seed=seed if seed is not None else uuid.uuid4().int & ((1 << 63) - 1),
         stop=tuple(stop), ignore_eos=ignore_eos)
     return Request(request_id=f"r{number}", custom_id=custom_id, line=number, kind=kind,
-                   prompt_token_ids=prompt_ids, params=params, priority=priority)
+                   prompt_token_ids=prompt_ids, params=params, priority=priority, slo=slo)
 
 
 def _chat_prompt(body: dict, tokenizer: Any) -> list[int]:
@@ -255,6 +260,18 @@ def success_record(req: Request, tokenizer: Any, model_name: str) -> dict[str, A
             "pdserve": _extension(req)}
 
 
+def metrics_record(req: Request) -> dict[str, Any]:
+    """What the metrics need of a finished request (no text): for a router that has no tokenizer."""
+    ext = _extension(req)
+    if req.state != State.DONE:
+        return {"custom_id": req.custom_id, "response": None,
+                "error": {"code": "request_failed", "message": req.error}, "pdserve": ext}
+    n_out = len(req.output_token_ids)
+    usage = {"prompt_tokens": req.prompt_len, "completion_tokens": n_out, "total_tokens": req.prompt_len + n_out}
+    return {"custom_id": req.custom_id, "response": {"status_code": 200, "body": {"usage": usage}}, "error": None,
+            "pdserve": ext}
+
+
 def error_record(custom_id: str | None, line: int, code: str, message: str,
                  req: Request | None = None) -> dict[str, Any]:
     ext = _extension(req) if req is not None else {"line": line}
@@ -270,21 +287,18 @@ def _extension(req: Request) -> dict[str, Any]:
         "timeline": {k: req.timeline.get(k) for k in TIMELINE_FIELDS},
         "token_times_ms": [round((t - first) * 1000, 2) for t in req.token_times] if first else [],
         "output_token_ids": list(req.output_token_ids),
+        "max_tokens": req.params.max_tokens,
         "kv_bytes": req.kv_bytes,
-        "kv_transfer_gbps": _gbps(req),
+        "kv_blocks": req.kv_blocks,
+        "kv_transfer_busy_s": round(req.kv_busy_s, 6),
+        "kv_transfer_gbps": round(req.kv_bytes / req.kv_busy_s / 1e9, 3) if req.kv_busy_s > 0 else None,
         "transport": req.transport,
         "prefill_worker": req.prefill_worker,
         "decode_worker": req.decode_worker,
         "attempts": req.attempts + 1,
         "retried_after": list(req.errors),
+        **({"slo": req.slo} if req.slo else {}),
     }
-
-
-def _gbps(req: Request) -> float | None:
-    t = req.timeline
-    if not req.kv_bytes or "transfer_end" not in t or "transfer_start" not in t:
-        return None
-    return round(req.kv_bytes / max(t["transfer_end"] - t["transfer_start"], 1e-9) / 1e9, 3)
 
 
 def check_paths(input_path: Path, output_path: Path) -> None:

@@ -1,8 +1,11 @@
-"""Start (or join) a Ray cluster and the prefill/decode worker actors.
+"""Start (or join) a Ray cluster and the prefill/decode worker actors, placed where the user asks.
 
 The worker classes know nothing of Ray; here they become actors, each told
-the node it landed on so the transport between a pair can be chosen from
-placement (same node: shared memory; otherwise gRPC).
+the node it landed on so the transport between a pair is chosen from
+placement (same node: shared memory or CUDA IPC; otherwise gRPC). Workers ask
+for the CPUs, GPUs, custom resources (e.g. `prefill`, `decode`) and node
+labels of their role; when any is set, all workers are reserved together in
+one placement group, so a deployment either fits the cluster or fails fast.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig
@@ -23,6 +27,43 @@ from router.router import WorkerSet
 
 log = logging.getLogger("pdserve.cluster")
 
+NAMESPACE = "pdserve"
+ROLE_RESOURCES = ("prefill", "decode")  # the custom resource names deploy/ gives each node pool
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What one worker of a role asks Ray for."""
+
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    custom: tuple[tuple[str, float], ...] = ()  # e.g. (("prefill", 1.0),)
+    labels: tuple[tuple[str, str], ...] = ()  # node labels, e.g. (("pdserve-role", "prefill"),)
+
+    @classmethod
+    def parse(cls, num_cpus: float = 0.0, num_gpus: float = 0.0, resources: str = "",
+              labels: str = "") -> WorkerResources:
+        """From CLI strings: resources 'prefill=1,ssd=1', labels 'pdserve-role=prefill'."""
+        def pairs(text: str, what: str) -> list[tuple[str, str]]:
+            out = []
+            for item in filter(None, (p.strip() for p in text.split(","))):
+                key, sep, value = item.partition("=")
+                if not sep or not key or not value:
+                    raise ValueError(f"{what} must look like name=value[,name=value], got {item!r}")
+                out.append((key.strip(), value.strip()))
+            return out
+
+        custom = tuple((k, float(v)) for k, v in pairs(resources, "--*-resources"))
+        return cls(num_cpus, num_gpus, custom, tuple(pairs(labels, "--*-labels")))
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.num_cpus or self.num_gpus or self.custom or self.labels)
+
+    def bundle(self) -> dict[str, float]:
+        b = {"CPU": self.num_cpus, "GPU": self.num_gpus, **dict(self.custom)}
+        return {k: v for k, v in b.items() if v > 0} or {"CPU": 0.001}  # a bundle may not be empty
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -30,8 +71,12 @@ class ClusterConfig:
     num_prefill: int = 1
     num_decode: int = 1
     transport: str = "auto"
-    prefill_threads: int = 0  # torch threads per worker; 0: split this machine's cores evenly
+    prefill_threads: int = 0  # torch threads per worker; 0: from the worker's CPUs, else this node's cores
     decode_threads: int = 0
+    prefill: WorkerResources = field(default_factory=WorkerResources)
+    decode: WorkerResources = field(default_factory=WorkerResources)
+    placement_strategy: str = "SPREAD"
+    deployment: str | None = None  # a name: named, detached actors that outlive this process (`pdserve up`)
     max_restarts: int = 2
     transfer_timeout_s: float = 60.0
     start_timeout_s: float = 300.0
@@ -60,12 +105,22 @@ def _unnice() -> None:
 
 
 class _ActorInfo:
-    """What the router asks any worker actor about itself."""
+    """What the router and `pdserve status` ask any worker actor about itself."""
 
     node_id: str
+    worker_id: str
+    runner: object
 
     def node(self) -> str:
         return self.node_id
+
+    def where(self) -> dict:
+        import torch
+
+        device = self.runner.config.device  # type: ignore[attr-defined]
+        return {"worker_id": self.worker_id, "node_id": self.node_id, "node_ip": ray.util.get_node_ip_address(),
+                "device": device, "threads": self.runner.config.num_threads,  # type: ignore[attr-defined]
+                "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
 
     def rss_mib(self) -> float:
         """Peak resident memory of this worker process."""
@@ -89,46 +144,92 @@ class DecodeActor(DecodeWorker, _ActorInfo):
         super().__init__(config, node_id=node_id, node_ip=node_ip)
 
 
+def use_cluster_token() -> None:
+    """Ray 2.60 clusters require a token, but a client given an explicit address only sends the one it
+    has when RAY_AUTH_MODE=token. Turn that on when a token is available (RAY_AUTH_TOKEN, or the file
+    ~/.ray/auth_token), as Ray itself does for `auto`; RAY_AUTH_MODE set by the user always wins."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
+    if address not in (None, "auto") and not address.startswith("ray://"):
+        use_cluster_token()
     if address is None:
         os.environ.setdefault("RAY_worker_niceness", "0")  # see _unnice
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True, namespace=NAMESPACE)
     else:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, namespace=NAMESPACE)
+
+
+def actor_name(deployment: str, role: str, i: int) -> str:
+    return f"{deployment}-{role}-{i}"
 
 
 def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
-    """Create the actors, wait until every one has loaded the model, wire prefill to decode."""
+    """Create the actors, wait until every one has loaded the model, and report where they landed."""
     init_ray(cluster.address)
     cores = max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
     # Prefill workers run at the same time as each other, decode workers too; with batch admissions
-    # (router) the two roles mostly take turns, so each role gets all the cores.
+    # (router) the two roles mostly take turns, so each role gets all the cores of a shared node.
     even = max(1, cores // max(cluster.num_prefill, cluster.num_decode))
     token = secrets.token_hex(16)
+    roles = [("prefill", i) for i in range(cluster.num_prefill)] + [("decode", i) for i in range(cluster.num_decode)]
+    wants = {"prefill": cluster.prefill, "decode": cluster.decode}
+    pg = None
+    if any(w.requested for w in wants.values()):
+        pg = ray.util.placement_group(
+            [wants[r].bundle() for r, _ in roles], strategy=cluster.placement_strategy,
+            bundle_label_selector=[dict(wants[r].labels) for r, _ in roles],
+            name=f"{cluster.deployment}-workers" if cluster.deployment else "",
+            lifetime="detached" if cluster.deployment else None)
+        try:
+            ray.get(pg.ready(), timeout=cluster.start_timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            ray.util.remove_placement_group(pg)
+            asks = "; ".join(f"{r}: {wants[r].bundle()} on nodes labelled {dict(wants[r].labels)}" for r in wants)
+            raise RuntimeError(f"the cluster cannot place the workers within {cluster.start_timeout_s:.0f}s "
+                               f"({asks}); add nodes that offer these resources") from e
 
-    def worker_config(role: str, i: int, threads: int) -> WorkerConfig:
-        return WorkerConfig(engine=replace(engine, num_threads=threads or even), worker_id=f"{role}-{i}",
-                            auth_token=token, transport=cluster.transport,
-                            transfer_timeout_s=cluster.transfer_timeout_s, tls=cluster.tls,
-                            inject_transfer_failures=cluster.inject_transfer_failures if role == "prefill" else 0)
-
-    def options(threads: int) -> dict:
+    handles: dict[str, dict[str, object]] = {"prefill": {}, "decode": {}}
+    for index, (role, i) in enumerate(roles):
+        want = wants[role]
+        threads = (cluster.prefill_threads if role == "prefill" else cluster.decode_threads) \
+            or int(want.num_cpus) or even
+        config = WorkerConfig(engine=replace(engine, num_threads=threads), worker_id=f"{role}-{i}",
+                              auth_token=token, transport=cluster.transport,
+                              transfer_timeout_s=cluster.transfer_timeout_s, tls=cluster.tls,
+                              inject_transfer_failures=cluster.inject_transfer_failures if role == "prefill" else 0)
         # Every thread of the worker starts with OMP_NUM_THREADS OpenMP threads (Ray sets 1 by default).
-        return {"max_restarts": cluster.max_restarts, "num_cpus": 0,
-                "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads or even)}}}
+        options: dict = {"max_restarts": cluster.max_restarts, "num_cpus": want.num_cpus, "num_gpus": want.num_gpus,
+                         "resources": dict(want.custom),
+                         "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+                         "max_concurrency": 32 if role == "decode" else 4}
+        if pg is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
+            if want.num_cpus == 0 and "CPU" in wants[role].bundle():
+                options["num_cpus"] = wants[role].bundle()["CPU"]
+        elif want.labels:
+            options["label_selector"] = dict(want.labels)
+        if cluster.deployment:
+            options.update(name=actor_name(cluster.deployment, role, i), namespace=NAMESPACE, lifetime="detached")
+        actor = PrefillActor if role == "prefill" else DecodeActor
+        handles[role][config.worker_id] = actor.options(**options).remote(config)
+    return attach_workers(handles["prefill"], handles["decode"], engine.max_num_seqs, cluster.start_timeout_s)
 
-    decode = {f"decode-{i}": DecodeActor.options(max_concurrency=32, **options(cluster.decode_threads)).remote(
-        worker_config("decode", i, cluster.decode_threads)) for i in range(cluster.num_decode)}
-    prefill = {f"prefill-{i}": PrefillActor.options(max_concurrency=4, **options(cluster.prefill_threads)).remote(
-        worker_config("prefill", i, cluster.prefill_threads)) for i in range(cluster.num_prefill)}
-    endpoints = dict(zip(decode, ray.get([h.endpoint.remote() for h in decode.values()],
-                                         timeout=cluster.start_timeout_s)))
-    prefill_nodes = ray.get([h.node.remote() for h in prefill.values()], timeout=cluster.start_timeout_s)
-    nodes = set(prefill_nodes) | {ep.node_id for ep in endpoints.values()}
-    return WorkerSet(prefill=prefill, decode=decode, endpoints=endpoints, max_num_seqs=engine.max_num_seqs,
-                     shared_cores=engine.device == "cpu" and len(nodes) == 1)
+
+def attach_workers(prefill: dict, decode: dict, max_num_seqs: int, timeout_s: float = 300.0) -> WorkerSet:
+    """A WorkerSet over running actors: waits until each has loaded its model."""
+    endpoints = dict(zip(decode, ray.get([h.endpoint.remote() for h in decode.values()], timeout=timeout_s)))
+    where = ray.get([h.where.remote() for h in list(prefill.values()) + list(decode.values())], timeout=timeout_s)
+    nodes = {w["node_id"] for w in where}
+    return WorkerSet(prefill=prefill, decode=decode, endpoints=endpoints, max_num_seqs=max_num_seqs,
+                     shared_cores=len(nodes) == 1 and all(w["device"] == "cpu" for w in where))
 
 
 def stop_workers(workers: WorkerSet) -> None:

@@ -8,7 +8,9 @@ token's time in ms after the first.
     queue wait        prefill_start - queued
     prefill time      prefill_end - prefill_start
     TTFT              first_token - queued
-    transfer time     transfer_end - transfer_start  (GB/s = kv_bytes / transfer time)
+    transfer time     transfer_end - transfer_start  (overlaps prefill: KV streams out per layer)
+    transfer exposed  transfer_end - prefill_end  (what the transfer adds after prefill)
+    transfer GB/s     kv_bytes / time the transport spent moving them
     decode admit wait decode_admit - transfer_end
     TPOT              (finish - first_token) / (output tokens - 1); p99 of inter-token gaps too
     end-to-end        finish - queued
@@ -45,6 +47,7 @@ class RequestMetrics:
     prefill_s: float | None = None
     ttft_s: float | None = None
     transfer_s: float | None = None
+    transfer_exposed_s: float | None = None
     transfer_gbps: float | None = None
     kv_bytes: int = 0
     decode_admit_wait_s: float | None = None
@@ -58,6 +61,10 @@ class RequestMetrics:
     decode_admit: float | None = None
     slo_ttft_s: float | None = None  # per-request SLOs override the batch's
     slo_tpot_s: float | None = None
+    first_token: float | None = None
+    kv_blocks: int = 0
+    prefill_worker: str | None = None
+    decode_worker: str | None = None
 
     def meets(self, slo: SLO) -> tuple[bool, bool]:
         """(TTFT within SLO, TPOT within SLO); a single-token answer has no TPOT and meets it."""
@@ -90,6 +97,7 @@ def from_record(record: dict[str, Any]) -> RequestMetrics:
     gaps = [(b - a) / 1000 for a, b in zip(times, times[1:])]
     transfer = _diff(t.get("transfer_end"), t.get("transfer_start"))
     kv_bytes = ext.get("kv_bytes") or 0
+    busy = ext.get("kv_transfer_busy_s") or transfer
     slo = ext.get("slo") or {}
     return RequestMetrics(
         custom_id=record.get("custom_id"), ok=ok, queued=t.get("queued") or 0.0,
@@ -98,8 +106,8 @@ def from_record(record: dict[str, Any]) -> RequestMetrics:
         queue_wait_s=_diff(t.get("prefill_start"), t.get("queued")),
         prefill_s=_diff(t.get("prefill_end"), t.get("prefill_start")),
         ttft_s=_diff(t.get("first_token"), t.get("queued")),
-        transfer_s=transfer,
-        transfer_gbps=kv_bytes / transfer / 1e9 if transfer and kv_bytes else None, kv_bytes=kv_bytes,
+        transfer_s=transfer, transfer_exposed_s=_diff(t.get("transfer_end"), t.get("prefill_end")),
+        transfer_gbps=kv_bytes / busy / 1e9 if busy and kv_bytes else None, kv_bytes=kv_bytes,
         decode_admit_wait_s=_diff(t.get("decode_admit"), t.get("transfer_end")),
         tpot_s=(_diff(t.get("finish"), t.get("first_token")) / (out_tokens - 1)
                 if ok and out_tokens > 1 and t.get("finish") and t.get("first_token") else None),
@@ -107,7 +115,9 @@ def from_record(record: dict[str, Any]) -> RequestMetrics:
         e2e_s=_diff(t.get("finish"), t.get("queued")),
         prefill_start=t.get("prefill_start"), prefill_end=t.get("prefill_end"),
         transfer_start=t.get("transfer_start"), transfer_end=t.get("transfer_end"),
-        decode_admit=t.get("decode_admit"), slo_ttft_s=slo.get("ttft_s"), slo_tpot_s=slo.get("tpot_s"))
+        decode_admit=t.get("decode_admit"), slo_ttft_s=slo.get("ttft_s"), slo_tpot_s=slo.get("tpot_s"),
+        first_token=t.get("first_token"), kv_blocks=ext.get("kv_blocks") or 0,
+        prefill_worker=ext.get("prefill_worker"), decode_worker=ext.get("decode_worker"))
 
 
 def _stats(values: Iterable[float | None]) -> dict[str, float | None]:
@@ -142,6 +152,7 @@ def summarize(requests: Sequence[RequestMetrics], slo: SLO, window: tuple[float,
             },
             "transfer": {
                 "time_s": _stats(r.transfer_s for r in requests),
+                "exposed_s": _stats(r.transfer_exposed_s for r in requests),
                 "gbps": _stats(r.transfer_gbps for r in requests),
                 "bytes": sum(r.kv_bytes for r in ok),
             },

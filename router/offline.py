@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, TextIO
 
 from engine.config import EngineConfig, ModelArch
 from engine.loader import load_hf_config, load_tokenizer, model_display_name, resolve_model
 from router.batch_io import BatchLimits, check_paths, error_record, iter_lines, parse_line, success_record
 from router.cluster import ClusterConfig, start_workers, stop_workers
+from router.dashboard.collector import MetricsCollector
 from router.journal import Journal, input_identity
+from router.metrics import SLO, from_record
 from router.request import Request, State
 from router.router import Router, RouterConfig
 
@@ -32,6 +34,7 @@ class BatchOptions:
     max_pending: int = 4096  # requests held in memory (queued or running) at once
     progress: bool = True
     resume: bool = True  # continue an interrupted run of the same batch (see router/journal.py)
+    slo: SLO = SLO()
 
 
 @dataclass
@@ -39,6 +42,7 @@ class BatchSummary:
     output_path: str
     lines: int = 0
     resumed: int = 0  # lines finished by an earlier, interrupted run
+    within_slo: int = 0  # succeeded within both the TTFT and the TPOT SLO
     succeeded: int = 0
     failed: int = 0
     prompt_tokens: int = 0
@@ -60,13 +64,14 @@ class BatchSummary:
     def render(self) -> str:
         d = self.as_dict()
         fmt = lambda x: "n/a" if x is None else f"{x * 1000:.0f} ms"  # noqa: E731
+        leaked = "not checked (shared deployment)" if d["kv_blocks_leaked"] is None else d["kv_blocks_leaked"]
         resumed = f" ({self.resumed} done by an earlier run)" if self.resumed else ""
         return (f"{d['lines']} requests{resumed}: {d['succeeded']} succeeded, {d['failed']} failed "
                 f"in {d['wall_s']:.1f} s\n"
                 f"tokens: {d['prompt_tokens']} prompt, {d['completion_tokens']} completion "
                 f"({d['output_tok_per_s']} output tok/s)\n"
                 f"mean TTFT {fmt(d['mean_ttft_s'])}, mean TPOT {fmt(d['mean_tpot_s'])}, "
-                f"KV blocks leaked {d['kv_blocks_leaked']}\n"
+                f"KV blocks leaked {leaked}\n"
                 f"results: {d['output']}")
 
 
@@ -74,14 +79,18 @@ class _Output:
     """Writes and flushes one line per finished request, then journals it; keeps the summary."""
 
     def __init__(self, stream: TextIO, tokenizer: Any, model_name: str, summary: BatchSummary,
-                 journal: Journal) -> None:
+                 journal: Journal, slo: SLO, collector: MetricsCollector | None) -> None:
         self.stream, self.tokenizer, self.model_name = stream, tokenizer, model_name
-        self.summary, self.journal = summary, journal
+        self.summary, self.journal, self.slo, self.collector = summary, journal, slo, collector
 
     def write(self, record: dict[str, Any]) -> None:
         self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.stream.flush()
         self.journal.record(record["pdserve"]["line"])
+        ttft_ok, tpot_ok = from_record(record).meets(self.slo)
+        self.summary.within_slo += ttft_ok and tpot_ok
+        if self.collector is not None:
+            self.collector.record(record)
 
     def error(self, custom_id: str | None, line: int, code: str, message: str) -> None:
         self.write(error_record(custom_id, line, code, message))
@@ -105,10 +114,12 @@ class _Output:
 
 def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster: ClusterConfig,
               router_config: RouterConfig, options: BatchOptions,
-              on_tick: Callable[[Router], None] | None = None) -> BatchSummary:
+              on_tick: Callable[[Router], None] | None = None,
+              collector: MetricsCollector | None = None, deployment: str | None = None) -> BatchSummary:
     """Serve every line of `input_path`, appending one output line per input line to `output_path`.
 
     Resumable: rerun after an interruption with the same arguments and only the unfinished lines run.
+    With `deployment`, requests go to that running deployment (`pdserve up`) instead of new workers.
     `on_tick` is called after every router step (progress hooks, fault drills in tests)."""
     check_paths(input_path, output_path)
     with open(input_path, "rb") as f:
@@ -129,18 +140,26 @@ def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster
         journal.close()
         summary.lines = summary.resumed
         return summary
-    workers = start_workers(engine, cluster)
+    workers = None if deployment else start_workers(engine, cluster)
     start = time.time()
     try:
         with open(output_path, "a", encoding="utf-8") as out_stream:
-            out = _Output(out_stream, tokenizer, name, summary, journal)
-            router = Router(workers, router_config, on_finished=out.finished)
+            out = _Output(out_stream, tokenizer, name, summary, journal, options.slo, collector)
+            if deployment:
+                from router.service import RemoteRouter, find
+
+                router: Any = RemoteRouter(find(deployment, cluster.address or "auto"), on_finished=out.finished)
+            else:
+                router = Router(workers, router_config, on_finished=out.finished,
+                                on_prefill_batch=collector.prefill_batch if collector else None)
             progress = _Progress(summary, router) if options.progress else None
 
             def tick() -> None:
                 router.tick()
                 if progress:
                     progress.update()
+                if collector:
+                    collector.refresh(router)
                 if on_tick:
                     on_tick(router)
 
@@ -162,12 +181,19 @@ def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster
                 tick()
             if progress:
                 progress.close()
-            summary.kv_blocks_leaked = leaked_blocks(workers)
+            # A shared deployment may be serving other clients: only a private cluster can be checked.
+            if workers:
+                router.drain()
+                summary.kv_blocks_leaked = leaked_blocks(workers)
             journal.finish()
+            if collector:
+                collector.refresh(router, every_s=0)
+                collector.finished = True
     finally:
         summary.wall_s = time.time() - start
         journal.close()
-        stop_workers(workers)
+        if workers:
+            stop_workers(workers)
     return summary
 
 
@@ -212,8 +238,10 @@ class _Progress:
         done = s.succeeded + s.failed
         elapsed = max(now - self.start, 1e-9)
         states = self.router.snapshot()["states"]
+        share = f" ({s.within_slo / s.succeeded:.0%} within SLO)" if s.succeeded else ""
         line = (f"{done}/{s.lines} done ({s.failed} failed) | {s.completion_tokens / elapsed:.1f} output tok/s | "
-                f"{s.succeeded / elapsed:.2f} req/s | " + " ".join(f"{k}={v}" for k, v in sorted(states.items())))
+                f"goodput {s.within_slo / elapsed:.2f} req/s{share} | "
+                + " ".join(f"{k}={v}" for k, v in sorted(states.items())))
         sys.stderr.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
         sys.stderr.flush()
 

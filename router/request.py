@@ -67,6 +67,9 @@ class Request:
     decode_worker: str | None = None
     transport: str | None = None
     kv_bytes: int = 0
+    kv_busy_s: float = 0.0  # time the transport spent moving this request's KV
+    kv_blocks: int = 0  # reserved on the decode worker for prompt + max_tokens
+    slo: dict[str, float] | None = None  # per-request SLO override: {"ttft_s": ..., "tpot_s": ...}
 
     def __post_init__(self) -> None:
         now = time.time()
@@ -101,7 +104,7 @@ class Request:
         for key in TIMELINE_FIELDS[1:]:
             self.timeline.pop(key, None)
         self.decode_worker = self.prefill_worker = self.transport = None
-        self.kv_bytes = 0
+        self.kv_bytes, self.kv_busy_s = 0, 0.0
 
     def fail(self, reason: str) -> None:
         self.error = reason

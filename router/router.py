@@ -68,9 +68,10 @@ class _Call:
 
 
 class Router:
-    def __init__(self, workers: WorkerSet, config: RouterConfig,
-                 on_finished: Callable[[Request], None]) -> None:
+    def __init__(self, workers: WorkerSet, config: RouterConfig, on_finished: Callable[[Request], None],
+                 on_prefill_batch: Callable[[int], None] | None = None) -> None:
         self.workers = workers
+        self.on_prefill_batch = on_prefill_batch
         self.config = config
         self.on_finished = on_finished
         self.queue: LengthBucketQueue[Request] = LengthBucketQueue(config.bucket_edges, config.aging_s)
@@ -86,6 +87,7 @@ class Router:
         self._lost_at: dict[str, float] = {}
         self._probe_later: dict[str, tuple[str, float]] = {}  # worker -> (probe kind, when)
         self._held: dict[str, list[tuple[Request, Admission]]] = defaultdict(list)  # see batch_admissions
+        self._releases: list[ray.ObjectRef] = []  # block releases sent, maybe not yet applied
         self.batch_admissions = (workers.shared_cores if config.batch_admissions is None
                                  else config.batch_admissions)
 
@@ -171,6 +173,7 @@ class Router:
         by_decode: dict[str, list[Request]] = defaultdict(list)
         for req in batch:
             req.decode_worker = chosen[req.attempt_id]
+            req.kv_blocks = self.placement.workers[req.decode_worker].holds[req.attempt_id]
             by_decode[req.decode_worker].append(req)
         tasks: list[PrefillTask] = []
         for did, reqs in by_decode.items():
@@ -189,6 +192,8 @@ class Router:
                                          self.workers.endpoints[did], table))
         sent = [self._by_attempt[t.request_id] for t in tasks]
         if tasks:
+            if self.on_prefill_batch:
+                self.on_prefill_batch(len(tasks))
             self._prefill_load[wid] += 1
             self._calls[handle.prefill.remote(tasks)] = _Call("prefill", wid, sent)
         return True
@@ -215,7 +220,7 @@ class Router:
             req.timeline.update(prefill_start=res.prefill_start, prefill_end=res.prefill_end,
                                 transfer_start=res.transfer_start, transfer_end=res.transfer_end,
                                 first_token=res.prefill_end)
-            req.transport, req.kv_bytes = res.transport, res.kv_bytes
+            req.transport, req.kv_bytes, req.kv_busy_s = res.transport, res.kv_bytes, res.transfer_busy_s
             req.output_token_ids = [res.first_token]
             req.move(State.TRANSFER, at=res.prefill_end)
             self._held[req.decode_worker].append((req, Admission(
@@ -391,7 +396,10 @@ class Router:
         did = req.decode_worker
         self.placement.release(did, req.attempt_id)
         if did and did in self.workers.decode and did not in self._down:
-            self.workers.decode[did].release.remote([req.attempt_id])  # best effort; the reply is not needed
+            # Fire and forget; the ref is kept so the end of a batch can wait for it (drain).
+            self._releases.append(self.workers.decode[did].release.remote([req.attempt_id]))
+            if len(self._releases) > 64:  # forget the ones already applied
+                _, self._releases = ray.wait(self._releases, num_returns=len(self._releases), timeout=0)
 
     def _retry(self, req: Request, reason: str) -> None:
         self._by_attempt.pop(req.attempt_id, None)
@@ -408,6 +416,12 @@ class Router:
         self._by_attempt.pop(req.attempt_id, None)
         self.active.pop(req.request_id, None)
         self.on_finished(req)
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait until every block release sent has been applied (before checking for leaks)."""
+        if self._releases:
+            ray.wait(self._releases, num_returns=len(self._releases), timeout=timeout_s)
+            self._releases = []
 
     def snapshot(self) -> dict[str, Any]:
         """Live state for progress bars and dashboards."""

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv and installs pdserve with everything it needs; a no-op when nothing changed.
+# With --test, also the system packages the tests use (headless Chromium for the dashboard tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,4 +18,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # Build the native CPU attention kernel now rather than inside the first worker that needs it.
   .venv/bin/python -c "from engine.kernels import cpu_paged_attention; cpu_paged_attention()"
   echo "$want" > "$stamp"
+fi
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || { $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null; }
 fi

@@ -103,7 +103,7 @@ def test_a_fresh_pool_hands_out_ascending_runs_and_reuses_freed_blocks_first():
     bm = BlockManager(num_blocks=100, block_size=16)
     a = bm.allocate("a", 100)
     assert a == list(range(7)) and len(block_runs(a, 16, 100)) == 1
-    b = bm.allocate("b", 40)
+    bm.allocate("b", 40)
     bm.free("a")
     c = bm.allocate("c", 64)  # the blocks "a" just released, in order
     assert c == list(range(4))

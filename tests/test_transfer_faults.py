@@ -14,7 +14,6 @@ import torch
 from engine.kv_cache import KVLayout
 from kvtransfer.base import TransferError, TransferTimeout, Unauthenticated, connect, select_transport
 from kvtransfer.grpc_transport import GrpcConnection, KVServer
-from kvtransfer.inbox import KVInbox
 from pdserve.bench.kvtransfer import TOKEN, ReceiverProcess
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc

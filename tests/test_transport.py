@@ -6,7 +6,7 @@ import grpc
 import pytest
 import torch
 
-from engine.kv_cache import BlockManager, KVLayout, KVPool
+from engine.kv_cache import BlockManager, KVLayout
 from kvtransfer.base import IncompatiblePeer, IntegrityError, KVEndpoint, Unauthenticated, connect
 from kvtransfer.grpc_transport import AUTH_HEADER, GrpcConnection, KVServer
 from kvtransfer.inbox import KVInbox

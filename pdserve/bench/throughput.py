@@ -52,6 +52,22 @@ def matmul_flops(dtype: str, threads: int, m: int = 2048, k: int = 576, n: int =
     return 2 * m * k * n / best
 
 
+def _in_child(threads: int, fn, *args):
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def _isolated(threads: int, fn, *args):
+    """Run a baseline in a fresh process: its model, threads and any background thread it leaves
+    behind (transformers' continuous batching keeps one) must not share this process with the next
+    system. Measured: left in-process they cut the next system's speed by a third."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(_in_child, threads, fn, *args).result()
+
+
 def run_pdserve(requests, batch_path: Path, engine: EngineConfig, cluster, dtype: str) -> SystemResult:
     from router.offline import BatchOptions, run_batch
     from router.router import RouterConfig
@@ -93,11 +109,10 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print) -
             results: dict[str, SystemResult] = {}
             for system in bench.systems:
                 print_fn(f"[{dtype}] running {system} ...")
-                torch.set_num_threads(threads)
                 if system == "hf_static":
-                    results[system] = hf_static(folder, dtype, requests, bench.static_batch_size)
+                    results[system] = _isolated(threads, hf_static, folder, dtype, requests, bench.static_batch_size)
                 elif system == "hf_cb":
-                    results[system] = hf_continuous(folder, dtype, requests)
+                    results[system] = _isolated(threads, hf_continuous, folder, dtype, requests)
                 elif system == "pdserve":
                     results[system] = run_pdserve(requests, batch_path, engine, cluster, dtype)
                 r = results[system]

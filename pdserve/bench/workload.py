@@ -58,7 +58,7 @@ def make_workload(spec: WorkloadSpec, tokenizer: Any) -> list[BenchRequest]:
         start = rng.randrange(len(words))
         stream = words[start:] + words + words  # wrap around the corpus
 
-        def messages_for(n: int) -> list[dict[str, str]]:
+        def messages_for(n: int, instruction: str = instruction, stream: list[str] = stream) -> list[dict[str, str]]:
             text = instruction if n == 0 else instruction + "\n\n" + " ".join(stream[:n])
             return [{"role": "user", "content": text}]
 

@@ -1,0 +1,1 @@
+"""Per-stage goodput dashboards: live (served while a batch runs), Prometheus, and the batch report."""

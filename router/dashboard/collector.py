@@ -1,0 +1,169 @@
+"""The live side of the dashboards: finished requests and the router's state, as the batch runs.
+
+The router thread feeds it (`record`, `refresh`); the HTTP server's threads
+read it (`state`, `prometheus`). One lock guards both sides.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from router.dashboard.state import dashboard_state
+from router.metrics import SLO, RequestMetrics, from_record, summarize
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+_GBPS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# Every metric name /metrics exposes; deploy/grafana-dashboard.json is built on these.
+METRIC_NAMES = (
+    "pdserve_requests_total", "pdserve_prompt_tokens_total", "pdserve_output_tokens_total",
+    "pdserve_queue_wait_seconds", "pdserve_prefill_seconds", "pdserve_ttft_seconds",
+    "pdserve_kv_transfer_seconds", "pdserve_kv_transfer_exposed_seconds", "pdserve_kv_transfer_bytes_total",
+    "pdserve_kv_transfer_gbps",
+    "pdserve_decode_admit_wait_seconds", "pdserve_tpot_seconds", "pdserve_itl_p99_seconds", "pdserve_e2e_seconds",
+    "pdserve_slo_met_total", "pdserve_slo_attainment", "pdserve_goodput_requests_per_second",
+    "pdserve_stage_requests_per_second", "pdserve_stage_tokens_per_second", "pdserve_requests_in_state",
+    "pdserve_queue_depth", "pdserve_kv_blocks_used", "pdserve_kv_blocks_total", "pdserve_decode_batch_size",
+    "pdserve_prefill_batch_size", "pdserve_slo_ttft_seconds", "pdserve_slo_tpot_seconds",
+)
+
+
+class _Prometheus:
+    def __init__(self, slo: SLO) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("pdserve_requests", "Finished requests", ["outcome"], registry=r)
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.output_tokens = Counter("pdserve_output_tokens", "Output tokens of finished requests", registry=r)
+        h = lambda name, doc, buckets=_LATENCY_BUCKETS: Histogram(name, doc, buckets=buckets, registry=r)  # noqa: E731
+        self.queue_wait = h("pdserve_queue_wait_seconds", "Queued until prefill starts")
+        self.prefill = h("pdserve_prefill_seconds", "Prefill compute of the request's batch")
+        self.ttft = h("pdserve_ttft_seconds", "Time to first token (queued until prefill's first token)")
+        self.transfer = h("pdserve_kv_transfer_seconds", "KV transfer span, begin to acknowledged (overlaps prefill)")
+        self.transfer_exposed = h("pdserve_kv_transfer_exposed_seconds", "KV transfer left after prefill ended")
+        self.transfer_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
+        self.transfer_gbps = h("pdserve_kv_transfer_gbps", "KV transfer rate per request (GB/s)", _GBPS_BUCKETS)
+        self.admit_wait = h("pdserve_decode_admit_wait_seconds", "KV complete until the decode batch admits it")
+        self.tpot = h("pdserve_tpot_seconds", "Mean time per output token after the first")
+        self.itl_p99 = h("pdserve_itl_p99_seconds", "Per-request 99th percentile inter-token gap")
+        self.e2e = h("pdserve_e2e_seconds", "Queued until finished")
+        self.slo_met = Counter("pdserve_slo_met", "Requests within SLO", ["stage"], registry=r)
+        self.attainment = Gauge("pdserve_slo_attainment", "Share of finished requests within SLO", ["stage"],
+                                registry=r)
+        self.goodput = Gauge("pdserve_goodput_requests_per_second",
+                             "Completed requests/s meeting both TTFT and TPOT SLOs (batch so far)", registry=r)
+        self.stage_rps = Gauge("pdserve_stage_requests_per_second", "Requests/s through a stage", ["stage"],
+                               registry=r)
+        self.stage_tps = Gauge("pdserve_stage_tokens_per_second", "Tokens/s through a stage", ["stage"], registry=r)
+        self.in_state = Gauge("pdserve_requests_in_state", "Requests in each state now", ["state"], registry=r)
+        self.queue_depth = Gauge("pdserve_queue_depth", "Queued requests per prompt-length bucket", ["bucket"],
+                                 registry=r)
+        self.kv_used = Gauge("pdserve_kv_blocks_used", "KV blocks held on a decode worker", ["worker"], registry=r)
+        self.kv_total = Gauge("pdserve_kv_blocks_total", "KV blocks in a decode worker's pool", ["worker"],
+                              registry=r)
+        self.decode_batch = Gauge("pdserve_decode_batch_size", "Sequences in a decode worker's batch now",
+                                  ["worker"], registry=r)
+        self.prefill_batch = h("pdserve_prefill_batch_size", "Requests per prefill batch", _BATCH_BUCKETS)
+        Gauge("pdserve_slo_ttft_seconds", "TTFT SLO", registry=r).set(slo.ttft_s)
+        Gauge("pdserve_slo_tpot_seconds", "TPOT SLO", registry=r).set(slo.tpot_s)
+
+    def observe(self, m: RequestMetrics, slo: SLO) -> None:
+        self.requests.labels("succeeded" if m.ok else "failed").inc()
+        if not m.ok:
+            return
+        self.prompt_tokens.inc(m.prompt_tokens)
+        self.output_tokens.inc(m.output_tokens)
+        for hist, value in ((self.queue_wait, m.queue_wait_s), (self.prefill, m.prefill_s), (self.ttft, m.ttft_s),
+                            (self.transfer, m.transfer_s), (self.transfer_exposed, m.transfer_exposed_s),
+                            (self.transfer_gbps, m.transfer_gbps),
+                            (self.admit_wait, m.decode_admit_wait_s), (self.tpot, m.tpot_s),
+                            (self.itl_p99, m.itl_p99_s), (self.e2e, m.e2e_s)):
+            if value is not None:
+                hist.observe(value)
+        self.transfer_bytes.inc(m.kv_bytes)
+        ttft_ok, tpot_ok = m.meets(slo)
+        for stage, met in (("prefill", ttft_ok), ("decode", tpot_ok), ("both", ttft_ok and tpot_ok)):
+            if met:
+                self.slo_met.labels(stage).inc()
+
+    def set_summary(self, s: dict[str, Any]) -> None:
+        self.goodput.set(s["goodput_rps"])
+        stages = s["stages"]
+        for stage, key in (("prefill", "prefill"), ("decode", "decode")):
+            if stages[key]["slo_attainment"] is not None:
+                self.attainment.labels(stage).set(stages[key]["slo_attainment"])
+            self.stage_rps.labels(stage).set(stages[key]["requests_per_s"])
+            self.stage_tps.labels(stage).set(stages[key]["tokens_per_s"])
+        if s["slo_attainment"] is not None:
+            self.attainment.labels("both").set(s["slo_attainment"])
+
+
+class MetricsCollector:
+    def __init__(self, slo: SLO, title: str = "pdserve batch", total_lines: int | None = None) -> None:
+        self.slo, self.title, self.total_lines = slo, title, total_lines
+        self._lock = threading.Lock()
+        self._requests: list[RequestMetrics] = []
+        self._live: dict[str, Any] = {}
+        self._live_at = 0.0
+        self._summary_stale = False
+        self.finished = False
+        self.prom = _Prometheus(slo)
+
+    def record(self, record: dict[str, Any]) -> None:
+        """One output line, as written to the output file."""
+        m = from_record(record)
+        with self._lock:
+            self._requests.append(m)
+            self.prom.observe(m, self.slo)
+            self._summary_stale = True
+
+    def prefill_batch(self, size: int) -> None:
+        with self._lock:
+            self.prom.prefill_batch.observe(size)
+
+    def refresh(self, router: Any, every_s: float = 1.0) -> None:
+        """Live state from the router and its decode workers, at most every `every_s`."""
+        now = time.time()
+        if now - self._live_at < every_s:
+            return
+        self._live_at = now
+        import ray
+
+        snap = router.snapshot()
+        workers = {}
+        try:
+            stats = ray.get([h.stats.remote() for h in router.workers.decode.values()], timeout=5)
+            workers = {s["worker_id"]: s for s in stats}
+        except Exception:  # a worker restarting: keep the last figures
+            workers = self._live.get("decode_workers", {})
+        with self._lock:
+            self._live = {"at": now, "states": snap["states"], "queue_depth": snap["queue_depth"],
+                          "decode_workers": workers}
+            for state in ("queued", "prefill", "transfer", "decode"):
+                self.prom.in_state.labels(state).set(snap["states"].get(state, 0))
+            for bucket, depth in snap["queue_depth"].items():
+                self.prom.queue_depth.labels(bucket).set(depth)
+            for wid, s in workers.items():
+                self.prom.kv_used.labels(wid).set(s["num_blocks"] - s["free_blocks"])
+                self.prom.kv_total.labels(wid).set(s["num_blocks"])
+                self.prom.decode_batch.labels(wid).set(s["running"])
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            requests, live = list(self._requests), dict(self._live, finished=self.finished)
+        return dashboard_state(requests, self.slo, total_lines=self.total_lines, live=live, title=self.title)
+
+    def prometheus(self) -> bytes:
+        with self._lock:
+            self._refresh_summary()
+            return generate_latest(self.prom.registry)
+
+    def _refresh_summary(self) -> None:
+        """Batch-level gauges (goodput, attainment, stage rates): O(requests), so only when read."""
+        if self._summary_stale and self._requests:
+            self.prom.set_summary(summarize(self._requests, self.slo))
+            self._summary_stale = False

@@ -1,0 +1,188 @@
+"""A long-lived deployment (`pdserve up`): a named, detached router actor over named, detached workers.
+
+Clients (`pdserve run-batch --deployment NAME`, Ray Jobs from `pdserve submit`)
+parse and tokenize their batch themselves and hand requests to the router
+actor; it runs the same Router loop as a local batch and hands finished
+requests back to the client that sent them. `RemoteRouter` is the client's
+side: it offers run_batch the Router interface (submit, tick, active, done).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import ray
+
+from engine.config import EngineConfig
+from router.batch_io import metrics_record
+from router.cluster import NAMESPACE, ClusterConfig, init_ray, start_workers, stop_workers
+from router.dashboard.collector import MetricsCollector
+from router.metrics import SLO
+from router.request import Request, State
+from router.router import Router, RouterConfig, WorkerSet
+
+log = logging.getLogger("pdserve.service")
+
+
+def router_name(deployment: str) -> str:
+    return f"{deployment}-router"
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    name: str
+    engine: EngineConfig
+    cluster: ClusterConfig
+    router: RouterConfig = field(default_factory=RouterConfig)
+    slo: SLO = field(default_factory=SLO)
+
+
+@ray.remote
+class RouterActor:
+    def __init__(self, spec: DeploymentSpec) -> None:
+        self.spec = spec
+        self.workers = start_workers(spec.engine, replace(spec.cluster, address=None, deployment=spec.name))
+        self.collector = MetricsCollector(spec.slo, title=f"pdserve deployment {spec.name}")
+        self.router = Router(self.workers, spec.router, on_finished=self._finished,
+                             on_prefill_batch=self.collector.prefill_batch)
+        self._inbox: queue.Queue[Request] = queue.Queue()
+        self._done: dict[str, list[Request]] = defaultdict(list)
+        self._done_ready = threading.Condition()
+        self._stop = threading.Event()
+        self.started = time.time()
+        self._thread = threading.Thread(target=self._loop, name="router", daemon=True)
+        self._thread.start()
+
+    def _finished(self, req: Request) -> None:
+        self.collector.record(metrics_record(req))
+        with self._done_ready:
+            self._done[req.request_id.split("/", 1)[0]].append(req)
+            self._done_ready.notify_all()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                while True:
+                    self.router.submit(self._inbox.get(timeout=0.05 if not self.router.active else 0))
+            except queue.Empty:
+                pass
+            if self.router.active:
+                self.router.tick(wait_s=0.2)
+            self.collector.refresh(self.router)
+
+    # ---- client API ------------------------------------------------------------------------
+    def submit(self, requests: list[Request]) -> int:
+        """Requests whose request_id starts with 'CLIENT/'; their results go back to that client."""
+        for req in requests:
+            self._inbox.put(req)
+        return self._inbox.qsize()
+
+    def collect(self, client: str, timeout: float = 0.5) -> list[Request]:
+        with self._done_ready:
+            if not self._done.get(client):
+                self._done_ready.wait(timeout)
+            return self._done.pop(client, [])
+
+    def worker_handles(self) -> WorkerSet:
+        return self.workers
+
+    def status(self) -> dict[str, Any]:
+        where = ray.get([h.where.remote() for h in list(self.workers.prefill.values())
+                         + list(self.workers.decode.values())], timeout=60)
+        stats = {s["worker_id"]: s for s in ray.get([h.stats.remote() for h in self.workers.decode.values()],
+                                                    timeout=60)}
+        for w in where:
+            w["role"] = w["worker_id"].split("-")[0]
+            w.update({k: stats[w["worker_id"]][k] for k in ("num_blocks", "free_blocks", "running")}
+                     if w["worker_id"] in stats else {})
+        return {"name": self.spec.name, "model": self.spec.engine.model or "default", "dtype": self.spec.engine.dtype,
+                "uptime_s": time.time() - self.started, "in_flight": len(self.router.active),
+                "queued": len(self.router.queue), "workers": where}
+
+    def dashboard_state(self) -> dict:
+        return self.collector.state()
+
+    def prometheus(self) -> bytes:
+        return self.collector.prometheus()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        stop_workers(self.workers)
+
+
+def deploy(spec: DeploymentSpec, address: str | None, timeout_s: float = 600) -> Any:
+    """Start a deployment on the cluster at `address`; returns the router actor once every worker is up."""
+    init_ray(address)
+    try:
+        ray.get_actor(router_name(spec.name), namespace=NAMESPACE)
+    except ValueError:
+        pass  # no such deployment yet: good
+    else:
+        raise ValueError(f"deployment {spec.name!r} is already running; `pdserve down --name {spec.name}` first")
+    actor = RouterActor.options(name=router_name(spec.name), namespace=NAMESPACE, lifetime="detached",
+                                max_concurrency=16, num_cpus=0).remote(spec)
+    ray.get(actor.status.remote(), timeout=timeout_s)
+    return actor
+
+
+def find(name: str, address: str | None) -> Any:
+    init_ray(address)
+    try:
+        return ray.get_actor(router_name(name), namespace=NAMESPACE)
+    except ValueError as e:
+        raise ValueError(f"no pdserve deployment named {name!r} on this cluster; start one with `pdserve up`") from e
+
+
+def teardown(name: str, address: str | None) -> None:
+    actor = find(name, address)
+    try:
+        ray.get(actor.shutdown.remote(), timeout=120)
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
+class RemoteRouter:
+    """What run_batch drives when it uses a running deployment instead of its own workers."""
+
+    def __init__(self, actor: Any, on_finished: Callable[[Request], None]) -> None:
+        self.actor = actor
+        self.on_finished = on_finished
+        self.client = uuid.uuid4().hex[:12]
+        self.active: dict[str, Request] = {}
+        self._pending: list[Request] = []
+        self.workers: WorkerSet = ray.get(actor.worker_handles.remote(), timeout=60)
+
+    def submit(self, req: Request) -> None:
+        req.request_id = f"{self.client}/{req.request_id}"
+        self.active[req.request_id] = req
+        self._pending.append(req)
+        if len(self._pending) >= 256:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            ray.get(self.actor.submit.remote(self._pending), timeout=120)
+            self._pending = []
+
+    def tick(self, wait_s: float = 0.5) -> None:
+        self._flush()
+        for req in ray.get(self.actor.collect.remote(self.client, wait_s), timeout=wait_s + 120):
+            if self.active.pop(req.request_id, None) is not None:
+                self.on_finished(req)
+
+    @property
+    def done(self) -> bool:
+        return not self.active
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"states": {State.QUEUED.value: len(self._pending), "in_flight": len(self.active)},
+                "queue_depth": {}, "kv_blocks_held": {}}
