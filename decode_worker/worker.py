@@ -43,7 +43,7 @@ class DecodeWorker:
         if device == "cpu" and config.transport in ("auto", "shm"):
             from kvtransfer.shm import SharedKVPool
 
-            self._shared = SharedKVPool(layout)
+            self._shared = self.compute.call(SharedKVPool, layout)  # it touches every page: compute thread
             self.pool = self._shared.pool
         else:
             self.pool = self.compute.call(KVPool.allocate, layout, device)

@@ -10,12 +10,12 @@ worker on another GPU of the node needs that setting (and P2P access).
 from __future__ import annotations
 
 import pickle
-import time
 
 import torch
 
-from engine.kv_cache import KVLayout, KVPool, block_runs
-from kvtransfer.base import KVConnection, KVEndpoint, TransferHandle, TransferStats
+from engine.kv_cache import KVLayout, KVPool
+from kvtransfer.base import KVEndpoint
+from kvtransfer.direct import DirectWriteConnection
 
 
 def export_pool(pool: KVPool) -> bytes:
@@ -32,46 +32,19 @@ def open_pool(handle: bytes, layout: KVLayout) -> KVPool:
     return KVPool(layout, rebuild(*args))
 
 
-class CudaIpcConnection(KVConnection):
+class CudaIpcConnection(DirectWriteConnection):
     transport = "cuda_ipc"
 
     def __init__(self, endpoint: KVEndpoint) -> None:
         if not endpoint.cuda_ipc:
             raise ValueError(f"decode worker {endpoint.worker_id} exposes no CUDA IPC handle")
-        self.pool = open_pool(endpoint.cuda_ipc, endpoint.layout)
-        self._runs: dict[str, list[tuple[int, int, int]]] = {}
-        self._bytes: dict[str, int] = {}
-        self._busy: dict[str, float] = {}
+        super().__init__(open_pool(endpoint.cuda_ipc, endpoint.layout))
 
-    def begin(self, request_id: str, block_table: list[int], num_tokens: int) -> TransferHandle:
-        self._runs[request_id] = block_runs(block_table, self.pool.layout.block_size, num_tokens)
-        self._bytes[request_id] = 0
-        self._busy[request_id] = 0.0
-        return TransferHandle(request_id, tuple(block_table), num_tokens, time.time())
-
-    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        device = self.pool.tensor.device
-        started = time.perf_counter()
-        self.pool.write_runs(layer, self._runs[handle.request_id], k.to(device), v.to(device))
-        self._busy[handle.request_id] += time.perf_counter() - started  # launch time; finish() syncs
-        self._bytes[handle.request_id] += (k.numel() + v.numel()) * k.element_size()
-
-    def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
-        started = time.perf_counter()
-        torch.cuda.synchronize(self.pool.tensor.device)  # the copies land before the router admits
-        busy = self._busy.pop(handle.request_id, 0.0) + time.perf_counter() - started
-        self._runs.pop(handle.request_id, None)
-        nbytes = self._bytes.pop(handle.request_id, 0)
-        return TransferStats(handle.request_id, self.transport, nbytes, handle.started, time.time(), busy)
-
-    def abort(self, handle: TransferHandle) -> None:
-        self._runs.pop(handle.request_id, None)
-        self._bytes.pop(handle.request_id, None)
-        self._busy.pop(handle.request_id, None)
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.pool.tensor.device)
 
     def close(self) -> None:
         self.pool = None  # type: ignore[assignment]
-        self._runs.clear()
 
 
 def open_connection(endpoint: KVEndpoint, **_: object) -> CudaIpcConnection:

@@ -1,20 +1,20 @@
 """Shared-memory transport (same node, CPU): the decode worker's pool lives in
 one POSIX shared-memory segment; a prefill worker maps it once and writes each
-request's K/V straight into the reserved blocks. One copy, no serialization.
+request's K/V straight into the reserved blocks (kvtransfer/direct.py).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import time
 import uuid
 from multiprocessing import shared_memory
 
 import torch
 
-from engine.kv_cache import KVLayout, KVPool, block_runs
-from kvtransfer.base import KVConnection, KVEndpoint, TransferHandle, TransferStats
+from engine.kv_cache import KVLayout, KVPool
+from kvtransfer.base import KVEndpoint
+from kvtransfer.direct import DirectWriteConnection
 
 
 class SharedKVPool:
@@ -68,41 +68,17 @@ class SharedKVPool:
                 pass
 
 
-class ShmConnection(KVConnection):
+class ShmConnection(DirectWriteConnection):
     transport = "shm"
 
     def __init__(self, endpoint: KVEndpoint) -> None:
         if not endpoint.shm_name:
             raise ValueError(f"decode worker {endpoint.worker_id} exposes no shared-memory pool")
         self._shared = SharedKVPool(endpoint.layout, endpoint.shm_name)
-        self._runs: dict[str, list[tuple[int, int, int]]] = {}
-        self._bytes: dict[str, int] = {}
-        self._busy: dict[str, float] = {}
-
-    def begin(self, request_id: str, block_table: list[int], num_tokens: int) -> TransferHandle:
-        self._runs[request_id] = block_runs(block_table, self._shared.layout.block_size, num_tokens)
-        self._bytes[request_id] = 0
-        self._busy[request_id] = 0.0
-        return TransferHandle(request_id, tuple(block_table), num_tokens, time.time())
-
-    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        started = time.perf_counter()
-        self._shared.pool.write_runs(layer, self._runs[handle.request_id], k.cpu(), v.cpu())
-        self._busy[handle.request_id] += time.perf_counter() - started
-        self._bytes[handle.request_id] += (k.numel() + v.numel()) * k.element_size()
-
-    def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
-        self._runs.pop(handle.request_id, None)
-        nbytes = self._bytes.pop(handle.request_id, 0)
-        busy = self._busy.pop(handle.request_id, 0.0)
-        return TransferStats(handle.request_id, self.transport, nbytes, handle.started, time.time(), busy)
-
-    def abort(self, handle: TransferHandle) -> None:
-        self._runs.pop(handle.request_id, None)
-        self._bytes.pop(handle.request_id, None)
-        self._busy.pop(handle.request_id, None)
+        super().__init__(self._shared.pool)
 
     def close(self) -> None:
+        self.pool = None  # type: ignore[assignment]
         self._shared.close()
 
 

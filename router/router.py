@@ -109,13 +109,7 @@ class Router:
     def done(self) -> bool:
         return not self.active
 
-    # ---- the loop ----------------------------------------------------------------------
-    def run(self, until_done: bool = True, on_tick: Callable[[], None] | None = None) -> None:
-        while self.active or not until_done:
-            self.tick()
-            if on_tick:
-                on_tick()
-
+    # ---- the loop: the caller calls tick() until done ---------------------------------------
     def tick(self, wait_s: float = 0.5) -> None:
         self._send_due_probes()
         self._dispatch_prefill()

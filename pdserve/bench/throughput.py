@@ -101,6 +101,7 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print) -
              f"{output_tokens} output tokens ({min(r.max_tokens for r in requests)}-"
              f"{max(r.max_tokens for r in requests)} each), greedy, EOS ignored; {params / 1e6:.1f}M params")
     report: dict = {"workload": bench.workload.__dict__, "params": params, "dtypes": {}}
+    ours: dict[str, dict[str, list[int]]] = {}  # pdserve's outputs per dtype
     with tempfile.TemporaryDirectory(prefix="pdserve-bench-") as tmp:
         batch_path = write_batch(requests, Path(tmp) / "workload.jsonl", model_display_name(engine.model))
         for dtype in bench.dtypes:
@@ -120,6 +121,13 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print) -
             report["dtypes"][dtype] = _summarize(results, flops, bound)
             report["dtypes"][dtype]["agreement"] = _agreement(results, requests) if bench.check_outputs else {}
             print_fn(render_table(dtype, report["dtypes"][dtype]))
+            if "pdserve" in results:
+                ours[dtype] = results["pdserve"].outputs
+    if "float32" in ours and "bfloat16" in ours:
+        same = sum(ours["float32"].get(r.custom_id) == ours["bfloat16"].get(r.custom_id) for r in requests)
+        report["bf16_vs_fp32_agreement"] = same / len(requests)
+        print_fn(f"pdserve greedy outputs, bf16 vs fp32: {same}/{len(requests)} requests identical "
+                 f"({same / len(requests):.0%})")
     last = report["dtypes"][bench.dtypes[-1]]
     line = (f"throughput ratio_vs_hf_cb={_fmt(last.get('ratio_vs_hf_cb'))} "
             f"ratio_vs_hf_static={_fmt(last.get('ratio_vs_hf_static'))} "
