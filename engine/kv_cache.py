@@ -131,7 +131,7 @@ def block_runs(table: list[int], block_size: int, num_tokens: int, first_block: 
 
 
 class OutOfBlocks(RuntimeError):
-    pass
+    """An allocation asked for more blocks than are free; callers check can_allocate first."""
 
 
 class BlockManager:

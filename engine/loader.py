@@ -25,7 +25,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 class ModelNotFoundError(FileNotFoundError):
-    pass
+    """No usable checkpoint at the given path (or the default model package is missing)."""
 
 
 def default_gguf_path() -> Path:

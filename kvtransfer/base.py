@@ -32,7 +32,7 @@ class TransferError(RuntimeError):
 
 
 class TransferTimeout(TransferError):
-    pass
+    """A transfer did not finish within its deadline (a stalled or unreachable receiver)."""
 
 
 class IntegrityError(TransferError):
@@ -44,7 +44,7 @@ class IncompatiblePeer(TransferError):
 
 
 class Unauthenticated(TransferError):
-    pass
+    """The peer refused our cluster token, or asked for TLS we are not configured for."""
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ request's K/V straight into the reserved blocks (kvtransfer/direct.py).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import uuid
@@ -62,10 +63,8 @@ class SharedKVPool:
         except BufferError:
             return  # a view still exists somewhere; the mapping goes with the process
         if self.owner:
-            try:
+            with contextlib.suppress(FileNotFoundError):  # already gone: nothing to clean
                 self._shm.unlink()
-            except FileNotFoundError:
-                pass
 
 
 class ShmConnection(DirectWriteConnection):

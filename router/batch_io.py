@@ -311,7 +311,6 @@ def check_paths(input_path: Path, output_path: Path) -> None:
     if output_path.exists() and output_path.is_dir():
         raise IsADirectoryError(f"output path {output_path} is a directory")
     try:
-        with open(output_path, "a"):
-            pass
+        open(output_path, "a").close()  # creates it if missing; proves we may write there
     except OSError as e:
         raise PermissionError(f"cannot write output file {output_path}: {e.strerror}") from e

@@ -42,7 +42,7 @@ TIMELINE_FIELDS = ("queued", "prefill_start", "prefill_end", "transfer_start", "
 
 
 class InvalidTransition(RuntimeError):
-    pass
+    """A state change the state machine does not allow: a bug in the router, not in the request."""
 
 
 @dataclass
