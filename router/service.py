@@ -9,6 +9,7 @@ side: it offers run_batch the Router interface (submit, tick, active, done).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -69,11 +70,9 @@ class RouterActor:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(queue.Empty):  # the inbox is drained
                 while True:
                     self.router.submit(self._inbox.get(timeout=0.05 if not self.router.active else 0))
-            except queue.Empty:
-                pass
             if self.router.active:
                 self.router.tick(wait_s=0.2)
             self.collector.refresh(self.router)

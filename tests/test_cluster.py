@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -93,16 +94,12 @@ def _stop_cluster(temp_dir: str) -> None:
             continue
     procs = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
     for p in procs.values():
-        try:
+        with contextlib.suppress(psutil.Error):
             p.terminate()
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-        except psutil.Error:
-            pass
 
 
 def test_ray_start_up_status_submit_down(tmp_path):

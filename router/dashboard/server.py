@@ -54,8 +54,8 @@ class DashboardServer:
 
 def _handler(collector: MetricsCollector):
     class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format, *args):  # noqa: A002 - stay quiet; the batch owns stderr
-            pass
+        def log_message(self, format, *args):  # noqa: A002
+            """Stay quiet: the batch owns stderr."""
 
         def _send(self, body: bytes, content_type: str, status: int = 200) -> None:
             self.send_response(status)
