@@ -64,9 +64,24 @@ def resolve_model(spec: str | None, cache_dir: str | Path) -> Path:
     raise ModelNotFoundError(f"model {spec!r} is neither an HF folder nor a .gguf file")
 
 
+def gguf_cache_key(gguf: Path, sample_bytes: int = 8 << 20) -> str:
+    """Identify a GGUF by content, not path, so every checkout and venv shares one conversion.
+
+    Size plus the first and last 8 MiB: the head holds all metadata and tensor
+    offsets, the tail the last tensors' data; hashing a multi-GB file whole at
+    every worker start would cost seconds.
+    """
+    size = gguf.stat().st_size
+    h = hashlib.blake2b(str(size).encode(), digest_size=8)
+    with open(gguf, "rb") as f:
+        h.update(f.read(sample_bytes))
+        f.seek(max(size - sample_bytes, 0))
+        h.update(f.read(sample_bytes))
+    return h.hexdigest()
+
+
 def _gguf_to_folder(gguf: Path, cache_dir: Path) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = gguf_cache_key(gguf)
     target = cache_dir / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
