@@ -10,7 +10,9 @@ Ownership:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,7 +25,7 @@ from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from kvtransfer.base import KVEndpoint
 from kvtransfer.inbox import KVInbox
-from proto.messages import Admission, DecodeResult, Reservation, WorkerConfig
+from proto.messages import Admission, DecodePoll, DecodeResult, Reservation, WorkerConfig
 
 log = logging.getLogger("pdserve.decode")
 
@@ -74,6 +76,8 @@ class DecodeWorker:
         self.steps = 0
         self.step_seconds = 0.0  # time inside batcher.step()
         self.step_rows = 0  # sum of batch sizes over steps
+        self._heartbeat = time.monotonic()  # the loop's last turn: idle turns every 50 ms, busy ones every step
+        self._stall_until = 0.0  # fault drill: see stall_for
         self._loop_done = self.compute.submit(self._loop)
 
     # ---- router-facing API -------------------------------------------------------------
@@ -124,25 +128,28 @@ class DecodeWorker:
                     freed += self._release_locked(rid)
         return freed
 
-    def poll(self, timeout: float = 0.5) -> list[DecodeResult]:
-        """Finished requests since the last poll; waits up to `timeout` for the first one."""
+    def poll(self, timeout: float = 0.5) -> DecodePoll:
+        """Finished requests since the last poll (waits up to `timeout` for the first one), and the
+        loop's heartbeat age, so the router can tell a busy worker from a wedged one."""
         out: list[DecodeResult] = []
-        try:
+        with contextlib.suppress(queue.Empty):
             out.append(self._results.get(timeout=timeout))
-        except queue.Empty:
-            return out
-        while True:
-            try:
+            while True:
                 out.append(self._results.get_nowait())
-            except queue.Empty:
-                return out
+        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat)
+
+    def stall_for(self, seconds: float) -> None:
+        """Fault drill: wedge the decode loop for `seconds`, as a hung kernel or a deadlock would,
+        while the actor keeps answering calls. The router's watchdog must restart the worker."""
+        self._stall_until = time.monotonic() + seconds
 
     def stats(self) -> dict:
         with self._lock:
             return {"worker_id": self.worker_id, "num_blocks": self.blocks.num_blocks,
                     "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
                     "running": len(self.batcher.running), "waiting": len(self.batcher.waiting),
-                    "steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows}
+                    "steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows,
+                    "pid": os.getpid()}
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -164,6 +171,10 @@ class DecodeWorker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if time.monotonic() < self._stall_until:
+                time.sleep(0.05)
+                continue
+            self._heartbeat = time.monotonic()
             self._drain_admissions(block=not self.batcher.has_work())
             if not self.batcher.has_work():
                 continue

@@ -6,9 +6,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.config import DTYPES, EngineConfig
 from kvtransfer.base import TRANSPORTS
+
+if TYPE_CHECKING:
+    from router.router import RouterConfig
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +40,10 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-threads", type=int, default=0, help="torch threads per prefill worker (0: auto)")
     g.add_argument("--decode-threads", type=int, default=0, help="torch threads per decode worker (0: auto)")
     g.add_argument("--transfer-timeout", type=float, default=60.0, help="deadline of one request's KV transfer (s)")
+    g.add_argument("--call-timeout", type=float, default=120.0,
+                   help="deadline of any one call to a worker (s); past it the worker is restarted")
+    g.add_argument("--stall-timeout", type=float, default=60.0,
+                   help="a decode worker whose loop has not turned for this long is restarted (s)")
     for role in ("prefill", "decode"):
         g.add_argument(f"--{role}-cpus", type=float, default=0.0, help=f"CPUs each {role} worker reserves")
         g.add_argument(f"--{role}-gpus", type=float, default=0.0, help=f"GPUs each {role} worker reserves")
@@ -47,6 +55,13 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", default=None, help="PEM certificate of the KV endpoints (enables TLS)")
     g.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     g.add_argument("--tls-ca", default=None, help="PEM CA that signed --tls-cert (default: the cert itself)")
+
+
+def router_config(args: argparse.Namespace, engine: EngineConfig) -> RouterConfig:
+    from router.router import RouterConfig
+
+    return RouterConfig(max_prefill_tokens=engine.max_prefill_tokens, call_timeout_s=args.call_timeout,
+                        stall_timeout_s=args.stall_timeout)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -84,7 +99,6 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
 
     from router.metrics import SLO
     from router.offline import BatchOptions, run_batch
-    from router.router import RouterConfig
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
     engine = engine_config(args)
@@ -99,7 +113,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         print(f"dashboard: {server.url}  (Prometheus: {server.url}metrics)", file=sys.stderr)
     try:
         summary = run_batch(Path(args.input), Path(args.output), engine, cluster_config(args),
-                            RouterConfig(max_prefill_tokens=engine.max_prefill_tokens),
+                            router_config(args, engine),
                             BatchOptions(default_max_tokens=args.default_max_tokens, ignore_eos=args.ignore_eos,
                                          progress=not args.quiet, resume=not args.no_resume, slo=slo),
                             collector=collector, deployment=args.deployment)
@@ -122,12 +136,11 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from router.metrics import SLO
-    from router.router import RouterConfig
     from router.service import DeploymentSpec, deploy
 
     engine = engine_config(args)
     spec = DeploymentSpec(name=args.name, engine=engine, cluster=cluster_config(args),
-                          router=RouterConfig(max_prefill_tokens=engine.max_prefill_tokens),
+                          router=router_config(args, engine),
                           slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot))
     actor = deploy(spec, args.address)
     _print_status(_ray_get(actor.status.remote()))

@@ -91,6 +91,17 @@ class DecodeResult:
 
 
 @dataclass(frozen=True)
+class DecodePoll:
+    """Decode worker -> router, each poll: finished requests, and how long since its loop last turned.
+
+    The age is measured on the worker, so it means the same whatever the two nodes' clocks say.
+    """
+
+    results: tuple[DecodeResult, ...]
+    loop_stalled_s: float
+
+
+@dataclass(frozen=True)
 class TLSFiles:
     """PEM files for the KV endpoint. The server uses cert + key; clients verify with ca."""
 

@@ -45,6 +45,9 @@ class RouterConfig:
     batch_admissions: bool | None = None
     poll_timeout_s: float = 0.2
     call_timeout_s: float = 120.0  # deadline for any single worker call
+    # A decode loop that has not turned for this long, or a poll unanswered this long, is wedged:
+    # the worker is killed so Ray restarts it, and its requests are served again elsewhere.
+    stall_timeout_s: float = 60.0
     restart_timeout_s: float = 300.0  # how long a lost worker may take to come back before it is retired
 
 
@@ -86,6 +89,7 @@ class Router:
         self._down: set[str] = set()  # workers being restarted by Ray
         self._lost_at: dict[str, float] = {}
         self._probe_later: dict[str, tuple[str, float]] = {}  # worker -> (probe kind, when)
+        self._killed_endpoints: dict[str, Any] = {}  # decode workers killed as hung -> their old endpoint
         self._held: dict[str, list[tuple[Request, Admission]]] = defaultdict(list)  # see batch_admissions
         self._releases: list[ray.ObjectRef] = []  # block releases sent, maybe not yet applied
         self.batch_admissions = (workers.shared_cores if config.batch_admissions is None
@@ -140,7 +144,10 @@ class Router:
             self._on_admit(call, value)
         elif call.kind == "poll":
             self._polling.discard(call.worker_id)
-            self._on_decoded(value)
+            self._on_decoded(value.results)
+            if value.loop_stalled_s > self.config.stall_timeout_s:
+                self._hung("decode", call.worker_id, f"DecodeStalled: decode worker {call.worker_id} made no "
+                                                     f"step for {value.loop_stalled_s:.0f}s")
         elif call.kind.startswith("probe_"):
             self._on_worker_back(call, value)
 
@@ -197,7 +204,10 @@ class Router:
         ask = [Reservation(r.attempt_id, r.prompt_len, r.params.max_tokens) for r in reqs]
         try:
             return ray.get(handle.reserve.remote(ask), timeout=self.config.call_timeout_s)
-        except (RayActorError, RayTaskError, GetTimeoutError) as e:
+        except GetTimeoutError:
+            self._hung("decode", did, f"CallTimeout: reserve call to {did} exceeded {self.config.call_timeout_s:.0f}s")
+            return None
+        except (RayActorError, RayTaskError) as e:
             self._decode_lost(did, f"reserve failed: {e}")
             return None
 
@@ -292,7 +302,7 @@ class Router:
         else:
             self._decode_lost(call.worker_id, reason)
 
-    def _prefill_lost(self, wid: str, reason: str) -> None:
+    def _prefill_lost(self, wid: str, reason: str, probe_in_s: float = 0.0) -> None:
         if wid in self._down or wid not in self.workers.prefill:
             return
         log.warning("%s; requeueing its requests", reason)
@@ -302,9 +312,9 @@ class Router:
             if req.prefill_worker == wid and req.state == State.PREFILL:
                 self._release(req)
                 self._retry(req, reason)
-        self._probe("probe_prefill", wid)
+        self._probe_later[wid] = ("probe_prefill", time.time() + probe_in_s)
 
-    def _decode_lost(self, did: str, reason: str) -> None:
+    def _decode_lost(self, did: str, reason: str, probe_in_s: float = 0.0) -> None:
         if did in self._down or did not in self.workers.decode:
             return
         log.warning("%s; requeueing its requests", reason)
@@ -315,7 +325,19 @@ class Router:
         for req in list(self.active.values()):
             if req.decode_worker == did and req.state in (State.PREFILL, State.TRANSFER, State.DECODE):
                 self._retry(req, reason)
-        self._probe("probe_decode", did)
+        self._probe_later[did] = ("probe_decode", time.time() + probe_in_s)
+
+    def _hung(self, role: str, wid: str, reason: str) -> None:
+        """A worker that stopped answering or stepping: kill it so Ray restarts it fresh, then treat it
+        as lost. The probe waits a moment, so that it reaches the new process, not the old one."""
+        handle = (self.workers.prefill if role == "prefill" else self.workers.decode).get(wid)
+        if handle is None or wid in self._down:
+            return
+        log.error("%s; restarting it", reason)
+        if role == "decode":
+            self._killed_endpoints[wid] = self.workers.endpoints.get(wid)
+        ray.kill(handle, no_restart=False)
+        (self._prefill_lost if role == "prefill" else self._decode_lost)(wid, reason, probe_in_s=2.0)
 
     def _probe(self, kind: str, wid: str) -> None:
         """Ask a lost worker who it is; the answer comes once Ray has restarted it."""
@@ -332,6 +354,14 @@ class Router:
                 self._probe(kind, wid)
 
     def _on_worker_back(self, call: _Call, value: Any) -> None:
+        if value is not None and value == self._killed_endpoints.get(call.worker_id):
+            # The killed process answered: it is not gone yet. Ask again, within the restart deadline.
+            if time.time() - self._lost_at[call.worker_id] > self.config.restart_timeout_s:
+                self._retire("decode", call.worker_id, f"decode worker {call.worker_id} did not restart")
+            else:
+                self._probe_later[call.worker_id] = (call.kind, time.time() + 0.5)
+            return
+        self._killed_endpoints.pop(call.worker_id, None)
         self._down.discard(call.worker_id)
         if call.kind == "probe_decode":  # a restarted decode worker: fresh pool, fresh endpoint
             self.workers.endpoints[call.worker_id] = value
@@ -359,22 +389,24 @@ class Router:
             self.queue.remove_if(lambda _: True)
 
     def _expire_calls(self) -> None:
+        """A call past its deadline means its worker is wedged (a probe: it never came back)."""
         now = time.time()
         for ref, call in list(self._calls.items()):
-            if call.kind == "poll" or now - call.started <= self.config.call_timeout_s:
+            deadline = (self.config.poll_timeout_s + self.config.stall_timeout_s if call.kind == "poll"
+                        else self.config.call_timeout_s)
+            if now - call.started <= deadline:
                 continue
             del self._calls[ref]
             ray.cancel(ref, force=False)
-            reason = f"CallTimeout: {call.kind} call to {call.worker_id} exceeded {self.config.call_timeout_s:.0f}s"
+            reason = f"CallTimeout: {call.kind} call to {call.worker_id} exceeded {deadline:.0f}s"
             if call.kind.startswith("probe_"):
                 self._retire(call.kind.removeprefix("probe_"), call.worker_id, reason)
                 continue
             if call.kind == "prefill":
                 self._prefill_load[call.worker_id] -= 1
-            for req in call.requests:
-                if self._by_attempt.get(req.attempt_id) is req and not req.finished:
-                    self._release(req)
-                    self._retry(req, reason)
+            if call.kind == "poll":
+                self._polling.discard(call.worker_id)
+            self._hung("prefill" if call.kind == "prefill" else "decode", call.worker_id, reason)
 
     # ---- helpers -----------------------------------------------------------------------
     def _add_decode_capacity(self, did: str, ep: KVEndpoint) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -38,10 +41,11 @@ def outputs(path: Path) -> dict[str, dict]:
 ENGINE = EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.25)
 
 
-def serve(tmp_path: Path, name: str, cluster: ClusterConfig, on_tick=None):
+def serve(tmp_path: Path, name: str, cluster: ClusterConfig, on_tick=None, stall_timeout_s: float = 60.0):
     out = tmp_path / f"{name}.jsonl"
     summary = run_batch(write_batch(tmp_path / "in.jsonl"), out, ENGINE, cluster,
-                        RouterConfig(max_prefill_tokens=512), BatchOptions(progress=False), on_tick=on_tick)
+                        RouterConfig(max_prefill_tokens=512, stall_timeout_s=stall_timeout_s),
+                        BatchOptions(progress=False), on_tick=on_tick)
     return summary, outputs(out)
 
 
@@ -100,6 +104,40 @@ def test_prefill_worker_killed_mid_batch(ray_cluster, tmp_path, reference):
     assert kill.done
     check_complete(summary, recs, reference)
     assert any("prefill worker" in e for r in recs.values() for e in r["pdserve"]["retried_after"])
+
+
+class WedgeOnce:
+    """on_tick hook: wedge the decode worker once the batch is under way, and note its process."""
+
+    def __init__(self, how: str) -> None:
+        self.how, self.pid = how, None
+
+    def __call__(self, router) -> None:
+        if self.pid is not None or not decoding(router):
+            return
+        handle = next(iter(router.workers.decode.values()))
+        self.pid = ray.get(handle.stats.remote())["pid"]
+        if self.how == "sigstop":  # the whole process freezes: polls go unanswered
+            os.kill(self.pid, signal.SIGSTOP)
+        else:  # the actor answers calls, but its decode loop no longer turns
+            ray.get(handle.stall_for.remote(3600))
+
+
+@pytest.mark.parametrize("how", ["sigstop", "stalled_loop"])
+def test_wedged_decode_worker_is_restarted(ray_cluster, tmp_path, reference, how):
+    wedge = WedgeOnce(how)
+    try:
+        summary, recs = serve(tmp_path, f"wedged-{how}", ClusterConfig(), on_tick=wedge, stall_timeout_s=5)
+    finally:
+        if wedge.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(wedge.pid, signal.SIGKILL)  # never leave a frozen process behind
+    assert wedge.pid is not None
+    check_complete(summary, recs, reference)
+    reasons = [e for r in recs.values() for e in r["pdserve"]["retried_after"]]
+    expected = "CallTimeout: poll call" if how == "sigstop" else "DecodeStalled"
+    assert reasons and all(expected in e for e in reasons), reasons[:3]
+    # The wedged process could finish nothing after the wedge, so the batch completed on its replacement.
 
 
 def test_transfer_failures_are_retried(ray_cluster, tmp_path, reference):
