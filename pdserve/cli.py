@@ -246,7 +246,8 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
         raise ValueError(f"--systems takes {','.join(SYSTEMS)}; unknown: {','.join(sorted(unknown))}")
     bench = ThroughputBench(workload=spec, dtypes=tuple(args.dtypes.split(",")), systems=systems,
                             static_batch_size=args.static_batch_size)
-    report = run(bench, engine_config(args), cluster_config(args))
+    engine = engine_config(args)
+    report = run(bench, engine, cluster_config(args), router=router_config(args, engine))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print(report["last_line"])

@@ -23,6 +23,7 @@ from engine.config import EngineConfig, ModelArch
 from engine.loader import load_hf_config, load_tokenizer, model_display_name, resolve_model
 from pdserve.bench.baselines import SystemResult, hf_continuous, hf_static
 from pdserve.bench.workload import WorkloadSpec, make_workload, write_batch
+from router.router import RouterConfig
 
 SYSTEMS = ("hf_static", "hf_cb", "pdserve")
 
@@ -68,13 +69,13 @@ def _isolated(threads: int, fn, *args):
         return pool.submit(_in_child, threads, fn, *args).result()
 
 
-def run_pdserve(requests, batch_path: Path, engine: EngineConfig, cluster, dtype: str) -> SystemResult:
+def run_pdserve(requests, batch_path: Path, engine: EngineConfig, cluster, dtype: str,
+                router: RouterConfig | None = None) -> SystemResult:
     from router.offline import BatchOptions, run_batch
-    from router.router import RouterConfig
 
     out = batch_path.with_name(f"pdserve-{dtype}.jsonl")
-    summary = run_batch(batch_path, out, replace(engine, dtype=dtype), cluster,
-                        RouterConfig(max_prefill_tokens=engine.max_prefill_tokens), BatchOptions(progress=False))
+    router = router or RouterConfig(max_prefill_tokens=engine.max_prefill_tokens)
+    summary = run_batch(batch_path, out, replace(engine, dtype=dtype), cluster, router, BatchOptions(progress=False))
     if summary.failed:
         raise RuntimeError(f"pdserve failed {summary.failed} benchmark requests; see {out}")
     result = SystemResult("pdserve", dtype, summary.wall_s, summary.completion_tokens, summary.prompt_tokens,
@@ -85,7 +86,8 @@ def run_pdserve(requests, batch_path: Path, engine: EngineConfig, cluster, dtype
     return result
 
 
-def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print) -> dict:
+def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
+        router: RouterConfig | None = None) -> dict:
     import os
 
     folder = resolve_model(engine.model, engine.cache_dir)
@@ -115,7 +117,7 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print) -
                 elif system == "hf_cb":
                     results[system] = _isolated(threads, hf_continuous, folder, dtype, requests)
                 elif system == "pdserve":
-                    results[system] = run_pdserve(requests, batch_path, engine, cluster, dtype)
+                    results[system] = run_pdserve(requests, batch_path, engine, cluster, dtype, router)
                 r = results[system]
                 print_fn(f"[{dtype}] {system}: {r.output_tok_s:.1f} output tok/s in {r.wall_s:.1f} s")
             report["dtypes"][dtype] = _summarize(results, flops, bound)
