@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -148,8 +147,7 @@ class DecodeWorker:
             return {"worker_id": self.worker_id, "num_blocks": self.blocks.num_blocks,
                     "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
                     "running": len(self.batcher.running), "waiting": len(self.batcher.waiting),
-                    "steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows,
-                    "pid": os.getpid()}
+                    "steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows}
 
     def shutdown(self) -> None:
         self._stop.set()

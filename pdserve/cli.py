@@ -157,11 +157,11 @@ def _ray_get(ref, timeout: float = 120):
 def _print_status(st: dict) -> None:
     print(f"deployment {st['name']}: model {st['model']} ({st['dtype']}), up {st['uptime_s']:.0f} s, "
           f"{st['in_flight']} requests in flight, {st['queued']} queued")
-    print(f"{'worker':<12} {'node':<16} {'device':<8} {'threads':>7} {'KV blocks used':>16} {'running':>8}")
+    print(f"{'worker':<12} {'node':<16} {'pid':>8} {'device':<8} {'threads':>7} {'KV blocks used':>16} {'running':>8}")
     for w in sorted(st["workers"], key=lambda w: w["worker_id"]):
         kv = f"{w['num_blocks'] - w['free_blocks']}/{w['num_blocks']}" if "num_blocks" in w else "-"
         device = w["gpu"] or w["device"]
-        print(f"{w['worker_id']:<12} {w['node_ip']:<16} {device:<8} {w['threads']:>7} {kv:>16} "
+        print(f"{w['worker_id']:<12} {w['node_ip']:<16} {w['pid']:>8} {device:<8} {w['threads']:>7} {kv:>16} "
               f"{w.get('running', '-'):>8}")
 
 

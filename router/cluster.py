@@ -120,7 +120,7 @@ class _ActorInfo:
         device = self.runner.config.device  # type: ignore[attr-defined]
         return {"worker_id": self.worker_id, "node_id": self.node_id, "node_ip": ray.util.get_node_ip_address(),
                 "device": device, "threads": self.runner.config.num_threads,  # type: ignore[attr-defined]
-                "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
+                "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "pid": os.getpid()}
 
     def rss_mib(self) -> float:
         """Peak resident memory of this worker process."""

@@ -41,10 +41,12 @@ def outputs(path: Path) -> dict[str, dict]:
 ENGINE = EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.25)
 
 
-def serve(tmp_path: Path, name: str, cluster: ClusterConfig, on_tick=None, stall_timeout_s: float = 60.0):
+def serve(tmp_path: Path, name: str, cluster: ClusterConfig, on_tick=None, stall_timeout_s: float = 60.0,
+          call_timeout_s: float = 120.0):
     out = tmp_path / f"{name}.jsonl"
     summary = run_batch(write_batch(tmp_path / "in.jsonl"), out, ENGINE, cluster,
-                        RouterConfig(max_prefill_tokens=512, stall_timeout_s=stall_timeout_s),
+                        RouterConfig(max_prefill_tokens=512, stall_timeout_s=stall_timeout_s,
+                                     call_timeout_s=call_timeout_s),
                         BatchOptions(progress=False), on_tick=on_tick)
     return summary, outputs(out)
 
@@ -107,27 +109,32 @@ def test_prefill_worker_killed_mid_batch(ray_cluster, tmp_path, reference):
 
 
 class WedgeOnce:
-    """on_tick hook: wedge the decode worker once the batch is under way, and note its process."""
+    """on_tick hook: wedge a worker once the batch is under way, and note its process."""
 
-    def __init__(self, how: str) -> None:
-        self.how, self.pid = how, None
+    def __init__(self, role: str, how: str, when) -> None:
+        self.role, self.how, self.when, self.pid = role, how, when, None
 
     def __call__(self, router) -> None:
-        if self.pid is not None or not decoding(router):
+        if self.pid is not None or not self.when(router):
             return
-        handle = next(iter(router.workers.decode.values()))
-        self.pid = ray.get(handle.stats.remote())["pid"]
-        if self.how == "sigstop":  # the whole process freezes: polls go unanswered
+        handle = next(iter(getattr(router.workers, self.role).values()))
+        self.pid = ray.get(handle.where.remote())["pid"]
+        if self.how == "sigstop":  # the whole process freezes: its calls go unanswered
             os.kill(self.pid, signal.SIGSTOP)
         else:  # the actor answers calls, but its decode loop no longer turns
             ray.get(handle.stall_for.remote(3600))
 
 
-@pytest.mark.parametrize("how", ["sigstop", "stalled_loop"])
-def test_wedged_decode_worker_is_restarted(ray_cluster, tmp_path, reference, how):
-    wedge = WedgeOnce(how)
+@pytest.mark.parametrize("role,how,expected", [
+    ("decode", "sigstop", "CallTimeout: poll call"),
+    ("decode", "stalled_loop", "DecodeStalled"),
+    ("prefill", "sigstop", "CallTimeout: prefill call"),
+])
+def test_wedged_worker_is_restarted(ray_cluster, tmp_path, reference, role, how, expected):
+    wedge = WedgeOnce(role, how, decoding if role == "decode" else prefilling)
     try:
-        summary, recs = serve(tmp_path, f"wedged-{how}", ClusterConfig(), on_tick=wedge, stall_timeout_s=5)
+        summary, recs = serve(tmp_path, f"wedged-{role}-{how}", ClusterConfig(), on_tick=wedge,
+                              stall_timeout_s=5, call_timeout_s=15)
     finally:
         if wedge.pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -135,7 +142,6 @@ def test_wedged_decode_worker_is_restarted(ray_cluster, tmp_path, reference, how
     assert wedge.pid is not None
     check_complete(summary, recs, reference)
     reasons = [e for r in recs.values() for e in r["pdserve"]["retried_after"]]
-    expected = "CallTimeout: poll call" if how == "sigstop" else "DecodeStalled"
     assert reasons and all(expected in e for e in reasons), reasons[:3]
     # The wedged process could finish nothing after the wedge, so the batch completed on its replacement.
 
