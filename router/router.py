@@ -330,7 +330,7 @@ class Router:
     def _hung(self, role: str, wid: str, reason: str) -> None:
         """A worker that stopped answering or stepping: kill it so Ray restarts it fresh, then treat it
         as lost. The probe waits a moment, so that it reaches the new process, not the old one."""
-        handle = (self.workers.prefill if role == "prefill" else self.workers.decode).get(wid)
+        handle = self._handles(role).get(wid)
         if handle is None or wid in self._down:
             return
         log.error("%s; restarting it", reason)
@@ -341,7 +341,7 @@ class Router:
 
     def _probe(self, kind: str, wid: str) -> None:
         """Ask a lost worker who it is; the answer comes once Ray has restarted it."""
-        handle = (self.workers.prefill if kind == "probe_prefill" else self.workers.decode).get(wid)
+        handle = self._handles(kind.removeprefix("probe_")).get(wid)
         if handle is not None:
             ref = handle.node.remote() if kind == "probe_prefill" else handle.endpoint.remote()
             self._calls[ref] = _Call(kind, wid)
@@ -409,6 +409,9 @@ class Router:
             self._hung("prefill" if call.kind == "prefill" else "decode", call.worker_id, reason)
 
     # ---- helpers -----------------------------------------------------------------------
+    def _handles(self, role: str) -> dict[str, Any]:
+        return self.workers.prefill if role == "prefill" else self.workers.decode
+
     def _add_decode_capacity(self, did: str, ep: KVEndpoint) -> None:
         self.placement.add_worker(DecodeCapacity(did, ep.layout.num_blocks, ep.layout.block_size,
                                                  self.workers.max_num_seqs))
