@@ -10,12 +10,52 @@ import mmap
 import os
 import uuid
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import torch
 
 from engine.kv_cache import KVLayout, KVPool
 from kvtransfer.base import KVEndpoint
 from kvtransfer.direct import DirectWriteConnection
+
+SEGMENT_PREFIX = "pdserve-kv-"
+SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory
+
+
+def segment_name(pid: int | None = None) -> str:
+    """`pdserve-kv-<owner pid>-<random>`: the pid lets a later worker tell an orphan from a live pool."""
+    return f"{SEGMENT_PREFIX}{os.getpid() if pid is None else pid}-{uuid.uuid4().hex[:8]}"
+
+
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's live process, or no pid at all: not ours to judge
+    try:  # a killed worker its parent has not reaped yet is a zombie: dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def sweep_orphans(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlink the pools whose owner process is gone; returns their names.
+
+    A decode worker killed outright (ray.kill, SIGKILL, the OOM killer) never runs close(), and
+    Ray kills Python's resource tracker along with it, so without this sweep each such death
+    would keep a whole pool of RAM in /dev/shm until reboot. Every new pool sweeps first.
+    """
+    removed = []
+    for path in shm_dir.glob(SEGMENT_PREFIX + "*") if shm_dir.is_dir() else ():
+        pid = path.name[len(SEGMENT_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _owner_alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another sweeper got there first
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 class SharedKVPool:
@@ -29,8 +69,8 @@ class SharedKVPool:
         self.layout = layout
         self.owner = name is None
         if name is None:
-            name = f"pdserve-kv-{uuid.uuid4().hex[:12]}"
-            # The owner registers with Python's resource tracker, which unlinks the segment if we die.
+            sweep_orphans()
+            name = segment_name()
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nbytes)
             buf = self._shm.buf
         else:
@@ -55,16 +95,11 @@ class SharedKVPool:
 
     def close(self) -> None:
         self.pool = None  # type: ignore[assignment]  # drop views before unmapping
-        try:
-            if self.owner:
-                self._shm.close()
-            else:
-                self._map.close()
-        except BufferError:
-            return  # a view still exists somewhere; the mapping goes with the process
-        if self.owner:
+        if self.owner:  # the name goes now, the RAM once the last mapping does
             with contextlib.suppress(FileNotFoundError):  # already gone: nothing to clean
                 self._shm.unlink()
+        with contextlib.suppress(BufferError):  # a view still exists somewhere: the mapping goes with the process
+            (self._shm if self.owner else self._map).close()
 
 
 class ShmConnection(DirectWriteConnection):

@@ -12,6 +12,7 @@ import pytest
 import ray
 
 from engine.config import EngineConfig
+from kvtransfer.shm import SEGMENT_PREFIX, SHM_DIR
 from router.cluster import ClusterConfig
 from router.offline import BatchOptions, run_batch
 from router.request import State
@@ -71,13 +72,14 @@ class KillOnce:
     """on_tick hook: kill a worker once the batch is under way."""
 
     def __init__(self, role: str, when) -> None:
-        self.role, self.when, self.done = role, when, False
+        self.role, self.when, self.done, self.pid = role, when, False, None
 
     def __call__(self, router) -> None:
         if self.done or not self.when(router):
             return
         self.done = True
         handle = next(iter(getattr(router.workers, self.role).values()))
+        self.pid = ray.get(handle.where.remote())["pid"]
         ray.kill(handle, no_restart=False)  # Ray restarts it (max_restarts)
 
 
@@ -98,6 +100,8 @@ def test_decode_worker_killed_mid_batch(ray_cluster, tmp_path, reference):
     check_complete(summary, recs, reference)
     retried = [r for r in recs.values() if r["pdserve"]["attempts"] > 1]
     assert retried and all("decode worker" in r["pdserve"]["retried_after"][0] for r in retried)
+    # The killed worker never closed its shared-memory pool; its replacement swept it.
+    assert not list(SHM_DIR.glob(f"{SEGMENT_PREFIX}{kill.pid}-*")), "the dead worker's KV pool is still in RAM"
 
 
 def test_prefill_worker_killed_mid_batch(ray_cluster, tmp_path, reference):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import grpc
 import pytest
 import torch
@@ -10,7 +12,7 @@ from engine.kv_cache import BlockManager, KVLayout
 from kvtransfer.base import IncompatiblePeer, IntegrityError, KVEndpoint, Unauthenticated, connect
 from kvtransfer.grpc_transport import AUTH_HEADER, GrpcConnection, KVServer
 from kvtransfer.inbox import KVInbox
-from kvtransfer.shm import SharedKVPool
+from kvtransfer.shm import SHM_DIR, SharedKVPool, segment_name, sweep_orphans
 from kvtransfer.wire import encode_layer
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
@@ -222,3 +224,28 @@ def test_shared_pool_survives_an_attacher_closing():
     assert float(again.pool.tensor[0, 0, 0, 0, 0, 0]) == 7.0
     again.close()
     owner.close()
+
+
+def test_owner_close_unlinks_even_while_a_view_is_alive():
+    owner = SharedKVPool(smollm_layout(num_blocks=4, dtype="float32"))
+    view = owner.pool.tensor[0]  # keeps the mapping alive: close() cannot unmap
+    owner.close()
+    assert not (SHM_DIR / owner.name).exists(), "the name must go even when the mapping cannot"
+    assert view.numel() > 0  # the memory stays valid for whoever still holds it
+
+
+def test_orphaned_pool_of_a_dead_worker_is_swept():
+    """A decode worker killed outright never closes its pool; the next pool on the node unlinks it."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid names no process now
+    orphan = SHM_DIR / segment_name(dead.pid)
+    orphan.write_bytes(b"\0" * 4096)  # /dev/shm is where POSIX shared memory lives
+    live = SharedKVPool(smollm_layout(num_blocks=4, dtype="float32"))
+    try:
+        assert not orphan.exists(), "a pool whose owner is dead must be unlinked"
+        assert (SHM_DIR / live.name).exists()
+        assert sweep_orphans() == []  # the live pool (this process) is left alone
+        assert (SHM_DIR / live.name).exists()
+    finally:
+        live.close()
+        orphan.unlink(missing_ok=True)
