@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig
 from kvtransfer.base import TRANSPORTS
+from kvtransfer.shm import sweep_orphans
 from prefill_worker.worker import PrefillWorker
 from proto.messages import TLSFiles, WorkerConfig
 from router.router import WorkerSet
@@ -240,3 +241,4 @@ def stop_workers(workers: WorkerSet) -> None:
             log.debug("decode shutdown: %s", e)
     for handle in list(workers.prefill.values()) + list(workers.decode.values()):
         ray.kill(handle, no_restart=True)
+    sweep_orphans()  # pools of workers that died for good during the run (this node's)
