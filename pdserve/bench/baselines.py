@@ -101,8 +101,12 @@ def hf_continuous(folder: Path, dtype: str, requests: list[BenchRequest], timeou
     model = load_hf(folder, dtype)
     config = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=max(r.max_tokens for r in requests),
                               pad_token_id=model.config.pad_token_id)
-    manager = model.init_continuous_batching(generation_config=config,
-                                             continuous_batching_config=ContinuousBatchingConfig())
+    cb_config = ContinuousBatchingConfig()
+    # Room for the whole workload at once, as pdserve's pool has. Left unset, transformers sizes its
+    # cache to 60% of the machine's RAM on a CPU (14 GiB here), touches all of it, and is killed by
+    # the OOM killer when anything else (a Ray cluster) holds memory too.
+    cb_config.num_blocks = sum(-(-(len(r.prompt_ids) + r.max_tokens) // cb_config.page_size) for r in requests)
+    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb_config)
     manager.start()
     result = SystemResult("hf_cb", dtype, 0.0, 0, 0)
     try:
