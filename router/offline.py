@@ -21,6 +21,7 @@ from engine.loader import load_hf_config, load_tokenizer, model_display_name, re
 from router.batch_io import BatchLimits, check_paths, error_record, iter_lines, parse_line, success_record
 from router.cluster import ClusterConfig, start_workers, stop_workers
 from router.dashboard.collector import MetricsCollector
+from router.interrupt import StopSignals
 from router.journal import Journal, input_identity
 from router.metrics import SLO, from_record
 from router.request import Request, State
@@ -143,7 +144,7 @@ def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster
     workers = None if deployment else start_workers(engine, cluster)
     start = time.time()
     try:
-        with open(output_path, "a", encoding="utf-8") as out_stream:
+        with StopSignals() as stop, open(output_path, "a", encoding="utf-8") as out_stream:
             out = _Output(out_stream, tokenizer, name, summary, journal, options.slo, collector)
             if deployment:
                 from router.service import RemoteRouter, find
@@ -155,6 +156,7 @@ def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster
             progress = _Progress(summary, router) if options.progress else None
 
             def tick() -> None:
+                stop.check()
                 router.tick()
                 if progress:
                     progress.update()
