@@ -129,8 +129,8 @@ def test_interrupted_batch_resumes_to_the_same_output(tmp_path, how):
     _wait_for_lines(out, 5, proc)
     if how == "SIGINT":
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(120) == 130
-        assert "Run the same command again" in proc.stderr.read()
+        code, err = proc.wait(120), proc.stderr.read()
+        assert code == 130 and "Run the same command again" in err, (code, err[-2000:])
     else:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
         proc.wait(60)
