@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import KVSink, PagedDecodeAttention, PrefillAttention, decode_kernel
+from engine.attention import ExtendAttention, KVSink, PagedDecodeAttention, PrefillAttention, VarlenBatch, get_backend
 from engine.config import EngineConfig, ModelArch
 from engine.kv_cache import KVLayout, KVPool
 from engine.loader import load_hf_config, load_state_dict, read_generation_eos, resolve_model
@@ -52,7 +52,7 @@ class ModelRunner:
         loaded = loaded or load_model(config)
         self.folder, self.arch, self.model = loaded.folder, loaded.arch, loaded.model
         self.device = torch.device(config.device)
-        self.attention_backend, self._decode_kernel = decode_kernel(config.attention_backend, config.device)
+        self.backend = get_backend(config.attention_backend, config.device)
 
     def bind_thread(self) -> None:
         """Apply `num_threads` to the calling thread (OpenMP's thread count is per calling thread).
@@ -75,7 +75,28 @@ class ModelRunner:
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
         last = torch.tensor(lens, device=self.device).cumsum(0) - 1
-        return self.model(ids, positions, PrefillAttention(lens, kv_sink), logits_index=last)
+        ctx = PrefillAttention(lens, kv_sink, self.backend, self.device)
+        return self.model(ids, positions, ctx, logits_index=last)
+
+    @torch.inference_mode()
+    def extend(self, pool: KVPool, chunks: list[list[int]], prefix_lens: list[int], block_tables: list[list[int]],
+               all_logits: bool = False, kv_sink: KVSink | None = None) -> torch.Tensor:
+        """Append `chunks[i]` to sequence i, whose first prefix_lens[i] tokens are already in `pool`
+        (blocks `block_tables[i]`, which must also cover the new tokens). Writes the new tokens' K/V
+        into the pool. Returns logits [T, vocab] for every new token (`all_logits`, e.g. speculative
+        verification) or [n, vocab] for each sequence's last one (prefix-cached prefill)."""
+        bs = pool.layout.block_size
+        lens = [len(c) for c in chunks]
+        positions = [p for start, n in zip(prefix_lens, lens) for p in range(start, start + n)]
+        slots = [table[p // bs] * bs + p % bs
+                 for table, start, n in zip(block_tables, prefix_lens, lens) for p in range(start, start + n)]
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        batch = VarlenBatch.build(lens, prefix_lens, tables, self.device)
+        ctx = ExtendAttention(pool, torch.tensor(slots, device=self.device), batch, self.backend, kv_sink)
+        ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=self.device)
+        last = None if all_logits else torch.tensor(lens, device=self.device).cumsum(0) - 1
+        return self.model(ids, torch.tensor(positions, device=self.device), ctx, logits_index=last)
 
     @torch.inference_mode()
     def decode(self, pool: KVPool, tokens: torch.Tensor, positions: torch.Tensor,
@@ -83,7 +104,7 @@ class ModelRunner:
         """One step for B sequences: tokens/positions [B], block_tables [B, MB] -> logits [B, vocab]."""
         bs = pool.layout.block_size
         slots = block_tables.gather(1, (positions // bs)[:, None]).squeeze(1) * bs + positions % bs
-        ctx = PagedDecodeAttention(pool, slots, block_tables, positions + 1, self._decode_kernel)
+        ctx = PagedDecodeAttention(pool, slots, block_tables, positions + 1, self.backend)
         return self.model(tokens, positions, ctx)
 
 

@@ -1,11 +1,11 @@
-"""Decode attention backends against the torch reference (gather + masked SDPA in float32)."""
+"""Attention backends against the torch reference (gather + masked SDPA in float32)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.attention import DECODE_BACKENDS, decode_kernel, torch_paged_decode
+from engine.attention import BACKENDS, get_backend, torch_paged_decode
 
 
 def case(dtype, b=7, h=9, kvh=3, d=64, bs=16, nb=200, seed=0):
@@ -21,8 +21,9 @@ def case(dtype, b=7, h=9, kvh=3, d=64, bs=16, nb=200, seed=0):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_cpu_kernel_matches_reference(dtype, tol):
-    name, kernel = decode_kernel("cpu", "cpu")
-    assert name == "cpu", "the native CPU kernel did not build (needs a C++ compiler)"
+    backend = get_backend("cpu", "cpu")
+    assert backend.name == "cpu", "the native CPU kernel did not build (needs a C++ compiler)"
+    kernel = backend.paged_decode
     q, kp, vp, tables, lens, scale = case(dtype)
     ref = torch_paged_decode(q.float(), kp.float(), vp.float(), tables, lens, scale)
     out = kernel(q, kp, vp, tables, lens, scale)
@@ -31,7 +32,7 @@ def test_cpu_kernel_matches_reference(dtype, tol):
 
 
 def test_cpu_kernel_ignores_blocks_past_the_context():
-    _, kernel = decode_kernel("cpu", "cpu")
+    kernel = get_backend("cpu", "cpu").paged_decode
     q, kp, vp, tables, lens, scale = case(torch.float32)
     out = kernel(q, kp, vp, tables, lens, scale)
     # Poison every slot past each sequence's length: the output must not move.
@@ -46,8 +47,8 @@ def test_cpu_kernel_ignores_blocks_past_the_context():
 
 
 def test_registry_and_fallback():
-    assert set(DECODE_BACKENDS) >= {"torch", "cpu"}
-    assert decode_kernel("torch", "cpu")[0] == "torch"
-    assert decode_kernel("auto", "cpu")[0] == "cpu"
+    assert set(BACKENDS) >= {"torch", "cpu", "triton"}
+    assert get_backend("torch", "cpu").name == "torch"
+    assert get_backend("auto", "cpu").name == "cpu"
     with pytest.raises(ValueError):
-        decode_kernel("nonexistent", "cpu")
+        get_backend("nonexistent", "cpu")

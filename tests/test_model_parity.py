@@ -94,3 +94,39 @@ def test_default_model_greedy_matches_generate(default_model_dir, tokenizer):
     for p, o in zip(prompts, out):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False)[0, len(p):].tolist()
         assert o[:len(ref)] == ref, f"ours {o} != transformers {ref}"
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_extend_over_cached_prefix_matches_transformers(tiny_models, name, block_size):
+    """Prefill a prefix into the pool, then extend each sequence by a ragged chunk that attends to it
+    (prefix-cached prefill, speculative verification): every new token's logits equal transformers'."""
+    folder = tiny_models[name]
+    runner = ModelRunner(EngineConfig(model=str(folder), dtype="float32", device="cpu", block_size=block_size,
+                                      attention_backend="torch"))
+    hf = _hf(folder)
+    layout = runner.kv_layout(num_blocks=64)
+    pool = KVPool.allocate(layout)
+    gen = torch.Generator().manual_seed(3)
+    full = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (23, 50, 9)]
+    prefix_lens = [block_size, 37, 1]  # one prefix ends on a block boundary, one mid-block
+    perm = torch.randperm(layout.num_blocks, generator=gen).tolist()
+    tables, start = [], 0
+    for seq in full:
+        tables.append(perm[start:start + layout.blocks_for(len(seq))])
+        start += len(tables[-1])
+    prefixes = [seq[:n] for seq, n in zip(full, prefix_lens)]
+    runner.prefill(prefixes, pool_writer(pool, [token_slots(t, len(p), block_size) for t, p in zip(tables, prefixes)]))
+    chunks = [seq[n:] for seq, n in zip(full, prefix_lens)]
+    logits = runner.extend(pool, chunks, prefix_lens, tables, all_logits=True)
+    row = 0
+    for seq, n in zip(full, prefix_lens):
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq])).logits[0, n:]
+        diff = (logits[row:row + len(seq) - n] - ref).abs().max().item()
+        assert diff < TOL, f"{name}: max |logit diff| {diff:.2e} extending {len(seq) - n} tokens past {n}"
+        row += len(seq) - n
+    # Last-token logits (prefix-cached prefill) are the same rows.
+    last = runner.extend(pool, chunks, prefix_lens, tables)
+    ends = torch.tensor([len(s) - n for s, n in zip(full, prefix_lens)]).cumsum(0) - 1
+    assert torch.allclose(last, logits[ends], atol=1e-5)
