@@ -68,7 +68,9 @@ class DecodeWorker:
             grpc_address=self._server.address if self._server else None, grpc_tls=config.tls is not None,
             shm_name=self._shared.name if self._shared else None, cuda_ipc=cuda_handle)
         stopper = StopChecker(self.runner.arch.eos_token_ids, load_tokenizer(self.runner.folder))
-        self.batcher = ContinuousBatcher(self.runner, self.pool, stopper, config.engine.max_num_seqs)
+        # On CUDA this captures the decode graphs (the start-up log says how long it took).
+        self.batcher = self.compute.call(ContinuousBatcher, self.runner, self.pool, stopper,
+                                         config.engine.max_num_seqs)
         self._admissions: queue.Queue[DecodeSequence | str] = queue.Queue()
         self._results: queue.Queue[DecodeResult] = queue.Queue()
         self._stop = threading.Event()
@@ -182,9 +184,8 @@ class DecodeWorker:
                 finished = self.batcher.step()
             except Exception as e:  # a bug in a step must not strand requests: report them failed
                 log.exception("decode step failed")
-                for seq in self.batcher.running + list(self.batcher.waiting):
+                for seq in self.batcher.abort_all():
                     self._finish(seq, error=f"decode step failed: {e!r}")
-                self.batcher.running, self.batcher.waiting = [], type(self.batcher.waiting)()
                 continue
             self.steps += 1
             self.step_seconds += time.perf_counter() - started

@@ -100,7 +100,8 @@ class EngineConfig:
     max_num_seqs: int = 128  # decode batch limit
     max_prefill_tokens: int = 2048  # prefill batch token budget
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's choice
-    attention_backend: str = "auto"  # auto | torch | cpu (native paged kernel)
+    attention_backend: str = "auto"  # auto (CUDA: triton, CPU: cpu) | torch | cpu (native kernel) | triton
+    enforce_eager: bool = False  # CUDA: no decode graphs (vLLM's --enforce-eager)
     cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
 
     def __post_init__(self) -> None:

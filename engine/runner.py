@@ -16,6 +16,7 @@ from engine.config import EngineConfig, ModelArch
 from engine.kv_cache import KVLayout, KVPool
 from engine.loader import load_hf_config, load_state_dict, read_generation_eos, resolve_model
 from engine.model.llama import CausalLM
+from engine.model.ops import ops_for
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class ModelRunner:
         self.folder, self.arch, self.model = loaded.folder, loaded.arch, loaded.model
         self.device = torch.device(config.device)
         self.backend = get_backend(config.attention_backend, config.device)
+        self.model.use_ops(ops_for(self.backend.name))
 
     def bind_thread(self) -> None:
         """Apply `num_threads` to the calling thread (OpenMP's thread count is per calling thread).
