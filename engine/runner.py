@@ -56,6 +56,11 @@ class ModelRunner:
         self.backend = get_backend(config.attention_backend, config.device)
         self.model.use_ops(ops_for(self.backend.name))
 
+    @property
+    def attention_backend(self) -> str:
+        """The attention backend's name (torch, cpu, triton)."""
+        return self.backend.name
+
     def bind_thread(self) -> None:
         """Apply `num_threads` to the calling thread (OpenMP's thread count is per calling thread).
         Workers run the model on one ComputeThread, which does this at start."""

@@ -1,6 +1,7 @@
-"""The prefill side of the same-node transports (shared memory, CUDA IPC): the decode worker's pool
-is mapped into this process, and each layer is copied straight into the request's reserved blocks,
-as contiguous runs (usually one per layer). One copy, no serialization.
+"""The prefill side of a same-node CPU transport (shared memory): the decode worker's pool is mapped
+into this process, and each layer is copied straight into the request's reserved blocks, as
+contiguous runs (usually one per layer). One copy, no serialization. (CUDA IPC writes the same way
+from a side stream: kvtransfer/cuda_ipc.py.)
 """
 
 from __future__ import annotations
@@ -39,14 +40,8 @@ class DirectWriteConnection(KVConnection):
         t.bytes += (k.numel() + v.numel()) * k.element_size()
 
     def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
-        started = time.perf_counter()
-        self.sync()  # every byte is in place before the router admits the request
-        t = self._transfers.pop(handle.request_id)
-        busy = t.busy_s + time.perf_counter() - started
-        return TransferStats(handle.request_id, self.transport, t.bytes, handle.started, time.time(), busy)
+        t = self._transfers.pop(handle.request_id)  # CPU copies are done when write_layer returns
+        return TransferStats(handle.request_id, self.transport, t.bytes, handle.started, time.time(), t.busy_s)
 
     def abort(self, handle: TransferHandle) -> None:
         self._transfers.pop(handle.request_id, None)
-
-    def sync(self) -> None:
-        """Wait for asynchronous copies (CUDA); CPU copies are done when write_layer returns."""

@@ -232,14 +232,17 @@ def _slo_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
 
     from pdserve.bench.throughput import SYSTEMS, ThroughputBench, run
-    from pdserve.bench.workload import WorkloadSpec
+    from pdserve.bench.workload import NANOVLLM, WorkloadSpec
 
     if args.quick:
         spec = WorkloadSpec(num_requests=4, min_prompt=16, max_prompt=64, min_output=2, max_output=6, seed=args.seed)
+    elif args.workload == "nanovllm":
+        spec = replace(NANOVLLM, seed=args.seed, num_requests=args.num_requests or NANOVLLM.num_requests)
     else:
-        spec = WorkloadSpec(num_requests=args.num_requests, seed=args.seed)
+        spec = WorkloadSpec(num_requests=args.num_requests or 64, seed=args.seed)
     systems = tuple(s for s in args.systems.split(",") if s)
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
@@ -329,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     tp = bench.add_parser("throughput", help="pdserve vs transformers (static and continuous batching)")
     tp.add_argument("--quick", action="store_true", help="4 short requests: checks the benchmark runs")
-    tp.add_argument("--num-requests", type=int, default=64)
+    tp.add_argument("--num-requests", type=int, default=0, help="default: the workload's own (64; nanovllm 256)")
+    tp.add_argument("--workload", default="default", choices=("default", "nanovllm"),
+                    help="default: 64 English prompts of 16-512 tokens, 16-256 output tokens; nanovllm: nano-vllm's "
+                         "benchmark shape (256 requests, prompt and output lengths uniform in 100-1024)")
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; the last one makes the last line")
     tp.add_argument("--systems", default="hf_static,hf_cb,pdserve", help="comma-separated subset")

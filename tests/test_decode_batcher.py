@@ -40,7 +40,7 @@ PARAMS = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in 
 
 def run_batch(runner, cuda_graphs: bool, overlap: bool, max_num_seqs: int = 4):
     layout = runner.kv_layout(num_blocks=96)
-    pool = KVPool.allocate(layout)
+    pool = KVPool.allocate(layout, str(runner.device))
     blocks = BlockManager(layout.num_blocks, layout.block_size)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 12, 3, 7, 9, 4, 11)]
@@ -113,3 +113,12 @@ def test_abort_under_overlap_settles_the_step_in_flight(runner):
     assert batcher.remove("a")
     assert batcher._in_flight is None and batcher.state.n == 0 and not batcher.has_work()
     assert len(seq.output) == 3  # the step that was in flight was read back before the row left
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; none on this machine")
+def test_cuda_graph_replay_equals_eager(tiny_models):
+    cuda_runner = ModelRunner(EngineConfig(model=str(tiny_models["llama"]), dtype="float32", device="cuda",
+                                           block_size=4))
+    _, eager = run_batch(cuda_runner, cuda_graphs=False, overlap=False)
+    _, graphs = run_batch(cuda_runner, cuda_graphs=True, overlap=True)
+    assert graphs == eager

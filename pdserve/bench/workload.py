@@ -32,6 +32,12 @@ class WorkloadSpec:
     min_output: int = 16
     max_output: int = 256
     seed: int = 0
+    prompt_lengths: str = "loguniform"  # or "uniform"
+
+
+# nano-vllm's benchmark shape: 256 sequences, prompt and output lengths uniform in 100-1024.
+NANOVLLM = WorkloadSpec(num_requests=256, min_prompt=100, max_prompt=1024, min_output=100, max_output=1024,
+                        prompt_lengths="uniform")
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,10 @@ def make_workload(spec: WorkloadSpec, tokenizer: Any) -> list[BenchRequest]:
     words = CORPUS.read_text().split()
     requests = []
     for i in range(spec.num_requests):
-        target = int(round(math.exp(rng.uniform(math.log(spec.min_prompt), math.log(spec.max_prompt)))))
+        if spec.prompt_lengths == "uniform":
+            target = rng.randint(spec.min_prompt, spec.max_prompt)
+        else:
+            target = int(round(math.exp(rng.uniform(math.log(spec.min_prompt), math.log(spec.max_prompt)))))
         out = rng.randint(spec.min_output, spec.max_output)
         instruction = rng.choice(INSTRUCTIONS)
         start = rng.randrange(len(words))
