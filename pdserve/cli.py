@@ -27,6 +27,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128, help="decode batch limit")
     g.add_argument("--max-prefill-tokens", type=int, default=2048, help="prefill batch token budget")
     g.add_argument("--cache-dir", default=None, help="where converted weights are cached")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
+    g.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
+                   help="auto: Triton kernels on CUDA, the native kernel on a CPU; torch: the reference path")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +71,8 @@ def router_config(args: argparse.Namespace, engine: EngineConfig) -> RouterConfi
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     kwargs = dict(model=args.model, dtype=args.dtype, device=args.device,
                   block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
-                  max_prefill_tokens=args.max_prefill_tokens)
+                  max_prefill_tokens=args.max_prefill_tokens, enforce_eager=args.enforce_eager,
+                  attention_backend=args.attention_backend)
     if args.cache_dir:
         kwargs["cache_dir"] = args.cache_dir
     return EngineConfig(**kwargs)
