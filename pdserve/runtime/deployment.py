@@ -23,10 +23,10 @@ from typing import Any
 import ray
 
 from engine.config import EngineConfig
-from router.batch_io import metrics_record
-from router.cluster import NAMESPACE, ClusterConfig, init_ray, start_workers, stop_workers
-from router.dashboard.collector import MetricsCollector
-from router.metrics import SLO
+from pdserve.batch.format import metrics_record
+from pdserve.observability.dashboard.collector import MetricsCollector
+from pdserve.observability.metrics import SLO
+from pdserve.runtime.cluster import NAMESPACE, ClusterConfig, init_ray, start_workers, stop_workers
 from router.request import Request, State
 from router.router import Router, RouterConfig, WorkerSet
 
