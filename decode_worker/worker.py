@@ -24,7 +24,7 @@ from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from kvtransfer.base import KVEndpoint
 from kvtransfer.inbox import KVInbox
-from proto.messages import Admission, DecodePoll, DecodeResult, Reservation, WorkerConfig
+from proto.messages import Admission, DecodePoll, DecodeResult, Reservation, TokenProgress, WorkerConfig
 
 log = logging.getLogger("pdserve.decode")
 
@@ -79,6 +79,7 @@ class DecodeWorker:
         self.step_rows = 0  # sum of batch sizes over steps
         self._heartbeat = time.monotonic()  # the loop's last turn: idle turns every 50 ms, busy ones every step
         self._stall_until = 0.0  # fault drill: see stall_for
+        self._streamed: dict[str, int] = {}  # streaming polls: request -> output tokens already reported
         self._loop_done = self.compute.submit(self._loop)
 
     # ---- router-facing API -------------------------------------------------------------
@@ -129,15 +130,44 @@ class DecodeWorker:
                     freed += self._release_locked(rid)
         return freed
 
-    def poll(self, timeout: float = 0.5) -> DecodePoll:
+    def poll(self, timeout: float = 0.5, stream: bool = False) -> DecodePoll:
         """Finished requests since the last poll (waits up to `timeout` for the first one), and the
-        loop's heartbeat age, so the router can tell a busy worker from a wedged one."""
+        loop's heartbeat age, so the router can tell a busy worker from a wedged one.
+
+        With `stream`, also the new tokens of running requests; the wait then ends at the first new
+        token too. One poll at a time (the router keeps one in flight per worker)."""
         out: list[DecodeResult] = []
+        progress: list[TokenProgress] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(0.0, deadline - time.monotonic())
+            try:
+                out.append(self._results.get(timeout=min(wait, 0.01) if stream else wait))
+                break
+            except queue.Empty:
+                if not stream or wait == 0.0 or (progress := self._progress()):
+                    break
         with contextlib.suppress(queue.Empty):
-            out.append(self._results.get(timeout=timeout))
             while True:
                 out.append(self._results.get_nowait())
-        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat)
+        if stream and not progress:
+            progress = self._progress()
+        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress))
+
+    def _progress(self) -> list[TokenProgress]:
+        """New tokens of running sequences since the last call. Reads lists the decode loop appends to
+        (output before token_times): a token read late only comes with the next poll. A sequence that
+        left the batch needs no entry: its DecodeResult carries its whole output."""
+        progress, streamed = [], {}
+        for seq in list(self.batcher.running):
+            n = min(len(seq.output), len(seq.token_times))
+            sent = self._streamed.get(seq.request_id, 1)  # output[0] came from prefill: the router has it
+            if n > sent:
+                progress.append(TokenProgress(seq.request_id, sent, tuple(seq.output[sent:n]),
+                                              tuple(seq.token_times[sent:n])))
+            streamed[seq.request_id] = max(n, sent)
+        self._streamed = streamed
+        return progress
 
     def stall_for(self, seconds: float) -> None:
         """Fault drill: wedge the decode loop for `seconds`, as a hung kernel or a deadlock would,

@@ -79,15 +79,15 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def cluster_config(args: argparse.Namespace):
+    from pdserve.runtime.cluster import ClusterConfig
     from proto.messages import TLSFiles
-    from router.cluster import ClusterConfig
 
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca or args.tls_cert)
-    from router.cluster import WorkerResources
+    from pdserve.runtime.cluster import WorkerResources
 
     roles = {role: WorkerResources.parse(getattr(args, f"{role}_cpus"), getattr(args, f"{role}_gpus"),
                                          getattr(args, f"{role}_resources"), getattr(args, f"{role}_labels"))
@@ -102,16 +102,16 @@ def cluster_config(args: argparse.Namespace):
 def cmd_run_batch(args: argparse.Namespace) -> int:
     import signal
 
-    from router.metrics import SLO
-    from router.offline import BatchOptions, run_batch
+    from pdserve.batch.run import BatchOptions, run_batch
+    from pdserve.observability.metrics import SLO
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
     engine = engine_config(args)
     slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
     collector = server = None
     if args.dashboard:
-        from router.dashboard.collector import MetricsCollector
-        from router.dashboard.server import DashboardServer
+        from pdserve.observability.dashboard.collector import MetricsCollector
+        from pdserve.observability.dashboard.server import DashboardServer
 
         collector = MetricsCollector(slo, title=f"pdserve: {Path(args.input).name}")
         server = DashboardServer(collector, host=args.dashboard_host, port=args.dashboard_port)
@@ -131,7 +131,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
             server.stop()
     print(summary.render())
     if args.dashboard:
-        from router.dashboard.report import write_report
+        from pdserve.observability.dashboard.report import write_report
 
         report = Path(args.output).with_suffix(".report.html")
         write_report(Path(args.output), report, slo)
@@ -140,8 +140,8 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from router.metrics import SLO
-    from router.service import DeploymentSpec, deploy
+    from pdserve.observability.metrics import SLO
+    from pdserve.runtime.deployment import DeploymentSpec, deploy
 
     engine = engine_config(args)
     spec = DeploymentSpec(name=args.name, engine=engine, cluster=cluster_config(args),
@@ -171,14 +171,14 @@ def _print_status(st: dict) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from router.service import find
+    from pdserve.runtime.deployment import find
 
     _print_status(_ray_get(find(args.name, args.address).status.remote()))
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from router.service import teardown
+    from pdserve.runtime.deployment import teardown
 
     teardown(args.name, args.address)
     print(f"deployment {args.name!r} stopped")
@@ -188,8 +188,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import time
 
-    from router.dashboard.server import DashboardServer
-    from router.service import find
+    from pdserve.observability.dashboard.server import DashboardServer
+    from pdserve.runtime.deployment import find
 
     actor = find(args.name, args.address)
 
@@ -217,8 +217,8 @@ def cmd_submit(args: argparse.Namespace, passthrough: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from router.dashboard.report import write_report
-    from router.metrics import SLO
+    from pdserve.observability.dashboard.report import write_report
+    from pdserve.observability.metrics import SLO
 
     state = write_report(Path(args.output_file), Path(args.o), SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot))
     s = state["summary"]
@@ -228,7 +228,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _slo_args(p: argparse.ArgumentParser) -> None:
-    from router.metrics import SLO
+    from pdserve.observability.metrics import SLO
 
     g = p.add_argument_group("service-level objectives (goodput counts requests within both)")
     g.add_argument("--slo-ttft", type=float, default=SLO.ttft_s, help="time-to-first-token SLO, seconds")

@@ -91,6 +91,18 @@ class DecodeResult:
 
 
 @dataclass(frozen=True)
+class TokenProgress:
+    """Decode worker -> router, streaming polls only: tokens a running request made since the last poll.
+
+    `start` is the index in the request's output of token_ids[0] (output[0] came from prefill)."""
+
+    request_id: str
+    start: int
+    token_ids: tuple[int, ...]
+    token_times: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class DecodePoll:
     """Decode worker -> router, each poll: finished requests, and how long since its loop last turned.
 
@@ -99,6 +111,7 @@ class DecodePoll:
 
     results: tuple[DecodeResult, ...]
     loop_stalled_s: float
+    progress: tuple[TokenProgress, ...] = ()  # poll(stream=True) only
 
 
 @dataclass(frozen=True)

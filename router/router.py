@@ -8,6 +8,9 @@ Decode side: when a prefill batch returns, admit its requests on their decode
 workers; poll each decode worker for finished requests.
 A worker that dies or a transfer that fails sends its requests back to the
 queue (a fresh attempt id each time), up to `max_attempts`.
+`abort` stops a request wherever it is (a client gone, a deadline passed) and
+frees its KV blocks. With `on_tokens`, decode polls also bring the tokens of
+running requests, so a front end can stream them (router.api).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from kvtransfer.base import KVEndpoint
-from proto.messages import Admission, DecodeResult, PrefillResult, PrefillTask, Reservation
+from proto.messages import Admission, DecodeResult, KVEndpoint, PrefillResult, PrefillTask, Reservation, TokenProgress
+from router.api import OnFinished, OnTokens
 from router.placement import DecodeCapacity, Placement
 from router.queue import DEFAULT_BUCKET_EDGES, LengthBucketQueue
 from router.request import Request, State
@@ -71,12 +74,13 @@ class _Call:
 
 
 class Router:
-    def __init__(self, workers: WorkerSet, config: RouterConfig, on_finished: Callable[[Request], None],
-                 on_prefill_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(self, workers: WorkerSet, config: RouterConfig, on_finished: OnFinished,
+                 on_prefill_batch: Callable[[int], None] | None = None, on_tokens: OnTokens | None = None) -> None:
         self.workers = workers
         self.on_prefill_batch = on_prefill_batch
         self.config = config
         self.on_finished = on_finished
+        self.on_tokens = on_tokens
         self.queue: LengthBucketQueue[Request] = LengthBucketQueue(config.bucket_edges, config.aging_s)
         self.placement = Placement()
         for wid, ep in workers.endpoints.items():
@@ -92,6 +96,9 @@ class Router:
         self._killed_endpoints: dict[str, Any] = {}  # decode workers killed as hung -> their old endpoint
         self._held: dict[str, list[tuple[Request, Admission]]] = defaultdict(list)  # see batch_admissions
         self._releases: list[ray.ObjectRef] = []  # block releases sent, maybe not yet applied
+        # Aborted mid-prefill: the prefill worker may still write KV into their blocks, so the blocks
+        # are freed only once its call has returned (or failed).
+        self._aborted_in_prefill: set[str] = set()
         self.batch_admissions = (workers.shared_cores if config.batch_admissions is None
                                  else config.batch_admissions)
 
@@ -108,6 +115,21 @@ class Router:
     def _enqueue(self, req: Request) -> None:
         self._by_attempt[req.attempt_id] = req
         self.queue.put(req, req.prompt_len, req.priority, tiebreak=-req.params.max_tokens)
+
+    def abort(self, request_id: str, reason: str) -> bool:
+        """Stop a request wherever it is (queue, prefill, transfer, decode) and free its KV blocks."""
+        req = self.active.get(request_id)
+        if req is None:
+            return False
+        if req.state == State.QUEUED:
+            self.queue.remove_if(lambda r: r is req)
+        elif req.state == State.PREFILL:
+            self._aborted_in_prefill.add(req.attempt_id)
+        else:  # TRANSFER or DECODE: the KV is in place; the decode worker drops the sequence and frees it
+            self._release(req)
+        req.fail(f"aborted: {reason}")
+        self._finish(req)
+        return True
 
     @property
     def done(self) -> bool:
@@ -139,11 +161,13 @@ class Router:
     def _handle(self, call: _Call, value: Any) -> None:
         if call.kind == "prefill":
             self._prefill_load[call.worker_id] -= 1
+            self._settle_aborted(call)
             self._on_prefill(call, value)
         elif call.kind == "admit":
             self._on_admit(call, value)
         elif call.kind == "poll":
             self._polling.discard(call.worker_id)
+            self._on_progress(value.progress)
             self._on_decoded(value.results)
             if value.loop_stalled_s > self.config.stall_timeout_s:
                 self._hung("decode", call.worker_id, f"DecodeStalled: decode worker {call.worker_id} made no "
@@ -226,6 +250,7 @@ class Router:
                                 first_token=res.prefill_end)
             req.transport, req.kv_bytes, req.kv_busy_s = res.transport, res.kv_bytes, res.transfer_busy_s
             req.output_token_ids = [res.first_token]
+            self._stream(req)
             req.move(State.TRANSFER, at=res.prefill_end)
             self._held[req.decode_worker].append((req, Admission(
                 req.attempt_id, req.prompt_len, res.first_token, res.prefill_end, req.params, res.transport)))
@@ -256,6 +281,21 @@ class Router:
             else:
                 req.move(State.DECODE)
 
+    def _on_progress(self, progress: tuple[TokenProgress, ...]) -> None:
+        for p in progress:
+            req = self._current(p.request_id)
+            if req is not None and p.start <= len(req.output_token_ids):
+                req.output_token_ids[p.start:] = p.token_ids
+                self._stream(req)
+
+    def _stream(self, req: Request) -> None:
+        """Hand on_tokens what this attempt's output holds beyond what was streamed already. A retry
+        regenerates the same tokens (sampling is keyed on seed and step), so nothing is sent twice."""
+        if self.on_tokens is not None and len(req.output_token_ids) > req.streamed:
+            new = req.output_token_ids[req.streamed:]
+            req.streamed = len(req.output_token_ids)
+            self.on_tokens(req, new)
+
     def _on_decoded(self, results: list[DecodeResult]) -> None:
         for res in results:
             req = self._current(res.request_id)
@@ -266,6 +306,7 @@ class Router:
                 self._retry(req, res.error)
                 continue
             req.output_token_ids = list(res.token_ids)
+            self._stream(req)
             req.token_times = list(res.token_times)
             req.finish_reason = res.finish_reason
             req.timeline.update(decode_admit=res.admitted_at, finish=res.finished_at)
@@ -278,7 +319,9 @@ class Router:
         for did, handle in self.workers.decode.items():
             if did not in self._polling and did not in self._down:
                 self._polling.add(did)
-                self._calls[handle.poll.remote(self.config.poll_timeout_s)] = _Call("poll", did)
+                ref = (handle.poll.remote(self.config.poll_timeout_s, True) if self.on_tokens
+                       else handle.poll.remote(self.config.poll_timeout_s))
+                self._calls[ref] = _Call("poll", did)
 
     # ---- faults ------------------------------------------------------------------------
     # A failed call marks its worker down and requeues the requests it held; a probe call then
@@ -289,6 +332,7 @@ class Router:
         reason = f"{role} worker {call.worker_id} failed: {_short(error)}"
         if call.kind == "prefill":
             self._prefill_load[call.worker_id] -= 1
+            self._settle_aborted(call)
         if call.kind == "poll":
             self._polling.discard(call.worker_id)
         if call.kind.startswith("probe_"):
@@ -404,6 +448,7 @@ class Router:
                 continue
             if call.kind == "prefill":
                 self._prefill_load[call.worker_id] -= 1
+                self._settle_aborted(call)
             if call.kind == "poll":
                 self._polling.discard(call.worker_id)
             self._hung("prefill" if call.kind == "prefill" else "decode", call.worker_id, reason)
@@ -420,6 +465,13 @@ class Router:
         """The request this attempt belongs to, unless the attempt is stale (already retried or finished)."""
         req = self._by_attempt.get(attempt_id)
         return None if req is None or req.finished or req.attempt_id != attempt_id else req
+
+    def _settle_aborted(self, call: _Call) -> None:
+        """A prefill call is over: free the blocks of its requests that were aborted meanwhile."""
+        for req in call.requests:
+            if req.attempt_id in self._aborted_in_prefill:
+                self._aborted_in_prefill.discard(req.attempt_id)
+                self._release(req)
 
     def _release(self, req: Request) -> None:
         did = req.decode_worker

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from engine.config import EngineConfig
-from router.cluster import ClusterConfig
-from router.offline import BatchOptions, run_batch
+from pdserve.batch.run import BatchOptions, run_batch
+from pdserve.runtime.cluster import ClusterConfig
 from router.router import RouterConfig
 from tests.test_faults import outputs, write_batch
 

@@ -76,7 +76,7 @@ def _isolated(threads: int, fn, *args):
 
 def run_pdserve(requests, batch_path: Path, engine: EngineConfig, cluster, dtype: str,
                 router: RouterConfig | None = None) -> SystemResult:
-    from router.offline import BatchOptions, run_batch
+    from pdserve.batch.run import BatchOptions, run_batch
 
     out = batch_path.with_name(f"pdserve-{dtype}.jsonl")
     router = router or RouterConfig(max_prefill_tokens=engine.max_prefill_tokens)

@@ -12,8 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from router.dashboard.state import dashboard_state
-from router.metrics import SLO, RequestMetrics, from_record, summarize
+from pdserve.observability.dashboard.state import dashboard_state
+from pdserve.observability.metrics import SLO, RequestMetrics, from_record, summarize
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 _GBPS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50)

@@ -18,12 +18,12 @@ from typing import Any, TextIO
 
 from engine.config import EngineConfig, ModelArch
 from engine.loader import load_hf_config, load_tokenizer, model_display_name, resolve_model
-from router.batch_io import BatchLimits, check_paths, error_record, iter_lines, parse_line, success_record
-from router.cluster import ClusterConfig, start_workers, stop_workers
-from router.dashboard.collector import MetricsCollector
-from router.interrupt import StopSignals
-from router.journal import Journal, input_identity
-from router.metrics import SLO, from_record
+from pdserve.batch.format import BatchLimits, check_paths, error_record, iter_lines, parse_line, success_record
+from pdserve.batch.interrupt import StopSignals
+from pdserve.batch.journal import Journal, input_identity
+from pdserve.observability.dashboard.collector import MetricsCollector
+from pdserve.observability.metrics import SLO, from_record
+from pdserve.runtime.cluster import ClusterConfig, start_workers, stop_workers
 from router.request import Request, State
 from router.router import Router, RouterConfig
 
@@ -34,7 +34,7 @@ class BatchOptions:
     ignore_eos: bool = False
     max_pending: int = 4096  # requests held in memory (queued or running) at once
     progress: bool = True
-    resume: bool = True  # continue an interrupted run of the same batch (see router/journal.py)
+    resume: bool = True  # continue an interrupted run of the same batch (see pdserve/batch/journal.py)
     slo: SLO = SLO()
 
 
@@ -147,7 +147,7 @@ def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster
         with StopSignals() as stop, open(output_path, "a", encoding="utf-8") as out_stream:
             out = _Output(out_stream, tokenizer, name, summary, journal, options.slo, collector)
             if deployment:
-                from router.service import RemoteRouter, find
+                from pdserve.runtime.deployment import RemoteRouter, find
 
                 router: Any = RemoteRouter(find(deployment, cluster.address or "auto"), on_finished=out.finished)
             else:
