@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -118,10 +119,13 @@ class _ActorInfo:
     def where(self) -> dict:
         import torch
 
-        device = self.runner.config.device  # type: ignore[attr-defined]
+        from engine.cpu_features import CpuInfo
+
+        config = self.runner.config  # type: ignore[attr-defined]  # resolved: concrete device and dtype
         return {"worker_id": self.worker_id, "node_id": self.node_id, "node_ip": ray.util.get_node_ip_address(),
-                "device": device, "threads": self.runner.config.num_threads,  # type: ignore[attr-defined]
-                "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "pid": os.getpid()}
+                "device": config.device, "dtype": config.dtype, "threads": config.num_threads,
+                "gpu": torch.cuda.get_device_name() if config.device == "cuda" else None, "pid": os.getpid(),
+                "cpu": CpuInfo.here().describe(config.dtype)}
 
     def rss_mib(self) -> float:
         """Peak resident memory of this worker process."""
@@ -156,16 +160,59 @@ def use_cluster_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def init_ray(address: str | None) -> None:
+class ClusterUnreachable(ConnectionError):
+    """The Ray cluster named by --address (or found by `auto`) does not answer."""
+
+
+def _probe(address: str, timeout_s: float) -> None:
+    """Fail in seconds where Ray would sit in GCS connection retries for minutes."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {address} ({e}). Start one there (`ray start --head`), fix --address, "
+            "or omit --address to run on a fresh local cluster") from e
+
+
+def _registered_address() -> str:
+    """What `auto` joins: RAY_ADDRESS, else the cluster `ray start` registered on this machine."""
+    env = os.environ.get("RAY_ADDRESS")
+    if env:
+        return env
+    try:
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:  # a Ray that moved it: let ray.init look
+        return "auto"
+    try:
+        return get_ray_address_from_environment("auto", None) or "auto"
+    except ConnectionError as e:
+        raise ClusterUnreachable(f"--address auto found no running Ray cluster on this machine ({e}); start one "
+                                 "with `ray start --head`, or omit --address to run on a fresh local cluster") from e
+
+
+def init_ray(address: str | None, probe_timeout_s: float = 5.0) -> None:
+    """Join the cluster at `address`, or start a fresh local one when it is None.
+
+    None never joins a registered cluster (RAY_ADDRESS, or the file `ray start` leaves in Ray's temp dir):
+    Ray's own default would, and a dead one hangs start-up for minutes. A given address is probed first.
+    """
     if ray.is_initialized():
         return
+    if address is None:
+        if os.environ.get("RAY_ADDRESS"):
+            log.warning("RAY_ADDRESS=%s is not used: without --address pdserve starts a fresh local cluster "
+                        "(pass --address auto to join that one)", os.environ["RAY_ADDRESS"])
+        os.environ.setdefault("RAY_worker_niceness", "0")  # see _unnice
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                 namespace=NAMESPACE)
+        return
+    target = _registered_address() if address == "auto" else address
+    if target != "auto" and "://" not in target.removeprefix("ray://"):  # host:port or ray://host:port
+        _probe(target, probe_timeout_s)
     if address not in (None, "auto") and not address.startswith("ray://"):
         use_cluster_token()
-    if address is None:
-        os.environ.setdefault("RAY_worker_niceness", "0")  # see _unnice
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True, namespace=NAMESPACE)
-    else:
-        ray.init(address=address, logging_level=logging.WARNING, namespace=NAMESPACE)
+    ray.init(address=address, logging_level=logging.WARNING, namespace=NAMESPACE)
 
 
 def actor_name(deployment: str, role: str, i: int) -> str:
@@ -229,6 +276,13 @@ def attach_workers(prefill: dict, decode: dict, max_num_seqs: int, timeout_s: fl
     endpoints = dict(zip(decode, ray.get([h.endpoint.remote() for h in decode.values()], timeout=timeout_s)))
     where = ray.get([h.where.remote() for h in list(prefill.values()) + list(decode.values())], timeout=timeout_s)
     nodes = {w["node_id"] for w in where}
+    dtypes = {w["worker_id"]: w.get("dtype") for w in where}
+    if len(set(dtypes.values())) > 1:  # `--dtype auto` on nodes of different kinds: KV layouts would not match
+        for handle in list(prefill.values()) + list(decode.values()):
+            ray.kill(handle, no_restart=True)
+        raise RuntimeError(f"workers chose different dtypes ({dtypes}); pass --dtype float32 or --dtype bfloat16")
+    for cpu in sorted({w["cpu"] for w in where if w.get("cpu")}):
+        log.info("workers: %s", cpu)
     return WorkerSet(prefill=prefill, decode=decode, endpoints=endpoints, max_num_seqs=max_num_seqs,
                      shared_cores=len(nodes) == 1 and all(w["device"] == "cpu" for w in where))
 
