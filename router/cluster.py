@@ -191,6 +191,15 @@ def _registered_address() -> str:
                                  "with `ray start --head`, or omit --address to run on a fresh local cluster") from e
 
 
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Raise ClusterUnreachable within `timeout_s` when nothing listens at the cluster address (None: local)."""
+    if address is None:
+        return
+    target = _registered_address() if address == "auto" else address
+    if target != "auto" and "://" not in target.removeprefix("ray://"):  # host:port or ray://host:port
+        _probe(target, timeout_s)
+
+
 def init_ray(address: str | None, probe_timeout_s: float = 5.0) -> None:
     """Join the cluster at `address`, or start a fresh local one when it is None.
 
@@ -207,9 +216,7 @@ def init_ray(address: str | None, probe_timeout_s: float = 5.0) -> None:
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                  namespace=NAMESPACE)
         return
-    target = _registered_address() if address == "auto" else address
-    if target != "auto" and "://" not in target.removeprefix("ray://"):  # host:port or ray://host:port
-        _probe(target, probe_timeout_s)
+    check_address(address, probe_timeout_s)
     if address not in (None, "auto") and not address.startswith("ray://"):
         use_cluster_token()
     ray.init(address=address, logging_level=logging.WARNING, namespace=NAMESPACE)
