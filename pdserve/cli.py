@@ -98,8 +98,9 @@ def cluster_config(args: argparse.Namespace):
 def cmd_run_batch(args: argparse.Namespace) -> int:
     import signal
 
-    from router.cluster import check_address
+    from router.cluster import check_address, process_age_s
 
+    logging.getLogger("pdserve.cli").info("start-up: python and imports %.1f s", process_age_s())
     check_address(args.address)  # in seconds, before the model and tokenizer load
     from router.metrics import SLO
     from router.offline import BatchOptions, run_batch

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -106,12 +107,39 @@ def _unnice() -> None:
         log.warning("worker stays at niceness %d (%s); start Ray with RAY_worker_niceness=0", os.nice(0), e)
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Ray worker boot and imports, for an actor entering __init__)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+def _timed_init(actor: _ActorInfo, config: WorkerConfig, init) -> None:
+    """Run the worker's __init__, recording where its start-up went (`pdserve -v` prints it)."""
+    phases = {"process+imports": process_age_s()}
+    engine = config.engine.resolved()
+    if engine.device == "cpu" and engine.attention_backend in ("auto", "cpu"):
+        from engine.kernels import cpu_paged_attention
+
+        started = time.time()
+        cpu_paged_attention()  # cached: the runner's decode_kernel() finds it loaded
+        phases["kernel"] = time.time() - started
+    started = time.time()
+    init()
+    phases["model+pool"] = time.time() - started  # weights, KV pool (decode: allocated and prefaulted), servers
+    actor.startup_s = phases
+
+
 class _ActorInfo:
     """What the router and `pdserve status` ask any worker actor about itself."""
 
     node_id: str
     worker_id: str
     runner: object
+    startup_s: dict[str, float]
+
+    def startup(self) -> dict[str, float]:
+        return self.startup_s
 
     def node(self) -> str:
         return self.node_id
@@ -138,7 +166,8 @@ class _ActorInfo:
 class PrefillActor(PrefillWorker, _ActorInfo):
     def __init__(self, config: WorkerConfig) -> None:
         _unnice()
-        super().__init__(config, node_id=_node()[0])
+        init = super().__init__
+        _timed_init(self, config, lambda: init(config, node_id=_node()[0]))
 
 
 @ray.remote
@@ -146,7 +175,8 @@ class DecodeActor(DecodeWorker, _ActorInfo):
     def __init__(self, config: WorkerConfig) -> None:
         _unnice()
         node_id, node_ip = _node()
-        super().__init__(config, node_id=node_id, node_ip=node_ip)
+        init = super().__init__
+        _timed_init(self, config, lambda: init(config, node_id=node_id, node_ip=node_ip))
 
 
 def use_cluster_token() -> None:
@@ -213,8 +243,10 @@ def init_ray(address: str | None, probe_timeout_s: float = 5.0) -> None:
             log.warning("RAY_ADDRESS=%s is not used: without --address pdserve starts a fresh local cluster "
                         "(pass --address auto to join that one)", os.environ["RAY_ADDRESS"])
         os.environ.setdefault("RAY_worker_niceness", "0")  # see _unnice
+        # No prestarted workers: our actors set env vars (a runtime env of their own), so Ray could not
+        # hand them a prestarted process; those would only take the CPUs the actors' start-up needs.
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
-                 namespace=NAMESPACE)
+                 namespace=NAMESPACE, _system_config={"prestart_worker_first_driver": False})
         return
     check_address(address, probe_timeout_s)
     if address not in (None, "auto") and not address.startswith("ray://"):
@@ -228,7 +260,10 @@ def actor_name(deployment: str, role: str, i: int) -> str:
 
 def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     """Create the actors, wait until every one has loaded the model, and report where they landed."""
+    started = time.time()
     init_ray(cluster.address)
+    log.info("start-up: Ray %s in %.1f s", "started" if cluster.address is None else "joined", time.time() - started)
+    started = time.time()
     cores = max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
     # Prefill workers run at the same time as each other, decode workers too; with batch admissions
     # (router) the two roles mostly take turns, so each role gets all the cores of a shared node.
@@ -275,7 +310,14 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
             options.update(name=actor_name(cluster.deployment, role, i), namespace=NAMESPACE, lifetime="detached")
         actor = PrefillActor if role == "prefill" else DecodeActor
         handles[role][config.worker_id] = actor.options(**options).remote(config)
-    return attach_workers(handles["prefill"], handles["decode"], engine.max_num_seqs, cluster.start_timeout_s)
+    workers = attach_workers(handles["prefill"], handles["decode"], engine.max_num_seqs, cluster.start_timeout_s)
+    if log.isEnabledFor(logging.INFO):
+        log.info("start-up: workers ready in %.1f s", time.time() - started)
+        every = dict(zip(handles["prefill"] | handles["decode"], ray.get(
+            [h.startup.remote() for h in [*handles["prefill"].values(), *handles["decode"].values()]], timeout=60)))
+        for worker_id, phases in every.items():
+            log.info("start-up: %s: %s", worker_id, ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    return workers
 
 
 def attach_workers(prefill: dict, decode: dict, max_num_seqs: int, timeout_s: float = 300.0) -> WorkerSet:
@@ -295,6 +337,7 @@ def attach_workers(prefill: dict, decode: dict, max_num_seqs: int, timeout_s: fl
 
 
 def stop_workers(workers: WorkerSet) -> None:
+    started = time.time()
     for handle in workers.decode.values():
         try:
             ray.get(handle.shutdown.remote(), timeout=30)
@@ -303,3 +346,4 @@ def stop_workers(workers: WorkerSet) -> None:
     for handle in list(workers.prefill.values()) + list(workers.decode.values()):
         ray.kill(handle, no_restart=True)
     sweep_orphans()  # pools of workers that died for good during the run (this node's)
+    log.info("start-up: workers stopped in %.1f s", time.time() - started)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +64,12 @@ def test_kernel_cache_key_differs_per_cpu_kind():
     assert isa_key(ZEN4).startswith("avx512_") and isa_key(SAPPHIRE_RAPIDS).startswith("amx_")
     assert isa_key(sorted(ZEN4)) == isa_key(reversed(sorted(ZEN4)))  # order does not matter
     assert cpu_extension_name(cpu_flags()).isidentifier()  # a valid Python module name
+
+
+def test_kernel_is_built_into_its_cpu_keyed_folder_and_imported_from_there():
+    from engine.kernels import build_dir, cpu_paged_attention
+
+    module = cpu_paged_attention()
+    assert module is not None, "the native CPU kernel did not build (needs a C++ compiler)"
+    name = cpu_extension_name(cpu_flags())
+    assert Path(module.__file__) == build_dir(name) / f"{name}.so"
