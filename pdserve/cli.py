@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.config import DTYPES, EngineConfig
+from engine.config import DTYPE_CHOICES, DTYPES, EngineConfig
 from kvtransfer.base import TRANSPORTS
 
 if TYPE_CHECKING:
@@ -19,7 +19,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None,
                    help="an HF folder, a .gguf file, or omit for the default SmolLM2-135M-Instruct")
-    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bfloat16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else float32")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA on workers that have a GPU, else CPU")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
@@ -102,6 +103,10 @@ def cluster_config(args: argparse.Namespace):
 def cmd_run_batch(args: argparse.Namespace) -> int:
     import signal
 
+    from pdserve.runtime.cluster import check_address, process_age_s
+
+    logging.getLogger("pdserve.cli").info("start-up: python and imports %.1f s", process_age_s())
+    check_address(args.address)  # in seconds, before the model and tokenizer load
     from pdserve.batch.run import BatchOptions, run_batch
     from pdserve.observability.metrics import SLO
 
@@ -162,12 +167,15 @@ def _ray_get(ref, timeout: float = 120):
 def _print_status(st: dict) -> None:
     print(f"deployment {st['name']}: model {st['model']} ({st['dtype']}), up {st['uptime_s']:.0f} s, "
           f"{st['in_flight']} requests in flight, {st['queued']} queued")
-    print(f"{'worker':<12} {'node':<16} {'pid':>8} {'device':<8} {'threads':>7} {'KV blocks used':>16} {'running':>8}")
+    print(f"{'worker':<12} {'node':<16} {'pid':>8} {'device':<8} {'dtype':<9} {'threads':>7} {'KV blocks used':>16} "
+          f"{'running':>8}")
     for w in sorted(st["workers"], key=lambda w: w["worker_id"]):
         kv = f"{w['num_blocks'] - w['free_blocks']}/{w['num_blocks']}" if "num_blocks" in w else "-"
         device = w["gpu"] or w["device"]
-        print(f"{w['worker_id']:<12} {w['node_ip']:<16} {w['pid']:>8} {device:<8} {w['threads']:>7} {kv:>16} "
-              f"{w.get('running', '-'):>8}")
+        print(f"{w['worker_id']:<12} {w['node_ip']:<16} {w['pid']:>8} {device:<8} {w.get('dtype', '-'):<9} "
+              f"{w['threads']:>7} {kv:>16} {w.get('running', '-'):>8}")
+    for cpu in sorted({w["cpu"] for w in st["workers"] if w.get("cpu")}):  # one line per kind of CPU
+        print(cpu)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -255,6 +263,9 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     bench = ThroughputBench(workload=spec, dtypes=tuple(args.dtypes.split(",")), systems=systems,
                             static_batch_size=args.static_batch_size)
     engine = engine_config(args)
+    from engine.cpu_features import CpuInfo
+
+    print(f"{CpuInfo.here().describe(f'auto -> {engine.resolved().dtype}')}; benchmarking {','.join(bench.dtypes)}")
     report = run(bench, engine, cluster_config(args), router=router_config(args, engine))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -267,6 +278,9 @@ def cmd_bench_kvtransfer(args: argparse.Namespace) -> int:
 
     tokens = (64, 512) if args.quick else tuple(int(t) for t in args.tokens.split(","))
     transports = tuple(t for t in args.transports.split(",") if t)
+    from engine.cpu_features import CpuInfo
+
+    print(CpuInfo.here().describe())
     report = run(KVBench(tokens=tokens, transports=transports, dtype=args.dtype, repeats=1 if args.quick else 3))
     print(last_line(report, transports))
     return 0
@@ -370,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)
-    except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as e:
+    except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError, ConnectionError) as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

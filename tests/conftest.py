@@ -77,6 +77,6 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, num_cpus=os.cpu_count(), logging_level="WARNING")
+        ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count(), logging_level="WARNING")
     yield ray
     ray.shutdown()
