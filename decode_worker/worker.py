@@ -24,7 +24,7 @@ from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from kvtransfer.base import KVEndpoint
 from kvtransfer.inbox import KVInbox
-from proto.messages import Admission, DecodePoll, DecodeResult, Reservation, WorkerConfig
+from proto.messages import Admission, DecodePoll, DecodeResult, Grant, Reservation, WorkerConfig
 
 log = logging.getLogger("pdserve.decode")
 
@@ -52,11 +52,13 @@ class DecodeWorker:
                 from kvtransfer.cuda_ipc import export_pool
 
                 cuda_handle = export_pool(self.pool)
-        self.blocks = BlockManager(layout.num_blocks, layout.block_size)
+        fingerprint = model_fingerprint(self.runner.folder)
+        self.blocks = BlockManager(layout.num_blocks, layout.block_size, salt=fingerprint,
+                                   enable_prefix_caching=config.engine.enable_prefix_caching)
         self.inbox = KVInbox(self.pool)
         self._lock = threading.Lock()
         self._admitted: set[str] = set()  # handed to the loop, not yet finished
-        fingerprint = model_fingerprint(self.runner.folder)
+        self._prompts: dict[str, tuple[int, ...]] = {}  # reserved, KV not yet complete: keyed at admission
         self._server = None
         if config.transport in ("auto", "grpc"):
             from kvtransfer.grpc_transport import KVServer
@@ -83,19 +85,24 @@ class DecodeWorker:
     def endpoint(self) -> KVEndpoint:
         return self.endpoint_info
 
-    def reserve(self, reservations: list[Reservation]) -> dict[str, tuple[int, ...]]:
-        """Allocate blocks for prompt + max_tokens of each request; those that don't fit are left out."""
-        granted: dict[str, tuple[int, ...]] = {}
+    def reserve(self, reservations: list[Reservation]) -> dict[str, Grant]:
+        """Allocate blocks for prompt + max_tokens of each request; those that don't fit are left out.
+        Leading prompt blocks this pool already caches are shared and not sent again (at least one
+        prompt token always travels, so every request has a transfer that completes it)."""
+        granted: dict[str, Grant] = {}
         with self._lock:
             for r in reservations:
                 total = r.prompt_tokens + r.max_tokens
                 if self.blocks.holds(r.request_id):  # a retry of a reservation we already hold
                     self._release_locked(r.request_id)
-                if not self.blocks.can_allocate(total):
+                max_shared = (r.prompt_tokens - 1) // self.blocks.block_size
+                if not self.blocks.can_allocate(total, r.prompt_token_ids, max_shared):
                     continue
-                table = self.blocks.allocate(r.request_id, total)
-                self.inbox.expect(r.request_id, table, r.prompt_tokens)
-                granted[r.request_id] = tuple(table)
+                table = self.blocks.allocate(r.request_id, total, r.prompt_token_ids, max_shared)
+                cached = self.blocks.shared_blocks(r.request_id)
+                self.inbox.expect(r.request_id, table, r.prompt_tokens, first_block=cached)
+                self._prompts[r.request_id] = r.prompt_token_ids
+                granted[r.request_id] = Grant(tuple(table), cached)
         return granted
 
     def admit(self, admissions: list[Admission]) -> list[str]:
@@ -109,6 +116,8 @@ class DecodeWorker:
                     refused.append(a.request_id)
                     continue
                 self.inbox.forget(a.request_id)
+                # The prompt's KV is whole now: its full blocks may be shared from here on.
+                self.blocks.register(a.request_id, self._prompts.pop(a.request_id, ()))
                 self._admitted.add(a.request_id)
                 self._admissions.put(DecodeSequence(
                     request_id=a.request_id, prompt_len=a.prompt_tokens, params=a.params,
@@ -146,6 +155,7 @@ class DecodeWorker:
         with self._lock:
             return {"worker_id": self.worker_id, "num_blocks": self.blocks.num_blocks,
                     "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
+                    "cached_blocks": self.blocks.num_cached,
                     "running": len(self.batcher.running), "waiting": len(self.batcher.waiting),
                     "steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows}
 
@@ -164,6 +174,7 @@ class DecodeWorker:
     # ---- decode loop -------------------------------------------------------------------
     def _release_locked(self, request_id: str) -> int:
         self._admitted.discard(request_id)
+        self._prompts.pop(request_id, None)
         self.inbox.forget(request_id)
         return self.blocks.free(request_id)
 

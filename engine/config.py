@@ -101,6 +101,8 @@ class EngineConfig:
     max_prefill_tokens: int = 2048  # prefill batch token budget
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's choice
     attention_backend: str = "auto"  # auto | torch | cpu (native paged kernel)
+    enable_prefix_caching: bool = True  # share cached prompt blocks (decode pool, prefill cache, routing)
+    prefill_cache_gib: float = 0.5  # each prefill worker's own KV pool, kept as a prefix cache
     cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
 
     def __post_init__(self) -> None:

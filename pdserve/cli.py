@@ -27,6 +27,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128, help="decode batch limit")
     g.add_argument("--max-prefill-tokens", type=int, default=2048, help="prefill batch token budget")
     g.add_argument("--cache-dir", default=None, help="where converted weights are cached")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of prompt prefixes already computed (prefill) or held (decode)")
+    g.add_argument("--prefill-cache-gib", type=float, default=0.5,
+                   help="each prefill worker's prefix-cache pool (with --enable-prefix-caching)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +71,8 @@ def router_config(args: argparse.Namespace, engine: EngineConfig) -> RouterConfi
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     kwargs = dict(model=args.model, dtype=args.dtype, device=args.device,
                   block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
-                  max_prefill_tokens=args.max_prefill_tokens)
+                  max_prefill_tokens=args.max_prefill_tokens, enable_prefix_caching=args.enable_prefix_caching,
+                  prefill_cache_gib=args.prefill_cache_gib)
     if args.cache_dir:
         kwargs["cache_dir"] = args.cache_dir
     return EngineConfig(**kwargs)

@@ -19,6 +19,16 @@ class Reservation:
     request_id: str
     prompt_tokens: int
     max_tokens: int
+    prompt_token_ids: tuple[int, ...] = ()  # lets the decode worker share blocks it already caches
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Decode worker -> router: a reservation held. The first `cached_blocks` blocks of the table
+    already hold this prompt's KV (prefix cache): the prefill worker sends only the rest."""
+
+    block_table: tuple[int, ...]
+    cached_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class PrefillTask:
     params: SamplingParams
     decode: KVEndpoint
     block_table: tuple[int, ...]
+    cached_blocks: int = 0  # leading blocks the decode worker already holds: not sent
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class PrefillResult:
     kv_bytes: int
     transfer_busy_s: float = 0.0  # time spent moving bytes (the span overlaps prefill)
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefill worker's prefix cache (not computed)
 
 
 @dataclass(frozen=True)

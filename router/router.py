@@ -23,7 +23,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from kvtransfer.base import KVEndpoint
-from proto.messages import Admission, DecodeResult, PrefillResult, PrefillTask, Reservation
+from proto.messages import Admission, DecodeResult, Grant, PrefillResult, PrefillTask, Reservation
 from router.placement import DecodeCapacity, Placement
 from router.queue import DEFAULT_BUCKET_EDGES, LengthBucketQueue
 from router.request import Request, State
@@ -180,8 +180,8 @@ class Router:
         for did, reqs in by_decode.items():
             tables = self._reserve(did, reqs)
             for req in reqs:
-                table = tables.get(req.attempt_id) if tables is not None else None
-                if table is None:
+                grant = tables.get(req.attempt_id) if tables is not None else None
+                if grant is None:
                     self.placement.release(did, req.attempt_id)
                     if tables is not None:  # the worker had less room than the mirror: a bug, but recoverable
                         log.warning("decode worker %s refused a reservation the router expected to fit", did)
@@ -190,7 +190,7 @@ class Router:
                 req.prefill_worker = wid
                 req.move(State.PREFILL)
                 tasks.append(PrefillTask(req.attempt_id, tuple(req.prompt_token_ids), req.params,
-                                         self.workers.endpoints[did], table))
+                                         self.workers.endpoints[did], grant.block_table, grant.cached_blocks))
         sent = [self._by_attempt[t.request_id] for t in tasks]
         if tasks:
             if self.on_prefill_batch:
@@ -199,9 +199,9 @@ class Router:
             self._calls[handle.prefill.remote(tasks)] = _Call("prefill", wid, sent)
         return True
 
-    def _reserve(self, did: str, reqs: list[Request]) -> dict[str, tuple[int, ...]] | None:
+    def _reserve(self, did: str, reqs: list[Request]) -> dict[str, Grant] | None:
         handle = self.workers.decode[did]
-        ask = [Reservation(r.attempt_id, r.prompt_len, r.params.max_tokens) for r in reqs]
+        ask = [Reservation(r.attempt_id, r.prompt_len, r.params.max_tokens, tuple(r.prompt_token_ids)) for r in reqs]
         try:
             return ray.get(handle.reserve.remote(ask), timeout=self.config.call_timeout_s)
         except GetTimeoutError:
@@ -225,6 +225,7 @@ class Router:
                                 transfer_start=res.transfer_start, transfer_end=res.transfer_end,
                                 first_token=res.prefill_end)
             req.transport, req.kv_bytes, req.kv_busy_s = res.transport, res.kv_bytes, res.transfer_busy_s
+            req.cached_tokens = res.cached_tokens
             req.output_token_ids = [res.first_token]
             req.move(State.TRANSFER, at=res.prefill_end)
             self._held[req.decode_worker].append((req, Admission(
