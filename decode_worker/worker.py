@@ -144,7 +144,9 @@ class DecodeWorker:
             out.append(self._results.get(timeout=timeout))
             while True:
                 out.append(self._results.get_nowait())
-        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat)
+        with self._lock:
+            events = self.blocks.take_events()
+        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, events or None)
 
     def stall_for(self, seconds: float) -> None:
         """Fault drill: wedge the decode loop for `seconds`, as a hung kernel or a deadlock would,

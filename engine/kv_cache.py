@@ -170,7 +170,7 @@ class BlockManager:
         self._by_key: dict[BlockKey, int] = {}
         self._tables: dict[str, list[int]] = {}
         self._shared: dict[str, int] = {}  # request -> leading blocks it found cached
-        self._events = KVEvents()
+        self._events: dict[BlockKey, bool] = {}  # key -> held, since the last take_events (last change wins)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -242,7 +242,7 @@ class BlockManager:
         b, _ = self._evictable.popitem(last=False)
         key = self._key_of.pop(b)
         del self._by_key[key]
-        self._events.removed.append(key)
+        self._events[key] = False
         return b
 
     def register(self, request_id: str, token_ids: list[int] | tuple[int, ...]) -> int:
@@ -258,7 +258,7 @@ class BlockManager:
                 continue
             self._key_of[b] = key
             self._by_key[key] = b
-            self._events.stored.append(key)
+            self._events[key] = True
             added += 1
         return added
 
@@ -289,8 +289,8 @@ class BlockManager:
 
     def take_events(self) -> KVEvents:
         """Keys stored and evicted since the last call (for the router's KV index)."""
-        events, self._events = self._events, KVEvents()
-        return events
+        events, self._events = self._events, {}
+        return KVEvents([k for k, held in events.items() if held], [k for k, held in events.items() if not held])
 
     def requests(self) -> list[str]:
         return list(self._tables)

@@ -34,8 +34,8 @@ def block_keys(token_ids: list[int] | tuple[int, ...], block_size: int, salt: st
 
 @dataclass
 class KVEvents:
-    """Keys a worker started to hold (`stored`) and dropped (`removed`) since its last report.
-    Applied in order by the router's index: removed after stored."""
+    """Keys a worker holds now but did not at its last report (`stored`), and the reverse (`removed`).
+    A key is in at most one list, so the order of applying them does not matter."""
 
     stored: list[BlockKey] = field(default_factory=list)
     removed: list[BlockKey] = field(default_factory=list)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
@@ -86,8 +87,12 @@ class PrefillWorker:
             self.cache.commit(ids, prompts)
         first = sample(logits, [t.params for t in tasks], [0] * len(tasks)).tolist()
         prefill_end = time.time()
-        return [self._finish(t, h, token, errors, prefill_start, prefill_end, c)
-                for t, h, token, c in zip(tasks, handles, first, computed_from)]
+        results = [self._finish(t, h, token, errors, prefill_start, prefill_end, c)
+                   for t, h, token, c in zip(tasks, handles, first, computed_from)]
+        events = self.cache.blocks.take_events() if self.cache else None
+        if results and events:
+            results[0] = replace(results[0], kv_events=events)
+        return results
 
     def _begin_transfers(self, tasks: list[PrefillTask], errors: dict[str, str]) -> list[_Handle | None]:
         handles: list[_Handle | None] = []

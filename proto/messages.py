@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig, SamplingParams
 from engine.kv_cache import KVLayout
+from engine.prefix_cache import KVEvents
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class PrefillResult:
     transfer_busy_s: float = 0.0  # time spent moving bytes (the span overlaps prefill)
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens found in the prefill worker's prefix cache (not computed)
+    kv_events: KVEvents | None = None  # the worker's prefix-cache changes; on the first result of a batch
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class DecodePoll:
 
     results: tuple[DecodeResult, ...]
     loop_stalled_s: float
+    kv_events: KVEvents | None = None  # prefix-cache blocks stored/evicted since the last poll
 
 
 @dataclass(frozen=True)

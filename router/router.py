@@ -24,7 +24,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from kvtransfer.base import KVEndpoint
 from proto.messages import Admission, DecodeResult, Grant, PrefillResult, PrefillTask, Reservation
-from router.placement import DecodeCapacity, Placement
+from router.placement import DecodeCapacity, Placement, PrefixRouting
 from router.queue import DEFAULT_BUCKET_EDGES, LengthBucketQueue
 from router.request import Request, State
 
@@ -79,6 +79,7 @@ class Router:
         self.on_finished = on_finished
         self.queue: LengthBucketQueue[Request] = LengthBucketQueue(config.bucket_edges, config.aging_s)
         self.placement = Placement()
+        self.routing = PrefixRouting()  # KV-aware: where each prompt's prefix is cached
         for wid, ep in workers.endpoints.items():
             self._add_decode_capacity(wid, ep)
         self.active: dict[str, Request] = {}  # request_id -> unfinished request
@@ -144,6 +145,8 @@ class Router:
             self._on_admit(call, value)
         elif call.kind == "poll":
             self._polling.discard(call.worker_id)
+            if self.routing.decode_index is not None:
+                self.routing.decode_index.apply(call.worker_id, value.kv_events)
             self._on_decoded(value.results)
             if value.loop_stalled_s > self.config.stall_timeout_s:
                 self._hung("decode", call.worker_id, f"DecodeStalled: decode worker {call.worker_id} made no "
@@ -157,13 +160,19 @@ class Router:
             while (wid not in self._down and len(self.queue)
                    and self._prefill_load[wid] < self.config.prefill_batches_in_flight):
                 if not self._send_prefill_batch(wid, handle):
-                    return  # nothing fits on any decode worker now; wait for blocks to free
+                    break  # nothing fits on a decode worker, or the head request is cheaper elsewhere
 
     def _send_prefill_batch(self, wid: str, handle: Any) -> bool:
         chosen: dict[str, str] = {}
+        ready = [w for w in self.workers.prefill if w not in self._down
+                 and self._prefill_load[w] < self.config.prefill_batches_in_flight]
 
-        def fits(req: Request) -> bool:  # does_fit + reserve in the mirror
-            where = self.placement.place(req.attempt_id, req.prompt_len + req.params.max_tokens)
+        def fits(req: Request) -> bool:  # the cheapest prefill worker is this one; does_fit + reserve in the mirror
+            keys = self.routing.keys(req.prompt_token_ids)
+            if self.routing.prefill_worker(ready, keys, req.prompt_len) != wid:
+                return False
+            where = self.placement.place(req.attempt_id, req.prompt_len + req.params.max_tokens,
+                                         self.routing.decode_overlap(keys))
             if where is not None:
                 chosen[req.attempt_id] = where
             return where is not None
@@ -189,6 +198,7 @@ class Router:
                     continue
                 req.prefill_worker = wid
                 req.move(State.PREFILL)
+                self.routing.prefill_sent(wid, req.attempt_id, self.routing.keys(req.prompt_token_ids), req.prompt_len)
                 tasks.append(PrefillTask(req.attempt_id, tuple(req.prompt_token_ids), req.params,
                                          self.workers.endpoints[did], grant.block_table, grant.cached_blocks))
         sent = [self._by_attempt[t.request_id] for t in tasks]
@@ -213,7 +223,10 @@ class Router:
 
     # ---- results -----------------------------------------------------------------------
     def _on_prefill(self, call: _Call, results: list[PrefillResult]) -> None:
+        self.routing.prefill_done(call.worker_id, [r.request_id for r in results])
         for res in results:
+            if self.routing.prefill_index is not None:
+                self.routing.prefill_index.apply(call.worker_id, res.kv_events)
             req = self._current(res.request_id)
             if req is None:
                 continue
@@ -308,6 +321,7 @@ class Router:
             return
         log.warning("%s; requeueing its requests", reason)
         self._down.add(wid)
+        self.routing.worker_lost(wid)
         self._lost_at[wid] = time.time()
         for req in list(self.active.values()):
             if req.prefill_worker == wid and req.state == State.PREFILL:
@@ -320,6 +334,7 @@ class Router:
             return
         log.warning("%s; requeueing its requests", reason)
         self._down.add(did)
+        self.routing.worker_lost(did)
         self._lost_at[did] = time.time()
         self._polling.discard(did)
         self.placement.remove_worker(did)  # its reservations died with it
@@ -374,6 +389,7 @@ class Router:
     def _retire(self, role: str, wid: str, reason: str) -> None:
         log.error("%s; it will not come back", reason)
         self._down.discard(wid)
+        self.routing.worker_lost(wid)
         if role == "prefill":
             self.workers.prefill.pop(wid, None)
             self._prefill_load.pop(wid, None)
@@ -414,6 +430,7 @@ class Router:
         return self.workers.prefill if role == "prefill" else self.workers.decode
 
     def _add_decode_capacity(self, did: str, ep: KVEndpoint) -> None:
+        self.routing.configure(ep.layout.block_size, ep.model_fingerprint)
         self.placement.add_worker(DecodeCapacity(did, ep.layout.num_blocks, ep.layout.block_size,
                                                  self.workers.max_num_seqs))
 
