@@ -85,12 +85,17 @@ class DecodeWorker:
     def endpoint(self) -> KVEndpoint:
         return self.endpoint_info
 
-    def reserve(self, reservations: list[Reservation]) -> dict[str, Grant]:
+    def reserve(self, reservations: list[Reservation], arrived: list[Admission] = ()) -> dict[str, Grant]:
         """Allocate blocks for prompt + max_tokens of each request; those that don't fit are left out.
         Leading prompt blocks this pool already caches are shared and not sent again (at least one
-        prompt token always travels, so every request has a transfer that completes it)."""
+        prompt token always travels, so every request has a transfer that completes it).
+        `arrived`: requests whose KV is complete but that are not admitted yet (the router may hold
+        admissions): their prompt blocks become shareable now, before these reservations look."""
         granted: dict[str, Grant] = {}
         with self._lock:
+            for a in arrived:
+                if self.blocks.holds(a.request_id) and self._kv_complete(a):
+                    self.blocks.register(a.request_id, self._prompts.pop(a.request_id, ()))
             for r in reservations:
                 total = r.prompt_tokens + r.max_tokens
                 if self.blocks.holds(r.request_id):  # a retry of a reservation we already hold
@@ -110,9 +115,7 @@ class DecodeWorker:
         refused = []
         with self._lock:
             for a in admissions:
-                # Same-node transports wrote straight into the pool before the prefill call returned.
-                complete = a.transport in ("shm", "cuda_ipc") or self.inbox.is_complete(a.request_id)
-                if not self.blocks.holds(a.request_id) or not complete:
+                if not self.blocks.holds(a.request_id) or not self._kv_complete(a):
                     refused.append(a.request_id)
                     continue
                 self.inbox.forget(a.request_id)
@@ -174,6 +177,10 @@ class DecodeWorker:
             self._shared.close()
 
     # ---- decode loop -------------------------------------------------------------------
+    def _kv_complete(self, a: Admission) -> bool:
+        # Same-node transports wrote straight into the pool before the prefill call returned.
+        return a.transport in ("shm", "cuda_ipc") or self.inbox.is_complete(a.request_id)
+
     def _release_locked(self, request_id: str) -> int:
         self._admitted.discard(request_id)
         self._prompts.pop(request_id, None)

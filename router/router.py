@@ -212,8 +212,9 @@ class Router:
     def _reserve(self, did: str, reqs: list[Request]) -> dict[str, Grant] | None:
         handle = self.workers.decode[did]
         ask = [Reservation(r.attempt_id, r.prompt_len, r.params.max_tokens, tuple(r.prompt_token_ids)) for r in reqs]
+        arrived = [a for _, a in self._held.get(did, ())]  # KV in place, admission held: shareable now
         try:
-            return ray.get(handle.reserve.remote(ask), timeout=self.config.call_timeout_s)
+            return ray.get(handle.reserve.remote(ask, arrived), timeout=self.config.call_timeout_s)
         except GetTimeoutError:
             self._hung("decode", did, f"CallTimeout: reserve call to {did} exceeded {self.config.call_timeout_s:.0f}s")
             return None

@@ -151,3 +151,29 @@ def test_inbox_refuses_writes_into_blocks_the_receiver_already_caches():
         assert not inbox.is_complete("r")
         inbox.accept("r", layer, 2, 1, kv[:2], kv[:2])
     assert inbox.is_complete("r")  # one block per layer was all that had to arrive
+
+
+def test_held_admissions_make_blocks_shareable_at_the_next_reservation(tiny_with_tokenizer):
+    """The router may hold admissions (batch_admissions); their KV is complete once prefill returned, so
+    the next reserve call carries them and later requests share their blocks before they decode."""
+    header = list(range(1, 33))  # 8 full blocks
+    prefill, decode = _workers(tiny_with_tokenizer, True, "grpc")
+    try:
+        [ga] = decode.reserve([Reservation("a", 35, PARAMS.max_tokens, tuple(header + [7, 8, 9]))]).values()
+        [ra] = prefill.prefill([PrefillTask("a", tuple(header + [7, 8, 9]), PARAMS, decode.endpoint(),
+                                            ga.block_table, ga.cached_blocks)])
+        held = Admission("a", 35, ra.first_token, ra.prefill_end, PARAMS, ra.transport)
+        early = decode.reserve([Reservation("early", 34, PARAMS.max_tokens, tuple(header + [5, 6]))])
+        assert early["early"].cached_blocks == 0  # a's KV not yet known complete: nothing shared
+        late = decode.reserve([Reservation("late", 34, PARAMS.max_tokens, tuple(header + [5, 6]))], [held])
+        assert late["late"].cached_blocks == 8 and late["late"].block_table[:8] == ga.block_table[:8]
+        assert decode.admit([held]) == []
+        decode.release(["early", "late"])
+        deadline = time.time() + 30
+        while decode.stats()["reserved_requests"] and time.time() < deadline:
+            decode.poll(0.2)
+        with decode._lock:
+            decode.blocks.assert_empty()
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
