@@ -58,7 +58,9 @@ class DecodeWorker:
         self.inbox = KVInbox(self.pool)
         self._lock = threading.Lock()
         self._admitted: set[str] = set()  # handed to the loop, not yet finished
-        self._prompts: dict[str, tuple[int, ...]] = {}  # reserved, KV not yet complete: keyed at admission
+        # Prompt ids of reserved requests: their blocks get keys once the KV is complete, and the
+        # generated ones too when the request finishes (a next chat turn resends them).
+        self._prompts: dict[str, tuple[int, ...]] = {}
         self._server = None
         if config.transport in ("auto", "grpc"):
             from kvtransfer.grpc_transport import KVServer
@@ -95,7 +97,7 @@ class DecodeWorker:
         with self._lock:
             for a in arrived:
                 if self.blocks.holds(a.request_id) and self._kv_complete(a):
-                    self.blocks.register(a.request_id, self._prompts.pop(a.request_id, ()))
+                    self.blocks.register(a.request_id, self._prompts.get(a.request_id, ()))
             for r in reservations:
                 total = r.prompt_tokens + r.max_tokens
                 if self.blocks.holds(r.request_id):  # a retry of a reservation we already hold
@@ -120,7 +122,7 @@ class DecodeWorker:
                     continue
                 self.inbox.forget(a.request_id)
                 # The prompt's KV is whole now: its full blocks may be shared from here on.
-                self.blocks.register(a.request_id, self._prompts.pop(a.request_id, ()))
+                self.blocks.register(a.request_id, self._prompts.get(a.request_id, ()))
                 self._admitted.add(a.request_id)
                 self._admissions.put(DecodeSequence(
                     request_id=a.request_id, prompt_len=a.prompt_tokens, params=a.params,
@@ -233,6 +235,9 @@ class DecodeWorker:
 
     def _finish(self, seq: DecodeSequence, error: str | None = None) -> None:
         with self._lock:
+            if error is None and self.blocks.holds(seq.request_id):
+                # Every token but the newest has its KV in the pool: key those blocks too.
+                self.blocks.register(seq.request_id, self._prompts.get(seq.request_id, ()) + tuple(seq.output[:-1]))
             self._release_locked(seq.request_id)
         self._results.put(DecodeResult(
             request_id=seq.request_id, token_ids=tuple(seq.output), finish_reason=seq.finish_reason or "error",

@@ -45,19 +45,20 @@ def _workers(folder, caching: bool, transport: str, decode_blocks_gib: float = 0
     return prefill, decode
 
 
-def _run(prefill: PrefillWorker, decode: DecodeWorker, batches: list[list[tuple[str, list[int]]]]) -> Outcome:
+def _run(prefill: PrefillWorker, decode: DecodeWorker, batches: list[list[tuple[str, list[int]]]],
+         params: SamplingParams = PARAMS) -> Outcome:
     """Each batch: reserve, prefill, admit, then wait for it to finish (so later batches find it cached)."""
     out = Outcome({}, {})
     for batch in batches:
-        grants = decode.reserve([Reservation(rid, len(p), PARAMS.max_tokens, tuple(p)) for rid, p in batch])
+        grants = decode.reserve([Reservation(rid, len(p), params.max_tokens, tuple(p)) for rid, p in batch])
         assert set(grants) == {rid for rid, _ in batch}
-        tasks = [PrefillTask(rid, tuple(p), PARAMS, decode.endpoint(), grants[rid].block_table,
+        tasks = [PrefillTask(rid, tuple(p), params, decode.endpoint(), grants[rid].block_table,
                              grants[rid].cached_blocks) for rid, p in batch]
         results = prefill.prefill(tasks)
         for r in results:
             assert r.error is None, r.error
             out.prefill[r.request_id] = r
-        assert decode.admit([Admission(r.request_id, len(p), r.first_token, r.prefill_end, PARAMS, r.transport)
+        assert decode.admit([Admission(r.request_id, len(p), r.first_token, r.prefill_end, params, r.transport)
                              for r, (_, p) in zip(results, batch)]) == []
         deadline = time.time() + 60
         while any(rid not in out.outputs for rid, _ in batch):
@@ -177,3 +178,30 @@ def test_held_admissions_make_blocks_shareable_at_the_next_reservation(tiny_with
     finally:
         prefill.shutdown()
         decode.shutdown()
+
+
+def test_a_finished_requests_generated_blocks_serve_the_next_chat_turn(tiny_with_tokenizer):
+    """The decode worker keys a finished request's generated blocks too: a follow-up prompt that resends
+    the conversation finds prompt and answer cached, and decodes as it would without the cache."""
+    rng = random.Random(5)
+    first = [rng.randrange(256) for _ in range(14)]
+    question = [rng.randrange(256) for _ in range(3)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = {}
+    for caching in (True, False):
+        prefill, decode = _workers(tiny_with_tokenizer, caching, "shm")
+        try:
+            turn1 = _run(prefill, decode, [[("t1", first)]], params)
+            follow = first + list(turn1.outputs["t1"]) + question
+            grants = decode.reserve([Reservation("probe", len(follow), 1, tuple(follow))])
+            decode.release(["probe"])
+            outs[caching] = (grants["probe"].cached_blocks, _run(prefill, decode, [[("t2", follow)]], params).outputs)
+            time.sleep(0.3)
+            with decode._lock:
+                decode.blocks.assert_empty()
+        finally:
+            prefill.shutdown()
+            decode.shutdown()
+    # 14 prompt + 11 generated tokens with KV: 6 full blocks of 4 (the prompt alone fills only 3)
+    assert outs[True][0] == 6 and outs[False][0] == 0
+    assert outs[True][1] == outs[False][1]
