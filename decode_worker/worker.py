@@ -24,7 +24,7 @@ from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from kvtransfer.base import KVEndpoint
 from kvtransfer.inbox import KVInbox
-from proto.messages import Admission, DecodePoll, DecodeResult, Reservation, TokenProgress, WorkerConfig
+from proto.messages import Admission, DecodePoll, DecodeResult, Grant, Reservation, TokenProgress, WorkerConfig
 
 log = logging.getLogger("pdserve.decode")
 
@@ -52,11 +52,15 @@ class DecodeWorker:
                 from kvtransfer.cuda_ipc import export_pool
 
                 cuda_handle = export_pool(self.pool)
-        self.blocks = BlockManager(layout.num_blocks, layout.block_size)
+        fingerprint = model_fingerprint(self.runner.folder)
+        self.blocks = BlockManager(layout.num_blocks, layout.block_size, salt=fingerprint,
+                                   enable_prefix_caching=config.engine.enable_prefix_caching)
         self.inbox = KVInbox(self.pool)
         self._lock = threading.Lock()
         self._admitted: set[str] = set()  # handed to the loop, not yet finished
-        fingerprint = model_fingerprint(self.runner.folder)
+        # Prompt ids of reserved requests: their blocks get keys once the KV is complete, and the
+        # generated ones too when the request finishes (a next chat turn resends them).
+        self._prompts: dict[str, tuple[int, ...]] = {}
         self._server = None
         if config.transport in ("auto", "grpc"):
             from kvtransfer.grpc_transport import KVServer
@@ -86,19 +90,29 @@ class DecodeWorker:
     def endpoint(self) -> KVEndpoint:
         return self.endpoint_info
 
-    def reserve(self, reservations: list[Reservation]) -> dict[str, tuple[int, ...]]:
-        """Allocate blocks for prompt + max_tokens of each request; those that don't fit are left out."""
-        granted: dict[str, tuple[int, ...]] = {}
+    def reserve(self, reservations: list[Reservation], arrived: list[Admission] = ()) -> dict[str, Grant]:
+        """Allocate blocks for prompt + max_tokens of each request; those that don't fit are left out.
+        Leading prompt blocks this pool already caches are shared and not sent again (at least one
+        prompt token always travels, so every request has a transfer that completes it).
+        `arrived`: requests whose KV is complete but that are not admitted yet (the router may hold
+        admissions): their prompt blocks become shareable now, before these reservations look."""
+        granted: dict[str, Grant] = {}
         with self._lock:
+            for a in arrived:
+                if self.blocks.holds(a.request_id) and self._kv_complete(a):
+                    self.blocks.register(a.request_id, self._prompts.get(a.request_id, ()))
             for r in reservations:
                 total = r.prompt_tokens + r.max_tokens
                 if self.blocks.holds(r.request_id):  # a retry of a reservation we already hold
                     self._release_locked(r.request_id)
-                if not self.blocks.can_allocate(total):
+                max_shared = (r.prompt_tokens - 1) // self.blocks.block_size
+                if not self.blocks.can_allocate(total, r.prompt_token_ids, max_shared):
                     continue
-                table = self.blocks.allocate(r.request_id, total)
-                self.inbox.expect(r.request_id, table, r.prompt_tokens)
-                granted[r.request_id] = tuple(table)
+                table = self.blocks.allocate(r.request_id, total, r.prompt_token_ids, max_shared)
+                cached = self.blocks.shared_blocks(r.request_id)
+                self.inbox.expect(r.request_id, table, r.prompt_tokens, first_block=cached)
+                self._prompts[r.request_id] = r.prompt_token_ids
+                granted[r.request_id] = Grant(tuple(table), cached)
         return granted
 
     def admit(self, admissions: list[Admission]) -> list[str]:
@@ -106,12 +120,12 @@ class DecodeWorker:
         refused = []
         with self._lock:
             for a in admissions:
-                # Same-node transports wrote straight into the pool before the prefill call returned.
-                complete = a.transport in ("shm", "cuda_ipc") or self.inbox.is_complete(a.request_id)
-                if not self.blocks.holds(a.request_id) or not complete:
+                if not self.blocks.holds(a.request_id) or not self._kv_complete(a):
                     refused.append(a.request_id)
                     continue
                 self.inbox.forget(a.request_id)
+                # The prompt's KV is whole now: its full blocks may be shared from here on.
+                self.blocks.register(a.request_id, self._prompts.get(a.request_id, ()))
                 self._admitted.add(a.request_id)
                 self._admissions.put(DecodeSequence(
                     request_id=a.request_id, prompt_len=a.prompt_tokens, params=a.params,
@@ -152,7 +166,9 @@ class DecodeWorker:
                 out.append(self._results.get_nowait())
         if stream and not progress:
             progress = self._progress()
-        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress))
+        with self._lock:
+            events = self.blocks.take_events()
+        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress), events or None)
 
     def _progress(self) -> list[TokenProgress]:
         """New tokens of running sequences since the last call. Reads lists the decode loop appends to
@@ -178,6 +194,7 @@ class DecodeWorker:
         with self._lock:
             return {"worker_id": self.worker_id, "num_blocks": self.blocks.num_blocks,
                     "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
+                    "cached_blocks": self.blocks.num_cached,
                     "running": len(self.batcher.running), "waiting": len(self.batcher.waiting),
                     "steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows}
 
@@ -194,8 +211,13 @@ class DecodeWorker:
             self._shared.close()
 
     # ---- decode loop -------------------------------------------------------------------
+    def _kv_complete(self, a: Admission) -> bool:
+        # Same-node transports wrote straight into the pool before the prefill call returned.
+        return a.transport in ("shm", "cuda_ipc") or self.inbox.is_complete(a.request_id)
+
     def _release_locked(self, request_id: str) -> int:
         self._admitted.discard(request_id)
+        self._prompts.pop(request_id, None)
         self.inbox.forget(request_id)
         return self.blocks.free(request_id)
 
@@ -244,6 +266,9 @@ class DecodeWorker:
 
     def _finish(self, seq: DecodeSequence, error: str | None = None) -> None:
         with self._lock:
+            if error is None and self.blocks.holds(seq.request_id):
+                # Every token but the newest has its KV in the pool: key those blocks too.
+                self.blocks.register(seq.request_id, self._prompts.get(seq.request_id, ()) + tuple(seq.output[:-1]))
             self._release_locked(seq.request_id)
         self._results.put(DecodeResult(
             request_id=seq.request_id, token_ids=tuple(seq.output), finish_reason=seq.finish_reason or "error",

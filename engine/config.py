@@ -103,6 +103,8 @@ class EngineConfig:
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's choice
     attention_backend: str = "auto"  # auto (CUDA: triton, CPU: cpu) | torch | cpu (native kernel) | triton
     enforce_eager: bool = False  # CUDA: no decode graphs (vLLM's --enforce-eager)
+    enable_prefix_caching: bool = True  # share cached prompt blocks (decode pool, prefill cache, routing)
+    prefill_cache_gib: float = 0.5  # each prefill worker's own KV pool, kept as a prefix cache
     cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
 
     def __post_init__(self) -> None:

@@ -27,9 +27,11 @@ class DirectWriteConnection(KVConnection):
         self.pool = pool
         self._transfers: dict[str, _Transfer] = {}
 
-    def begin(self, request_id: str, block_table: list[int], num_tokens: int) -> TransferHandle:
-        self._transfers[request_id] = _Transfer(block_runs(block_table, self.pool.layout.block_size, num_tokens))
-        return TransferHandle(request_id, tuple(block_table), num_tokens, time.time())
+    def begin(self, request_id: str, block_table: list[int], num_tokens: int,
+              first_block: int = 0) -> TransferHandle:
+        bs = self.pool.layout.block_size
+        self._transfers[request_id] = _Transfer(block_runs(block_table, bs, num_tokens - first_block * bs, first_block))
+        return TransferHandle(request_id, tuple(block_table), num_tokens, time.time(), first_block)
 
     def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         t = self._transfers[handle.request_id]

@@ -32,6 +32,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
     g.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
                    help="auto: Triton kernels on CUDA, the native kernel on a CPU; torch: the reference path")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of prompt prefixes already computed (prefill) or held (decode)")
+    g.add_argument("--prefill-cache-gib", type=float, default=0.5,
+                   help="each prefill worker's prefix-cache pool (with --enable-prefix-caching)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -73,7 +77,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     kwargs = dict(model=args.model, dtype=args.dtype, device=args.device,
                   block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                   max_prefill_tokens=args.max_prefill_tokens, enforce_eager=args.enforce_eager,
-                  attention_backend=args.attention_backend)
+                  attention_backend=args.attention_backend, enable_prefix_caching=args.enable_prefix_caching,
+                  prefill_cache_gib=args.prefill_cache_gib)
     if args.cache_dir:
         kwargs["cache_dir"] = args.cache_dir
     return EngineConfig(**kwargs)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig, SamplingParams
 from engine.kv_cache import KVLayout
+from engine.prefix_cache import KVEvents
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,16 @@ class Reservation:
     request_id: str
     prompt_tokens: int
     max_tokens: int
+    prompt_token_ids: tuple[int, ...] = ()  # lets the decode worker share blocks it already caches
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Decode worker -> router: a reservation held. The first `cached_blocks` blocks of the table
+    already hold this prompt's KV (prefix cache): the prefill worker sends only the rest."""
+
+    block_table: tuple[int, ...]
+    cached_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class PrefillTask:
     params: SamplingParams
     decode: KVEndpoint
     block_table: tuple[int, ...]
+    cached_blocks: int = 0  # leading blocks the decode worker already holds: not sent
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,8 @@ class PrefillResult:
     kv_bytes: int
     transfer_busy_s: float = 0.0  # time spent moving bytes (the span overlaps prefill)
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefill worker's prefix cache (not computed)
+    kv_events: KVEvents | None = None  # the worker's prefix-cache changes; on the first result of a batch
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,7 @@ class DecodePoll:
     results: tuple[DecodeResult, ...]
     loop_stalled_s: float
     progress: tuple[TokenProgress, ...] = ()  # poll(stream=True) only
+    kv_events: KVEvents | None = None  # prefix-cache blocks stored/evicted since the last poll
 
 
 @dataclass(frozen=True)

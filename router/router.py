@@ -25,9 +25,18 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from proto.messages import Admission, DecodeResult, KVEndpoint, PrefillResult, PrefillTask, Reservation, TokenProgress
+from proto.messages import (
+    Admission,
+    DecodeResult,
+    Grant,
+    KVEndpoint,
+    PrefillResult,
+    PrefillTask,
+    Reservation,
+    TokenProgress,
+)
 from router.api import OnFinished, OnTokens
-from router.placement import DecodeCapacity, Placement
+from router.placement import DecodeCapacity, Placement, PrefixRouting
 from router.queue import DEFAULT_BUCKET_EDGES, LengthBucketQueue
 from router.request import Request, State
 
@@ -83,6 +92,7 @@ class Router:
         self.on_tokens = on_tokens
         self.queue: LengthBucketQueue[Request] = LengthBucketQueue(config.bucket_edges, config.aging_s)
         self.placement = Placement()
+        self.routing = PrefixRouting()  # KV-aware: where each prompt's prefix is cached
         for wid, ep in workers.endpoints.items():
             self._add_decode_capacity(wid, ep)
         self.active: dict[str, Request] = {}  # request_id -> unfinished request
@@ -168,6 +178,8 @@ class Router:
         elif call.kind == "poll":
             self._polling.discard(call.worker_id)
             self._on_progress(value.progress)
+            if self.routing.decode_index is not None:
+                self.routing.decode_index.apply(call.worker_id, value.kv_events)
             self._on_decoded(value.results)
             if value.loop_stalled_s > self.config.stall_timeout_s:
                 self._hung("decode", call.worker_id, f"DecodeStalled: decode worker {call.worker_id} made no "
@@ -181,13 +193,19 @@ class Router:
             while (wid not in self._down and len(self.queue)
                    and self._prefill_load[wid] < self.config.prefill_batches_in_flight):
                 if not self._send_prefill_batch(wid, handle):
-                    return  # nothing fits on any decode worker now; wait for blocks to free
+                    break  # nothing fits on a decode worker, or the head request is cheaper elsewhere
 
     def _send_prefill_batch(self, wid: str, handle: Any) -> bool:
         chosen: dict[str, str] = {}
+        ready = [w for w in self.workers.prefill if w not in self._down
+                 and self._prefill_load[w] < self.config.prefill_batches_in_flight]
 
-        def fits(req: Request) -> bool:  # does_fit + reserve in the mirror
-            where = self.placement.place(req.attempt_id, req.prompt_len + req.params.max_tokens)
+        def fits(req: Request) -> bool:  # the cheapest prefill worker is this one; does_fit + reserve in the mirror
+            keys = self.routing.keys(req.prompt_token_ids)
+            if self.routing.prefill_worker(ready, keys, req.prompt_len) != wid:
+                return False
+            where = self.placement.place(req.attempt_id, req.prompt_len + req.params.max_tokens,
+                                         self.routing.decode_overlap(keys))
             if where is not None:
                 chosen[req.attempt_id] = where
             return where is not None
@@ -204,8 +222,8 @@ class Router:
         for did, reqs in by_decode.items():
             tables = self._reserve(did, reqs)
             for req in reqs:
-                table = tables.get(req.attempt_id) if tables is not None else None
-                if table is None:
+                grant = tables.get(req.attempt_id) if tables is not None else None
+                if grant is None:
                     self.placement.release(did, req.attempt_id)
                     if tables is not None:  # the worker had less room than the mirror: a bug, but recoverable
                         log.warning("decode worker %s refused a reservation the router expected to fit", did)
@@ -213,8 +231,9 @@ class Router:
                     continue
                 req.prefill_worker = wid
                 req.move(State.PREFILL)
+                self.routing.prefill_sent(wid, req.attempt_id, self.routing.keys(req.prompt_token_ids), req.prompt_len)
                 tasks.append(PrefillTask(req.attempt_id, tuple(req.prompt_token_ids), req.params,
-                                         self.workers.endpoints[did], table))
+                                         self.workers.endpoints[did], grant.block_table, grant.cached_blocks))
         sent = [self._by_attempt[t.request_id] for t in tasks]
         if tasks:
             if self.on_prefill_batch:
@@ -223,11 +242,12 @@ class Router:
             self._calls[handle.prefill.remote(tasks)] = _Call("prefill", wid, sent)
         return True
 
-    def _reserve(self, did: str, reqs: list[Request]) -> dict[str, tuple[int, ...]] | None:
+    def _reserve(self, did: str, reqs: list[Request]) -> dict[str, Grant] | None:
         handle = self.workers.decode[did]
-        ask = [Reservation(r.attempt_id, r.prompt_len, r.params.max_tokens) for r in reqs]
+        ask = [Reservation(r.attempt_id, r.prompt_len, r.params.max_tokens, tuple(r.prompt_token_ids)) for r in reqs]
+        arrived = [a for _, a in self._held.get(did, ())]  # KV in place, admission held: shareable now
         try:
-            return ray.get(handle.reserve.remote(ask), timeout=self.config.call_timeout_s)
+            return ray.get(handle.reserve.remote(ask, arrived), timeout=self.config.call_timeout_s)
         except GetTimeoutError:
             self._hung("decode", did, f"CallTimeout: reserve call to {did} exceeded {self.config.call_timeout_s:.0f}s")
             return None
@@ -237,7 +257,10 @@ class Router:
 
     # ---- results -----------------------------------------------------------------------
     def _on_prefill(self, call: _Call, results: list[PrefillResult]) -> None:
+        self.routing.prefill_done(call.worker_id, [r.request_id for r in results])
         for res in results:
+            if self.routing.prefill_index is not None:
+                self.routing.prefill_index.apply(call.worker_id, res.kv_events)
             req = self._current(res.request_id)
             if req is None:
                 continue
@@ -249,6 +272,7 @@ class Router:
                                 transfer_start=res.transfer_start, transfer_end=res.transfer_end,
                                 first_token=res.prefill_end)
             req.transport, req.kv_bytes, req.kv_busy_s = res.transport, res.kv_bytes, res.transfer_busy_s
+            req.cached_tokens = res.cached_tokens
             req.output_token_ids = [res.first_token]
             self._stream(req)
             req.move(State.TRANSFER, at=res.prefill_end)
@@ -351,6 +375,7 @@ class Router:
             return
         log.warning("%s; requeueing its requests", reason)
         self._down.add(wid)
+        self.routing.worker_lost(wid)
         self._lost_at[wid] = time.time()
         for req in list(self.active.values()):
             if req.prefill_worker == wid and req.state == State.PREFILL:
@@ -363,6 +388,7 @@ class Router:
             return
         log.warning("%s; requeueing its requests", reason)
         self._down.add(did)
+        self.routing.worker_lost(did)
         self._lost_at[did] = time.time()
         self._polling.discard(did)
         self.placement.remove_worker(did)  # its reservations died with it
@@ -417,6 +443,7 @@ class Router:
     def _retire(self, role: str, wid: str, reason: str) -> None:
         log.error("%s; it will not come back", reason)
         self._down.discard(wid)
+        self.routing.worker_lost(wid)
         if role == "prefill":
             self.workers.prefill.pop(wid, None)
             self._prefill_load.pop(wid, None)
@@ -458,6 +485,7 @@ class Router:
         return self.workers.prefill if role == "prefill" else self.workers.decode
 
     def _add_decode_capacity(self, did: str, ep: KVEndpoint) -> None:
+        self.routing.configure(ep.layout.block_size, ep.model_fingerprint)
         self.placement.add_worker(DecodeCapacity(did, ep.layout.num_blocks, ep.layout.block_size,
                                                  self.workers.max_num_seqs))
 
