@@ -27,6 +27,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128, help="decode batch limit")
     g.add_argument("--max-prefill-tokens", type=int, default=2048, help="prefill batch token budget")
     g.add_argument("--cache-dir", default=None, help="where converted weights are cached")
+    g.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
+                   help="quantize linear-layer weights at load (int8 symmetric, int4 asymmetric, group-wise)")
+    g.add_argument("--quant-group-size", type=int, default=0,
+                   help="inputs per quantization scale; 0: int8 one per output channel, int4 64")
+    g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +72,8 @@ def router_config(args: argparse.Namespace, engine: EngineConfig) -> RouterConfi
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     kwargs = dict(model=args.model, dtype=args.dtype, device=args.device,
                   block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
-                  max_prefill_tokens=args.max_prefill_tokens)
+                  max_prefill_tokens=args.max_prefill_tokens, quantization=args.quantization,
+                  quant_group_size=args.quant_group_size, quantize_lm_head=args.quantize_lm_head)
     if args.cache_dir:
         kwargs["cache_dir"] = args.cache_dir
     return EngineConfig(**kwargs)
