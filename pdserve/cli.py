@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -270,6 +271,32 @@ def cmd_bench_kvtransfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quant(args: argparse.Namespace) -> int:
+    import json
+
+    from pdserve.bench.quant import QuantBench, run
+
+    bench = QuantBench(settings=tuple(s for s in args.settings.split(",") if s),
+                       batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+                       decode_steps=args.steps, repeats=args.repeats)
+    if args.quick:
+        bench = replace(bench, batch_sizes=(1, 4), decode_steps=2, repeats=1, num_prompts=2, agree_tokens=4,
+                        ppl_max_tokens=128)
+    kwargs = {"model": args.model, "num_threads": args.threads}
+    if args.cache_dir:
+        kwargs["cache_dir"] = args.cache_dir
+    engine = EngineConfig(**kwargs)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = run(bench, engine)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(report["last_line"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -351,6 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     kv.add_argument("--quick", action="store_true", help="two small caches, one repeat")
     kv.set_defaults(func=cmd_bench_kvtransfer)
+
+    qb = bench.add_parser("quant", help="quantized weights vs float: bytes, perplexity, agreement, decode tok/s")
+    qb.add_argument("--settings", default="float32,bfloat16,int8,int4,int4+lmhead",
+                    help="comma-separated: float32, bfloat16, int8, int4, each quantized one optionally +lmhead")
+    qb.add_argument("--batch-sizes", default="1,64", help="decode batch sizes to time")
+    qb.add_argument("--steps", type=int, default=16, help="timed decode steps per repeat")
+    qb.add_argument("--repeats", type=int, default=3)
+    qb.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    qb.add_argument("--model", default=None, help="as for run-batch; default SmolLM2-135M-Instruct")
+    qb.add_argument("--cache-dir", default=None)
+    qb.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
+    qb.add_argument("--json", default=None, help="also write the full report here")
+    qb.set_defaults(func=cmd_bench_quant)
     return parser
 
 
