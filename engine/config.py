@@ -103,7 +103,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | cpu (native paged kernel)
     cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
     quantization: str = "none"  # none | int8 | int4: linear-layer weights, quantized at load (engine.quant)
-    quant_group_size: int = 0  # inputs per scale; 0: int8 one per output channel, int4 64
+    quant_group_size: int = 0  # inputs per scale; 0: int8 one per output channel, int4 32
     quantize_lm_head: bool = False  # also quantize the LM head (the embedding stays float)
 
     def __post_init__(self) -> None:

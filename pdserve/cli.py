@@ -31,7 +31,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
                    help="quantize linear-layer weights at load (int8 symmetric, int4 asymmetric, group-wise)")
     g.add_argument("--quant-group-size", type=int, default=0,
-                   help="inputs per quantization scale; 0: int8 one per output channel, int4 64")
+                   help="inputs per quantization scale; 0: int8 one per output channel, int4 32")
     g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head")
 
 

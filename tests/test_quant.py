@@ -26,7 +26,7 @@ def _weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
     w[0, :] = 0  # an all-zero row: scale must not be 0
-    w[1, :] = w[1, :].abs() + 0.01  # all positive: int4 must still cover 0
+    w[1, :] = w[1, :].abs() + 0.01  # all positive
     w[2, :] = -w[2, :].abs()  # all negative
     return w
 
@@ -51,13 +51,15 @@ def test_round_trip_within_half_a_step(scheme, group_size):
         assert qw.zeros is None
     else:
         q = unpack_int4(qw.qweight)
-        assert qw.qweight.shape == (24, 96) and q.max() <= 15 and qw.zeros.max() <= 15
+        assert qw.qweight.shape == (24, 96) and q.max() <= 15
         assert torch.equal(q[:, 0::2], qw.qweight & 0xF) and torch.equal(q[:, 1::2], qw.qweight >> 4)
-        # every group's step spans its range in 15 steps, 0 included
-        lo = w.reshape(24, -1, group_size).amin(-1).clamp(max=0)
-        hi = w.reshape(24, -1, group_size).amax(-1).clamp(min=0)
+        # every group's 16 levels span exactly its own range: both ends come back exactly
+        lo = w.reshape(24, -1, group_size).amin(-1)
+        hi = w.reshape(24, -1, group_size).amax(-1)
         nonzero = hi > lo
-        assert torch.allclose(qw.scales[nonzero], ((hi - lo) / 15)[nonzero])
+        assert torch.allclose(qw.scales[nonzero], ((hi - lo) / 15)[nonzero]) and torch.equal(qw.zeros, lo)
+        dg = deq.reshape(24, -1, group_size)
+        assert torch.allclose(dg.amin(-1), lo, atol=1e-7) and torch.allclose(dg.amax(-1), hi, atol=1e-7)
 
 
 def test_bad_group_size_is_refused():
@@ -72,11 +74,14 @@ def test_bad_group_size_is_refused():
 def _cpu_tolerance(x: torch.Tensor, qw) -> torch.Tensor:
     """Error of the bf16-activation packed ops vs fp32 dequantize-then-matmul, bound per output.
 
-    Roundings to bf16 of x, of the scales (int4: also of the float zero (8 - z) * s, up to 8 steps), and
-    of the output, each within BF16_EPS / 2 relative."""
+    Roundings to bf16 of x, of the scales (int4: also of the float zero m + 8 s), and of the output,
+    each within BF16_EPS / 2 relative."""
     deq = dequantize(qw)
     ref = x @ deq.T
-    w_err = _scales_per_input(qw) * (8 if qw.scheme == "int4" else 0) + deq.abs()
+    w_err = deq.abs()
+    if qw.scheme == "int4":  # (q - 8) * s + (m + 8 s): the two roundings scale with |q - 8| s and |m + 8 s|
+        s, m = _scales_per_input(qw), qw.zeros.repeat_interleave(qw.group_size, dim=1)
+        w_err = w_err + 8 * s + (m + 8 * s).abs()
     return ref, BF16_EPS / 2 * (x.abs() @ (deq.abs() + w_err).T + ref.abs()) * 1.5 + 1e-6
 
 

@@ -10,11 +10,13 @@ from torch import nn
 from engine.quant.linear import QuantLinear
 from engine.quant.scheme import QuantizedWeight, check_group_size, quantize
 
-INT4_DEFAULT_GROUP = 64  # divides every input size of SmolLM2 (576, 1536) and suits torch's int4 CPU op
+# The GGUF Q4_0/Q4_1 block size: the default model's weights come as such blocks. torch's int4 CPU op takes it.
+INT4_DEFAULT_GROUP = 32
+FORMAT_VERSION = 1  # part of the cache key: bump when the canonical layout in scheme.py changes
 
 
 def resolve_group_size(scheme: str, group_size: int, in_features: int) -> int:
-    """0 means the scheme's default: int8 one group per output channel, int4 groups of 64."""
+    """0 means the scheme's default: int8 one group per output channel, int4 groups of 32."""
     if group_size:
         return group_size
     return in_features if scheme == "int8" else INT4_DEFAULT_GROUP
@@ -47,7 +49,7 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
         return
     lm_head = config.quantize_lm_head
     targets = linear_targets(model, lm_head)
-    tag = f"{scheme}-g{config.quant_group_size or 'default'}{'-lmhead' if lm_head else ''}"
+    tag = f"{scheme}-v{FORMAT_VERSION}-g{config.quant_group_size or 'default'}{'-lmhead' if lm_head else ''}"
 
     def build() -> dict[str, torch.Tensor]:
         return quantize_linears(targets, scheme, config.quant_group_size)

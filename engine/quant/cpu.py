@@ -34,10 +34,10 @@ class CPUQuantMatmul:
         if self.int8pack:
             self.scales_bf16 = qw.scales[:, 0].to(torch.bfloat16).contiguous()  # [N]
         if self.int4pack:
-            # tinygemm convention: w = (q - 8) * scale + zero, so zero = (8 - z) * scale; [G, N, 2]
+            # tinygemm convention: w = (q - 8) * scale + zero, so zero = m + 8 * scale; [G, N, 2]
             q = unpack_int4(qw.qweight).to(torch.int32)
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            sz = torch.stack([qw.scales, (8 - qw.zeros.float()) * qw.scales], dim=-1)
+            sz = torch.stack([qw.scales, qw.zeros + 8 * qw.scales], dim=-1)
             self.scale_zeros_bf16 = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
 
     @property

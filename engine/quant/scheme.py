@@ -3,13 +3,16 @@
 A weight W [N, K] (N output channels, K inputs) is cut into groups of `group_size`
 consecutive inputs per output channel; each group has its own scale.
 
-    int8 (symmetric):   q in [-127, 127],  w ~ q * s,        s = max|w_g| / 127
-    int4 (asymmetric):  q in [0, 15],      w ~ (q - z) * s,  s = (max(w_g, 0) - min(w_g, 0)) / 15,
-                        z = round(-min(w_g, 0) / s) in [0, 15]
+    int8 (symmetric):   q in [-127, 127],  w ~ q * s,      s = max|w_g| / 127
+    int4 (asymmetric):  q in [0, 15],      w ~ q * s + m,  s = (max(w_g) - min(w_g)) / 15,  m = min(w_g)
 
-Both round to nearest, so |w - dequant(w)| <= s / 2 in every group. int4 values
-are packed two per byte along K: byte[n, k // 2] = q[n, k] | q[n, k + 1] << 4
-(k even). Scales are float32 [N, G]; int4 zero points are uint8 [N, G].
+Both round to nearest, so |w - dequant(w)| <= s / 2 in every group. The int4 zero
+point is kept as a float offset m (the group minimum), as llama.cpp's Q4_1 and
+torch's int4 CPU layout do, rather than an integer z with m = -z * s: that spends
+the 16 levels on the group's own range, and groups of 32 then hold a Q4_1
+checkpoint (the default model) almost exactly. int4 values are packed two per
+byte along K: byte[n, k // 2] = q[n, k] | q[n, k + 1] << 4 (k even). Scales and
+int4 offsets are float32 [N, G].
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class QuantizedWeight:
     group_size: int
     qweight: torch.Tensor  # int8 [N, K] | uint8 [N, K // 2]
     scales: torch.Tensor  # float32 [N, G]
-    zeros: torch.Tensor | None  # uint8 [N, G] for int4, else None
+    zeros: torch.Tensor | None  # float32 [N, G] offsets m for int4, else None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -76,13 +79,12 @@ def quantize(w: torch.Tensor, scheme: str, group_size: int) -> QuantizedWeight:
         s = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.round(g / s[..., None]).clamp(-127, 127).to(torch.int8).reshape(n, k)
         return QuantizedWeight(scheme, group_size, q.contiguous(), s.contiguous(), None)
-    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    lo, hi = g.amin(-1), g.amax(-1)
     s = (hi - lo) / 15
     s = torch.where(s > 0, s, torch.ones_like(s))
-    z = torch.round(-lo / s).clamp(0, 15)
-    q = (torch.round(g / s[..., None]) + z[..., None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
+    q = torch.round((g - lo[..., None]) / s[..., None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return QuantizedWeight(scheme, group_size, packed.contiguous(), s.contiguous(), z.to(torch.uint8).contiguous())
+    return QuantizedWeight(scheme, group_size, packed.contiguous(), s.contiguous(), lo.contiguous())
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -98,5 +100,5 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
         q = qw.qweight.float()
         return (q.reshape(n, -1, gs) * qw.scales[..., None].float()).reshape(n, k).to(dtype)
     q = unpack_int4(qw.qweight).float().reshape(n, -1, gs)
-    w = (q - qw.zeros[..., None].float()) * qw.scales[..., None].float()
+    w = q * qw.scales[..., None].float() + qw.zeros[..., None].float()
     return w.reshape(n, k).to(dtype)

@@ -5,7 +5,7 @@ never straddle a quantization group (BLOCK_K divides group_size), so one scale
 (and zero point) per output channel serves the whole step:
 
     int8: w[n, k] = q[n, k] * s[n, k // G]
-    int4: w[n, k] = (nibble(q[n, k // 2], k % 2) - z[n, k // G]) * s[n, k // G]
+    int4: w[n, k] = nibble(q[n, k // 2], k % 2) * s[n, k // G] + m[n, k // G]
 
 `@triton.jit` reads TRITON_INTERPRET when this module is imported: set it before
 importing to run the kernel on the CPU under Triton's interpreter (the tests do).
@@ -40,8 +40,8 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K,
         if INT4:
             byte = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :] // 2, mask=n_ok[:, None], other=0)
             q = ((byte >> ((rk[None, :] % 2) * 4)) & 0xF).to(tl.float32)  # [BN, BK]
-            z = tl.load(z_ptr + rn * stride_sn + g, mask=n_ok, other=0).to(tl.float32)
-            w = (q - z[:, None]) * s[:, None]
+            m = tl.load(z_ptr + rn * stride_sn + g, mask=n_ok, other=0.0)
+            w = q * s[:, None] + m[:, None]
         else:
             q = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :], mask=n_ok[:, None], other=0)
             w = q.to(tl.float32) * s[:, None]
@@ -66,7 +66,7 @@ class TritonQuantMatmul:
             raise ValueError(f"the Triton quant kernel needs group_size divisible by 16, got {qw.group_size}")
         self.qw = qw
         self.scales = qw.scales.float().contiguous()
-        self.zeros = qw.zeros if qw.zeros is not None else qw.scales  # unused for int8 (INT4 is constexpr)
+        self.zeros = qw.zeros.float().contiguous() if qw.zeros is not None else self.scales  # int8: unused
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
