@@ -17,6 +17,7 @@ from engine.kv_cache import KVLayout, KVPool
 from engine.loader import load_hf_config, load_state_dict, read_generation_eos, resolve_model
 from engine.model.llama import CausalLM
 from engine.model.ops import ops_for
+from engine.quant import quantize_model
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     model.load_hf_weights(load_state_dict(folder))
+    quantize_model(model, config, folder)  # --quantization: swaps linear layers for QuantLinear
     model = model.to(device=config.device, dtype=config.torch_dtype).eval()
     model.init_rope(config.torch_dtype)
     return LoadedModel(folder, arch, model)

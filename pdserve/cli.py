@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV of prompt prefixes already computed (prefill) or held (decode)")
     g.add_argument("--prefill-cache-gib", type=float, default=0.5,
                    help="each prefill worker's prefix-cache pool (with --enable-prefix-caching)")
+    g.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
+                   help="quantize linear-layer weights at load (int8 symmetric, int4 asymmetric, group-wise)")
+    g.add_argument("--quant-group-size", type=int, default=0,
+                   help="inputs per quantization scale; 0: int8 one per output channel, int4 32")
+    g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -78,7 +84,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                   block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                   max_prefill_tokens=args.max_prefill_tokens, enforce_eager=args.enforce_eager,
                   attention_backend=args.attention_backend, enable_prefix_caching=args.enable_prefix_caching,
-                  prefill_cache_gib=args.prefill_cache_gib)
+                  prefill_cache_gib=args.prefill_cache_gib,
+                  quantization=args.quantization, quant_group_size=args.quant_group_size,
+                  quantize_lm_head=args.quantize_lm_head)
     if args.cache_dir:
         kwargs["cache_dir"] = args.cache_dir
     return EngineConfig(**kwargs)
@@ -291,6 +299,32 @@ def cmd_bench_kvtransfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quant(args: argparse.Namespace) -> int:
+    import json
+
+    from pdserve.bench.quant import QuantBench, run
+
+    bench = QuantBench(settings=tuple(s for s in args.settings.split(",") if s),
+                       batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+                       decode_steps=args.steps, repeats=args.repeats)
+    if args.quick:
+        bench = replace(bench, batch_sizes=(1, 4), decode_steps=2, repeats=1, num_prompts=2, agree_tokens=4,
+                        ppl_max_tokens=128)
+    kwargs = {"model": args.model, "num_threads": args.threads}
+    if args.cache_dir:
+        kwargs["cache_dir"] = args.cache_dir
+    engine = EngineConfig(**kwargs)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = run(bench, engine)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(report["last_line"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -375,6 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     kv.add_argument("--quick", action="store_true", help="two small caches, one repeat")
     kv.set_defaults(func=cmd_bench_kvtransfer)
+
+    qb = bench.add_parser("quant", help="quantized weights vs float: bytes, perplexity, agreement, decode tok/s")
+    qb.add_argument("--settings", default="float32,bfloat16,int8,int4,int4+lmhead",
+                    help="comma-separated: float32, bfloat16, int8, int4, each quantized one optionally +lmhead")
+    qb.add_argument("--batch-sizes", default="1,64", help="decode batch sizes to time")
+    qb.add_argument("--steps", type=int, default=16, help="timed decode steps per repeat")
+    qb.add_argument("--repeats", type=int, default=3)
+    qb.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    qb.add_argument("--model", default=None, help="as for run-batch; default SmolLM2-135M-Instruct")
+    qb.add_argument("--cache-dir", default=None)
+    qb.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
+    qb.add_argument("--json", default=None, help="also write the full report here")
+    qb.set_defaults(func=cmd_bench_quant)
     return parser
 
 
