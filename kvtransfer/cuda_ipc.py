@@ -66,13 +66,15 @@ class CudaIpcConnection(KVConnection):
         self.stream = torch.cuda.Stream(device=self.device)
         self._transfers: dict[str, _Transfer] = {}
 
-    def begin(self, request_id: str, block_table: list[int], num_tokens: int) -> TransferHandle:
+    def begin(self, request_id: str, block_table: list[int], num_tokens: int,
+              first_block: int = 0) -> TransferHandle:
+        """Tokens from `first_block` on are sent (the receiver holds the blocks before it)."""
         bs = self.pool.layout.block_size
         table = torch.tensor(block_table, dtype=torch.int64)
-        positions = torch.arange(num_tokens)
+        positions = torch.arange(first_block * bs, num_tokens)
         slots = table[positions // bs] * bs + positions % bs
         self._transfers[request_id] = _Transfer(slots.to(self.device, non_blocking=True))
-        return TransferHandle(request_id, tuple(block_table), num_tokens, time.time())
+        return TransferHandle(request_id, tuple(block_table), num_tokens, time.time(), first_block)
 
     def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         t = self._transfers[handle.request_id]
