@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,8 @@ class DecodeSequence:
     token_times: list[float]
     admitted_at: float = field(default_factory=time.time)
     finish_reason: str | None = None
+    prompt_token_ids: tuple[int, ...] = ()  # carried only when a drafter needs them (ngram)
+    spec: Any = None  # speculative decoding's per-request state (decode_worker/speculative.py)
 
     @property
     def next_position(self) -> int:
@@ -76,8 +79,15 @@ class ContinuousBatcher:
         self.graphs = DecodeGraphs(runner.model, runner.backend, pool, max_num_seqs, max_blocks,
                                    capture=on_gpu) if cuda_graphs else None
         self.overlap = on_gpu if overlap is None else overlap
+        self.speculative: Any = None  # a SpeculativeStepper (decode_worker/speculative.py): enable_speculation
         self._in_flight: _InFlight | None = None
         self._retiring: list[DecodeSequence] = []  # finished, blocks held until the step in flight completes
+
+    def enable_speculation(self, stepper: Any) -> None:
+        """Hand each step to `stepper` first. Its drafts are ragged host lists, so steps do not overlap."""
+        self.speculative = stepper
+        if stepper is not None:
+            self.overlap = False
 
     def add(self, seq: DecodeSequence) -> DecodeSequence | None:
         """Queue a sequence; return it right away if its first token already ended it."""
@@ -123,6 +133,8 @@ class ContinuousBatcher:
             self._settle()
             done, self._retiring = self._retiring, []
             return done
+        if self.speculative is not None:
+            return self._speculative_or_plain_step()
         launched = self._launch()
         if not self.overlap:
             return self._collect(launched)
@@ -132,6 +144,24 @@ class ContinuousBatcher:
         # what finished in `previous` rode along in `launched` and waits for the next call.
         done, self._retiring = self._retiring, finished
         return done
+
+    def _speculative_or_plain_step(self) -> list[DecodeSequence]:
+        """A speculative step when the stepper finds one worth it, else a plain one it learns costs from.
+        After a speculative step the device rows are rebuilt from the sequences (several tokens moved)."""
+        result = self.speculative.step(self.running)
+        if result is None:
+            started = time.perf_counter()
+            batch = len(self.running)
+            finished = self._collect(self._launch())
+            self.speculative.observe_plain(batch, time.perf_counter() - started)
+            return finished
+        finished, still = result
+        while self.state.n:
+            self.state.remove(self.state.n - 1)
+        for seq in still:
+            self.state.append(seq.output[-1], seq.next_position, len(seq.output), seq.block_table, seq.params)
+        self.running = list(still)
+        return finished
 
     def _launch(self) -> _InFlight:
         """Enqueue one step over rows [0, n) and the copy of its sampled ids to the host."""
