@@ -32,6 +32,18 @@ def _online_step(q, k, v, valid, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _paged_kv_tile(K, V, table_row, pos, pmask, kvh, stride_b, stride_s, stride_h, offs_d, dmask, BS: tl.constexpr):
+    """K and V of the tokens at positions `pos` of one sequence ([N, D] each), found through its
+    block table row: token p lives at block table[p // BS], slot p % BS."""
+    blk = tl.load(table_row + pos // BS, mask=pmask, other=0).to(tl.int64)
+    off = blk * stride_b + (pos % BS) * stride_s + kvh * stride_h
+    kv_mask = pmask[:, None] & dmask[None, :]
+    k = tl.load(K + off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _decode_split_kernel(Q, K, V, Tables, Lens, MidO, MidLse, scale,
                          stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
                          G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
@@ -54,11 +66,8 @@ def _decode_split_kernel(Q, K, V, Tables, Lens, MidO, MidLse, scale,
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pmask = pos < end
-        blk = tl.load(Tables + b * stride_tb + pos // BS, mask=pmask, other=0).to(tl.int64)
-        off = blk * stride_kb + (pos % BS) * stride_ks + kvh * stride_kh
-        kv_mask = pmask[:, None] & dmask[None, :]
-        k = tl.load(K + off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _paged_kv_tile(K, V, Tables + b * stride_tb, pos, pmask, kvh, stride_kb, stride_ks, stride_kh,
+                              offs_d, dmask, BS)
         m_i, l_i, acc = _online_step(q, k, v, hmask[:, None] & pmask[None, :], m_i, l_i, acc, scale, PRECISION)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), float("-inf"))
@@ -145,11 +154,8 @@ def _extend_kernel(Q, Kn, Vn, Kc, Vc, CuQ, PrefixLens, Tables, Out, scale,
             for n0 in range(0, prefix, BLOCK_N):
                 pos = n0 + tl.arange(0, BLOCK_N)
                 pmask = pos < prefix
-                blk = tl.load(Tables + b * stride_tb + pos // BS, mask=pmask, other=0).to(tl.int64)
-                off = blk * stride_cb + (pos % BS) * stride_cs + kvh * stride_ch
-                kv_mask = pmask[:, None] & dmask[None, :]
-                k = tl.load(Kc + off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(Vc + off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+                k, v = _paged_kv_tile(Kc, Vc, Tables + b * stride_tb, pos, pmask, kvh, stride_cb, stride_cs,
+                                      stride_ch, offs_d, dmask, BS)
                 m_i, l_i, acc = _online_step(q, k, v, mmask[:, None] & pmask[None, :], m_i, l_i, acc, scale,
                                              PRECISION)
         hi = tl.minimum(q_len, (mblk + 1) * BLOCK_M)
