@@ -30,7 +30,7 @@ from kvtransfer.base import (
     Unauthenticated,
 )
 from kvtransfer.inbox import KVInbox
-from kvtransfer.wire import DEFAULT_MAX_CHUNK_BYTES, decode_chunk, encode_layer
+from kvtransfer.wire import DEFAULT_MAX_CHUNK_BYTES, decode_chunk, encode_frames, parse_frame
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
 from proto.messages import TLSFiles
@@ -40,6 +40,24 @@ _MAX_MESSAGE = 64 << 20
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE),
                     ("grpc.max_receive_message_length", _MAX_MESSAGE)]
 _QUEUED_LAYERS = 8  # per request: layers waiting to be encoded and sent
+
+
+_SERVICE = "pdserve.kv.KVTransfer"
+_PUSH_KV = f"/{_SERVICE}/PushKV"
+
+
+def _add_servicer(servicer: pb_grpc.KVTransferServicer, server: grpc.Server) -> None:
+    """As the generated add_KVTransferServicer_to_server, but PushKV's chunks arrive as `Frame`s:
+    the payload stays in the received bytes instead of being copied into a message."""
+    handlers = {
+        "Handshake": grpc.unary_unary_rpc_method_handler(
+            servicer.Handshake, request_deserializer=pb.HandshakeRequest.FromString,
+            response_serializer=pb.HandshakeReply.SerializeToString),
+        "PushKV": grpc.stream_unary_rpc_method_handler(
+            servicer.PushKV, request_deserializer=parse_frame, response_serializer=pb.PushReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    server.add_registered_method_handlers(_SERVICE, handlers)
 
 
 def layout_spec(layout: KVLayout) -> pb.KVLayoutSpec:
@@ -70,9 +88,10 @@ class _Servicer(pb_grpc.KVTransferServicer):
         self._authenticate(context)
         request_id, chunks, nbytes = "", 0, 0
         try:
-            for chunk in request_iterator:
+            for frame in request_iterator:  # Frames: see parse_frame
+                chunk = frame.header
                 request_id = chunk.request_id
-                k, v = decode_chunk(chunk, self.inbox.layout)
+                k, v = decode_chunk(chunk, self.inbox.layout, frame.data)
                 nbytes += self.inbox.accept(chunk.request_id, chunk.layer, chunk.block_start, chunk.num_blocks, k, v)
                 chunks += 1
         except IntegrityError as e:
@@ -87,8 +106,7 @@ class KVServer:
     def __init__(self, inbox: KVInbox, *, receiver_id: str, model_fingerprint: str, auth_token: str,
                  host: str = "127.0.0.1", port: int = 0, max_workers: int = 16, tls: TLSFiles | None = None) -> None:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_CHANNEL_OPTIONS)
-        pb_grpc.add_KVTransferServicer_to_server(
-            _Servicer(inbox, receiver_id, model_fingerprint, auth_token), self._server)
+        _add_servicer(_Servicer(inbox, receiver_id, model_fingerprint, auth_token), self._server)
         self.tls = tls is not None
         if tls is not None:
             cert, key, _ = tls.read()
@@ -107,7 +125,7 @@ class KVServer:
 class _Stream:
     """One request's client stream: a bounded queue of layers and the call consuming it."""
 
-    def __init__(self, stub: pb_grpc.KVTransferStub, metadata: list[tuple[str, str]], handle: TransferHandle,
+    def __init__(self, stub, metadata: list[tuple[str, str]], handle: TransferHandle,
                  block_size: int, max_chunk_bytes: int, timeout: float) -> None:
         self.layers: queue.Queue = queue.Queue(maxsize=_QUEUED_LAYERS)
         self.bytes = 0
@@ -122,13 +140,14 @@ class _Stream:
                     self.drained = time.perf_counter()
                     return
                 started = time.perf_counter()
-                layer, k, v = item
-                for chunk in encode_layer(handle.request_id, layer, k, v, block_size, max_chunk_bytes):
-                    chunk.block_start += handle.first_block  # blocks the receiver caches are not sent
-                    yield chunk
+                layer, k, v, copied = item
+                if copied is not None:  # a GPU layer staged on a side stream: wait for its copy only
+                    copied.synchronize()
+                yield from encode_frames(handle.request_id, layer, k, v, block_size, max_chunk_bytes,
+                                         handle.first_block)
                 self.busy_s += time.perf_counter() - started
 
-        self.call = stub.PushKV.future(chunks(), metadata=metadata, timeout=timeout)
+        self.call = stub(chunks(), metadata=metadata, timeout=timeout)
 
 
 class GrpcConnection(KVConnection):
@@ -152,7 +171,10 @@ class GrpcConnection(KVConnection):
         else:
             self._channel = grpc.insecure_channel(endpoint.grpc_address, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.KVTransferStub(self._channel)
+        self._push = self._channel.stream_unary(_PUSH_KV, request_serializer=None,  # frames are serialized already
+                                                response_deserializer=pb.PushReply.FromString).future
         self._streams: dict[str, _Stream] = {}
+        self._copy_stream = None  # CUDA: the side stream that stages layers into pinned host memory
         try:
             reply = self._stub.Handshake(
                 pb.HandshakeRequest(sender_id=sender_id, model_fingerprint=model_fingerprint,
@@ -168,14 +190,14 @@ class GrpcConnection(KVConnection):
     def begin(self, request_id: str, block_table: list[int], num_tokens: int,
               first_block: int = 0) -> TransferHandle:
         handle = TransferHandle(request_id, tuple(block_table), num_tokens, time.time(), first_block)
-        self._streams[request_id] = _Stream(self._stub, self._metadata, handle, self.block_size,
+        self._streams[request_id] = _Stream(self._push, self._metadata, handle, self.block_size,
                                             self.max_chunk_bytes, self.timeout)
         return handle
 
     def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         stream = self._streams[handle.request_id]
         deadline = handle.started + self.timeout
-        item = (layer, k.cpu(), v.cpu())
+        item = (layer, *self._to_host(k, v))
         while True:
             if stream.call.done():  # the receiver ended the call early: surface its error now
                 self._raise_from(stream, handle)
@@ -188,6 +210,24 @@ class GrpcConnection(KVConnection):
                     raise TransferTimeout(
                         f"KV of request {handle.request_id} stalled past {self.timeout:.0f}s") from full
         stream.bytes += (k.numel() + v.numel()) * k.element_size()
+
+    def _to_host(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """CPU tensors as they are. GPU tensors: copied into pinned buffers on a side stream that waits for
+        the layer's compute, so prefill goes on while the copy runs; the sender waits on the event."""
+        if not k.is_cuda:
+            return k, v, None
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=k.device)
+        side = self._copy_stream
+        side.wait_stream(torch.cuda.current_stream(k.device))
+        with torch.cuda.stream(side):
+            hk = torch.empty(k.shape, dtype=k.dtype, pin_memory=True).copy_(k, non_blocking=True)
+            hv = torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(side)
+        k.record_stream(side)  # the allocator must not reuse them before the copy has read them
+        v.record_stream(side)
+        return hk, hv, copied
 
     def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
         stream = self._streams.pop(handle.request_id)

@@ -294,7 +294,8 @@ def cmd_bench_kvtransfer(args: argparse.Namespace) -> int:
     from engine.cpu_features import CpuInfo
 
     print(CpuInfo.here().describe())
-    report = run(KVBench(tokens=tokens, transports=transports, dtype=args.dtype, repeats=1 if args.quick else 3))
+    report = run(KVBench(tokens=tokens, transports=transports, dtype=args.dtype, repeats=1 if args.quick else 3,
+                         chunk_kib=args.chunk_kib))
     print(last_line(report, transports))
     return 0
 
@@ -408,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--transports", default="shm,grpc")
     kv.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     kv.add_argument("--quick", action="store_true", help="two small caches, one repeat")
+    kv.add_argument("--chunk-kib", type=int, default=0, help="gRPC chunk size to try (0: the default)")
     kv.set_defaults(func=cmd_bench_kvtransfer)
 
     qb = bench.add_parser("quant", help="quantized weights vs float: bytes, perplexity, agreement, decode tok/s")

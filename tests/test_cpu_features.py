@@ -73,3 +73,17 @@ def test_kernel_is_built_into_its_cpu_keyed_folder_and_imported_from_there():
     assert module is not None, "the native CPU kernel did not build (needs a C++ compiler)"
     name = cpu_extension_name(cpu_flags())
     assert Path(module.__file__) == build_dir(name) / f"{name}.so"
+
+
+def test_status_prints_each_workers_dtype_and_cpu(capsys):
+    from pdserve.cli import _print_status
+
+    line = CpuInfo("Some EPYC", isa_features(AVX2_ONLY), False).describe("float32")
+    worker = {"node_ip": "10.0.0.1", "pid": 1, "device": "cpu", "gpu": None, "threads": 2, "dtype": "float32",
+              "cpu": line}
+    _print_status({"name": "d", "model": "default", "dtype": "auto", "uptime_s": 1, "in_flight": 0, "queued": 0,
+                   "workers": [dict(worker, worker_id="prefill-0"), dict(worker, worker_id="decode-0", num_blocks=8,
+                                                                         free_blocks=8, running=0)]})
+    out = capsys.readouterr().out
+    assert "(auto)" in out and out.count(" float32 ") == 2 and "0/8" in out
+    assert out.strip().endswith(line) and out.count("Some EPYC") == 1  # one line per kind of CPU

@@ -159,14 +159,13 @@ def test_corrupted_chunk_is_detected(receiver):
 def test_corruption_surfaces_as_a_typed_error_on_the_sender(receiver, monkeypatch):
     import kvtransfer.grpc_transport as gt
 
-    real = gt.encode_layer
+    real = gt.encode_frames
 
     def flip(*args, **kwargs):
-        for chunk in real(*args, **kwargs):
-            chunk.crc32 ^= 1
-            yield chunk
+        for frame in real(*args, **kwargs):
+            yield frame[:-1] + bytes([frame[-1] ^ 1])  # one bit of the payload's last byte
 
-    monkeypatch.setattr(gt, "encode_layer", flip)
+    monkeypatch.setattr(gt, "encode_frames", flip)
     layout = receiver.pool.layout
     conn = GrpcConnection(receiver.endpoint, sender_id="p", auth_token=TOKEN, sender_layout=layout,
                           model_fingerprint=FINGERPRINT, timeout=10)

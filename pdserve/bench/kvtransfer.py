@@ -33,6 +33,7 @@ class KVBench:
     head_dim: int = 64
     block_size: int = 16
     repeats: int = 3
+    chunk_kib: int = 0  # gRPC chunk size; 0: the transport's default (kvtransfer/wire.py)
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -118,9 +119,18 @@ def _memcpy_gbps(nbytes: int, repeats: int) -> float:
     return nbytes / best / 1e9
 
 
-def run(bench: KVBench, print_fn=print) -> dict:
+def _connect(endpoint, transport: str, layout: KVLayout, chunk_kib: int):
     from kvtransfer.base import connect
 
+    kwargs = dict(sender_id="bench-prefill", auth_token=TOKEN, sender_layout=layout, model_fingerprint=FINGERPRINT)
+    if transport == "grpc" and chunk_kib:
+        from kvtransfer.grpc_transport import GrpcConnection
+
+        return GrpcConnection(endpoint, **kwargs, timeout=30.0, max_chunk_bytes=chunk_kib << 10)
+    return connect(endpoint, transport, **kwargs)
+
+
+def run(bench: KVBench, print_fn=print) -> dict:
     torch.set_num_threads(1)
     biggest = max(bench.tokens)
     probe = KVLayout(bench.num_layers, 1, bench.block_size, bench.num_kv_heads, bench.head_dim, bench.dtype)
@@ -130,8 +140,7 @@ def run(bench: KVBench, print_fn=print) -> dict:
     endpoint = receiver.endpoint
     rows = []
     try:
-        conns = {t: connect(endpoint, t, sender_id="bench-prefill", auth_token=TOKEN, sender_layout=layout,
-                            model_fingerprint=FINGERPRINT) for t in bench.transports}
+        conns = {t: _connect(endpoint, t, layout, bench.chunk_kib) for t in bench.transports}
         for tokens in bench.tokens:
             g = torch.Generator().manual_seed(tokens)
             kv = torch.randn(layout.num_layers, 2, tokens, layout.num_kv_heads, layout.head_dim,
