@@ -157,6 +157,20 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pdserve.observability.metrics import SLO
+    from pdserve.serve.admission import AdmissionConfig
+    from pdserve.serve.server import ServeOptions, serve_forever
+
+    engine = engine_config(args)
+    options = ServeOptions(host=args.host, port=args.port, api_key=args.api_key,
+                           admission=AdmissionConfig(args.admission, args.max_queue, args.admission_headroom),
+                           slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
+                           default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout)
+    serve_forever(engine, cluster_config(args), router_config(args, engine), options, deployment=args.deployment)
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from pdserve.observability.metrics import SLO
     from pdserve.runtime.deployment import DeploymentSpec, deploy
@@ -351,6 +365,27 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(rb)
     _cluster_args(rb)
     rb.set_defaults(func=cmd_run_batch)
+
+    sv = sub.add_parser("serve", help="serve the OpenAI API (chat, completions, streaming) over HTTP")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    sv.add_argument("--admission", default="always", choices=("always", "slo"),
+                    help="slo: refuse at once (429 + Retry-After) a request whose predicted TTFT exceeds its SLO")
+    sv.add_argument("--admission-headroom", type=float, default=0.8,
+                    help="slo: admit while the predicted TTFT is within this share of the TTFT SLO")
+    sv.add_argument("--max-queue", type=int, default=1024,
+                    help="requests waiting for prefill at once; beyond it 503 + Retry-After")
+    sv.add_argument("--request-timeout", type=float, default=600.0,
+                    help="a request not finished after this many seconds is aborted (504)")
+    sv.add_argument("--default-max-tokens", type=int, default=512,
+                    help="max_tokens for requests that set none (KV is reserved for prompt + max_tokens)")
+    sv.add_argument("--deployment", default=None,
+                    help="serve through this running deployment (`pdserve up`) instead of starting workers")
+    _slo_args(sv)
+    _engine_args(sv)
+    _cluster_args(sv)
+    sv.set_defaults(func=cmd_serve)
 
     up = sub.add_parser("up", help="start a long-lived deployment (router + workers) on a running Ray cluster")
     up.add_argument("--name", default="pdserve", help="deployment name")

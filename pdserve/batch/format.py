@@ -107,14 +107,16 @@ def parse_line(number: int, raw: bytes | None, tokenizer: Any, limits: BatchLimi
         body = obj.get("body")
         if not isinstance(body, dict):
             raise LineError("body must be a JSON object")
-        request = _build_request(number, custom_id, URLS[url], body, tokenizer, limits)
+        request = build_request(number, custom_id, URLS[url], body, tokenizer, limits)
         return ParsedLine(number, custom_id, request=request)
     except LineError as e:
         return ParsedLine(number, custom_id, error=e)
 
 
-def _build_request(number: int, custom_id: str, kind: str, body: dict, tokenizer: Any,
-                   limits: BatchLimits) -> Request:
+def build_request(number: int, custom_id: str, kind: str, body: dict, tokenizer: Any,
+                  limits: BatchLimits) -> Request:
+    """A validated, tokenized Request from an OpenAI request body; raises LineError. The online
+    server (pdserve.serve) calls it too, so both front ends accept and refuse exactly the same."""
     model = body.get("model")
     if model is not None and not _model_matches(model, limits.model_names):
         raise LineError(f"model {model!r} is not served here; this batch serves {limits.model_names[0]!r}",

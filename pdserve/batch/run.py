@@ -119,6 +119,19 @@ class _Output:
             s.failed += 1
 
 
+def model_limits(engine: EngineConfig, default_max_tokens: int, ignore_eos: bool) -> tuple[Any, str, BatchLimits]:
+    """(tokenizer, the model's name, what a request may ask) for the model served. Converts a GGUF
+    once, before any worker starts. The online server uses it too."""
+    folder = resolve_model(engine.model, engine.cache_dir)
+    tokenizer = load_tokenizer(folder)
+    arch = ModelArch.from_hf(load_hf_config(folder))
+    name = model_display_name(engine.model)
+    limits = BatchLimits(max_context=arch.max_position_embeddings,
+                         model_names=tuple(dict.fromkeys([name, str(engine.model or name)])),
+                         default_max_tokens=default_max_tokens, ignore_eos=ignore_eos)
+    return tokenizer, name, limits
+
+
 def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster: ClusterConfig,
               router_config: RouterConfig, options: BatchOptions,
               on_tick: Callable[[Router], None] | None = None,
@@ -132,13 +145,7 @@ def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster
     with open(input_path, "rb") as f:
         if not any(line.strip() for line in iter(lambda: f.readline(1 << 20), b"")):
             raise ValueError(f"input file {input_path} holds no requests")
-    folder = resolve_model(engine.model, engine.cache_dir)  # convert a GGUF once, before workers start
-    tokenizer = load_tokenizer(folder)
-    arch = ModelArch.from_hf(load_hf_config(folder))
-    name = model_display_name(engine.model)
-    limits = BatchLimits(max_context=arch.max_position_embeddings,
-                         model_names=tuple(dict.fromkeys([name, str(engine.model or name)])),
-                         default_max_tokens=options.default_max_tokens, ignore_eos=options.ignore_eos)
+    tokenizer, name, limits = model_limits(engine, options.default_max_tokens, options.ignore_eos)
     summary = BatchSummary(output_path=str(output_path))
     journal = Journal.for_output(output_path)
     journal.open(output_path, input_identity(input_path), _result_options(engine, options), options.resume)
