@@ -28,8 +28,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128, help="decode batch limit")
     g.add_argument("--max-prefill-tokens", type=int, default=2048, help="prefill batch token budget")
     g.add_argument("--cache-dir", default=None, help="where converted weights are cached")
-    g.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
-                   help="quantize linear-layer weights at load (int8 symmetric, int4 asymmetric, group-wise)")
+    g.add_argument("--quantization", default="none", choices=("none", "int8", "int4", "gguf"),
+                   help="quantize linear-layer weights at load (int8 symmetric, int4 asymmetric, group-wise; "
+                        "gguf: keep a GGUF's own Q4_0/Q4_1/Q8_0 blocks)")
     g.add_argument("--quant-group-size", type=int, default=0,
                    help="inputs per quantization scale; 0: int8 one per output channel, int4 32")
     g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head")
@@ -380,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     kv.set_defaults(func=cmd_bench_kvtransfer)
 
     qb = bench.add_parser("quant", help="quantized weights vs float: bytes, perplexity, agreement, decode tok/s")
-    qb.add_argument("--settings", default="float32,bfloat16,int8,int4,int4+lmhead",
-                    help="comma-separated: float32, bfloat16, int8, int4, each quantized one optionally +lmhead")
+    qb.add_argument("--settings", default="float32,bfloat16,int8,int4,int4+lmhead,gguf+lmhead",
+                    help="comma-separated: float32, bfloat16, int8, int4, gguf, each quantized one optionally +lmhead")
     qb.add_argument("--batch-sizes", default="1,64", help="decode batch sizes to time")
     qb.add_argument("--steps", type=int, default=16, help="timed decode steps per repeat")
     qb.add_argument("--repeats", type=int, default=3)
