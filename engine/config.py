@@ -106,7 +106,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share cached prompt blocks (decode pool, prefill cache, routing)
     prefill_cache_gib: float = 0.5  # each prefill worker's own KV pool, kept as a prefix cache
     cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
-    quantization: str = "none"  # none | int8 | int4: linear-layer weights, quantized at load (engine.quant)
+    quantization: str = "none"  # none | int8 | int4 | gguf (the GGUF's own blocks): linear weights (engine.quant)
     quant_group_size: int = 0  # inputs per scale; 0: int8 one per output channel, int4 32
     quantize_lm_head: bool = False  # also quantize the LM head (the embedding stays float)
 
@@ -117,8 +117,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_gib <= 0 or self.max_num_seqs <= 0 or self.max_prefill_tokens <= 0:
             raise ValueError("kv_cache_gib, max_num_seqs and max_prefill_tokens must be positive")
-        if self.quantization not in ("none", "int8", "int4"):
-            raise ValueError(f"--quantization must be one of none, int8, int4, got {self.quantization!r}")
+        if self.quantization not in ("none", "int8", "int4", "gguf"):
+            raise ValueError(f"--quantization must be one of none, int8, int4, gguf, got {self.quantization!r}")
         if self.quant_group_size < 0 or (self.quantization == "int4" and self.quant_group_size % 2):
             raise ValueError(f"quant_group_size must be 0 (default) or positive (even for int4), "
                              f"got {self.quant_group_size}")

@@ -64,6 +64,19 @@ def resolve_model(spec: str | None, cache_dir: str | Path) -> Path:
     raise ModelNotFoundError(f"model {spec!r} is neither an HF folder nor a .gguf file")
 
 
+def gguf_source(spec: str | None) -> Path:
+    """The .gguf file behind `spec` (None/'default', a .gguf file, or a folder holding one)."""
+    if spec in (None, "", "default"):
+        return default_gguf_path()
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.resolve()
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if len(ggufs) == 1:
+        return ggufs[0].resolve()
+    raise ModelNotFoundError(f"--quantization gguf needs a GGUF model; {spec!r} is not one")
+
+
 def gguf_cache_key(gguf: Path, sample_bytes: int = 8 << 20) -> str:
     """Identify a GGUF by content, not path, so every checkout and venv shares one conversion.
 

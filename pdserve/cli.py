@@ -37,8 +37,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV of prompt prefixes already computed (prefill) or held (decode)")
     g.add_argument("--prefill-cache-gib", type=float, default=0.5,
                    help="each prefill worker's prefix-cache pool (with --enable-prefix-caching)")
-    g.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
-                   help="quantize linear-layer weights at load (int8 symmetric, int4 asymmetric, group-wise)")
+    g.add_argument("--quantization", default="none", choices=("none", "int8", "int4", "gguf"),
+                   help="quantize linear-layer weights at load (int8 symmetric, int4 asymmetric, group-wise; "
+                        "gguf: keep a GGUF's own Q4_0/Q4_1/Q8_0 blocks)")
     g.add_argument("--quant-group-size", type=int, default=0,
                    help="inputs per quantization scale; 0: int8 one per output channel, int4 32")
     g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head")
@@ -448,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     kv.set_defaults(func=cmd_bench_kvtransfer)
 
     qb = bench.add_parser("quant", help="quantized weights vs float: bytes, perplexity, agreement, decode tok/s")
-    qb.add_argument("--settings", default="float32,bfloat16,int8,int4,int4+lmhead",
-                    help="comma-separated: float32, bfloat16, int8, int4, each quantized one optionally +lmhead")
+    qb.add_argument("--settings", default="float32,bfloat16,int8,int4,int4+lmhead,gguf+lmhead",
+                    help="comma-separated: float32, bfloat16, int8, int4, gguf, each quantized one optionally +lmhead")
     qb.add_argument("--batch-sizes", default="1,64", help="decode batch sizes to time")
     qb.add_argument("--steps", type=int, default=16, help="timed decode steps per repeat")
     qb.add_argument("--repeats", type=int, default=3)

@@ -11,7 +11,7 @@ from engine.quant.apply import quantize_model, weight_bytes
 from engine.quant.linear import QuantLinear
 from engine.quant.scheme import SCHEMES, QuantizedWeight, dequantize, quantize
 
-QUANTIZATIONS = ("none",) + SCHEMES
+QUANTIZATIONS = ("none",) + SCHEMES + ("gguf",)
 
 __all__ = ["QUANTIZATIONS", "SCHEMES", "QuantLinear", "QuantizedWeight", "dequantize", "quantize",
            "quantize_model", "weight_bytes"]

@@ -38,7 +38,8 @@ def quantize_linears(targets: dict[str, nn.Linear], scheme: str, group_size: int
 
 
 def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel: str = "auto") -> None:
-    """Replace the linear layers in place, per `config.quantization` (a no-op for 'none').
+    """Replace the linear layers in place, per `config.quantization` (a no-op for 'none'; 'gguf' reads the
+    GGUF's own blocks).
 
     Call it on the float32 CPU model right after its weights load: quantization reads the exact
     source weights, and the new modules are placed on `config.device` directly. With `folder`
@@ -46,6 +47,9 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
     """
     scheme = config.quantization
     if scheme == "none":
+        return
+    if scheme == "gguf":
+        _load_gguf_blocks(model, config)
         return
     lm_head = config.quantize_lm_head
     targets = linear_targets(model, lm_head)
@@ -66,6 +70,21 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
         qw = QuantizedWeight.from_tensors(scheme, gs, state, name).to(device)
         bias = None if m.bias is None else m.bias.to(device=device, dtype=config.torch_dtype)
         _set_module(model, name, QuantLinear(qw, bias, kernel))
+
+
+def _load_gguf_blocks(model: nn.Module, config, kernel: str = "auto") -> None:
+    """--quantization gguf: the file's own blocks, read directly (fast: no quantization, no cache needed)."""
+    from engine.loader import gguf_source
+    from engine.quant.gguf_blocks import read_gguf_linears
+
+    device = torch.device(config.resolved().device)
+    targets = linear_targets(model, config.quantize_lm_head)
+    weights = read_gguf_linears(gguf_source(config.model), model.arch, config.quantize_lm_head)
+    for name, m in targets.items():
+        if name not in weights:
+            raise KeyError(f"--quantization gguf: no GGUF tensor for {name}")
+        bias = None if m.bias is None else m.bias.to(device=device, dtype=config.torch_dtype)
+        _set_module(model, name, QuantLinear(weights[name].to(device), bias, kernel))
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,6 +1,7 @@
 """`pdserve bench quant`: quantized weights against the float dtypes, in one run, on this machine.
 
-Per setting (`float32`, `bfloat16`, `int8`, `int4`, `+lmhead` also quantizes the LM head):
+Per setting (`float32`, `bfloat16`, `int8`, `int4`, `gguf` = the file's own blocks; `+lmhead` also
+quantizes the LM head):
 weight bytes; perplexity on heldout.txt; greedy agreement with bfloat16 over
 benchmark prompts; decode tok/s at each batch size (min-max over repeats, the
 machine may be shared). Quantized settings keep float32 activations, so their
@@ -13,7 +14,7 @@ Cities; Melville, Moby-Dick), not the benchmark corpus. It is famous text, so
 absolute perplexities are low; the figures to read are the ratios to float32.
 The last line is
     quant int8_ppl_ratio=<x> int4_ppl_ratio=<y> int4_b1_speedup=<z>
-(int4 decode at batch 1 over the best float dtype's).
+(the best int4 / gguf decode at batch 1 over the best float dtype's).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ FLOAT_SETTINGS = ("float32", "bfloat16")
 
 @dataclass(frozen=True)
 class QuantBench:
-    settings: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4", "int4+lmhead")
+    settings: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4", "int4+lmhead", "gguf+lmhead")
     batch_sizes: tuple[int, ...] = (1, 64)
     decode_steps: int = 16
     repeats: int = 3
@@ -49,15 +50,15 @@ class QuantBench:
 
 
 def setting_config(engine: EngineConfig, setting: str) -> EngineConfig:
-    """`float32` | `bfloat16` | `int8` | `int4`, optionally `+lmhead`, as an EngineConfig (CPU)."""
+    """`float32` | `bfloat16` | `int8` | `int4` | `gguf`, optionally `+lmhead`, as an EngineConfig (CPU)."""
     name, _, extra = setting.partition("+")
     if extra not in ("", "lmhead"):
         raise ValueError(f"setting {setting!r}: the only suffix is +lmhead")
     if name in FLOAT_SETTINGS:
         return replace(engine, dtype=name, quantization="none", quantize_lm_head=False, device="cpu")
-    if name in ("int8", "int4"):
+    if name in ("int8", "int4", "gguf"):
         return replace(engine, dtype="float32", quantization=name, quantize_lm_head=extra == "lmhead", device="cpu")
-    raise ValueError(f"unknown setting {setting!r}: float32, bfloat16, int8, int4 (+lmhead)")
+    raise ValueError(f"unknown setting {setting!r}: float32, bfloat16, int8, int4, gguf (+lmhead)")
 
 
 @torch.inference_mode()
@@ -170,7 +171,7 @@ def _last_line(rows: dict[str, dict], batch_sizes: tuple[int, ...]) -> str:
             parts.append(f"{q}_ppl_ratio={rows[q]['perplexity'] / base['perplexity']:.4f}")
     floats = [s for s in FLOAT_SETTINGS if s in rows]
     b1 = f"decode_b{batch_sizes[0]}"
-    int4 = [s for s in rows if s.startswith("int4")]
+    int4 = [s for s in rows if s.startswith(("int4", "gguf"))]
     if floats and int4:
         best_float = max(max(rows[s][b1]) for s in floats)
         best_int4 = max(max(rows[s][b1]) for s in int4)

@@ -1,0 +1,63 @@
+"""The measurements `pdserve bench quant` makes, checked on a tiny model against independent references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.quant import weight_bytes
+from engine.runner import ModelRunner
+from pdserve.bench.quant import HELDOUT, agreement, decode_rates, greedy, perplexity, setting_config
+
+
+def test_perplexity_matches_transformers(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_models["llama"]
+    runner = ModelRunner(EngineConfig(model=str(folder), dtype="float32", device="cpu"))
+    ids = torch.randint(0, 256, (41,), generator=torch.Generator().manual_seed(0)).tolist()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0]
+    ref = math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
+    assert perplexity(runner, ids, window=64) == pytest.approx(ref, rel=1e-5)
+    # windows of 16: each window scored on its own, so the figure moves but stays close
+    assert perplexity(runner, ids, window=16) == pytest.approx(ref, rel=0.2)
+
+
+def test_weight_bytes_count_the_quantized_layout(tiny_models, tmp_path):
+    folder = tiny_models["llama"]
+    fp32 = ModelRunner(EngineConfig(model=str(folder), dtype="float32", device="cpu"))
+    int4 = ModelRunner(EngineConfig(model=str(folder), dtype="float32", device="cpu", quantization="int4",
+                                    cache_dir=str(tmp_path)))
+    linear = sum(m.weight.numel() for n, m in fp32.model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    # int4, groups of 32: half a byte per weight + a float32 scale and offset per 32 weights
+    assert weight_bytes(int4.model) == weight_bytes(fp32.model) - 4 * linear + linear // 2 + linear // 32 * 8
+
+
+def test_agreement_and_decode_rates(tiny_models, tmp_path):
+    assert agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]]) == 0.5
+    assert agreement([[1, 2], [5, 6]], [[1, 2], [7, 6]]) == 0.5
+    folder = tiny_models["llama"]
+    runner = ModelRunner(setting_config(EngineConfig(model=str(folder), cache_dir=str(tmp_path)), "int8+lmhead"))
+    assert runner.config.quantization == "int8" and runner.config.quantize_lm_head
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    out = greedy(runner, prompts, 5)
+    assert [len(o) for o in out] == [5, 5] and agreement(out, out) == 1.0
+    rates = decode_rates(runner, [1, 2, 3], batch=3, steps=2, repeats=2)
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    with pytest.raises(ValueError, match="setting"):
+        setting_config(EngineConfig(), "int3")
+
+
+def test_heldout_text_is_not_the_benchmark_corpus():
+    from pdserve.bench.workload import CORPUS
+
+    held, corpus = HELDOUT.read_text(), CORPUS.read_text()
+    assert len(held) > 4000
+    sentences = [s.strip() for s in held.split(".") if len(s.strip()) > 40]
+    assert not any(s in corpus for s in sentences)
