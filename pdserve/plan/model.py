@@ -79,7 +79,7 @@ class Resources:
     total: float
     per_worker: float = 1.0
     kind: str = "cpu"
-    transfer_gbps: float = 2.0  # KV transfer bandwidth (shared memory on one node: ~2 GB/s measured)
+    transfer_gbps: float = 2.0  # per-request KV transfer rate (run-batch reports ~2 GB/s over shm)
 
     def __post_init__(self) -> None:
         if self.kind not in ("cpu", "gpu"):

@@ -5,7 +5,8 @@
 
 Each point is the minimum over repeats: on a shared machine the minimum is the least disturbed
 reading. Decode steps run over a KV pool of zeros: a step's time does not depend on the cached values,
-so the contexts need no prefill first.
+so the contexts need no prefill first. Steps run eagerly through ModelRunner.decode: on CUDA the
+decode worker replays CUDA graphs, so a GPU profile overstates its fixed step cost.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def _decode_time(runner, batch: int, context: int, repeats: int, gen) -> float:
     per_seq = layout.blocks_for(context + 1)
     layout = runner.kv_layout(num_blocks=batch * per_seq)
     pool = KVPool.allocate(layout, str(runner.device))
-    tables = torch.arange(batch * per_seq, dtype=torch.long).view(batch, per_seq).to(runner.device)
+    tables = torch.arange(batch * per_seq, dtype=torch.int32).view(batch, per_seq).to(runner.device)
     tokens = torch.randint(0, runner.arch.vocab_size, (batch,), generator=gen).to(runner.device)
     positions = torch.full((batch,), context, dtype=torch.long, device=runner.device)
     return _best(lambda: runner.decode(pool, tokens, positions, tables), repeats)

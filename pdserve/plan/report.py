@@ -28,22 +28,30 @@ def render(profile: StageProfile, workload: Workload, resources: Resources, rank
     lines = describe_profile(profile) + [
         f"workload: {rate:g} req/s Poisson, prompt {workload.prompt} tokens, output {workload.output} tokens "
         f"(uniform); SLO TTFT {workload.slo.ttft_s:g} s, TPOT {workload.slo.tpot_s:g} s",
-        f"resources: {resources.total:g} {unit}s, {resources.per_worker:g} per worker; "
-        f"KV transfer {resources.transfer_gbps:g} GB/s",
+        f"resources: {resources.total:g} {unit}s, {resources.per_worker:g} per worker; KV transfer "
+        + (f"{resources.transfer_gbps:g} GB/s" if resources.transfer_gbps > 0 else "not modelled"),
         "",
         f"{'P':>2} {'D':>2} {'max batch':>9} {'rho P':>6} {'rho D':>6} {'TTFT ms':>8} {'TPOT ms':>8} "
         f"{'batch':>6} {'TTFT ok':>8} {'TPOT ok':>8} {'attain':>7} {'goodput/' + unit:>13}"
         + (f" {'rate@90%/' + unit:>14}" if with_max_rate else "")]
-    for p in ranked:
+    rates = [max_rate(profile, workload, resources, p.config) if with_max_rate else 0.0 for p in ranked]
+    for p, r90 in zip(ranked, rates):
         c = p.config
         row = (f"{c.prefill_workers:>2} {c.decode_workers:>2} {c.max_batch:>9} {p.prefill_util:>6.2f} "
                f"{p.decode_util:>6.2f} {_ms(p.ttft_mean_s):>8} {_ms(p.tpot_mean_s):>8} {p.decode_batch:>6.1f} "
                f"{p.ttft_attainment:>8.1%} {p.tpot_attainment:>8.1%} {p.attainment:>7.1%} "
                f"{p.goodput_rps(rate) / p.units:>13.3f}")
         if with_max_rate:
-            row += f" {max_rate(profile, workload, resources, c) / p.units:>14.3f}"
+            row += f" {r90 / p.units:>14.3f}"
         lines.append(row + ("" if p.stable else "  UNSTABLE: " + _unstable(p)))
     lines += [""] + explain(ranked[0], workload, resources)
+    if with_max_rate:
+        r90, p = max(zip(rates, ranked), key=lambda x: (x[0] / x[1].units, -x[1].units))
+        c = p.config
+        lines.append(f"  headroom (DistServe's measure): {c.prefill_workers}P+{c.decode_workers}D at max batch "
+                     f"{c.max_batch} sustains the most rate per {unit} at >= 90% attainment, "
+                     f"{r90:.3f} req/s ({r90 / p.units:.3f} per {unit}); the recommendation serves "
+                     f"{rates[0]:.3f} req/s at >= 90%")
     return "\n".join(lines)
 
 
