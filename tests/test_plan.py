@@ -98,11 +98,19 @@ def test_decode_heavy_profile_gets_more_decode_workers():
     assert ranked[0].limiting_stage == "decode"
 
 
-def test_overload_is_unstable_with_zero_attainment():
+def test_overload_is_unstable_with_zero_attainment(tmp_path, capsys):
     ranked = search(profile(), workload(50.0), Resources(total=4, transfer_gbps=0))
     assert all(not p.stable and p.attainment == 0 and p.goodput_rps(50.0) == 0 for p in ranked)
     text = render(profile(), workload(50.0), Resources(total=4, transfer_gbps=0), ranked, with_max_rate=False)
     assert "UNSTABLE" in text and "no configuration" in text
+    profile().save(tmp_path / "p.json")  # the command says so too, and its JSON stays strict (no Infinity)
+    assert main(["plan", "--profile", str(tmp_path / "p.json"), "--rate", "50", "--prompt-len", "100",
+                 "--output-len", "11", "--cpus", "4", "--json", str(tmp_path / "plan.json")]) == 0
+    assert "UNSTABLE: prefill rho" in capsys.readouterr().out
+    import json
+
+    plan = json.loads((tmp_path / "plan.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert all(p["prefill_wait_s"] is None and p["attainment"] == 0 and not p["stable"] for p in plan["predictions"])
 
 
 def test_max_rate_is_the_edge_of_90_percent():
@@ -162,7 +170,7 @@ def test_plan_quick_end_to_end(tiny_models, tmp_path, capsys):
     assert prof.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # layers * K,V * kv heads * head dim * fp32
     import json
 
-    plan = json.loads((tmp_path / "plan.json").read_text())
+    plan = json.loads((tmp_path / "plan.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert {(p["config"]["prefill_workers"], p["config"]["decode_workers"]) for p in plan["predictions"]} == {
         (1, 1), (1, 2), (2, 1)}  # 3 cores, 1 each
     # from the profile alone (the model path does not exist: nothing is loaded), same samples: same answer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -69,13 +70,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     ranked = search(profile, workload, resources, batches)
     print(render(profile, workload, resources, ranked))
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"workload": {**asdict(replace(workload, prompt=str(workload.prompt), output=str(workload.output)))},
-             "resources": asdict(resources),
-             "predictions": [{**asdict(p), "attainment": p.attainment, "stable": p.stable,
-                              "goodput_rps": p.goodput_rps(workload.rate_rps), "limiting_stage": p.limiting_stage}
-                             for p in ranked]}, indent=2, default=str))
+        report = {"workload": asdict(replace(workload, prompt=str(workload.prompt), output=str(workload.output))),
+                  "resources": asdict(resources),
+                  "predictions": [{**asdict(p), "attainment": p.attainment, "stable": p.stable,
+                                   "goodput_rps": p.goodput_rps(workload.rate_rps),
+                                   "limiting_stage": p.limiting_stage} for p in ranked]}
+        Path(args.json).write_text(json.dumps(_finite(report), indent=2))
     return 0
+
+
+def _finite(obj):
+    """Strict JSON: an unstable stage's infinite wait or batch becomes null."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def _load_or_measure(args: argparse.Namespace, resources):

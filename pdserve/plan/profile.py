@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PROFILE_VERSION = 1
@@ -50,7 +50,6 @@ class StageProfile:
     description: str = ""  # model, dtype, device, CPU
     prefill_points: tuple[tuple[int, float], ...] = ()  # (tokens, seconds)
     decode_points: tuple[tuple[int, int, float], ...] = ()  # (batch, context, seconds)
-    extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps({"version": PROFILE_VERSION, **asdict(self)}, indent=2)
