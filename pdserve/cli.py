@@ -460,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
     qb.add_argument("--json", default=None, help="also write the full report here")
     qb.set_defaults(func=cmd_bench_quant)
+
+    from pdserve.plan.command import add_parser as add_plan_parser  # pdserve plan: its own module
+
+    add_plan_parser(sub)
     return parser
 
 

@@ -1,0 +1,92 @@
+"""The planner's explanation: the table of configurations, the recommendation, and why."""
+
+from __future__ import annotations
+
+import math
+
+from pdserve.plan.model import Prediction, Resources, Workload, max_rate
+from pdserve.plan.profile import StageProfile
+
+
+def _ms(s: float) -> str:
+    return "inf" if math.isinf(s) else f"{s * 1e3:.0f}"
+
+
+def describe_profile(p: StageProfile) -> list[str]:
+    pf, dc = p.prefill, p.decode
+    return [f"profile: {p.description or '(no description)'}; {p.threads} torch thread(s)",
+            f"  prefill  t = {pf.a_s * 1e3:.2f} ms + {pf.b_s_per_token * 1e3:.4f} ms/token "
+            f"({1 / pf.b_s_per_token if pf.b_s_per_token else math.inf:.0f} tokens/s at scale)",
+            f"  decode   t = {dc.c_s * 1e3:.2f} ms + {dc.d_s_per_seq * 1e3:.4f} ms/seq "
+            f"+ {dc.e_s_per_seq_token * 1e6:.4f} us/(seq*context token)"]
+
+
+def render(profile: StageProfile, workload: Workload, resources: Resources, ranked: list[Prediction],
+           with_max_rate: bool = True) -> str:
+    rate = workload.rate_rps
+    unit = "core" if resources.kind == "cpu" else "GPU"
+    lines = describe_profile(profile) + [
+        f"workload: {rate:g} req/s Poisson, prompt {workload.prompt} tokens, output {workload.output} tokens "
+        f"(uniform); SLO TTFT {workload.slo.ttft_s:g} s, TPOT {workload.slo.tpot_s:g} s",
+        f"resources: {resources.total:g} {unit}s, {resources.per_worker:g} per worker; KV transfer "
+        + (f"{resources.transfer_gbps:g} GB/s" if resources.transfer_gbps > 0 else "not modelled"),
+        "",
+        f"{'P':>2} {'D':>2} {'max batch':>9} {'rho P':>6} {'rho D':>6} {'TTFT ms':>8} {'TPOT ms':>8} "
+        f"{'batch':>6} {'TTFT ok':>8} {'TPOT ok':>8} {'attain':>7} {'goodput/' + unit:>13}"
+        + (f" {'rate@90%/' + unit:>14}" if with_max_rate else "")]
+    rates = [max_rate(profile, workload, resources, p.config) if with_max_rate else 0.0 for p in ranked]
+    for p, r90 in zip(ranked, rates):
+        c = p.config
+        row = (f"{c.prefill_workers:>2} {c.decode_workers:>2} {c.max_batch:>9} {p.prefill_util:>6.2f} "
+               f"{p.decode_util:>6.2f} {_ms(p.ttft_mean_s):>8} {_ms(p.tpot_mean_s):>8} {p.decode_batch:>6.1f} "
+               f"{p.ttft_attainment:>8.1%} {p.tpot_attainment:>8.1%} {p.attainment:>7.1%} "
+               f"{p.goodput_rps(rate) / p.units:>13.3f}")
+        if with_max_rate:
+            row += f" {r90 / p.units:>14.3f}"
+        lines.append(row + ("" if p.stable else "  UNSTABLE: " + _unstable(p)))
+    lines += [""] + explain(ranked[0], workload, resources)
+    if with_max_rate:
+        r90, p = max(zip(rates, ranked), key=lambda x: (x[0] / x[1].units, -x[1].units))
+        c = p.config
+        lines.append(f"  headroom (DistServe's measure): {c.prefill_workers}P+{c.decode_workers}D at max batch "
+                     f"{c.max_batch} sustains the most rate per {unit} at >= 90% attainment, "
+                     f"{r90:.3f} req/s ({r90 / p.units:.3f} per {unit}); the recommendation serves "
+                     f"{rates[0]:.3f} req/s at >= 90%")
+    return "\n".join(lines)
+
+
+def _unstable(p: Prediction) -> str:
+    parts = []
+    if p.prefill_util >= 1:
+        parts.append(f"prefill rho {p.prefill_util:.2f} >= 1")
+    if p.decode_util >= 1:
+        parts.append(f"decode load {p.decode_util:.2f} of capacity at max batch {p.config.max_batch}")
+    return ", ".join(parts) + ": queues grow without bound, attainment 0"
+
+
+def explain(best: Prediction, workload: Workload, resources: Resources) -> list[str]:
+    c = best.config
+    unit = "core" if resources.kind == "cpu" else "GPU"
+    share = f"{resources.per_worker:g} {unit}"
+    lines = [f"recommended: {c.prefill_workers} prefill + {c.decode_workers} decode worker(s), "
+             f"max decode batch {c.max_batch} ({share} each, {best.units:g} {unit}s): predicted attainment "
+             f"{best.attainment:.1%}, goodput {best.goodput_rps(workload.rate_rps):.3f} req/s "
+             f"({best.goodput_rps(workload.rate_rps) / best.units:.3f} per {unit})"]
+    if not best.stable:
+        lines.append(f"  no configuration within {resources.total:g} {unit}s is stable at {workload.rate_rps:g} req/s: "
+                     + _unstable(best) + "; lower the rate or add resources")
+        return lines
+    stage = best.limiting_stage
+    lines.append(f"  why: prefill workers are {best.prefill_util:.0%} busy (mean wait {_ms(best.prefill_wait_s)} ms, "
+                 f"TTFT {_ms(best.ttft_mean_s)} ms vs SLO {workload.slo.ttft_s * 1e3:.0f} ms); decode runs "
+                 f"{best.decode_batch:.1f} sequences on average at {_ms(best.tpot_mean_s)} ms per step "
+                 f"(SLO {workload.slo.tpot_s * 1e3:.0f} ms), {best.decode_util:.0%} of its capacity at batch "
+                 f"{c.max_batch}")
+    lines.append(f"  the limiting stage is {stage}: when the rate grows, add a {stage} worker first")
+    flag = "threads" if resources.kind == "cpu" else "gpus"
+    share_flag = (f"--prefill-threads {resources.per_worker:g} --decode-threads {resources.per_worker:g}"
+                  if flag == "threads" else
+                  f"--prefill-gpus {resources.per_worker:g} --decode-gpus {resources.per_worker:g}")
+    lines.append(f"  run it: pdserve run-batch ... --prefill-workers {c.prefill_workers} "
+                 f"--decode-workers {c.decode_workers} --max-num-seqs {c.max_batch} {share_flag}")
+    return lines

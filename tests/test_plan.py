@@ -1,0 +1,181 @@
+"""`pdserve plan`: the queueing arithmetic on hand-made profiles with answers worked out by hand, the
+search's direction (more prefill workers when prefill dominates, more decode workers when decode
+does), unstable loads, the profile's JSON round trip, and the command end to end on a real model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pdserve.cli import main
+from pdserve.observability.metrics import SLO
+from pdserve.plan.model import Config, LengthDist, Resources, Workload, max_rate, md1_wait, mg1_wait, predict, search
+from pdserve.plan.profile import DecodeFit, PrefillFit, StageProfile, fit_decode, fit_prefill
+from pdserve.plan.report import render
+
+
+def profile(a=0.0, b=0.01, c=0.05, d=0.01, e=0.0, threads=1) -> StageProfile:
+    return StageProfile(PrefillFit(a, b), DecodeFit(c, d, e), kv_bytes_per_token=1000, num_layers=10,
+                        threads=threads, description="hand-made")
+
+
+def workload(rate, prompt="100", output="11", ttft=2.0, tpot=0.08) -> Workload:
+    return Workload(rate, LengthDist.parse(prompt), LengthDist.parse(output), SLO(ttft_s=ttft, tpot_s=tpot),
+                    samples=400)
+
+
+FREE_TRANSFER = Resources(total=2, transfer_gbps=0)
+
+
+def test_queue_formulas_by_hand():
+    # M/D/1, rho = 0.5, S = 1 s: Wq = rho * S / (2 (1 - rho)) = 0.5 s
+    assert md1_wait(0.5, 1.0) == pytest.approx(0.5)
+    # P-K with a deterministic service (E[S^2] = S^2) is M/D/1
+    assert mg1_wait(0.5, 1.0, 1.0) == pytest.approx(0.5)
+    # P-K with exponential service (E[S^2] = 2 S^2) is M/M/1: Wq = rho / (mu - lambda) = 0.5 / 0.5 = 1 s
+    assert mg1_wait(0.5, 1.0, 2.0) == pytest.approx(1.0)
+    # rho = 0.8, S = 0.2 s: 0.8 * 0.2 / 0.4 = 0.4 s
+    assert md1_wait(4.0, 0.2) == pytest.approx(0.4)
+    assert math.isinf(md1_wait(1.0, 1.0)) and math.isinf(mg1_wait(2.0, 1.0, 1.0))
+
+
+def test_prefill_prediction_by_hand():
+    # 100-token prompts at 10 ms/token: S = 1 s; 0.5 req/s on one worker: rho 0.5, M/D/1 wait 0.5 s
+    p = predict(profile(), workload(0.5), FREE_TRANSFER, Config(1, 1, 8))
+    assert p.prefill_util == pytest.approx(0.5)
+    assert p.prefill_wait_s == pytest.approx(0.5)
+    assert p.ttft_mean_s == pytest.approx(1.5)
+    # slack 2 - 1 = 1 s; P(W <= 1) = 1 - rho * exp(-1 * rho / Wq) = 1 - 0.5 / e
+    assert p.ttft_attainment == pytest.approx(1 - 0.5 * math.exp(-1))
+    # two prefill workers halve each one's rate: rho 0.25, wait 0.25 * 1 / 1.5
+    p2 = predict(profile(), workload(0.5), Resources(total=3, transfer_gbps=0), Config(2, 1, 8))
+    assert p2.prefill_util == pytest.approx(0.25) and p2.prefill_wait_s == pytest.approx(1 / 6)
+
+
+def test_transfer_adds_the_last_layers_share():
+    # 100 tokens * 1000 bytes / 1 GB/s / 10 layers = 10 us
+    with_t = predict(profile(), workload(0.5), Resources(total=2, transfer_gbps=1.0), Config(1, 1, 8))
+    assert with_t.ttft_mean_s == pytest.approx(1.5 + 1e-5)
+
+
+def test_decode_prediction_by_hand():
+    # 11 output tokens: 10 decode steps each; 1 req/s; step t(B) = 0.05 + 0.01 B
+    # Little: B = 1 * 10 * (0.05 + 0.01 B)  ->  B = 0.5 / 0.9
+    p = predict(profile(), workload(1.0), FREE_TRANSFER, Config(1, 1, 8))
+    batch = 0.5 / 0.9
+    assert p.decode_batch == pytest.approx(batch)
+    assert p.decode_util == pytest.approx(10 * (0.05 + 0.08) / 8)  # rate * steps * t(8) / 8
+    # TPOT SLO 80 ms: joining a batch of n others steps in 0.05 + 0.01 (n + 1) <= 0.08 for n <= 2
+    expected = sum(math.exp(-batch) * batch ** n / math.factorial(n) for n in range(3))
+    assert p.tpot_attainment == pytest.approx(expected)
+    # a max batch of 2 also turns away a request that finds 2 already running: n <= 1
+    p2 = predict(profile(), workload(1.0), FREE_TRANSFER, Config(1, 1, 2))
+    assert p2.tpot_attainment == pytest.approx(sum(math.exp(-batch) * batch ** n / math.factorial(n)
+                                                   for n in range(2)))
+
+
+def test_prefill_heavy_profile_gets_more_prefill_workers():
+    heavy = profile(b=0.01, c=0.001, d=0.0001)  # prefill 1 s per request, decode ~1 ms per step
+    ranked = search(heavy, workload(1.5, tpot=0.1, ttft=5.0), Resources(total=4, transfer_gbps=0))
+    # 1 prefill worker: rho 1.5, unstable. 2: rho 0.75, Wq = 0.75 / 0.5 = 1.5 s, slack 4 s,
+    # attainment 1 - 0.75 exp(-4 * 0.75 / 1.5); 3 prefill workers attain more but less per core.
+    assert ranked[0].config == Config(2, 1, 8), ranked[0]
+    assert ranked[0].attainment == pytest.approx(1 - 0.75 * math.exp(-2))
+    one_prefill = [p for p in ranked if p.config.prefill_workers == 1]
+    assert one_prefill and all(not p.stable and p.attainment == 0 for p in one_prefill)  # rho 1.5
+
+
+def test_decode_heavy_profile_gets_more_decode_workers():
+    heavy = profile(b=0.0001, c=0.05, d=0.02)  # prefill 10 ms; a decode step 50 ms + 20 ms per sequence
+    # TPOT 100 ms admits batches of 2 at most. 4 req/s * 10 steps over M decode workers:
+    # M=1: B = 40 * 0.05 / (1 - 40 * 0.02) = 10; M=2: B = 1 / 0.6; M=3: B = (2 / 3) / (1 - 4 / 15)
+    ranked = search(heavy, workload(4.0, tpot=0.1, ttft=5.0), Resources(total=4, transfer_gbps=0))
+    assert ranked[0].config.prefill_workers == 1 and ranked[0].config.decode_workers == 3, ranked[0]
+    b = (2 / 3) / (1 - 4 / 15)
+    assert ranked[0].tpot_attainment == pytest.approx(math.exp(-b) * (1 + b))  # P(Poisson(B) <= 1)
+    assert ranked[0].limiting_stage == "decode"
+
+
+def test_overload_is_unstable_with_zero_attainment(tmp_path, capsys):
+    ranked = search(profile(), workload(50.0), Resources(total=4, transfer_gbps=0))
+    assert all(not p.stable and p.attainment == 0 and p.goodput_rps(50.0) == 0 for p in ranked)
+    text = render(profile(), workload(50.0), Resources(total=4, transfer_gbps=0), ranked, with_max_rate=False)
+    assert "UNSTABLE" in text and "no configuration" in text
+    profile().save(tmp_path / "p.json")  # the command says so too, and its JSON stays strict (no Infinity)
+    assert main(["plan", "--profile", str(tmp_path / "p.json"), "--rate", "50", "--prompt-len", "100",
+                 "--output-len", "11", "--cpus", "4", "--json", str(tmp_path / "plan.json")]) == 0
+    assert "UNSTABLE: prefill rho" in capsys.readouterr().out
+    import json
+
+    plan = json.loads((tmp_path / "plan.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert all(p["prefill_wait_s"] is None and p["attainment"] == 0 and not p["stable"] for p in plan["predictions"])
+
+
+def test_max_rate_is_the_edge_of_90_percent():
+    prof, wl, res, cfg = profile(), workload(1.0), FREE_TRANSFER, Config(1, 1, 16)
+    r = max_rate(prof, wl, res, cfg)
+    assert 0 < r < 1.0  # prefill saturates at 1 req/s
+    from dataclasses import replace
+
+    assert predict(prof, replace(wl, rate_rps=r), res, cfg).attainment >= 0.9
+    assert predict(prof, replace(wl, rate_rps=r * 1.01), res, cfg).attainment < 0.9
+
+
+def test_fits_recover_known_coefficients():
+    pf = fit_prefill([(t, 0.02 + 0.001 * t) for t in (16, 64, 256)])
+    assert (pf.a_s, pf.b_s_per_token) == (pytest.approx(0.02), pytest.approx(0.001))
+    dc = fit_decode([(b, c, 0.01 + 0.002 * b + 1e-6 * b * c) for b in (1, 4, 16) for c in (32, 128)])
+    assert dc.c_s == pytest.approx(0.01) and dc.d_s_per_seq == pytest.approx(0.002)
+    assert dc.e_s_per_seq_token == pytest.approx(1e-6)
+    # noise that makes a slope negative: that term is dropped, never a negative time per token
+    noisy = fit_prefill([(16, 0.30), (64, 0.28), (128, 0.29)])
+    assert noisy.b_s_per_token == 0 and noisy.a_s == pytest.approx(0.29)
+
+
+def test_profile_json_round_trip(tmp_path):
+    p = StageProfile(PrefillFit(0.01, 0.0002), DecodeFit(0.02, 0.001, 1e-7), kv_bytes_per_token=4608,
+                     num_layers=30, threads=2, description="x", prefill_points=((16, 0.1), (64, 0.2)),
+                     decode_points=((1, 32, 0.03),))
+    p.save(tmp_path / "p.json")
+    assert StageProfile.load(tmp_path / "p.json") == p
+    (tmp_path / "bad.json").write_text('{"version": 99}')
+    with pytest.raises(ValueError, match="profile"):
+        StageProfile.load(tmp_path / "bad.json")
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    prof = tmp_path / "p.json"
+    profile().save(prof)
+    assert main(["plan", "--profile", str(prof), "--prompt-len", "50:10"]) == 2
+    assert "low <= high" in capsys.readouterr().err
+    assert main(["plan", "--profile", str(prof), "--cpus", "1"]) == 2
+    assert "cannot hold one prefill and one decode worker" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        Resources(total=2, kind="tpu")
+
+
+def test_plan_quick_end_to_end(tiny_models, tmp_path, capsys):
+    """Profiles a real (tiny) model in-process, writes the profile, then plans again from it alone."""
+    out = tmp_path / "profile.json"
+    assert main(["plan", "--quick", "--model", str(tiny_models["llama"]), "--dtype", "float32", "--device", "cpu",
+                 "--cpus", "3", "--rate", "2", "--prompt-len", "16:128", "--output-len", "4:32",
+                 "--profile-out", str(out), "--json", str(tmp_path / "plan.json")]) == 0
+    first = capsys.readouterr().out
+    assert "recommended:" in first and ("limiting stage" in first or "no configuration" in first)
+    prof = StageProfile.load(out)
+    assert len(prof.prefill_points) == 3 and len(prof.decode_points) == 4
+    assert all(s > 0 for _, s in prof.prefill_points) and prof.threads == 1
+    assert prof.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # layers * K,V * kv heads * head dim * fp32
+    import json
+
+    plan = json.loads((tmp_path / "plan.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert {(p["config"]["prefill_workers"], p["config"]["decode_workers"]) for p in plan["predictions"]} == {
+        (1, 1), (1, 2), (2, 1)}  # 3 cores, 1 each
+    # from the profile alone (the model path does not exist: nothing is loaded), same samples: same answer
+    assert main(["plan", "--quick", "--profile", str(out), "--model", str(tmp_path / "absent"), "--cpus", "3",
+                 "--rate", "2", "--prompt-len", "16:128", "--output-len", "4:32"]) == 0
+    again = capsys.readouterr().out
+    assert again.splitlines()[-5:] == first.splitlines()[-5:]
+    assert np.isfinite(prof.prefill.a_s) and np.isfinite(prof.decode.c_s)
