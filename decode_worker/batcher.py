@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,8 @@ class DecodeSequence:
     token_times: list[float]
     admitted_at: float = field(default_factory=time.time)
     finish_reason: str | None = None
+    prompt_token_ids: tuple[int, ...] = ()  # carried only when a drafter needs them (ngram)
+    spec: Any = None  # speculative decoding's per-request state (decode_worker/speculative.py)
 
     @property
     def next_position(self) -> int:
@@ -43,6 +46,7 @@ class ContinuousBatcher:
     def __init__(self, runner: ModelRunner, pool: KVPool, stopper: StopChecker, max_num_seqs: int) -> None:
         self.runner, self.pool, self.stopper = runner, pool, stopper
         self.max_num_seqs = max_num_seqs
+        self.speculative: Any = None  # a SpeculativeStepper when speculation is on (decode_worker/speculative.py)
         self.waiting: deque[DecodeSequence] = deque()
         self.running: list[DecodeSequence] = []
         self.device = runner.device
@@ -74,6 +78,11 @@ class ContinuousBatcher:
         if not self.running:
             return []
         seqs = self.running
+        spec = self.speculative
+        if spec is not None and (done := spec.step(seqs)) is not None:
+            finished, self.running = done
+            return finished
+        started = time.perf_counter()
         tokens = torch.tensor([s.output[-1] for s in seqs], dtype=torch.long)
         positions = torch.tensor([s.next_position for s in seqs], dtype=torch.long)
         width = max(len(s.block_table) for s in seqs)
@@ -89,4 +98,6 @@ class ContinuousBatcher:
             seq.finish_reason = self.stopper.check(seq.output, seq.params)
             (finished if seq.finish_reason else still).append(seq)
         self.running = still
+        if spec is not None:
+            spec.observe_plain(len(seqs), time.perf_counter() - started)
         return finished

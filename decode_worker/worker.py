@@ -17,6 +17,7 @@ import threading
 import time
 
 from decode_worker.batcher import ContinuousBatcher, DecodeSequence
+from decode_worker.speculative import build_stepper, spec_summary
 from decode_worker.stopping import StopChecker
 from engine.compute_thread import ComputeThread
 from engine.kv_cache import BlockManager, KVPool
@@ -63,12 +64,14 @@ class DecodeWorker:
 
             self._server = KVServer(self.inbox, receiver_id=self.worker_id, model_fingerprint=fingerprint,
                                     auth_token=config.auth_token, host=config.kv_host or node_ip, tls=config.tls)
+        stopper = StopChecker(self.runner.arch.eos_token_ids, load_tokenizer(self.runner.folder))
+        self.batcher = ContinuousBatcher(self.runner, self.pool, stopper, config.engine.max_num_seqs)
+        self.batcher.speculative = build_stepper(self.runner, self.pool, stopper)
+        wants_ids = self.batcher.speculative is not None and self.batcher.speculative.drafter.needs_prompt_ids
         self.endpoint_info = KVEndpoint(
             worker_id=self.worker_id, node_id=node_id, layout=layout, model_fingerprint=fingerprint,
             grpc_address=self._server.address if self._server else None, grpc_tls=config.tls is not None,
-            shm_name=self._shared.name if self._shared else None, cuda_ipc=cuda_handle)
-        stopper = StopChecker(self.runner.arch.eos_token_ids, load_tokenizer(self.runner.folder))
-        self.batcher = ContinuousBatcher(self.runner, self.pool, stopper, config.engine.max_num_seqs)
+            shm_name=self._shared.name if self._shared else None, cuda_ipc=cuda_handle, wants_prompt_ids=wants_ids)
         self._admissions: queue.Queue[DecodeSequence | str] = queue.Queue()
         self._results: queue.Queue[DecodeResult] = queue.Queue()
         self._stop = threading.Event()
@@ -113,7 +116,7 @@ class DecodeWorker:
                 self._admissions.put(DecodeSequence(
                     request_id=a.request_id, prompt_len=a.prompt_tokens, params=a.params,
                     block_table=self.blocks.table(a.request_id), output=[a.first_token],
-                    token_times=[a.first_token_time]))
+                    token_times=[a.first_token_time], prompt_token_ids=a.prompt_token_ids))
         return refused
 
     def release(self, request_ids: list[str]) -> int:
@@ -216,4 +219,5 @@ class DecodeWorker:
             self._release_locked(seq.request_id)
         self._results.put(DecodeResult(
             request_id=seq.request_id, token_ids=tuple(seq.output), finish_reason=seq.finish_reason or "error",
-            admitted_at=seq.admitted_at, finished_at=time.time(), token_times=tuple(seq.token_times), error=error))
+            admitted_at=seq.admitted_at, finished_at=time.time(), token_times=tuple(seq.token_times), error=error,
+            speculative=spec_summary(seq)))

@@ -101,6 +101,8 @@ class EngineConfig:
     max_prefill_tokens: int = 2048  # prefill batch token budget
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's choice
     attention_backend: str = "auto"  # auto | torch | cpu (native paged kernel)
+    speculative: str = "off"  # decode worker's drafter: off | ngram | layers:K (engine/specdec)
+    num_speculative_tokens: int | str = "auto"  # γ, or auto: chosen each step from measured costs
     cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
 
     def __post_init__(self) -> None:
@@ -110,6 +112,11 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_gib <= 0 or self.max_num_seqs <= 0 or self.max_prefill_tokens <= 0:
             raise ValueError("kv_cache_gib, max_num_seqs and max_prefill_tokens must be positive")
+        spec, n = self.speculative, self.num_speculative_tokens
+        if spec not in ("off", "ngram") and not (spec.startswith("layers:") and spec[7:].isdigit()):
+            raise ValueError(f"--speculative must be off, ngram or layers:K, got {spec!r}")
+        if n != "auto" and not (isinstance(n, int) and n > 0):
+            raise ValueError(f"--num-speculative-tokens must be a positive integer or auto, got {n!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

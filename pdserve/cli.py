@@ -27,6 +27,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128, help="decode batch limit")
     g.add_argument("--max-prefill-tokens", type=int, default=2048, help="prefill batch token budget")
     g.add_argument("--cache-dir", default=None, help="where converted weights are cached")
+    g.add_argument("--speculative", default="off",
+                   help="speculative decoding: off, ngram (prompt lookup) or layers:K (the target's first K layers)")
+    g.add_argument("--num-speculative-tokens", default="auto", type=lambda v: v if v == "auto" else int(v),
+                   help="draft tokens per step (γ), or auto: chosen each step from measured costs and acceptance")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +71,8 @@ def router_config(args: argparse.Namespace, engine: EngineConfig) -> RouterConfi
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     kwargs = dict(model=args.model, dtype=args.dtype, device=args.device,
                   block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
-                  max_prefill_tokens=args.max_prefill_tokens)
+                  max_prefill_tokens=args.max_prefill_tokens, speculative=args.speculative,
+                  num_speculative_tokens=args.num_speculative_tokens)
     if args.cache_dir:
         kwargs["cache_dir"] = args.cache_dir
     return EngineConfig(**kwargs)

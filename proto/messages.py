@@ -33,6 +33,7 @@ class KVEndpoint:
     grpc_tls: bool = False
     shm_name: str | None = None
     cuda_ipc: bytes | None = None  # pickled IPC handle of a CUDA pool
+    wants_prompt_ids: bool = False  # its drafter (ngram) reads the prompt: admissions carry the ids
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Admission:
     first_token_time: float
     params: SamplingParams
     transport: str
+    prompt_token_ids: tuple[int, ...] = ()  # only for a decode worker that wants_prompt_ids
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class DecodeResult:
     finished_at: float
     token_times: tuple[float, ...] = field(default=())  # wall time of each output token
     error: str | None = None
+    speculative: dict[str, float] | None = None  # drafted, accepted, alpha (speculative decoding on)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ class Request:
     kv_busy_s: float = 0.0  # time the transport spent moving this request's KV
     kv_blocks: int = 0  # reserved on the decode worker for prompt + max_tokens
     slo: dict[str, float] | None = None  # per-request SLO override: {"ttft_s": ..., "tpot_s": ...}
+    speculative: dict[str, float] | None = None  # drafted, accepted, alpha from the decode worker
 
     def __post_init__(self) -> None:
         now = time.time()

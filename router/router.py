@@ -227,8 +227,11 @@ class Router:
             req.transport, req.kv_bytes, req.kv_busy_s = res.transport, res.kv_bytes, res.transfer_busy_s
             req.output_token_ids = [res.first_token]
             req.move(State.TRANSFER, at=res.prefill_end)
+            endpoint = self.workers.endpoints.get(req.decode_worker)
+            wants_ids = endpoint is not None and endpoint.wants_prompt_ids
             self._held[req.decode_worker].append((req, Admission(
-                req.attempt_id, req.prompt_len, res.first_token, res.prefill_end, req.params, res.transport)))
+                req.attempt_id, req.prompt_len, res.first_token, res.prefill_end, req.params, res.transport,
+                tuple(req.prompt_token_ids) if wants_ids else ())))
 
     def _flush_admissions(self) -> None:
         if self.batch_admissions and any(self._prefill_load.values()):
@@ -268,6 +271,7 @@ class Router:
             req.output_token_ids = list(res.token_ids)
             req.token_times = list(res.token_times)
             req.finish_reason = res.finish_reason
+            req.speculative = res.speculative
             req.timeline.update(decode_admit=res.admitted_at, finish=res.finished_at)
             if req.state == State.TRANSFER:  # finished before the admit reply was handled
                 req.move(State.DECODE)

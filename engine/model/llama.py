@@ -99,10 +99,11 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         ctx: AttentionContext,
         logits_index: torch.Tensor | None = None,  # [N] rows of T that need logits; None: all
+        num_layers: int | None = None,  # run only the first layers (self-speculative drafts); None: all
     ) -> torch.Tensor:  # [N, vocab] float32
         x = self.embed(input_ids)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             x = layer(x, cos, sin, ctx)
         if logits_index is not None:
             x = x[logits_index]
