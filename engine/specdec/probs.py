@@ -19,23 +19,30 @@ _MASK64 = (1 << 64) - 1
 
 
 def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """logits [B, V] float32 -> probs [B, V] after temperature, top-k and top-p; greedy rows one-hot."""
-    probs = torch.zeros_like(logits)
-    for r, p in enumerate(params):
-        row = logits[r]
-        if p.greedy:
-            probs[r, row.argmax()] = 1.0
-            continue
-        row = row / p.temperature
-        if p.top_k > 0:
-            k = min(p.top_k, row.shape[-1])
-            row = row.masked_fill(row < row.topk(k).values[-1], float("-inf"))
-        if p.top_p < 1:
-            sorted_logits, order = row.sort(descending=True)
-            q = sorted_logits.softmax(-1)
-            drop = (q.cumsum(-1) - q) >= p.top_p
-            row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-        probs[r] = row.softmax(-1)
+    """logits [B, V] float32 -> probs [B, V] after temperature, top-k and top-p; greedy rows one-hot.
+    Row for row the distribution `sample` draws from (same masking rules, batched the same way)."""
+    device = logits.device
+    greedy = torch.tensor([p.greedy for p in params], device=device)
+    temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device, dtype=logits.dtype)
+    sub = logits / temps[:, None]
+    top_ks = [p.top_k for p in params]
+    if any(k > 0 for k in top_ks):
+        k_max = min(max(top_ks), sub.shape[-1])
+        top_vals = sub.topk(k_max, dim=-1).values
+        kth = torch.tensor([min(k, k_max) - 1 if k > 0 else 0 for k in top_ks], device=device)
+        thresh = top_vals.gather(1, kth[:, None]).squeeze(1)
+        thresh = thresh.masked_fill(torch.tensor([k == 0 for k in top_ks], device=device), float("-inf"))
+        sub = sub.masked_fill(sub < thresh[:, None], float("-inf"))
+    top_ps = torch.tensor([p.top_p for p in params], device=device, dtype=sub.dtype)
+    if bool((top_ps < 1).any()):
+        sorted_logits, order = sub.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_ps[:, None]
+        sub = sub.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
+    probs = sub.softmax(dim=-1)
+    if bool(greedy.any()):
+        onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], onehot, probs)
     return probs
 
 
