@@ -5,6 +5,13 @@ A sequence enters with its prompt KV already in its reserved blocks and its
 first token (sampled by the prefill worker); each step feeds every running
 sequence's newest token, writes its KV, and samples the next. Finished
 sequences leave at once, so a freed slot is refilled on the next step.
+
+The step's inputs live on the device (`DecodeState`): row i of the state is `running[i]`.
+On CUDA a step replays a captured graph (engine/cuda_graphs.py) and, with `overlap`, step n+1 is
+launched before step n's tokens are read back (SGLang's overlap scheduler): the GPU never waits for
+the stop checks. A sequence that finished at step n then rode along in step n+1 (its extra token is
+dropped; its KV write stays inside its reservation), so its blocks are handed back only after step
+n+1 has completed.
 """
 
 from __future__ import annotations
@@ -16,14 +23,16 @@ from typing import Any
 
 import torch
 
+from decode_worker.decode_state import DecodeState
 from decode_worker.stopping import StopChecker
 from engine.config import SamplingParams
+from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVPool
 from engine.runner import ModelRunner
-from engine.sampler import sample
+from engine.sampler import sample_t
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a sequence is its own row
 class DecodeSequence:
     request_id: str
     prompt_len: int
@@ -42,14 +51,43 @@ class DecodeSequence:
         return self.prompt_len + len(self.output) - 1
 
 
+@dataclass
+class _InFlight:
+    """A launched step whose sampled ids are still on their way to the host."""
+
+    seqs: list[DecodeSequence]  # row order at launch
+    host_ids: torch.Tensor
+    event: torch.cuda.Event | None
+
+
 class ContinuousBatcher:
-    def __init__(self, runner: ModelRunner, pool: KVPool, stopper: StopChecker, max_num_seqs: int) -> None:
+    def __init__(self, runner: ModelRunner, pool: KVPool, stopper: StopChecker, max_num_seqs: int,
+                 cuda_graphs: bool | None = None, overlap: bool | None = None) -> None:
+        """cuda_graphs / overlap: None = on for CUDA (unless the config says --enforce-eager), off on a CPU,
+        where neither pays (no launch overhead; the host does the compute). Both also run on a CPU when
+        asked, which is how their logic is tested without a GPU."""
         self.runner, self.pool, self.stopper = runner, pool, stopper
         self.max_num_seqs = max_num_seqs
-        self.speculative: Any = None  # a SpeculativeStepper when speculation is on (decode_worker/speculative.py)
         self.waiting: deque[DecodeSequence] = deque()
         self.running: list[DecodeSequence] = []
         self.device = runner.device
+        max_blocks = -(-runner.arch.max_position_embeddings // pool.layout.block_size)
+        self.state = DecodeState(max_num_seqs, max_blocks, self.device)
+        on_gpu = self.device.type == "cuda"
+        if cuda_graphs is None:
+            cuda_graphs = on_gpu and not runner.config.enforce_eager and runner.backend.graph_safe
+        self.graphs = DecodeGraphs(runner.model, runner.backend, pool, max_num_seqs, max_blocks,
+                                   capture=on_gpu) if cuda_graphs else None
+        self.overlap = on_gpu if overlap is None else overlap
+        self.speculative: Any = None  # a SpeculativeStepper (decode_worker/speculative.py): enable_speculation
+        self._in_flight: _InFlight | None = None
+        self._retiring: list[DecodeSequence] = []  # finished, blocks held until the step in flight completes
+
+    def enable_speculation(self, stepper: Any) -> None:
+        """Hand each step to `stepper` first. Its drafts are ragged host lists, so steps do not overlap."""
+        self.speculative = stepper
+        if stepper is not None:
+            self.overlap = False
 
     def add(self, seq: DecodeSequence) -> DecodeSequence | None:
         """Queue a sequence; return it right away if its first token already ended it."""
@@ -60,44 +98,117 @@ class ContinuousBatcher:
         return None
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._in_flight or self._retiring)
 
     def remove(self, request_id: str) -> bool:
         """Drop a sequence (aborted by the router); the caller frees its blocks."""
-        for group in (self.running, self.waiting):
-            for seq in group:
-                if seq.request_id == request_id:
-                    group.remove(seq)
-                    return True
+        self._settle()  # no step in flight may still write its KV
+        for i, seq in enumerate(self.running):
+            if seq.request_id == request_id:
+                self._drop_row(i)
+                return True
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                return True
         return False
 
+    def abort_all(self) -> list[DecodeSequence]:
+        """Every sequence held (after a failed step): the batch and the device state start empty."""
+        seqs = self.running + list(self.waiting) + self._retiring
+        if self._in_flight is not None:
+            seqs += [s for s in self._in_flight.seqs if s not in seqs]
+        self.running, self.waiting, self._retiring, self._in_flight = [], deque(), [], None
+        while self.state.n:
+            self.state.remove(self.state.n - 1)
+        return seqs
+
     def step(self) -> list[DecodeSequence]:
-        """One token for every running sequence; returns those that finished."""
+        """One token for every running sequence; returns those that finished (blocks free to reuse)."""
         while self.waiting and len(self.running) < self.max_num_seqs:
-            self.running.append(self.waiting.popleft())
+            seq = self.waiting.popleft()
+            self.state.append(seq.output[-1], seq.next_position, len(seq.output), seq.block_table, seq.params)
+            self.running.append(seq)
         if not self.running:
-            return []
-        seqs = self.running
-        spec = self.speculative
-        if spec is not None and (done := spec.step(seqs)) is not None:
-            finished, self.running = done
+            self._settle()
+            done, self._retiring = self._retiring, []
+            return done
+        if self.speculative is not None:
+            return self._speculative_or_plain_step()
+        launched = self._launch()
+        if not self.overlap:
+            return self._collect(launched)
+        previous, self._in_flight = self._in_flight, launched
+        finished = self._collect(previous) if previous is not None else []
+        # The step just launched completed the one before it, so what finished earlier is safe now;
+        # what finished in `previous` rode along in `launched` and waits for the next call.
+        done, self._retiring = self._retiring, finished
+        return done
+
+    def _speculative_or_plain_step(self) -> list[DecodeSequence]:
+        """A speculative step when the stepper finds one worth it, else a plain one it learns costs from.
+        After a speculative step the device rows are rebuilt from the sequences (several tokens moved)."""
+        result = self.speculative.step(self.running)
+        if result is None:
+            started = time.perf_counter()
+            batch = len(self.running)
+            finished = self._collect(self._launch())
+            self.speculative.observe_plain(batch, time.perf_counter() - started)
             return finished
-        started = time.perf_counter()
-        tokens = torch.tensor([s.output[-1] for s in seqs], dtype=torch.long)
-        positions = torch.tensor([s.next_position for s in seqs], dtype=torch.long)
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.long)
-        logits = self.runner.decode(self.pool, tokens.to(self.device), positions.to(self.device),
-                                    tables.to(self.device))
-        next_tokens = sample(logits, [s.params for s in seqs], [len(s.output) for s in seqs]).tolist()
+        finished, still = result
+        while self.state.n:
+            self.state.remove(self.state.n - 1)
+        for seq in still:
+            self.state.append(seq.output[-1], seq.next_position, len(seq.output), seq.block_table, seq.params)
+        self.running = list(still)
+        return finished
+
+    def _launch(self) -> _InFlight:
+        """Enqueue one step over rows [0, n) and the copy of its sampled ids to the host."""
+        state, n = self.state, self.state.n
+        tokens, positions = state.tokens[:n], state.positions[:n]
+        if self.graphs is not None and self.graphs.covers(n):
+            logits = self.graphs.run(tokens, positions, state.block_tables[:n])
+        else:
+            logits = self.runner.decode(self.pool, tokens, positions, state.block_tables[:n, : state.width])
+        sampled = sample_t(logits, state.sampling(), state.steps[:n])
+        state.advance(sampled)
+        if self.device.type == "cuda":
+            host = torch.empty(n, dtype=torch.int64, pin_memory=True)
+            host.copy_(sampled, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return _InFlight(list(self.running), host, event)
+        return _InFlight(list(self.running), sampled, None)
+
+    def _collect(self, flight: _InFlight) -> list[DecodeSequence]:
+        """Wait for a launched step's ids (the one host sync), append them, retire finished sequences."""
+        if flight.event is not None:
+            flight.event.synchronize()
+        ids = flight.host_ids.tolist()
         now = time.time()
-        finished, still = [], []
-        for seq, token in zip(seqs, next_tokens):
+        alive = {id(s) for s in self.running}
+        finished = []
+        for seq, token in zip(flight.seqs, ids):
+            if id(seq) not in alive:
+                continue  # finished at the step before (it rode along under overlap) or aborted
             seq.output.append(token)
             seq.token_times.append(now)
             seq.finish_reason = self.stopper.check(seq.output, seq.params)
-            (finished if seq.finish_reason else still).append(seq)
-        self.running = still
-        if spec is not None:
-            spec.observe_plain(len(seqs), time.perf_counter() - started)
+            if seq.finish_reason:
+                finished.append(seq)
+        for seq in finished:
+            self._drop_row(self.running.index(seq))
         return finished
+
+    def _drop_row(self, i: int) -> None:
+        last = len(self.running) - 1
+        self.state.remove(i)
+        self.running[i] = self.running[last]
+        self.running.pop()
+
+    def _settle(self) -> None:
+        """Complete the step in flight (overlap); what it finished joins the sequences safe to release."""
+        if self._in_flight is not None:
+            flight, self._in_flight = self._in_flight, None
+            self._retiring += self._collect(flight)

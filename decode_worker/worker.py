@@ -25,7 +25,7 @@ from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from kvtransfer.base import KVEndpoint
 from kvtransfer.inbox import KVInbox
-from proto.messages import Admission, DecodePoll, DecodeResult, Reservation, WorkerConfig
+from proto.messages import Admission, DecodePoll, DecodeResult, Grant, Reservation, TokenProgress, WorkerConfig
 
 log = logging.getLogger("pdserve.decode")
 
@@ -53,25 +53,30 @@ class DecodeWorker:
                 from kvtransfer.cuda_ipc import export_pool
 
                 cuda_handle = export_pool(self.pool)
-        self.blocks = BlockManager(layout.num_blocks, layout.block_size)
+        fingerprint = model_fingerprint(self.runner.folder)
+        self.blocks = BlockManager(layout.num_blocks, layout.block_size, salt=fingerprint,
+                                   enable_prefix_caching=config.engine.enable_prefix_caching)
         self.inbox = KVInbox(self.pool)
         self._lock = threading.Lock()
         self._admitted: set[str] = set()  # handed to the loop, not yet finished
-        fingerprint = model_fingerprint(self.runner.folder)
+        # Prompt ids of reserved requests: their blocks get keys once the KV is complete, and the
+        # generated ones too when the request finishes (a next chat turn resends them).
+        self._prompts: dict[str, tuple[int, ...]] = {}
         self._server = None
         if config.transport in ("auto", "grpc"):
             from kvtransfer.grpc_transport import KVServer
 
             self._server = KVServer(self.inbox, receiver_id=self.worker_id, model_fingerprint=fingerprint,
                                     auth_token=config.auth_token, host=config.kv_host or node_ip, tls=config.tls)
-        stopper = StopChecker(self.runner.arch.eos_token_ids, load_tokenizer(self.runner.folder))
-        self.batcher = ContinuousBatcher(self.runner, self.pool, stopper, config.engine.max_num_seqs)
-        self.batcher.speculative = build_stepper(self.runner, self.pool, stopper)
-        wants_ids = self.batcher.speculative is not None and self.batcher.speculative.drafter.needs_prompt_ids
         self.endpoint_info = KVEndpoint(
             worker_id=self.worker_id, node_id=node_id, layout=layout, model_fingerprint=fingerprint,
             grpc_address=self._server.address if self._server else None, grpc_tls=config.tls is not None,
-            shm_name=self._shared.name if self._shared else None, cuda_ipc=cuda_handle, wants_prompt_ids=wants_ids)
+            shm_name=self._shared.name if self._shared else None, cuda_ipc=cuda_handle)
+        stopper = StopChecker(self.runner.arch.eos_token_ids, load_tokenizer(self.runner.folder))
+        # On CUDA this captures the decode graphs (the start-up log says how long it took).
+        self.batcher = self.compute.call(ContinuousBatcher, self.runner, self.pool, stopper,
+                                         config.engine.max_num_seqs)
+        self.batcher.enable_speculation(build_stepper(self.runner, self.pool, stopper))
         self._admissions: queue.Queue[DecodeSequence | str] = queue.Queue()
         self._results: queue.Queue[DecodeResult] = queue.Queue()
         self._stop = threading.Event()
@@ -80,25 +85,36 @@ class DecodeWorker:
         self.step_rows = 0  # sum of batch sizes over steps
         self._heartbeat = time.monotonic()  # the loop's last turn: idle turns every 50 ms, busy ones every step
         self._stall_until = 0.0  # fault drill: see stall_for
+        self._streamed: dict[str, int] = {}  # streaming polls: request -> output tokens already reported
         self._loop_done = self.compute.submit(self._loop)
 
     # ---- router-facing API -------------------------------------------------------------
     def endpoint(self) -> KVEndpoint:
         return self.endpoint_info
 
-    def reserve(self, reservations: list[Reservation]) -> dict[str, tuple[int, ...]]:
-        """Allocate blocks for prompt + max_tokens of each request; those that don't fit are left out."""
-        granted: dict[str, tuple[int, ...]] = {}
+    def reserve(self, reservations: list[Reservation], arrived: list[Admission] = ()) -> dict[str, Grant]:
+        """Allocate blocks for prompt + max_tokens of each request; those that don't fit are left out.
+        Leading prompt blocks this pool already caches are shared and not sent again (at least one
+        prompt token always travels, so every request has a transfer that completes it).
+        `arrived`: requests whose KV is complete but that are not admitted yet (the router may hold
+        admissions): their prompt blocks become shareable now, before these reservations look."""
+        granted: dict[str, Grant] = {}
         with self._lock:
+            for a in arrived:
+                if self.blocks.holds(a.request_id) and self._kv_complete(a):
+                    self.blocks.register(a.request_id, self._prompts.get(a.request_id, ()))
             for r in reservations:
                 total = r.prompt_tokens + r.max_tokens
                 if self.blocks.holds(r.request_id):  # a retry of a reservation we already hold
                     self._release_locked(r.request_id)
-                if not self.blocks.can_allocate(total):
+                max_shared = (r.prompt_tokens - 1) // self.blocks.block_size
+                if not self.blocks.can_allocate(total, r.prompt_token_ids, max_shared):
                     continue
-                table = self.blocks.allocate(r.request_id, total)
-                self.inbox.expect(r.request_id, table, r.prompt_tokens)
-                granted[r.request_id] = tuple(table)
+                table = self.blocks.allocate(r.request_id, total, r.prompt_token_ids, max_shared)
+                cached = self.blocks.shared_blocks(r.request_id)
+                self.inbox.expect(r.request_id, table, r.prompt_tokens, first_block=cached)
+                self._prompts[r.request_id] = r.prompt_token_ids
+                granted[r.request_id] = Grant(tuple(table), cached)
         return granted
 
     def admit(self, admissions: list[Admission]) -> list[str]:
@@ -106,17 +122,17 @@ class DecodeWorker:
         refused = []
         with self._lock:
             for a in admissions:
-                # Same-node transports wrote straight into the pool before the prefill call returned.
-                complete = a.transport in ("shm", "cuda_ipc") or self.inbox.is_complete(a.request_id)
-                if not self.blocks.holds(a.request_id) or not complete:
+                if not self.blocks.holds(a.request_id) or not self._kv_complete(a):
                     refused.append(a.request_id)
                     continue
                 self.inbox.forget(a.request_id)
+                # The prompt's KV is whole now: its full blocks may be shared from here on.
+                self.blocks.register(a.request_id, self._prompts.get(a.request_id, ()))
                 self._admitted.add(a.request_id)
                 self._admissions.put(DecodeSequence(
                     request_id=a.request_id, prompt_len=a.prompt_tokens, params=a.params,
                     block_table=self.blocks.table(a.request_id), output=[a.first_token],
-                    token_times=[a.first_token_time], prompt_token_ids=a.prompt_token_ids))
+                    token_times=[a.first_token_time], prompt_token_ids=self._prompts.get(a.request_id, ())))
         return refused
 
     def release(self, request_ids: list[str]) -> int:
@@ -130,15 +146,46 @@ class DecodeWorker:
                     freed += self._release_locked(rid)
         return freed
 
-    def poll(self, timeout: float = 0.5) -> DecodePoll:
+    def poll(self, timeout: float = 0.5, stream: bool = False) -> DecodePoll:
         """Finished requests since the last poll (waits up to `timeout` for the first one), and the
-        loop's heartbeat age, so the router can tell a busy worker from a wedged one."""
+        loop's heartbeat age, so the router can tell a busy worker from a wedged one.
+
+        With `stream`, also the new tokens of running requests; the wait then ends at the first new
+        token too. One poll at a time (the router keeps one in flight per worker)."""
         out: list[DecodeResult] = []
+        progress: list[TokenProgress] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(0.0, deadline - time.monotonic())
+            try:
+                out.append(self._results.get(timeout=min(wait, 0.01) if stream else wait))
+                break
+            except queue.Empty:
+                if not stream or wait == 0.0 or (progress := self._progress()):
+                    break
         with contextlib.suppress(queue.Empty):
-            out.append(self._results.get(timeout=timeout))
             while True:
                 out.append(self._results.get_nowait())
-        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat)
+        if stream and not progress:
+            progress = self._progress()
+        with self._lock:
+            events = self.blocks.take_events()
+        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress), events or None)
+
+    def _progress(self) -> list[TokenProgress]:
+        """New tokens of running sequences since the last call. Reads lists the decode loop appends to
+        (output before token_times): a token read late only comes with the next poll. A sequence that
+        left the batch needs no entry: its DecodeResult carries its whole output."""
+        progress, streamed = [], {}
+        for seq in list(self.batcher.running):
+            n = min(len(seq.output), len(seq.token_times))
+            sent = self._streamed.get(seq.request_id, 1)  # output[0] came from prefill: the router has it
+            if n > sent:
+                progress.append(TokenProgress(seq.request_id, sent, tuple(seq.output[sent:n]),
+                                              tuple(seq.token_times[sent:n])))
+            streamed[seq.request_id] = max(n, sent)
+        self._streamed = streamed
+        return progress
 
     def stall_for(self, seconds: float) -> None:
         """Fault drill: wedge the decode loop for `seconds`, as a hung kernel or a deadlock would,
@@ -149,6 +196,7 @@ class DecodeWorker:
         with self._lock:
             return {"worker_id": self.worker_id, "num_blocks": self.blocks.num_blocks,
                     "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
+                    "cached_blocks": self.blocks.num_cached,
                     "running": len(self.batcher.running), "waiting": len(self.batcher.waiting),
                     "steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows}
 
@@ -165,8 +213,13 @@ class DecodeWorker:
             self._shared.close()
 
     # ---- decode loop -------------------------------------------------------------------
+    def _kv_complete(self, a: Admission) -> bool:
+        # Same-node transports wrote straight into the pool before the prefill call returned.
+        return a.transport in ("shm", "cuda_ipc") or self.inbox.is_complete(a.request_id)
+
     def _release_locked(self, request_id: str) -> int:
         self._admitted.discard(request_id)
+        self._prompts.pop(request_id, None)
         self.inbox.forget(request_id)
         return self.blocks.free(request_id)
 
@@ -185,9 +238,8 @@ class DecodeWorker:
                 finished = self.batcher.step()
             except Exception as e:  # a bug in a step must not strand requests: report them failed
                 log.exception("decode step failed")
-                for seq in self.batcher.running + list(self.batcher.waiting):
+                for seq in self.batcher.abort_all():
                     self._finish(seq, error=f"decode step failed: {e!r}")
-                self.batcher.running, self.batcher.waiting = [], type(self.batcher.waiting)()
                 continue
             self.steps += 1
             self.step_seconds += time.perf_counter() - started
@@ -216,6 +268,9 @@ class DecodeWorker:
 
     def _finish(self, seq: DecodeSequence, error: str | None = None) -> None:
         with self._lock:
+            if error is None and self.blocks.holds(seq.request_id):
+                # Every token but the newest has its KV in the pool: key those blocks too.
+                self.blocks.register(seq.request_id, self._prompts.get(seq.request_id, ()) + tuple(seq.output[:-1]))
             self._release_locked(seq.request_id)
         self._results.put(DecodeResult(
             request_id=seq.request_id, token_ids=tuple(seq.output), finish_reason=seq.finish_reason or "error",

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: see engine/cpu_features.auto_dtype, resolved where the worker runs
 
 # Architectures our forward implements, by HF `model_type`.
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -93,25 +94,36 @@ class EngineConfig:
     """What a user picks for model execution; identical on prefill and decode workers."""
 
     model: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else fp32
     device: str = "auto"  # auto: CUDA when the worker's process sees a GPU, else CPU
     block_size: int = 16
     kv_cache_gib: float = 2.0  # decode worker's KV pool
     max_num_seqs: int = 128  # decode batch limit
     max_prefill_tokens: int = 2048  # prefill batch token budget
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's choice
-    attention_backend: str = "auto"  # auto | torch | cpu (native paged kernel)
+    attention_backend: str = "auto"  # auto (CUDA: triton, CPU: cpu) | torch | cpu (native kernel) | triton
+    enforce_eager: bool = False  # CUDA: no decode graphs (vLLM's --enforce-eager)
+    enable_prefix_caching: bool = True  # share cached prompt blocks (decode pool, prefill cache, routing)
+    prefill_cache_gib: float = 0.5  # each prefill worker's own KV pool, kept as a prefix cache
     speculative: str = "off"  # decode worker's drafter: off | ngram | layers:K (engine/specdec)
     num_speculative_tokens: int | str = "auto"  # γ, or auto: chosen each step from measured costs
     cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
+    quantization: str = "none"  # none | int8 | int4: linear-layer weights, quantized at load (engine.quant)
+    quant_group_size: int = 0  # inputs per scale; 0: int8 one per output channel, int4 32
+    quantize_lm_head: bool = False  # also quantize the LM head (the embedding stays float)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_gib <= 0 or self.max_num_seqs <= 0 or self.max_prefill_tokens <= 0:
             raise ValueError("kv_cache_gib, max_num_seqs and max_prefill_tokens must be positive")
+        if self.quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"--quantization must be one of none, int8, int4, got {self.quantization!r}")
+        if self.quant_group_size < 0 or (self.quantization == "int4" and self.quant_group_size % 2):
+            raise ValueError(f"quant_group_size must be 0 (default) or positive (even for int4), "
+                             f"got {self.quant_group_size}")
         spec, n = self.speculative, self.num_speculative_tokens
         if spec not in ("off", "ngram") and not (spec.startswith("layers:") and spec[7:].isdigit()):
             raise ValueError(f"--speculative must be off, ngram or layers:K, got {spec!r}")
@@ -120,13 +132,20 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            raise ValueError("dtype 'auto' depends on the worker's device and CPU: use config.resolved()")
         return DTYPES[self.dtype]
 
     def resolved(self) -> EngineConfig:
-        """This config with `auto` device resolved where it runs (a worker may have a GPU the driver lacks)."""
+        """This config with `auto` device and dtype resolved where it runs (a worker may have a GPU, or a CPU
+        with native bf16, that the driver lacks)."""
         from dataclasses import replace
 
-        return self if self.device != "auto" else replace(self, device=default_device())
+        from engine.cpu_features import auto_dtype, cpu_flags
+
+        device = default_device() if self.device == "auto" else self.device
+        dtype = auto_dtype(device, cpu_flags()) if self.dtype == "auto" else self.dtype
+        return self if (device, dtype) == (self.device, self.dtype) else replace(self, device=device, dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -157,3 +157,40 @@ def read_generation_eos(folder: Path) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def weights_cache_key(folder: Path) -> str:
+    """Identify an HF folder's weights by content (config plus each weight file sampled as in gguf_cache_key)."""
+    h = hashlib.blake2b((folder / "config.json").read_bytes(), digest_size=8)
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("pytorch_model*.bin")):
+        h.update(f"{f.name}:{gguf_cache_key(f)}".encode())
+    return h.hexdigest()
+
+
+def cached_tensors(folder: Path, cache_dir: str | Path, tag: str, build) -> dict[str, torch.Tensor]:
+    """Derived weights (e.g. quantized) of `folder`, built once by `build()` and cached as safetensors.
+
+    Keyed by the source weights' content and `tag` (the derivation, e.g. `int4-g64`); several
+    workers starting at once build it once, as `_gguf_to_folder` does.
+    """
+    from safetensors.torch import load_file, save_file
+
+    cache_dir = Path(cache_dir) / "derived"
+    target = cache_dir / f"{folder.name}-{weights_cache_key(folder)}-{tag}.safetensors"
+    if target.is_file():
+        return load_file(str(target))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file():
+            return load_file(str(target))
+        state = {k: v.contiguous() for k, v in build().items()}
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".derive-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"source": str(folder), "tag": tag})
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return state

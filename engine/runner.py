@@ -16,6 +16,8 @@ from engine.config import EngineConfig, ModelArch
 from engine.kv_cache import KVLayout, KVPool
 from engine.loader import load_hf_config, load_state_dict, read_generation_eos, resolve_model
 from engine.model.llama import CausalLM
+from engine.model.ops import ops_for
+from engine.quant import quantize_model
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     model.load_hf_weights(load_state_dict(folder))
+    quantize_model(model, config, folder)  # --quantization: swaps linear layers for QuantLinear
     model = model.to(device=config.device, dtype=config.torch_dtype).eval()
     model.init_rope(config.torch_dtype)
     return LoadedModel(folder, arch, model)
@@ -53,6 +56,12 @@ class ModelRunner:
         self.folder, self.arch, self.model = loaded.folder, loaded.arch, loaded.model
         self.device = torch.device(config.device)
         self.backend = get_backend(config.attention_backend, config.device)
+        self.model.use_ops(ops_for(self.backend.name))
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention backend's name (torch, cpu, triton)."""
+        return self.backend.name
 
     def bind_thread(self) -> None:
         """Apply `num_threads` to the calling thread (OpenMP's thread count is per calling thread).

@@ -1,58 +1,155 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, reproducible per request.
+"""Batched sampling on the logits' device: greedy, temperature, top-k, top-p, reproducible per request.
 
-The random draw for token number `step` of a request depends only on
-(seed, step), never on which worker samples it or what else is in the batch:
-the prefill worker samples step 0, the decode worker the rest, and a retried
-request produces the same text.
+The random draw for token number `step` of a request depends only on (seed, step), never on which
+worker samples it, on which device, or what else is in the batch: the prefill worker samples step 0,
+the decode worker the rest, and a retried request produces the same text.
+
+The randomness is counter-based (a 32-bit integer hash of seed, step and vocabulary index), computed
+with plain tensor ops: no `torch.Generator` per row, no host sync, identical on CPU and GPU, and
+usable inside a CUDA graph. Tokens are drawn by the exponential race: argmax_i p_i / E_i with
+E_i = -log(u_i) draws i with probability p_i.
+
+`SamplingTensors` holds the per-row parameters as device tensors plus host flags saying which
+transforms any row needs; the decode loop keeps one per batch and updates it at admit/finish only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from engine.config import SamplingParams
 
-_MASK64 = (1 << 63) - 1
+M32 = 0xFFFFFFFF
 
 
-def step_seed(seed: int, step: int) -> int:
-    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) & _MASK64
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32 family) on int64 tensors holding values in [0, 2^32).
+    Both multipliers are < 2^31, so no product overflows int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 15)
+
+
+def _mix32_int(x: int) -> int:
+    x &= M32
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & M32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 15)
+
+
+def seed_halves(seed: int) -> tuple[int, int]:
+    """A request's seed as two 32-bit words (any Python int; negative seeds wrap)."""
+    seed &= (1 << 64) - 1
+    return seed & M32, seed >> 32
+
+
+def keyed_uniform_t(seed_lo: torch.Tensor, seed_hi: torch.Tensor, steps: torch.Tensor, salt: int,
+                  n: int) -> torch.Tensor:
+    """[B, n] float32 uniforms in (0, 1), a pure function of (seed, step, salt, column).
+    seed_lo/seed_hi/steps: [B] int64 on the target device. `salt` separates independent draws of the
+    same step (e.g. speculative acceptance tests vs the token draw)."""
+    salt_key = _mix32_int(salt * 0x9E3779B1 + 0x7F4A7C15)
+    a = _mix32(seed_lo ^ _mix32((steps & M32) ^ salt_key))
+    b = _mix32(seed_hi ^ _mix32((a + 0x9E3779B9) & M32))
+    cols = torch.arange(n, device=steps.device, dtype=torch.int64)
+    h = _mix32(_mix32((cols[None, :] + a[:, None]) & M32) ^ b[:, None])
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def keyed_uniform(seeds: Sequence[int], steps: Sequence[int], salt: int, n: int = 1,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """keyed_uniform_t for Python seeds and steps: [B, n] uniforms keyed on (seed, step, salt)."""
+    halves = [seed_halves(s) for s in seeds]
+    lo = torch.tensor([h[0] for h in halves], dtype=torch.int64, device=device)
+    hi = torch.tensor([h[1] for h in halves], dtype=torch.int64, device=device)
+    return keyed_uniform_t(lo, hi, torch.tensor(list(steps), dtype=torch.int64, device=device), salt, n)
+
+
+@dataclass(frozen=True)
+class SamplingTensors:
+    """Per-row sampling parameters on the device. Greedy rows (temperature 0 or top_k 1) have
+    temperature 0. Host flags (`any_*`) decide which transforms run, so sampling never syncs."""
+
+    temperature: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    top_p: torch.Tensor  # [B] float32, 1 = off
+    seed_lo: torch.Tensor  # [B] int64
+    seed_hi: torch.Tensor  # [B] int64
+    all_greedy: bool
+    max_top_k: int  # 0: no row uses top-k
+    any_top_p: bool
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], device: torch.device | str) -> SamplingTensors:
+        greedy = [p.greedy for p in params]
+        halves = [seed_halves(p.seed) for p in params]
+        top_ks = [0 if g else p.top_k for p, g in zip(params, greedy)]
+        top_ps = [1.0 if g else p.top_p for p, g in zip(params, greedy)]
+        return cls(
+            temperature=torch.tensor([0.0 if g else p.temperature for p, g in zip(params, greedy)],
+                                     dtype=torch.float32, device=device),
+            top_k=torch.tensor(top_ks, dtype=torch.int64, device=device),
+            top_p=torch.tensor(top_ps, dtype=torch.float32, device=device),
+            seed_lo=torch.tensor([lo for lo, _ in halves], dtype=torch.int64, device=device),
+            seed_hi=torch.tensor([hi for _, hi in halves], dtype=torch.int64, device=device),
+            all_greedy=all(greedy), max_top_k=max(top_ks, default=0), any_top_p=any(p < 1 for p in top_ps))
+
+    def rows(self, index: torch.Tensor) -> SamplingTensors:
+        """The same parameters for a subset/reordering of rows (e.g. one row per verified token)."""
+        return SamplingTensors(self.temperature[index], self.top_k[index], self.top_p[index], self.seed_lo[index],
+                               self.seed_hi[index], self.all_greedy, self.max_top_k, self.any_top_p)
+
+
+def processed_probs_t(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """[B, V] float32 probabilities after temperature, top-k and top-p; greedy rows are one-hot."""
+    greedy = st.temperature == 0
+    one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+    if st.all_greedy:
+        return one_hot
+    scaled = logits / torch.where(greedy, 1.0, st.temperature)[:, None]
+    if st.max_top_k > 0:
+        k_max = min(st.max_top_k, scaled.shape[-1])
+        top_vals = scaled.topk(k_max, dim=-1).values  # [B, k_max], descending
+        kth = (st.top_k.clamp(1, k_max) - 1)[:, None]
+        thresh = top_vals.gather(1, kth).squeeze(1).masked_fill(st.top_k == 0, float("-inf"))
+        scaled = scaled.masked_fill(scaled < thresh[:, None], float("-inf"))
+    if st.any_top_p:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= st.top_p[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return torch.where(greedy[:, None], one_hot, scaled.softmax(dim=-1))
+
+
+def draw(probs: torch.Tensor, st: SamplingTensors, steps: torch.Tensor, salt: int = 0) -> torch.Tensor:
+    """One token per row from `probs` [B, V], keyed on (seed, step, salt). -> [B] int64."""
+    u = keyed_uniform_t(st.seed_lo, st.seed_hi, steps, salt, probs.shape[-1])
+    return (probs / -torch.log(u)).argmax(dim=-1)
+
+
+def sample_t(logits: torch.Tensor, st: SamplingTensors, steps: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] float32, steps [B] int64 (the token number each row draws) -> token ids [B]."""
+    if st.all_greedy:
+        return logits.argmax(dim=-1)
+    tokens = draw(processed_probs_t(logits, st), st, steps)
+    return torch.where(st.temperature == 0, logits.argmax(dim=-1), tokens)
+
+
+def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """processed_probs_t for a list of SamplingParams."""
+    return processed_probs_t(logits, SamplingTensors.build(params, logits.device))
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int]) -> torch.Tensor:
     """logits: [B, V] float32 -> token ids [B] (int64, on logits' device)."""
-    tokens = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not rows:
-        return tokens
-    device = logits.device
-    idx = torch.tensor(rows, device=device)
-    sub = logits.index_select(0, idx)
-    temps = torch.tensor([params[i].temperature for i in rows], device=device, dtype=sub.dtype)
-    sub = sub / temps[:, None]
-    top_ks = [params[i].top_k for i in rows]
-    if any(k > 0 for k in top_ks):
-        k_max = min(max(top_ks), sub.shape[-1])
-        top_vals = sub.topk(k_max, dim=-1).values  # [R, k_max], descending
-        kth = torch.tensor([min(k, k_max) - 1 if k > 0 else 0 for k in top_ks], device=device)
-        thresh = top_vals.gather(1, kth[:, None]).squeeze(1)
-        thresh = thresh.masked_fill(torch.tensor([k == 0 for k in top_ks], device=device), float("-inf"))
-        sub = sub.masked_fill(sub < thresh[:, None], float("-inf"))
-    top_ps = torch.tensor([params[i].top_p for i in rows], device=device, dtype=sub.dtype)
-    if bool((top_ps < 1).any()):
-        sorted_logits, order = sub.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the mass before it already reaches top_p (the first token always stays).
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_ps[:, None]
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        sub = sub.masked_fill(drop, float("-inf"))
-    probs = sub.softmax(dim=-1)
-    noise = torch.empty_like(probs)
-    for r, i in enumerate(rows):
-        gen = torch.Generator(device=device).manual_seed(step_seed(params[i].seed, steps[i]))
-        noise[r].exponential_(generator=gen)
-    # Exponential race: argmax p_i / E_i draws i with probability p_i.
-    tokens[idx] = (probs / noise).argmax(dim=-1)
-    return tokens
+    st = SamplingTensors.build(params, logits.device)
+    return sample_t(logits, st, torch.tensor(list(steps), dtype=torch.int64, device=logits.device))

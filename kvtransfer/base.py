@@ -53,6 +53,7 @@ class TransferHandle:
     block_table: tuple[int, ...]  # physical block ids reserved on the decode worker
     num_tokens: int
     started: float = field(default_factory=time.time)
+    first_block: int = 0  # blocks before it are already on the receiver (prefix cache): not sent
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,13 @@ class KVConnection(ABC):
     transport: str
 
     @abstractmethod
-    def begin(self, request_id: str, block_table: list[int], num_tokens: int) -> TransferHandle: ...
+    def begin(self, request_id: str, block_table: list[int], num_tokens: int,
+              first_block: int = 0) -> TransferHandle: ...
 
     @abstractmethod
     def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [num_tokens, KVH, D] for `layer`, already on the sender's device."""
+        """k, v: [num_tokens - first_block * BS, KVH, D] for `layer` (tokens from the first block
+        sent on), already on the sender's device."""
 
     @abstractmethod
     def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:

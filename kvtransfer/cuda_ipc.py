@@ -2,6 +2,11 @@
 allocation, exported once as an IPC handle; a prefill worker opens it and
 copies each request's K/V device-to-device into the reserved blocks.
 
+Each layer of a request is one launch (the KV-store kernel scatters every token
+to its slot) on a side stream that waits for the layer's compute, so copies
+overlap the next layer's prefill; `finish` waits on that request's last event,
+never on the whole device, and its busy time comes from CUDA events.
+
 Both processes must see the pool's GPU: Ray hides other GPUs from an actor
 unless RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1 is set, so a prefill
 worker on another GPU of the node needs that setting (and P2P access).
@@ -10,12 +15,13 @@ worker on another GPU of the node needs that setting (and P2P access).
 from __future__ import annotations
 
 import pickle
+import time
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.kv_cache import KVLayout, KVPool
-from kvtransfer.base import KVEndpoint
-from kvtransfer.direct import DirectWriteConnection
+from kvtransfer.base import KVConnection, KVEndpoint, TransferHandle, TransferStats
 
 
 def export_pool(pool: KVPool) -> bytes:
@@ -32,18 +38,72 @@ def open_pool(handle: bytes, layout: KVLayout) -> KVPool:
     return KVPool(layout, rebuild(*args))
 
 
-class CudaIpcConnection(DirectWriteConnection):
+@dataclass
+class _Transfer:
+    slots: torch.Tensor  # [num_tokens] flat pool slots, on the device
+    bytes: int = 0
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
+
+
+def _store(pool: KVPool, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    try:
+        from engine.kernels.triton_ops import store_kv
+    except ImportError:  # no Triton: index_copy_ is still one launch per tensor
+        pool.write_tokens(layer, slots, k, v)
+        return
+    cache = pool.tensor[layer]
+    store_kv(cache[0], cache[1], slots, k, v)
+
+
+class CudaIpcConnection(KVConnection):
     transport = "cuda_ipc"
 
     def __init__(self, endpoint: KVEndpoint) -> None:
         if not endpoint.cuda_ipc:
             raise ValueError(f"decode worker {endpoint.worker_id} exposes no CUDA IPC handle")
-        super().__init__(open_pool(endpoint.cuda_ipc, endpoint.layout))
+        self.pool = open_pool(endpoint.cuda_ipc, endpoint.layout)
+        self.device = self.pool.tensor.device
+        self.stream = torch.cuda.Stream(device=self.device)
+        self._transfers: dict[str, _Transfer] = {}
 
-    def sync(self) -> None:
-        torch.cuda.synchronize(self.pool.tensor.device)
+    def begin(self, request_id: str, block_table: list[int], num_tokens: int,
+              first_block: int = 0) -> TransferHandle:
+        """Tokens from `first_block` on are sent (the receiver holds the blocks before it)."""
+        bs = self.pool.layout.block_size
+        table = torch.tensor(block_table, dtype=torch.int64)
+        positions = torch.arange(first_block * bs, num_tokens)
+        slots = table[positions // bs] * bs + positions % bs
+        self._transfers[request_id] = _Transfer(slots.to(self.device, non_blocking=True))
+        return TransferHandle(request_id, tuple(block_table), num_tokens, time.time(), first_block)
+
+    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        t = self._transfers[handle.request_id]
+        computed = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_stream(computed)  # the layer's K/V exist before the copy reads them
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
+            _store(self.pool, layer, t.slots, k.to(self.device), v.to(self.device))
+            end.record(self.stream)
+        k.record_stream(self.stream)  # the allocator must not reuse them before the copy is done
+        v.record_stream(self.stream)
+        t.events.append((start, end))
+        t.bytes += (k.numel() + v.numel()) * k.element_size()
+
+    def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
+        t = self._transfers.pop(handle.request_id)
+        if t.events:
+            t.events[-1][1].synchronize()  # this request's copies only, not the whole device
+        busy = sum(s.elapsed_time(e) for s, e in t.events) / 1000
+        return TransferStats(handle.request_id, self.transport, t.bytes, handle.started, time.time(), busy)
+
+    def abort(self, handle: TransferHandle) -> None:
+        t = self._transfers.pop(handle.request_id, None)
+        if t is not None and t.events:
+            t.events[-1][1].synchronize()  # the router frees the blocks next: no copy may still write them
 
     def close(self) -> None:
+        self.stream.synchronize()
         self.pool = None  # type: ignore[assignment]
 
 

@@ -1,6 +1,7 @@
-"""The prefill side of the same-node transports (shared memory, CUDA IPC): the decode worker's pool
-is mapped into this process, and each layer is copied straight into the request's reserved blocks,
-as contiguous runs (usually one per layer). One copy, no serialization.
+"""The prefill side of a same-node CPU transport (shared memory): the decode worker's pool is mapped
+into this process, and each layer is copied straight into the request's reserved blocks, as
+contiguous runs (usually one per layer). One copy, no serialization. (CUDA IPC writes the same way
+from a side stream: kvtransfer/cuda_ipc.py.)
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ class DirectWriteConnection(KVConnection):
         self.pool = pool
         self._transfers: dict[str, _Transfer] = {}
 
-    def begin(self, request_id: str, block_table: list[int], num_tokens: int) -> TransferHandle:
-        self._transfers[request_id] = _Transfer(block_runs(block_table, self.pool.layout.block_size, num_tokens))
-        return TransferHandle(request_id, tuple(block_table), num_tokens, time.time())
+    def begin(self, request_id: str, block_table: list[int], num_tokens: int,
+              first_block: int = 0) -> TransferHandle:
+        bs = self.pool.layout.block_size
+        self._transfers[request_id] = _Transfer(block_runs(block_table, bs, num_tokens - first_block * bs, first_block))
+        return TransferHandle(request_id, tuple(block_table), num_tokens, time.time(), first_block)
 
     def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         t = self._transfers[handle.request_id]
@@ -39,14 +42,8 @@ class DirectWriteConnection(KVConnection):
         t.bytes += (k.numel() + v.numel()) * k.element_size()
 
     def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
-        started = time.perf_counter()
-        self.sync()  # every byte is in place before the router admits the request
-        t = self._transfers.pop(handle.request_id)
-        busy = t.busy_s + time.perf_counter() - started
-        return TransferStats(handle.request_id, self.transport, t.bytes, handle.started, time.time(), busy)
+        t = self._transfers.pop(handle.request_id)  # CPU copies are done when write_layer returns
+        return TransferStats(handle.request_id, self.transport, t.bytes, handle.started, time.time(), t.busy_s)
 
     def abort(self, handle: TransferHandle) -> None:
         self._transfers.pop(handle.request_id, None)
-
-    def sync(self) -> None:
-        """Wait for asynchronous copies (CUDA); CPU copies are done when write_layer returns."""

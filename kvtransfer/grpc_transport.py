@@ -123,7 +123,9 @@ class _Stream:
                     return
                 started = time.perf_counter()
                 layer, k, v = item
-                yield from encode_layer(handle.request_id, layer, k, v, block_size, max_chunk_bytes)
+                for chunk in encode_layer(handle.request_id, layer, k, v, block_size, max_chunk_bytes):
+                    chunk.block_start += handle.first_block  # blocks the receiver caches are not sent
+                    yield chunk
                 self.busy_s += time.perf_counter() - started
 
         self.call = stub.PushKV.future(chunks(), metadata=metadata, timeout=timeout)
@@ -163,8 +165,9 @@ class GrpcConnection(KVConnection):
             self._channel.close()
             raise IncompatiblePeer(f"decode worker {endpoint.worker_id} refused {sender_id}: {reply.reason}")
 
-    def begin(self, request_id: str, block_table: list[int], num_tokens: int) -> TransferHandle:
-        handle = TransferHandle(request_id, tuple(block_table), num_tokens, time.time())
+    def begin(self, request_id: str, block_table: list[int], num_tokens: int,
+              first_block: int = 0) -> TransferHandle:
+        handle = TransferHandle(request_id, tuple(block_table), num_tokens, time.time(), first_block)
         self._streams[request_id] = _Stream(self._stub, self._metadata, handle, self.block_size,
                                             self.max_chunk_bytes, self.timeout)
         return handle

@@ -22,6 +22,7 @@ from kvtransfer.base import IntegrityError
 class _Expected:
     table: list[int]
     num_tokens: int
+    first_block: int = 0  # blocks before it hold cached KV already: nothing may be written there
     received: set[tuple[int, int]] = field(default_factory=set)  # (layer, block index)
     bytes: int = 0
 
@@ -33,9 +34,9 @@ class KVInbox:
         self._lock = threading.Lock()
         self._expected: dict[str, _Expected] = {}
 
-    def expect(self, request_id: str, block_table: list[int], num_tokens: int) -> None:
+    def expect(self, request_id: str, block_table: list[int], num_tokens: int, first_block: int = 0) -> None:
         with self._lock:
-            self._expected[request_id] = _Expected(list(block_table), num_tokens)
+            self._expected[request_id] = _Expected(list(block_table), num_tokens, first_block)
 
     def forget(self, request_id: str) -> None:
         with self._lock:
@@ -53,9 +54,9 @@ class KVInbox:
             prompt_blocks = -(-exp.num_tokens // bs)
             if not 0 <= layer < self.layout.num_layers:
                 raise IntegrityError(f"layer {layer} out of range for {self.layout.num_layers} layers")
-            if block_start < 0 or num_blocks <= 0 or block_start + num_blocks > prompt_blocks:
-                raise IntegrityError(f"blocks {block_start}+{num_blocks} outside the {prompt_blocks} prompt blocks"
-                                     f" of request {request_id}")
+            if block_start < exp.first_block or num_blocks <= 0 or block_start + num_blocks > prompt_blocks:
+                raise IntegrityError(f"blocks {block_start}+{num_blocks} outside blocks {exp.first_block}.."
+                                     f"{prompt_blocks} of request {request_id} (the ones it expects)")
             t0, t1 = block_start * bs, min((block_start + num_blocks) * bs, exp.num_tokens)
             if k.shape[0] != t1 - t0:
                 raise IntegrityError(f"chunk has {k.shape[0]} tokens, blocks {block_start}+{num_blocks} hold {t1 - t0}")
@@ -79,7 +80,8 @@ class KVInbox:
         exp = self._expected.get(request_id)
         if exp is None:
             return False
-        return len(exp.received) == self.layout.num_layers * -(-exp.num_tokens // self.layout.block_size)
+        return len(exp.received) == self.layout.num_layers * (-(-exp.num_tokens // self.layout.block_size)
+                                                             - exp.first_block)
 
     def pending(self) -> list[str]:
         with self._lock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import threading
 import uuid
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -58,6 +59,47 @@ def sweep_orphans(shm_dir: Path = SHM_DIR) -> list[str]:
     return removed
 
 
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in, writable, without changing what they hold
+_PREFAULT_CHUNK = 64 << 20
+
+
+def _madvise():
+    import ctypes
+
+    fn = ctypes.CDLL(None, use_errno=True).madvise  # ctypes releases the GIL for the call
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def prefault(tensor: torch.Tensor, running: threading.Event) -> None:
+    """Fault a fresh mapping's pages in without delaying start-up.
+
+    MADV_POPULATE_WRITE leaves the contents alone, so it runs on a low-priority thread while
+    transfers may already write into the pool; `running.clear()` stops it. Where the kernel lacks
+    it, the pages are zeroed here and now, before any peer can write.
+    """
+    start, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    try:
+        madvise = _madvise()
+        ok = madvise(start, min(nbytes, mmap.PAGESIZE), _MADV_POPULATE_WRITE) == 0
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        tensor.view(-1).view(torch.uint8).zero_()
+        return
+
+    def run() -> None:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: this thread only
+        for offset in range(0, nbytes, _PREFAULT_CHUNK):
+            if not running.is_set() or madvise(start + offset, min(_PREFAULT_CHUNK, nbytes - offset),
+                                               _MADV_POPULATE_WRITE) != 0:
+                return  # closed (unmapped: ENOMEM) or stopped
+
+    running.set()
+    threading.Thread(target=run, name="kv-prefault", daemon=True).start()
+
+
 class SharedKVPool:
     """A KV pool backed by a named shared-memory segment.
 
@@ -88,12 +130,14 @@ class SharedKVPool:
             buf = self._map
         self.name = name
         self.pool = KVPool(layout, torch.frombuffer(buf, dtype=torch.uint8, count=layout.nbytes))
+        self._prefaulting = threading.Event()
         if self.owner:
-            # Touch every page now: a fresh segment faults a page in on first write, which would
-            # slow the first transfers into each block (measured: 1.4 GB/s instead of ~15).
-            self.pool.tensor.view(-1).view(torch.uint8).zero_()
+            # A fresh segment faults a page in on first write, which would slow the first transfers into
+            # each block (measured: 1.4 GB/s instead of ~15): fault every page in, in the background.
+            prefault(self.pool.tensor, self._prefaulting)
 
     def close(self) -> None:
+        self._prefaulting.clear()  # the prefault thread stops at its next chunk
         self.pool = None  # type: ignore[assignment]  # drop views before unmapping
         if self.owner:  # the name goes now, the RAM once the last mapping does
             with contextlib.suppress(FileNotFoundError):  # already gone: nothing to clean

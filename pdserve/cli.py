@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.config import DTYPES, EngineConfig
+from engine.config import DTYPE_CHOICES, DTYPES, EngineConfig
 from kvtransfer.base import TRANSPORTS
 
 if TYPE_CHECKING:
@@ -19,7 +20,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None,
                    help="an HF folder, a .gguf file, or omit for the default SmolLM2-135M-Instruct")
-    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bfloat16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else float32")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA on workers that have a GPU, else CPU")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
@@ -31,6 +33,19 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: off, ngram (prompt lookup) or layers:K (the target's first K layers)")
     g.add_argument("--num-speculative-tokens", default="auto", type=lambda v: v if v == "auto" else int(v),
                    help="draft tokens per step (γ), or auto: chosen each step from measured costs and acceptance")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
+    g.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
+                   help="auto: Triton kernels on CUDA, the native kernel on a CPU; torch: the reference path")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of prompt prefixes already computed (prefill) or held (decode)")
+    g.add_argument("--prefill-cache-gib", type=float, default=0.5,
+                   help="each prefill worker's prefix-cache pool (with --enable-prefix-caching)")
+    g.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
+                   help="quantize linear-layer weights at load (int8 symmetric, int4 asymmetric, group-wise)")
+    g.add_argument("--quant-group-size", type=int, default=0,
+                   help="inputs per quantization scale; 0: int8 one per output channel, int4 32")
+    g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +86,11 @@ def router_config(args: argparse.Namespace, engine: EngineConfig) -> RouterConfi
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     kwargs = dict(model=args.model, dtype=args.dtype, device=args.device,
                   block_size=args.block_size, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
-                  max_prefill_tokens=args.max_prefill_tokens, speculative=args.speculative,
+                  max_prefill_tokens=args.max_prefill_tokens, enforce_eager=args.enforce_eager,
+                  attention_backend=args.attention_backend, enable_prefix_caching=args.enable_prefix_caching,
+                  prefill_cache_gib=args.prefill_cache_gib,
+                  quantization=args.quantization, quant_group_size=args.quant_group_size,
+                  quantize_lm_head=args.quantize_lm_head, speculative=args.speculative,
                   num_speculative_tokens=args.num_speculative_tokens)
     if args.cache_dir:
         kwargs["cache_dir"] = args.cache_dir
@@ -79,15 +98,15 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def cluster_config(args: argparse.Namespace):
+    from pdserve.runtime.cluster import ClusterConfig
     from proto.messages import TLSFiles
-    from router.cluster import ClusterConfig
 
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
         tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca or args.tls_cert)
-    from router.cluster import WorkerResources
+    from pdserve.runtime.cluster import WorkerResources
 
     roles = {role: WorkerResources.parse(getattr(args, f"{role}_cpus"), getattr(args, f"{role}_gpus"),
                                          getattr(args, f"{role}_resources"), getattr(args, f"{role}_labels"))
@@ -102,16 +121,20 @@ def cluster_config(args: argparse.Namespace):
 def cmd_run_batch(args: argparse.Namespace) -> int:
     import signal
 
-    from router.metrics import SLO
-    from router.offline import BatchOptions, run_batch
+    from pdserve.runtime.cluster import check_address, process_age_s
+
+    logging.getLogger("pdserve.cli").info("start-up: python and imports %.1f s", process_age_s())
+    check_address(args.address)  # in seconds, before the model and tokenizer load
+    from pdserve.batch.run import BatchOptions, run_batch
+    from pdserve.observability.metrics import SLO
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
     engine = engine_config(args)
     slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
     collector = server = None
     if args.dashboard:
-        from router.dashboard.collector import MetricsCollector
-        from router.dashboard.server import DashboardServer
+        from pdserve.observability.dashboard.collector import MetricsCollector
+        from pdserve.observability.dashboard.server import DashboardServer
 
         collector = MetricsCollector(slo, title=f"pdserve: {Path(args.input).name}")
         server = DashboardServer(collector, host=args.dashboard_host, port=args.dashboard_port)
@@ -131,7 +154,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
             server.stop()
     print(summary.render())
     if args.dashboard:
-        from router.dashboard.report import write_report
+        from pdserve.observability.dashboard.report import write_report
 
         report = Path(args.output).with_suffix(".report.html")
         write_report(Path(args.output), report, slo)
@@ -140,8 +163,8 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from router.metrics import SLO
-    from router.service import DeploymentSpec, deploy
+    from pdserve.observability.metrics import SLO
+    from pdserve.runtime.deployment import DeploymentSpec, deploy
 
     engine = engine_config(args)
     spec = DeploymentSpec(name=args.name, engine=engine, cluster=cluster_config(args),
@@ -162,23 +185,26 @@ def _ray_get(ref, timeout: float = 120):
 def _print_status(st: dict) -> None:
     print(f"deployment {st['name']}: model {st['model']} ({st['dtype']}), up {st['uptime_s']:.0f} s, "
           f"{st['in_flight']} requests in flight, {st['queued']} queued")
-    print(f"{'worker':<12} {'node':<16} {'pid':>8} {'device':<8} {'threads':>7} {'KV blocks used':>16} {'running':>8}")
+    print(f"{'worker':<12} {'node':<16} {'pid':>8} {'device':<8} {'dtype':<9} {'threads':>7} {'KV blocks used':>16} "
+          f"{'running':>8}")
     for w in sorted(st["workers"], key=lambda w: w["worker_id"]):
         kv = f"{w['num_blocks'] - w['free_blocks']}/{w['num_blocks']}" if "num_blocks" in w else "-"
         device = w["gpu"] or w["device"]
-        print(f"{w['worker_id']:<12} {w['node_ip']:<16} {w['pid']:>8} {device:<8} {w['threads']:>7} {kv:>16} "
-              f"{w.get('running', '-'):>8}")
+        print(f"{w['worker_id']:<12} {w['node_ip']:<16} {w['pid']:>8} {device:<8} {w.get('dtype', '-'):<9} "
+              f"{w['threads']:>7} {kv:>16} {w.get('running', '-'):>8}")
+    for cpu in sorted({w["cpu"] for w in st["workers"] if w.get("cpu")}):  # one line per kind of CPU
+        print(cpu)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from router.service import find
+    from pdserve.runtime.deployment import find
 
     _print_status(_ray_get(find(args.name, args.address).status.remote()))
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from router.service import teardown
+    from pdserve.runtime.deployment import teardown
 
     teardown(args.name, args.address)
     print(f"deployment {args.name!r} stopped")
@@ -188,8 +214,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import time
 
-    from router.dashboard.server import DashboardServer
-    from router.service import find
+    from pdserve.observability.dashboard.server import DashboardServer
+    from pdserve.runtime.deployment import find
 
     actor = find(args.name, args.address)
 
@@ -217,8 +243,8 @@ def cmd_submit(args: argparse.Namespace, passthrough: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from router.dashboard.report import write_report
-    from router.metrics import SLO
+    from pdserve.observability.dashboard.report import write_report
+    from pdserve.observability.metrics import SLO
 
     state = write_report(Path(args.output_file), Path(args.o), SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot))
     s = state["summary"]
@@ -228,7 +254,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _slo_args(p: argparse.ArgumentParser) -> None:
-    from router.metrics import SLO
+    from pdserve.observability.metrics import SLO
 
     g = p.add_argument_group("service-level objectives (goodput counts requests within both)")
     g.add_argument("--slo-ttft", type=float, default=SLO.ttft_s, help="time-to-first-token SLO, seconds")
@@ -237,14 +263,17 @@ def _slo_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
 
     from pdserve.bench.throughput import SYSTEMS, ThroughputBench, run
-    from pdserve.bench.workload import WorkloadSpec
+    from pdserve.bench.workload import NANOVLLM, WorkloadSpec
 
     if args.quick:
         spec = WorkloadSpec(num_requests=4, min_prompt=16, max_prompt=64, min_output=2, max_output=6, seed=args.seed)
+    elif args.workload == "nanovllm":
+        spec = replace(NANOVLLM, seed=args.seed, num_requests=args.num_requests or NANOVLLM.num_requests)
     else:
-        spec = WorkloadSpec(num_requests=args.num_requests, seed=args.seed)
+        spec = WorkloadSpec(num_requests=args.num_requests or 64, seed=args.seed)
     systems = tuple(s for s in args.systems.split(",") if s)
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
@@ -252,6 +281,9 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     bench = ThroughputBench(workload=spec, dtypes=tuple(args.dtypes.split(",")), systems=systems,
                             static_batch_size=args.static_batch_size)
     engine = engine_config(args)
+    from engine.cpu_features import CpuInfo
+
+    print(f"{CpuInfo.here().describe(f'auto -> {engine.resolved().dtype}')}; benchmarking {','.join(bench.dtypes)}")
     report = run(bench, engine, cluster_config(args), router=router_config(args, engine))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -264,8 +296,37 @@ def cmd_bench_kvtransfer(args: argparse.Namespace) -> int:
 
     tokens = (64, 512) if args.quick else tuple(int(t) for t in args.tokens.split(","))
     transports = tuple(t for t in args.transports.split(",") if t)
+    from engine.cpu_features import CpuInfo
+
+    print(CpuInfo.here().describe())
     report = run(KVBench(tokens=tokens, transports=transports, dtype=args.dtype, repeats=1 if args.quick else 3))
     print(last_line(report, transports))
+    return 0
+
+
+def cmd_bench_quant(args: argparse.Namespace) -> int:
+    import json
+
+    from pdserve.bench.quant import QuantBench, run
+
+    bench = QuantBench(settings=tuple(s for s in args.settings.split(",") if s),
+                       batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+                       decode_steps=args.steps, repeats=args.repeats)
+    if args.quick:
+        bench = replace(bench, batch_sizes=(1, 4), decode_steps=2, repeats=1, num_prompts=2, agree_tokens=4,
+                        ppl_max_tokens=128)
+    kwargs = {"model": args.model, "num_threads": args.threads}
+    if args.cache_dir:
+        kwargs["cache_dir"] = args.cache_dir
+    engine = EngineConfig(**kwargs)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = run(bench, engine)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    print(report["last_line"])
     return 0
 
 
@@ -334,7 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     tp = bench.add_parser("throughput", help="pdserve vs transformers (static and continuous batching)")
     tp.add_argument("--quick", action="store_true", help="4 short requests: checks the benchmark runs")
-    tp.add_argument("--num-requests", type=int, default=64)
+    tp.add_argument("--num-requests", type=int, default=0, help="default: the workload's own (64; nanovllm 256)")
+    tp.add_argument("--workload", default="default", choices=("default", "nanovllm"),
+                    help="default: 64 English prompts of 16-512 tokens, 16-256 output tokens; nanovllm: nano-vllm's "
+                         "benchmark shape (256 requests, prompt and output lengths uniform in 100-1024)")
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; the last one makes the last line")
     tp.add_argument("--systems", default="hf_static,hf_cb,pdserve", help="comma-separated subset")
@@ -350,6 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     kv.add_argument("--quick", action="store_true", help="two small caches, one repeat")
     kv.set_defaults(func=cmd_bench_kvtransfer)
+
+    qb = bench.add_parser("quant", help="quantized weights vs float: bytes, perplexity, agreement, decode tok/s")
+    qb.add_argument("--settings", default="float32,bfloat16,int8,int4,int4+lmhead",
+                    help="comma-separated: float32, bfloat16, int8, int4, each quantized one optionally +lmhead")
+    qb.add_argument("--batch-sizes", default="1,64", help="decode batch sizes to time")
+    qb.add_argument("--steps", type=int, default=16, help="timed decode steps per repeat")
+    qb.add_argument("--repeats", type=int, default=3)
+    qb.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    qb.add_argument("--model", default=None, help="as for run-batch; default SmolLM2-135M-Instruct")
+    qb.add_argument("--cache-dir", default=None)
+    qb.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
+    qb.add_argument("--json", default=None, help="also write the full report here")
+    qb.set_defaults(func=cmd_bench_quant)
     return parser
 
 
@@ -364,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)
-    except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as e:
+    except (FileNotFoundError, IsADirectoryError, PermissionError, ValueError, ConnectionError) as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -74,7 +74,7 @@ def submit(input_path: Path, output_path: Path, address: str, run_batch_args: li
            python: str = "python", poll_s: float = 1.0) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from router.cluster import use_cluster_token
+    from pdserve.runtime.cluster import use_cluster_token
 
     use_cluster_token()
     if not input_path.is_file():

@@ -1,6 +1,8 @@
 """The prefill worker: packed prefill of a batch, first token, KV streamed out layer by layer.
 
-Each layer's K/V goes to the request's decode worker as soon as the layer is
+With prefix caching, prompts are computed from the end of their longest prefix
+cached in the worker's own pool (prefix_cache.py). Each layer's K/V goes to the
+request's decode worker (only the blocks it does not already hold) as soon as the layer is
 computed (the attention context's KV sink), so the transfer of layer i
 overlaps the compute of layer i+1. A transfer that fails costs only its own
 request: the result carries the error and the router retries it elsewhere.
@@ -10,16 +12,21 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
+from engine.attention import KVSink
 from engine.compute_thread import ComputeThread
 from engine.runner import ModelRunner, model_fingerprint
 from engine.sampler import sample
 from kvtransfer.base import KVConnection, KVEndpoint, TransferError, TransferHandle, connect, select_transport
+from prefill_worker.prefix_cache import PrefillCache
 from proto.messages import PrefillResult, PrefillTask, WorkerConfig
 
 log = logging.getLogger("pdserve.prefill")
+
+_Handle = tuple[KVConnection, TransferHandle]
 
 
 class PrefillWorker:
@@ -29,8 +36,11 @@ class PrefillWorker:
         self.node_id = node_id
         self.compute = ComputeThread(config.engine.num_threads, name=f"prefill-{self.worker_id}")
         self.runner = self.compute.call(ModelRunner, config.engine)
-        self.layout = self.runner.kv_layout(num_blocks=1)  # the shape of what we send; we hold no pool
+        self.layout = self.runner.kv_layout(num_blocks=1)  # the shape of what we send
         self.fingerprint = model_fingerprint(self.runner.folder)
+        engine = config.engine
+        self.cache = (self.compute.call(PrefillCache, self.runner, engine.prefill_cache_gib, self.fingerprint)
+                      if engine.enable_prefix_caching else None)
         self._connections: dict[str, tuple[KVEndpoint, KVConnection]] = {}  # by decode worker id
         self._faults_left = config.inject_transfer_failures
 
@@ -55,54 +65,95 @@ class PrefillWorker:
 
     def _prefill(self, tasks: list[PrefillTask]) -> list[PrefillResult]:
         errors: dict[str, str] = {}
-        handles: list[tuple[KVConnection, TransferHandle] | None] = []
+        handles = self._begin_transfers(tasks, errors)
+        ids = [t.request_id for t in tasks]
+        prompts = [list(t.prompt_token_ids) for t in tasks]
+        cached = self.cache.allocate(ids, prompts) if self.cache else None
+        computed_from = cached or [0] * len(tasks)  # per prompt: tokens before it come from the cache
+        tables = self.cache.tables(ids) if cached is not None else []
+        ship = self._shipper(tasks, handles, errors, computed_from, tables)
+        prefill_start = time.time()
+        try:
+            if cached is None:
+                logits = self.runner.prefill(prompts, ship)
+            else:
+                chunks = [p[c:] for p, c in zip(prompts, cached)]
+                logits = self.runner.extend(self.cache.pool, chunks, cached, tables, kv_sink=ship)
+        except BaseException:
+            if cached is not None:
+                self.cache.release(ids)  # the pool's copy is incomplete: nothing gets a key
+            raise
+        if cached is not None:
+            self.cache.commit(ids, prompts)
+        first = sample(logits, [t.params for t in tasks], [0] * len(tasks)).tolist()
+        prefill_end = time.time()
+        results = [self._finish(t, h, token, errors, prefill_start, prefill_end, c)
+                   for t, h, token, c in zip(tasks, handles, first, computed_from)]
+        events = self.cache.blocks.take_events() if self.cache else None
+        if results and events:
+            results[0] = replace(results[0], kv_events=events)
+        return results
+
+    def _begin_transfers(self, tasks: list[PrefillTask], errors: dict[str, str]) -> list[_Handle | None]:
+        handles: list[_Handle | None] = []
         for t in tasks:
             try:
                 conn = self.connection(t.decode)
-                handles.append((conn, conn.begin(t.request_id, list(t.block_table), len(t.prompt_token_ids))))
+                handles.append((conn, conn.begin(t.request_id, list(t.block_table), len(t.prompt_token_ids),
+                                                 first_block=t.cached_blocks)))
             except (TransferError, ValueError, OSError) as e:
                 errors[t.request_id] = f"{type(e).__name__}: KV connection to {t.decode.worker_id} failed: {e}"
                 handles.append(None)
+        return handles
+
+    def _shipper(self, tasks: list[PrefillTask], handles: list[_Handle | None], errors: dict[str, str],
+                 computed_from: list[int], tables: list[list[int]]) -> KVSink:
+        """The KV sink: per layer, each request's tokens from its first uncached decode block on.
+        Packed k, v hold only the computed tokens; cached ones the decode worker lacks come from our pool."""
+        bs = self.layout.block_size
         bounds, start = [], 0
-        for t in tasks:
-            bounds.append((start, start + len(t.prompt_token_ids)))
-            start += len(t.prompt_token_ids)
+        for t, c in zip(tasks, computed_from):
+            bounds.append((start, start + len(t.prompt_token_ids) - c))
+            start = bounds[-1][1]
 
         def ship(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            for t, h, (s, e) in zip(tasks, handles, bounds):
+            for i, (t, h, (s, e), c) in enumerate(zip(tasks, handles, bounds, computed_from)):
                 if h is None or t.request_id in errors:
                     continue
+                send = h[1].first_block * bs
+                if send >= c:
+                    ks, vs = k[s + send - c:e], v[s + send - c:e]
+                else:
+                    ck, cv = self.cache.cached_rows(layer, tables[i], send, c)
+                    ks, vs = torch.cat([ck, k[s:e]]), torch.cat([cv, v[s:e]])
                 try:
-                    h[0].write_layer(h[1], layer, k[s:e], v[s:e])
+                    h[0].write_layer(h[1], layer, ks, vs)
                 except TransferError as err:
                     errors[t.request_id] = f"{type(err).__name__}: KV transfer to {t.decode.worker_id} failed: {err}"
 
-        prefill_start = time.time()
-        logits = self.runner.prefill([list(t.prompt_token_ids) for t in tasks], ship)
-        first = sample(logits, [t.params for t in tasks], [0] * len(tasks)).tolist()
-        prefill_end = time.time()
-        results = []
-        for t, h, token in zip(tasks, handles, first):
-            stats = None
-            if h is not None and t.request_id not in errors and self._faults_left > 0:
-                self._faults_left -= 1
-                h[0].abort(h[1])
-                errors[t.request_id] = f"TransferError: injected fault (drill) on the way to {t.decode.worker_id}"
-            elif h is not None and t.request_id not in errors:
-                try:
-                    stats = h[0].finish(h[1], timeout=self.config.transfer_timeout_s)
-                except TransferError as err:
-                    errors[t.request_id] = f"{type(err).__name__}: KV transfer to {t.decode.worker_id} failed: {err}"
-            elif h is not None:
-                h[0].abort(h[1])
-            results.append(PrefillResult(
-                request_id=t.request_id, first_token=token, prefill_start=prefill_start, prefill_end=prefill_end,
-                transfer_start=h[1].started if h else prefill_start,
-                transfer_end=stats.end if stats else time.time(),
-                transport=h[0].transport if h else "none", kv_bytes=stats.bytes if stats else 0,
-                transfer_busy_s=stats.busy_s if stats else 0.0,
-                error=errors.get(t.request_id)))
-        return results
+        return ship
+
+    def _finish(self, t: PrefillTask, h: _Handle | None, token: int, errors: dict[str, str],
+                prefill_start: float, prefill_end: float, cached_tokens: int) -> PrefillResult:
+        stats = None
+        if h is not None and t.request_id not in errors and self._faults_left > 0:
+            self._faults_left -= 1
+            h[0].abort(h[1])
+            errors[t.request_id] = f"TransferError: injected fault (drill) on the way to {t.decode.worker_id}"
+        elif h is not None and t.request_id not in errors:
+            try:
+                stats = h[0].finish(h[1], timeout=self.config.transfer_timeout_s)
+            except TransferError as err:
+                errors[t.request_id] = f"{type(err).__name__}: KV transfer to {t.decode.worker_id} failed: {err}"
+        elif h is not None:
+            h[0].abort(h[1])
+        return PrefillResult(
+            request_id=t.request_id, first_token=token, prefill_start=prefill_start, prefill_end=prefill_end,
+            transfer_start=h[1].started if h else prefill_start,
+            transfer_end=stats.end if stats else time.time(),
+            transport=h[0].transport if h else "none", kv_bytes=stats.bytes if stats else 0,
+            transfer_busy_s=stats.busy_s if stats else 0.0,
+            error=errors.get(t.request_id), cached_tokens=cached_tokens)
 
     def shutdown(self) -> None:
         for _, conn in self._connections.values():

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig, SamplingParams
 from engine.kv_cache import KVLayout
+from engine.prefix_cache import KVEvents
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,16 @@ class Reservation:
     request_id: str
     prompt_tokens: int
     max_tokens: int
+    prompt_token_ids: tuple[int, ...] = ()  # lets the decode worker share blocks it already caches
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Decode worker -> router: a reservation held. The first `cached_blocks` blocks of the table
+    already hold this prompt's KV (prefix cache): the prefill worker sends only the rest."""
+
+    block_table: tuple[int, ...]
+    cached_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,6 @@ class KVEndpoint:
     grpc_tls: bool = False
     shm_name: str | None = None
     cuda_ipc: bytes | None = None  # pickled IPC handle of a CUDA pool
-    wants_prompt_ids: bool = False  # its drafter (ngram) reads the prompt: admissions carry the ids
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class PrefillTask:
     params: SamplingParams
     decode: KVEndpoint
     block_table: tuple[int, ...]
+    cached_blocks: int = 0  # leading blocks the decode worker already holds: not sent
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,8 @@ class PrefillResult:
     kv_bytes: int
     transfer_busy_s: float = 0.0  # time spent moving bytes (the span overlaps prefill)
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefill worker's prefix cache (not computed)
+    kv_events: KVEvents | None = None  # the worker's prefix-cache changes; on the first result of a batch
 
 
 @dataclass(frozen=True)
@@ -76,7 +89,6 @@ class Admission:
     first_token_time: float
     params: SamplingParams
     transport: str
-    prompt_token_ids: tuple[int, ...] = ()  # only for a decode worker that wants_prompt_ids
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,18 @@ class DecodeResult:
 
 
 @dataclass(frozen=True)
+class TokenProgress:
+    """Decode worker -> router, streaming polls only: tokens a running request made since the last poll.
+
+    `start` is the index in the request's output of token_ids[0] (output[0] came from prefill)."""
+
+    request_id: str
+    start: int
+    token_ids: tuple[int, ...]
+    token_times: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class DecodePoll:
     """Decode worker -> router, each poll: finished requests, and how long since its loop last turned.
 
@@ -102,6 +126,8 @@ class DecodePoll:
 
     results: tuple[DecodeResult, ...]
     loop_stalled_s: float
+    progress: tuple[TokenProgress, ...] = ()  # poll(stream=True) only
+    kv_events: KVEvents | None = None  # prefix-cache blocks stored/evicted since the last poll
 
 
 @dataclass(frozen=True)

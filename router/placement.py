@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.prefix_cache import BlockKey
+from router.kv_index import KVIndex
+
 
 @dataclass
 class DecodeCapacity:
@@ -31,10 +34,12 @@ class DecodeCapacity:
 
 
 class Placement:
-    """Chooses a decode worker for each request: the one with the most free blocks that fits."""
+    """Chooses a decode worker for each request: among those it fits, the one with the most free blocks,
+    less `overlap_weight` x the blocks of the prompt it would have to receive (those it does not cache)."""
 
-    def __init__(self) -> None:
+    def __init__(self, overlap_weight: float = 1.0) -> None:
         self.workers: dict[str, DecodeCapacity] = {}
+        self.overlap_weight = overlap_weight
 
     def add_worker(self, capacity: DecodeCapacity) -> None:
         self.workers[capacity.worker_id] = capacity
@@ -44,11 +49,14 @@ class Placement:
         cap = self.workers.pop(worker_id, None)
         return list(cap.holds) if cap else []
 
-    def place(self, attempt_id: str, tokens: int) -> str | None:
+    def place(self, attempt_id: str, tokens: int, cached: dict[str, int] | None = None) -> str | None:
+        """`cached`: per worker, leading blocks of this prompt it holds (router/kv_index.py)."""
         fitting = [w for w in self.workers.values() if w.does_fit(tokens)]
         if not fitting:
             return None
-        best = max(fitting, key=lambda w: (w.free_blocks, w.worker_id))
+        cached = cached or {}
+        best = max(fitting, key=lambda w: (w.free_blocks + self.overlap_weight * cached.get(w.worker_id, 0),
+                                           w.worker_id))
         best.holds[attempt_id] = best.blocks_for(tokens)
         return best.worker_id
 
@@ -63,3 +71,56 @@ class Placement:
 
     def held_blocks(self) -> int:
         return sum(sum(w.holds.values()) for w in self.workers.values())
+
+
+class PrefixRouting:
+    """KV-aware choice of prefill and decode workers (as Dynamo's KV router): a worker's cost is
+    `overlap_weight` x the blocks it would have to compute (prefill) or receive (decode) for this
+    prompt, given the leading blocks its cache holds (`KVIndex`), plus its load in blocks: in-flight
+    prefill work, or blocks held on the decode worker. Requests sharing a header go where it is cached
+    until that worker is busier than recomputing the header elsewhere would cost."""
+
+    def __init__(self, overlap_weight: float = 1.0) -> None:
+        self.overlap_weight = overlap_weight
+        self.prefill_index: KVIndex | None = None
+        self.decode_index: KVIndex | None = None
+        self._inflight: dict[str, dict[str, int]] = {}  # prefill worker -> attempt id -> blocks to compute
+
+    def configure(self, block_size: int, salt: str) -> None:
+        if self.prefill_index is None:
+            self.prefill_index, self.decode_index = KVIndex(block_size, salt), KVIndex(block_size, salt)
+
+    def keys(self, token_ids: list[int]) -> list[BlockKey]:
+        return self.prefill_index.keys(token_ids) if self.prefill_index else []
+
+    def prefill_worker(self, candidates: list[str], keys: list[BlockKey], num_tokens: int) -> str | None:
+        """The cheapest prefill worker among `candidates` for a prompt whose block keys are `keys`."""
+        if not candidates:
+            return None
+        need = -(-num_tokens // self.prefill_index.block_size) if self.prefill_index else 0
+        cached = self.prefill_index.overlaps(keys) if self.prefill_index else {}
+
+        def cost(w: str) -> tuple[float, str]:
+            return self.overlap_weight * (need - cached.get(w, 0)) + sum(self._inflight.get(w, {}).values()), w
+
+        return min(candidates, key=cost)
+
+    def decode_overlap(self, keys: list[BlockKey]) -> dict[str, int]:
+        return self.decode_index.overlaps(keys) if self.decode_index else {}
+
+    def prefill_sent(self, worker_id: str, attempt_id: str, keys: list[BlockKey], num_tokens: int) -> None:
+        cached = self.prefill_index.overlaps(keys).get(worker_id, 0) if self.prefill_index else 0
+        need = -(-num_tokens // self.prefill_index.block_size) if self.prefill_index else 0
+        self._inflight.setdefault(worker_id, {})[attempt_id] = need - cached
+
+    def prefill_done(self, worker_id: str, attempt_ids: list[str]) -> None:
+        mine = self._inflight.get(worker_id, {})
+        for a in attempt_ids:
+            mine.pop(a, None)
+
+    def worker_lost(self, worker_id: str) -> None:
+        """A lost worker's cache died with it (a restart comes back empty), and so did its work."""
+        self._inflight.pop(worker_id, None)
+        for index in (self.prefill_index, self.decode_index):
+            if index is not None:
+                index.remove_worker(worker_id)

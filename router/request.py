@@ -69,8 +69,10 @@ class Request:
     kv_bytes: int = 0
     kv_busy_s: float = 0.0  # time the transport spent moving this request's KV
     kv_blocks: int = 0  # reserved on the decode worker for prompt + max_tokens
+    cached_tokens: int = 0  # prompt tokens the prefill worker found in its prefix cache
     slo: dict[str, float] | None = None  # per-request SLO override: {"ttft_s": ..., "tpot_s": ...}
     speculative: dict[str, float] | None = None  # drafted, accepted, alpha from the decode worker
+    streamed: int = 0  # output tokens handed to a streaming front end (kept across retries)
 
     def __post_init__(self) -> None:
         now = time.time()
@@ -105,7 +107,7 @@ class Request:
         for key in TIMELINE_FIELDS[1:]:
             self.timeline.pop(key, None)
         self.decode_worker = self.prefill_worker = self.transport = None
-        self.kv_bytes, self.kv_busy_s = 0, 0.0
+        self.kv_bytes, self.kv_busy_s, self.cached_tokens = 0, 0.0, 0
 
     def fail(self, reason: str) -> None:
         self.error = reason

@@ -8,6 +8,9 @@ Decode side: when a prefill batch returns, admit its requests on their decode
 workers; poll each decode worker for finished requests.
 A worker that dies or a transfer that fails sends its requests back to the
 queue (a fresh attempt id each time), up to `max_attempts`.
+`abort` stops a request wherever it is (a client gone, a deadline passed) and
+frees its KV blocks. With `on_tokens`, decode polls also bring the tokens of
+running requests, so a front end can stream them (router.api).
 """
 
 from __future__ import annotations
@@ -22,9 +25,18 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from kvtransfer.base import KVEndpoint
-from proto.messages import Admission, DecodeResult, PrefillResult, PrefillTask, Reservation
-from router.placement import DecodeCapacity, Placement
+from proto.messages import (
+    Admission,
+    DecodeResult,
+    Grant,
+    KVEndpoint,
+    PrefillResult,
+    PrefillTask,
+    Reservation,
+    TokenProgress,
+)
+from router.api import OnFinished, OnTokens
+from router.placement import DecodeCapacity, Placement, PrefixRouting
 from router.queue import DEFAULT_BUCKET_EDGES, LengthBucketQueue
 from router.request import Request, State
 
@@ -71,14 +83,16 @@ class _Call:
 
 
 class Router:
-    def __init__(self, workers: WorkerSet, config: RouterConfig, on_finished: Callable[[Request], None],
-                 on_prefill_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(self, workers: WorkerSet, config: RouterConfig, on_finished: OnFinished,
+                 on_prefill_batch: Callable[[int], None] | None = None, on_tokens: OnTokens | None = None) -> None:
         self.workers = workers
         self.on_prefill_batch = on_prefill_batch
         self.config = config
         self.on_finished = on_finished
+        self.on_tokens = on_tokens
         self.queue: LengthBucketQueue[Request] = LengthBucketQueue(config.bucket_edges, config.aging_s)
         self.placement = Placement()
+        self.routing = PrefixRouting()  # KV-aware: where each prompt's prefix is cached
         for wid, ep in workers.endpoints.items():
             self._add_decode_capacity(wid, ep)
         self.active: dict[str, Request] = {}  # request_id -> unfinished request
@@ -92,6 +106,9 @@ class Router:
         self._killed_endpoints: dict[str, Any] = {}  # decode workers killed as hung -> their old endpoint
         self._held: dict[str, list[tuple[Request, Admission]]] = defaultdict(list)  # see batch_admissions
         self._releases: list[ray.ObjectRef] = []  # block releases sent, maybe not yet applied
+        # Aborted mid-prefill: the prefill worker may still write KV into their blocks, so the blocks
+        # are freed only once its call has returned (or failed).
+        self._aborted_in_prefill: set[str] = set()
         self.batch_admissions = (workers.shared_cores if config.batch_admissions is None
                                  else config.batch_admissions)
 
@@ -108,6 +125,21 @@ class Router:
     def _enqueue(self, req: Request) -> None:
         self._by_attempt[req.attempt_id] = req
         self.queue.put(req, req.prompt_len, req.priority, tiebreak=-req.params.max_tokens)
+
+    def abort(self, request_id: str, reason: str) -> bool:
+        """Stop a request wherever it is (queue, prefill, transfer, decode) and free its KV blocks."""
+        req = self.active.get(request_id)
+        if req is None:
+            return False
+        if req.state == State.QUEUED:
+            self.queue.remove_if(lambda r: r is req)
+        elif req.state == State.PREFILL:
+            self._aborted_in_prefill.add(req.attempt_id)
+        else:  # TRANSFER or DECODE: the KV is in place; the decode worker drops the sequence and frees it
+            self._release(req)
+        req.fail(f"aborted: {reason}")
+        self._finish(req)
+        return True
 
     @property
     def done(self) -> bool:
@@ -139,11 +171,15 @@ class Router:
     def _handle(self, call: _Call, value: Any) -> None:
         if call.kind == "prefill":
             self._prefill_load[call.worker_id] -= 1
+            self._settle_aborted(call)
             self._on_prefill(call, value)
         elif call.kind == "admit":
             self._on_admit(call, value)
         elif call.kind == "poll":
             self._polling.discard(call.worker_id)
+            self._on_progress(value.progress)
+            if self.routing.decode_index is not None:
+                self.routing.decode_index.apply(call.worker_id, value.kv_events)
             self._on_decoded(value.results)
             if value.loop_stalled_s > self.config.stall_timeout_s:
                 self._hung("decode", call.worker_id, f"DecodeStalled: decode worker {call.worker_id} made no "
@@ -157,13 +193,19 @@ class Router:
             while (wid not in self._down and len(self.queue)
                    and self._prefill_load[wid] < self.config.prefill_batches_in_flight):
                 if not self._send_prefill_batch(wid, handle):
-                    return  # nothing fits on any decode worker now; wait for blocks to free
+                    break  # nothing fits on a decode worker, or the head request is cheaper elsewhere
 
     def _send_prefill_batch(self, wid: str, handle: Any) -> bool:
         chosen: dict[str, str] = {}
+        ready = [w for w in self.workers.prefill if w not in self._down
+                 and self._prefill_load[w] < self.config.prefill_batches_in_flight]
 
-        def fits(req: Request) -> bool:  # does_fit + reserve in the mirror
-            where = self.placement.place(req.attempt_id, req.prompt_len + req.params.max_tokens)
+        def fits(req: Request) -> bool:  # the cheapest prefill worker is this one; does_fit + reserve in the mirror
+            keys = self.routing.keys(req.prompt_token_ids)
+            if self.routing.prefill_worker(ready, keys, req.prompt_len) != wid:
+                return False
+            where = self.placement.place(req.attempt_id, req.prompt_len + req.params.max_tokens,
+                                         self.routing.decode_overlap(keys))
             if where is not None:
                 chosen[req.attempt_id] = where
             return where is not None
@@ -180,8 +222,8 @@ class Router:
         for did, reqs in by_decode.items():
             tables = self._reserve(did, reqs)
             for req in reqs:
-                table = tables.get(req.attempt_id) if tables is not None else None
-                if table is None:
+                grant = tables.get(req.attempt_id) if tables is not None else None
+                if grant is None:
                     self.placement.release(did, req.attempt_id)
                     if tables is not None:  # the worker had less room than the mirror: a bug, but recoverable
                         log.warning("decode worker %s refused a reservation the router expected to fit", did)
@@ -189,8 +231,9 @@ class Router:
                     continue
                 req.prefill_worker = wid
                 req.move(State.PREFILL)
+                self.routing.prefill_sent(wid, req.attempt_id, self.routing.keys(req.prompt_token_ids), req.prompt_len)
                 tasks.append(PrefillTask(req.attempt_id, tuple(req.prompt_token_ids), req.params,
-                                         self.workers.endpoints[did], table))
+                                         self.workers.endpoints[did], grant.block_table, grant.cached_blocks))
         sent = [self._by_attempt[t.request_id] for t in tasks]
         if tasks:
             if self.on_prefill_batch:
@@ -199,11 +242,12 @@ class Router:
             self._calls[handle.prefill.remote(tasks)] = _Call("prefill", wid, sent)
         return True
 
-    def _reserve(self, did: str, reqs: list[Request]) -> dict[str, tuple[int, ...]] | None:
+    def _reserve(self, did: str, reqs: list[Request]) -> dict[str, Grant] | None:
         handle = self.workers.decode[did]
-        ask = [Reservation(r.attempt_id, r.prompt_len, r.params.max_tokens) for r in reqs]
+        ask = [Reservation(r.attempt_id, r.prompt_len, r.params.max_tokens, tuple(r.prompt_token_ids)) for r in reqs]
+        arrived = [a for _, a in self._held.get(did, ())]  # KV in place, admission held: shareable now
         try:
-            return ray.get(handle.reserve.remote(ask), timeout=self.config.call_timeout_s)
+            return ray.get(handle.reserve.remote(ask, arrived), timeout=self.config.call_timeout_s)
         except GetTimeoutError:
             self._hung("decode", did, f"CallTimeout: reserve call to {did} exceeded {self.config.call_timeout_s:.0f}s")
             return None
@@ -213,7 +257,10 @@ class Router:
 
     # ---- results -----------------------------------------------------------------------
     def _on_prefill(self, call: _Call, results: list[PrefillResult]) -> None:
+        self.routing.prefill_done(call.worker_id, [r.request_id for r in results])
         for res in results:
+            if self.routing.prefill_index is not None:
+                self.routing.prefill_index.apply(call.worker_id, res.kv_events)
             req = self._current(res.request_id)
             if req is None:
                 continue
@@ -225,13 +272,12 @@ class Router:
                                 transfer_start=res.transfer_start, transfer_end=res.transfer_end,
                                 first_token=res.prefill_end)
             req.transport, req.kv_bytes, req.kv_busy_s = res.transport, res.kv_bytes, res.transfer_busy_s
+            req.cached_tokens = res.cached_tokens
             req.output_token_ids = [res.first_token]
+            self._stream(req)
             req.move(State.TRANSFER, at=res.prefill_end)
-            endpoint = self.workers.endpoints.get(req.decode_worker)
-            wants_ids = endpoint is not None and endpoint.wants_prompt_ids
             self._held[req.decode_worker].append((req, Admission(
-                req.attempt_id, req.prompt_len, res.first_token, res.prefill_end, req.params, res.transport,
-                tuple(req.prompt_token_ids) if wants_ids else ())))
+                req.attempt_id, req.prompt_len, res.first_token, res.prefill_end, req.params, res.transport)))
 
     def _flush_admissions(self) -> None:
         if self.batch_admissions and any(self._prefill_load.values()):
@@ -259,6 +305,21 @@ class Router:
             else:
                 req.move(State.DECODE)
 
+    def _on_progress(self, progress: tuple[TokenProgress, ...]) -> None:
+        for p in progress:
+            req = self._current(p.request_id)
+            if req is not None and p.start <= len(req.output_token_ids):
+                req.output_token_ids[p.start:] = p.token_ids
+                self._stream(req)
+
+    def _stream(self, req: Request) -> None:
+        """Hand on_tokens what this attempt's output holds beyond what was streamed already. A retry
+        regenerates the same tokens (sampling is keyed on seed and step), so nothing is sent twice."""
+        if self.on_tokens is not None and len(req.output_token_ids) > req.streamed:
+            new = req.output_token_ids[req.streamed:]
+            req.streamed = len(req.output_token_ids)
+            self.on_tokens(req, new)
+
     def _on_decoded(self, results: list[DecodeResult]) -> None:
         for res in results:
             req = self._current(res.request_id)
@@ -269,6 +330,7 @@ class Router:
                 self._retry(req, res.error)
                 continue
             req.output_token_ids = list(res.token_ids)
+            self._stream(req)
             req.token_times = list(res.token_times)
             req.finish_reason = res.finish_reason
             req.speculative = res.speculative
@@ -282,7 +344,9 @@ class Router:
         for did, handle in self.workers.decode.items():
             if did not in self._polling and did not in self._down:
                 self._polling.add(did)
-                self._calls[handle.poll.remote(self.config.poll_timeout_s)] = _Call("poll", did)
+                ref = (handle.poll.remote(self.config.poll_timeout_s, True) if self.on_tokens
+                       else handle.poll.remote(self.config.poll_timeout_s))
+                self._calls[ref] = _Call("poll", did)
 
     # ---- faults ------------------------------------------------------------------------
     # A failed call marks its worker down and requeues the requests it held; a probe call then
@@ -293,6 +357,7 @@ class Router:
         reason = f"{role} worker {call.worker_id} failed: {_short(error)}"
         if call.kind == "prefill":
             self._prefill_load[call.worker_id] -= 1
+            self._settle_aborted(call)
         if call.kind == "poll":
             self._polling.discard(call.worker_id)
         if call.kind.startswith("probe_"):
@@ -311,6 +376,7 @@ class Router:
             return
         log.warning("%s; requeueing its requests", reason)
         self._down.add(wid)
+        self.routing.worker_lost(wid)
         self._lost_at[wid] = time.time()
         for req in list(self.active.values()):
             if req.prefill_worker == wid and req.state == State.PREFILL:
@@ -323,6 +389,7 @@ class Router:
             return
         log.warning("%s; requeueing its requests", reason)
         self._down.add(did)
+        self.routing.worker_lost(did)
         self._lost_at[did] = time.time()
         self._polling.discard(did)
         self.placement.remove_worker(did)  # its reservations died with it
@@ -377,6 +444,7 @@ class Router:
     def _retire(self, role: str, wid: str, reason: str) -> None:
         log.error("%s; it will not come back", reason)
         self._down.discard(wid)
+        self.routing.worker_lost(wid)
         if role == "prefill":
             self.workers.prefill.pop(wid, None)
             self._prefill_load.pop(wid, None)
@@ -408,6 +476,7 @@ class Router:
                 continue
             if call.kind == "prefill":
                 self._prefill_load[call.worker_id] -= 1
+                self._settle_aborted(call)
             if call.kind == "poll":
                 self._polling.discard(call.worker_id)
             self._hung("prefill" if call.kind == "prefill" else "decode", call.worker_id, reason)
@@ -417,6 +486,7 @@ class Router:
         return self.workers.prefill if role == "prefill" else self.workers.decode
 
     def _add_decode_capacity(self, did: str, ep: KVEndpoint) -> None:
+        self.routing.configure(ep.layout.block_size, ep.model_fingerprint)
         self.placement.add_worker(DecodeCapacity(did, ep.layout.num_blocks, ep.layout.block_size,
                                                  self.workers.max_num_seqs))
 
@@ -424,6 +494,13 @@ class Router:
         """The request this attempt belongs to, unless the attempt is stale (already retried or finished)."""
         req = self._by_attempt.get(attempt_id)
         return None if req is None or req.finished or req.attempt_id != attempt_id else req
+
+    def _settle_aborted(self, call: _Call) -> None:
+        """A prefill call is over: free the blocks of its requests that were aborted meanwhile."""
+        for req in call.requests:
+            if req.attempt_id in self._aborted_in_prefill:
+                self._aborted_in_prefill.discard(req.attempt_id)
+                self._release(req)
 
     def _release(self, req: Request) -> None:
         did = req.decode_worker

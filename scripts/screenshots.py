@@ -11,13 +11,13 @@ from pathlib import Path
 
 from engine.config import EngineConfig
 from engine.loader import load_tokenizer, resolve_model
+from pdserve.batch.run import BatchOptions, run_batch
 from pdserve.bench.workload import WorkloadSpec, make_workload, write_batch
-from router.cluster import ClusterConfig
-from router.dashboard.collector import MetricsCollector
-from router.dashboard.report import write_report
-from router.dashboard.server import DashboardServer
-from router.metrics import SLO
-from router.offline import BatchOptions, run_batch
+from pdserve.observability.dashboard.collector import MetricsCollector
+from pdserve.observability.dashboard.report import write_report
+from pdserve.observability.dashboard.server import DashboardServer
+from pdserve.observability.metrics import SLO
+from pdserve.runtime.cluster import ClusterConfig
 from router.router import RouterConfig
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -9,6 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# No GPU: Triton kernels run under its interpreter on the CPU (read when a kernel is defined, so before
+# any engine.kernels.triton_* module is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _save_tiny(folder: Path, config) -> Path:
@@ -73,6 +77,6 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, num_cpus=os.cpu_count(), logging_level="WARNING")
+        ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count(), logging_level="WARNING")
     yield ray
     ray.shutdown()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from router.batch_io import BatchLimits, iter_lines, output_text, parse_line
+from pdserve.batch.format import BatchLimits, iter_lines, output_text, parse_line
 
 LIMITS = BatchLimits(max_context=8192, model_names=("SmolLM2-135M-Instruct",), default_max_tokens=64,
                      max_line_bytes=4096)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from engine.config import EngineConfig
-from router.cluster import ClusterConfig
-from router.offline import BatchOptions, run_batch
+from pdserve.batch.run import BatchOptions, run_batch
+from pdserve.runtime.cluster import ClusterConfig
 from router.router import RouterConfig
 from tests.test_faults import outputs, write_batch
 
@@ -171,7 +171,7 @@ def test_five_thousand_requests_with_bounded_memory(ray_cluster, tmp_path, capsy
             peak["queued"] = max(peak.get("queued", 0), len(router.active))
 
     start = time.time()
-    summary = run_batch(inp, out, EngineConfig(dtype="bfloat16", device="cpu", kv_cache_gib=0.5), ClusterConfig(),
+    summary = run_batch(inp, out, EngineConfig(dtype="auto", device="cpu", kv_cache_gib=0.5), ClusterConfig(),
                         RouterConfig(), BatchOptions(progress=False, max_pending=1024), on_tick=sample)
     wall = time.time() - start
     records = outputs(out)

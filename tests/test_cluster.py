@@ -23,8 +23,8 @@ MULTI_NODE = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
     from engine.config import EngineConfig
-    from router.cluster import ClusterConfig, WorkerResources
-    from router.offline import BatchOptions, run_batch
+    from pdserve.runtime.cluster import ClusterConfig, WorkerResources
+    from pdserve.batch.run import BatchOptions, run_batch
     from router.router import RouterConfig
     from pathlib import Path
 

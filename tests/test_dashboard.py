@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from engine.config import EngineConfig
-from router.cluster import ClusterConfig
-from router.dashboard.collector import MetricsCollector
-from router.dashboard.report import write_report
-from router.dashboard.server import DashboardServer
-from router.metrics import SLO, from_record, summarize
-from router.offline import BatchOptions, run_batch
+from pdserve.batch.run import BatchOptions, run_batch
+from pdserve.observability.dashboard.collector import MetricsCollector
+from pdserve.observability.dashboard.report import write_report
+from pdserve.observability.dashboard.server import DashboardServer
+from pdserve.observability.metrics import SLO, from_record, summarize
+from pdserve.runtime.cluster import ClusterConfig
 from router.router import RouterConfig
 from tests.test_faults import write_batch
 
@@ -28,7 +28,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--hide-scrollbars", "--window-size=1400,2600", "--virtual-time-budget=20000"]
-TILES = {  # page element -> where the same figure lives in router.metrics.summarize()
+TILES = {  # page element -> where the same figure lives in pdserve.observability.metrics.summarize()
     "goodput": lambda s: s["goodput_rps"],
     "slo-attainment": lambda s: s["slo_attainment"],
     "ttft-attainment": lambda s: s["stages"]["prefill"]["slo_attainment"],

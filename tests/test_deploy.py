@@ -10,8 +10,8 @@ from pathlib import Path
 import yaml
 
 from pdserve.cli import build_parser
-from router.cluster import ROLE_RESOURCES
-from router.dashboard.collector import METRIC_NAMES
+from pdserve.observability.dashboard.collector import METRIC_NAMES
+from pdserve.runtime.cluster import ROLE_RESOURCES
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
-from router.cluster import ClusterConfig
-from router.offline import BatchOptions, run_batch
+from pdserve.batch.run import BatchOptions, run_batch
+from pdserve.runtime.cluster import ClusterConfig
 from router.router import RouterConfig
 
 pytestmark = pytest.mark.slow

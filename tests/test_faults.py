@@ -13,8 +13,8 @@ import ray
 
 from engine.config import EngineConfig
 from kvtransfer.shm import SEGMENT_PREFIX, SHM_DIR
-from router.cluster import ClusterConfig
-from router.offline import BatchOptions, run_batch
+from pdserve.batch.run import BatchOptions, run_batch
+from pdserve.runtime.cluster import ClusterConfig
 from router.request import State
 from router.router import RouterConfig
 

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from router.interrupt import StopSignals
+from pdserve.batch.interrupt import StopSignals
 
 
 def test_signal_is_deferred_to_check_and_a_second_one_raises_at_once():

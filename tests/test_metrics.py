@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from router.dashboard.collector import METRIC_NAMES, MetricsCollector
-from router.dashboard.state import dashboard_state
-from router.metrics import SLO, from_record, goodput_series, percentile, summarize
+from pdserve.observability.dashboard.collector import METRIC_NAMES, MetricsCollector
+from pdserve.observability.dashboard.state import dashboard_state
+from pdserve.observability.metrics import SLO, from_record, goodput_series, percentile, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -59,3 +59,35 @@ def test_temperature_sampling_follows_the_distribution():
     counts = torch.bincount(torch.tensor([int(sample(logits, [p], [s])[0]) for s in range(n)]), minlength=3)
     freq = counts.float() / n
     assert torch.allclose(freq, probs, atol=0.04), freq
+
+
+def test_keyed_uniforms_are_uniform_and_keyed():
+    from engine.sampler import keyed_uniform
+
+    u = keyed_uniform([5], [3], salt=0, n=200_000)[0]
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    # Each decile holds a tenth of the draws (binomial sd ~ 0.0007 at this n).
+    hist = torch.histc(u, bins=10, min=0, max=1) / u.numel()
+    assert (hist - 0.1).abs().max() < 0.005, hist
+    assert torch.equal(keyed_uniform([5], [3], 0, 64), keyed_uniform([5, 9], [3, 3], 0, 64)[:1])
+    for other in (keyed_uniform([6], [3], 0, 64), keyed_uniform([5], [4], 0, 64), keyed_uniform([5], [3], 1, 64)):
+        assert not torch.equal(other, keyed_uniform([5], [3], 0, 64))
+    # Neighbouring columns and neighbouring steps are uncorrelated.
+    v = keyed_uniform(list(range(2000)), [0] * 2000, 0, 2)
+    assert abs(float(torch.corrcoef(v.T)[0, 1])) < 0.08
+    w = keyed_uniform([1] * 2000, list(range(2000)), 0, 1)[:, 0]
+    assert abs(float(torch.corrcoef(torch.stack([w[:-1], w[1:]]))[0, 1])) < 0.08
+
+
+def test_sampling_tensors_need_no_host_values_per_step():
+    """The device-resident form: one SamplingTensors for the batch, only the steps change per step."""
+    from engine.sampler import SamplingTensors, sample_t
+
+    logits = logits_batch(rows=3, vocab=40)
+    params = [SamplingParams(temperature=0.8, top_k=7, seed=1), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.2, top_p=0.5, seed=2)]
+    st = SamplingTensors.build(params, "cpu")
+    for step in range(5):
+        steps = torch.tensor([step, step, step + 1])
+        assert torch.equal(sample_t(logits, st, steps), sample(logits, params, steps.tolist()))
+    assert int(sample_t(logits, st, torch.tensor([0, 0, 0]))[1]) == int(logits[1].argmax())

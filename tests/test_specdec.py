@@ -128,8 +128,7 @@ def test_processed_probs_is_what_the_sampler_draws_from():
     """Algorithm 2 must verify against the distribution plain decoding samples from: over many seeds,
     `sample`'s draws follow `processed_probs` (temperature, top-k, top-p; greedy rows one-hot)."""
     from engine.config import SamplingParams
-    from engine.sampler import sample
-    from engine.specdec.probs import processed_probs
+    from engine.sampler import processed_probs, sample
 
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(1, 12, generator=gen) * 0.5

@@ -12,8 +12,8 @@ import torch
 from decode_worker.speculative import SpeculativeStepper
 from engine.config import EngineConfig, SamplingParams
 from engine.runner import ModelRunner
+from engine.sampler import processed_probs
 from engine.specdec import Draft, Verifier
-from engine.specdec.probs import processed_probs
 from pdserve.bench.specdec import generate
 from tests.test_specdec import chi2, chi2_critical
 
@@ -201,15 +201,14 @@ def test_decode_worker_speculates_and_returns_every_block(default_plain, tokeniz
                           speculative="ngram", num_speculative_tokens=3)
     worker = DecodeWorker(WorkerConfig(engine=engine, worker_id="d0", auth_token="t", transport="shm"))
     try:
-        assert worker.endpoint().wants_prompt_ids
-        granted = worker.reserve([Reservation(str(i), len(p), sp.max_tokens)
+        granted = worker.reserve([Reservation(str(i), len(p), sp.max_tokens, tuple(p))
                                   for i, (p, sp) in enumerate(zip(prompts, params))])
-        tables = [list(granted[str(i)]) for i in range(len(prompts))]
+        tables = [list(granted[str(i)].block_table) for i in range(len(prompts))]
         bs = engine.block_size
         logits = worker.compute.call(worker.runner.prefill, prompts, pool_writer(
             worker.pool, [token_slots(t, len(p), bs) for t, p in zip(tables, prompts)]))
         firsts = sample(logits, params, [0] * len(prompts)).tolist()
-        refused = worker.admit([Admission(str(i), len(p), firsts[i], time.time(), sp, "shm", tuple(p))
+        refused = worker.admit([Admission(str(i), len(p), firsts[i], time.time(), sp, "shm")
                                 for i, (p, sp) in enumerate(zip(prompts, params))])
         assert refused == []
         results = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 from engine.attention.base import AttentionBackend
@@ -37,6 +38,9 @@ def get_backend(name: str, device: str) -> AttentionBackend:
         name = "cpu" if device == "cpu" else "triton"
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {['auto', *BACKENDS]}, got {name!r}")
+    if name == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the triton attention backend runs on CUDA (or on a CPU under TRITON_INTERPRET=1, "
+                         "Triton's interpreter, for tests); use --attention-backend auto or cpu here")
     backend = BACKENDS[name]()
     if backend is None:
         log.warning("attention backend %r is unavailable on %s; using the torch reference", name, device)

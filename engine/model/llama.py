@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelArch
-from engine.model.rope import apply_rope, rope_tables
+from engine.model.ops import TORCH_OPS, ModelOps, Rotary
+from engine.model.rope import rope_tables
 
 
 class AttentionContext(Protocol):
@@ -27,17 +28,20 @@ class AttentionContext(Protocol):
 
 
 class RMSNorm(nn.Module):
+    """Holds the weight; the arithmetic is the model's ops (torch, or a fused Triton kernel on CUDA)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = TORCH_OPS
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the input dtype, exactly as the reference does.
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)[0]
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); with no residual yet, (norm(x), x)."""
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -53,23 +57,28 @@ class DecoderLayer(nn.Module):
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.post_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.ops = TORCH_OPS
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        # x: [T, hidden]; cos/sin: [T, D]
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rotary: Rotary,
+                ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: the previous layer's output [T, hidden]; residual: the stream before it (None at layer 0).
+        # Returns (this layer's MLP output, the residual stream before it): the add is fused into the next norm.
         t = x.shape[0]
-        q, k, v = self.qkv_proj(self.input_norm(x)).split(self.split, dim=-1)
+        h, residual = self.input_norm.add_norm(x, residual)
+        q, k, v = self.qkv_proj(h).split(self.split, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_norm is not None:  # per head: rows of head_dim
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
+        q, k = self.ops.rope(q, k, rotary)
         attn = ctx.attend(self.index, q, k, v)  # [T, H, D]
-        x = x + self.o_proj(attn.reshape(t, -1))
-        gate, up = self.gate_up_proj(self.post_norm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        h, residual = self.post_norm.add_norm(self.o_proj(attn.reshape(t, -1)), residual)
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up), residual
 
 
 class CausalLM(nn.Module):
@@ -85,6 +94,12 @@ class CausalLM(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.hf_config = hf_config
+
+    def use_ops(self, ops: ModelOps) -> None:
+        """Set the elementwise ops of every layer (at load, once the device is known)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, DecoderLayer)):
+                module.ops = ops
 
     def init_rope(self, dtype: torch.dtype) -> None:
         """(Re)build the RoPE tables on the model's device; call after moving the model."""
@@ -102,12 +117,13 @@ class CausalLM(nn.Module):
         num_layers: int | None = None,  # run only the first layers (self-speculative drafts); None: all
     ) -> torch.Tensor:  # [N, vocab] float32
         x = self.embed(input_ids)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        rotary = Rotary(self.rope_cos, self.rope_sin, positions)
+        residual = None
         for layer in self.layers[:num_layers]:
-            x = layer(x, cos, sin, ctx)
+            x, residual = layer(x, residual, rotary, ctx)
         if logits_index is not None:
-            x = x[logits_index]
-        return self.lm_head(self.norm(x)).float()
+            x, residual = x[logits_index], residual[logits_index]
+        return self.lm_head(self.norm(x, residual)).float()
 
     def load_hf_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Copy an HF Llama/Qwen state dict in, fusing q/k/v and gate/up."""

@@ -23,7 +23,7 @@ import torch
 from engine.attention import PagedDecodeAttention
 from engine.config import SamplingParams
 from engine.kv_cache import KVPool
-from engine.specdec.probs import keyed_uniform, processed_probs
+from engine.sampler import keyed_uniform, processed_probs
 from engine.specdec.verify import SALT_DRAFT, Draft, draw_from
 
 

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import SamplingParams
-from engine.sampler import sample
-from engine.specdec.probs import keyed_uniform, processed_probs
+from engine.sampler import keyed_uniform, processed_probs, sample
 
 SALT_ACCEPT, SALT_RESIDUAL, SALT_DRAFT = 0xACC, 0x4E5, 0xD4F
 

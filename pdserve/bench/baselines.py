@@ -44,18 +44,19 @@ class SystemResult:
         return sum(self.tpot_s) / max(len(self.tpot_s), 1)
 
 
-def load_hf(folder: Path, dtype: str):
+def load_hf(folder: Path, dtype: str, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
-                                                attn_implementation="sdpa").eval()
+                                                attn_implementation="sdpa").to(device).eval()
 
 
-def hf_static(folder: Path, dtype: str, requests: list[BenchRequest], batch_size: int = 8) -> SystemResult:
+def hf_static(folder: Path, dtype: str, requests: list[BenchRequest], batch_size: int = 8,
+              device: str = "cpu") -> SystemResult:
     """`generate` over fixed batches of `batch_size`, left-padded, greedy, EOS ignored."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    model = load_hf(folder, dtype)
+    model = load_hf(folder, dtype, device)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
     class StepClock(StoppingCriteria):
@@ -79,8 +80,9 @@ def hf_static(folder: Path, dtype: str, requests: list[BenchRequest], batch_size
         longest = max(r.max_tokens for r in batch)
         clock = StepClock()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
-                                 do_sample=False, pad_token_id=pad, stopping_criteria=StoppingCriteriaList([clock]))
+            out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=longest,
+                                 min_new_tokens=longest, do_sample=False, pad_token_id=pad,
+                                 stopping_criteria=StoppingCriteriaList([clock]))
         for i, r in enumerate(batch):
             times = clock.times[: r.max_tokens]
             result.ttft_s.append(times[0] - start)
@@ -93,12 +95,13 @@ def hf_static(folder: Path, dtype: str, requests: list[BenchRequest], batch_size
     return result
 
 
-def hf_continuous(folder: Path, dtype: str, requests: list[BenchRequest], timeout_s: float = 3600) -> SystemResult:
+def hf_continuous(folder: Path, dtype: str, requests: list[BenchRequest], timeout_s: float = 3600,
+                  device: str = "cpu") -> SystemResult:
     """transformers' continuous batching manager, per-request max_new_tokens, EOS ignored."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    model = load_hf(folder, dtype)
+    model = load_hf(folder, dtype, device)
     config = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=max(r.max_tokens for r in requests),
                               pad_token_id=model.config.pad_token_id)
     cb_config = ContinuousBatchingConfig()

@@ -61,7 +61,7 @@ def generate(runner: ModelRunner, prompts: list[list[int]], params: list[Samplin
         firsts += sample(logits, params[lo:lo + 16], [0] * len(chunk)).tolist()
     stopper = StopChecker(runner.arch.eos_token_ids, tokenizer)
     batcher = ContinuousBatcher(runner, pool, stopper, max_num_seqs or len(prompts))
-    batcher.speculative = build_stepper(runner, pool, stopper, speculative, num_tokens)
+    batcher.enable_speculation(build_stepper(runner, pool, stopper, speculative, num_tokens))
     if stepper_hook is not None and batcher.speculative is not None:
         stepper_hook(batcher.speculative)
     seqs = [DecodeSequence(str(i), len(p), sp, tables[i], [firsts[i]], [time.time()],

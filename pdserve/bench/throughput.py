@@ -38,19 +38,24 @@ class ThroughputBench:
     check_outputs: bool = True  # pdserve's greedy outputs vs the baselines'
 
 
-def matmul_flops(dtype: str, threads: int, m: int = 2048, k: int = 576, n: int = 1536, repeats: int = 20) -> float:
-    """Best FLOP/s of a prefill-shaped matmul on this machine, now."""
+def matmul_flops(dtype: str, threads: int, m: int = 2048, k: int = 576, n: int = 1536, repeats: int = 20,
+                 device: str = "cpu", hidden: int | None = None) -> float:
+    """Best FLOP/s of a prefill-shaped matmul on this device, now (k = the model's hidden size)."""
     torch.set_num_threads(threads)
     dt = getattr(torch, dtype)
-    a, b = torch.randn(m, k).to(dt), torch.randn(k, n).to(dt)
+    k = hidden or k
+    a, b = torch.randn(m, k, device=device).to(dt), torch.randn(k, 4 * k if hidden else n, device=device).to(dt)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
-    return 2 * m * k * n / best
+    return 2 * m * k * b.shape[1] / best
 
 
 def _in_child(threads: int, fn, *args):
@@ -71,7 +76,7 @@ def _isolated(threads: int, fn, *args):
 
 def run_pdserve(requests, batch_path: Path, engine: EngineConfig, cluster, dtype: str,
                 router: RouterConfig | None = None) -> SystemResult:
-    from router.offline import BatchOptions, run_batch
+    from pdserve.batch.run import BatchOptions, run_batch
 
     out = batch_path.with_name(f"pdserve-{dtype}.jsonl")
     router = router or RouterConfig(max_prefill_tokens=engine.max_prefill_tokens)
@@ -95,27 +100,31 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
     arch = ModelArch.from_hf(load_hf_config(folder))
     params = arch.num_params()
     threads = bench.baseline_threads or os.cpu_count() or 1
+    device = engine.resolved().device  # the baselines run where pdserve's workers run
     requests = make_workload(bench.workload, tokenizer)
     prompt_tokens = sum(len(r.prompt_ids) for r in requests)
     output_tokens = sum(r.max_tokens for r in requests)
     print_fn(f"workload: {len(requests)} requests, {prompt_tokens} prompt tokens "
              f"({min(len(r.prompt_ids) for r in requests)}-{max(len(r.prompt_ids) for r in requests)} each), "
              f"{output_tokens} output tokens ({min(r.max_tokens for r in requests)}-"
-             f"{max(r.max_tokens for r in requests)} each), greedy, EOS ignored; {params / 1e6:.1f}M params")
+             f"{max(r.max_tokens for r in requests)} each), greedy, EOS ignored; {params / 1e6:.1f}M params; "
+             f"device {device}")
     report: dict = {"workload": bench.workload.__dict__, "params": params, "dtypes": {}}
     ours: dict[str, dict[str, list[int]]] = {}  # pdserve's outputs per dtype
     with tempfile.TemporaryDirectory(prefix="pdserve-bench-") as tmp:
         batch_path = write_batch(requests, Path(tmp) / "workload.jsonl", model_display_name(engine.model))
         for dtype in bench.dtypes:
-            flops = matmul_flops(dtype, threads)
+            flops = matmul_flops(dtype, threads, device=device,
+                                 hidden=arch.hidden_size if device == "cuda" else None)
             bound = flops / (2 * params)
             results: dict[str, SystemResult] = {}
             for system in bench.systems:
                 print_fn(f"[{dtype}] running {system} ...")
                 if system == "hf_static":
-                    results[system] = _isolated(threads, hf_static, folder, dtype, requests, bench.static_batch_size)
+                    results[system] = _isolated(threads, hf_static, folder, dtype, requests, bench.static_batch_size,
+                                                 device)
                 elif system == "hf_cb":
-                    results[system] = _isolated(threads, hf_continuous, folder, dtype, requests)
+                    results[system] = _isolated(threads, hf_continuous, folder, dtype, requests, 3600, device)
                 elif system == "pdserve":
                     results[system] = run_pdserve(requests, batch_path, engine, cluster, dtype, router)
                 r = results[system]

@@ -1,8 +1,10 @@
-"""A deterministic offline workload: real English prompts of mixed lengths through the chat template.
+"""Deterministic offline workloads: real English prompts through the chat template.
 
-Prompt lengths are log-uniform in [min_prompt, max_prompt] tokens (after the
-chat template), output lengths uniform in [min_output, max_output]; the
-same seed gives the same requests, token for token.
+`make_workload`: prompt lengths log-uniform in [min_prompt, max_prompt] tokens
+(after the chat template), output lengths uniform in [min_output, max_output].
+`make_shared_prefix_workload`: a few long system headers (a document, few-shot
+examples), each followed by many short questions, interleaved: what prefix
+caching is for. The same seed gives the same requests, token for token.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ class WorkloadSpec:
     min_output: int = 16
     max_output: int = 256
     seed: int = 0
+    prompt_lengths: str = "loguniform"  # or "uniform"
+
+
+# nano-vllm's benchmark shape: 256 sequences, prompt and output lengths uniform in 100-1024.
+NANOVLLM = WorkloadSpec(num_requests=256, min_prompt=100, max_prompt=1024, min_output=100, max_output=1024,
+                        prompt_lengths="uniform")
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,10 @@ def make_workload(spec: WorkloadSpec, tokenizer: Any) -> list[BenchRequest]:
     words = CORPUS.read_text().split()
     requests = []
     for i in range(spec.num_requests):
-        target = int(round(math.exp(rng.uniform(math.log(spec.min_prompt), math.log(spec.max_prompt)))))
+        if spec.prompt_lengths == "uniform":
+            target = rng.randint(spec.min_prompt, spec.max_prompt)
+        else:
+            target = int(round(math.exp(rng.uniform(math.log(spec.min_prompt), math.log(spec.max_prompt)))))
         out = rng.randint(spec.min_output, spec.max_output)
         instruction = rng.choice(INSTRUCTIONS)
         start = rng.randrange(len(words))
@@ -74,6 +85,54 @@ def make_workload(spec: WorkloadSpec, tokenizer: Any) -> list[BenchRequest]:
         messages = messages_for(lo)
         requests.append(BenchRequest(f"bench-{i}", tuple(messages), tuple(_chat_ids(tokenizer, messages)), out))
     return requests
+
+
+@dataclass(frozen=True)
+class SharedPrefixSpec:
+    num_headers: int = 4
+    header_tokens: int = 1000  # each header's length in tokens (the system message)
+    questions_per_header: int = 64
+    min_output: int = 8
+    max_output: int = 32
+    seed: int = 0
+
+
+QUESTIONS = ("What does the passage say about {w}?", "Explain the role of {w} in the text above.",
+             "Quote the sentence that mentions {w}.", "Is {w} important here? Answer briefly.",
+             "Summarize what the document says about {w} in one line.")
+
+
+def make_shared_prefix_workload(spec: SharedPrefixSpec, tokenizer: Any) -> list[BenchRequest]:
+    """num_headers x questions_per_header requests: header h as the system message, a short question
+    as the user message; requests of different headers are interleaved (seeded shuffle)."""
+    rng = random.Random(spec.seed)
+    words = CORPUS.read_text().split()
+    requests = []
+    for h in range(spec.num_headers):
+        start = rng.randrange(len(words))
+        stream = words[start:] + words + words
+        header = _header_text(tokenizer, stream, spec.header_tokens)
+        for q in range(spec.questions_per_header):
+            question = rng.choice(QUESTIONS).format(w=rng.choice(stream[:2000]).strip(".,;:!?\"'()"))
+            messages = [{"role": "system", "content": header}, {"role": "user", "content": question}]
+            requests.append(BenchRequest(f"shared-{h}-{q}", tuple(messages), tuple(_chat_ids(tokenizer, messages)),
+                                         rng.randint(spec.min_output, spec.max_output)))
+    rng.shuffle(requests)
+    return requests
+
+
+def _header_text(tokenizer: Any, stream: list[str], tokens: int) -> str:
+    """The fewest leading words of `stream` that take at least `tokens` tokens."""
+    lo, hi = 1, max(2, tokens)
+    while len(tokenizer(" ".join(stream[:hi]))["input_ids"]) < tokens:
+        lo, hi = hi, hi * 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer(" ".join(stream[:mid]))["input_ids"]) < tokens:
+            lo = mid + 1
+        else:
+            hi = mid
+    return " ".join(stream[:lo])
 
 
 def write_batch(requests: list[BenchRequest], path: Path, model_name: str) -> Path:

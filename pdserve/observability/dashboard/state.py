@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from router.metrics import SLO, RequestMetrics, goodput_series, summarize
+from pdserve.observability.metrics import SLO, RequestMetrics, goodput_series, summarize
 from router.queue import DEFAULT_BUCKET_EDGES, LengthBucketQueue
 
 GRID_POINTS = 120

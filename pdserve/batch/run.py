@@ -18,12 +18,12 @@ from typing import Any, TextIO
 
 from engine.config import EngineConfig, ModelArch
 from engine.loader import load_hf_config, load_tokenizer, model_display_name, resolve_model
-from router.batch_io import BatchLimits, check_paths, error_record, iter_lines, parse_line, success_record
-from router.cluster import ClusterConfig, start_workers, stop_workers
-from router.dashboard.collector import MetricsCollector
-from router.interrupt import StopSignals
-from router.journal import Journal, input_identity
-from router.metrics import SLO, from_record
+from pdserve.batch.format import BatchLimits, check_paths, error_record, iter_lines, parse_line, success_record
+from pdserve.batch.interrupt import StopSignals
+from pdserve.batch.journal import Journal, input_identity
+from pdserve.observability.dashboard.collector import MetricsCollector
+from pdserve.observability.metrics import SLO, from_record
+from pdserve.runtime.cluster import ClusterConfig, start_workers, stop_workers
 from router.request import Request, State
 from router.router import Router, RouterConfig
 
@@ -34,7 +34,7 @@ class BatchOptions:
     ignore_eos: bool = False
     max_pending: int = 4096  # requests held in memory (queued or running) at once
     progress: bool = True
-    resume: bool = True  # continue an interrupted run of the same batch (see router/journal.py)
+    resume: bool = True  # continue an interrupted run of the same batch (see pdserve/batch/journal.py)
     slo: SLO = SLO()
 
 
@@ -47,6 +47,7 @@ class BatchSummary:
     succeeded: int = 0
     failed: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served by a prefill worker's prefix cache
     completion_tokens: int = 0
     wall_s: float = 0.0
     ttft_s: list[float] = field(default_factory=list)
@@ -60,7 +61,9 @@ class BatchSummary:
                 "completion_tokens": self.completion_tokens, "wall_s": round(self.wall_s, 3),
                 "output_tok_per_s": round(self.completion_tokens / self.wall_s, 2) if self.wall_s else None,
                 "mean_ttft_s": mean(self.ttft_s), "mean_tpot_s": mean(self.tpot_s),
-                "kv_blocks_leaked": self.kv_blocks_leaked}
+                "kv_blocks_leaked": self.kv_blocks_leaked, "cached_tokens": self.cached_tokens,
+                "prefix_cache_hit_rate": (round(self.cached_tokens / self.prompt_tokens, 4)
+                                          if self.prompt_tokens else None)}
 
     def render(self) -> str:
         d = self.as_dict()
@@ -71,6 +74,8 @@ class BatchSummary:
                 f"in {d['wall_s']:.1f} s\n"
                 f"tokens: {d['prompt_tokens']} prompt, {d['completion_tokens']} completion "
                 f"({d['output_tok_per_s']} output tok/s)\n"
+                f"prefix cache: {d['cached_tokens']} prompt tokens cached "
+                f"(hit rate {0.0 if d['prefix_cache_hit_rate'] is None else d['prefix_cache_hit_rate']:.1%})\n"
                 f"mean TTFT {fmt(d['mean_ttft_s'])}, mean TPOT {fmt(d['mean_tpot_s'])}, "
                 f"KV blocks leaked {leaked}\n"
                 f"results: {d['output']}")
@@ -103,6 +108,7 @@ class _Output:
             self.write(success_record(req, self.tokenizer, self.model_name))
             s.succeeded += 1
             s.prompt_tokens += req.prompt_len
+            s.cached_tokens += req.cached_tokens
             s.completion_tokens += len(req.output_token_ids)
             t = req.timeline
             s.ttft_s.append(t["first_token"] - t["queued"])
@@ -147,7 +153,7 @@ def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster
         with StopSignals() as stop, open(output_path, "a", encoding="utf-8") as out_stream:
             out = _Output(out_stream, tokenizer, name, summary, journal, options.slo, collector)
             if deployment:
-                from router.service import RemoteRouter, find
+                from pdserve.runtime.deployment import RemoteRouter, find
 
                 router: Any = RemoteRouter(find(deployment, cluster.address or "auto"), on_finished=out.finished)
             else:

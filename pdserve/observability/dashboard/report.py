@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from router.dashboard.server import page_html
-from router.dashboard.state import dashboard_state
-from router.metrics import SLO, from_record
+from pdserve.observability.dashboard.server import page_html
+from pdserve.observability.dashboard.state import dashboard_state
+from pdserve.observability.metrics import SLO, from_record
 
 
 def load_records(path: Path) -> list[dict]:

@@ -12,8 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from router.dashboard.state import dashboard_state
-from router.metrics import SLO, RequestMetrics, from_record, summarize
+from pdserve.observability.dashboard.state import dashboard_state
+from pdserve.observability.metrics import SLO, RequestMetrics, from_record, summarize
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 _GBPS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50)
@@ -30,6 +30,7 @@ METRIC_NAMES = (
     "pdserve_stage_requests_per_second", "pdserve_stage_tokens_per_second", "pdserve_requests_in_state",
     "pdserve_queue_depth", "pdserve_kv_blocks_used", "pdserve_kv_blocks_total", "pdserve_decode_batch_size",
     "pdserve_prefill_batch_size", "pdserve_slo_ttft_seconds", "pdserve_slo_tpot_seconds",
+    "pdserve_prefix_cached_tokens_total",
 )
 
 
@@ -38,6 +39,9 @@ class _Prometheus:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("pdserve_requests", "Finished requests", ["outcome"], registry=r)
         self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.cached_tokens = Counter("pdserve_prefix_cached_tokens",
+                                     "Prompt tokens served from a prefill worker's prefix cache (not computed)",
+                                     registry=r)
         self.output_tokens = Counter("pdserve_output_tokens", "Output tokens of finished requests", registry=r)
         h = lambda name, doc, buckets=_LATENCY_BUCKETS: Histogram(name, doc, buckets=buckets, registry=r)  # noqa: E731
         self.queue_wait = h("pdserve_queue_wait_seconds", "Queued until prefill starts")
@@ -76,6 +80,7 @@ class _Prometheus:
         if not m.ok:
             return
         self.prompt_tokens.inc(m.prompt_tokens)
+        self.cached_tokens.inc(m.cached_tokens)
         self.output_tokens.inc(m.output_tokens)
         for hist, value in ((self.queue_wait, m.queue_wait_s), (self.prefill, m.prefill_s), (self.ttft, m.ttft_s),
                             (self.transfer, m.transfer_s), (self.transfer_exposed, m.transfer_exposed_s),

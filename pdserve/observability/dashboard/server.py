@@ -2,7 +2,7 @@
 
 Runs in a background thread of the process that drives the batch; binds to
 localhost by default. Every file the page needs is served from
-router/dashboard/static, so it works with no network.
+pdserve/observability/dashboard/static, so it works with no network.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from router.dashboard.collector import MetricsCollector
+from pdserve.observability.dashboard.collector import MetricsCollector
 
 STATIC = Path(__file__).resolve().parent / "static"
 _TYPES = {".js": "application/javascript", ".css": "text/css", ".html": "text/html; charset=utf-8"}

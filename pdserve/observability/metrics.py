@@ -50,6 +50,7 @@ class RequestMetrics:
     transfer_exposed_s: float | None = None
     transfer_gbps: float | None = None
     kv_bytes: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     decode_admit_wait_s: float | None = None
     tpot_s: float | None = None
     itl_p99_s: float | None = None  # 99th percentile inter-token gap
@@ -108,6 +109,7 @@ def from_record(record: dict[str, Any]) -> RequestMetrics:
         ttft_s=_diff(t.get("first_token"), t.get("queued")),
         transfer_s=transfer, transfer_exposed_s=_diff(t.get("transfer_end"), t.get("prefill_end")),
         transfer_gbps=kv_bytes / busy / 1e9 if busy and kv_bytes else None, kv_bytes=kv_bytes,
+        cached_tokens=ext.get("cached_tokens") or 0,
         decode_admit_wait_s=_diff(t.get("decode_admit"), t.get("transfer_end")),
         tpot_s=(_diff(t.get("finish"), t.get("first_token")) / (out_tokens - 1)
                 if ok and out_tokens > 1 and t.get("finish") and t.get("first_token") else None),
@@ -146,6 +148,9 @@ def summarize(requests: Sequence[RequestMetrics], slo: SLO, window: tuple[float,
             "prefill": {
                 "requests_per_s": len(prefilled) / span,
                 "tokens_per_s": sum(r.prompt_tokens for r in prefilled) / span,
+                "cached_tokens": sum(r.cached_tokens for r in ok),
+                "cache_hit_rate": (sum(r.cached_tokens for r in ok) / sum(r.prompt_tokens for r in ok)
+                                   if sum(r.prompt_tokens for r in ok) else None),
                 "time_s": _stats(r.prefill_s for r in requests),
                 "ttft_s": _stats(r.ttft_s for r in ok),
                 "slo_attainment": sum(a for a, _ in meets) / len(ok) if ok else None,

@@ -4,7 +4,7 @@ Clients (`pdserve run-batch --deployment NAME`, Ray Jobs from `pdserve submit`)
 parse and tokenize their batch themselves and hand requests to the router
 actor; it runs the same Router loop as a local batch and hands finished
 requests back to the client that sent them. `RemoteRouter` is the client's
-side: it offers run_batch the Router interface (submit, tick, active, done).
+side: it offers the front ends the router's interface (router.api.RouterAPI).
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
 
 from engine.config import EngineConfig
-from router.batch_io import metrics_record
-from router.cluster import NAMESPACE, ClusterConfig, init_ray, start_workers, stop_workers
-from router.dashboard.collector import MetricsCollector
-from router.metrics import SLO
+from pdserve.batch.format import metrics_record
+from pdserve.observability.dashboard.collector import MetricsCollector
+from pdserve.observability.metrics import SLO
+from pdserve.runtime.cluster import NAMESPACE, ClusterConfig, init_ray, start_workers, stop_workers
+from router.api import OnFinished, OnTokens
 from router.request import Request, State
 from router.router import Router, RouterConfig, WorkerSet
 
@@ -55,7 +55,10 @@ class RouterActor:
         self.router = Router(self.workers, spec.router, on_finished=self._finished,
                              on_prefill_batch=self.collector.prefill_batch)
         self._inbox: queue.Queue[Request] = queue.Queue()
+        self._aborts: queue.Queue[tuple[str, str]] = queue.Queue()
         self._done: dict[str, list[Request]] = defaultdict(list)
+        self._streams: set[str] = set()  # requests whose client wants their tokens as they come
+        self._tokens_out: dict[str, list[tuple[str, list[int], dict[str, float]]]] = defaultdict(list)
         self._done_ready = threading.Condition()
         self._stop = threading.Event()
         self.started = time.time()
@@ -64,31 +67,57 @@ class RouterActor:
 
     def _finished(self, req: Request) -> None:
         self.collector.record(metrics_record(req))
+        self._streams.discard(req.request_id)
         with self._done_ready:
             self._done[req.request_id.split("/", 1)[0]].append(req)
             self._done_ready.notify_all()
+
+    def _tokens(self, req: Request, new: list[int]) -> None:
+        if req.request_id in self._streams:
+            with self._done_ready:
+                self._tokens_out[req.request_id.split("/", 1)[0]].append((req.request_id, new, dict(req.timeline)))
+                self._done_ready.notify_all()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(queue.Empty):  # the inbox is drained
                 while True:
                     self.router.submit(self._inbox.get(timeout=0.05 if not self.router.active else 0))
+            while not self._aborts.empty():
+                self.router.abort(*self._aborts.get_nowait())
+            # Streaming polls return at every decode step: only while a client streams.
+            self.router.on_tokens = self._tokens if self._streams else None
             if self.router.active:
                 self.router.tick(wait_s=0.2)
             self.collector.refresh(self.router)
 
     # ---- client API ------------------------------------------------------------------------
-    def submit(self, requests: list[Request]) -> int:
-        """Requests whose request_id starts with 'CLIENT/'; their results go back to that client."""
+    def submit(self, requests: list[Request], stream: bool = False) -> int:
+        """Requests whose request_id starts with 'CLIENT/'; their results go back to that client
+        (with `stream`, their tokens too, through `collect_stream`)."""
         for req in requests:
+            if stream:
+                self._streams.add(req.request_id)
             self._inbox.put(req)
         return self._inbox.qsize()
+
+    def abort(self, request_ids: list[str], reason: str) -> None:
+        """Stop these requests; each still comes back through `collect`, failed."""
+        for rid in request_ids:
+            self._aborts.put((rid, reason))
 
     def collect(self, client: str, timeout: float = 0.5) -> list[Request]:
         with self._done_ready:
             if not self._done.get(client):
                 self._done_ready.wait(timeout)
             return self._done.pop(client, [])
+
+    def collect_stream(self, client: str, timeout: float = 0.5) -> tuple[list[Request], list[tuple]]:
+        """Finished requests and (request_id, new tokens, timeline) events of streaming requests."""
+        with self._done_ready:
+            if not self._done.get(client) and not self._tokens_out.get(client):
+                self._done_ready.wait(timeout)
+            return self._done.pop(client, []), self._tokens_out.pop(client, [])
 
     def worker_handles(self) -> WorkerSet:
         return self.workers
@@ -152,9 +181,10 @@ def teardown(name: str, address: str | None) -> None:
 class RemoteRouter:
     """What run_batch drives when it uses a running deployment instead of its own workers."""
 
-    def __init__(self, actor: Any, on_finished: Callable[[Request], None]) -> None:
+    def __init__(self, actor: Any, on_finished: OnFinished, on_tokens: OnTokens | None = None) -> None:
         self.actor = actor
         self.on_finished = on_finished
+        self.on_tokens = on_tokens
         self.client = uuid.uuid4().hex[:12]
         self.active: dict[str, Request] = {}
         self._pending: list[Request] = []
@@ -167,14 +197,37 @@ class RemoteRouter:
         if len(self._pending) >= 256:
             self._flush()
 
+    def abort(self, request_id: str, reason: str) -> bool:
+        req = self.active.get(request_id)
+        if req is None:
+            return False
+        if req in self._pending:  # never sent: finish it here
+            self._pending.remove(req)
+            self.active.pop(request_id)
+            req.fail(f"aborted: {reason}")
+            self.on_finished(req)
+        else:
+            self.actor.abort.remote([request_id], reason)
+        return True
+
     def _flush(self) -> None:
         if self._pending:
-            ray.get(self.actor.submit.remote(self._pending), timeout=120)
+            ray.get(self.actor.submit.remote(self._pending, self.on_tokens is not None), timeout=120)
             self._pending = []
 
     def tick(self, wait_s: float = 0.5) -> None:
         self._flush()
-        for req in ray.get(self.actor.collect.remote(self.client, wait_s), timeout=wait_s + 120):
+        if self.on_tokens is None:
+            finished, events = ray.get(self.actor.collect.remote(self.client, wait_s), timeout=wait_s + 120), []
+        else:
+            finished, events = ray.get(self.actor.collect_stream.remote(self.client, wait_s), timeout=wait_s + 120)
+        for request_id, new, timeline in events:
+            req = self.active.get(request_id)
+            if req is not None:
+                req.timeline.update(timeline)
+                req.streamed += len(new)
+                self.on_tokens(req, new)
+        for req in finished:
             if self.active.pop(req.request_id, None) is not None:
                 self.on_finished(req)
 

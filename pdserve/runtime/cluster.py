@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
+import time
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -105,12 +107,39 @@ def _unnice() -> None:
         log.warning("worker stays at niceness %d (%s); start Ray with RAY_worker_niceness=0", os.nice(0), e)
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Ray worker boot and imports, for an actor entering __init__)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+def _timed_init(actor: _ActorInfo, config: WorkerConfig, init) -> None:
+    """Run the worker's __init__, recording where its start-up went (`pdserve -v` prints it)."""
+    phases = {"process+imports": process_age_s()}
+    engine = config.engine.resolved()
+    if engine.device == "cpu" and engine.attention_backend in ("auto", "cpu"):
+        from engine.kernels import cpu_paged_attention
+
+        started = time.time()
+        cpu_paged_attention()  # cached: the runner's decode_kernel() finds it loaded
+        phases["kernel"] = time.time() - started
+    started = time.time()
+    init()
+    phases["model+pool"] = time.time() - started  # weights, KV pool (decode: allocated and prefaulted), servers
+    actor.startup_s = phases
+
+
 class _ActorInfo:
     """What the router and `pdserve status` ask any worker actor about itself."""
 
     node_id: str
     worker_id: str
     runner: object
+    startup_s: dict[str, float]
+
+    def startup(self) -> dict[str, float]:
+        return self.startup_s
 
     def node(self) -> str:
         return self.node_id
@@ -118,10 +147,13 @@ class _ActorInfo:
     def where(self) -> dict:
         import torch
 
-        device = self.runner.config.device  # type: ignore[attr-defined]
+        from engine.cpu_features import CpuInfo
+
+        config = self.runner.config  # type: ignore[attr-defined]  # resolved: concrete device and dtype
         return {"worker_id": self.worker_id, "node_id": self.node_id, "node_ip": ray.util.get_node_ip_address(),
-                "device": device, "threads": self.runner.config.num_threads,  # type: ignore[attr-defined]
-                "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "pid": os.getpid()}
+                "device": config.device, "dtype": config.dtype, "threads": config.num_threads,
+                "gpu": torch.cuda.get_device_name() if config.device == "cuda" else None, "pid": os.getpid(),
+                "cpu": CpuInfo.here().describe(config.dtype)}
 
     def rss_mib(self) -> float:
         """Peak resident memory of this worker process."""
@@ -134,7 +166,8 @@ class _ActorInfo:
 class PrefillActor(PrefillWorker, _ActorInfo):
     def __init__(self, config: WorkerConfig) -> None:
         _unnice()
-        super().__init__(config, node_id=_node()[0])
+        init = super().__init__
+        _timed_init(self, config, lambda: init(config, node_id=_node()[0]))
 
 
 @ray.remote
@@ -142,7 +175,8 @@ class DecodeActor(DecodeWorker, _ActorInfo):
     def __init__(self, config: WorkerConfig) -> None:
         _unnice()
         node_id, node_ip = _node()
-        super().__init__(config, node_id=node_id, node_ip=node_ip)
+        init = super().__init__
+        _timed_init(self, config, lambda: init(config, node_id=node_id, node_ip=node_ip))
 
 
 def use_cluster_token() -> None:
@@ -156,16 +190,68 @@ def use_cluster_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def init_ray(address: str | None) -> None:
+class ClusterUnreachable(ConnectionError):
+    """The Ray cluster named by --address (or found by `auto`) does not answer."""
+
+
+def _probe(address: str, timeout_s: float) -> None:
+    """Fail in seconds where Ray would sit in GCS connection retries for minutes."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {address} ({e}). Start one there (`ray start --head`), fix --address, "
+            "or omit --address to run on a fresh local cluster") from e
+
+
+def _registered_address() -> str:
+    """What `auto` joins: RAY_ADDRESS, else the cluster `ray start` registered on this machine."""
+    env = os.environ.get("RAY_ADDRESS")
+    if env:
+        return env
+    try:
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:  # a Ray that moved it: let ray.init look
+        return "auto"
+    try:
+        return get_ray_address_from_environment("auto", None) or "auto"
+    except ConnectionError as e:
+        raise ClusterUnreachable(f"--address auto found no running Ray cluster on this machine ({e}); start one "
+                                 "with `ray start --head`, or omit --address to run on a fresh local cluster") from e
+
+
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Raise ClusterUnreachable within `timeout_s` when nothing listens at the cluster address (None: local)."""
+    if address is None:
+        return
+    target = _registered_address() if address == "auto" else address
+    if target != "auto" and "://" not in target.removeprefix("ray://"):  # host:port or ray://host:port
+        _probe(target, timeout_s)
+
+
+def init_ray(address: str | None, probe_timeout_s: float = 5.0) -> None:
+    """Join the cluster at `address`, or start a fresh local one when it is None.
+
+    None never joins a registered cluster (RAY_ADDRESS, or the file `ray start` leaves in Ray's temp dir):
+    Ray's own default would, and a dead one hangs start-up for minutes. A given address is probed first.
+    """
     if ray.is_initialized():
         return
+    if address is None:
+        if os.environ.get("RAY_ADDRESS"):
+            log.warning("RAY_ADDRESS=%s is not used: without --address pdserve starts a fresh local cluster "
+                        "(pass --address auto to join that one)", os.environ["RAY_ADDRESS"])
+        os.environ.setdefault("RAY_worker_niceness", "0")  # see _unnice
+        # No prestarted workers: our actors set env vars (a runtime env of their own), so Ray could not
+        # hand them a prestarted process; those would only take the CPUs the actors' start-up needs.
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                 namespace=NAMESPACE, _system_config={"prestart_worker_first_driver": False})
+        return
+    check_address(address, probe_timeout_s)
     if address not in (None, "auto") and not address.startswith("ray://"):
         use_cluster_token()
-    if address is None:
-        os.environ.setdefault("RAY_worker_niceness", "0")  # see _unnice
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True, namespace=NAMESPACE)
-    else:
-        ray.init(address=address, logging_level=logging.WARNING, namespace=NAMESPACE)
+    ray.init(address=address, logging_level=logging.WARNING, namespace=NAMESPACE)
 
 
 def actor_name(deployment: str, role: str, i: int) -> str:
@@ -174,7 +260,10 @@ def actor_name(deployment: str, role: str, i: int) -> str:
 
 def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     """Create the actors, wait until every one has loaded the model, and report where they landed."""
+    started = time.time()
     init_ray(cluster.address)
+    log.info("start-up: Ray %s in %.1f s", "started" if cluster.address is None else "joined", time.time() - started)
+    started = time.time()
     cores = max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
     # Prefill workers run at the same time as each other, decode workers too; with batch admissions
     # (router) the two roles mostly take turns, so each role gets all the cores of a shared node.
@@ -221,7 +310,14 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
             options.update(name=actor_name(cluster.deployment, role, i), namespace=NAMESPACE, lifetime="detached")
         actor = PrefillActor if role == "prefill" else DecodeActor
         handles[role][config.worker_id] = actor.options(**options).remote(config)
-    return attach_workers(handles["prefill"], handles["decode"], engine.max_num_seqs, cluster.start_timeout_s)
+    workers = attach_workers(handles["prefill"], handles["decode"], engine.max_num_seqs, cluster.start_timeout_s)
+    if log.isEnabledFor(logging.INFO):
+        log.info("start-up: workers ready in %.1f s", time.time() - started)
+        every = dict(zip(handles["prefill"] | handles["decode"], ray.get(
+            [h.startup.remote() for h in [*handles["prefill"].values(), *handles["decode"].values()]], timeout=60)))
+        for worker_id, phases in every.items():
+            log.info("start-up: %s: %s", worker_id, ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    return workers
 
 
 def attach_workers(prefill: dict, decode: dict, max_num_seqs: int, timeout_s: float = 300.0) -> WorkerSet:
@@ -229,11 +325,19 @@ def attach_workers(prefill: dict, decode: dict, max_num_seqs: int, timeout_s: fl
     endpoints = dict(zip(decode, ray.get([h.endpoint.remote() for h in decode.values()], timeout=timeout_s)))
     where = ray.get([h.where.remote() for h in list(prefill.values()) + list(decode.values())], timeout=timeout_s)
     nodes = {w["node_id"] for w in where}
+    dtypes = {w["worker_id"]: w.get("dtype") for w in where}
+    if len(set(dtypes.values())) > 1:  # `--dtype auto` on nodes of different kinds: KV layouts would not match
+        for handle in list(prefill.values()) + list(decode.values()):
+            ray.kill(handle, no_restart=True)
+        raise RuntimeError(f"workers chose different dtypes ({dtypes}); pass --dtype float32 or --dtype bfloat16")
+    for cpu in sorted({w["cpu"] for w in where if w.get("cpu")}):
+        log.info("workers: %s", cpu)
     return WorkerSet(prefill=prefill, decode=decode, endpoints=endpoints, max_num_seqs=max_num_seqs,
                      shared_cores=len(nodes) == 1 and all(w["device"] == "cpu" for w in where))
 
 
 def stop_workers(workers: WorkerSet) -> None:
+    started = time.time()
     for handle in workers.decode.values():
         try:
             ray.get(handle.shutdown.remote(), timeout=30)
@@ -242,3 +346,4 @@ def stop_workers(workers: WorkerSet) -> None:
     for handle in list(workers.prefill.values()) + list(workers.decode.values()):
         ray.kill(handle, no_restart=True)
     sweep_orphans()  # pools of workers that died for good during the run (this node's)
+    log.info("start-up: workers stopped in %.1f s", time.time() - started)

@@ -254,7 +254,8 @@ def success_record(req: Request, tokenizer: Any, model_name: str) -> dict[str, A
     n_out = len(req.output_token_ids)
     body = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
             "usage": {"prompt_tokens": req.prompt_len, "completion_tokens": n_out,
-                      "total_tokens": req.prompt_len + n_out}}
+                      "total_tokens": req.prompt_len + n_out,
+                      "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}}
     return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": req.custom_id,
             "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None,
             "pdserve": _extension(req)}
@@ -267,7 +268,8 @@ def metrics_record(req: Request) -> dict[str, Any]:
         return {"custom_id": req.custom_id, "response": None,
                 "error": {"code": "request_failed", "message": req.error}, "pdserve": ext}
     n_out = len(req.output_token_ids)
-    usage = {"prompt_tokens": req.prompt_len, "completion_tokens": n_out, "total_tokens": req.prompt_len + n_out}
+    usage = {"prompt_tokens": req.prompt_len, "completion_tokens": n_out, "total_tokens": req.prompt_len + n_out,
+             "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
     return {"custom_id": req.custom_id, "response": {"status_code": 200, "body": {"usage": usage}}, "error": None,
             "pdserve": ext}
 
@@ -290,6 +292,7 @@ def _extension(req: Request) -> dict[str, Any]:
         "max_tokens": req.params.max_tokens,
         "kv_bytes": req.kv_bytes,
         "kv_blocks": req.kv_blocks,
+        "cached_tokens": req.cached_tokens,  # prompt tokens taken from the prefill worker's prefix cache
         "kv_transfer_busy_s": round(req.kv_busy_s, 6),
         "kv_transfer_gbps": round(req.kv_bytes / req.kv_busy_s / 1e9, 3) if req.kv_busy_s > 0 else None,
         "transport": req.transport,

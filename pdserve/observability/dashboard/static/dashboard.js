@@ -1,4 +1,4 @@
-// pdserve dashboard: draws the state computed by router/dashboard/state.py with plain SVG.
+// pdserve dashboard: draws the state computed by pdserve/observability/dashboard/state.py with plain SVG.
 // No libraries, nothing fetched from elsewhere: the page works offline. In a report the state
 // is embedded (window.PDSERVE_STATE); live, it is polled from /api/state every second.
 (function () {

@@ -1,0 +1,106 @@
+"""Small fused Triton kernels for the CUDA forward (tested on the CPU under TRITON_INTERPRET=1).
+
+    store_kv      a layer's K and V for every token of a batch into their pool slots, one launch
+    rms_norm      RMSNorm, optionally fused with the residual add before it
+    rope          rotary embedding of q and k in place, cos/sin gathered at each token's position
+
+Each rounds where the torch reference (engine/model/llama.py) rounds, so fp32 results match it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv_kernel(K, V, Kc, Vc, Slots, stride_kt, stride_vt, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(Slots + t).to(tl.int64)
+    if slot >= 0:
+        offs = tl.arange(0, BLOCK)
+        mask = offs < ROW
+        tl.store(Kc + slot * ROW + offs, tl.load(K + t * stride_kt + offs, mask=mask), mask=mask)
+        tl.store(Vc + slot * ROW + offs, tl.load(V + t * stride_vt + offs, mask=mask), mask=mask)
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """k, v [T, KVH, D] (each token's row contiguous) -> caches [NB, BS, KVH, D] at flat slots; slot < 0 skips."""
+    t, kvh, d = k.shape
+    if t == 0:
+        return
+    assert k.stride(2) == 1 and k.stride(1) == d and v.stride(2) == 1 and v.stride(1) == d
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slots, k.stride(0), v.stride(0), ROW=kvh * d,
+                           BLOCK=triton.next_power_of_2(kvh * d))
+
+
+@triton.jit
+def _rms_norm_kernel(X, R, W, Y, RO, stride_x, stride_r, N, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)  # rounded as torch's add rounds
+        tl.store(RO + row * N + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
+    normed = (xf * inv).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * N + offs, (w * normed).to(Y.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, N] -> (weight * norm(x + residual), x + residual). Without a residual, the second is x."""
+    t, n = x.shape
+    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    new_residual = torch.empty_like(out) if residual is not None else x
+    if t:
+        _rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out, new_residual,
+                               x.stride(0), residual.stride(0) if residual is not None else 0, n, eps,
+                               HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+    return out, new_residual
+
+
+@triton.jit
+def _rope_kernel(Q, K, Cos, Sin, Pos, stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
+                 H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(Pos + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK_HALF)
+    fmask = offs < HALF
+    c1 = tl.load(Cos + pos * stride_c + offs, mask=fmask, other=0.0).to(tl.float32)
+    c2 = tl.load(Cos + pos * stride_c + HALF + offs, mask=fmask, other=0.0).to(tl.float32)
+    s1 = tl.load(Sin + pos * stride_c + offs, mask=fmask, other=0.0).to(tl.float32)
+    s2 = tl.load(Sin + pos * stride_c + HALF + offs, mask=fmask, other=0.0).to(tl.float32)
+    heads = tl.arange(0, BLOCK_H)
+    for which in tl.static_range(2):  # q, then k
+        X = Q if which == 0 else K
+        stride_t = stride_qt if which == 0 else stride_kt
+        stride_h = stride_qh if which == 0 else stride_kh
+        nh = H if which == 0 else KVH
+        mask = (heads[:, None] < nh) & fmask[None, :]
+        base = X + t * stride_t + heads[:, None] * stride_h + offs[None, :]
+        x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(base, (x1 * c1[None, :] - x2 * s1[None, :]).to(X.dtype.element_ty), mask=mask)
+        tl.store(base + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(X.dtype.element_ty), mask=mask)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: q [T, H, D], k [T, KVH, D]; cos/sin tables [max_pos, D]; positions [T]."""
+    t, h, d = q.shape
+    kvh = k.shape[1]
+    assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1
+    if t:
+        _rope_kernel[(t,)](q, k, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                           cos.stride(0), H=h, KVH=kvh, HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(h, kvh)),
+                           BLOCK_HALF=triton.next_power_of_2(d // 2))
+    return q, k

@@ -1,0 +1,62 @@
+"""CPU matmuls against quantized weights.
+
+Two shapes, measured on the Zen 4 build machine (2 cores, shared) with torch 2.13:
+- decode (few rows): weight-bandwidth bound. torch's packed ops read the int8 /
+  packed-int4 weight directly; with bfloat16 activations they beat an fp32 or
+  bf16 `F.linear` (their float32-activation variants are a slow fallback, 10-100x
+  slower, so activations go through bfloat16 here).
+- prefill (many rows): compute bound. The packed ops lose to the float GEMM, so
+  the weight is dequantized to the activation dtype and multiplied by `F.linear`.
+
+`_weight_int8pack_mm` takes one scale per output channel only, so int8 with
+groups shorter than K takes the dequantize path at any batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.quant.scheme import QuantizedWeight, dequantize, unpack_int4
+
+DECODE_MAX_ROWS = 16  # up to here the packed (bandwidth) path; above it dequantize + GEMM
+INT4PACK_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
+
+
+class CPUQuantMatmul:
+    """x [M, K] @ W^T for one quantized weight, prepared once for the CPU ops."""
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        self.qw = qw
+        n, k = qw.shape
+        self.int8pack = qw.scheme == "int8" and qw.group_size == k
+        self.int4pack = qw.scheme == "int4" and qw.group_size in INT4PACK_GROUPS and k % 16 == 0 and n % 16 == 0
+        if self.int8pack:
+            self.scales_bf16 = qw.scales[:, 0].to(torch.bfloat16).contiguous()  # [N]
+        if self.int4pack:
+            # tinygemm convention: w = (q - 8) * scale + zero, so zero = m + 8 * scale; [G, N, 2]
+            q = unpack_int4(qw.qweight).to(torch.int32)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            sz = torch.stack([qw.scales, qw.zeros + 8 * qw.scales], dim=-1)
+            self.scale_zeros_bf16 = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
+
+    @property
+    def fast_decode(self) -> bool:
+        return self.int8pack or self.int4pack
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= DECODE_MAX_ROWS and self.fast_decode:
+            return self.decode(x)
+        return self.prefill(x)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16).contiguous()
+        if self.int8pack:
+            out = torch.ops.aten._weight_int8pack_mm(xb, self.qw.qweight, self.scales_bf16)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.qw.group_size,
+                                                             self.scale_zeros_bf16)
+        return out.to(x.dtype)
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize(self.qw, x.dtype))

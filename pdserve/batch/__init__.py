@@ -1,0 +1,1 @@
+"""The offline front end: the OpenAI batch format, the journal that makes a batch resumable, run-batch."""

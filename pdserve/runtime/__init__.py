@@ -1,0 +1,1 @@
+"""The Ray runtime: workers launched as actors where the user asks, and long-lived deployments."""

@@ -1,0 +1,68 @@
+"""The prefill worker's prefix cache: its own paged KV pool, kept between batches.
+
+A batch's prompts are allocated in the pool (sharing the leading full blocks an earlier prompt
+left there), only the uncached suffix is computed (`ModelRunner.extend` attends to the cached
+prefix through the block tables and stores the new K/V in the pool), and afterwards the prompts'
+full blocks get their keys and are released into the pool's LRU for later batches.
+
+    prompt i:   [ cached prefix: p_i tokens | computed: len_i - p_i tokens ]
+    sent:                 [ from cached_blocks * BS on: what the decode worker lacks ]
+
+What is sent may start inside the cached prefix (the decode worker lacks blocks this pool holds:
+read back from the pool) or inside the computed part (the decode worker holds more than we do).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kv_cache import BlockManager, KVPool
+from engine.runner import ModelRunner
+
+
+class PrefillCache:
+    def __init__(self, runner: ModelRunner, gib: float, salt: str) -> None:
+        probe = runner.kv_layout(num_blocks=1)
+        num_blocks = max(1, int(gib * 2**30) // probe.nbytes)
+        self.layout = runner.kv_layout(num_blocks=num_blocks)
+        self.pool = KVPool.allocate(self.layout, runner.config.device)
+        self.blocks = BlockManager(num_blocks, self.layout.block_size, enable_prefix_caching=True, salt=salt)
+        self.hit_tokens = 0
+        self.prompt_tokens = 0
+
+    def allocate(self, ids: list[str], prompts: list[list[int]]) -> list[int] | None:
+        """Hold blocks for every prompt; return each one's cached tokens (at least one token is left
+        to compute: its logits give the first token). None, holding nothing, if the batch does not fit."""
+        bs = self.layout.block_size
+        cached = []
+        for rid, prompt in zip(ids, prompts):
+            max_shared = (len(prompt) - 1) // bs
+            if not self.blocks.can_allocate(len(prompt), prompt, max_shared):
+                self.release(ids)
+                return None
+            self.blocks.allocate(rid, len(prompt), prompt, max_shared)
+            cached.append(self.blocks.shared_blocks(rid) * bs)
+        self.hit_tokens += sum(cached)
+        self.prompt_tokens += sum(len(p) for p in prompts)
+        return cached
+
+    def tables(self, ids: list[str]) -> list[list[int]]:
+        return [self.blocks.table(rid) for rid in ids]
+
+    def cached_rows(self, layer: int, table: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [end - start, KVH, D] of tokens [start, end) of a prompt held in this pool (block-aligned)."""
+        bs = self.layout.block_size
+        ids = torch.tensor(table[start // bs:end // bs], device=self.pool.tensor.device)
+        k, v = self.pool.read_blocks(layer, ids)
+        shape = (-1, self.layout.num_kv_heads, self.layout.head_dim)
+        return k.reshape(shape), v.reshape(shape)
+
+    def commit(self, ids: list[str], prompts: list[list[int]]) -> None:
+        """The batch's KV is in the pool: key its full blocks for later requests and drop our references."""
+        for rid, prompt in zip(ids, prompts):
+            self.blocks.register(rid, prompt)
+        self.release(ids)
+
+    def release(self, ids: list[str]) -> None:
+        for rid in ids:
+            self.blocks.free(rid)
