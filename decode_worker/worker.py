@@ -17,6 +17,7 @@ import threading
 import time
 
 from decode_worker.batcher import ContinuousBatcher, DecodeSequence
+from decode_worker.speculative import build_stepper, spec_summary
 from decode_worker.stopping import StopChecker
 from engine.compute_thread import ComputeThread
 from engine.kv_cache import BlockManager, KVPool
@@ -75,6 +76,7 @@ class DecodeWorker:
         # On CUDA this captures the decode graphs (the start-up log says how long it took).
         self.batcher = self.compute.call(ContinuousBatcher, self.runner, self.pool, stopper,
                                          config.engine.max_num_seqs)
+        self.batcher.enable_speculation(build_stepper(self.runner, self.pool, stopper))
         self._admissions: queue.Queue[DecodeSequence | str] = queue.Queue()
         self._results: queue.Queue[DecodeResult] = queue.Queue()
         self._stop = threading.Event()
@@ -130,7 +132,7 @@ class DecodeWorker:
                 self._admissions.put(DecodeSequence(
                     request_id=a.request_id, prompt_len=a.prompt_tokens, params=a.params,
                     block_table=self.blocks.table(a.request_id), output=[a.first_token],
-                    token_times=[a.first_token_time]))
+                    token_times=[a.first_token_time], prompt_token_ids=self._prompts.get(a.request_id, ())))
         return refused
 
     def release(self, request_ids: list[str]) -> int:
@@ -272,4 +274,5 @@ class DecodeWorker:
             self._release_locked(seq.request_id)
         self._results.put(DecodeResult(
             request_id=seq.request_id, token_ids=tuple(seq.output), finish_reason=seq.finish_reason or "error",
-            admitted_at=seq.admitted_at, finished_at=time.time(), token_times=tuple(seq.token_times), error=error))
+            admitted_at=seq.admitted_at, finished_at=time.time(), token_times=tuple(seq.token_times), error=error,
+            speculative=spec_summary(seq)))

@@ -29,6 +29,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128, help="decode batch limit")
     g.add_argument("--max-prefill-tokens", type=int, default=2048, help="prefill batch token budget")
     g.add_argument("--cache-dir", default=None, help="where converted weights are cached")
+    g.add_argument("--speculative", default="off",
+                   help="speculative decoding: off, ngram (prompt lookup) or layers:K (the target's first K layers)")
+    g.add_argument("--num-speculative-tokens", default="auto", type=lambda v: v if v == "auto" else int(v),
+                   help="draft tokens per step (γ), or auto: chosen each step from measured costs and acceptance")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
     g.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "cpu", "triton"),
@@ -87,7 +91,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                   attention_backend=args.attention_backend, enable_prefix_caching=args.enable_prefix_caching,
                   prefill_cache_gib=args.prefill_cache_gib,
                   quantization=args.quantization, quant_group_size=args.quant_group_size,
-                  quantize_lm_head=args.quantize_lm_head)
+                  quantize_lm_head=args.quantize_lm_head, speculative=args.speculative,
+                  num_speculative_tokens=args.num_speculative_tokens)
     if args.cache_dir:
         kwargs["cache_dir"] = args.cache_dir
     return EngineConfig(**kwargs)
@@ -341,6 +346,28 @@ def cmd_bench_quant(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_specdec(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import replace
+
+    from pdserve.bench.specdec import SpecBench, run, table
+
+    gammas = tuple(g if g == "auto" else int(g) for g in args.gammas.split(","))
+    bench = SpecBench(target=args.target, dtype=args.dtype, drafters=tuple(args.drafters.split(",")), gammas=gammas,
+                      batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), max_tokens=args.max_tokens,
+                      num_threads=args.threads, cache_dir=args.cache_dir)
+    if args.quick:
+        bench = replace(bench, gammas=(2, "auto"), batch_sizes=(1, 2), max_tokens=8, passage_tokens=40)
+    report = run(bench, out_svg=args.svg)
+    print(table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    best = max((r for r in report["rows"] if r["drafter"] != "off"), key=lambda r: r["speedup"])
+    print(f"specdec best_speedup={best['speedup']:.2f} drafter={best['drafter']} gamma={best['gamma']} "
+          f"batch={best['batch']} all_exact={all(r['exact'] for r in report['rows'])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving on Ray")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -460,6 +487,20 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
     qb.add_argument("--json", default=None, help="also write the full report here")
     qb.set_defaults(func=cmd_bench_quant)
+
+    sd = bench.add_parser("specdec", help="speculative decoding: drafters x γ x batch size vs plain decoding")
+    sd.add_argument("--target", default=None, help="HF folder or .gguf of the target; default SmolLM2-135M-Instruct")
+    sd.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (the CPU's best)")
+    sd.add_argument("--drafters", default="ngram,layers:24", help="comma-separated: ngram, layers:K")
+    sd.add_argument("--gammas", default="2,3,5,7,auto", help="comma-separated γ values and/or auto")
+    sd.add_argument("--batch-sizes", default="1,8,64")
+    sd.add_argument("--max-tokens", type=int, default=48, help="greedy output tokens per request (EOS ignored)")
+    sd.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    sd.add_argument("--cache-dir", default=None)
+    sd.add_argument("--svg", default="specdec_speedup.svg", help="speedup-vs-γ plot written here")
+    sd.add_argument("--quick", action="store_true", help="two γ, batches 1 and 2, 8 tokens: checks the benchmark runs")
+    sd.add_argument("--json", default=None, help="also write the full report here")
+    sd.set_defaults(func=cmd_bench_specdec)
 
     from pdserve.plan.command import add_parser as add_plan_parser  # pdserve plan: its own module
 

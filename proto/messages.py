@@ -102,6 +102,7 @@ class DecodeResult:
     finished_at: float
     token_times: tuple[float, ...] = field(default=())  # wall time of each output token
     error: str | None = None
+    speculative: dict[str, float] | None = None  # drafted, accepted, alpha (speculative decoding on)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ class Request:
     kv_blocks: int = 0  # reserved on the decode worker for prompt + max_tokens
     cached_tokens: int = 0  # prompt tokens the prefill worker found in its prefix cache
     slo: dict[str, float] | None = None  # per-request SLO override: {"ttft_s": ..., "tpot_s": ...}
+    speculative: dict[str, float] | None = None  # drafted, accepted, alpha from the decode worker
     streamed: int = 0  # output tokens handed to a streaming front end (kept across retries)
 
     def __post_init__(self) -> None:

@@ -333,6 +333,7 @@ class Router:
             self._stream(req)
             req.token_times = list(res.token_times)
             req.finish_reason = res.finish_reason
+            req.speculative = res.speculative
             req.timeline.update(decode_admit=res.admitted_at, finish=res.finished_at)
             if req.state == State.TRANSFER:  # finished before the admit reply was handled
                 req.move(State.DECODE)

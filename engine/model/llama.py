@@ -114,11 +114,12 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         ctx: AttentionContext,
         logits_index: torch.Tensor | None = None,  # [N] rows of T that need logits; None: all
+        num_layers: int | None = None,  # run only the first layers (self-speculative drafts); None: all
     ) -> torch.Tensor:  # [N, vocab] float32
         x = self.embed(input_ids)
         rotary = Rotary(self.rope_cos, self.rope_sin, positions)
         residual = None
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             x, residual = layer(x, residual, rotary, ctx)
         if logits_index is not None:
             x, residual = x[logits_index], residual[logits_index]

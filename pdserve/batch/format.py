@@ -303,6 +303,7 @@ def _extension(req: Request) -> dict[str, Any]:
         "attempts": req.attempts + 1,
         "retried_after": list(req.errors),
         **({"slo": req.slo} if req.slo else {}),
+        **({"speculative": req.speculative} if req.speculative else {}),
     }
 
 
