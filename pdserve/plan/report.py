@@ -79,7 +79,7 @@ def explain(best: Prediction, workload: Workload, resources: Resources) -> list[
     stage = best.limiting_stage
     lines.append(f"  why: prefill workers are {best.prefill_util:.0%} busy (mean wait {_ms(best.prefill_wait_s)} ms, "
                  f"TTFT {_ms(best.ttft_mean_s)} ms vs SLO {workload.slo.ttft_s * 1e3:.0f} ms); decode runs "
-                 f"{best.decode_batch:.1f} sequences on average at {_ms(best.tpot_mean_s)} ms per step "
+                 f"{best.decode_batch:.1f} sequences on average, TPOT {_ms(best.tpot_mean_s)} ms "
                  f"(SLO {workload.slo.tpot_s * 1e3:.0f} ms), {best.decode_util:.0%} of its capacity at batch "
                  f"{c.max_batch}")
     lines.append(f"  the limiting stage is {stage}: when the rate grows, add a {stage} worker first")
