@@ -199,6 +199,9 @@ def test_profile_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"version": 99}')
     with pytest.raises(ValueError, match="profile"):
         StageProfile.load(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text('{"version": 1, "prefill": {"a_s": 0}}')
+    with pytest.raises(ValueError, match="malformed pdserve plan profile"):
+        StageProfile.load(tmp_path / "bad.json")
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

@@ -57,11 +57,14 @@ class StageProfile:
     @classmethod
     def from_json(cls, text: str) -> StageProfile:
         d = json.loads(text)
-        if d.pop("version", None) != PROFILE_VERSION:
+        if not isinstance(d, dict) or d.pop("version", None) != PROFILE_VERSION:
             raise ValueError(f"not a pdserve plan profile (version {PROFILE_VERSION})")
-        return cls(prefill=PrefillFit(**d.pop("prefill")), decode=DecodeFit(**d.pop("decode")),
-                   prefill_points=tuple(tuple(p) for p in d.pop("prefill_points")),
-                   decode_points=tuple(tuple(p) for p in d.pop("decode_points")), **d)
+        try:
+            return cls(prefill=PrefillFit(**d.pop("prefill")), decode=DecodeFit(**d.pop("decode")),
+                       prefill_points=tuple(tuple(p) for p in d.pop("prefill_points", ())),
+                       decode_points=tuple(tuple(p) for p in d.pop("decode_points", ())), **d)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed pdserve plan profile: {e}") from None
 
     def save(self, path: Path) -> None:
         path.write_text(self.to_json())
