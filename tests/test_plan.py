@@ -223,6 +223,7 @@ def test_plan_quick_end_to_end(tiny_models, tmp_path, capsys):
                  "--profile-out", str(out), "--json", str(tmp_path / "plan.json")]) == 0
     first = capsys.readouterr().out
     assert "recommended:" in first and ("limiting stage" in first or "no configuration" in first)
+    assert "note: extrapolated beyond the profile (contexts up to 160 tokens, decode profiled up to 96)" in first
     prof = StageProfile.load(out)
     assert len(prof.prefill_points) == 3 and len(prof.decode_points) == 4
     assert all(s > 0 for _, s in prof.prefill_points) and prof.threads == 1
@@ -236,5 +237,5 @@ def test_plan_quick_end_to_end(tiny_models, tmp_path, capsys):
     assert main(["plan", "--quick", "--profile", str(out), "--model", str(tmp_path / "absent"), "--cpus", "3",
                  "--rate", "2", "--prompt-len", "16:128", "--output-len", "4:32"]) == 0
     again = capsys.readouterr().out
-    assert again.splitlines()[-5:] == first.splitlines()[-5:]
+    assert again.splitlines()[-6:] == first.splitlines()[-6:]
     assert np.isfinite(prof.prefill.a_s) and np.isfinite(prof.decode.c_s)
