@@ -239,3 +239,17 @@ def test_plan_quick_end_to_end(tiny_models, tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.splitlines()[-6:] == first.splitlines()[-6:]
     assert np.isfinite(prof.prefill.a_s) and np.isfinite(prof.decode.c_s)
+
+
+def test_profile_sizes_stay_within_the_models_positions(tiny_models):
+    """The tiny model has 512 positions: larger sizes are clamped, and the points record what was timed."""
+    from engine.config import EngineConfig
+    from engine.runner import ModelRunner
+    from pdserve.plan.profile import ProfileSizes, measure
+
+    runner = ModelRunner(EngineConfig(model=str(tiny_models["llama"]), dtype="float32", device="cpu"))
+    prof = measure(runner, ProfileSizes(prefill_tokens=(8, 600), decode_batches=(2,), decode_contexts=(8, 600),
+                                        repeats=1), threads=1)
+    assert [t for t, _ in prof.prefill_points] == [8, 512]
+    assert [(b, c) for b, c, _ in prof.decode_points] == [(2, 8), (2, 510)]
+    assert all(s > 0 for *_, s in prof.decode_points)

@@ -125,8 +125,9 @@ def measure(runner, sizes: ProfileSizes, threads: int, description: str = "") ->
     for n in sorted({min(t, max_pos) for t in sizes.prefill_tokens}):
         prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
         prefill_points.append((n, _best(lambda p=prompt: runner.prefill([p], None), sizes.repeats)))
-    decode_points = [(b, c, _decode_time(runner, b, min(c, max_pos - 2), sizes.repeats, gen))
-                     for b in sizes.decode_batches for c in sizes.decode_contexts]
+    contexts = sorted({min(c, max_pos - 2) for c in sizes.decode_contexts})  # room for the step's token
+    decode_points = [(b, c, _decode_time(runner, b, c, sizes.repeats, gen))
+                     for b in sizes.decode_batches for c in contexts]
     a = runner.arch
     itemsize = torch.empty((), dtype=runner.config.torch_dtype).element_size()
     return StageProfile(prefill=fit_prefill(prefill_points), decode=fit_decode(decode_points),
