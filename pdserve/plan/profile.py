@@ -57,11 +57,14 @@ class StageProfile:
     @classmethod
     def from_json(cls, text: str) -> StageProfile:
         d = json.loads(text)
-        if d.pop("version", None) != PROFILE_VERSION:
+        if not isinstance(d, dict) or d.pop("version", None) != PROFILE_VERSION:
             raise ValueError(f"not a pdserve plan profile (version {PROFILE_VERSION})")
-        return cls(prefill=PrefillFit(**d.pop("prefill")), decode=DecodeFit(**d.pop("decode")),
-                   prefill_points=tuple(tuple(p) for p in d.pop("prefill_points")),
-                   decode_points=tuple(tuple(p) for p in d.pop("decode_points")), **d)
+        try:
+            return cls(prefill=PrefillFit(**d.pop("prefill")), decode=DecodeFit(**d.pop("decode")),
+                       prefill_points=tuple(tuple(p) for p in d.pop("prefill_points", ())),
+                       decode_points=tuple(tuple(p) for p in d.pop("decode_points", ())), **d)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed pdserve plan profile: {e}") from None
 
     def save(self, path: Path) -> None:
         path.write_text(self.to_json())
@@ -101,8 +104,8 @@ def _nonneg_lstsq(rows: list[list[float]], y: list[float]) -> list[float]:
 @dataclass(frozen=True)
 class ProfileSizes:
     prefill_tokens: tuple[int, ...] = (32, 128, 512, 1024)
-    decode_batches: tuple[int, ...] = (1, 8, 32, 64)
-    decode_contexts: tuple[int, ...] = (128, 512)
+    decode_batches: tuple[int, ...] = (1, 8, 32)  # 32 x 1024 tokens: a 0.75 GiB pool on the default model
+    decode_contexts: tuple[int, ...] = (128, 1024)
     repeats: int = 3
 
 
@@ -122,8 +125,9 @@ def measure(runner, sizes: ProfileSizes, threads: int, description: str = "") ->
     for n in sorted({min(t, max_pos) for t in sizes.prefill_tokens}):
         prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
         prefill_points.append((n, _best(lambda p=prompt: runner.prefill([p], None), sizes.repeats)))
-    decode_points = [(b, c, _decode_time(runner, b, min(c, max_pos - 2), sizes.repeats, gen))
-                     for b in sizes.decode_batches for c in sizes.decode_contexts]
+    contexts = sorted({min(c, max_pos - 2) for c in sizes.decode_contexts})  # room for the step's token
+    decode_points = [(b, c, _decode_time(runner, b, c, sizes.repeats, gen))
+                     for b in sizes.decode_batches for c in contexts]
     a = runner.arch
     itemsize = torch.empty((), dtype=runner.config.torch_dtype).element_size()
     return StageProfile(prefill=fit_prefill(prefill_points), decode=fit_decode(decode_points),

@@ -52,6 +52,7 @@ def render(profile: StageProfile, workload: Workload, resources: Resources, rank
                      f"{c.max_batch} sustains the most rate per {unit} at >= 90% attainment, "
                      f"{r90:.3f} req/s ({r90 / p.units:.3f} per {unit}); the recommendation serves "
                      f"{rates[0]:.3f} req/s at >= 90%")
+    lines += extrapolation(profile, workload)
     return "\n".join(lines)
 
 
@@ -79,7 +80,7 @@ def explain(best: Prediction, workload: Workload, resources: Resources) -> list[
     stage = best.limiting_stage
     lines.append(f"  why: prefill workers are {best.prefill_util:.0%} busy (mean wait {_ms(best.prefill_wait_s)} ms, "
                  f"TTFT {_ms(best.ttft_mean_s)} ms vs SLO {workload.slo.ttft_s * 1e3:.0f} ms); decode runs "
-                 f"{best.decode_batch:.1f} sequences on average at {_ms(best.tpot_mean_s)} ms per step "
+                 f"{best.decode_batch:.1f} sequences on average, TPOT {_ms(best.tpot_mean_s)} ms "
                  f"(SLO {workload.slo.tpot_s * 1e3:.0f} ms), {best.decode_util:.0%} of its capacity at batch "
                  f"{c.max_batch}")
     lines.append(f"  the limiting stage is {stage}: when the rate grows, add a {stage} worker first")
@@ -90,3 +91,17 @@ def explain(best: Prediction, workload: Workload, resources: Resources) -> list[
     lines.append(f"  run it: pdserve run-batch ... --prefill-workers {c.prefill_workers} "
                  f"--decode-workers {c.decode_workers} --max-num-seqs {c.max_batch} {share_flag}")
     return lines
+
+
+def extrapolation(profile: StageProfile, workload: Workload) -> list[str]:
+    """Say so when the workload reaches past the profiled sizes: the fit is a line, not a measurement there."""
+    notes = []
+    if profile.prefill_points and workload.prompt.high > max(t for t, _ in profile.prefill_points):
+        notes.append(f"prompts up to {workload.prompt.high} tokens, prefill profiled up to "
+                     f"{max(t for t, _ in profile.prefill_points)}")
+    context = workload.prompt.high + workload.output.high
+    if profile.decode_points and context > max(c for _, c, _ in profile.decode_points):
+        notes.append(f"contexts up to {context} tokens, decode profiled up to "
+                     f"{max(c for _, c, _ in profile.decode_points)}")
+    return [f"  note: extrapolated beyond the profile ({'; '.join(notes)}): profile without --quick, "
+            "or at sizes that cover the workload"] if notes else []
