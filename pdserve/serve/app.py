@@ -146,7 +146,7 @@ def build_app(config: AppConfig, loop: ServingLoop, tokenizer: Any) -> FastAPI:
                 if kind == "done" and value.state == State.DONE:
                     yield _sse(chunks.delta(text.finish(value), value.finish_reason))
                     if include_usage:
-                        yield _sse(chunks.usage())
+                        yield _sse(chunks.usage(value))
                 else:
                     yield _sse(_failure(kind, value).body())
                 yield "data: [DONE]\n\n"

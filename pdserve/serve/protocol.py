@@ -92,7 +92,8 @@ class Chunks:
         return {"id": self.req.custom_id, "object": obj, "created": self.created, "model": self.model,
                 "choices": [choice]}
 
-    def usage(self) -> dict[str, Any]:
+    def usage(self, finished: Request) -> dict[str, Any]:
+        """The last chunk. `finished`: the request as it finished (through a deployment, a copy)."""
         obj = "chat.completion.chunk" if self.req.kind == "chat" else "text_completion"
         return {"id": self.req.custom_id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [], "usage": usage(self.req)}
+                "choices": [], "usage": usage(finished)}
