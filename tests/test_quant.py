@@ -104,9 +104,9 @@ def test_cpu_decode_path_matches_dequantized_matmul(scheme, group_size, rows):
 def test_cpu_prefill_path_matches_dequantized_matmul(scheme, group_size):
     w = _weight(96, 128, seed=2)
     qw = quantize(w, scheme, group_size or 128)
-    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(80, 128, generator=torch.Generator().manual_seed(4))
     ref = x @ dequantize(qw).T
-    out = CPUQuantMatmul(qw)(x)  # 40 rows: dequantize + float GEMM, fp32 throughout
+    out = CPUQuantMatmul(qw)(x)  # 80 rows (> DECODE_MAX_ROWS): dequantize + float GEMM, fp32 throughout
     tol = 1e-6 * (x.abs() @ dequantize(qw).abs().T) + 1e-6
     assert ((out - ref).abs() <= tol).all()
 
@@ -177,20 +177,20 @@ def test_quantized_model_prefill_and_decode_match_dequantized_fp32(tiny_models, 
     assert len(cached) == 1 and scheme in cached[0].name
     ref = _dequantized_reference(folder, config)
     gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (23, 9)]
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (50, 30)]  # 80 rows: prefill path
     steps = 6
     logits, ref_logits = [], []
     for r, out in ((runner, logits), (ref, ref_logits)):
         layout = r.kv_layout(num_blocks=32)
         pool = KVPool.allocate(layout)
-        tables = [list(range(0, 10)), list(range(10, 20))]
+        tables = [list(range(0, 16)), list(range(16, 32))]
         out.append(r.prefill(prompts, pool_writer(pool, [token_slots(t, len(p), 4) for t, p in zip(tables, prompts)])))
         bt = torch.tensor(tables)
         for step in range(steps):
             pos = torch.tensor([len(p) + step for p in prompts])
             toks = torch.tensor([(7 * step + i) % 256 for i in range(2)])
             out.append(r.decode(pool, toks, pos, bt))
-    # prefill (many rows) is fp32 throughout, but for the 2 rows of the LM head; decode rows go through
+    # prefill (80 rows) is fp32 throughout, but for the 2 rows of the LM head; decode rows go through
     # bf16 activations in the packed ops
     scale = max(t.abs().max().item() for t in ref_logits)
     assert (logits[0] - ref_logits[0]).abs().max() < (4 * BF16_EPS * scale if lm_head else 1e-4)
