@@ -281,7 +281,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from pdserve.bench.throughput import SYSTEMS, ThroughputBench, run
-    from pdserve.bench.workload import NANOVLLM, WorkloadSpec
+    from pdserve.bench.workload import NANOVLLM, SharedPrefixSpec, WorkloadSpec
 
     if args.quick:
         spec = WorkloadSpec(num_requests=4, min_prompt=16, max_prompt=64, min_output=2, max_output=6, seed=args.seed)
@@ -293,8 +293,9 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         raise ValueError(f"--systems takes {','.join(SYSTEMS)}; unknown: {','.join(sorted(unknown))}")
+    shared = SharedPrefixSpec(seed=args.seed) if args.workload == "shared-prefix" and not args.quick else None
     bench = ThroughputBench(workload=spec, dtypes=tuple(args.dtypes.split(",")), systems=systems,
-                            static_batch_size=args.static_batch_size)
+                            static_batch_size=args.static_batch_size, shared_prefix=shared)
     engine = engine_config(args)
     from engine.cpu_features import CpuInfo
 
@@ -455,9 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp = bench.add_parser("throughput", help="pdserve vs transformers (static and continuous batching)")
     tp.add_argument("--quick", action="store_true", help="4 short requests: checks the benchmark runs")
     tp.add_argument("--num-requests", type=int, default=0, help="default: the workload's own (64; nanovllm 256)")
-    tp.add_argument("--workload", default="default", choices=("default", "nanovllm"),
+    tp.add_argument("--workload", default="default", choices=("default", "nanovllm", "shared-prefix"),
                     help="default: 64 English prompts of 16-512 tokens, 16-256 output tokens; nanovllm: nano-vllm's "
-                         "benchmark shape (256 requests, prompt and output lengths uniform in 100-1024)")
+                         "benchmark shape (256 requests, prompt and output lengths uniform in 100-1024); "
+                         "shared-prefix: 4 headers of ~1,000 tokens, 64 short questions each")
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; the last one makes the last line")
     tp.add_argument("--systems", default="hf_static,hf_cb,pdserve", help="comma-separated subset")

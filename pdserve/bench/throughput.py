@@ -22,7 +22,13 @@ import torch
 from engine.config import EngineConfig, ModelArch
 from engine.loader import load_hf_config, load_tokenizer, model_display_name, resolve_model
 from pdserve.bench.baselines import SystemResult, hf_continuous, hf_static
-from pdserve.bench.workload import WorkloadSpec, make_workload, write_batch
+from pdserve.bench.workload import (
+    SharedPrefixSpec,
+    WorkloadSpec,
+    make_shared_prefix_workload,
+    make_workload,
+    write_batch,
+)
 from router.router import RouterConfig
 
 SYSTEMS = ("hf_static", "hf_cb", "pdserve")
@@ -31,6 +37,7 @@ SYSTEMS = ("hf_static", "hf_cb", "pdserve")
 @dataclass(frozen=True)
 class ThroughputBench:
     workload: WorkloadSpec = WorkloadSpec()
+    shared_prefix: SharedPrefixSpec | None = None  # --workload shared-prefix: replaces `workload`
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     systems: tuple[str, ...] = SYSTEMS
     static_batch_size: int = 8
@@ -101,7 +108,8 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
     params = arch.num_params()
     threads = bench.baseline_threads or os.cpu_count() or 1
     device = engine.resolved().device  # the baselines run where pdserve's workers run
-    requests = make_workload(bench.workload, tokenizer)
+    requests = (make_shared_prefix_workload(bench.shared_prefix, tokenizer) if bench.shared_prefix
+                else make_workload(bench.workload, tokenizer))
     prompt_tokens = sum(len(r.prompt_ids) for r in requests)
     output_tokens = sum(r.max_tokens for r in requests)
     print_fn(f"workload: {len(requests)} requests, {prompt_tokens} prompt tokens "
@@ -109,7 +117,7 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
              f"{output_tokens} output tokens ({min(r.max_tokens for r in requests)}-"
              f"{max(r.max_tokens for r in requests)} each), greedy, EOS ignored; {params / 1e6:.1f}M params; "
              f"device {device}")
-    report: dict = {"workload": bench.workload.__dict__, "params": params, "dtypes": {}}
+    report: dict = {"workload": (bench.shared_prefix or bench.workload).__dict__, "params": params, "dtypes": {}}
     ours: dict[str, dict[str, list[int]]] = {}  # pdserve's outputs per dtype
     with tempfile.TemporaryDirectory(prefix="pdserve-bench-") as tmp:
         batch_path = write_batch(requests, Path(tmp) / "workload.jsonl", model_display_name(engine.model))
