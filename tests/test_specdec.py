@@ -70,19 +70,17 @@ def test_acceptance_tracker_is_a_decayed_geometric_estimate():
     assert (t.drafted_total, t.accepted_total) == (5, 5)
 
 
-def test_gamma_chooser_measures_every_candidate_then_decides():
+def test_gamma_chooser_measures_plain_then_extrapolates_verify_costs():
     c = GammaChooser(candidates=(0, 2, 5), explore_every=1000)
-    tried = []
-    for _ in range(3):
-        g = c.choose([0.9, 0.9])
-        tried.append(g)
-        if g == 0:
-            c.costs.observe_plain(2, 1.0, c.steps)
-        else:
-            c.costs.observe_spec(2, g, 0.05 * g, 1.0 + 0.02 * g, c.steps)
-    assert tried == [0, 2, 5]
-    assert c.choose([0.9, 0.9]) == 5  # Ω(5, .9)=4.69 / 1.35 beats Ω(2, .9)=2.71 / 1.14 and 1 / 1
-    assert c.choose([0.05, 0.05]) == 0
+    assert c.choose([0.9, 0.9]) == 0  # nothing measured at batch 2: a plain step first
+    c.costs.observe_plain(2, 1.0, c.steps)
+    # Verify costs unknown: taken as T_plain (memory-bound), so the largest γ wins at α = 0.9.
+    assert c.choose([0.9, 0.9]) == 5
+    c.costs.observe_spec(2, 5, 0.05 * 5, 2.0, c.steps)  # verify at γ=5 costs 2 s: 0.2 s per extra token
+    assert c.costs.verify_estimate(2, 2) == pytest.approx(1.4)
+    # γ=2: 2·Ω(2,.9)=5.42 tokens / (0.1 + 1.4) s = 3.61/s; γ=5: 2·4.69 / 2.25 = 4.17/s; plain 2/s.
+    assert c.choose([0.9, 0.9]) == 5
+    assert c.choose([0.3, 0.3]) == 0  # γ=2: 2.78 / 1.5 = 1.85/s < 2/s
     assert GammaChooser(fixed=3).choose([0.0]) == 3
     assert [batch_bucket(b) for b in (1, 2, 3, 8, 9, 64)] == [1, 2, 4, 8, 16, 64]
 

@@ -7,9 +7,11 @@ Per step of a batch of B sequences with per-request acceptance rates α_i:
     γ*         = argmax tokens(γ) / seconds(γ)                                (Eq. 5, inverted)
 
 γ* = 0 means plain decoding: no drafts, the batcher's own step. Costs are moving averages
-of measured seconds per (batch-size bucket, γ); a candidate never measured at this bucket is
-tried once before the model decides, and every `explore_every` steps the stalest candidate
-is re-measured, so a cost that moved (other load, longer contexts) is noticed.
+of measured seconds per (batch-size bucket, γ). Only T_plain must be measured before the model
+decides; a verify cost not yet measured is extrapolated from the largest γ measured (linear in
+the tokens fed), or taken as T_plain when none is: optimistic, memory-bound, so an untried γ gets
+tried when it could win, and its measurement corrects the guess. Every `explore_every` steps the
+stalest candidate is re-measured, so a cost that moved (other load, longer contexts) is noticed.
 """
 
 from __future__ import annotations
@@ -79,6 +81,17 @@ class CostModel:
         old = table.get(key)
         table[key] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
 
+    def verify_estimate(self, bucket: int, gamma: int) -> float:
+        """T_verify(B, γ): measured, else extrapolated from the largest γ measured, else T_plain(B)."""
+        if (bucket, gamma) in self.verify:
+            return self.verify[(bucket, gamma)]
+        plain = self.plain[bucket]
+        measured = [g for b, g in self.verify if b == bucket]
+        if not measured:
+            return plain
+        top = max(measured)
+        return plain + (self.verify[(bucket, top)] - plain) * gamma / top
+
     def observe_plain(self, batch_size: int, seconds: float, step: int = 0) -> None:
         b = batch_bucket(batch_size)
         self._avg(self.plain, b, seconds)
@@ -106,13 +119,12 @@ class GammaChooser:
         if self.fixed is not None:
             return self.fixed
         b = batch_bucket(len(alphas))
-        unmeasured = [g for g in self.candidates if (b, g) not in self.costs.last_seen]
-        if unmeasured:
-            return unmeasured[0]
+        if b not in self.costs.plain:
+            return 0
         if self.steps % self.explore_every == 0:
-            return min(self.candidates, key=lambda g: self.costs.last_seen[(b, g)])
+            return min(self.candidates, key=lambda g: self.costs.last_seen.get((b, g), -1))
         return best_gamma(self.candidates, alphas, self.costs.plain[b], self.costs.draft.get(b, 0.0),
-                          {g: self.costs.verify[(b, g)] for g in self.candidates if g > 0})
+                          {g: self.costs.verify_estimate(b, g) for g in self.candidates if g > 0})
 
 
 def best_gamma(candidates: tuple[int, ...], alphas: list[float], t_plain: float, t_draft: float,
