@@ -70,6 +70,7 @@ class Request:
     kv_busy_s: float = 0.0  # time the transport spent moving this request's KV
     kv_blocks: int = 0  # reserved on the decode worker for prompt + max_tokens
     cached_tokens: int = 0  # prompt tokens the prefill worker found in its prefix cache
+    kv_bytes_saved: int = 0  # KV the decode worker already held (shared prefix blocks): not transferred
     slo: dict[str, float] | None = None  # per-request SLO override: {"ttft_s": ..., "tpot_s": ...}
     speculative: dict[str, float] | None = None  # drafted, accepted, alpha from the decode worker
     streamed: int = 0  # output tokens handed to a streaming front end (kept across retries)
@@ -107,7 +108,7 @@ class Request:
         for key in TIMELINE_FIELDS[1:]:
             self.timeline.pop(key, None)
         self.decode_worker = self.prefill_worker = self.transport = None
-        self.kv_bytes, self.kv_busy_s, self.cached_tokens = 0, 0.0, 0
+        self.kv_bytes, self.kv_busy_s, self.cached_tokens, self.kv_bytes_saved = 0, 0.0, 0, 0
 
     def fail(self, reason: str) -> None:
         self.error = reason

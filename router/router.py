@@ -230,6 +230,8 @@ class Router:
                     self._retry(req, f"decode worker {did} could not reserve KV blocks")
                     continue
                 req.prefill_worker = wid
+                layout = self.workers.endpoints[did].layout
+                req.kv_bytes_saved = grant.cached_blocks * 2 * layout.num_layers * layout.block_bytes
                 req.move(State.PREFILL)
                 self.routing.prefill_sent(wid, req.attempt_id, self.routing.keys(req.prompt_token_ids), req.prompt_len)
                 tasks.append(PrefillTask(req.attempt_id, tuple(req.prompt_token_ids), req.params,

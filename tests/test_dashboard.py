@@ -39,6 +39,9 @@ TILES = {  # page element -> where the same figure lives in pdserve.observabilit
     "ttft-mean": lambda s: s["stages"]["prefill"]["ttft_s"]["mean"],
     "tpot-mean": lambda s: s["stages"]["decode"]["tpot_s"]["mean"],
     "transfer-gbps": lambda s: s["stages"]["transfer"]["gbps"]["mean"],
+    "cache-hit-rate": lambda s: s["stages"]["prefill"]["cache_hit_rate"],
+    "cached-tokens": lambda s: s["stages"]["prefill"]["cached_tokens"],
+    "kv-saved": lambda s: s["stages"]["transfer"]["bytes_saved"],
     "succeeded": lambda s: s["succeeded"],
     "failed": lambda s: s["failed"],
 }

@@ -295,6 +295,7 @@ def _extension(req: Request) -> dict[str, Any]:
         "kv_bytes": req.kv_bytes,
         "kv_blocks": req.kv_blocks,
         "cached_tokens": req.cached_tokens,  # prompt tokens taken from the prefill worker's prefix cache
+        "kv_bytes_saved": req.kv_bytes_saved,  # prompt KV the decode worker already held: not transferred
         "kv_transfer_busy_s": round(req.kv_busy_s, 6),
         "kv_transfer_gbps": round(req.kv_bytes / req.kv_busy_s / 1e9, 3) if req.kv_busy_s > 0 else None,
         "transport": req.transport,

@@ -51,6 +51,7 @@ class RequestMetrics:
     transfer_gbps: float | None = None
     kv_bytes: int = 0
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    kv_bytes_saved: int = 0  # KV not transferred: the decode worker held those prefix blocks
     decode_admit_wait_s: float | None = None
     tpot_s: float | None = None
     itl_p99_s: float | None = None  # 99th percentile inter-token gap
@@ -109,7 +110,7 @@ def from_record(record: dict[str, Any]) -> RequestMetrics:
         ttft_s=_diff(t.get("first_token"), t.get("queued")),
         transfer_s=transfer, transfer_exposed_s=_diff(t.get("transfer_end"), t.get("prefill_end")),
         transfer_gbps=kv_bytes / busy / 1e9 if busy and kv_bytes else None, kv_bytes=kv_bytes,
-        cached_tokens=ext.get("cached_tokens") or 0,
+        cached_tokens=ext.get("cached_tokens") or 0, kv_bytes_saved=ext.get("kv_bytes_saved") or 0,
         decode_admit_wait_s=_diff(t.get("decode_admit"), t.get("transfer_end")),
         tpot_s=(_diff(t.get("finish"), t.get("first_token")) / (out_tokens - 1)
                 if ok and out_tokens > 1 and t.get("finish") and t.get("first_token") else None),
@@ -149,6 +150,7 @@ def summarize(requests: Sequence[RequestMetrics], slo: SLO, window: tuple[float,
                 "requests_per_s": len(prefilled) / span,
                 "tokens_per_s": sum(r.prompt_tokens for r in prefilled) / span,
                 "cached_tokens": sum(r.cached_tokens for r in ok),
+                "computed_tokens": sum(r.prompt_tokens - r.cached_tokens for r in ok),
                 "cache_hit_rate": (sum(r.cached_tokens for r in ok) / sum(r.prompt_tokens for r in ok)
                                    if sum(r.prompt_tokens for r in ok) else None),
                 "time_s": _stats(r.prefill_s for r in requests),
@@ -160,6 +162,7 @@ def summarize(requests: Sequence[RequestMetrics], slo: SLO, window: tuple[float,
                 "exposed_s": _stats(r.transfer_exposed_s for r in requests),
                 "gbps": _stats(r.transfer_gbps for r in requests),
                 "bytes": sum(r.kv_bytes for r in ok),
+                "bytes_saved": sum(r.kv_bytes_saved for r in ok),
             },
             "decode": {
                 "requests_per_s": len(ok) / span,

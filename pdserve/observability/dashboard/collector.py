@@ -30,7 +30,7 @@ METRIC_NAMES = (
     "pdserve_stage_requests_per_second", "pdserve_stage_tokens_per_second", "pdserve_requests_in_state",
     "pdserve_queue_depth", "pdserve_kv_blocks_used", "pdserve_kv_blocks_total", "pdserve_decode_batch_size",
     "pdserve_prefill_batch_size", "pdserve_slo_ttft_seconds", "pdserve_slo_tpot_seconds",
-    "pdserve_prefix_cached_tokens_total",
+    "pdserve_prefix_cached_tokens_total", "pdserve_kv_transfer_saved_bytes_total",
 )
 
 
@@ -42,6 +42,9 @@ class _Prometheus:
         self.cached_tokens = Counter("pdserve_prefix_cached_tokens",
                                      "Prompt tokens served from a prefill worker's prefix cache (not computed)",
                                      registry=r)
+        self.saved_bytes = Counter("pdserve_kv_transfer_saved_bytes",
+                                   "KV bytes not transferred: the decode worker already held those prefix blocks",
+                                   registry=r)
         self.output_tokens = Counter("pdserve_output_tokens", "Output tokens of finished requests", registry=r)
         h = lambda name, doc, buckets=_LATENCY_BUCKETS: Histogram(name, doc, buckets=buckets, registry=r)  # noqa: E731
         self.queue_wait = h("pdserve_queue_wait_seconds", "Queued until prefill starts")
@@ -90,6 +93,7 @@ class _Prometheus:
             if value is not None:
                 hist.observe(value)
         self.transfer_bytes.inc(m.kv_bytes)
+        self.saved_bytes.inc(m.kv_bytes_saved)
         ttft_ok, tpot_ok = m.meets(slo)
         for stage, met in (("prefill", ttft_ok), ("decode", tpot_ok), ("both", ttft_ok and tpot_ok)):
             if met:

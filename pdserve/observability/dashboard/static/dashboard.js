@@ -150,6 +150,10 @@
       tile("ttft-mean", s.stages.prefill.ttft_s.mean, secs(s.stages.prefill.ttft_s.mean));
       tile("tpot-mean", s.stages.decode.tpot_s.mean, secs(s.stages.decode.tpot_s.mean));
       tile("transfer-gbps", s.stages.transfer.gbps.mean, num(s.stages.transfer.gbps.mean) + " GB/s");
+      const pre = s.stages.prefill;
+      tile("cache-hit-rate", pre.cache_hit_rate, pct(pre.cache_hit_rate));
+      tile("cached-tokens", pre.cached_tokens, pre.cached_tokens + " / " + pre.computed_tokens);
+      tile("kv-saved", s.stages.transfer.bytes_saved, num(s.stages.transfer.bytes_saved / 1e6) + " MB");
       tile("succeeded", s.succeeded, String(s.succeeded));
       tile("failed", s.failed, String(s.failed));
       stageTable(s);
