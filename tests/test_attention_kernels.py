@@ -52,3 +52,26 @@ def test_registry_and_fallback():
     assert get_backend("auto", "cpu").name == "cpu"
     with pytest.raises(ValueError):
         get_backend("nonexistent", "cpu")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cpu_extend_of_short_chunks_matches_reference(dtype, tol):
+    """Speculative verification's shape: a few new tokens per sequence, already stored in the pool."""
+    from engine.attention import TorchBackend, VarlenBatch
+
+    backend = get_backend("cpu", "cpu")
+    gen = torch.Generator().manual_seed(4)
+    nb, bs, kvh, h, d = 64, 16, 3, 9, 64
+    q_lens, prefix = [4, 1, 8, 3], [0, 17, 40, 15]
+    kc = torch.randn(nb, bs, kvh, d, generator=gen).to(dtype)
+    vc = torch.randn(nb, bs, kvh, d, generator=gen).to(dtype)
+    mb = max(-(-(p + n) // bs) for p, n in zip(prefix, q_lens))
+    tables = torch.randperm(nb, generator=gen)[: 4 * mb].view(4, mb)
+    q = torch.randn(sum(q_lens), h, d, generator=gen).to(dtype)
+    rows = [(i, p + j) for i, (p, n) in enumerate(zip(prefix, q_lens)) for j in range(n)]
+    k = torch.stack([kc[tables[i, pos // bs], pos % bs] for i, pos in rows])  # the new tokens, as stored
+    v = torch.stack([vc[tables[i, pos // bs], pos % bs] for i, pos in rows])
+    batch = VarlenBatch.build(q_lens, prefix, tables)
+    out = backend.paged_extend(q, k, v, batch, kc, vc, d ** -0.5)
+    ref = TorchBackend().varlen_prefill(q.float(), k.float(), v.float(), batch, kc.float(), vc.float(), d ** -0.5)
+    assert (out.float() - ref).abs().max().item() < tol

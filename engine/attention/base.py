@@ -64,6 +64,12 @@ class AttentionBackend(ABC):
                        k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, scale: float) -> torch.Tensor:
         """Causal: row j of sequence i sees its prefix and its own rows 0..j. -> [T, H, D]."""
 
+    def paged_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: VarlenBatch,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """varlen_prefill for new tokens whose K/V are already stored in the cache (ExtendAttention stores
+        them first), so a backend may read every key from the pool. Default: varlen_prefill."""
+        return self.varlen_prefill(q, k, v, batch, k_cache, v_cache, scale)
+
     @abstractmethod
     def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:

@@ -58,7 +58,7 @@ class ExtendAttention:
         self.backend.store_kv(cache[0], cache[1], self.slots, k, v)
         if self.kv_sink is not None:
             self.kv_sink(layer, k, v)
-        return self.backend.varlen_prefill(q, k, v, self.batch, cache[0], cache[1], q.shape[-1] ** -0.5)
+        return self.backend.paged_extend(q, k, v, self.batch, cache[0], cache[1], q.shape[-1] ** -0.5)
 
 
 class PagedDecodeAttention:
