@@ -387,6 +387,8 @@ class RemoteRouter:
             if req.request_id in self._aborted:
                 self._finish_here(req, f"aborted: {self._aborted[req.request_id]}")
                 continue
+            # A new attempt id even for a request maybe never sent: a result the old router's attempt
+            # left in a decode worker's queue must not pass for the new one's.
             req.requeue("RouterRestarted: the deployment's router restarted; resubmitted")
             self._pending.append(req)
         try:
