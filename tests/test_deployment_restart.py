@@ -39,8 +39,9 @@ def _requests() -> list[Request]:
                     PARAMS) for i in range(6)]
 
 
-def _serve(actor, kill_after_first_token: bool = False, timeout_s: float = 150.0):
-    """Run the requests through a client of the deployment; optionally kill the router once decode streams."""
+def _serve(actor, kill_after_first_token: bool = False, restart: bool = True, timeout_s: float = 150.0):
+    """Run the requests through a client of the deployment; optionally kill the router once decode streams
+    (`restart`: Ray restarts it; else it is gone for good and the client gives up on it after 5 s)."""
     finished: dict[str, Request] = {}
     streamed: dict[str, list[int]] = {}
     killed = {"in_flight": 0}
@@ -48,7 +49,8 @@ def _serve(actor, kill_after_first_token: bool = False, timeout_s: float = 150.0
     def on_tokens(req: Request, new: list[int]) -> None:
         streamed.setdefault(req.custom_id, []).extend(new)
 
-    client = RemoteRouter(actor, on_finished=lambda r: finished.__setitem__(r.custom_id, r), on_tokens=on_tokens)
+    client = RemoteRouter(actor, on_finished=lambda r: finished.__setitem__(r.custom_id, r), on_tokens=on_tokens,
+                          restart_timeout_s=120 if restart else 5)
     for req in _requests():
         client.submit(req)
     deadline = time.time() + timeout_s
@@ -60,7 +62,7 @@ def _serve(actor, kill_after_first_token: bool = False, timeout_s: float = 150.0
             ghost = Reservation("ghost#0", 8, 8, tuple(range(8)))
             assert ray.get(client.workers.decode["decode-0"].reserve.remote([ghost]), timeout=60)
             killed["in_flight"] = len(client.active)
-            ray.kill(actor, no_restart=False)
+            ray.kill(actor, no_restart=not restart)
     assert client.done, f"requests still in flight after {timeout_s:.0f}s: {sorted(client.active)}"
     return client, finished, streamed, killed["in_flight"]
 
@@ -97,5 +99,12 @@ def test_killed_router_restarts_reattaches_and_requeues(ray_cluster, tiny_with_t
         assert leaked_blocks(client.workers) == 0
         stats = ray.get([h.stats.remote() for h in client.workers.decode.values()], timeout=60)
         assert all(s["reserved_requests"] == 0 and s["running"] == 0 for s in stats), stats
+
+        # A router that does not come back: every request fails with a clear error, none hangs.
+        client, finished, _, in_flight = _serve(actor, kill_after_first_token=True, restart=False)
+        assert in_flight > 0 and set(finished) == set(reference)
+        assert all(r.state == State.FAILED and r.error.startswith("RouterLost") for r in finished.values()), \
+            [r.error for r in finished.values()]
     finally:
-        teardown(NAME, None)
+        teardown(NAME, None)  # a router gone for good: its orphaned workers are removed
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(NAME)]
