@@ -146,6 +146,12 @@ class DecodeWorker:
                     freed += self._release_locked(rid)
         return freed
 
+    def release_all(self) -> int:
+        """Abort every request held here: a restarted router (deployment) knows none of them."""
+        with self._lock:
+            held = self.blocks.requests()
+        return self.release(held)
+
     def poll(self, timeout: float = 0.5, stream: bool = False) -> DecodePoll:
         """Finished requests since the last poll (waits up to `timeout` for the first one), and the
         loop's heartbeat age, so the router can tell a busy worker from a wedged one.

@@ -169,6 +169,11 @@ class PrefillActor(PrefillWorker, _ActorInfo):
         init = super().__init__
         _timed_init(self, config, lambda: init(config, node_id=_node()[0]))
 
+    def barrier(self) -> None:
+        """Returns once the prefill calls queued before it have run (their KV writes are over): a
+        restarted deployment router frees the blocks they wrote into only after this."""
+        self.compute.call(lambda: None)
+
 
 @ray.remote
 class DecodeActor(DecodeWorker, _ActorInfo):
