@@ -30,7 +30,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prefill-tokens", type=int, default=2048, help="prefill batch token budget")
     g.add_argument("--cache-dir", default=None, help="where converted weights are cached")
     g.add_argument("--speculative", default="off",
-                   help="speculative decoding: off, ngram (prompt lookup) or layers:K (the target's first K layers)")
+                   help="speculative decoding: off, ngram (prompt lookup), layers:K (the target's first K layers) "
+                        "or model:PATH (a smaller model sharing the tokenizer)")
     g.add_argument("--num-speculative-tokens", default="auto", type=lambda v: v if v == "auto" else int(v),
                    help="draft tokens per step (γ), or auto: chosen each step from measured costs and acceptance")
     g.add_argument("--enforce-eager", action="store_true",

@@ -1,0 +1,179 @@
+"""`--speculative model:PATH`: a smaller model that shares the target's tokenizer drafts, over its own paged KV.
+
+Where the draft's prompt KV comes from: the decode worker prefills it itself, lazily, at a sequence's
+first draft step (one batched `extend` that also yields the first draft token). The alternative, the
+prefill worker running the draft too and shipping its KV beside the target's, was measured
+(`python -m engine.specdec.draft_model`, SmolLM2-135M as the draft, bf16, 1 thread, shared 2-core Zen 4
+under load): the draft's prefill costs ~28 ms per 128 prompt tokens and ~300 ms per 1,024 (about
+0.25-0.3 ms per token), while shipping its KV (the README's 23 KB per token for this model) costs
+~2.5 ms per 1,024 tokens over shared memory (9 GB/s) or ~36 ms over gRPC (0.66 GB/s). Shipping is the
+cheaper of the two for the decode loop, but it needs the draft loaded on every prefill worker, a
+second KV stream in reservations/grants/transports and a second layout fingerprint, and the compute
+does not vanish, it moves to the prefill worker. We chose the local prefill: it touches nothing
+outside the decode worker, a draft that fails at start fails in one place, and a draft 10-50x smaller
+than its target (the intended pairs) prefills in a small fraction of the target's prefill. Revisit
+(ship it) when decode ITL under heavy admission matters more than that simplicity.
+
+Per step and sequence the draft KV is caught up to the accepted length before drafting: positions
+whose draft KV was written from drafts that then stood are kept, the rest are overwritten by an
+`extend` over the tokens since (rejected positions need no undo). A sequence's draft blocks are freed
+when it finishes (`release`) or when it no longer shows up in a step (aborted): `forget_missing`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache import BlockManager, KVPool
+from engine.sampler import keyed_uniform, processed_probs
+from engine.specdec.verify import SALT_DRAFT, Draft, draw_from
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass
+class _DraftState:
+    """A sequence's draft KV: positions [0, valid) hold the draft's KV of the real context; drafts
+    written from position `base` on were `written` (they stay valid as far as they were accepted)."""
+
+    valid: int = 0
+    base: int = 0
+    written: list[int] = field(default_factory=list)
+
+
+class DraftModelDrafter:
+    name = "model"
+    needs_prompt_ids = True
+
+    def __init__(self, target, draft_path: str, num_blocks: int) -> None:
+        """target: the target's ModelRunner; the draft runs on the same device, dtype and backend.
+        num_blocks: the draft pool's size (the target pool's: a draft position exists only where the
+        target reserved one, so this never runs out unless prefix sharing packed the target pool)."""
+        from engine.runner import ModelRunner
+
+        cfg: EngineConfig = dataclasses.replace(target.config, model=draft_path, speculative="off")
+        self.runner = ModelRunner(cfg)
+        check_same_tokenizer(target.folder, self.runner.folder, target.arch.vocab_size, self.runner.arch.vocab_size)
+        self.pool = KVPool.allocate(self.runner.kv_layout(num_blocks=num_blocks), cfg.device)
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.device = self.runner.device
+        self._state: dict[str, _DraftState] = {}
+
+    def release(self, request_id: str) -> None:
+        self._state.pop(request_id, None)
+        self.blocks.free(request_id)
+
+    def forget_missing(self, live: Sequence[str]) -> None:
+        """Free the draft KV of every sequence not in `live` (finished or aborted since)."""
+        keep = set(live)
+        for rid in [r for r in self._state if r not in keep]:
+            self.release(rid)
+
+    def propose(self, seqs: Sequence, gammas: Sequence[int]) -> list[Draft]:
+        self.forget_missing([s.request_id for s in seqs])
+        live = [i for i, g in enumerate(gammas) if g > 0 and self._ready(seqs[i])]
+        tokens: list[list[int]] = [[] for _ in seqs]
+        qs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        if not live:
+            return [Draft(()) for _ in seqs]
+        logits = self._catch_up([seqs[i] for i in live])
+        for j in range(max(gammas[i] for i in live)):
+            if j:
+                live = [i for i in live if gammas[i] > j]
+                logits = self._step([seqs[i] for i in live], [tokens[i][-1] for i in live], j)
+            for i, t, q in zip(live, *self._pick(logits, [seqs[i] for i in live], j)):
+                tokens[i].append(t)
+                if q is not None:
+                    qs[i].append(q)
+        for s, t in zip(seqs, tokens):
+            if t:
+                st = self._state[s.request_id]
+                st.base, st.written = s.next_position + 1, t[:-1]  # the last draft was never fed
+        return [Draft(tuple(t), torch.stack(q) if q else None) for t, q in zip(tokens, qs)]
+
+    def _ready(self, seq) -> bool:
+        """Allocate the sequence's draft blocks on first sight; False (no draft) when the pool is full."""
+        if seq.request_id in self._state:
+            return True
+        if len(seq.prompt_token_ids) != seq.prompt_len:
+            raise ValueError(f"--speculative model: sequence {seq.request_id} arrived without its prompt ids")
+        total = seq.prompt_len + seq.params.max_tokens
+        if not self.blocks.can_allocate(total):
+            return False
+        self.blocks.allocate(seq.request_id, total)
+        self._state[seq.request_id] = _DraftState()
+        return True
+
+    @torch.inference_mode()
+    def _catch_up(self, seqs: Sequence) -> torch.Tensor:
+        """Write the draft KV of every context position up to and including output[-1] (the prompt on
+        a sequence's first draft step), in one extend; returns each sequence's last-row logits."""
+        chunks, starts, tables = [], [], []
+        for s in seqs:
+            st = self._state[s.request_id]
+            context = list(s.prompt_token_ids) + s.output
+            kept = 0
+            while kept < len(st.written) and st.base + kept < len(context) and \
+                    context[st.base + kept] == st.written[kept]:
+                kept += 1
+            start = min(max(st.valid, st.base + kept), s.next_position)
+            chunks.append(context[start:s.next_position + 1])
+            starts.append(start)
+            tables.append(self.blocks.table(s.request_id))
+            st.valid = s.next_position + 1
+        return self.runner.extend(self.pool, chunks, starts, tables)
+
+    @torch.inference_mode()
+    def _step(self, seqs: Sequence, feed: list[int], j: int) -> torch.Tensor:
+        pos = torch.tensor([s.next_position + j for s in seqs], device=self.device)
+        rows = [self.blocks.table(s.request_id) for s in seqs]
+        width = max(len(r) for r in rows)
+        tables = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.device)
+        return self.runner.decode(self.pool, torch.tensor(feed, device=self.device), pos, tables)
+
+    def _pick(self, logits: torch.Tensor, seqs: Sequence, j: int) -> tuple[list[int], list[torch.Tensor | None]]:
+        """Greedy rows: the argmax; sampled rows: a keyed draw from the draft's processed q (kept for
+        Algorithm 2), as LayerDrafter does."""
+        picks = logits.argmax(-1).tolist()
+        qs: list[torch.Tensor | None] = [None] * len(seqs)
+        sampled = [r for r, s in enumerate(seqs) if not s.params.greedy]
+        if sampled:
+            prm = [seqs[r].params for r in sampled]
+            q = processed_probs(logits[sampled], prm)
+            u = keyed_uniform([p.seed for p in prm], [len(seqs[r].output) + j for r in sampled], SALT_DRAFT,
+                              device=q.device)[:, 0]
+            for r, t, qrow in zip(sampled, draw_from(q, u).tolist(), q):
+                picks[r], qs[r] = t, qrow
+        return picks, qs
+
+
+def check_same_tokenizer(target: Path, draft: Path, target_vocab: int, draft_vocab: int) -> None:
+    """A draft must speak the target's token ids: same vocabulary size, and (where the folders carry
+    tokenizer files) the same token -> id map and special tokens. Random test models carry none: then
+    the size is all there is to compare."""
+    if target_vocab != draft_vocab:
+        raise ValueError(f"--speculative model:{draft}: the draft's vocabulary has {draft_vocab} tokens, the "
+                         f"target's ({target}) {target_vocab}; a draft model must share the target's tokenizer")
+    t, d = _tokenizer_identity(target), _tokenizer_identity(draft)
+    if t != d:
+        why = "has no tokenizer files" if d is None else "has none" if t is None else "maps tokens to other ids"
+        raise ValueError(f"--speculative model:{draft}: its tokenizer differs from the target's ({target}): "
+                         f"{'the draft' if d is None or t is not None else 'the target'} {why}; "
+                         f"a draft model must share the target's tokenizer")
+
+
+def _tokenizer_identity(folder: Path) -> str | None:
+    """The token -> id map and special tokens, as canonical JSON; None without tokenizer files."""
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from engine.loader import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    return json.dumps({"vocab": tok.get_vocab(), "special": sorted(tok.all_special_ids)}, sort_keys=True)
