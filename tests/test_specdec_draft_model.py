@@ -87,17 +87,20 @@ def test_target_as_its_own_draft_has_every_draft_stand(tiny_models):
     assert fast.rows < sum(len(o) - 1 for o in fast.outputs)  # more than one token per target forward
 
 
-def test_drafts_are_the_draft_models_own_greedy_continuation(tiny_models, truncated_draft):
+@pytest.mark.parametrize("prefill_chunk", [256, 5])
+def test_drafts_are_the_draft_models_own_greedy_continuation(tiny_models, truncated_draft, prefill_chunk):
     """With a draft unlike the target, drafts are rejected part-way, and with plain steps in between
     the context moves past positions whose draft KV came from rejected drafts: the catch-up must
     rewrite exactly those. Every step's drafts must equal what the draft model writes greedily from
-    the whole context prefilled afresh."""
+    the whole context prefilled afresh. With a 5-token prefill chunk, prompts are prefilled over
+    several steps (those sequences draft nothing until theirs is whole)."""
     runner = _runner(tiny_models["llama"])
     prompts = _prompts(3)
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (25, 30, 14)]
     records: list[tuple[list[int], tuple[int, ...]]] = []
 
     def spy(stepper: SpeculativeStepper) -> None:
+        stepper.drafter.prefill_chunk = prefill_chunk
         propose = stepper.drafter.propose
 
         def recording(seqs, gammas):
@@ -182,3 +185,23 @@ def test_config_accepts_model_path_and_refuses_an_empty_one():
     assert EngineConfig(speculative="model:/some/draft").speculative == "model:/some/draft"
     with pytest.raises(ValueError, match="model:PATH"):
         EngineConfig(speculative="model:")
+
+
+def test_an_aborted_sequence_frees_its_draft_blocks_at_the_next_step(tiny_models, small_draft):
+    """A sequence aborted by the router just stops showing up in steps: its draft KV goes then."""
+    from decode_worker.batcher import DecodeSequence
+    from engine.kv_cache import KVPool
+
+    runner = _runner(tiny_models["llama"])
+    pool = KVPool.allocate(runner.kv_layout(num_blocks=64))
+    drafter = make_drafter(f"model:{small_draft}", runner.model, pool, runner.backend, runner)
+    prm = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    a, b = (DecodeSequence(rid, len(p), prm, [], [7], [], prompt_token_ids=tuple(p))
+            for rid, p in zip("ab", _prompts()))
+    drafts = drafter.propose([a, b], [3, 2])
+    assert [len(d.tokens) for d in drafts] == [3, 2]
+    both = drafter.blocks.num_used
+    drafter.propose([a], [3])  # b was aborted
+    assert drafter.blocks.num_used == both - drafter.blocks.blocks_for(b.prompt_len + 12) > 0
+    drafter.release("a")
+    drafter.blocks.assert_empty()

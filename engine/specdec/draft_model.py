@@ -52,10 +52,11 @@ class DraftModelDrafter:
     name = "model"
     needs_prompt_ids = True
 
-    def __init__(self, target, draft_path: str, num_blocks: int) -> None:
+    def __init__(self, target, draft_path: str, num_blocks: int, prefill_chunk: int = 256) -> None:
         """target: the target's ModelRunner; the draft runs on the same device, dtype and backend.
         num_blocks: the draft pool's size (the target pool's: a draft position exists only where the
-        target reserved one, so this never runs out unless prefix sharing packed the target pool)."""
+        target reserved one, so this never runs out unless prefix sharing packed the target pool).
+        prefill_chunk: draft prompt tokens prefilled per step, over all new sequences."""
         from engine.runner import ModelRunner
 
         cfg: EngineConfig = dataclasses.replace(target.config, model=draft_path, speculative="off")
@@ -65,6 +66,7 @@ class DraftModelDrafter:
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.device = self.runner.device
         self._state: dict[str, _DraftState] = {}
+        self.prefill_chunk = prefill_chunk
 
     def release(self, request_id: str) -> None:
         self._state.pop(request_id, None)
@@ -83,8 +85,9 @@ class DraftModelDrafter:
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         if not live:
             return [Draft(()) for _ in seqs]
-        logits = self._catch_up([seqs[i] for i in live])
-        for j in range(max(gammas[i] for i in live)):
+        logits, caught = self._catch_up([seqs[i] for i in live])
+        live = [i for i, c in zip(live, caught) if c]
+        for j in range(max((gammas[i] for i in live), default=0)):
             if j:
                 live = [i for i in live if gammas[i] > j]
                 logits = self._step([seqs[i] for i in live], [tokens[i][-1] for i in live], j)
@@ -112,10 +115,14 @@ class DraftModelDrafter:
         return True
 
     @torch.inference_mode()
-    def _catch_up(self, seqs: Sequence) -> torch.Tensor:
-        """Write the draft KV of every context position up to and including output[-1] (the prompt on
-        a sequence's first draft step), in one extend; returns each sequence's last-row logits."""
-        chunks, starts, tables = [], [], []
+    def _catch_up(self, seqs: Sequence) -> tuple[torch.Tensor, list[bool]]:
+        """Write the draft KV of every context position up to and including output[-1], in one extend
+        of at most `prefill_chunk` tokens beyond the steady (≤ γ + 2 per sequence) catch-ups: a new
+        sequence's prompt is prefilled over several steps, drafting nothing until it is whole, so an
+        admission never stalls the batch for a whole prompt. Returns each sequence's last-row logits
+        and whether it is caught up (only those draft)."""
+        chunks, starts, tables, caught, full = [], [], [], [], []  # full: per chunk, caught per sequence
+        budget = self.prefill_chunk
         for s in seqs:
             st = self._state[s.request_id]
             context = list(s.prompt_token_ids) + s.output
@@ -124,11 +131,22 @@ class DraftModelDrafter:
                     context[st.base + kept] == st.written[kept]:
                 kept += 1
             start = min(max(st.valid, st.base + kept), s.next_position)
-            chunks.append(context[start:s.next_position + 1])
+            need = s.next_position + 1 - start
+            take = need if need <= max(budget, len(st.written) + 2) else budget
+            budget -= min(take, budget)
+            if take <= 0:
+                caught.append(False)
+                continue
+            chunks.append(context[start:start + take])
+            full.append(take == need)
             starts.append(start)
             tables.append(self.blocks.table(s.request_id))
-            st.valid = s.next_position + 1
-        return self.runner.extend(self.pool, chunks, starts, tables)
+            st.valid = start + take
+            caught.append(take == need)
+        if not chunks:
+            return torch.empty(0), caught
+        logits = self.runner.extend(self.pool, chunks, starts, tables)
+        return logits[torch.tensor(full, dtype=torch.bool, device=logits.device)], caught
 
     @torch.inference_mode()
     def _step(self, seqs: Sequence, feed: list[int], j: int) -> torch.Tensor:
@@ -177,3 +195,38 @@ def _tokenizer_identity(folder: Path) -> str | None:
 
     tok = load_tokenizer(folder)
     return json.dumps({"vocab": tok.get_vocab(), "special": sorted(tok.all_special_ids)}, sort_keys=True)
+
+
+def measure_admission(draft: str | None = None, prompt_lens: tuple[int, ...] = (128, 512, 1024),
+                      dtype: str = "bfloat16", num_threads: int = 1, repeats: int = 3) -> list[dict[str, float]]:
+    """The two ways a draft's prompt KV can reach the decode worker, per prompt length: the draft's
+    prefill there (the local extend this drafter runs, best of `repeats`) and the bytes shipping it
+    would move (divide by a transport's rate: README's `pdserve bench kvtransfer` table)."""
+    import time
+
+    from engine.runner import ModelRunner
+
+    runner = ModelRunner(EngineConfig(model=draft, dtype=dtype, device="cpu", num_threads=num_threads))
+    layout = runner.kv_layout(num_blocks=runner.kv_layout(1).blocks_for(max(prompt_lens)))
+    pool = KVPool.allocate(layout)
+    table = list(range(layout.num_blocks))
+    per_token = layout.num_layers * 2 * layout.num_kv_heads * layout.head_dim * layout.itemsize
+    rows = []
+    for n in prompt_lens:
+        ids = torch.randint(0, runner.arch.vocab_size, (n,)).tolist()
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            runner.extend(pool, [ids], [0], [table])
+            best = min(best, time.perf_counter() - started)
+        rows.append({"tokens": n, "prefill_ms": best * 1e3, "kv_bytes": n * per_token})
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    for row in measure_admission(sys.argv[1] if len(sys.argv) > 1 else None):
+        mb = row["kv_bytes"] / 1e6
+        print(f"{row['tokens']:>5} tokens: draft prefill {row['prefill_ms']:8.1f} ms | KV {mb:6.1f} MB: "
+              f"shm @9.1 GB/s {mb / 9.1:6.2f} ms, gRPC @0.66 GB/s {mb / 0.66:6.1f} ms")
