@@ -205,3 +205,34 @@ def test_an_aborted_sequence_frees_its_draft_blocks_at_the_next_step(tiny_models
     assert drafter.blocks.num_used == both - drafter.blocks.blocks_for(b.prompt_len + 12) > 0
     drafter.release("a")
     drafter.blocks.assert_empty()
+
+
+@pytest.mark.slow
+def test_run_batch_with_a_draft_model_equals_plain_decoding(ray_cluster, tmp_path, default_model_dir, tokenizer):
+    """Through a real Ray cluster (shared memory transport), the default model drafting for itself
+    (its tokenizer files are checked against themselves): outputs equal plain decoding, drafts stand,
+    no target KV block leaks."""
+    from pdserve.batch.run import BatchOptions, run_batch
+    from pdserve.runtime.cluster import ClusterConfig
+    from router.router import RouterConfig
+    from tests.test_specdec_engine import REWRITE, _chat
+
+    texts = REWRITE[:2]
+    runner = ModelRunner(EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.05, num_threads=1))
+    params = [SamplingParams(max_tokens=16, temperature=0) for _ in texts]
+    plain = generate(runner, _chat(tokenizer, texts), params, tokenizer=tokenizer).outputs
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                                       "body": {"model": "SmolLM2-135M-Instruct", "max_tokens": 16, "temperature": 0,
+                                                "messages": [{"role": "user", "content": t}]}}) + "\n"
+                           for i, t in enumerate(texts)))
+    summary = run_batch(inp, out, EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.25,
+                                               speculative=f"model:{default_model_dir}", num_speculative_tokens=3),
+                        ClusterConfig(transport="shm"), RouterConfig(max_prefill_tokens=512),
+                        BatchOptions(progress=False))
+    assert summary.succeeded == len(texts) and summary.kv_blocks_leaked == 0
+    records = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    for i, ref in enumerate(plain):
+        ext = records[f"r{i}"]["pdserve"]
+        assert ext["output_token_ids"] == ref
+        assert ext["speculative"]["drafted"] > 0 and ext["speculative"]["accepted"] > 0
