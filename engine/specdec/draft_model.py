@@ -1,18 +1,27 @@
 """`--speculative model:PATH`: a smaller model that shares the target's tokenizer drafts, over its own paged KV.
 
-Where the draft's prompt KV comes from: the decode worker prefills it itself, lazily, at a sequence's
-first draft step (one batched `extend` that also yields the first draft token). The alternative, the
-prefill worker running the draft too and shipping its KV beside the target's, was measured
-(`python -m engine.specdec.draft_model`, SmolLM2-135M as the draft, bf16, 1 thread, shared 2-core Zen 4
-under load): the draft's prefill costs ~28 ms per 128 prompt tokens and ~300 ms per 1,024 (about
-0.25-0.3 ms per token), while shipping its KV (the README's 23 KB per token for this model) costs
-~2.5 ms per 1,024 tokens over shared memory (9 GB/s) or ~36 ms over gRPC (0.66 GB/s). Shipping is the
-cheaper of the two for the decode loop, but it needs the draft loaded on every prefill worker, a
-second KV stream in reservations/grants/transports and a second layout fingerprint, and the compute
-does not vanish, it moves to the prefill worker. We chose the local prefill: it touches nothing
-outside the decode worker, a draft that fails at start fails in one place, and a draft 10-50x smaller
-than its target (the intended pairs) prefills in a small fraction of the target's prefill. Revisit
-(ship it) when decode ITL under heavy admission matters more than that simplicity.
+Where the draft's prompt KV comes from: the decode worker prefills it itself, lazily, from a
+sequence's first draft step on, in chunks of at most `prefill_chunk` tokens per step (the last chunk
+also yields the first draft token; the sequence drafts nothing until then). The alternative is the
+prefill worker running the draft too and shipping its KV beside the target's. Measured with
+`python -m engine.specdec.draft_model` (SmolLM2-135M as the draft, bf16, 1 thread; AMD EPYC Zen 4,
+2 cores shared with other sessions at load 4-7, so figures vary ~2x between runs):
+
+    prompt tokens   draft prefill here   its KV (23 KB/token)   shipped: shm @ 9.1 GB/s   gRPC @ 0.66 GB/s
+    128             0.3-0.7 s            2.9 MB                 0.3 ms                    4.5 ms
+    512             1.2-2.2 s            11.8 MB                1.3 ms                    18 ms
+    1,024           2.6-5.0 s            23.6 MB                2.6 ms                    36 ms
+
+(transport rates: the README's `pdserve bench kvtransfer` table, 1,024-token row.) Shipping is
+100-1000x cheaper *for the decode worker*, but the compute does not vanish: the prefill worker then
+runs the draft's prefill too (the middle column), which holds it from the next prompts, so TTFT
+grows under load (and by that column outright unless the draft's prefill overlaps the first token's
+return), and shipping needs the draft on every prefill worker, a second KV stream through
+reservations, grants and all three transports, and a second layout check. Prefilled here, TTFT is
+untouched, nothing outside the decode worker changes, and chunking bounds what one admission adds
+to a step (`prefill_chunk` tokens of the draft, spread over the steps after it). We chose that.
+Ship it instead when decode steps are so short that even a chunk of draft prefill shows in ITL
+(a GPU serving a large batch with a mid-size draft), or once prefill workers cache draft prefixes.
 
 Per step and sequence the draft KV is caught up to the accepted length before drafting: positions
 whose draft KV was written from drafts that then stood are kept, the rest are overwritten by an
