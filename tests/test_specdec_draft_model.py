@@ -16,6 +16,8 @@ from engine.runner import ModelRunner
 from engine.specdec import make_drafter
 from pdserve.bench.specdec import generate
 from tests.conftest import TINY_COMMON, _save_tiny
+from tests.test_specdec import chi2, chi2_critical
+from tests.test_specdec_engine import _marginal_second_token, peaked_llama  # noqa: F401 (a fixture)
 
 
 def _runner(folder, block_size=4) -> ModelRunner:
@@ -38,19 +40,22 @@ def small_draft(tmp_path_factory):
     return _save_tiny(tmp_path_factory.mktemp("draft") / "llama1", cfg)
 
 
-@pytest.fixture(scope="module")
-def truncated_draft(tiny_models, tmp_path_factory):
-    """The tiny target's first layer, embedding, final norm and LM head as a model of its own: it
-    agrees with the target often but not always (drafts stand part-way)."""
+def _first_layer_only(src, folder):
+    """`src`'s first layer, embedding, final norm and LM head as a model of its own."""
     from safetensors.torch import load_file, save_file
 
-    src = tiny_models["llama"]
-    folder = tmp_path_factory.mktemp("truncated")
     cfg = json.loads((src / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
     weights = load_file(src / "model.safetensors")
     save_file({k: v for k, v in weights.items() if ".layers.1." not in k}, folder / "model.safetensors")
     return folder
+
+
+@pytest.fixture(scope="module")
+def truncated_draft(tiny_models, tmp_path_factory):
+    """The tiny target's first layer as a separate draft: it agrees with the target often but not
+    always (drafts stand part-way)."""
+    return _first_layer_only(tiny_models["llama"], tmp_path_factory.mktemp("truncated"))
 
 
 def _run(runner, prompts, params, spec, gamma):
@@ -134,6 +139,36 @@ def test_sampled_rows_draft_and_finish(tiny_models, small_draft):
               for i in range(3)]
     out = _run(runner, _prompts(1), params, f"model:{small_draft}", 3)
     assert [len(o) for o in out.outputs] == [15] * 3 and out.spec_steps > 0
+
+
+@pytest.mark.parametrize("rule", ["chen", "resample_from_p"])
+def test_sampled_drafts_keep_the_target_distribution(peaked_llama, tmp_path, rule):  # noqa: F811
+    """Drafts sampled from the draft model's own q (temperature 1, top-p 0.9) go through Algorithm 2:
+    the first decoded token over 4,000 seeds follows the target's distribution; with a wrong residual
+    (draw from p after a rejection) the same test rejects it."""
+    from engine.specdec import Verifier
+
+    draft = _first_layer_only(peaked_llama, tmp_path)
+    runner = _runner(peaked_llama, block_size=16)
+    prompt = _prompts()[0]
+    n = 4000
+    params = [SamplingParams(max_tokens=4, temperature=1.0, top_p=0.9, seed=s, ignore_eos=True) for s in range(n)]
+    verifier = Verifier() if rule == "chen" else Verifier(residual=lambda p, q: p)
+
+    def install(stepper: SpeculativeStepper) -> None:
+        stepper.verifier = verifier
+        stepper.drafter.prefill_chunk = 6 * n  # every prompt's draft KV at the first step: all draft
+
+    out = generate(runner, [prompt] * n, params, f"model:{draft}", 2, stepper_hook=install)
+    drafted = sum(r["drafted"] for r in out.per_request)
+    assert drafted >= n and sum(r["accepted"] for r in out.per_request) < drafted
+    assert out.spec_steps >= 1
+    counts = torch.bincount(torch.tensor([o[1] for o in out.outputs]), minlength=runner.arch.vocab_size)
+    stat, df = chi2(counts, _marginal_second_token(runner, prompt, params[0]))
+    if rule == "chen":
+        assert stat < chi2_critical(df), f"chi2 {stat:.1f} on {df} df: speculation changed the distribution"
+    else:
+        assert stat > chi2_critical(df), f"chi2 {stat:.1f} on {df} df: a wrong acceptance rule went unnoticed"
 
 
 def test_other_vocabulary_is_refused_at_start(tiny_models, tmp_path):
