@@ -43,10 +43,12 @@ class SpeculativeStepper:
         self.verifier = verifier or Verifier()
         self.last_gamma = 0
         self.spec_steps = self.plain_steps = 0
+        self._batch: list[Any] = []  # the sequences of the latest step (a plain one's finished are released)
         self.rows = 0  # Σ batch size over target forwards (speculative and plain): tokens per forward = out / rows
 
     def step(self, seqs: list[Any]) -> tuple[list[Any], list[Any]] | None:
         """One speculative step; (finished, still running), or None for a plain step."""
+        self._batch = list(seqs)
         states = [_state(s) for s in seqs]
         gamma = self.chooser.choose([st.tracker.alpha for st in states])
         self.last_gamma = gamma
@@ -70,12 +72,22 @@ class SpeculativeStepper:
             st.last_gamma = ask
             self._append(seq, new, now)
             (finished if seq.finish_reason else still).append(seq)
+        self._release(finished)
         return finished, still
 
     def observe_plain(self, batch_size: int, seconds: float) -> None:
         self.plain_steps += 1
         self.rows += batch_size
         self.chooser.costs.observe_plain(batch_size, seconds, self.chooser.steps)
+        self._release([s for s in self._batch if s.finish_reason])
+
+    def _release(self, finished: Sequence[Any]) -> None:
+        """Tell a drafter with per-sequence state (model:PATH's own KV) which sequences are done;
+        aborted ones it frees when they no longer show up in a step."""
+        release = getattr(self.drafter, "release", None)
+        if release is not None:
+            for seq in finished:
+                release(seq.request_id)
 
     def _verify(self, seqs: Sequence[Any], drafts: list[Draft]) -> list[list[int]]:
         chunks = [[s.output[-1], *d.tokens] for s, d in zip(seqs, drafts)]
@@ -115,7 +127,7 @@ def build_stepper(runner: ModelRunner, pool: KVPool, stopper: StopChecker, specu
     from engine.specdec import make_drafter
 
     cfg = runner.config
-    drafter = make_drafter(speculative or cfg.speculative, runner.model, pool, runner.backend)
+    drafter = make_drafter(speculative or cfg.speculative, runner.model, pool, runner.backend, runner)
     if drafter is None:
         return None
     n = cfg.num_speculative_tokens if num_tokens is None else num_tokens

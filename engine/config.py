@@ -105,7 +105,7 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no decode graphs (vLLM's --enforce-eager)
     enable_prefix_caching: bool = True  # share cached prompt blocks (decode pool, prefill cache, routing)
     prefill_cache_gib: float = 0.5  # each prefill worker's own KV pool, kept as a prefix cache
-    speculative: str = "off"  # decode worker's drafter: off | ngram | layers:K (engine/specdec)
+    speculative: str = "off"  # decode worker's drafter: off | ngram | layers:K | model:PATH (engine/specdec)
     num_speculative_tokens: int | str = "auto"  # γ, or auto: chosen each step from measured costs
     cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
     quantization: str = "none"  # none | int8 | int4 | gguf (the GGUF's own blocks): linear weights (engine.quant)
@@ -125,8 +125,9 @@ class EngineConfig:
             raise ValueError(f"quant_group_size must be 0 (default) or positive (even for int4), "
                              f"got {self.quant_group_size}")
         spec, n = self.speculative, self.num_speculative_tokens
-        if spec not in ("off", "ngram") and not (spec.startswith("layers:") and spec[7:].isdigit()):
-            raise ValueError(f"--speculative must be off, ngram or layers:K, got {spec!r}")
+        if spec not in ("off", "ngram") and not (spec.startswith("layers:") and spec[7:].isdigit()) \
+                and not (spec.startswith("model:") and spec[6:]):
+            raise ValueError(f"--speculative must be off, ngram, layers:K or model:PATH, got {spec!r}")
         if n != "auto" and not (isinstance(n, int) and n > 0):
             raise ValueError(f"--num-speculative-tokens must be a positive integer or auto, got {n!r}")
 

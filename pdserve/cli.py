@@ -30,7 +30,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prefill-tokens", type=int, default=2048, help="prefill batch token budget")
     g.add_argument("--cache-dir", default=None, help="where converted weights are cached")
     g.add_argument("--speculative", default="off",
-                   help="speculative decoding: off, ngram (prompt lookup) or layers:K (the target's first K layers)")
+                   help="speculative decoding: off, ngram (prompt lookup), layers:K (the target's first K layers) "
+                        "or model:PATH (a smaller model sharing the tokenizer)")
     g.add_argument("--num-speculative-tokens", default="auto", type=lambda v: v if v == "auto" else int(v),
                    help="draft tokens per step (γ), or auto: chosen each step from measured costs and acceptance")
     g.add_argument("--enforce-eager", action="store_true",
@@ -493,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     sd = bench.add_parser("specdec", help="speculative decoding: drafters x γ x batch size vs plain decoding")
     sd.add_argument("--target", default=None, help="HF folder or .gguf of the target; default SmolLM2-135M-Instruct")
     sd.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (the CPU's best)")
-    sd.add_argument("--drafters", default="ngram,layers:24", help="comma-separated: ngram, layers:K")
+    sd.add_argument("--drafters", default="ngram,layers:24", help="comma-separated: ngram, layers:K, model:PATH")
     sd.add_argument("--gammas", default="2,3,5,7,auto", help="comma-separated γ values and/or auto")
     sd.add_argument("--batch-sizes", default="1,8,64")
     sd.add_argument("--max-tokens", type=int, default=48, help="greedy output tokens per request (EOS ignored)")

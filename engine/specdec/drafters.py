@@ -6,6 +6,8 @@
     layers:K   self-speculation: the target's first K layers + final norm + LM head. Its KV is the
                target's own KV of layers 0..K-1 in the same pool: a draft step writes those layers
                for the drafted positions, and verification overwrites them with the target's values.
+    model:PATH a smaller model sharing the target's tokenizer, over its own paged KV
+               (engine/specdec/draft_model.py).
 
 `propose(seqs, gammas)` returns one `Draft` per sequence, `gammas[i]` tokens at most (possibly
 none). Greedy rows draft the argmax (a point mass); sampled rows of model drafters draw from
@@ -120,8 +122,9 @@ class LayerDrafter:
         return [Draft(tuple(t), torch.stack(q) if q else None) for t, q in zip(tokens, qs)]
 
 
-def make_drafter(spec: str, model: torch.nn.Module, pool: KVPool, backend) -> Drafter | None:
-    """`--speculative` value -> drafter; None for off. A bad value fails here, at start."""
+def make_drafter(spec: str, model: torch.nn.Module, pool: KVPool, backend, runner=None) -> Drafter | None:
+    """`--speculative` value -> drafter; None for off. A bad value fails here, at start.
+    `runner` (the target's ModelRunner) is needed by model:PATH only."""
     if spec == "off":
         return None
     if spec == "ngram":
@@ -131,4 +134,10 @@ def make_drafter(spec: str, model: torch.nn.Module, pool: KVPool, backend) -> Dr
         if not k.isdigit():
             raise ValueError(f"--speculative layers:K needs an integer K, got {spec!r}")
         return LayerDrafter(model, pool, backend, int(k))
-    raise ValueError(f"--speculative must be off, ngram or layers:K, got {spec!r}")
+    if spec.startswith("model:") and spec.removeprefix("model:"):
+        from engine.specdec.draft_model import DraftModelDrafter
+
+        if runner is None:
+            raise ValueError("--speculative model:PATH needs the target's runner")
+        return DraftModelDrafter(runner, spec.removeprefix("model:"), pool.layout.num_blocks)
+    raise ValueError(f"--speculative must be off, ngram, layers:K or model:PATH, got {spec!r}")
