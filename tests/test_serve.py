@@ -100,7 +100,10 @@ def test_whole_answers_equal_run_batch(client, batch_answers):
         assert text == _text(want), cid
         assert resp.choices[0].finish_reason == want["choices"][0]["finish_reason"], cid
         got = resp.usage.model_dump(exclude_none=True)  # the client fills unset fields with None
-        assert {k: got[k] for k in want["usage"]} == want["usage"], cid
+        # cached_tokens depends on what the prefix caches hold at the time, not on the request: counts only
+        counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+        assert {k: got[k] for k in counts} == {k: want["usage"][k] for k in counts}, cid
+        assert 0 <= got["prompt_tokens_details"]["cached_tokens"] < got["prompt_tokens"], cid
     assert "6" not in batch_answers["stopped"]["choices"][0]["text"], "the stop string cut the text"
 
 
