@@ -80,3 +80,15 @@ def ray_cluster():
         ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count(), logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tiny_models, default_model_dir, tmp_path_factory) -> Path:
+    """The tiny llama plus the default model's tokenizer (a decode worker's stop checker loads one)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-tok") / "llama"
+    shutil.copytree(tiny_models["llama"], folder)
+    for f in default_model_dir.glob("tokenizer*"):
+        shutil.copy(f, folder / f.name)
+    return folder

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import random
-import shutil
 import time
 
 import pytest
@@ -22,15 +21,6 @@ pytestmark = pytest.mark.slow
 NAME = "restarttest"
 PARAMS = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
 
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tiny_models, default_model_dir, tmp_path_factory):
-    """The tiny llama plus a tokenizer (the decode worker's stop checker loads one)."""
-    folder = tmp_path_factory.mktemp("tiny-tok") / "llama"
-    shutil.copytree(tiny_models["llama"], folder)
-    for f in default_model_dir.glob("tokenizer*"):
-        shutil.copy(f, folder / f.name)
-    return folder
 
 
 def _requests() -> list[Request]:

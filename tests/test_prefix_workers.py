@@ -6,7 +6,6 @@ reference may be left behind."""
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -19,15 +18,6 @@ from proto.messages import Admission, PrefillResult, PrefillTask, Reservation, W
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tiny_models, default_model_dir, tmp_path_factory):
-    """The tiny llama plus a tokenizer (the decode worker's stop checker loads one)."""
-    folder = tmp_path_factory.mktemp("tiny-tok") / "llama"
-    shutil.copytree(tiny_models["llama"], folder)
-    for f in default_model_dir.glob("tokenizer*"):
-        shutil.copy(f, folder / f.name)
-    return folder
 
 
 @dataclass

@@ -8,6 +8,7 @@ run-batch's (same engine and cluster flags) and stopped with the server; with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -106,9 +107,8 @@ def serve_forever(engine: EngineConfig, cluster: ClusterConfig, router_config: R
     print(f"pdserve: serving the OpenAI API on {running.url}/v1 (dashboard {running.url}/dashboard/, "
           f"Prometheus {running.url}/metrics); Ctrl-C stops", flush=True)
     try:
-        while running._thread.is_alive():
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C (or SIGTERM) stops the server
+            while running._thread.is_alive():
+                time.sleep(0.5)
     finally:
         running.stop()
