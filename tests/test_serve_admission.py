@@ -58,7 +58,14 @@ def _within_ttft_slo(url: str) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def workers(ray_cluster):
+    """Warmed up through a first server, so no cold start (first kernels, first transfers) enters
+    the prefill rate the SLO is set from."""
     w = start_workers(ENGINE, ClusterConfig())
+    server = _serve(w, "always")
+    try:
+        _warm_up(server)
+    finally:
+        server.stop()
     yield w
     stop_workers(w)
 

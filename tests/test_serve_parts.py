@@ -50,6 +50,15 @@ def test_prefill_rate_counts_a_batch_once():
     assert rate.tokens_per_s() == pytest.approx(600 / 2)
 
 
+def test_prefill_rate_of_a_burst_is_its_wall_time():
+    """Four requests arrive at once and reach their first tokens one second apart: 100 tokens/s,
+    whatever part of each second the prefill kernels took."""
+    rate = PrefillRate()
+    for k in range(1, 5):
+        rate.observe(0.0, float(k), 100)
+    assert rate.tokens_per_s() == pytest.approx(400 / 4)
+
+
 def _prime(adm: Admission, tokens_per_s: float) -> None:
     adm.rate.observe(0.0, 1.0, int(tokens_per_s))
 

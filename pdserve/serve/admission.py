@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -42,10 +43,14 @@ class AdmissionConfig:
 
 
 class PrefillRate:
-    """Prompt tokens per second of prefill, from the recent requests' own prefill timestamps.
+    """Prompt tokens per second that reach their first token, measured as a client sees it.
 
-    Requests of one batch share their interval, so the busy time is the union of
-    the intervals, not their sum."""
+    Each request spans from its arrival to its first token, so the time it waited
+    and every trip through the router, Ray and HTTP count, not only the prefill
+    kernels (on a fast CPU those are the smaller part: a rate read from the
+    workers' prefill timestamps alone over-promised and admitted everything).
+    Spans overlap under a backlog, so the time is the union of the spans: during
+    a burst it is the wall time the burst took, when idle each request's own TTFT."""
 
     def __init__(self, window: int = 64) -> None:
         self._spans: deque[tuple[float, float, int]] = deque(maxlen=window)
@@ -98,12 +103,11 @@ class Admission:
         return None if rate is None else (sum(self._waiting.values()) + prompt_tokens) / rate
 
     def prefilled(self, req: Request) -> None:
-        """The request's first token came back: it no longer waits, and its prefill timed the rate."""
+        """The request's first token came back: it no longer waits, and its TTFT timed the rate."""
         with self._lock:
             self._waiting.pop(req.custom_id, None)
-            t = req.timeline
-            if "prefill_start" in t and "prefill_end" in t:
-                self.rate.observe(t["prefill_start"], t["prefill_end"], req.prompt_len)
+            if "queued" in req.timeline:
+                self.rate.observe(req.timeline["queued"], time.time(), req.prompt_len)
 
     def gone(self, req: Request) -> None:
         with self._lock:
