@@ -39,7 +39,7 @@ def quantize_linears(targets: dict[str, nn.Linear], scheme: str, group_size: int
 
 def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel: str = "auto") -> None:
     """Replace the linear layers in place, per `config.quantization` (a no-op for 'none'; 'gguf' reads the
-    GGUF's own blocks).
+    GGUF's own blocks; 'w8a8' is per-channel int8 weights run with int8 activations).
 
     Call it on the float32 CPU model right after its weights load: quantization reads the exact
     source weights, and the new modules are placed on `config.device` directly. With `folder`
@@ -51,6 +51,12 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
     if scheme == "gguf":
         _load_gguf_blocks(model, config)
         return
+    int8_activations = scheme == "w8a8"
+    if int8_activations:  # the weights are plain per-channel int8: same tensors, same cache entry
+        if config.quant_group_size:
+            raise ValueError("--quantization w8a8 takes one weight scale per output channel: "
+                             f"leave --quant-group-size at 0 (got {config.quant_group_size})")
+        scheme = "int8"
     lm_head = config.quantize_lm_head
     targets = linear_targets(model, lm_head)
     tag = f"{scheme}-v{FORMAT_VERSION}-g{config.quant_group_size or 'default'}{'-lmhead' if lm_head else ''}"
@@ -69,7 +75,7 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
         gs = resolve_group_size(scheme, config.quant_group_size, m.in_features)
         qw = QuantizedWeight.from_tensors(scheme, gs, state, name).to(device)
         bias = None if m.bias is None else m.bias.to(device=device, dtype=config.torch_dtype)
-        _set_module(model, name, QuantLinear(qw, bias, kernel))
+        _set_module(model, name, QuantLinear(qw, bias, kernel, int8_activations))
 
 
 def _load_gguf_blocks(model: nn.Module, config, kernel: str = "auto") -> None:

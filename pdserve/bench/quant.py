@@ -1,7 +1,7 @@
 """`pdserve bench quant`: quantized weights against the float dtypes, in one run, on this machine.
 
-Per setting (`float32`, `bfloat16`, `int8`, `int4`, `gguf` = the file's own blocks; `+lmhead` also
-quantizes the LM head):
+Per setting (`float32`, `bfloat16`, `int8`, `w8a8` = int8 weights and activations, `int4`, `gguf` = the
+file's own blocks; `+lmhead` also quantizes the LM head):
 weight bytes; perplexity on heldout.txt; greedy agreement with bfloat16 over
 benchmark prompts; decode tok/s at each batch size (min-max over repeats, the
 machine may be shared). Quantized settings keep float32 activations, so their
@@ -39,7 +39,7 @@ FLOAT_SETTINGS = ("float32", "bfloat16")
 
 @dataclass(frozen=True)
 class QuantBench:
-    settings: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4", "int4+lmhead", "gguf+lmhead")
+    settings: tuple[str, ...] = ("float32", "bfloat16", "int8", "w8a8", "int4", "int4+lmhead", "gguf+lmhead")
     batch_sizes: tuple[int, ...] = (1, 64)
     decode_steps: int = 16
     repeats: int = 3
@@ -50,15 +50,15 @@ class QuantBench:
 
 
 def setting_config(engine: EngineConfig, setting: str) -> EngineConfig:
-    """`float32` | `bfloat16` | `int8` | `int4` | `gguf`, optionally `+lmhead`, as an EngineConfig (CPU)."""
+    """`float32` | `bfloat16` | `int8` | `w8a8` | `int4` | `gguf`, optionally `+lmhead`, as an EngineConfig (CPU)."""
     name, _, extra = setting.partition("+")
     if extra not in ("", "lmhead"):
         raise ValueError(f"setting {setting!r}: the only suffix is +lmhead")
     if name in FLOAT_SETTINGS:
         return replace(engine, dtype=name, quantization="none", quantize_lm_head=False, device="cpu")
-    if name in ("int8", "int4", "gguf"):
+    if name in ("int8", "w8a8", "int4", "gguf"):
         return replace(engine, dtype="float32", quantization=name, quantize_lm_head=extra == "lmhead", device="cpu")
-    raise ValueError(f"unknown setting {setting!r}: float32, bfloat16, int8, int4, gguf (+lmhead)")
+    raise ValueError(f"unknown setting {setting!r}: float32, bfloat16, int8, w8a8, int4, gguf (+lmhead)")
 
 
 @torch.inference_mode()
