@@ -90,3 +90,19 @@ def test_offered_vs_served_rate_and_attainment_series():
     assert [p["prefill"] for p in att] == [1.0, 1.0, 0.0] and [p["decode"] for p in att] == [1.0, 1.0, 1.0]
     gap = attainment_series([rec("a"), rec("z", queued=3.0)], SLO_, bucket_s=1.0, start=0.0)
     assert gap[1] == {"t": 1.0, "prefill": None, "transfer": None, "decode": None}
+
+
+def test_offered_counts_requests_still_in_flight():
+    from pdserve.observability.metrics import offered_served
+
+    # Finished: a (queued 0, finish 0.57), b (queued 1, finish 1.57). In flight: queued 1.5, 2.0, 2.0.
+    done = [rec("a"), rec("b", queued=1.0)]
+    rates = offered_served(done, in_flight_queued=[1.5, 2.0, 2.0], window_s=60)
+    assert rates["window_s"] == pytest.approx(2.0)  # the run so far: first arrival .. latest event
+    assert rates["offered_rps"] == pytest.approx(5 / 2.0) and rates["served_rps"] == pytest.approx(2 / 2.0)
+    rates = offered_served(done, in_flight_queued=[1.5, 2.0, 2.0], window_s=1.0)  # (1.0, 2.0]: b, 3 in flight
+    assert rates["offered_rps"] == pytest.approx(4.0) and rates["served_rps"] == pytest.approx(1.0)
+    series = goodput_series(done, SLO_, bucket_s=1.0, start=0.0, in_flight_queued=[1.5, 2.0, 2.0])
+    # Two buckets, [0, 1) and [1, 2]: the latest event closes the last one.
+    assert [p["offered_rps"] for p in series] == [1, 4] and [p["throughput_rps"] for p in series] == [1, 1]
+    assert offered_served([], [])["offered_rps"] is None

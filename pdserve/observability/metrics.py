@@ -218,19 +218,22 @@ def speculative_summary(requests: Sequence[RequestMetrics]) -> dict[str, Any] | 
 
 
 def goodput_series(requests: Sequence[RequestMetrics], slo: SLO, bucket_s: float = 1.0,
-                   start: float | None = None) -> list[dict[str, float]]:
-    """Per time bucket: offered rate (requests queued in it, failed ones too), served rate
-    (`throughput_rps`: requests that succeeded, by finish time) and goodput (those of them within
-    both SLOs), all in requests/s; `t` is the bucket's start, seconds after `start`."""
-    if not requests:
+                   start: float | None = None, in_flight_queued: Sequence[float] = ()) -> list[dict[str, float]]:
+    """Per time bucket: offered rate (requests queued in it: finished, failed and `in_flight_queued`,
+    the queued times of requests not finished yet), served rate (`throughput_rps`: requests that
+    succeeded, by finish time) and goodput (those of them within both SLOs), all in requests/s; `t`
+    is the bucket's start, seconds after `start`."""
+    arrivals = [r.queued for r in requests] + list(in_flight_queued)
+    if not arrivals:
         return []
-    t0 = min(r.queued for r in requests) if start is None else start
-    end = max(r.finish for r in requests)
+    t0 = min(arrivals) if start is None else start
+    end = max([r.finish for r in requests] + arrivals)
     n = max(1, math.ceil((end - t0) / bucket_s))
     at = lambda t: min(n - 1, max(0, int((t - t0) / bucket_s)))  # noqa: E731
     good, done, offered = [0] * n, [0] * n, [0] * n
+    for t in arrivals:
+        offered[at(t)] += 1
     for r in requests:
-        offered[at(r.queued)] += 1
         if not r.ok:
             continue
         i = at(r.finish)
@@ -239,3 +242,21 @@ def goodput_series(requests: Sequence[RequestMetrics], slo: SLO, bucket_s: float
         good[i] += a and b
     return [{"t": round(i * bucket_s, 3), "offered_rps": offered[i] / bucket_s, "goodput_rps": good[i] / bucket_s,
              "throughput_rps": done[i] / bucket_s} for i in range(n)]
+
+
+def offered_served(requests: Sequence[RequestMetrics], in_flight_queued: Sequence[float] = (),
+                   window_s: float = 60.0) -> dict[str, float | None]:
+    """Offered and served rate (requests/s) over the last `window_s` before the latest event (an arrival
+    or a finish), or since the first arrival when the run is shorter. Offered counts every arrival
+    (`in_flight_queued`: queued times of requests not finished yet); served, requests that succeeded.
+    Served below offered for long means a queue is growing."""
+    arrivals = [r.queued for r in requests] + list(in_flight_queued)
+    if not arrivals:
+        return {"window_s": None, "offered_rps": None, "served_rps": None}
+    end = max([r.finish for r in requests] + arrivals)
+    span = min(window_s, end - min(arrivals))
+    if span <= 0:
+        return {"window_s": None, "offered_rps": None, "served_rps": None}
+    since = end - span
+    return {"window_s": span, "offered_rps": sum(t >= since for t in arrivals) / span,
+            "served_rps": sum(r.ok and r.finish >= since for r in requests) / span}

@@ -15,7 +15,14 @@ from dataclasses import asdict
 from typing import Any
 
 from pdserve.observability.limiting import attainment_series, limiting_stage
-from pdserve.observability.metrics import SLO, RequestMetrics, goodput_series, speculative_summary, summarize
+from pdserve.observability.metrics import (
+    SLO,
+    RequestMetrics,
+    goodput_series,
+    offered_served,
+    speculative_summary,
+    summarize,
+)
 from router.queue import DEFAULT_BUCKET_EDGES, LengthBucketQueue
 
 GRID_POINTS = 120
@@ -68,7 +75,9 @@ def _spec_series(ok: Sequence[RequestMetrics], bucket_s: float, t0: float) -> li
 
 def dashboard_state(requests: Sequence[RequestMetrics], slo: SLO, *, total_lines: int | None = None,
                     live: dict[str, Any] | None = None, title: str = "pdserve batch",
-                    bucket_edges: Sequence[int] = DEFAULT_BUCKET_EDGES) -> dict[str, Any]:
+                    bucket_edges: Sequence[int] = DEFAULT_BUCKET_EDGES,
+                    in_flight_queued: Sequence[float] = ()) -> dict[str, Any]:
+    """`in_flight_queued`: queued times of requests not finished yet (live), for the offered rate."""
     done = [r for r in requests]
     summary = summarize(done, slo) if done else None
     state: dict[str, Any] = {"title": title, "generated_at": time.time(), "live": live is not None,
@@ -76,9 +85,10 @@ def dashboard_state(requests: Sequence[RequestMetrics], slo: SLO, *, total_lines
                                                                                      "tpot_s": slo.tpot_s}}
     if live is not None:
         state["now"] = live
+    state["rates"] = offered_served(done, in_flight_queued, LIMIT_WINDOW_S)
     if not done:
         return state
-    t0 = min(r.queued for r in done)
+    t0 = min([r.queued for r in done] + list(in_flight_queued))
     t1 = max(r.finish for r in done)
     grid = _grid(t0, t1)
     rel = [round(t - t0, 4) for t in grid]
@@ -87,7 +97,7 @@ def dashboard_state(requests: Sequence[RequestMetrics], slo: SLO, *, total_lines
 
     series: dict[str, Any] = {"t": rel}
     bucket_s = max((t1 - t0) / 30, 0.5)
-    series["goodput"] = goodput_series(done, slo, bucket_s=bucket_s, start=t0)
+    series["goodput"] = goodput_series(done, slo, bucket_s=bucket_s, start=t0, in_flight_queued=in_flight_queued)
     series["attainment"] = attainment_series(done, slo, bucket_s=bucket_s, start=t0)
     series["speculative"] = _spec_series(ok, bucket_s, t0)
     limit = limiting_stage(done, slo, window_s=LIMIT_WINDOW_S)
