@@ -184,6 +184,10 @@ def finished_batch(ray_cluster, tmp_path_factory):
 def test_live_dashboard_shows_the_output_figures(finished_batch):
     server, out, slo, tmp, seen_live = finished_batch
     assert seen_live.get("live") and not seen_live["now"]["finished"], "no live state was served mid-batch"
+    # Mid-batch, the offered rate counts every request submitted (all 24 at the start), finished or not.
+    rates = seen_live["rates"]
+    assert rates["offered_rps"] * rates["window_s"] == pytest.approx(24)
+    assert rates["served_rps"] * rates["window_s"] == pytest.approx(seen_live["summary"]["succeeded"])
     shot = tmp / "dashboard.png"
     page = render(server.url, shot, tmp / "profile-live")
     assert shot.stat().st_size > 20_000

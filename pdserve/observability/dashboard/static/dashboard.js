@@ -83,7 +83,8 @@
       yaxis: axis, connectgaps: false, line: { color, width: 1.8 }, marker: { size: 4 } });
     const lay = layout(TIME, "draft acceptance rate", {
       yaxis: { title: { text: "draft acceptance rate" }, range: [0, 1.05], tickformat: ".0%", gridcolor: "#eceef2" },
-      yaxis2: { title: { text: "tokens per target forward, γ" }, overlaying: "y", side: "right", rangemode: "tozero" },
+      yaxis2: { title: { text: "tokens per target forward, γ" }, overlaying: "y", side: "right", rangemode: "tozero",
+                tickmode: "auto", showgrid: false },
       margin: { l: 64, r: 64, t: 30, b: 46 },
     });
     draw("chart-spec", x.length ? [trace("acceptance rate", "acceptance_rate", "y", "#27ae60"),
