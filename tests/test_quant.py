@@ -235,20 +235,36 @@ def test_w8a8_keeps_bf16_activations_dtype_and_refuses_groups():
         ModelRunner(EngineConfig(dtype="float32", device="cpu", quantization="w8a8", quant_group_size=32))
 
 
-def test_w8a8_model_decodes_like_int8_weights(tiny_models, tmp_path):
-    """Same cached int8 weights as --quantization int8; logits differ only by the activations' rounding."""
-    folder = tiny_models["llama"]
+def test_w8a8_model_matches_float_within_activation_rounding(tiny_with_tokenizer, tmp_path):
+    """Smoothed int8 layers (down_proj stays float), calibrated once and cached; logits close to fp32,
+    same greedy tokens; the stored weight dequantizes back to W (the smoothing undone)."""
+    from engine.quant.smooth import FLOAT_LAYERS
+
+    folder = tiny_with_tokenizer  # calibration tokenizes text
     base = EngineConfig(model=str(folder), dtype="float32", device="cpu", cache_dir=str(tmp_path), block_size=4)
-    runners = {q: ModelRunner(replace(base, quantization=q)) for q in ("int8", "w8a8")}
-    assert len(list((tmp_path / "derived").glob("*.safetensors"))) == 1  # one cache entry for both
-    kernels = {type(m.kernel).__name__ for m in runners["w8a8"].model.modules() if isinstance(m, QuantLinear)}
-    assert kernels == {"DynamicInt8Matmul"}
+    runners = {q: ModelRunner(replace(base, quantization=q)) for q in ("none", "w8a8")}
+    modules = dict(runners["w8a8"].model.named_modules())
+    quantized = {n: m for n, m in modules.items() if isinstance(m, QuantLinear)}
+    assert quantized and {type(m.kernel).__name__ for m in quantized.values()} == {"DynamicInt8Matmul"}
+    assert all(n.endswith(FLOAT_LAYERS) == (n not in quantized) for n, m in modules.items()
+               if isinstance(m, (torch.nn.Linear, QuantLinear)) and n != "lm_head")
+    float_modules = dict(runners["none"].model.named_modules())
+    for name, m in quantized.items():
+        w, qw = float_modules[name].weight.float(), m.qw
+        assert qw.smooth is not None and (qw.smooth > 0).all()
+        step = qw.scales[:, :1] / qw.smooth[None, :]  # one int8 step of W * diag(s), in W's units
+        assert ((dequantize(qw) - w).abs() <= step / 2 + 1e-6).all()
     prompt = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     logits = {}
     for q, r in runners.items():
         pool = KVPool.allocate(r.kv_layout(num_blocks=16))
         logits[q] = r.prefill([prompt], pool_writer(pool, [token_slots(list(range(16)), len(prompt), 4)]))
-    ref = logits["int8"]
+    ref = logits["none"]
     err = (logits["w8a8"] - ref).abs().max().item()
     assert 0 < err < 0.05 * ref.abs().max().item(), err
     assert (logits["w8a8"].argmax(-1) == ref.argmax(-1)).all()
+    assert len(list((tmp_path / "derived").glob("*w8a8*.safetensors"))) == 1
+    again = ModelRunner(replace(base, quantization="w8a8"))  # from the cache: the same factors and weights
+    a = dict(again.model.named_modules())[next(iter(quantized))].qw
+    b = next(iter(quantized.values())).qw
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.smooth, b.smooth)

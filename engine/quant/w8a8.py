@@ -1,7 +1,8 @@
 """`--quantization w8a8`: int8 weights times int8 activations, quantized per token at each call.
 
-The weight is `int8` per output channel (the same tensors, cached the same way);
-each call quantizes its activation rows symmetrically (scale = max|x_row| / 127,
+The weight is `int8` per output channel, of W * diag(s) with SmoothQuant's factors s
+(smooth.py: outliers moved from the activations into the weight); each call
+divides its activations by s, quantizes its activation rows symmetrically (scale = max|x_row| / 127,
 round to nearest) and multiplies int8 x int8 -> int32 (`torch._int_mm`: oneDNN's
 VNNI / AVX2 int8 GEMM on a CPU, cuBLASLt on CUDA), then rescales by row scale x
 channel scale. Weight-only int8 has to turn weight or activations back into
@@ -12,7 +13,7 @@ thread, shared (SmolLM2 shapes, 576x3072 and 1536x576): 1.2-2.6x a bfloat16
 
 The int32 sum is exact, so the result equals (xq @ wq^T) * s_x * s_w computed in
 float64 up to one float32 rounding; the only new error is the activations'
-rounding, |x - xq * s_x| <= s_x / 2 per element.
+rounding, |x / s - xq * s_x| <= s_x / 2 per element.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from engine.quant.scheme import QuantizedWeight
 CUDA_MIN_ROWS = 17  # cuBLASLt's int8 GEMM wants more than 16 rows: fewer are padded
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] float -> (int8 [M, K], float32 scales [M, 1]); an all-zero row gets scale 1."""
-    xf = x.float()
+def quantize_rows(x: torch.Tensor, inv_smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float (times inv_smooth [K]) -> (int8 [M, K], float32 scales [M, 1]); a zero row gets scale 1."""
+    xf = x.float() if inv_smooth is None else x.float() * inv_smooth
     scale = xf.abs().amax(-1, keepdim=True).div_(127)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.round(xf / scale).clamp_(-127, 127).to(torch.int8), scale
@@ -43,9 +44,10 @@ class DynamicInt8Matmul:
         self.qw = qw
         self.weight_t = qw.qweight.t()  # [K, N]: _int_mm's second operand, a view
         self.channel_scales = qw.scales[:, 0].float()  # [N]
+        self.inv_smooth = None if qw.smooth is None else 1 / qw.smooth.float()  # [K]: undoes W * diag(smooth)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xq, row_scales = quantize_rows(x)
+        xq, row_scales = quantize_rows(x, self.inv_smooth)
         rows = xq.shape[0]
         if xq.is_cuda and rows < CUDA_MIN_ROWS:
             xq = torch.cat([xq, xq.new_zeros(CUDA_MIN_ROWS - rows, xq.shape[1])])
