@@ -20,7 +20,6 @@ The last line is
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from engine.config import EngineConfig
 from engine.kv_cache import BlockManager, KVPool
 from engine.quant import weight_bytes
 from engine.runner import ModelRunner, pool_writer, token_slots
+from pdserve.bench.clock import bench_clock, clock_name
 
 HELDOUT = Path(__file__).with_name("heldout.txt")
 FLOAT_SETTINGS = ("float32", "bfloat16")
@@ -115,10 +115,11 @@ def decode_rates(runner: ModelRunner, prompt: list[int], batch: int, steps: int,
     s.step()
     rates = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        clock = bench_clock()
+        t = clock()
         for _ in range(steps):
             s.step()
-        rates.append(batch * steps / (time.perf_counter() - t))
+        rates.append(batch * steps / (clock() - t))
     return rates
 
 
@@ -157,7 +158,8 @@ def run(bench: QuantBench, engine: EngineConfig, print_fn=print) -> dict:
         if setting in bench.settings:
             rows[setting] = row
         del runner
-    report = {"held_out_tokens": len(text_ids), "threads": torch.get_num_threads(), "settings": rows}
+    report = {"held_out_tokens": len(text_ids), "threads": torch.get_num_threads(), "clock": clock_name(),
+              "settings": rows}
     report["last_line"] = _last_line(rows, bench.batch_sizes)
     print_fn(render(report, bench.batch_sizes))
     return report
@@ -184,7 +186,7 @@ def render(report: dict, batch_sizes: tuple[int, ...]) -> str:
     head = f"{'setting':<13} {'weight MB':>9} {'ppl':>8} {'vs fp32':>8} {'agree':>6}" + "".join(
         f" {'decode b' + str(b) + ' tok/s':>22}" for b in batch_sizes)
     lines = [f"perplexity over {report['held_out_tokens']} held-out tokens; decode min-max over repeats; "
-             f"{report['threads']} torch threads", head]
+             f"{report['threads']} torch threads, {report['clock']}", head]
     base = rows.get("float32", {}).get("perplexity")
     for name, r in rows.items():
         ratio = f"{r['perplexity'] / base:8.4f}" if base else f"{'-':>8}"

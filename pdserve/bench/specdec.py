@@ -24,6 +24,7 @@ from engine.config import SamplingParams
 from engine.kv_cache import BlockManager, KVPool
 from engine.runner import ModelRunner, pool_writer, token_slots
 from engine.sampler import sample
+from pdserve.bench.clock import bench_clock, clock_name
 
 
 @dataclass
@@ -44,12 +45,6 @@ class Generation:
         """Accepted / drafted over all requests (the table's α)."""
         drafted = sum(r["drafted"] for r in self.per_request if r)
         return sum(r["accepted"] for r in self.per_request if r) / drafted if drafted else None
-
-
-def decode_clock():
-    """At one torch thread every step runs on this thread: its CPU time, which another process on the
-    machine does not inflate (wall time does). With more threads, wall time."""
-    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 def generate(runner: ModelRunner, prompts: list[list[int]], params: list[SamplingParams], speculative: str = "off",
@@ -77,7 +72,7 @@ def generate(runner: ModelRunner, prompts: list[list[int]], params: list[Samplin
                            prompt_token_ids=tuple(p)) for i, (p, sp) in enumerate(zip(prompts, params))]
     for s in seqs:
         batcher.add(s)
-    clock = decode_clock()
+    clock = bench_clock()
     started = clock()
     plain_rows = 0
     while batcher.has_work():
@@ -170,7 +165,7 @@ def run(bench: SpecBench, out_svg: str | None = None, log: Any = None) -> dict[s
                 rows.append(row)
                 log(format_row(row))
     report = {"machine": _machine(), "dtype": str(runner.config.dtype), "model": str(runner.folder),
-              "clock": "thread CPU time" if decode_clock() is time.thread_time else "wall",
+              "clock": clock_name(),
               "max_tokens": bench.max_tokens, "rows": rows}
     if out_svg:
         from pathlib import Path
