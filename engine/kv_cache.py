@@ -198,6 +198,11 @@ class KVPool:
         self.write_stored(layer, slots, *as_stored(self.layout, k, v))
 
 
+def rows_nbytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of KV rows (and their scales, when given) as they travel."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def as_stored(layout: KVLayout, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """k, v [T, KVH, D] from the model -> what the pool stores: (k, v, None, None) for a float pool,
     (k int8, v int8, k_scale, v_scale) for an int8 one (engine/kv_quant.py)."""
