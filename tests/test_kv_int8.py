@@ -244,3 +244,27 @@ def test_tiny_model_on_triton_with_int8_kv_matches_torch(tiny_models):
         got[backend] = [t.cpu() for t in _run(runner, pool, prompts, tables)]
     for a, b in zip(got["torch"], got["triton"]):
         assert (a - b).abs().max().item() < 1e-4
+
+
+def test_bench_quant_kv_setting(tiny_models, tmp_path):
+    """`pdserve bench quant`'s +kvint8 rows: the config, KV bytes per token, and perplexity through the pool
+    (with a float pool it equals the prefill path's; with int8 it moves, a little)."""
+    from engine.config import EngineConfig
+    from engine.runner import ModelRunner
+    from pdserve.bench.quant import base_setting, paged_perplexity, perplexity, setting_config
+
+    engine = EngineConfig(model=str(tiny_models["llama"]), cache_dir=str(tmp_path))
+    assert setting_config(engine, "int4+lmhead+kvint8").kv_cache_dtype == "int8"
+    assert setting_config(engine, "bfloat16").kv_cache_dtype == "auto"
+    assert base_setting("int4+kvint8+lmhead") == "int4+lmhead"
+    with pytest.raises(ValueError, match="suffixes"):
+        setting_config(engine, "bfloat16+kv4")
+    ids = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(0)).tolist()
+    fp32 = ModelRunner(setting_config(engine, "float32"))
+    kv8 = ModelRunner(setting_config(engine, "float32+kvint8"))
+    assert fp32.kv_layout(1).bytes_per_token == 2 * 2 * 2 * 16 * 4  # layers x K/V x heads x D x fp32
+    assert kv8.kv_layout(1).bytes_per_token == 2 * 2 * 2 * (16 + 4)
+    exact = perplexity(fp32, ids, 32)
+    assert paged_perplexity(fp32, ids, 32) == pytest.approx(exact, rel=1e-5)
+    quantized = paged_perplexity(kv8, ids, 32)
+    assert quantized == pytest.approx(exact, rel=0.02) and quantized != exact
