@@ -128,3 +128,36 @@ def test_a_peer_with_another_kv_dtype_is_refused_naming_the_field(sender_kv, rec
                            model_fingerprint=FINGERPRINT, timeout=10)
     finally:
         r.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a CUDA GPU; this machine has none")
+def test_cuda_ipc_ships_int8_blocks_and_scales_bit_exact():
+    import torch.multiprocessing as tmp
+
+    from engine.kv_cache import KVPool
+    from kvtransfer.cuda_ipc import export_pool
+
+    lay = layout(num_blocks=32)
+    pool = KVPool.allocate(lay, "cuda")
+    endpoint = KVEndpoint("d", "n", lay, FINGERPRINT, cuda_ipc=export_pool(pool))
+    layers = quantized_kv(lay, 100)
+    table = list(range(10, 17))
+    proc = tmp.get_context("spawn").Process(target=_cuda_sender, args=(endpoint, table, layers))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0
+    bs = lay.block_size
+    slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(100)], device="cuda")
+    data, scales = pool.tensor.flatten(2, 3).index_select(2, slots), pool.scales.flatten(2, 3).index_select(2, slots)
+    for i, (k, v, ks, vs) in enumerate(layers):
+        assert torch.equal(data[i, 0].cpu(), k) and torch.equal(data[i, 1].cpu(), v)
+        assert torch.equal(scales[i, 0].cpu(), ks) and torch.equal(scales[i, 1].cpu(), vs)
+
+
+def _cuda_sender(endpoint, table, layers):
+    conn = connect(endpoint, "cuda_ipc", sender_id="p", auth_token="", sender_layout=endpoint.layout,
+                   model_fingerprint=FINGERPRINT)
+    handle = conn.begin("r", table, layers[0][0].shape[0])
+    for i, rows in enumerate(layers):
+        conn.write_layer(handle, i, *(x.cuda() for x in rows))
+    conn.finish(handle, timeout=30)
