@@ -268,3 +268,22 @@ def test_bench_quant_kv_setting(tiny_models, tmp_path):
     assert paged_perplexity(fp32, ids, 32) == pytest.approx(exact, rel=1e-5)
     quantized = paged_perplexity(kv8, ids, 32)
     assert quantized == pytest.approx(exact, rel=0.02) and quantized != exact
+
+
+@pytest.mark.parametrize("spec", ["ngram", "layers:1"])
+def test_speculative_greedy_equals_plain_decoding_over_an_int8_pool(tiny_models, spec):
+    """Verification attends to the drafts' K/V as stored (int8), as the plain decode steps do."""
+    from engine.config import EngineConfig, SamplingParams
+    from engine.runner import ModelRunner
+    from pdserve.bench.specdec import generate
+
+    runner = ModelRunner(EngineConfig(model=str(tiny_models["llama"]), dtype="float32", device="cpu", block_size=4,
+                                      num_threads=1, kv_cache_dtype="int8"))
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randint(0, 256, (n,), generator=gen).tolist() for n in (6, 19, 33))
+    prompts = [a, b + b[:9] + b, c]
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (21, 40, 9)]
+    plain = generate(runner, prompts, params)
+    fast = generate(runner, prompts, params, spec, 3)
+    assert fast.outputs == plain.outputs
+    assert fast.spec_steps > 0 and sum(r["drafted"] for r in fast.per_request) > 0
