@@ -35,8 +35,9 @@ def _quantize_row(X, Xc, Xs, slot, KVH: tl.constexpr, D: tl.constexpr, BLOCK_H: 
     mask = (heads[:, None] < KVH) & (offs_d[None, :] < D)
     idx = heads[:, None] * D + offs_d[None, :]
     x = tl.load(X + idx, mask=mask, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), 1), FLOOR) / QMAX
-    qv = tl.minimum(tl.maximum(tl.floor(x / s[:, None] + 0.5), -QMAX), QMAX)
+    # div_rn: IEEE round-to-nearest division, as torch divides (CUDA's default `/` is approximate)
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 1), FLOOR), QMAX)
+    qv = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, s[:, None]) + 0.5), -QMAX), QMAX)
     tl.store(Xc + slot * (KVH * D) + idx, qv.to(tl.int8), mask=mask)
     tl.store(Xs + slot * KVH + heads, s, mask=heads < KVH)
 
