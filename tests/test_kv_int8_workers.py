@@ -15,13 +15,14 @@ from tests.test_prefix_workers import _run as run_batches
 from tests.test_prefix_workers import _shared_prefix_batches as shared_prefix_batches
 
 
-def _workers(folder, kv: str, transport: str, worker_suffix: str = ""):
+def _config(folder, kv: str, transport: str, worker_id: str) -> WorkerConfig:
     engine = EngineConfig(model=str(folder), dtype="float32", device="cpu", block_size=4, num_threads=1,
                           kv_cache_gib=0.002, prefill_cache_gib=0.001, attention_backend="cpu", kv_cache_dtype=kv)
-    prefill = PrefillWorker(WorkerConfig(engine=engine, worker_id="p0", auth_token="t", transport=transport))
-    decode = DecodeWorker(WorkerConfig(engine=engine, worker_id="d0" + worker_suffix, auth_token="t",
-                                       transport=transport))
-    return prefill, decode
+    return WorkerConfig(engine=engine, worker_id=worker_id, auth_token="t", transport=transport)
+
+
+def _workers(folder, kv: str, transport: str):
+    return (PrefillWorker(_config(folder, kv, transport, "p0")), DecodeWorker(_config(folder, kv, transport, "d0")))
 
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
@@ -57,3 +58,28 @@ def test_cached_int8_blocks_travel_as_the_prefill_pool_holds_them(tiny_with_toke
     finally:
         for w in (prefill, decode, ref_prefill, ref_decode):
             w.shutdown()
+
+
+@pytest.mark.parametrize("transport", ["shm", "grpc"])
+def test_workers_with_different_kv_dtypes_refuse_each_other_at_the_first_transfer(tiny_with_tokenizer, transport):
+    """A prefill worker started with --kv-cache-dtype auto meets a decode worker with int8: the request fails
+    with an error naming the field, nothing is written, and releasing it returns every block."""
+    from engine.config import SamplingParams
+    from proto.messages import PrefillTask, Reservation
+
+    prefill = PrefillWorker(_config(tiny_with_tokenizer, "auto", transport, "p0"))
+    decode = DecodeWorker(_config(tiny_with_tokenizer, "int8", transport, "d0"))
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        prompt = tuple(range(1, 12))
+        grant = decode.reserve([Reservation("r", len(prompt), params.max_tokens, prompt)])["r"]
+        [result] = prefill.prefill([PrefillTask("r", prompt, params, decode.endpoint(), grant.block_table,
+                                                grant.cached_blocks)])
+        assert "IncompatiblePeer" in result.error and "kv_cache_dtype: int8 != auto" in result.error
+        assert decode.pool.tensor.count_nonzero() == 0 and decode.pool.scales.count_nonzero() == 0
+        decode.release(["r"])
+        with decode._lock:
+            decode.blocks.assert_empty()
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
