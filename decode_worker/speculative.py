@@ -29,10 +29,14 @@ from engine.specdec import AcceptanceTracker, Draft, Drafter, GammaChooser, Veri
 
 @dataclass
 class SpecState:
-    """Per request, on DecodeSequence.spec: its acceptance tracker and the γ of its last step."""
+    """Per request, on DecodeSequence.spec: its acceptance tracker, the γ of its last step, and the
+    counts its output line reports (the dashboard's γ and tokens per target forward)."""
 
     tracker: AcceptanceTracker = field(default_factory=AcceptanceTracker)
     last_gamma: int = 0
+    steps: int = 0  # speculative (verify) steps it took part in
+    gamma_sum: int = 0  # Σ γ asked of the drafter over those steps
+    forwards: int = 0  # target forwards that gave it tokens: speculative steps + plain steps
 
 
 class SpeculativeStepper:
@@ -70,6 +74,7 @@ class SpeculativeStepper:
         for seq, st, ask, d, new in zip(seqs, states, asked, drafts, new_tokens):
             st.tracker.update(ask, len(d.tokens), len(new) - 1)
             st.last_gamma = ask
+            st.steps, st.gamma_sum, st.forwards = st.steps + 1, st.gamma_sum + ask, st.forwards + 1
             self._append(seq, new, now)
             (finished if seq.finish_reason else still).append(seq)
         self._release(finished)
@@ -79,6 +84,8 @@ class SpeculativeStepper:
         self.plain_steps += 1
         self.rows += batch_size
         self.chooser.costs.observe_plain(batch_size, seconds, self.chooser.steps)
+        for seq in self._batch:  # the plain step ran over exactly the batch `step` declined
+            _state(seq).forwards += 1
         self._release([s for s in self._batch if s.finish_reason])
 
     def _release(self, finished: Sequence[Any]) -> None:
@@ -112,12 +119,16 @@ def _state(seq: Any) -> SpecState:
 
 
 def spec_summary(seq: Any) -> dict[str, float] | None:
-    """Drafted / accepted counts and α of a finished sequence, for its output line."""
+    """Drafted / accepted counts and α of a finished sequence, for its output line; also its speculative
+    steps, the mean γ asked in them, and all target forwards that gave it tokens (decode tokens ÷
+    forwards = tokens per target forward)."""
     st: SpecState | None = seq.spec
     if st is None:
         return None
     t = st.tracker
-    return {"drafted": t.drafted_total, "accepted": t.accepted_total, "alpha": round(t.alpha, 4)}
+    return {"drafted": t.drafted_total, "accepted": t.accepted_total, "alpha": round(t.alpha, 4),
+            "steps": st.steps, "gamma_mean": round(st.gamma_sum / st.steps, 4) if st.steps else 0.0,
+            "forwards": st.forwards}
 
 
 def build_stepper(runner: ModelRunner, pool: KVPool, stopper: StopChecker, speculative: str | None = None,

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# weights: int8, int4 group-wise; w8a8 = int8 weights and activations; gguf = the file's own blocks (engine.quant)
+QUANTIZATIONS = ("none", "int8", "int4", "w8a8", "gguf")
 DTYPE_CHOICES = ("auto", *DTYPES)  # auto: see engine/cpu_features.auto_dtype, resolved where the worker runs
 
 # Architectures our forward implements, by HF `model_type`.
@@ -109,7 +111,7 @@ class EngineConfig:
     speculative: str = "off"  # decode worker's drafter: off | ngram | layers:K | model:PATH (engine/specdec)
     num_speculative_tokens: int | str = "auto"  # γ, or auto: chosen each step from measured costs
     cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
-    quantization: str = "none"  # none | int8 | int4 | gguf (the GGUF's own blocks): linear weights (engine.quant)
+    quantization: str = "none"  # none | int8 | int4 | w8a8 (int8 activations too) | gguf (the GGUF's own blocks)
     quant_group_size: int = 0  # inputs per scale; 0: int8 one per output channel, int4 32
     quantize_lm_head: bool = False  # also quantize the LM head (the embedding stays float)
 
@@ -122,8 +124,8 @@ class EngineConfig:
             raise ValueError("kv_cache_gib, max_num_seqs and max_prefill_tokens must be positive")
         if self.kv_cache_dtype not in ("auto", "int8"):
             raise ValueError(f"--kv-cache-dtype must be one of auto, int8, got {self.kv_cache_dtype!r}")
-        if self.quantization not in ("none", "int8", "int4", "gguf"):
-            raise ValueError(f"--quantization must be one of none, int8, int4, gguf, got {self.quantization!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.quant_group_size < 0 or (self.quantization == "int4" and self.quant_group_size % 2):
             raise ValueError(f"quant_group_size must be 0 (default) or positive (even for int4), "
                              f"got {self.quant_group_size}")

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.config import DTYPE_CHOICES, DTYPES, EngineConfig
+from engine.config import DTYPE_CHOICES, DTYPES, QUANTIZATIONS, EngineConfig
 from kvtransfer.base import TRANSPORTS
 
 if TYPE_CHECKING:
@@ -45,8 +45,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV of prompt prefixes already computed (prefill) or held (decode)")
     g.add_argument("--prefill-cache-gib", type=float, default=0.5,
                    help="each prefill worker's prefix-cache pool (with --enable-prefix-caching)")
-    g.add_argument("--quantization", default="none", choices=("none", "int8", "int4", "gguf"),
+    g.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                    help="quantize linear-layer weights at load (int8 symmetric, int4 asymmetric, group-wise; "
+                        "w8a8: int8 weights and int8 activations per token, an int8 GEMM; "
                         "gguf: keep a GGUF's own Q4_0/Q4_1/Q8_0 blocks)")
     g.add_argument("--quant-group-size", type=int, default=0,
                    help="inputs per quantization scale; 0: int8 one per output channel, int4 32")
@@ -483,8 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     kv.set_defaults(func=cmd_bench_kvtransfer)
 
     qb = bench.add_parser("quant", help="quantized weights and KV vs float: bytes, perplexity, agreement, decode tok/s")
-    qb.add_argument("--settings", default="float32,bfloat16,bfloat16+kvint8,int8,int4,int4+lmhead,gguf+lmhead",
-                    help="comma-separated: float32, bfloat16, int8, int4, gguf, each quantized one optionally "
+    qb.add_argument("--settings", default="float32,bfloat16,bfloat16+kvint8,int8,w8a8,int4,int4+lmhead,gguf+lmhead",
+                    help="comma-separated: float32, bfloat16, int8, w8a8, int4, gguf, each quantized one optionally "
                          "+lmhead; any optionally +kvint8 (--kv-cache-dtype int8)")
     qb.add_argument("--batch-sizes", default="1,64", help="decode batch sizes to time")
     qb.add_argument("--steps", type=int, default=16, help="timed decode steps per repeat")

@@ -1,4 +1,6 @@
-"""The live dashboard and the batch report, rendered by headless Chromium and checked against the output."""
+"""The live dashboard and the batch report, rendered by headless Chromium with every host but loopback
+unreachable, and checked against the output file: tiles, the limiting stage, and plotly's rendered
+charts (their traces and axis titles, read from the SVG plotly drew)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from engine.config import EngineConfig
 from pdserve.batch.run import BatchOptions, run_batch
 from pdserve.observability.dashboard.collector import MetricsCollector
 from pdserve.observability.dashboard.report import write_report
-from pdserve.observability.dashboard.server import DashboardServer
-from pdserve.observability.metrics import SLO, from_record, summarize
+from pdserve.observability.dashboard.server import PLOTLY_JS, DashboardServer, plotly_js
+from pdserve.observability.dashboard.state import LIMIT_WINDOW_S, dashboard_state
+from pdserve.observability.limiting import limiting_stage
+from pdserve.observability.metrics import SLO, from_record, offered_served, summarize
 from pdserve.runtime.cluster import ClusterConfig
 from router.router import RouterConfig
 from tests.test_faults import write_batch
@@ -27,7 +31,9 @@ pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--window-size=1400,2600", "--virtual-time-budget=20000"]
+         "--hide-scrollbars", "--window-size=1400,2600", "--virtual-time-budget=20000",
+         # Offline: no name resolves and every connection but loopback goes to a dead proxy.
+         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", "--proxy-server=http://127.0.0.1:9"]
 TILES = {  # page element -> where the same figure lives in pdserve.observability.metrics.summarize()
     "goodput": lambda s: s["goodput_rps"],
     "slo-attainment": lambda s: s["slo_attainment"],
@@ -44,16 +50,45 @@ TILES = {  # page element -> where the same figure lives in pdserve.observabilit
     "kv-saved": lambda s: s["stages"]["transfer"]["bytes_saved"],
     "succeeded": lambda s: s["succeeded"],
     "failed": lambda s: s["failed"],
+    "spec-acceptance": lambda s: s["speculative"]["acceptance_rate"],
+    "spec-tpf": lambda s: s["speculative"]["tokens_per_forward"],
+    "spec-gamma": lambda s: s["speculative"]["gamma_mean"],
 }
-CHARTS = ("chart-goodput", "chart-stages", "chart-queue", "chart-kv", "chart-batch", "hist-ttft", "hist-tpot",
-          "hist-e2e", "hist-queue", "hist-transfer", "gantt")
+TIME = "time since the first arrival (s)"
 
 
-class _Attrs(HTMLParser):
+def expected_charts(state: dict) -> dict[str, tuple[set[str], list[str] | None]]:
+    """Chart id -> (axis titles, legend entries in order; None: no legend) that plotly must have drawn."""
+    ser = state["series"]
+    hist = lambda x: ({x, "requests"}, None)  # noqa: E731
+    return {
+        "chart-rates": ({TIME, "requests/s"}, ["offered", "served", "goodput"]),
+        "chart-attainment": ({TIME, "share within SLO"}, ["prefill", "transfer", "decode"]),
+        "chart-stages": ({TIME, "requests"}, ["queued", "prefill", "transfer", "decode"]),
+        "chart-queue": ({TIME, "queued requests"}, list(ser["queue_depth"])),
+        "chart-kv": ({TIME, "KV blocks"}, list(ser["kv_blocks"])),
+        "chart-batch": ({TIME, "sequences in the batch"}, list(ser["decode_batch"])),
+        "chart-spec": ({TIME, "draft acceptance rate", "tokens per target forward, γ"},
+                       ["acceptance rate", "tokens per target forward", "mean γ"]),
+        "hist-ttft": hist("TTFT (s)"), "hist-tpot": hist("TPOT (s)"), "hist-e2e": hist("end-to-end latency (s)"),
+        "hist-queue": hist("queue wait (s)"), "hist-transfer": hist("KV transfer rate (GB/s)"),
+        "gantt": ({TIME, "request (sample)"}, None),
+    }
+
+
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class _Page(HTMLParser):
+    """The rendered DOM: attributes by id, and per chart what plotly drew in it (SVG roots, trace
+    groups, axis-title and legend texts)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.by_id: dict[str, dict[str, str]] = {}
         self.body: dict[str, str] = {}
+        self.charts: dict[str, dict] = {}
+        self._stack: list[tuple[str, str | None, str | None]] = []  # (tag, chart id, "title"/"legend"/None)
 
     def handle_starttag(self, tag, attrs):
         a = {k: v or "" for k, v in attrs}
@@ -61,29 +96,67 @@ class _Attrs(HTMLParser):
             self.body = a
         if "id" in a:
             self.by_id[a["id"]] = a
+        if tag in _VOID:
+            return
+        classes = set(a.get("class", "").split())
+        chart = self._stack[-1][1] if self._stack else None
+        if "chart" in classes and "id" in a:
+            chart = a["id"]
+            self.charts[chart] = {"svg": 0, "traces": 0, "ticks": 0, "modebar": 0, "titles": set(), "legend": []}
+        if chart is not None:
+            c = self.charts[chart]
+            c["svg"] += tag == "svg" and "main-svg" in classes
+            c["traces"] += tag == "g" and "trace" in classes
+            c["ticks"] += tag == "g" and bool(classes & {"xtick", "ytick"})
+            c["modebar"] += "modebar" in classes  # zoom, pan, reset: plotly's tool bar
+        kind = "title" if classes & {"xtitle", "ytitle", "y2title"} else "legend" if "legendtext" in classes else None
+        self._stack.append((tag, chart, kind))
+
+    def handle_endtag(self, tag):
+        for i in range(len(self._stack) - 1, -1, -1):
+            if self._stack[i][0] == tag:
+                del self._stack[i:]
+                return
+
+    def handle_data(self, data):
+        if self._stack and self._stack[-1][1] is not None and self._stack[-1][2] is not None:
+            c = self.charts[self._stack[-1][1]]
+            c["titles"].add(data) if self._stack[-1][2] == "title" else c["legend"].append(data)
 
 
-def render(url: str, screenshot: Path, profile: Path) -> _Attrs:
+def render(url: str, screenshot: Path, profile: Path) -> _Page:
     assert CHROMIUM, "headless Chromium is installed by scripts/setup.sh (Debian package chromium)"
     common = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}"]
     subprocess.run([*common, f"--screenshot={screenshot}", url], check=True, capture_output=True, timeout=120)
     dom = subprocess.run([*common, "--dump-dom", url], check=True, capture_output=True, text=True, timeout=120)
-    parsed = _Attrs()
+    parsed = _Page()
     parsed.feed(dom.stdout)
     return parsed
 
 
-def check_page(page: _Attrs, output: Path, slo: SLO) -> None:
+def check_page(page: _Page, output: Path, slo: SLO) -> None:
     assert page.body.get("data-rendered") == "final", "the page did not render the final state"
     records = [json.loads(line) for line in output.read_text().splitlines()]
-    expected = summarize([from_record(r) for r in records], slo)
+    metrics = [from_record(r) for r in records]
+    expected = summarize(metrics, slo)
     for tile, pick in TILES.items():
         shown = page.by_id[tile].get("data-value")
         want = pick(expected)
         assert shown not in (None, ""), f"tile {tile} is empty"
         assert float(shown) == pytest.approx(want, rel=1e-9, abs=1e-12), f"{tile}: page {shown} != output {want}"
-    for chart in CHARTS:
+    rates = offered_served(metrics, window_s=LIMIT_WINDOW_S)
+    for tile in ("offered", "served"):
+        assert float(page.by_id[tile]["data-value"]) == pytest.approx(rates[f"{tile}_rps"], rel=1e-9)
+    limit = limiting_stage(metrics, slo, window_s=LIMIT_WINDOW_S)
+    assert page.by_id["limiting-stage"]["data-value"] == limit.stage
+    for chart, (titles, legend) in expected_charts(dashboard_state(metrics, slo)).items():
+        drawn = page.charts[chart]
         assert page.by_id[chart].get("data-drawn") == "1", f"{chart} was not drawn"
+        assert drawn["svg"] >= 1 and drawn["traces"] >= (len(legend) if legend else 1), f"{chart}: {drawn}"
+        assert drawn["ticks"] >= 4 and drawn["modebar"] >= 1, f"{chart}: no ticks or zoom tools: {drawn}"
+        assert drawn["titles"] == titles, f"{chart}: axis titles {drawn['titles']} != {titles}"
+        if legend is not None:
+            assert drawn["legend"] == legend, f"{chart}: legend {drawn['legend']} != {legend}"
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +174,8 @@ def finished_batch(ray_cluster, tmp_path_factory):
             seen_live.update(json.loads(urllib.request.urlopen(server.url + "api/state", timeout=10).read()))
 
     run_batch(write_batch(tmp / "in.jsonl", n=24, max_tokens=4, spread=40), out,
-              EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.25), ClusterConfig(), RouterConfig(),
+              EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.25, speculative="ngram",
+                           num_speculative_tokens=3), ClusterConfig(), RouterConfig(),
               BatchOptions(progress=False, slo=slo), on_tick=peek, collector=collector)
     yield server, out, slo, tmp, seen_live
     server.stop()
@@ -110,13 +184,20 @@ def finished_batch(ray_cluster, tmp_path_factory):
 def test_live_dashboard_shows_the_output_figures(finished_batch):
     server, out, slo, tmp, seen_live = finished_batch
     assert seen_live.get("live") and not seen_live["now"]["finished"], "no live state was served mid-batch"
+    # Mid-batch, the offered rate counts every request submitted (all 24 at the start), finished or not.
+    rates = seen_live["rates"]
+    assert rates["offered_rps"] * rates["window_s"] == pytest.approx(24)
+    assert rates["served_rps"] * rates["window_s"] == pytest.approx(seen_live["summary"]["succeeded"])
     shot = tmp / "dashboard.png"
     page = render(server.url, shot, tmp / "profile-live")
     assert shot.stat().st_size > 20_000
     check_page(page, out, slo)
     metrics = urllib.request.urlopen(server.url + "metrics", timeout=10).read().decode()
     assert "pdserve_goodput_requests_per_second" in metrics and "pdserve_kv_blocks_total" in metrics
-    for asset in ("static/dashboard.js", "static/dashboard.css"):  # everything is served locally
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    drafted = sum((r["pdserve"].get("speculative") or {}).get("drafted", 0) for r in records if r["error"] is None)
+    assert re.search(rf"^pdserve_spec_draft_tokens_total {drafted}\.0$", metrics, re.M), "spec counters != records"
+    for asset in ("static/dashboard.js", "static/dashboard.css", f"static/{PLOTLY_JS}"):  # everything served here
         assert urllib.request.urlopen(server.url + asset, timeout=10).status == 200
 
 
@@ -125,9 +206,24 @@ def test_report_shows_the_output_figures(finished_batch):
     report = tmp / "report.html"
     write_report(out, report, slo)
     html = report.read_text()
-    assert not re.search(r"""(src|href)=["']?https?:|fetch\(["']https?:|@import""", html), \
-        "the report must be self-contained"
+    refs = _References()
+    refs.feed(html)
+    assert refs.found == [], f"the report must be one self-contained file, it loads {refs.found}"
+    assert plotly_js() in html  # the charting library itself is inlined
     shot = tmp / "report.png"
     page = render(report.as_uri(), shot, tmp / "profile-report")
     assert shot.stat().st_size > 20_000
     check_page(page, out, slo)
+
+
+class _References(HTMLParser):
+    """Every attribute of the report's own tags that would load something (scripts' text is not parsed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("src", "href", "data", "srcset", "action") and v and not v.startswith("#"):
+                self.found.append(f"<{tag} {k}={v}>")

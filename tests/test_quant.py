@@ -200,3 +200,71 @@ def test_quantized_model_prefill_and_decode_match_dequantized_fp32(tiny_models, 
     again = ModelRunner(config)
     a, b = again.model.layers[0].qkv_proj.qw, runner.model.layers[0].qkv_proj.qw
     assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 70])
+def test_w8a8_equals_the_int8_product_it_stands_for(rows):
+    """The int32 GEMM is exact: the result is (xq @ wq^T) * s_x * s_w up to float32 rounding, and within
+    the two roundings' bound of the float product."""
+    from engine.quant.w8a8 import DynamicInt8Matmul, quantize_rows
+
+    w = _weight(96, 160)
+    qw = quantize(w, "int8", 160)
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows)) * 3
+    x[0] = 0  # an all-zero row
+    y = DynamicInt8Matmul(qw)(x)
+    xq, s = quantize_rows(x)
+    assert (xq.float() * s - x).abs().max() <= s.max() / 2 + 1e-6
+    exact = (xq.double() @ qw.qweight.double().T) * s.double() * qw.scales[:, 0].double()
+    assert torch.allclose(y.double(), exact, rtol=1e-6, atol=1e-6)
+    assert torch.equal(y[0], torch.zeros(96))
+    # |x w - xq s wq t| <= |x - xq s| |w| + |xq s| |w - wq t|, each error within half a step
+    t = qw.scales[:, 0]
+    bound = (s / 2) * w.abs().sum(1) + (xq.float().abs() * s).sum(1, keepdim=True) * (t / 2)
+    assert ((y - x @ w.T).abs() <= bound + 1e-5).all()
+
+
+def test_w8a8_keeps_bf16_activations_dtype_and_refuses_groups():
+    from engine.quant.w8a8 import DynamicInt8Matmul
+
+    qw = quantize(_weight(32, 64), "int8", 64)
+    assert DynamicInt8Matmul(qw)(torch.randn(5, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="one scale per output channel"):
+        DynamicInt8Matmul(quantize(_weight(32, 64), "int8", 32))
+    with pytest.raises(ValueError, match="--quant-group-size"):
+        ModelRunner(EngineConfig(dtype="float32", device="cpu", quantization="w8a8", quant_group_size=32))
+
+
+def test_w8a8_model_matches_float_within_activation_rounding(tiny_with_tokenizer, tmp_path):
+    """Smoothed int8 layers (down_proj stays float), calibrated once and cached; logits close to fp32,
+    same greedy tokens; the stored weight dequantizes back to W (the smoothing undone)."""
+    from engine.quant.smooth import FLOAT_LAYERS
+
+    folder = tiny_with_tokenizer  # calibration tokenizes text
+    base = EngineConfig(model=str(folder), dtype="float32", device="cpu", cache_dir=str(tmp_path), block_size=4)
+    runners = {q: ModelRunner(replace(base, quantization=q)) for q in ("none", "w8a8")}
+    modules = dict(runners["w8a8"].model.named_modules())
+    quantized = {n: m for n, m in modules.items() if isinstance(m, QuantLinear)}
+    assert quantized and {type(m.kernel).__name__ for m in quantized.values()} == {"DynamicInt8Matmul"}
+    assert all(n.endswith(FLOAT_LAYERS) == (n not in quantized) for n, m in modules.items()
+               if isinstance(m, (torch.nn.Linear, QuantLinear)) and n != "lm_head")
+    float_modules = dict(runners["none"].model.named_modules())
+    for name, m in quantized.items():
+        w, qw = float_modules[name].weight.float(), m.qw
+        assert qw.smooth is not None and (qw.smooth > 0).all()
+        step = qw.scales[:, :1] / qw.smooth[None, :]  # one int8 step of W * diag(s), in W's units
+        assert ((dequantize(qw) - w).abs() <= step / 2 + 1e-6).all()
+    prompt = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    logits = {}
+    for q, r in runners.items():
+        pool = KVPool.allocate(r.kv_layout(num_blocks=16))
+        logits[q] = r.prefill([prompt], pool_writer(pool, [token_slots(list(range(16)), len(prompt), 4)]))
+    ref = logits["none"]
+    err = (logits["w8a8"] - ref).abs().max().item()
+    assert 0 < err < 0.05 * ref.abs().max().item(), err
+    assert (logits["w8a8"].argmax(-1) == ref.argmax(-1)).all()
+    assert len(list((tmp_path / "derived").glob("*w8a8*.safetensors"))) == 1
+    again = ModelRunner(replace(base, quantization="w8a8"))  # from the cache: the same factors and weights
+    a = dict(again.model.named_modules())[next(iter(quantized))].qw
+    b = next(iter(quantized.values())).qw
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.smooth, b.smooth)

@@ -204,6 +204,8 @@ def test_metrics_and_dashboard(server, client):
     page = httpx.get(server.url + "/dashboard", follow_redirects=True)
     assert page.status_code == 200 and "dashboard.js" in page.text
     assert httpx.get(server.url + "/dashboard/static/dashboard.js").status_code == 200
+    plotly = httpx.get(server.url + "/dashboard/static/plotly.min.js")  # the charting library, served locally
+    assert "plotly.min.js" in page.text and plotly.status_code == 200 and "plotly.js" in plotly.text[:200]
     state = httpx.get(server.url + "/dashboard/api/state").json()
     assert state["summary"]["succeeded"] >= 1 and state["live"]
 

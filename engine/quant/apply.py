@@ -39,7 +39,7 @@ def quantize_linears(targets: dict[str, nn.Linear], scheme: str, group_size: int
 
 def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel: str = "auto") -> None:
     """Replace the linear layers in place, per `config.quantization` (a no-op for 'none'; 'gguf' reads the
-    GGUF's own blocks).
+    GGUF's own blocks; 'w8a8' is SmoothQuant-scaled per-channel int8 weights run with int8 activations).
 
     Call it on the float32 CPU model right after its weights load: quantization reads the exact
     source weights, and the new modules are placed on `config.device` directly. With `folder`
@@ -50,6 +50,9 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
         return
     if scheme == "gguf":
         _load_gguf_blocks(model, config)
+        return
+    if scheme == "w8a8":
+        _quantize_w8a8(model, config, folder, kernel)
         return
     lm_head = config.quantize_lm_head
     targets = linear_targets(model, lm_head)
@@ -70,6 +73,38 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
         qw = QuantizedWeight.from_tensors(scheme, gs, state, name).to(device)
         bias = None if m.bias is None else m.bias.to(device=device, dtype=config.torch_dtype)
         _set_module(model, name, QuantLinear(qw, bias, kernel))
+
+
+def _quantize_w8a8(model: nn.Module, config, folder: Path | None, kernel: str) -> None:
+    """SmoothQuant-scaled per-channel int8 weights run with int8 activations; FLOAT_LAYERS stay float.
+    The factors come from one calibration forward of the float model (smooth.py), cached with the weights."""
+    from engine.quant.smooth import FLOAT_LAYERS, activation_maxima, calibration_ids, calibration_tag, smoothing_factors
+
+    if config.quant_group_size:
+        raise ValueError("--quantization w8a8 takes one weight scale per output channel: "
+                         f"leave --quant-group-size at 0 (got {config.quant_group_size})")
+    if folder is None:
+        raise ValueError("--quantization w8a8 calibrates on text: it needs the model's folder (tokenizer)")
+    targets = {name: m for name, m in linear_targets(model, config.quantize_lm_head).items()
+               if name.rpartition(".")[2] not in FLOAT_LAYERS}
+    tag = f"w8a8-v{FORMAT_VERSION}-{calibration_tag()}{'-lmhead' if config.quantize_lm_head else ''}"
+
+    def build() -> dict[str, torch.Tensor]:
+        maxima = activation_maxima(model, targets, calibration_ids(folder, model.embed.num_embeddings))
+        out: dict[str, torch.Tensor] = {}
+        for name, m in targets.items():
+            smooth = smoothing_factors(maxima[name], m.weight)
+            out.update(quantize(m.weight, "int8", m.in_features, smooth).tensors(name))
+        return out
+
+    from engine.loader import cached_tensors
+
+    state = cached_tensors(folder, config.cache_dir, tag, build)
+    device = torch.device(config.resolved().device)
+    for name, m in targets.items():
+        qw = QuantizedWeight.from_tensors("int8", m.in_features, state, name).to(device)
+        bias = None if m.bias is None else m.bias.to(device=device, dtype=config.torch_dtype)
+        _set_module(model, name, QuantLinear(qw, bias, kernel, int8_activations=True))
 
 
 def _load_gguf_blocks(model: nn.Module, config, kernel: str = "auto") -> None:

@@ -17,12 +17,13 @@ from engine.quant.scheme import QuantizedWeight, dequantize
 class QuantLinear(nn.Module):
     """y = x @ dequant(W)^T + b, computed by a kernel chosen for the weight's device."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, kernel: str = "auto") -> None:
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, kernel: str = "auto",
+                 int8_activations: bool = False) -> None:
         super().__init__()
         self.qw = qw
         self.out_features, self.in_features = qw.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.kernel = _select_kernel(qw, kernel)
+        self.kernel = _select_kernel(qw, kernel, int8_activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -49,12 +50,17 @@ class ReferenceMatmul:
         return F.linear(x, dequantize(self.qw, x.dtype))
 
 
-def _select_kernel(qw: QuantizedWeight, kernel: str):
-    """auto: Triton on CUDA, the packed/dequantize pair on CPU; reference: dequantize + matmul."""
+def _select_kernel(qw: QuantizedWeight, kernel: str, int8_activations: bool = False):
+    """w8a8: the int8 GEMM on any device. Otherwise auto: Triton on CUDA, the packed/dequantize pair
+    on CPU; reference: dequantize + matmul."""
+    if kernel not in ("auto", "reference"):
+        raise ValueError(f"unknown quant kernel {kernel!r}; auto or reference")
+    if int8_activations:
+        from engine.quant.w8a8 import DynamicInt8Matmul
+
+        return DynamicInt8Matmul(qw)
     if kernel == "reference":
         return ReferenceMatmul(qw)
-    if kernel != "auto":
-        raise ValueError(f"unknown quant kernel {kernel!r}; auto or reference")
     if qw.qweight.device.type == "cuda":
         from engine.quant.triton_gemm import TritonQuantMatmul
 

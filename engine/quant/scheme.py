@@ -33,6 +33,7 @@ class QuantizedWeight:
     qweight: torch.Tensor  # int8 [N, K] | uint8 [N, K // 2]
     scales: torch.Tensor  # float32 [N, G]
     zeros: torch.Tensor | None  # float32 [N, G] offsets m for int4, else None
+    smooth: torch.Tensor | None = None  # float32 [K]: w8a8 stores W * diag(smooth) (engine/quant/smooth.py)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -40,7 +41,7 @@ class QuantizedWeight:
         return n, self.scales.shape[1] * self.group_size
 
     def nbytes(self) -> int:
-        ts = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        ts = [t for t in (self.qweight, self.scales, self.zeros, self.smooth) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -48,16 +49,18 @@ class QuantizedWeight:
         out = {f"{prefix}.qweight": self.qweight, f"{prefix}.scales": self.scales}
         if self.zeros is not None:
             out[f"{prefix}.zeros"] = self.zeros
+        if self.smooth is not None:
+            out[f"{prefix}.smooth"] = self.smooth
         return out
 
     @classmethod
     def from_tensors(cls, scheme: str, group_size: int, state: dict[str, torch.Tensor], prefix: str):
         return cls(scheme, group_size, state[f"{prefix}.qweight"], state[f"{prefix}.scales"],
-                   state.get(f"{prefix}.zeros"))
+                   state.get(f"{prefix}.zeros"), state.get(f"{prefix}.smooth"))
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
-        z = None if self.zeros is None else self.zeros.to(device)
-        return QuantizedWeight(self.scheme, self.group_size, self.qweight.to(device), self.scales.to(device), z)
+        z, sm = (None if t is None else t.to(device) for t in (self.zeros, self.smooth))
+        return QuantizedWeight(self.scheme, self.group_size, self.qweight.to(device), self.scales.to(device), z, sm)
 
 
 def check_group_size(k: int, group_size: int, scheme: str) -> None:
@@ -67,18 +70,22 @@ def check_group_size(k: int, group_size: int, scheme: str) -> None:
         raise ValueError(f"int4 packs two values per byte: quant_group_size must be even, got {group_size}")
 
 
-def quantize(w: torch.Tensor, scheme: str, group_size: int) -> QuantizedWeight:
-    """Quantize a float weight [N, K] (computed in float32)."""
+def quantize(w: torch.Tensor, scheme: str, group_size: int, smooth: torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize a float weight [N, K] (computed in float32); with `smooth` [K] (int8 only), W * diag(smooth)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; one of {SCHEMES}")
     n, k = w.shape
     check_group_size(k, group_size, scheme)
-    g = w.detach().float().reshape(n, k // group_size, group_size)
+    if smooth is not None and scheme != "int8":
+        raise ValueError("smoothing factors go with int8 weights (w8a8)")
+    wf = w.detach().float() if smooth is None else w.detach().float() * smooth.float()
+    g = wf.reshape(n, k // group_size, group_size)
     if scheme == "int8":
         s = g.abs().amax(-1) / 127
         s = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.round(g / s[..., None]).clamp(-127, 127).to(torch.int8).reshape(n, k)
-        return QuantizedWeight(scheme, group_size, q.contiguous(), s.contiguous(), None)
+        sm = None if smooth is None else smooth.float().contiguous()
+        return QuantizedWeight(scheme, group_size, q.contiguous(), s.contiguous(), None, sm)
     lo, hi = g.amin(-1), g.amax(-1)
     s = (hi - lo) / 15
     s = torch.where(s > 0, s, torch.ones_like(s))
@@ -97,8 +104,8 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     n, k = qw.shape
     gs = qw.group_size
     if qw.scheme == "int8":
-        q = qw.qweight.float()
-        return (q.reshape(n, -1, gs) * qw.scales[..., None].float()).reshape(n, k).to(dtype)
+        w = (qw.qweight.float().reshape(n, -1, gs) * qw.scales[..., None].float()).reshape(n, k)
+        return (w if qw.smooth is None else w / qw.smooth.float()).to(dtype)
     q = unpack_int4(qw.qweight).float().reshape(n, -1, gs)
     w = q * qw.scales[..., None].float() + qw.zeros[..., None].float()
     return w.reshape(n, k).to(dtype)

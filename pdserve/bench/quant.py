@@ -1,7 +1,8 @@
 """`pdserve bench quant`: quantized weights against the float dtypes, in one run, on this machine.
 
-Per setting (`float32`, `bfloat16`, `int8`, `int4`, `gguf` = the file's own blocks; `+lmhead` also
-quantizes the LM head; `+kvint8` stores the KV cache as int8, `--kv-cache-dtype int8`):
+Per setting (`float32`, `bfloat16`, `int8`, `w8a8` = int8 weights and activations, `int4`, `gguf` = the
+file's own blocks; `+lmhead` also quantizes the LM head; `+kvint8` stores the KV cache as int8,
+`--kv-cache-dtype int8`):
 weight bytes; KV bytes per token (all layers, K and V, scales included); perplexity on heldout.txt
 (for a `+kvint8` row scored through the int8 pool: every position attends to the quantized K/V of
 the window, its own included, as a decode step does); greedy agreement with bfloat16 over
@@ -26,7 +27,6 @@ model-dtype KV cache).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from engine.config import EngineConfig
 from engine.kv_cache import BlockManager, KVPool
 from engine.quant import weight_bytes
 from engine.runner import ModelRunner, pool_writer, token_slots
+from pdserve.bench.clock import bench_clock, clock_name
 
 HELDOUT = Path(__file__).with_name("heldout.txt")
 FLOAT_SETTINGS = ("float32", "bfloat16")
@@ -45,7 +46,7 @@ FLOAT_SETTINGS = ("float32", "bfloat16")
 
 @dataclass(frozen=True)
 class QuantBench:
-    settings: tuple[str, ...] = ("float32", "bfloat16", "bfloat16+kvint8", "int8", "int4", "int4+lmhead",
+    settings: tuple[str, ...] = ("float32", "bfloat16", "bfloat16+kvint8", "int8", "w8a8", "int4", "int4+lmhead",
                                  "gguf+lmhead")
     batch_sizes: tuple[int, ...] = (1, 64)
     decode_steps: int = 16
@@ -57,8 +58,8 @@ class QuantBench:
 
 
 def setting_config(engine: EngineConfig, setting: str) -> EngineConfig:
-    """`float32` | `bfloat16` | `int8` | `int4` | `gguf`, optionally `+lmhead` (not for a float dtype) and
-    `+kvint8`, as an EngineConfig (CPU)."""
+    """`float32` | `bfloat16` | `int8` | `w8a8` | `int4` | `gguf`, optionally `+lmhead` (not for a float dtype)
+    and `+kvint8`, as an EngineConfig (CPU)."""
     name, *extras = setting.split("+")
     if any(e not in ("lmhead", "kvint8") for e in extras) or len(set(extras)) != len(extras):
         raise ValueError(f"setting {setting!r}: the suffixes are +lmhead and +kvint8")
@@ -66,10 +67,10 @@ def setting_config(engine: EngineConfig, setting: str) -> EngineConfig:
     if name in FLOAT_SETTINGS and "lmhead" not in extras:
         return replace(engine, dtype=name, quantization="none", quantize_lm_head=False, device="cpu",
                        kv_cache_dtype=kv)
-    if name in ("int8", "int4", "gguf"):
+    if name in ("int8", "w8a8", "int4", "gguf"):
         return replace(engine, dtype="float32", quantization=name, quantize_lm_head="lmhead" in extras, device="cpu",
                        kv_cache_dtype=kv)
-    raise ValueError(f"unknown setting {setting!r}: float32, bfloat16, int8, int4, gguf (+lmhead), (+kvint8)")
+    raise ValueError(f"unknown setting {setting!r}: float32, bfloat16, int8, w8a8, int4, gguf (+lmhead), (+kvint8)")
 
 
 def base_setting(setting: str) -> str:
@@ -149,10 +150,11 @@ def decode_rates(runner: ModelRunner, prompt: list[int], batch: int, steps: int,
     s.step()
     rates = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        clock = bench_clock()
+        t = clock()
         for _ in range(steps):
             s.step()
-        rates.append(batch * steps / (time.perf_counter() - t))
+        rates.append(batch * steps / (clock() - t))
     return rates
 
 
@@ -201,7 +203,8 @@ def run(bench: QuantBench, engine: EngineConfig, print_fn=print) -> dict:
         del runner
     wanted = set(bench.settings) | {base_setting(s) for s in bench.settings}
     rows = {s: r for s, r in rows.items() if s in wanted}  # bfloat16 is always measured (the reference)
-    report = {"held_out_tokens": len(text_ids), "threads": torch.get_num_threads(), "settings": rows}
+    report = {"held_out_tokens": len(text_ids), "threads": torch.get_num_threads(), "clock": clock_name(),
+              "settings": rows}
     report["last_line"] = _last_line(rows, bench.batch_sizes)
     print_fn(render(report, bench.batch_sizes))
     return report
@@ -234,7 +237,7 @@ def render(report: dict, batch_sizes: tuple[int, ...]) -> str:
     head = f"{'setting':<18} {'weight MB':>9} {'KV B/tok':>8} {'ppl':>8} {'vs fp32':>8} {'agree':>6}" + "".join(
         f" {'decode b' + str(b) + ' tok/s':>22}" for b in batch_sizes)
     lines = [f"perplexity over {report['held_out_tokens']} held-out tokens; decode min-max over repeats; "
-             f"{report['threads']} torch threads", head]
+             f"{report['threads']} torch threads, {report['clock']}", head]
     base = rows.get("float32", {}).get("perplexity")
     for name, r in rows.items():
         ratio = f"{r['perplexity'] / base:8.4f}" if base else f"{'-':>8}"

@@ -16,7 +16,10 @@ token's time in ms after the first.
     end-to-end        finish - queued
 Goodput (DistServe): completed requests per second that meet both the TTFT
 and the TPOT SLO. Attainment: prefill stage = share within the TTFT SLO;
-decode stage = share within the TPOT SLO.
+decode stage = share within the TPOT SLO. Offered rate: requests arriving
+(queued) per second; served rate: requests completing per second.
+Speculative decoding (`pdserve.speculative` of each line): acceptance rate,
+tokens per target forward and the γ asked (see `speculative_summary`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ class RequestMetrics:
     kv_blocks: int = 0
     prefill_worker: str | None = None
     decode_worker: str | None = None
+    spec_drafted: int | None = None  # speculative decoding (None: it was off for this request)
+    spec_accepted: int | None = None
+    spec_steps: int | None = None  # speculative steps; None on lines written before it was recorded
+    spec_forwards: int | None = None  # target forwards that gave it tokens (speculative + plain)
+    spec_gamma_mean: float | None = None  # mean γ asked per speculative step
 
     def meets(self, slo: SLO) -> tuple[bool, bool]:
         """(TTFT within SLO, TPOT within SLO); a single-token answer has no TPOT and meets it."""
@@ -101,6 +109,7 @@ def from_record(record: dict[str, Any]) -> RequestMetrics:
     kv_bytes = ext.get("kv_bytes") or 0
     busy = ext.get("kv_transfer_busy_s") or transfer
     slo = ext.get("slo") or {}
+    spec = ext.get("speculative") or {}
     return RequestMetrics(
         custom_id=record.get("custom_id"), ok=ok, queued=t.get("queued") or 0.0,
         finish=t.get("finish") or t.get("queued") or 0.0,
@@ -120,7 +129,9 @@ def from_record(record: dict[str, Any]) -> RequestMetrics:
         transfer_start=t.get("transfer_start"), transfer_end=t.get("transfer_end"),
         decode_admit=t.get("decode_admit"), slo_ttft_s=slo.get("ttft_s"), slo_tpot_s=slo.get("tpot_s"),
         first_token=t.get("first_token"), kv_blocks=ext.get("kv_blocks") or 0,
-        prefill_worker=ext.get("prefill_worker"), decode_worker=ext.get("decode_worker"))
+        prefill_worker=ext.get("prefill_worker"), decode_worker=ext.get("decode_worker"),
+        spec_drafted=spec.get("drafted"), spec_accepted=spec.get("accepted"), spec_steps=spec.get("steps"),
+        spec_forwards=spec.get("forwards"), spec_gamma_mean=spec.get("gamma_mean"))
 
 
 def _stats(values: Iterable[float | None]) -> dict[str, float | None]:
@@ -174,24 +185,78 @@ def summarize(requests: Sequence[RequestMetrics], slo: SLO, window: tuple[float,
             },
             "end_to_end": {"latency_s": _stats(r.e2e_s for r in ok)},
         },
+        "speculative": speculative_summary(ok),
     }
 
 
+def speculative_summary(requests: Sequence[RequestMetrics]) -> dict[str, Any] | None:
+    """Speculative decoding over the requests that carry its figures; None when none did.
+
+        acceptance_rate     Σ accepted / Σ drafted  (vLLM's draft acceptance rate)
+        mean_accepted       Σ accepted / Σ steps    (drafts kept per verify step)
+        tokens_per_forward  Σ decode tokens / Σ target forwards, speculative and plain; decode tokens
+                            are output tokens less the prefill's first. 1.0 is plain decoding.
+        gamma_mean          Σ γ asked / Σ steps     (γ asked of the drafter per speculative step)
+    Lines written before steps/forwards/γ were recorded count only in the first figure.
+    """
+    spec = [r for r in requests if r.spec_drafted is not None]
+    if not spec:
+        return None
+    drafted = sum(r.spec_drafted or 0 for r in spec)
+    accepted = sum(r.spec_accepted or 0 for r in spec)
+    counted = [r for r in spec if r.spec_steps is not None and r.spec_forwards is not None]
+    steps = sum(r.spec_steps or 0 for r in counted)
+    forwards = sum(r.spec_forwards or 0 for r in counted)
+    tokens = sum(max(r.output_tokens - 1, 0) for r in counted)
+    gamma = sum((r.spec_gamma_mean or 0.0) * (r.spec_steps or 0) for r in counted)
+    return {"requests": len(spec), "drafted": drafted, "accepted": accepted,
+            "acceptance_rate": accepted / drafted if drafted else None,
+            "steps": steps, "forwards": forwards, "decode_tokens": tokens,
+            "mean_accepted": accepted / steps if steps else None,
+            "tokens_per_forward": tokens / forwards if forwards else None,
+            "gamma_mean": gamma / steps if steps else None}
+
+
 def goodput_series(requests: Sequence[RequestMetrics], slo: SLO, bucket_s: float = 1.0,
-                   start: float | None = None) -> list[dict[str, float]]:
-    """Goodput and throughput per time bucket (by finish time), for the 'goodput over time' panel."""
-    if not requests:
+                   start: float | None = None, in_flight_queued: Sequence[float] = ()) -> list[dict[str, float]]:
+    """Per time bucket: offered rate (requests queued in it: finished, failed and `in_flight_queued`,
+    the queued times of requests not finished yet), served rate (`throughput_rps`: requests that
+    succeeded, by finish time) and goodput (those of them within both SLOs), all in requests/s; `t`
+    is the bucket's start, seconds after `start`."""
+    arrivals = [r.queued for r in requests] + list(in_flight_queued)
+    if not arrivals:
         return []
-    t0 = min(r.queued for r in requests) if start is None else start
-    end = max(r.finish for r in requests)
+    t0 = min(arrivals) if start is None else start
+    end = max([r.finish for r in requests] + arrivals)
     n = max(1, math.ceil((end - t0) / bucket_s))
-    good, done = [0] * n, [0] * n
+    at = lambda t: min(n - 1, max(0, int((t - t0) / bucket_s)))  # noqa: E731
+    good, done, offered = [0] * n, [0] * n, [0] * n
+    for t in arrivals:
+        offered[at(t)] += 1
     for r in requests:
         if not r.ok:
             continue
-        i = min(n - 1, max(0, int((r.finish - t0) / bucket_s)))
+        i = at(r.finish)
         done[i] += 1
         a, b = r.meets(slo)
         good[i] += a and b
-    return [{"t": round(i * bucket_s, 3), "goodput_rps": good[i] / bucket_s, "throughput_rps": done[i] / bucket_s}
-            for i in range(n)]
+    return [{"t": round(i * bucket_s, 3), "offered_rps": offered[i] / bucket_s, "goodput_rps": good[i] / bucket_s,
+             "throughput_rps": done[i] / bucket_s} for i in range(n)]
+
+
+def offered_served(requests: Sequence[RequestMetrics], in_flight_queued: Sequence[float] = (),
+                   window_s: float = 60.0) -> dict[str, float | None]:
+    """Offered and served rate (requests/s) over the last `window_s` before the latest event (an arrival
+    or a finish), or since the first arrival when the run is shorter. Offered counts every arrival
+    (`in_flight_queued`: queued times of requests not finished yet); served, requests that succeeded.
+    Served below offered for long means a queue is growing."""
+    arrivals = [r.queued for r in requests] + list(in_flight_queued)
+    if not arrivals:
+        return {"window_s": None, "offered_rps": None, "served_rps": None}
+    end = max([r.finish for r in requests] + arrivals)
+    span = min(window_s, end - min(arrivals))
+    if span <= 0:
+        return {"window_s": None, "offered_rps": None, "served_rps": None}
+    since = end - span
+    return {"window_s": span, "offered_rps": sum(t >= since for t in arrivals) / span,
+            "served_rps": sum(r.ok and r.finish >= since for r in requests) / span}

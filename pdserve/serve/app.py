@@ -22,14 +22,12 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from starlette.exceptions import HTTPException
 
 from pdserve.batch.format import BatchLimits
-from pdserve.observability.dashboard.server import STATIC, page_html
+from pdserve.observability.dashboard.server import asset, page_html
 from pdserve.serve.loop import ServingLoop, Sink
 from pdserve.serve.protocol import ApiError, Chunks, error_body, parse, response_body
 from pdserve.serve.text import TextStream
 from router.request import Request as RouterRequest
 from router.request import State
-
-_TYPES = {".js": "application/javascript", ".css": "text/css"}
 
 
 @dataclass(frozen=True)
@@ -172,10 +170,10 @@ def build_app(config: AppConfig, loop: ServingLoop, tokenizer: Any) -> FastAPI:
 
     @app.get("/dashboard/static/{name}")
     async def dashboard_static(name: str) -> Response:
-        path = STATIC / name
-        if "/" in name or path.suffix not in _TYPES or not path.is_file():
+        found = asset(name)
+        if found is None:
             raise HTTPException(404, f"no dashboard file {name!r}")
-        return Response(path.read_bytes(), media_type=_TYPES[path.suffix])
+        return Response(found[0], media_type=found[1])
 
     return app
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter as Multiset
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from pdserve.observability.dashboard.state import dashboard_state
-from pdserve.observability.metrics import SLO, RequestMetrics, from_record, summarize
+from pdserve.observability.dashboard.state import LIMIT_WINDOW_S, dashboard_state
+from pdserve.observability.limiting import STAGES, limiting_stage
+from pdserve.observability.metrics import SLO, RequestMetrics, from_record, offered_served, summarize
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 _GBPS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50)
@@ -31,6 +33,10 @@ METRIC_NAMES = (
     "pdserve_queue_depth", "pdserve_kv_blocks_used", "pdserve_kv_blocks_total", "pdserve_decode_batch_size",
     "pdserve_prefill_batch_size", "pdserve_slo_ttft_seconds", "pdserve_slo_tpot_seconds",
     "pdserve_prefix_cached_tokens_total", "pdserve_kv_transfer_saved_bytes_total",
+    "pdserve_limiting_stage", "pdserve_offered_requests_per_second", "pdserve_served_requests_per_second",
+    "pdserve_spec_draft_tokens_total", "pdserve_spec_accepted_tokens_total", "pdserve_spec_steps_total",
+    "pdserve_spec_gamma_asked_total", "pdserve_spec_target_forwards_total", "pdserve_spec_decode_tokens_total",
+    "pdserve_spec_acceptance_rate", "pdserve_spec_tokens_per_forward", "pdserve_spec_gamma_mean",
 )
 
 
@@ -75,6 +81,26 @@ class _Prometheus:
         self.decode_batch = Gauge("pdserve_decode_batch_size", "Sequences in a decode worker's batch now",
                                   ["worker"], registry=r)
         self.prefill_batch = h("pdserve_prefill_batch_size", "Requests per prefill batch", _BATCH_BUCKETS)
+        self.limiting = Gauge("pdserve_limiting_stage", "1 for the stage that limits goodput over the last "
+                              "window (pdserve/observability/limiting.py), 0 for the others", ["stage"], registry=r)
+        self.offered = Gauge("pdserve_offered_requests_per_second",
+                             "Requests arriving per second over the last window (finished or not)", registry=r)
+        self.served = Gauge("pdserve_served_requests_per_second",
+                            "Requests completing successfully per second over the last window", registry=r)
+        c = lambda name, doc: Counter(name, doc, registry=r)  # noqa: E731
+        self.spec_drafted = c("pdserve_spec_draft_tokens", "Speculative decoding: tokens drafted")
+        self.spec_accepted = c("pdserve_spec_accepted_tokens", "Speculative decoding: drafted tokens accepted")
+        self.spec_steps = c("pdserve_spec_steps", "Speculative (verify) steps, summed over requests")
+        self.spec_gamma = c("pdserve_spec_gamma_asked", "Σ γ asked of the drafter over speculative steps")
+        self.spec_forwards = c("pdserve_spec_target_forwards",
+                               "Target forwards (speculative + plain) that gave speculating requests tokens")
+        self.spec_tokens = c("pdserve_spec_decode_tokens", "Decode tokens (after the first) of speculating requests")
+        self.spec_acceptance = Gauge("pdserve_spec_acceptance_rate", "Accepted / drafted tokens (batch so far)",
+                                     registry=r)
+        self.spec_tpf = Gauge("pdserve_spec_tokens_per_forward", "Decode tokens per target forward (batch so far)",
+                              registry=r)
+        self.spec_gamma_mean = Gauge("pdserve_spec_gamma_mean", "Mean γ asked per speculative step (batch so far)",
+                                     registry=r)
         Gauge("pdserve_slo_ttft_seconds", "TTFT SLO", registry=r).set(slo.ttft_s)
         Gauge("pdserve_slo_tpot_seconds", "TPOT SLO", registry=r).set(slo.tpot_s)
 
@@ -94,6 +120,14 @@ class _Prometheus:
                 hist.observe(value)
         self.transfer_bytes.inc(m.kv_bytes)
         self.saved_bytes.inc(m.kv_bytes_saved)
+        if m.spec_drafted is not None:
+            self.spec_drafted.inc(m.spec_drafted)
+            self.spec_accepted.inc(m.spec_accepted or 0)
+            if m.spec_steps is not None and m.spec_forwards is not None:
+                self.spec_steps.inc(m.spec_steps)
+                self.spec_gamma.inc((m.spec_gamma_mean or 0.0) * m.spec_steps)
+                self.spec_forwards.inc(m.spec_forwards)
+                self.spec_tokens.inc(max(m.output_tokens - 1, 0))
         ttft_ok, tpot_ok = m.meets(slo)
         for stage, met in (("prefill", ttft_ok), ("decode", tpot_ok), ("both", ttft_ok and tpot_ok)):
             if met:
@@ -109,6 +143,11 @@ class _Prometheus:
             self.stage_tps.labels(stage).set(stages[key]["tokens_per_s"])
         if s["slo_attainment"] is not None:
             self.attainment.labels("both").set(s["slo_attainment"])
+        spec = s.get("speculative") or {}
+        for gauge, key in ((self.spec_acceptance, "acceptance_rate"), (self.spec_tpf, "tokens_per_forward"),
+                           (self.spec_gamma_mean, "gamma_mean")):
+            if spec.get(key) is not None:
+                gauge.set(spec[key])
 
 
 class MetricsCollector:
@@ -118,6 +157,7 @@ class MetricsCollector:
         self._requests: list[RequestMetrics] = []
         self._live: dict[str, Any] = {}
         self._live_at = 0.0
+        self._in_flight: Multiset[float] = Multiset()  # queued times of the router's unfinished requests
         self._summary_stale = False
         self.finished = False
         self.prom = _Prometheus(slo)
@@ -127,6 +167,8 @@ class MetricsCollector:
         m = from_record(record)
         with self._lock:
             self._requests.append(m)
+            if self._in_flight[m.queued] > 0:  # seen in flight at the last refresh: count its arrival once
+                self._in_flight[m.queued] -= 1
             self.prom.observe(m, self.slo)
             self._summary_stale = True
 
@@ -143,6 +185,7 @@ class MetricsCollector:
         import ray
 
         snap = router.snapshot()
+        in_flight = Multiset(q for r in list(router.active.values()) if (q := r.timeline.get("queued")) is not None)
         workers = {}
         try:
             stats = ray.get([h.stats.remote() for h in router.workers.decode.values()], timeout=5)
@@ -152,6 +195,8 @@ class MetricsCollector:
         with self._lock:
             self._live = {"at": now, "states": snap["states"], "queue_depth": snap["queue_depth"],
                           "decode_workers": workers}
+            self._in_flight = in_flight
+            self._summary_stale = True
             for state in ("queued", "prefill", "transfer", "decode"):
                 self.prom.in_state.labels(state).set(snap["states"].get(state, 0))
             for bucket, depth in snap["queue_depth"].items():
@@ -164,7 +209,9 @@ class MetricsCollector:
     def state(self) -> dict[str, Any]:
         with self._lock:
             requests, live = list(self._requests), dict(self._live, finished=self.finished)
-        return dashboard_state(requests, self.slo, total_lines=self.total_lines, live=live, title=self.title)
+            in_flight = list(self._in_flight.elements())
+        return dashboard_state(requests, self.slo, total_lines=self.total_lines, live=live, title=self.title,
+                               in_flight_queued=in_flight)
 
     def prometheus(self) -> bytes:
         with self._lock:
@@ -173,6 +220,14 @@ class MetricsCollector:
 
     def _refresh_summary(self) -> None:
         """Batch-level gauges (goodput, attainment, stage rates): O(requests), so only when read."""
+        if self._summary_stale and (self._requests or self._in_flight):
+            rates = offered_served(self._requests, list(self._in_flight.elements()), LIMIT_WINDOW_S)
+            if rates["offered_rps"] is not None:
+                self.prom.offered.set(rates["offered_rps"])
+                self.prom.served.set(rates["served_rps"])
         if self._summary_stale and self._requests:
             self.prom.set_summary(summarize(self._requests, self.slo))
+            limit = limiting_stage(self._requests, self.slo, window_s=LIMIT_WINDOW_S)
+            for stage in STAGES:
+                self.prom.limiting.labels(stage).set(1 if limit and limit.stage == stage else 0)
             self._summary_stale = False

@@ -11,14 +11,24 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
-from pdserve.observability.metrics import SLO, RequestMetrics, goodput_series, summarize
+from pdserve.observability.limiting import attainment_series, limiting_stage
+from pdserve.observability.metrics import (
+    SLO,
+    RequestMetrics,
+    goodput_series,
+    offered_served,
+    speculative_summary,
+    summarize,
+)
 from router.queue import DEFAULT_BUCKET_EDGES, LengthBucketQueue
 
 GRID_POINTS = 120
 GANTT_ROWS = 40
 HIST_BINS = 24
+LIMIT_WINDOW_S = 60.0  # the limiting stage is judged on the requests that finished in the last minute
 
 
 def _grid(t0: float, t1: float, points: int = GRID_POINTS) -> list[float]:
@@ -48,9 +58,26 @@ def histogram(values: Sequence[float], bins: int = HIST_BINS) -> dict[str, Any]:
     return {"edges": [lo + i * width for i in range(bins + 1)], "counts": counts}
 
 
+def _spec_series(ok: Sequence[RequestMetrics], bucket_s: float, t0: float) -> list[dict[str, Any]]:
+    """Speculative decoding's figures per bucket of finish time; empty when it was off."""
+    spec = [r for r in ok if r.spec_drafted is not None]
+    if not spec:
+        return []
+    n = max(1, math.ceil((max(r.finish for r in spec) - t0) / bucket_s))
+    buckets: list[list[RequestMetrics]] = [[] for _ in range(n)]
+    for r in spec:
+        buckets[min(n - 1, max(0, int((r.finish - t0) / bucket_s)))].append(r)
+    keys = ("acceptance_rate", "tokens_per_forward", "gamma_mean")
+    return [{"t": round(i * bucket_s, 3), **({k: s[k] for k in keys} if (s := speculative_summary(rs))
+                                             else dict.fromkeys(keys))}
+            for i, rs in enumerate(buckets)]
+
+
 def dashboard_state(requests: Sequence[RequestMetrics], slo: SLO, *, total_lines: int | None = None,
                     live: dict[str, Any] | None = None, title: str = "pdserve batch",
-                    bucket_edges: Sequence[int] = DEFAULT_BUCKET_EDGES) -> dict[str, Any]:
+                    bucket_edges: Sequence[int] = DEFAULT_BUCKET_EDGES,
+                    in_flight_queued: Sequence[float] = ()) -> dict[str, Any]:
+    """`in_flight_queued`: queued times of requests not finished yet (live), for the offered rate."""
     done = [r for r in requests]
     summary = summarize(done, slo) if done else None
     state: dict[str, Any] = {"title": title, "generated_at": time.time(), "live": live is not None,
@@ -58,9 +85,10 @@ def dashboard_state(requests: Sequence[RequestMetrics], slo: SLO, *, total_lines
                                                                                      "tpot_s": slo.tpot_s}}
     if live is not None:
         state["now"] = live
+    state["rates"] = offered_served(done, in_flight_queued, LIMIT_WINDOW_S)
     if not done:
         return state
-    t0 = min(r.queued for r in done)
+    t0 = min([r.queued for r in done] + list(in_flight_queued))
     t1 = max(r.finish for r in done)
     grid = _grid(t0, t1)
     rel = [round(t - t0, 4) for t in grid]
@@ -68,7 +96,12 @@ def dashboard_state(requests: Sequence[RequestMetrics], slo: SLO, *, total_lines
     queue = LengthBucketQueue(bucket_edges)
 
     series: dict[str, Any] = {"t": rel}
-    series["goodput"] = goodput_series(done, slo, bucket_s=max((t1 - t0) / 30, 0.5), start=t0)
+    bucket_s = max((t1 - t0) / 30, 0.5)
+    series["goodput"] = goodput_series(done, slo, bucket_s=bucket_s, start=t0, in_flight_queued=in_flight_queued)
+    series["attainment"] = attainment_series(done, slo, bucket_s=bucket_s, start=t0)
+    series["speculative"] = _spec_series(ok, bucket_s, t0)
+    limit = limiting_stage(done, slo, window_s=LIMIT_WINDOW_S)
+    state["limiting"] = asdict(limit) if limit else None
     # Requests in each stage over time.
     stages = {
         "queued": [(r.queued, r.prefill_start or r.finish, 1) for r in done],

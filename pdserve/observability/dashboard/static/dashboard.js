@@ -1,17 +1,16 @@
-// pdserve dashboard: draws the state computed by pdserve/observability/dashboard/state.py with plain SVG.
-// No libraries, nothing fetched from elsewhere: the page works offline. In a report the state
-// is embedded (window.PDSERVE_STATE); live, it is polled from /api/state every second.
+// pdserve dashboard: draws the state computed by pdserve/observability/dashboard/state.py with plotly.js
+// (ticks, axis titles, hover values, zoom). plotly.js comes from the installed `plotly` package: the
+// dashboard's server serves it, a report inlines it, so nothing is fetched from elsewhere and the page
+// works offline. In a report the state is embedded (window.PDSERVE_STATE); live, it is polled from
+// api/state every second, and redraws keep the zoom the user chose (uirevision).
 (function () {
   "use strict";
   const COLORS = ["#2f80ed", "#e8833a", "#27ae60", "#b04ad6", "#eb5757", "#f2c94c", "#56ccf2", "#6d4c41"];
-  const NS = "http://www.w3.org/2000/svg";
+  const STAGE_COLORS = { queued: "#8a93a6", prefill: "#e8833a", transfer: "#b04ad6", decode: "#2f80ed" };
+  const CONFIG = { displaylogo: false, responsive: true };
+  const TIME = "time since the first arrival (s)";
+  let pending = [];
 
-  function el(tag, attrs, parent) {
-    const e = document.createElementNS(NS, tag);
-    for (const k in attrs) e.setAttribute(k, attrs[k]);
-    if (parent) parent.appendChild(e);
-    return e;
-  }
   function num(x, digits) {
     if (x === null || x === undefined || !isFinite(x)) return "–";
     const a = Math.abs(x);
@@ -27,85 +26,133 @@
     node.setAttribute("data-value", value === null || value === undefined ? "" : String(value));
   }
 
-  function frame(container, w, h) {
-    container.innerHTML = "";
-    return el("svg", { viewBox: `0 0 ${w} ${h}`, role: "img" }, container);
+  function layout(xTitle, yTitle, extra) {
+    return Object.assign({
+      uirevision: "keep", height: 270, margin: { l: 64, r: 20, t: 30, b: 46 },
+      font: { family: "system-ui, -apple-system, 'Segoe UI', sans-serif", size: 11, color: "#334" },
+      xaxis: { title: { text: xTitle }, zeroline: false, gridcolor: "#eceef2" },
+      yaxis: { title: { text: yTitle }, rangemode: "tozero", gridcolor: "#eceef2" },
+      showlegend: true, legend: { orientation: "h", x: 0, y: 1.0, yanchor: "bottom" },
+      hovermode: "x unified", paper_bgcolor: "#fff", plot_bgcolor: "#fff",
+    }, extra || {});
   }
 
-  function axes(svg, x0, y0, x1, y1, xmax, ymax, xlabel) {
-    el("line", { x1: x0, y1: y1, x2: x1, y2: y1, stroke: "#99a" }, svg);
-    el("line", { x1: x0, y1: y0, x2: x0, y2: y1, stroke: "#99a" }, svg);
-    const t = (x, y, s, anchor) => { const n = el("text", { x: x, y: y, "font-size": 10, fill: "#556", "text-anchor": anchor || "middle" }, svg); n.textContent = s; };
-    t(x0 - 4, y0 + 8, num(ymax), "end");
-    t(x0 - 4, y1, "0", "end");
-    t(x1, y1 + 12, num(xmax) + (xlabel || ""), "end");
-    t(x0, y1 + 12, "0", "start");
-  }
-
-  function lineChart(id, xs, named) {
+  // Draw (or redraw in place) one chart; data-drawn says "1" once plotly has rendered data, "empty" if none.
+  function draw(id, traces, lay, emptyText) {
     const box = document.getElementById(id);
-    const W = 560, H = 190, L = 44, R = 110, T = 8, B = 22;
-    const svg = frame(box, W, H);
-    const names = Object.keys(named);
-    if (!xs || !xs.length || !names.length) { box.setAttribute("data-drawn", "empty"); return; }
-    const xmax = xs[xs.length - 1] || 1;
-    let ymax = 0;
-    names.forEach(n => named[n].forEach(v => { if (v > ymax) ymax = v; }));
-    ymax = ymax || 1;
-    axes(svg, L, T, W - R, H - B, xmax, ymax, " s");
-    names.forEach((n, i) => {
-      const pts = named[n].map((v, j) => `${L + (xs[j] / xmax) * (W - R - L)},${H - B - (v / ymax) * (H - B - T)}`);
-      el("polyline", { points: pts.join(" "), fill: "none", stroke: COLORS[i % COLORS.length], "stroke-width": 1.6 }, svg);
-      const label = el("text", { x: W - R + 8, y: T + 12 + 13 * i, "font-size": 11, fill: COLORS[i % COLORS.length] }, svg);
-      label.textContent = n;
+    const has = traces.some(t => t.x && t.x.length);
+    if (!has) {
+      lay.annotations = [{ text: emptyText || "no data yet", showarrow: false, xref: "paper", yref: "paper", x: 0.5, y: 0.5 }];
+    }
+    pending.push(Plotly.react(box, traces, lay, CONFIG).then(() => box.setAttribute("data-drawn", has ? "1" : "empty")));
+  }
+
+  function lines(id, xs, named, yTitle, extra) {
+    const traces = Object.keys(named).map((n, i) => ({
+      type: "scatter", mode: "lines", name: n, x: xs, y: named[n],
+      line: { color: STAGE_COLORS[n] || COLORS[i % COLORS.length], width: 1.8 },
+    }));
+    draw(id, xs && xs.length ? traces : [], layout(TIME, yTitle, extra));
+  }
+
+  function rates(points) {
+    const x = points.map(p => p.t);
+    const step = (name, key, color, dash) => ({ type: "scatter", mode: "lines", name, x, y: points.map(p => p[key]),
+      line: { color, width: 1.8, shape: "hv", dash: dash || "solid" } });
+    draw("chart-rates", x.length ? [step("offered", "offered_rps", "#8a93a6", "dot"), step("served", "throughput_rps", "#2f80ed"),
+                                    step("goodput", "goodput_rps", "#27ae60")] : [],
+         layout(TIME, "requests/s"));
+  }
+
+  function attainment(points, target) {
+    const x = points.map(p => p.t);
+    const traces = ["prefill", "transfer", "decode"].map(s => ({
+      type: "scatter", mode: "lines+markers", name: s, x, y: points.map(p => p[s]), connectgaps: false,
+      line: { color: STAGE_COLORS[s], width: 1.8 }, marker: { size: 4 },
+    }));
+    const lay = layout(TIME, "share within SLO", {
+      yaxis: { title: { text: "share within SLO" }, range: [0, 1.05], tickformat: ".0%", gridcolor: "#eceef2" },
+      shapes: [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: target, y1: target, line: { color: "#c0392b", width: 1, dash: "dash" } }],
     });
-    box.setAttribute("data-drawn", "1");
+    draw("chart-attainment", x.length ? traces : [], lay);
   }
 
-  function histogram(id, h) {
-    const box = document.getElementById(id);
-    const W = 560, H = 170, L = 44, R = 10, T = 8, B = 22;
-    const svg = frame(box, W, H);
-    if (!h || !h.counts || !h.counts.length) { box.setAttribute("data-drawn", "empty"); return; }
-    const cmax = Math.max.apply(null, h.counts) || 1;
-    const lo = h.edges[0], hi = h.edges[h.edges.length - 1];
-    const bw = (W - L - R) / h.counts.length;
-    h.counts.forEach((c, i) => {
-      const bh = (c / cmax) * (H - B - T);
-      const r = el("rect", { x: L + i * bw + 1, y: H - B - bh, width: Math.max(bw - 2, 1), height: bh, fill: "#2f80ed" }, svg);
-      el("title", {}, r).textContent = `${num(h.edges[i])} – ${num(h.edges[i + 1])}: ${c}`;
+  function speculative(points) {
+    const x = points.map(p => p.t);
+    const trace = (name, key, axis, color) => ({ type: "scatter", mode: "lines+markers", name, x, y: points.map(p => p[key]),
+      yaxis: axis, connectgaps: false, line: { color, width: 1.8 }, marker: { size: 4 } });
+    const lay = layout(TIME, "draft acceptance rate", {
+      yaxis: { title: { text: "draft acceptance rate" }, range: [0, 1.05], tickformat: ".0%", gridcolor: "#eceef2" },
+      yaxis2: { title: { text: "tokens per target forward, γ" }, overlaying: "y", side: "right", rangemode: "tozero",
+                tickmode: "auto", showgrid: false },
+      margin: { l: 64, r: 64, t: 30, b: 46 },
     });
-    el("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#99a" }, svg);
-    const t = (x, s, a) => { const n = el("text", { x: x, y: H - 6, "font-size": 10, fill: "#556", "text-anchor": a }, svg); n.textContent = s; };
-    t(L, num(lo), "start"); t(W - R, num(hi), "end");
-    const y = el("text", { x: L - 4, y: T + 8, "font-size": 10, fill: "#556", "text-anchor": "end" }, svg); y.textContent = cmax;
-    box.setAttribute("data-drawn", "1");
+    draw("chart-spec", x.length ? [trace("acceptance rate", "acceptance_rate", "y", "#27ae60"),
+                                   trace("tokens per target forward", "tokens_per_forward", "y2", "#2f80ed"),
+                                   trace("mean γ", "gamma_mean", "y2", "#e8833a")] : [],
+         lay, "speculative decoding off");
   }
 
-  function gantt(id, rows) {
-    const box = document.getElementById(id);
-    const W = 1140, RH = 12, L = 120, R = 10, T = 6;
-    const H = T + rows.length * RH + 22;
-    const svg = frame(box, W, H);
-    if (!rows.length) { box.setAttribute("data-drawn", "empty"); return; }
-    const end = Math.max.apply(null, rows.map(r => r.finish || 0)) || 1;
-    const X = t => L + (t / end) * (W - L - R);
-    const segs = [["queued", "prefill_start", "#c7ccd6"], ["prefill_start", "prefill_end", "#e8833a"],
-                  ["prefill_end", "transfer_end", "#b04ad6"], ["transfer_end", "decode_admit", "#f2c94c"],
-                  ["decode_admit", "finish", "#2f80ed"]];
-    rows.forEach((r, i) => {
-      const y = T + i * RH;
-      const label = el("text", { x: L - 6, y: y + RH - 3, "font-size": 9, fill: r.ok ? "#334" : "#c0392b", "text-anchor": "end" }, svg);
-      label.textContent = r.id;
-      segs.forEach(([a, b, color]) => {
-        if (r[a] === null || r[b] === null || r[b] <= r[a]) return;
-        const rect = el("rect", { x: X(r[a]), y: y + 1, width: Math.max(X(r[b]) - X(r[a]), 0.5), height: RH - 3, fill: color }, svg);
-        el("title", {}, rect).textContent = `${r.id} ${a} → ${b}: ${secs(r[b] - r[a])}`;
+  function histogram(id, h, xTitle) {
+    const n = h && h.counts ? h.counts.length : 0;
+    const idx = [...Array(n).keys()];
+    const traces = n ? [{
+      type: "bar", name: "requests", x: idx.map(i => (h.edges[i] + h.edges[i + 1]) / 2), y: h.counts,
+      width: idx.map(i => h.edges[i + 1] - h.edges[i]), marker: { color: "#2f80ed" },
+      customdata: idx.map(i => [h.edges[i], h.edges[i + 1]]),
+      hovertemplate: "%{customdata[0]:.4g} – %{customdata[1]:.4g}: %{y} requests<extra></extra>",
+    }] : [];
+    draw(id, traces, layout(xTitle, "requests", { showlegend: false, hovermode: "closest", bargap: 0.04 }));
+  }
+
+  function gantt(rows) {
+    const seen = new Set();
+    const labels = rows.map((r, i) => {
+      let label = (r.id === null || r.id === undefined ? "#" + i : String(r.id)) + (r.ok ? "" : " (failed)");
+      if (seen.has(label)) label += " #" + i;
+      seen.add(label);
+      return label;
+    });
+    const segs = [["queue", "queued", "prefill_start", "#c7ccd6"], ["prefill", "prefill_start", "prefill_end", "#e8833a"],
+                  ["transfer after prefill", "prefill_end", "transfer_end", "#b04ad6"],
+                  ["admit wait", "transfer_end", "decode_admit", "#f2c94c"], ["decode", "decode_admit", "finish", "#2f80ed"]];
+    const traces = segs.map(([name, a, b, color]) => {
+      const keep = rows.map((r, i) => i).filter(i => rows[i][a] !== null && rows[i][b] !== null && rows[i][b] > rows[i][a]);
+      return { type: "bar", orientation: "h", name, marker: { color }, y: keep.map(i => labels[i]),
+        base: keep.map(i => rows[i][a]), x: keep.map(i => rows[i][b] - rows[i][a]), customdata: keep.map(i => rows[i][a]),
+        hovertemplate: "%{y}: " + name + " %{x:.4g} s, from %{customdata:.4g} s<extra></extra>" };
+    });
+    draw("gantt", rows.length ? traces : [], layout(TIME, "request (sample)", {
+      barmode: "overlay", hovermode: "closest", height: 90 + rows.length * 16,
+      yaxis: { title: { text: "request (sample)" }, type: "category", autorange: "reversed", automargin: true },
+    }));
+  }
+
+  function limiting(lim, slo) {
+    const stage = document.getElementById("limiting-stage");
+    const why = document.getElementById("limiting-why");
+    const advice = document.getElementById("limiting-advice");
+    const body = document.querySelector("#limiting tbody");
+    body.innerHTML = "";
+    if (!lim) { tile("limiting-stage", null, "–"); why.textContent = "no request finished yet"; advice.textContent = ""; return; }
+    tile("limiting-stage", lim.stage, lim.stage);
+    stage.className = "stage " + lim.stage + (lim.below_target ? " below" : "");
+    const worst = lim.stages.find(s => s.stage === lim.stage);
+    const over = `over the last ${num(lim.window_s, 0)} s of finishes (${lim.requests} requests)`;
+    why.textContent = lim.below_target
+      ? `its attainment ${pct(worst.attainment)} is under the ${pct(lim.target)} target, ${over}`
+      : `every stage meets the ${pct(lim.target)} target ${over}; this one is nearest its SLO (p90 at ${pct(worst.headroom_p90)} of its budget)`;
+    advice.textContent = (lim.below_target ? "→ " : "→ when load grows: ") + lim.advice;
+    const budget = { prefill: "TTFT ≤ " + secs(slo.ttft_s), transfer: "TPOT ≤ " + secs(slo.tpot_s) + " (its exposed part)",
+                     decode: "TPOT ≤ " + secs(slo.tpot_s) + " (the rest)" };
+    lim.stages.forEach(s => {
+      const tr = document.createElement("tr");
+      if (s.stage === lim.stage) tr.className = "limiting";
+      [s.stage, budget[s.stage], pct(s.attainment), String(s.misses), pct(s.headroom_p90)].forEach(v => {
+        const td = document.createElement("td"); td.textContent = v; tr.appendChild(td);
       });
+      body.appendChild(tr);
     });
-    const t = el("text", { x: W - R, y: H - 6, "font-size": 10, fill: "#556", "text-anchor": "end" }, svg);
-    t.textContent = num(end) + " s";
-    box.setAttribute("data-drawn", "1");
   }
 
   function stageTable(s) {
@@ -127,7 +174,38 @@
     });
   }
 
+  function tiles(state) {
+    const s = state.summary;
+    const r = state.rates || {};
+    tile("offered", r.offered_rps, num(r.offered_rps) + " req/s");
+    tile("served", r.served_rps, num(r.served_rps) + " req/s");
+    document.querySelectorAll(".rate-window").forEach(n => { n.textContent = r.window_s ? "last " + num(r.window_s, 1) + " s" : "last window"; });
+    if (!s) return;
+    tile("goodput", s.goodput_rps, num(s.goodput_rps) + " req/s");
+    tile("slo-attainment", s.slo_attainment, pct(s.slo_attainment));
+    tile("ttft-attainment", s.stages.prefill.slo_attainment, pct(s.stages.prefill.slo_attainment));
+    tile("tpot-attainment", s.stages.decode.slo_attainment, pct(s.stages.decode.slo_attainment));
+    tile("throughput", s.throughput_rps, num(s.throughput_rps) + " req/s");
+    tile("prefill-tps", s.stages.prefill.tokens_per_s, num(s.stages.prefill.tokens_per_s));
+    tile("decode-tps", s.stages.decode.tokens_per_s, num(s.stages.decode.tokens_per_s));
+    tile("ttft-mean", s.stages.prefill.ttft_s.mean, secs(s.stages.prefill.ttft_s.mean));
+    tile("tpot-mean", s.stages.decode.tpot_s.mean, secs(s.stages.decode.tpot_s.mean));
+    tile("transfer-gbps", s.stages.transfer.gbps.mean, num(s.stages.transfer.gbps.mean) + " GB/s");
+    const pre = s.stages.prefill;
+    tile("cache-hit-rate", pre.cache_hit_rate, pct(pre.cache_hit_rate));
+    tile("cached-tokens", pre.cached_tokens, pre.cached_tokens + " / " + pre.computed_tokens);
+    tile("kv-saved", s.stages.transfer.bytes_saved, num(s.stages.transfer.bytes_saved / 1e6) + " MB");
+    const sp = s.speculative;
+    tile("spec-acceptance", sp ? sp.acceptance_rate : null, sp ? pct(sp.acceptance_rate) : "off");
+    tile("spec-tpf", sp ? sp.tokens_per_forward : null, sp ? num(sp.tokens_per_forward) : "off");
+    tile("spec-gamma", sp ? sp.gamma_mean : null, sp ? num(sp.gamma_mean, 2) : "off");
+    tile("succeeded", s.succeeded, String(s.succeeded));
+    tile("failed", s.failed, String(s.failed));
+    stageTable(s);
+  }
+
   function render(state) {
+    pending = [];
     document.getElementById("title").textContent = state.title;
     const status = document.getElementById("status");
     const finished = !state.live || (state.now && state.now.finished);
@@ -135,55 +213,40 @@
     status.className = "badge " + (finished ? "done" : "live");
     document.getElementById("slo-ttft").textContent = secs(state.slo.ttft_s);
     document.getElementById("slo-tpot").textContent = secs(state.slo.tpot_s);
-    const s = state.summary;
-    const done = s ? s.requests : 0;
+    const done = state.summary ? state.summary.requests : 0;
     document.getElementById("progress").textContent =
       `${done}${state.total_lines ? " / " + state.total_lines : ""} requests finished`;
-    if (s) {
-      tile("goodput", s.goodput_rps, num(s.goodput_rps) + " req/s");
-      tile("slo-attainment", s.slo_attainment, pct(s.slo_attainment));
-      tile("ttft-attainment", s.stages.prefill.slo_attainment, pct(s.stages.prefill.slo_attainment));
-      tile("tpot-attainment", s.stages.decode.slo_attainment, pct(s.stages.decode.slo_attainment));
-      tile("throughput", s.throughput_rps, num(s.throughput_rps) + " req/s");
-      tile("prefill-tps", s.stages.prefill.tokens_per_s, num(s.stages.prefill.tokens_per_s));
-      tile("decode-tps", s.stages.decode.tokens_per_s, num(s.stages.decode.tokens_per_s));
-      tile("ttft-mean", s.stages.prefill.ttft_s.mean, secs(s.stages.prefill.ttft_s.mean));
-      tile("tpot-mean", s.stages.decode.tpot_s.mean, secs(s.stages.decode.tpot_s.mean));
-      tile("transfer-gbps", s.stages.transfer.gbps.mean, num(s.stages.transfer.gbps.mean) + " GB/s");
-      const pre = s.stages.prefill;
-      tile("cache-hit-rate", pre.cache_hit_rate, pct(pre.cache_hit_rate));
-      tile("cached-tokens", pre.cached_tokens, pre.cached_tokens + " / " + pre.computed_tokens);
-      tile("kv-saved", s.stages.transfer.bytes_saved, num(s.stages.transfer.bytes_saved / 1e6) + " MB");
-      tile("succeeded", s.succeeded, String(s.succeeded));
-      tile("failed", s.failed, String(s.failed));
-      stageTable(s);
-    }
+    tiles(state);
+    limiting(state.limiting, state.slo);
     const ser = state.series;
     if (ser) {
-      const g = ser.goodput;
-      lineChart("chart-goodput", g.map(p => p.t), { throughput: g.map(p => p.throughput_rps), goodput: g.map(p => p.goodput_rps) });
-      lineChart("chart-stages", ser.t, ser.in_stage);
-      lineChart("chart-queue", ser.t, ser.queue_depth);
-      lineChart("chart-kv", ser.t, ser.kv_blocks);
-      lineChart("chart-batch", ser.t, ser.decode_batch);
+      rates(ser.goodput);
+      attainment(ser.attainment, state.limiting ? state.limiting.target : 0.9);
+      lines("chart-stages", ser.t, ser.in_stage, "requests");
+      lines("chart-queue", ser.t, ser.queue_depth, "queued requests", { legend: { orientation: "h", x: 0, y: 1.0, yanchor: "bottom", title: { text: "prompt tokens" } } });
+      lines("chart-kv", ser.t, ser.kv_blocks, "KV blocks");
+      lines("chart-batch", ser.t, ser.decode_batch, "sequences in the batch");
+      speculative(ser.speculative || []);
       const d = state.distributions;
-      histogram("hist-ttft", d.ttft_s); histogram("hist-tpot", d.tpot_s); histogram("hist-e2e", d.e2e_s);
-      histogram("hist-queue", d.queue_wait_s); histogram("hist-transfer", d.transfer_gbps);
-      gantt("gantt", state.timeline || []);
+      histogram("hist-ttft", d.ttft_s, "TTFT (s)"); histogram("hist-tpot", d.tpot_s, "TPOT (s)");
+      histogram("hist-e2e", d.e2e_s, "end-to-end latency (s)"); histogram("hist-queue", d.queue_wait_s, "queue wait (s)");
+      histogram("hist-transfer", d.transfer_gbps, "KV transfer rate (GB/s)");
+      gantt(state.timeline || []);
     }
     const kvNow = document.getElementById("kv-now");
     if (state.now && state.now.decode_workers) {
       kvNow.textContent = "now: " + Object.values(state.now.decode_workers).map(
         w => `${w.worker_id} ${w.num_blocks - w.free_blocks}/${w.num_blocks} blocks, batch ${w.running}`).join("; ");
     }
-    document.body.setAttribute("data-rendered", finished ? "final" : "partial");
+    // Marked only once every chart has rendered, so a reader of the page (or a test) sees them all.
+    return Promise.all(pending).then(() => document.body.setAttribute("data-rendered", finished ? "final" : "partial"));
   }
 
   async function poll() {
     try {
       const response = await fetch("api/state", { cache: "no-store" });
       const state = await response.json();
-      render(state);
+      await render(state);
       if (state.now && state.now.finished) return;
     } catch (e) {
       document.getElementById("status").textContent = "disconnected";
