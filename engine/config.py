@@ -100,6 +100,7 @@ class EngineConfig:
     device: str = "auto"  # auto: CUDA when the worker's process sees a GPU, else CPU
     block_size: int = 16
     kv_cache_gib: float = 2.0  # decode worker's KV pool
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype | int8: per-token-per-head scaled (engine/kv_quant.py)
     max_num_seqs: int = 128  # decode batch limit
     max_prefill_tokens: int = 2048  # prefill batch token budget
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's choice
@@ -121,6 +122,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.kv_cache_gib <= 0 or self.max_num_seqs <= 0 or self.max_prefill_tokens <= 0:
             raise ValueError("kv_cache_gib, max_num_seqs and max_prefill_tokens must be positive")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"--kv-cache-dtype must be one of auto, int8, got {self.kv_cache_dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.quant_group_size < 0 or (self.quantization == "int4" and self.quant_group_size % 2):

@@ -3,12 +3,25 @@
 Pool layout, one contiguous buffer (so it can live in one shared-memory
 segment or one CUDA allocation and be exposed to a peer once):
 
-    pool[layer, kv, block, slot, kv_head, head_dim]      kv: 0 = K, 1 = V
-          L     2    NB    BS     KVH       D
+    data  [layer, kv, block, slot, kv_head, head_dim]    kv: 0 = K, 1 = V
+             L     2    NB    BS     KVH       D          model dtype, or int8
+    scales[layer, kv, block, slot, kv_head]               float32; int8 pools only
+             L     2    NB    BS     KVH
+
+    buffer = | data (L*2*NB*BS*KVH*D values) | scales (L*2*NB*BS*KVH float32) |
 
 A token at position p of a request whose block table is `table` lives at
-block table[p // BS], slot p % BS. One block of one layer's K (or V) is
-BS*KVH*D contiguous values: the unit the KV-transfer layer ships.
+block table[p // BS], slot p % BS, in both tensors. One block of one layer's K (or V) is
+BS*KVH*D contiguous values (+ BS*KVH contiguous scales): the unit the KV-transfer layer ships.
+
+`--kv-cache-dtype int8` (engine/kv_quant.py) stores each token's row of each KV head as int8 with
+one float32 scale. The scales sit in their own region of the same buffer, indexed exactly like the
+data (block id, slot, head) rather than interleaved into each block: every view of the data stays a
+plain contiguous [NB, BS, KVH, D] tensor (the native and Triton kernels, the run copies of the
+transports, a flat slot view all work unchanged), block b's scales are found by the same block id,
+and one segment / one IPC handle still exposes everything. Float32 scales keep the round-trip
+bound exact (|err| <= s/2) at 4 bytes per token-head: with D = 64, 68 bytes instead of 128 (bf16)
+or 256 (fp32), so a pool of the same bytes holds 1.88x the blocks of bf16, 3.76x of fp32.
 """
 
 from __future__ import annotations
@@ -19,7 +32,10 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import DTYPES
+from engine.kv_quant import KV_CACHE_DTYPES, quantize_kv
 from engine.prefix_cache import BlockKey, KVEvents, block_keys
+
+SCALE_BYTES = 4  # float32, one per token per KV head (int8 pools)
 
 
 @dataclass(frozen=True)
@@ -29,24 +45,59 @@ class KVLayout:
     block_size: int
     num_kv_heads: int
     head_dim: int
-    dtype: str
+    dtype: str  # the model's dtype (what attention computes in)
+    kv_cache_dtype: str = "auto"  # auto: stored in `dtype`; int8: quantized with per-token-per-head scales
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
 
     @property
     def shape(self) -> tuple[int, ...]:
         return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
 
     @property
+    def scale_shape(self) -> tuple[int, ...]:
+        return self.shape[:-1]
+
+    @property
+    def quantized(self) -> bool:
+        return self.kv_cache_dtype == "int8"
+
+    @property
+    def storage_dtype(self) -> str:
+        """The name of what the pool's data holds (and a KV chunk on the wire carries)."""
+        return "int8" if self.quantized else self.dtype
+
+    @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The data tensor's dtype: int8 for a quantized pool, else the model's."""
+        return torch.int8 if self.quantized else DTYPES[self.dtype]
 
     @property
     def itemsize(self) -> int:
         return torch.empty((), dtype=self.torch_dtype).element_size()
 
     @property
+    def token_bytes(self) -> int:
+        """Bytes of one token's K (or V) of one layer, all KV heads, scales included."""
+        return self.num_kv_heads * (self.head_dim * self.itemsize + (SCALE_BYTES if self.quantized else 0))
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies in the pool: K and V of every layer, scales included."""
+        return 2 * self.num_layers * self.token_bytes
+
+    @property
     def block_bytes(self) -> int:
-        """Bytes of one block of one layer's K (or V)."""
-        return self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
+        """Bytes of one block of one layer's K (or V), its scales included."""
+        return self.block_size * self.token_bytes
+
+    @property
+    def data_nbytes(self) -> int:
+        values = self.num_layers * 2 * self.num_blocks * self.block_size * self.num_kv_heads * self.head_dim
+        return values * self.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -57,55 +108,109 @@ class KVLayout:
 
     def compatible_with(self, other: KVLayout) -> str | None:
         """None when a peer with `other` may write into this pool; else what differs."""
-        for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype"):
+        for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype", "kv_cache_dtype"):
             if getattr(self, name) != getattr(other, name):
                 return f"{name}: {getattr(self, name)} != {getattr(other, name)}"
         return None
 
     @classmethod
     def for_budget(cls, *, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
-                   dtype: str, budget_bytes: int) -> KVLayout:
-        probe = cls(num_layers, 1, block_size, num_kv_heads, head_dim, dtype)
+                   dtype: str, budget_bytes: int, kv_cache_dtype: str = "auto") -> KVLayout:
+        probe = cls(num_layers, 1, block_size, num_kv_heads, head_dim, dtype, kv_cache_dtype)
         num_blocks = max(1, budget_bytes // probe.nbytes)
-        return cls(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype)
+        return cls(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, kv_cache_dtype)
 
 
 class KVPool:
-    """Typed views over a pool buffer that someone else allocated (torch, shm, CUDA IPC)."""
+    """Typed views over a pool buffer that someone else allocated (torch, shm, CUDA IPC).
+
+    `tensor`: the data [L, 2, NB, BS, KVH, D]; `scales`: [L, 2, NB, BS, KVH] float32 for an int8 pool,
+    else None; `buffer`: all of it as bytes (what a transport exposes to a peer)."""
 
     def __init__(self, layout: KVLayout, buffer: torch.Tensor) -> None:
         if buffer.numel() * buffer.element_size() < layout.nbytes:
             raise ValueError(f"buffer of {buffer.numel() * buffer.element_size()} bytes < pool {layout.nbytes}")
         self.layout = layout
-        flat = buffer.view(torch.uint8).reshape(-1)[: layout.nbytes]
-        self.tensor = flat.view(layout.torch_dtype).view(layout.shape)
+        self.buffer = buffer.view(torch.uint8).reshape(-1)[: layout.nbytes]
+        self.tensor = self.buffer[: layout.data_nbytes].view(layout.torch_dtype).view(layout.shape)
+        self.scales = (self.buffer[layout.data_nbytes:].view(torch.float32).view(layout.scale_shape)
+                       if layout.quantized else None)
 
     @classmethod
     def allocate(cls, layout: KVLayout, device: str = "cpu") -> KVPool:
-        return cls(layout, torch.zeros(layout.shape, dtype=layout.torch_dtype, device=device))
+        return cls(layout, torch.zeros(layout.nbytes, dtype=torch.uint8, device=device))
+
+    def layer_scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """K and V scales [NB, BS, KVH] of `layer` (None, None for a float pool)."""
+        if self.scales is None:
+            return None, None
+        return self.scales[layer, 0], self.scales[layer, 1]
 
     def write_blocks(self, layer: int, block_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [n, BS, KVH, D] into blocks `block_ids` of `layer`."""
+        """k, v: [n, BS, KVH, D] into blocks `block_ids` of `layer` (as stored: no quantization)."""
         self.tensor[layer, 0].index_copy_(0, block_ids, k)
         self.tensor[layer, 1].index_copy_(0, block_ids, v)
 
     def read_blocks(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tensor[layer, 0].index_select(0, block_ids), self.tensor[layer, 1].index_select(0, block_ids)
 
-    def write_runs(self, layer: int, runs: list[tuple[int, int, int]], k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [n, KVH, D] copied as contiguous runs (dst slot, src row, length): memcpy speed."""
+    def read_block_scales(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales [n, BS, KVH] of blocks `block_ids` of `layer` (int8 pools)."""
+        assert self.scales is not None, "a float pool has no scales"
+        return self.scales[layer, 0].index_select(0, block_ids), self.scales[layer, 1].index_select(0, block_ids)
+
+    def _check_stored(self, k: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
+        if k.dtype != self.layout.torch_dtype or (self.scales is None) != (k_scale is None or v_scale is None):
+            raise ValueError(f"KV rows of {k.dtype} ({'with' if k_scale is not None else 'without'} scales) "
+                             f"do not fit a {self.layout.storage_dtype} pool (kv_cache_dtype "
+                             f"{self.layout.kv_cache_dtype})")
+
+    def write_runs(self, layer: int, runs: list[tuple[int, int, int]], k: torch.Tensor, v: torch.Tensor,
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+        """k, v: [n, KVH, D] as stored (int8 pools: with scales [n, KVH]), copied as contiguous runs
+        (dst slot, src row, length): memcpy speed."""
+        self._check_stored(k, k_scale, v_scale)
         _, _, nb, bs, kvh, d = self.layout.shape
         dst_k = self.tensor[layer, 0].view(nb * bs, kvh, d)
         dst_v = self.tensor[layer, 1].view(nb * bs, kvh, d)
         for dst, src, n in runs:
             dst_k[dst:dst + n].copy_(k[src:src + n])
             dst_v[dst:dst + n].copy_(v[src:src + n])
+        if self.scales is not None:
+            sk, sv = self.scales[layer, 0].view(nb * bs, kvh), self.scales[layer, 1].view(nb * bs, kvh)
+            for dst, src, n in runs:
+                sk[dst:dst + n].copy_(k_scale[src:src + n])
+                sv[dst:dst + n].copy_(v_scale[src:src + n])
 
-    def write_tokens(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [T, KVH, D] into flat slots (block * BS + offset) of `layer`."""
+    def write_stored(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+        """k, v: [T, KVH, D] as stored (with scales [T, KVH] for int8) into flat slots (block * BS + offset)."""
+        self._check_stored(k, k_scale, v_scale)
         _, _, nb, bs, kvh, d = self.layout.shape
         self.tensor[layer, 0].view(nb * bs, kvh, d).index_copy_(0, slots, k)
         self.tensor[layer, 1].view(nb * bs, kvh, d).index_copy_(0, slots, v)
+        if self.scales is not None:
+            self.scales[layer, 0].view(nb * bs, kvh).index_copy_(0, slots, k_scale)
+            self.scales[layer, 1].view(nb * bs, kvh).index_copy_(0, slots, v_scale)
+
+    def write_tokens(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [T, KVH, D] in the model's dtype into flat slots of `layer`, quantized for an int8 pool."""
+        self.write_stored(layer, slots, *as_stored(self.layout, k, v))
+
+
+def rows_nbytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of KV rows (and their scales, when given) as they travel."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def as_stored(layout: KVLayout, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """k, v [T, KVH, D] from the model -> what the pool stores: (k, v, None, None) for a float pool,
+    (k int8, v int8, k_scale, v_scale) for an int8 one (engine/kv_quant.py)."""
+    if not layout.quantized:
+        return k, v, None, None
+    qk, sk = quantize_kv(k)
+    qv, sv = quantize_kv(v)
+    return qk, qv, sk, sv
 
 
 def block_runs(table: list[int], block_size: int, num_tokens: int, first_block: int = 0) -> list[tuple[int, int, int]]:

@@ -73,9 +73,11 @@ class ModelRunner:
         """The pool layout for this model; sized from `kv_cache_gib` unless `num_blocks` is given."""
         a, c = self.arch, self.config
         if num_blocks is not None:
-            return KVLayout(a.num_layers, num_blocks, c.block_size, a.num_kv_heads, a.head_dim, c.dtype)
+            return KVLayout(a.num_layers, num_blocks, c.block_size, a.num_kv_heads, a.head_dim, c.dtype,
+                            c.kv_cache_dtype)
         return KVLayout.for_budget(num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
-                                   block_size=c.block_size, dtype=c.dtype, budget_bytes=int(c.kv_cache_gib * 2**30))
+                                   block_size=c.block_size, dtype=c.dtype, budget_bytes=int(c.kv_cache_gib * 2**30),
+                                   kv_cache_dtype=c.kv_cache_dtype)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], kv_sink: KVSink | None) -> torch.Tensor:
@@ -122,7 +124,7 @@ def pool_writer(pool: KVPool, slot_lists: list[list[int]]) -> KVSink:
     slots = torch.tensor([s for lst in slot_lists for s in lst], dtype=torch.long, device=pool.tensor.device)
 
     def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        pool.write_tokens(layer, slots, k, v)
+        pool.write_tokens(layer, slots, k, v)  # quantized here for an int8 pool
 
     return sink
 

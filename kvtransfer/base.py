@@ -87,9 +87,12 @@ class KVConnection(ABC):
               first_block: int = 0) -> TransferHandle: ...
 
     @abstractmethod
-    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
         """k, v: [num_tokens - first_block * BS, KVH, D] for `layer` (tokens from the first block
-        sent on), already on the sender's device."""
+        sent on), already on the sender's device, as the receiving pool stores them: for an int8 pool
+        (kv_cache_dtype int8) int8 values with their scales [n, KVH] float32 (engine.kv_cache.as_stored),
+        shipped bit for bit."""
 
     @abstractmethod
     def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
@@ -122,7 +125,7 @@ def connect(endpoint: KVEndpoint, transport: str, *, sender_id: str, auth_token:
             sender_layout: KVLayout, model_fingerprint: str, timeout: float = 30.0,
             tls: TLSFiles | None = None) -> KVConnection:
     """Open a connection of `transport` (lazily imported) and run the compatibility check."""
-    problem = endpoint.layout.compatible_with(sender_layout)
+    problem = endpoint.layout.compatible_with(sender_layout)  # names the field: e.g. "kv_cache_dtype: int8 != auto"
     if problem is None and endpoint.model_fingerprint != model_fingerprint:
         problem = f"model: {endpoint.model_fingerprint} != {model_fingerprint}"
     if problem:

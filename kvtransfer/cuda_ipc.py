@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.kv_cache import KVLayout, KVPool
+from engine.kv_cache import KVLayout, KVPool, rows_nbytes
 from kvtransfer.base import KVConnection, KVEndpoint, TransferHandle, TransferStats
 
 
@@ -30,7 +30,7 @@ def export_pool(pool: KVPool) -> bytes:
 
     if not pool.tensor.is_cuda:
         raise ValueError("only a CUDA pool can be exported over CUDA IPC")
-    return pickle.dumps(reduce_tensor(pool.tensor))
+    return pickle.dumps(reduce_tensor(pool.buffer))  # the whole buffer: data and (int8) scales
 
 
 def open_pool(handle: bytes, layout: KVLayout) -> KVPool:
@@ -45,7 +45,11 @@ class _Transfer:
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
 
 
-def _store(pool: KVPool, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _store(pool: KVPool, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
+    if k_scale is not None:  # int8 rows and their scales, as the sender stored them: copied bit for bit
+        pool.write_stored(layer, slots, k, v, k_scale, v_scale)
+        return
     try:
         from engine.kernels.triton_ops import store_kv
     except ImportError:  # no Triton: index_copy_ is still one launch per tensor
@@ -76,19 +80,22 @@ class CudaIpcConnection(KVConnection):
         self._transfers[request_id] = _Transfer(slots.to(self.device, non_blocking=True))
         return TransferHandle(request_id, tuple(block_table), num_tokens, time.time(), first_block)
 
-    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
         t = self._transfers[handle.request_id]
+        rows = [x for x in (k, v, k_scale, v_scale) if x is not None]
         computed = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.stream):
             self.stream.wait_stream(computed)  # the layer's K/V exist before the copy reads them
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(self.stream)
-            _store(self.pool, layer, t.slots, k.to(self.device), v.to(self.device))
+            _store(self.pool, layer, t.slots, *(None if x is None else x.to(self.device)
+                                                for x in (k, v, k_scale, v_scale)))
             end.record(self.stream)
-        k.record_stream(self.stream)  # the allocator must not reuse them before the copy is done
-        v.record_stream(self.stream)
+        for x in rows:
+            x.record_stream(self.stream)  # the allocator must not reuse them before the copy is done
         t.events.append((start, end))
-        t.bytes += (k.numel() + v.numel()) * k.element_size()
+        t.bytes += rows_nbytes(*rows)
 
     def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
         t = self._transfers.pop(handle.request_id)

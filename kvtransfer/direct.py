@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_cache import KVPool, block_runs
+from engine.kv_cache import KVPool, block_runs, rows_nbytes
 from kvtransfer.base import KVConnection, TransferHandle, TransferStats
 
 
@@ -33,13 +33,15 @@ class DirectWriteConnection(KVConnection):
         self._transfers[request_id] = _Transfer(block_runs(block_table, bs, num_tokens - first_block * bs, first_block))
         return TransferHandle(request_id, tuple(block_table), num_tokens, time.time(), first_block)
 
-    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
         t = self._transfers[handle.request_id]
         started = time.perf_counter()
         device = self.pool.tensor.device
-        self.pool.write_runs(layer, t.runs, k.to(device), v.to(device))
+        scales = (None, None) if k_scale is None else (k_scale.to(device), v_scale.to(device))
+        self.pool.write_runs(layer, t.runs, k.to(device), v.to(device), *scales)
         t.busy_s += time.perf_counter() - started
-        t.bytes += (k.numel() + v.numel()) * k.element_size()
+        t.bytes += rows_nbytes(k, v, k_scale, v_scale)
 
     def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
         t = self._transfers.pop(handle.request_id)  # CPU copies are done when write_layer returns

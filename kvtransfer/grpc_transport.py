@@ -17,7 +17,7 @@ import grpc
 import torch
 
 from engine.compute_thread import single_threaded
-from engine.kv_cache import KVLayout
+from engine.kv_cache import KVLayout, rows_nbytes
 from kvtransfer.base import (
     IncompatiblePeer,
     IntegrityError,
@@ -30,7 +30,7 @@ from kvtransfer.base import (
     Unauthenticated,
 )
 from kvtransfer.inbox import KVInbox
-from kvtransfer.wire import DEFAULT_MAX_CHUNK_BYTES, decode_chunk, encode_frames, parse_frame
+from kvtransfer.wire import DEFAULT_MAX_CHUNK_BYTES, decode_rows, encode_frames, parse_frame
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
 from proto.messages import TLSFiles
@@ -60,9 +60,19 @@ def _add_servicer(servicer: pb_grpc.KVTransferServicer, server: grpc.Server) -> 
     server.add_registered_method_handlers(_SERVICE, handlers)
 
 
+_LAYOUT_FIELDS = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype", "kv_cache_dtype")
+
+
 def layout_spec(layout: KVLayout) -> pb.KVLayoutSpec:
     return pb.KVLayoutSpec(num_layers=layout.num_layers, block_size=layout.block_size,
-                           num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype)
+                           num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
+                           kv_cache_dtype=layout.kv_cache_dtype)
+
+
+def _spec_value(spec: pb.KVLayoutSpec, name: str) -> object:
+    """A field of a peer's layout; a peer from before kv_cache_dtype existed sends "" and stores `auto`."""
+    value = getattr(spec, name)
+    return (value or "auto") if name == "kv_cache_dtype" else value
 
 
 class _Servicer(pb_grpc.KVTransferServicer):
@@ -77,9 +87,8 @@ class _Servicer(pb_grpc.KVTransferServicer):
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeReply:
         self._authenticate(context)
         mine = layout_spec(self.inbox.layout)
-        problems = [f"{f}: {getattr(mine, f)} != {getattr(request.layout, f)}"
-                    for f in ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
-                    if getattr(mine, f) != getattr(request.layout, f)]
+        problems = [f"{f}: {_spec_value(mine, f)} != {_spec_value(request.layout, f)}"
+                    for f in _LAYOUT_FIELDS if _spec_value(mine, f) != _spec_value(request.layout, f)]
         if request.model_fingerprint != self.model_fingerprint:
             problems.append(f"model: {self.model_fingerprint} != {request.model_fingerprint}")
         return pb.HandshakeReply(ok=not problems, reason="; ".join(problems), receiver_id=self.receiver_id)
@@ -91,8 +100,8 @@ class _Servicer(pb_grpc.KVTransferServicer):
             for frame in request_iterator:  # Frames: see parse_frame
                 chunk = frame.header
                 request_id = chunk.request_id
-                k, v = decode_chunk(chunk, self.inbox.layout, frame.data)
-                nbytes += self.inbox.accept(chunk.request_id, chunk.layer, chunk.block_start, chunk.num_blocks, k, v)
+                rows = decode_rows(chunk, self.inbox.layout, frame.data)
+                nbytes += self.inbox.accept(chunk.request_id, chunk.layer, chunk.block_start, chunk.num_blocks, *rows)
                 chunks += 1
         except IntegrityError as e:
             context.abort(grpc.StatusCode.DATA_LOSS, str(e))
@@ -140,11 +149,11 @@ class _Stream:
                     self.drained = time.perf_counter()
                     return
                 started = time.perf_counter()
-                layer, k, v, copied = item
+                layer, (k, v, k_scale, v_scale), copied = item
                 if copied is not None:  # a GPU layer staged on a side stream: wait for its copy only
                     copied.synchronize()
                 yield from encode_frames(handle.request_id, layer, k, v, block_size, max_chunk_bytes,
-                                         handle.first_block)
+                                         handle.first_block, k_scale, v_scale)
                 self.busy_s += time.perf_counter() - started
 
         self.call = stub(chunks(), metadata=metadata, timeout=timeout)
@@ -194,10 +203,11 @@ class GrpcConnection(KVConnection):
                                             self.max_chunk_bytes, self.timeout)
         return handle
 
-    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_layer(self, handle: TransferHandle, layer: int, k: torch.Tensor, v: torch.Tensor,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
         stream = self._streams[handle.request_id]
         deadline = handle.started + self.timeout
-        item = (layer, *self._to_host(k, v))
+        item = (layer, *self._to_host(k, v, k_scale, v_scale))
         while True:
             if stream.call.done():  # the receiver ended the call early: surface its error now
                 self._raise_from(stream, handle)
@@ -209,25 +219,28 @@ class GrpcConnection(KVConnection):
                     self.abort(handle)
                     raise TransferTimeout(
                         f"KV of request {handle.request_id} stalled past {self.timeout:.0f}s") from full
-        stream.bytes += (k.numel() + v.numel()) * k.element_size()
+        stream.bytes += rows_nbytes(k, v, k_scale, v_scale)
 
-    def _to_host(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """CPU tensors as they are. GPU tensors: copied into pinned buffers on a side stream that waits for
-        the layer's compute, so prefill goes on while the copy runs; the sender waits on the event."""
-        if not k.is_cuda:
-            return k, v, None
+    def _to_host(self, *rows: torch.Tensor | None) -> tuple[tuple[torch.Tensor | None, ...], object]:
+        """(k, v, k_scale, v_scale) on the host. CPU tensors as they are. GPU tensors: copied into pinned
+        buffers on a side stream that waits for the layer's compute, so prefill goes on while the copy
+        runs; the sender waits on the event."""
+        if not rows[0].is_cuda:
+            return rows, None
         if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(device=k.device)
+            self._copy_stream = torch.cuda.Stream(device=rows[0].device)
         side = self._copy_stream
-        side.wait_stream(torch.cuda.current_stream(k.device))
+        side.wait_stream(torch.cuda.current_stream(rows[0].device))
         with torch.cuda.stream(side):
-            hk = torch.empty(k.shape, dtype=k.dtype, pin_memory=True).copy_(k, non_blocking=True)
-            hv = torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+            host = tuple(None if t is None else
+                         torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                         for t in rows)
             copied = torch.cuda.Event()
             copied.record(side)
-        k.record_stream(side)  # the allocator must not reuse them before the copy has read them
-        v.record_stream(side)
-        return hk, hv, copied
+        for t in rows:
+            if t is not None:
+                t.record_stream(side)  # the allocator must not reuse them before the copy has read them
+        return host, copied
 
     def finish(self, handle: TransferHandle, timeout: float) -> TransferStats:
         stream = self._streams.pop(handle.request_id)

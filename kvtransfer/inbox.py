@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.compute_thread import single_threaded
-from engine.kv_cache import KVPool, block_runs
+from engine.kv_cache import KVPool, block_runs, rows_nbytes
 from kvtransfer.base import IntegrityError
 
 
@@ -43,8 +43,10 @@ class KVInbox:
             self._expected.pop(request_id, None)
 
     def accept(self, request_id: str, layer: int, block_start: int, num_blocks: int,
-               k: torch.Tensor, v: torch.Tensor) -> int:
-        """Write one chunk (k, v: [n, KVH, D]) into the reserved blocks; return its bytes."""
+               k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None = None,
+               v_scale: torch.Tensor | None = None) -> int:
+        """Write one chunk (k, v: [n, KVH, D] as stored; an int8 pool's scales [n, KVH]) into the reserved
+        blocks; return its bytes."""
         single_threaded()  # a receiver thread: keep OpenMP off the decode loop's cores
         bs = self.layout.block_size
         with self._lock:
@@ -63,8 +65,12 @@ class KVInbox:
             table = exp.table
         runs = block_runs(table, bs, t1 - t0, first_block=block_start)
         device = self.pool.tensor.device
-        self.pool.write_runs(layer, runs, k.to(device), v.to(device))
-        nbytes = (k.numel() + v.numel()) * k.element_size()
+        scales = (None, None) if k_scale is None else (k_scale.to(device), v_scale.to(device))
+        try:
+            self.pool.write_runs(layer, runs, k.to(device), v.to(device), *scales)
+        except ValueError as e:  # rows of another KV dtype (a peer that skipped the handshake)
+            raise IntegrityError(str(e)) from e
+        nbytes = rows_nbytes(k, v, k_scale, v_scale)
         with self._lock:
             exp = self._expected.get(request_id)
             if exp is not None:

@@ -9,6 +9,10 @@ Each chunk is a serialized `KVChunk` message, but neither side lets protobuf
 hold the payload (it copies it in and out, several times):
 
     frame = KVChunk(header fields, crc32).SerializeToString() | tag 9 | varint len | K bytes | V bytes
+                                                                                   [| K scales | V scales]
+
+An int8 pool's chunk (dtype "int8") carries the int8 values as stored and then each token's per-head
+float32 scales ([n, KVH] for K, then for V) under the same checksum: a block travels with its scales.
 
 The sender writes a frame with one copy out of the tensors; the receiver finds
 field 9 by walking the few header fields and checks and reads the payload as
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import DTYPES
-from engine.kv_cache import KVLayout
+from engine.kv_cache import SCALE_BYTES, KVLayout
 from kvtransfer.base import IntegrityError
 from proto import kv_transfer_pb2 as pb
 
@@ -56,10 +60,11 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _chunks(k: torch.Tensor, block_size: int, max_chunk_bytes: int) -> Iterator[tuple[int, int, int, int]]:
+def _chunks(k: torch.Tensor, block_size: int, max_chunk_bytes: int,
+            scaled: bool = False) -> Iterator[tuple[int, int, int, int]]:
     """(first block, blocks, first token, end token) of each chunk of a layer."""
     num_tokens, kvh, d = k.shape
-    bytes_per_block = 2 * block_size * kvh * d * k.element_size()
+    bytes_per_block = 2 * block_size * kvh * (d * k.element_size() + (SCALE_BYTES if scaled else 0))
     blocks_per_chunk = max(1, max_chunk_bytes // bytes_per_block)
     num_blocks = -(-num_tokens // block_size)
     for b0 in range(0, num_blocks, blocks_per_chunk):
@@ -68,16 +73,25 @@ def _chunks(k: torch.Tensor, block_size: int, max_chunk_bytes: int) -> Iterator[
 
 
 def encode_frames(request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor, block_size: int,
-                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, first_block: int = 0) -> Iterator[bytes]:
-    """k, v: [num_tokens, KVH, D] -> serialized KVChunk frames, payload copied once, straight from the tensors.
-    The tokens start at block `first_block` of the request (the receiver already holds the blocks before)."""
+                  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, first_block: int = 0,
+                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> Iterator[bytes]:
+    """k, v: [num_tokens, KVH, D] (int8: with scales [num_tokens, KVH] float32) -> serialized KVChunk frames,
+    payload copied once, straight from the tensors. The tokens start at block `first_block` of the
+    request (the receiver already holds the blocks before)."""
     _, kvh, d = k.shape
     dtype = _dtype_name(k.dtype)
-    for b0, nb, t0, t1 in _chunks(k, block_size, max_chunk_bytes):
-        kb, vb = _buffer(k[t0:t1]), _buffer(v[t0:t1])
+    if (dtype == "int8") != (k_scale is not None):
+        raise ValueError("int8 KV travels with its scales, float KV without")
+    for b0, nb, t0, t1 in _chunks(k, block_size, max_chunk_bytes, k_scale is not None):
+        parts = [_buffer(k[t0:t1]), _buffer(v[t0:t1])]
+        if k_scale is not None:
+            parts += [_buffer(k_scale[t0:t1].float()), _buffer(v_scale[t0:t1].float())]
+        crc = 0
+        for part in parts:
+            crc = crc32(part, crc)
         head = pb.KVChunk(request_id=request_id, layer=layer, block_start=first_block + b0, num_blocks=nb,
-                          num_tokens=t1 - t0, dtype=dtype, shape=[2, t1 - t0, kvh, d], crc32=crc32(vb, crc32(kb)))
-        yield b"".join((head.SerializeToString(), _DATA_TAG, _varint(kb.nbytes + vb.nbytes), kb, vb))
+                          num_tokens=t1 - t0, dtype=dtype, shape=[2, t1 - t0, kvh, d], crc32=crc)
+        yield b"".join((head.SerializeToString(), _DATA_TAG, _varint(sum(p.nbytes for p in parts)), *parts))
 
 
 def encode_layer(request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor, block_size: int,
@@ -133,31 +147,49 @@ def parse_frame(raw: bytes) -> Frame:
 
 def decode_chunk(chunk: pb.KVChunk, layout: KVLayout,
                  data: memoryview | bytes | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check a chunk against the pool layout and its checksum; return k, v [n, KVH, D] viewing its payload.
+    """Check a chunk against the pool layout and its checksum; return k, v [n, KVH, D] viewing its payload
+    (an int8 chunk's scales: `decode_rows`)."""
+    return decode_rows(chunk, layout, data)[:2]
+
+
+def decode_rows(chunk: pb.KVChunk, layout: KVLayout, data: memoryview | bytes | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Check a chunk against the pool layout and its checksum; return k, v [n, KVH, D] and, for an int8 pool,
+    k_scale, v_scale [n, KVH] (else None), all viewing its payload.
 
     `data`: the payload when it travels apart from the message (a `Frame`); else `chunk.data`."""
     data = chunk.data if data is None else data
-    if chunk.dtype != layout.dtype:
-        raise IntegrityError(f"chunk dtype {chunk.dtype} != pool dtype {layout.dtype}")
-    expect_shape = [2, chunk.num_tokens, layout.num_kv_heads, layout.head_dim]
+    if chunk.dtype != layout.storage_dtype:
+        raise IntegrityError(f"chunk dtype {chunk.dtype} != pool dtype {layout.storage_dtype} "
+                             f"(kv_cache_dtype {layout.kv_cache_dtype})")
+    n, kvh, d = chunk.num_tokens, layout.num_kv_heads, layout.head_dim
+    expect_shape = [2, n, kvh, d]
     if list(chunk.shape) != expect_shape:
         raise IntegrityError(f"chunk shape {list(chunk.shape)} != expected {expect_shape}")
-    if len(data) != 2 * chunk.num_tokens * layout.num_kv_heads * layout.head_dim * layout.itemsize:
+    values = 2 * n * kvh * d * layout.itemsize
+    scales = 2 * n * kvh * SCALE_BYTES if layout.quantized else 0
+    if len(data) != values + scales:
         raise IntegrityError(f"chunk carries {len(data)} bytes, shape {expect_shape} needs more or fewer")
     if crc32(data) != chunk.crc32:
         raise IntegrityError(f"checksum mismatch in layer {chunk.layer} blocks {chunk.block_start}+{chunk.num_blocks}"
                              f" of request {chunk.request_id}")
     if not data:
-        empty = torch.empty([0, layout.num_kv_heads, layout.head_dim], dtype=DTYPES[layout.dtype])
-        return empty, empty
+        empty = torch.empty([0, kvh, d], dtype=layout.torch_dtype)
+        no_scales = torch.empty([0, kvh]) if layout.quantized else None
+        return empty, empty, no_scales, no_scales
     with warnings.catch_warnings():  # the buffer is read-only; we only copy out of it
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.frombuffer(data, dtype=torch.uint8)
-    kv = raw.view(DTYPES[layout.dtype]).view(expect_shape)
-    return kv[0], kv[1]
+    kv = raw[:values].view(layout.torch_dtype).view(expect_shape)
+    if not layout.quantized:
+        return kv[0], kv[1], None, None
+    sc = raw[values:].view(torch.float32).view(2, n, kvh)
+    return kv[0], kv[1], sc[0], sc[1]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
+    if dtype == torch.int8:
+        return "int8"
     for name, dt in DTYPES.items():
         if dt == dtype:
             return name

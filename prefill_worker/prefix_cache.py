@@ -49,13 +49,18 @@ class PrefillCache:
     def tables(self, ids: list[str]) -> list[list[int]]:
         return [self.blocks.table(rid) for rid in ids]
 
-    def cached_rows(self, layer: int, table: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [end - start, KVH, D] of tokens [start, end) of a prompt held in this pool (block-aligned)."""
+    def cached_rows(self, layer: int, table: list[int], start: int,
+                    end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """K, V [end - start, KVH, D] of tokens [start, end) of a prompt held in this pool (block-aligned), as
+        stored, and for an int8 pool their scales [end - start, KVH] (else None): shipped as they are."""
         bs = self.layout.block_size
         ids = torch.tensor(table[start // bs:end // bs], device=self.pool.tensor.device)
         k, v = self.pool.read_blocks(layer, ids)
         shape = (-1, self.layout.num_kv_heads, self.layout.head_dim)
-        return k.reshape(shape), v.reshape(shape)
+        if not self.layout.quantized:
+            return k.reshape(shape), v.reshape(shape), None, None
+        ks, vs = self.pool.read_block_scales(layer, ids)
+        return k.reshape(shape), v.reshape(shape), ks.reshape(shape[:2]), vs.reshape(shape[:2])
 
     def commit(self, ids: list[str], prompts: list[list[int]]) -> None:
         """The batch's KV is in the pool: key its full blocks for later requests and drop our references."""

@@ -18,6 +18,7 @@ import torch
 
 from engine.attention import KVSink
 from engine.compute_thread import ComputeThread
+from engine.kv_cache import as_stored
 from engine.runner import ModelRunner, model_fingerprint
 from engine.sampler import sample
 from kvtransfer.base import KVConnection, KVEndpoint, TransferError, TransferHandle, connect, select_transport
@@ -109,7 +110,9 @@ class PrefillWorker:
     def _shipper(self, tasks: list[PrefillTask], handles: list[_Handle | None], errors: dict[str, str],
                  computed_from: list[int], tables: list[list[int]]) -> KVSink:
         """The KV sink: per layer, each request's tokens from its first uncached decode block on.
-        Packed k, v hold only the computed tokens; cached ones the decode worker lacks come from our pool."""
+        Packed k, v hold only the computed tokens; cached ones the decode worker lacks come from our pool.
+        What is sent is what the decode pool stores: for --kv-cache-dtype int8 the rows quantized once
+        per layer (bit-identical to what a local store would write) and the cached ones as our pool holds them."""
         bs = self.layout.block_size
         bounds, start = [], 0
         for t, c in zip(tasks, computed_from):
@@ -117,17 +120,18 @@ class PrefillWorker:
             start = bounds[-1][1]
 
         def ship(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            packed = as_stored(self.layout, k, v)  # (k, v, k_scale, v_scale); scales None for a float pool
             for i, (t, h, (s, e), c) in enumerate(zip(tasks, handles, bounds, computed_from)):
                 if h is None or t.request_id in errors:
                     continue
                 send = h[1].first_block * bs
                 if send >= c:
-                    ks, vs = k[s + send - c:e], v[s + send - c:e]
+                    rows = [None if x is None else x[s + send - c:e] for x in packed]
                 else:
-                    ck, cv = self.cache.cached_rows(layer, tables[i], send, c)
-                    ks, vs = torch.cat([ck, k[s:e]]), torch.cat([cv, v[s:e]])
+                    cached = self.cache.cached_rows(layer, tables[i], send, c)
+                    rows = [None if x is None else torch.cat([y, x[s:e]]) for x, y in zip(packed, cached)]
                 try:
-                    h[0].write_layer(h[1], layer, ks, vs)
+                    h[0].write_layer(h[1], layer, *rows)
                 except TransferError as err:
                     errors[t.request_id] = f"{type(err).__name__}: KV transfer to {t.decode.worker_id} failed: {err}"
 

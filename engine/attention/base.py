@@ -10,6 +10,10 @@ Every backend implements the same four operations over the paged pool layout
 
 The torch backend is the reference (any device, any shape); `cpu` adds the
 native decode kernel; `triton` runs everything as Triton kernels on CUDA.
+
+An int8 pool (`--kv-cache-dtype int8`, engine/kv_quant.py) comes with its scales: every method
+that touches the cache takes k_scale/v_scale [NB, BS, KVH] float32 (None for a float pool);
+store_kv quantizes, the readers dequantize (K/V values q * s) as they load.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+from engine.kv_quant import quantize_kv
 
 
 @dataclass(frozen=True)
@@ -55,35 +61,46 @@ class VarlenBatch:
 
 
 class AttentionBackend(ABC):
-    """Shapes: q [T, H, D]; k, v [T, KVH, D]; one layer's caches k_cache/v_cache [NB, BS, KVH, D]."""
+    """Shapes: q [T, H, D]; k, v [T, KVH, D]; one layer's caches k_cache/v_cache [NB, BS, KVH, D]
+    (model dtype, or int8 with k_scale/v_scale [NB, BS, KVH] float32)."""
 
     name: str
 
     @abstractmethod
     def varlen_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: VarlenBatch,
-                       k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, scale: float) -> torch.Tensor:
+                       k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, scale: float,
+                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Causal: row j of sequence i sees its prefix and its own rows 0..j. -> [T, H, D]."""
 
     def paged_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: VarlenBatch,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """varlen_prefill for new tokens whose K/V are already stored in the cache (ExtendAttention stores
         them first), so a backend may read every key from the pool. Default: varlen_prefill."""
-        return self.varlen_prefill(q, k, v, batch, k_cache, v_cache, scale)
+        return self.varlen_prefill(q, k, v, batch, k_cache, v_cache, scale, k_scale, v_scale)
 
     @abstractmethod
     def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """q [B, H, D]; sequence b sees its first context_lens[b] cached tokens. -> [B, H, D]."""
 
     def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                 k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [T, KVH, D] into flat slots (block * BS + offset); a slot < 0 is skipped (padding)."""
+                 k: torch.Tensor, v: torch.Tensor,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+        """k, v [T, KVH, D] into flat slots (block * BS + offset); a slot < 0 is skipped (padding).
+        With scales (an int8 cache) each row is quantized first (engine/kv_quant.quantize_kv)."""
         nb, bs, kvh, d = k_cache.shape
         keep = slots >= 0
         if not bool(keep.all()):
             slots, k, v = slots[keep], k[keep], v[keep]
-        k_cache.view(nb * bs, kvh, d).index_copy_(0, slots.long(), k)
-        v_cache.view(nb * bs, kvh, d).index_copy_(0, slots.long(), v)
+        slots = slots.long()
+        if k_scale is not None:
+            (k, sk), (v, sv) = quantize_kv(k), quantize_kv(v)
+            k_scale.view(nb * bs, kvh).index_copy_(0, slots, sk)
+            v_scale.view(nb * bs, kvh).index_copy_(0, slots, sv)
+        k_cache.view(nb * bs, kvh, d).index_copy_(0, slots, k)
+        v_cache.view(nb * bs, kvh, d).index_copy_(0, slots, v)
 
     @property
     def graph_safe(self) -> bool:

@@ -17,6 +17,7 @@ import torch
 from engine.attention.base import AttentionBackend, VarlenBatch
 from engine.attention.torch_ref import TorchBackend
 from engine.kv_cache import KVPool
+from engine.kv_quant import dequantize_kv, quantize_kv
 
 # (layer, k [T, KVH, D], v [T, KVH, D]) for all packed tokens of a prefill batch.
 KVSink = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -45,7 +46,9 @@ class ExtendAttention:
     """New tokens appended to sequences whose first prefix_lens[i] tokens are already in `pool`.
 
     The new tokens' K/V are stored at `slots` (so later steps read them from the pool) and handed
-    to `kv_sink` if one is given; attention reads the prefix through the block tables."""
+    to `kv_sink` if one is given; attention reads the prefix through the block tables. With an int8
+    pool the new tokens are attended to as stored (quantized and back), as a decode step would read
+    them: speculative verification then scores a draft exactly as plain decoding would."""
 
     def __init__(self, pool: KVPool, slots: torch.Tensor, batch: VarlenBatch, backend: AttentionBackend,
                  kv_sink: KVSink | None = None) -> None:
@@ -54,11 +57,13 @@ class ExtendAttention:
         self.pool, self.slots, self.batch, self.backend, self.kv_sink = pool, slots, batch, backend, kv_sink
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cache = self.pool.tensor[layer]
-        self.backend.store_kv(cache[0], cache[1], self.slots, k, v)
+        cache, scales = self.pool.tensor[layer], self.pool.layer_scales(layer)
+        self.backend.store_kv(cache[0], cache[1], self.slots, k, v, *scales)
         if self.kv_sink is not None:
             self.kv_sink(layer, k, v)
-        return self.backend.paged_extend(q, k, v, self.batch, cache[0], cache[1], q.shape[-1] ** -0.5)
+        if scales[0] is not None:
+            k, v = (dequantize_kv(*quantize_kv(x), x.dtype) for x in (k, v))
+        return self.backend.paged_extend(q, k, v, self.batch, cache[0], cache[1], q.shape[-1] ** -0.5, *scales)
 
 
 class PagedDecodeAttention:
@@ -76,7 +81,7 @@ class PagedDecodeAttention:
         self.scale = pool.layout.head_dim ** -0.5
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cache = self.pool.tensor[layer]
-        self.backend.store_kv(cache[0], cache[1], self.slots, k, v)
+        cache, scales = self.pool.tensor[layer], self.pool.layer_scales(layer)
+        self.backend.store_kv(cache[0], cache[1], self.slots, k, v, *scales)
         return self.backend.paged_decode(q.contiguous(), cache[0], cache[1], self.block_tables,
-                                         self.context_lens, self.scale)
+                                         self.context_lens, self.scale, *scales)

@@ -7,15 +7,23 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend, VarlenBatch
+from engine.kv_quant import dequantize_kv
 
 
-def gather_prefix(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-                  length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `length` cached tokens of one sequence: [length, KVH, D] each."""
+def _load(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Blocks [n, BS, KVH, D] of one layer's K (or V) in `dtype`; an int8 cache is dequantized."""
+    data = cache.index_select(0, blocks)
+    return data if scales is None else dequantize_kv(data, scales.index_select(0, blocks), dtype)
+
+
+def gather_prefix(k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, length: int,
+                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `length` cached tokens of one sequence: [length, KVH, D] each (`dtype` for an int8 cache)."""
     _, bs, kvh, d = k_cache.shape
     blocks = table[: -(-length // bs)].long()
-    keys = k_cache.index_select(0, blocks).reshape(-1, kvh, d)[:length]
-    values = v_cache.index_select(0, blocks).reshape(-1, kvh, d)[:length]
+    keys = _load(k_cache, k_scale, blocks, dtype).reshape(-1, kvh, d)[:length]
+    values = _load(v_cache, v_scale, blocks, dtype).reshape(-1, kvh, d)[:length]
     return keys, values
 
 
@@ -32,13 +40,14 @@ def causal_with_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix
 
 
 def torch_paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-                       context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Gather each sequence's blocks into a padded tensor, mask, SDPA. Any device."""
+                       context_lens: torch.Tensor, scale: float, k_scale: torch.Tensor | None = None,
+                       v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather each sequence's blocks into a padded tensor (dequantized from an int8 pool), mask, SDPA."""
     b, mb = block_tables.shape
     _, bs, kvh, d = k_pool.shape
     flat = block_tables.reshape(-1).long()
-    keys = k_pool.index_select(0, flat).view(b, mb * bs, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
-    values = v_pool.index_select(0, flat).view(b, mb * bs, kvh, d).transpose(1, 2)
+    keys = _load(k_pool, k_scale, flat, q.dtype).view(b, mb * bs, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
+    values = _load(v_pool, v_scale, flat, q.dtype).view(b, mb * bs, kvh, d).transpose(1, 2)
     mask = (torch.arange(mb * bs, device=q.device)[None, :] < context_lens[:, None]).view(b, 1, 1, mb * bs)
     o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return o.squeeze(2)
@@ -47,7 +56,7 @@ def torch_paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
 class TorchBackend(AttentionBackend):
     name = "torch"
 
-    def varlen_prefill(self, q, k, v, batch: VarlenBatch, k_cache, v_cache, scale):
+    def varlen_prefill(self, q, k, v, batch: VarlenBatch, k_cache, v_cache, scale, k_scale=None, v_scale=None):
         if len(batch.q_lens) == 1 and not batch.has_prefix:
             return causal_with_prefix(q, k, v, 0, scale)
         out = torch.empty_like(q)
@@ -55,11 +64,11 @@ class TorchBackend(AttentionBackend):
         for i, (n, prefix) in enumerate(zip(batch.q_lens, batch.prefix_lens_host)):
             qs, ks, vs = q[start:start + n], k[start:start + n], v[start:start + n]
             if prefix:
-                pk, pv = gather_prefix(k_cache, v_cache, batch.block_tables[i], prefix)
+                pk, pv = gather_prefix(k_cache, v_cache, batch.block_tables[i], prefix, k_scale, v_scale, q.dtype)
                 ks, vs = torch.cat([pk, ks]), torch.cat([pv, vs])
             out[start:start + n] = causal_with_prefix(qs, ks, vs, prefix, scale)
             start += n
         return out
 
-    def paged_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale):
-        return torch_paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    def paged_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=None, v_scale=None):
+        return torch_paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)

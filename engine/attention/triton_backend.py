@@ -26,16 +26,17 @@ class TritonBackend(AttentionBackend):
             log.warning("Triton is unavailable (%s)", e)
             return None
 
-    def varlen_prefill(self, q, k, v, batch: VarlenBatch, k_cache, v_cache, scale):
+    def varlen_prefill(self, q, k, v, batch: VarlenBatch, k_cache, v_cache, scale, k_scale=None, v_scale=None):
         prefix = batch.prefix_lens if batch.has_prefix else None
         return self._attn.extend_attention(q, k, v, batch.cu_q, batch.max_q_len, prefix, k_cache, v_cache,
-                                           batch.block_tables, scale)
+                                           batch.block_tables, scale, k_scale, v_scale)
 
-    def paged_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale):
-        return self._attn.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    def paged_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=None, v_scale=None):
+        return self._attn.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                       k_scale=k_scale, v_scale=v_scale)
 
-    def store_kv(self, k_cache, v_cache, slots, k, v) -> None:
-        self._ops.store_kv(k_cache, v_cache, slots, k, v)
+    def store_kv(self, k_cache, v_cache, slots, k, v, k_scale=None, v_scale=None) -> None:
+        self._ops.store_kv(k_cache, v_cache, slots, k, v, k_scale, v_scale)
 
     @property
     def graph_safe(self) -> bool:

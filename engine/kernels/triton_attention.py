@@ -7,7 +7,9 @@
                       new tokens also see its cached prefix, read through its block table.
 
 Pool layout (engine/kv_cache.py), one layer's K (or V):  cache[block, slot, kv_head, d]
-A token at position p of a sequence lives at block table[p // BS], slot p % BS.
+A token at position p of a sequence lives at block table[p // BS], slot p % BS. An int8 pool
+(QUANT) has scales[block, slot, kv_head] float32 beside it: each loaded tile is converted as
+q8 * scale to the query's dtype in registers, so only the int8 bytes (and the scales) are read.
 Accumulation is float32; fp32 inputs use IEEE dot products (no TF32), so fp32 parity holds.
 """
 
@@ -32,23 +34,31 @@ def _online_step(q, k, v, valid, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _paged_kv_tile(K, V, table_row, pos, pmask, kvh, stride_b, stride_s, stride_h, offs_d, dmask, BS: tl.constexpr):
-    """K and V of the tokens at positions `pos` of one sequence ([N, D] each), found through its
-    block table row: token p lives at block table[p // BS], slot p % BS."""
+def _paged_kv_tile(K, V, KS, VS, table_row, pos, pmask, kvh, stride_b, stride_s, stride_h, offs_d, dmask,
+                   BS: tl.constexpr, KVH: tl.constexpr, QUANT: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """K and V of the tokens at positions `pos` of one sequence ([N, D] each, OUT_DTYPE), found through
+    its block table row: token p lives at block table[p // BS], slot p % BS. QUANT: int8 data times its
+    scale (scales [NB, BS, KVH] contiguous)."""
     blk = tl.load(table_row + pos // BS, mask=pmask, other=0).to(tl.int64)
     off = blk * stride_b + (pos % BS) * stride_s + kvh * stride_h
     kv_mask = pmask[:, None] & dmask[None, :]
-    k = tl.load(K + off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(K + off[:, None] + offs_d[None, :], mask=kv_mask, other=0)
+    v = tl.load(V + off[:, None] + offs_d[None, :], mask=kv_mask, other=0)
+    if QUANT:
+        soff = (blk * BS + pos % BS) * KVH + kvh
+        ks = tl.load(KS + soff, mask=pmask, other=0.0)
+        vs = tl.load(VS + soff, mask=pmask, other=0.0)
+        k = (k.to(tl.float32) * ks[:, None]).to(OUT_DTYPE)
+        v = (v.to(tl.float32) * vs[:, None]).to(OUT_DTYPE)
     return k, v
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, Tables, Lens, MidO, MidLse, scale,
+def _decode_split_kernel(Q, K, V, KS, VS, Tables, Lens, MidO, MidLse, scale,
                          stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
                          G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, KVH: tl.constexpr, QUANT: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(Lens + b)
     split_len = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -66,8 +76,8 @@ def _decode_split_kernel(Q, K, V, Tables, Lens, MidO, MidLse, scale,
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pmask = pos < end
-        k, v = _paged_kv_tile(K, V, Tables + b * stride_tb, pos, pmask, kvh, stride_kb, stride_ks, stride_kh,
-                              offs_d, dmask, BS)
+        k, v = _paged_kv_tile(K, V, KS, VS, Tables + b * stride_tb, pos, pmask, kvh, stride_kb, stride_ks,
+                              stride_kh, offs_d, dmask, BS, KVH, QUANT, Q.dtype.element_ty)
         m_i, l_i, acc = _online_step(q, k, v, hmask[:, None] & pmask[None, :], m_i, l_i, acc, scale, PRECISION)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), float("-inf"))
@@ -107,9 +117,20 @@ def decode_splits(batch: int, kv_heads: int, max_context: int, target_programs: 
     return max(1, min(want, by_len, 64))
 
 
+def _scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None,
+            v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The scale pointers a kernel gets (any tensor when the cache is not int8) and QUANT."""
+    if k_scale is None:
+        return k_cache, k_cache, False
+    assert k_cache.dtype == torch.int8 and k_scale.is_contiguous() and v_scale.is_contiguous()
+    return k_scale, v_scale, True
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
-    """q [B, H, D]; caches [NB, BS, KVH, D]; block_tables [B, MB]; context_lens [B] -> [B, H, D]."""
+                 context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, D]; caches [NB, BS, KVH, D] (int8 with scales [NB, BS, KVH]); block_tables [B, MB];
+    context_lens [B] -> [B, H, D]."""
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
     g = h // kvh
@@ -118,23 +139,24 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     mid_lse = torch.empty(b, splits, h, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     block_d = max(16, triton.next_power_of_2(d))
+    ks, vs, quant = _scales(k_cache, k_scale, v_scale)
     _decode_split_kernel[(b, kvh, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, mid_o, mid_lse, scale,
+        q, k_cache, v_cache, ks, vs, block_tables, context_lens, mid_o, mid_lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_D=block_d, BLOCK_N=32,
-        NUM_SPLITS=splits, PRECISION=_precision(q.dtype))
+        NUM_SPLITS=splits, PRECISION=_precision(q.dtype), KVH=kvh, QUANT=quant)
     _decode_merge_kernel[(b, h)](mid_o, mid_lse, out, out.stride(0), out.stride(1), h, D=d, BLOCK_D=block_d,
                                  NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)))
     return out
 
 
 @triton.jit
-def _extend_kernel(Q, Kn, Vn, Kc, Vc, CuQ, PrefixLens, Tables, Out, scale,
+def _extend_kernel(Q, Kn, Vn, Kc, Vc, KS, VS, CuQ, PrefixLens, Tables, Out, scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_cb, stride_cs, stride_ch, stride_tb, stride_ot, stride_oh,
                    G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, KVH: tl.constexpr, QUANT: tl.constexpr):
     b, h, mblk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(CuQ + b)
     q_len = tl.load(CuQ + b + 1) - q_start
@@ -154,8 +176,8 @@ def _extend_kernel(Q, Kn, Vn, Kc, Vc, CuQ, PrefixLens, Tables, Out, scale,
             for n0 in range(0, prefix, BLOCK_N):
                 pos = n0 + tl.arange(0, BLOCK_N)
                 pmask = pos < prefix
-                k, v = _paged_kv_tile(Kc, Vc, Tables + b * stride_tb, pos, pmask, kvh, stride_cb, stride_cs,
-                                      stride_ch, offs_d, dmask, BS)
+                k, v = _paged_kv_tile(Kc, Vc, KS, VS, Tables + b * stride_tb, pos, pmask, kvh, stride_cb,
+                                      stride_cs, stride_ch, offs_d, dmask, BS, KVH, QUANT, Q.dtype.element_ty)
                 m_i, l_i, acc = _online_step(q, k, v, mmask[:, None] & pmask[None, :], m_i, l_i, acc, scale,
                                              PRECISION)
         hi = tl.minimum(q_len, (mblk + 1) * BLOCK_M)
@@ -175,9 +197,10 @@ def _extend_kernel(Q, Kn, Vn, Kc, Vc, CuQ, PrefixLens, Tables, Out, scale,
 
 def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, max_q_len: int,
                      prefix_lens: torch.Tensor | None, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
-                     block_tables: torch.Tensor | None, scale: float) -> torch.Tensor:
+                     block_tables: torch.Tensor | None, scale: float, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] packed by cu_q [B+1]; with a prefix, sequence i first sees its
-    prefix_lens[i] cached tokens through block_tables[i]. -> [T, H, D]."""
+    prefix_lens[i] cached tokens through block_tables[i] (an int8 cache with its scales). -> [T, H, D]."""
     t, h, d = q.shape
     kvh = k.shape[1]
     b = cu_q.shape[0] - 1
@@ -185,11 +208,13 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     has_prefix = prefix_lens is not None
     if not has_prefix:  # unused pointers: any tensor of the right dtype
         prefix_lens, k_cache, v_cache, block_tables = cu_q, k.unsqueeze(0), v.unsqueeze(0), cu_q.view(1, -1)
+        k_scale = v_scale = None
+    ks, vs, quant = _scales(k_cache, k_scale, v_scale)
     block_m = 64 if max_q_len > 32 else 16
     _extend_kernel[(b, h, triton.cdiv(max_q_len, block_m))](
-        q, k, v, k_cache, v_cache, cu_q, prefix_lens, block_tables, out, scale,
+        q, k, v, k_cache, v_cache, ks, vs, cu_q, prefix_lens, block_tables, out, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         G=h // kvh, BS=k_cache.shape[1], D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m,
-        BLOCK_N=32, HAS_PREFIX=has_prefix, PRECISION=_precision(q.dtype))
+        BLOCK_N=32, HAS_PREFIX=has_prefix, PRECISION=_precision(q.dtype), KVH=kvh, QUANT=quant)
     return out

@@ -1,6 +1,7 @@
 """Small fused Triton kernels for the CUDA forward (tested on the CPU under TRITON_INTERPRET=1).
 
     store_kv      a layer's K and V for every token of a batch into their pool slots, one launch
+                  (quantized to int8 with a per-token-per-head scale for an int8 pool)
     rms_norm      RMSNorm, optionally fused with the residual add before it
     rope          rotary embedding of q and k in place, cos/sin gathered at each token's position
 
@@ -25,16 +26,51 @@ def _store_kv_kernel(K, V, Kc, Vc, Slots, stride_kt, stride_vt, ROW: tl.constexp
         tl.store(Vc + slot * ROW + offs, tl.load(V + t * stride_vt + offs, mask=mask), mask=mask)
 
 
+@triton.jit
+def _quantize_row(X, Xc, Xs, slot, KVH: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_D: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr):
+    """One token's row [KVH, D] -> int8 at Xc[slot] and one scale per head at Xs[slot]: the same float32
+    ops as engine/kv_quant.quantize_kv (max|x| / 127, floor(x / s + 0.5), clamp), so the bits agree."""
+    heads, offs_d = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
+    mask = (heads[:, None] < KVH) & (offs_d[None, :] < D)
+    idx = heads[:, None] * D + offs_d[None, :]
+    x = tl.load(X + idx, mask=mask, other=0.0).to(tl.float32)
+    # div_rn: IEEE round-to-nearest division, as torch divides (CUDA's default `/` is approximate)
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 1), FLOOR), QMAX)
+    qv = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, s[:, None]) + 0.5), -QMAX), QMAX)
+    tl.store(Xc + slot * (KVH * D) + idx, qv.to(tl.int8), mask=mask)
+    tl.store(Xs + slot * KVH + heads, s, mask=heads < KVH)
+
+
+@triton.jit
+def _store_kv_int8_kernel(K, V, Kc, Vc, Ks, Vs, Slots, stride_kt, stride_vt, KVH: tl.constexpr, D: tl.constexpr,
+                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(Slots + t).to(tl.int64)
+    if slot >= 0:
+        _quantize_row(K + t * stride_kt, Kc, Ks, slot, KVH, D, BLOCK_H, BLOCK_D, QMAX, FLOOR)
+        _quantize_row(V + t * stride_vt, Vc, Vs, slot, KVH, D, BLOCK_H, BLOCK_D, QMAX, FLOOR)
+
+
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
-    """k, v [T, KVH, D] (each token's row contiguous) -> caches [NB, BS, KVH, D] at flat slots; slot < 0 skips."""
+             v: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+    """k, v [T, KVH, D] (each token's row contiguous) -> caches [NB, BS, KVH, D] at flat slots; slot < 0 skips.
+    With scales [NB, BS, KVH] float32 the caches are int8 and each row is quantized on the way in."""
     t, kvh, d = k.shape
     if t == 0:
         return
     assert k.stride(2) == 1 and k.stride(1) == d and v.stride(2) == 1 and v.stride(1) == d
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
-    _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slots, k.stride(0), v.stride(0), ROW=kvh * d,
-                           BLOCK=triton.next_power_of_2(kvh * d))
+    if k_scale is None:
+        _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slots, k.stride(0), v.stride(0), ROW=kvh * d,
+                               BLOCK=triton.next_power_of_2(kvh * d))
+        return
+    from engine.kv_quant import QMAX, SCALE_FLOOR
+
+    assert k_cache.dtype == torch.int8 and k_scale.is_contiguous() and v_scale.is_contiguous()
+    _store_kv_int8_kernel[(t,)](k, v, k_cache, v_cache, k_scale, v_scale, slots, k.stride(0), v.stride(0),
+                                KVH=kvh, D=d, BLOCK_H=triton.next_power_of_2(kvh), BLOCK_D=triton.next_power_of_2(d),
+                                QMAX=QMAX, FLOOR=SCALE_FLOOR)
 
 
 @triton.jit

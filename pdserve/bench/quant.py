@@ -1,8 +1,11 @@
 """`pdserve bench quant`: quantized weights against the float dtypes, in one run, on this machine.
 
 Per setting (`float32`, `bfloat16`, `int8`, `w8a8` = int8 weights and activations, `int4`, `gguf` = the
-file's own blocks; `+lmhead` also quantizes the LM head):
-weight bytes; perplexity on heldout.txt; greedy agreement with bfloat16 over
+file's own blocks; `+lmhead` also quantizes the LM head; `+kvint8` stores the KV cache as int8,
+`--kv-cache-dtype int8`):
+weight bytes; KV bytes per token (all layers, K and V, scales included); perplexity on heldout.txt
+(for a `+kvint8` row scored through the int8 pool: every position attends to the quantized K/V of
+the window, its own included, as a decode step does); greedy agreement with bfloat16 over
 benchmark prompts; decode tok/s at each batch size (min-max over repeats, the
 machine may be shared). Quantized settings keep float32 activations, so their
 perplexity measures the weights' error alone (their prefill path dequantizes to
@@ -13,8 +16,12 @@ the Gettysburg Address; the Declaration of Independence; Dickens, A Tale of Two
 Cities; Melville, Moby-Dick), not the benchmark corpus. It is famous text, so
 absolute perplexities are low; the figures to read are the ratios to float32.
 The last line is
-    quant int8_ppl_ratio=<x> int4_ppl_ratio=<y> int4_b1_speedup=<z>
-(the best int4 / gguf decode at batch 1 over the best float dtype's).
+    quant int8_ppl_ratio=<x> int4_ppl_ratio=<y> int4_b1_speedup=<z> [kv_int8_blocks=<b> kv_int8_ppl_ratio=<p>
+          kv_int8_agree=<a>]
+(the best int4 / gguf decode at batch 1 over the best float dtype's; for the first `+kvint8` row: the
+blocks a pool of the same bytes holds vs its base setting's KV, perplexity over the base's scored the
+same way through its float pool, and greedy agreement with the base, i.e. the same weights with the
+model-dtype KV cache).
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ FLOAT_SETTINGS = ("float32", "bfloat16")
 
 @dataclass(frozen=True)
 class QuantBench:
-    settings: tuple[str, ...] = ("float32", "bfloat16", "int8", "w8a8", "int4", "int4+lmhead", "gguf+lmhead")
+    settings: tuple[str, ...] = ("float32", "bfloat16", "bfloat16+kvint8", "int8", "w8a8", "int4", "int4+lmhead",
+                                 "gguf+lmhead")
     batch_sizes: tuple[int, ...] = (1, 64)
     decode_steps: int = 16
     repeats: int = 3
@@ -50,15 +58,24 @@ class QuantBench:
 
 
 def setting_config(engine: EngineConfig, setting: str) -> EngineConfig:
-    """`float32` | `bfloat16` | `int8` | `w8a8` | `int4` | `gguf`, optionally `+lmhead`, as an EngineConfig (CPU)."""
-    name, _, extra = setting.partition("+")
-    if extra not in ("", "lmhead"):
-        raise ValueError(f"setting {setting!r}: the only suffix is +lmhead")
-    if name in FLOAT_SETTINGS:
-        return replace(engine, dtype=name, quantization="none", quantize_lm_head=False, device="cpu")
+    """`float32` | `bfloat16` | `int8` | `w8a8` | `int4` | `gguf`, optionally `+lmhead` (not for a float dtype)
+    and `+kvint8`, as an EngineConfig (CPU)."""
+    name, *extras = setting.split("+")
+    if any(e not in ("lmhead", "kvint8") for e in extras) or len(set(extras)) != len(extras):
+        raise ValueError(f"setting {setting!r}: the suffixes are +lmhead and +kvint8")
+    kv = "int8" if "kvint8" in extras else "auto"
+    if name in FLOAT_SETTINGS and "lmhead" not in extras:
+        return replace(engine, dtype=name, quantization="none", quantize_lm_head=False, device="cpu",
+                       kv_cache_dtype=kv)
     if name in ("int8", "w8a8", "int4", "gguf"):
-        return replace(engine, dtype="float32", quantization=name, quantize_lm_head=extra == "lmhead", device="cpu")
-    raise ValueError(f"unknown setting {setting!r}: float32, bfloat16, int8, w8a8, int4, gguf (+lmhead)")
+        return replace(engine, dtype="float32", quantization=name, quantize_lm_head="lmhead" in extras, device="cpu",
+                       kv_cache_dtype=kv)
+    raise ValueError(f"unknown setting {setting!r}: float32, bfloat16, int8, w8a8, int4, gguf (+lmhead), (+kvint8)")
+
+
+def base_setting(setting: str) -> str:
+    """The same weights with the model-dtype KV cache."""
+    return "+".join(p for p in setting.split("+") if p != "kvint8")
 
 
 @torch.inference_mode()
@@ -73,6 +90,24 @@ def perplexity(runner: ModelRunner, ids: list[int], window: int) -> float:
         logits = runner.model(x, torch.arange(len(x)), PrefillAttention([len(x)], None))
         nll += F.cross_entropy(logits.float(), torch.tensor(chunk[1:]), reduction="sum").item()
         count += len(x)
+    return math.exp(nll / count)
+
+
+@torch.inference_mode()
+def paged_perplexity(runner: ModelRunner, ids: list[int], window: int) -> float:
+    """As `perplexity`, but each window is stored in a KV pool of the runner's kv_cache_dtype and attended
+    to from there (ModelRunner.extend from an empty prefix): what the KV cache's storage costs."""
+    bs = runner.config.block_size
+    pool = KVPool.allocate(runner.kv_layout(num_blocks=-(-window // bs)))
+    table = list(range(pool.layout.num_blocks))
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window + 1]
+        if len(chunk) < 2:
+            break
+        logits = runner.extend(pool, [chunk[:-1]], [0], [table], all_logits=True)
+        nll += F.cross_entropy(logits.float(), torch.tensor(chunk[1:]), reduction="sum").item()
+        count += len(chunk) - 1
     return math.exp(nll / count)
 
 
@@ -142,22 +177,32 @@ def run(bench: QuantBench, engine: EngineConfig, print_fn=print) -> dict:
         WorkloadSpec(num_requests=bench.num_prompts, min_prompt=16, max_prompt=128, seed=1), tokenizer)]
     decode_prompt = text_ids[:32]
     order = ["bfloat16"] + [s for s in bench.settings if s != "bfloat16"]  # bf16 first: the agreement reference
+    for s in bench.settings:  # a +kvint8 row's base goes before it (its agreement reference), measured anyway
+        if "kvint8" in s and base_setting(s) not in order[:order.index(s)]:
+            order.insert(order.index(s), base_setting(s))
     rows: dict[str, dict] = {}
-    ref_out: list[list[int]] = []
+    outs: dict[str, list[list[int]]] = {}
     for setting in order:
+        if setting in outs:
+            continue
         print_fn(f"[{setting}] loading ...")
         runner = ModelRunner(setting_config(engine, setting))
-        row: dict = {"weight_bytes": weight_bytes(runner.model)}
-        row["perplexity"] = perplexity(runner, text_ids, bench.ppl_window)
-        out = greedy(runner, prompts, bench.agree_tokens)
-        if setting == "bfloat16":
-            ref_out = out
-        row["greedy_agreement"] = agreement(out, ref_out)
+        row: dict = {"weight_bytes": weight_bytes(runner.model),
+                     "kv_bytes_per_token": runner.kv_layout(1).bytes_per_token}
+        quantized_kv = runner.config.kv_cache_dtype != "auto"
+        row["perplexity"] = (paged_perplexity if quantized_kv else perplexity)(runner, text_ids, bench.ppl_window)
+        out = outs[setting] = greedy(runner, prompts, bench.agree_tokens)
+        row["greedy_agreement"] = agreement(out, outs["bfloat16"])
+        if quantized_kv:
+            row["kv_agreement"] = agreement(out, outs[base_setting(setting)])
+        elif any("kvint8" in k and base_setting(k) == setting for k in bench.settings):  # the same path, float KV
+            row["paged_perplexity"] = paged_perplexity(runner, text_ids, bench.ppl_window)
         for b in bench.batch_sizes:
             row[f"decode_b{b}"] = decode_rates(runner, decode_prompt, b, bench.decode_steps, bench.repeats)
-        if setting in bench.settings:
-            rows[setting] = row
+        rows[setting] = row
         del runner
+    wanted = set(bench.settings) | {base_setting(s) for s in bench.settings}
+    rows = {s: r for s, r in rows.items() if s in wanted}  # bfloat16 is always measured (the reference)
     report = {"held_out_tokens": len(text_ids), "threads": torch.get_num_threads(), "clock": clock_name(),
               "settings": rows}
     report["last_line"] = _last_line(rows, bench.batch_sizes)
@@ -178,12 +223,18 @@ def _last_line(rows: dict[str, dict], batch_sizes: tuple[int, ...]) -> str:
         best_float = max(max(rows[s][b1]) for s in floats)
         best_int4 = max(max(rows[s][b1]) for s in int4)
         parts.append(f"int4_b{batch_sizes[0]}_speedup={best_int4 / best_float:.2f}")
+    kv = next((s for s in rows if "kvint8" in s), None)
+    if kv is not None:
+        base = rows[base_setting(kv)]
+        parts += [f"kv_int8_blocks={base['kv_bytes_per_token'] / rows[kv]['kv_bytes_per_token']:.2f}",
+                  f"kv_int8_ppl_ratio={rows[kv]['perplexity'] / base['paged_perplexity']:.4f}",
+                  f"kv_int8_agree={rows[kv]['kv_agreement']:.2f}"]
     return "quant " + " ".join(parts)
 
 
 def render(report: dict, batch_sizes: tuple[int, ...]) -> str:
     rows = report["settings"]
-    head = f"{'setting':<13} {'weight MB':>9} {'ppl':>8} {'vs fp32':>8} {'agree':>6}" + "".join(
+    head = f"{'setting':<18} {'weight MB':>9} {'KV B/tok':>8} {'ppl':>8} {'vs fp32':>8} {'agree':>6}" + "".join(
         f" {'decode b' + str(b) + ' tok/s':>22}" for b in batch_sizes)
     lines = [f"perplexity over {report['held_out_tokens']} held-out tokens; decode min-max over repeats; "
              f"{report['threads']} torch threads, {report['clock']}", head]
@@ -191,7 +242,7 @@ def render(report: dict, batch_sizes: tuple[int, ...]) -> str:
     for name, r in rows.items():
         ratio = f"{r['perplexity'] / base:8.4f}" if base else f"{'-':>8}"
         rates = "".join(f" {min(r[f'decode_b{b}']):10.1f}-{max(r[f'decode_b{b}']):<11.1f}" for b in batch_sizes)
-        lines.append(f"{name:<13} {r['weight_bytes'] / 1e6:9.1f} {r['perplexity']:8.3f} {ratio} "
-                     f"{r['greedy_agreement']:6.2f}{rates}")
+        lines.append(f"{name:<18} {r['weight_bytes'] / 1e6:9.1f} {r['kv_bytes_per_token']:8d} "
+                     f"{r['perplexity']:8.3f} {ratio} {r['greedy_agreement']:6.2f}{rates}")
     lines.append(report["last_line"])
     return "\n".join(lines)

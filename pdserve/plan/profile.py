@@ -129,9 +129,8 @@ def measure(runner, sizes: ProfileSizes, threads: int, description: str = "") ->
     decode_points = [(b, c, _decode_time(runner, b, c, sizes.repeats, gen))
                      for b in sizes.decode_batches for c in contexts]
     a = runner.arch
-    itemsize = torch.empty((), dtype=runner.config.torch_dtype).element_size()
     return StageProfile(prefill=fit_prefill(prefill_points), decode=fit_decode(decode_points),
-                        kv_bytes_per_token=a.num_layers * 2 * a.num_kv_heads * a.head_dim * itemsize,
+                        kv_bytes_per_token=runner.kv_layout(num_blocks=1).bytes_per_token,  # int8 KV: + scales
                         num_layers=a.num_layers, threads=torch.get_num_threads(), description=description,
                         prefill_points=tuple(prefill_points), decode_points=tuple(decode_points))
 
