@@ -141,20 +141,19 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def plan_vs_measured(profile, report: dict, cluster, engine) -> dict:
+    """`pdserve plan`'s rate at the target for the pd configuration benchmarked, against the measured one."""
+    from pdserve.observability.metrics import SLO
     from pdserve.plan.check import compare, predicted_sustained
     from pdserve.plan.model import Config
-    from pdserve.plan.profile import StageProfile
+    from pdserve.plan.report import describe_profile
 
-    assert isinstance(profile, StageProfile)
     config = Config(cluster.num_prefill, cluster.num_decode, engine.max_num_seqs)
-    pd = report["modes"].get("pd", {})
     threads = worker_threads(cluster)
-    from pdserve.observability.metrics import SLO
-
     predicted = predicted_sustained(profile, [tuple(x) for x in report["lengths"]], SLO(**report["slo"]), config,
                                     threads, report["target"])
     out = {"config": f"{config.prefill_workers}P+{config.decode_workers}D, max batch {config.max_batch}, "
-                     f"{threads} threads each", "profile": profile.description}
+                     f"{threads} threads each", "profile": describe_profile(profile)}
+    pd = report["modes"].get("pd", {})
     if "sustained" not in pd:
         return {**out, "predicted_rps": predicted, "measured_rps": None, "relative_error": None,
                 "verdict": "pd was not measured"}

@@ -46,6 +46,7 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append(f"planner vs measured (pd, {plan['config']}): predicted {_f(plan['predicted_rps'], '.3f')} req/s, "
                      f"measured {_f(plan['measured_rps'], '.3f')} req/s, relative error "
                      f"{_f(plan['relative_error'], '+.0%')}: {plan['verdict']}")
+        lines += plan["profile"]
     return "\n".join(lines)
 
 
