@@ -149,14 +149,16 @@ def test_cluster_mode_is_validated():
 
 # ---- end to end ----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys):
+@pytest.mark.parametrize("front_end", ["openai", "direct"])
+def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, front_end):
     from pdserve.cli import main
 
     out, html = tmp_path / "serve.json", tmp_path / "serve.html"
     rc = main(["bench", "serve", "--quick", "--modes", "pd", "--plan", "--kv-cache-gib", "0.25",
-               "--json", str(out), "--report", str(html)])
+               "--json", str(out), "--report", str(html)] + (["--direct"] if front_end == "direct" else []))
     assert rc == 0
     report = json.loads(out.read_text())
+    assert report["front_end"] == front_end
     pd = report["modes"]["pd"]
     assert pd["kv_blocks_leaked"] == 0 and len(pd["rates"]) == 2
     for row in pd["rates"]:

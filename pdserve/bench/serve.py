@@ -115,8 +115,9 @@ def _openai_sender(url: str, model: str, timeout_s: float) -> tuple[Send, Callab
     return send, client.close
 
 
-def _direct_sender(loop, tokenizer, limits) -> Send:
-    """Requests built as the server builds them, straight into its serving loop (no HTTP)."""
+def _direct_sender(loop, tokenizer, limits, timeout_s: float) -> Send:
+    """Requests built as the server builds them, straight into its serving loop (no HTTP); one not
+    finished within `timeout_s` is aborted (its blocks freed), as the server's deadline does."""
     from pdserve.batch.format import LineError, build_request
     from pdserve.serve.loop import Sink
     from pdserve.serve.protocol import ApiError
@@ -134,18 +135,22 @@ def _direct_sender(loop, tokenizer, limits) -> Send:
             return
         sink = Sink(asyncio.get_running_loop())
         loop.submit(r, sink)
-        while True:
-            kind, value = await sink.events.get()
-            if kind == "tokens":
-                if s.first is None:
-                    s.first = time.perf_counter() - t0
-                continue
-            s.end = time.perf_counter() - t0
-            if kind == "done" and value.state == State.DONE:
-                s.output_tokens = len(value.output_token_ids)
-            else:
-                s.error = str(value.error if kind == "done" else value)
+        try:
+            async with asyncio.timeout(timeout_s):
+                kind, value = await sink.events.get()
+                while kind == "tokens":
+                    if s.first is None:
+                        s.first = time.perf_counter() - t0
+                    kind, value = await sink.events.get()
+        except TimeoutError:
+            loop.abort(r, f"deadline exceeded ({timeout_s:g}s)")
+            s.error = f"not finished within {timeout_s:g}s"
             return
+        s.end = time.perf_counter() - t0
+        if kind == "done" and value.state == State.DONE:
+            s.output_tokens = len(value.output_token_ids)
+        else:  # failed, or ("error", why): the router thread died
+            s.error = str(value.error if kind == "done" else value)
 
     return send
 
@@ -169,7 +174,7 @@ def _front_end(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, 
                                                                  on_tokens=on_tokens),
                            Admission(AdmissionConfig(), bench.slo), collector)
         try:
-            yield loop, lambda: (_direct_sender(loop, tokenizer, limits), None)
+            yield loop, lambda: (_direct_sender(loop, tokenizer, limits, bench.request_timeout_s), None)
         finally:
             loop.stop()
         return
@@ -205,8 +210,8 @@ def summarize(samples: list[Sample], rate: float, slo: SLO) -> dict[str, Any]:
     meets = [s.meets(slo) for s in samples]
     within = sum(t and p for t, p in meets)
     span = max((s.end or s.sent) for s in samples) - min(s.sent for s in samples)
-    arrivals = sorted(s.scheduled for s in samples)
-    offered = (n - 1) / (arrivals[-1] - arrivals[0]) if n > 1 and arrivals[-1] > arrivals[0] else None
+    sent = sorted(s.sent for s in samples)  # what the client really offered (it may lag the schedule)
+    offered = (n - 1) / (sent[-1] - sent[0]) if n > 1 and sent[-1] > sent[0] else None
 
     def pct(values: list[float | None]) -> dict[str, float | None]:
         vs = [v for v in values if v is not None]

@@ -43,6 +43,7 @@ def add_parser(bench) -> None:
                     help="also predict the pd rate sustained at the target with `pdserve plan`'s model (profile "
                          "measured first in this run, or --profile) and report it against the measured one")
     pl.add_argument("--profile", default=None, help="a `pdserve plan --profile-out` JSON instead of profiling")
+    pl.add_argument("--profile-out", default=None, help="write the profile measured for --plan here")
     o = p.add_argument_group("output")
     o.add_argument("--report", default="bench_serve.html", help="the HTML report written here")
     o.add_argument("--json", default=None, help="also write the full report here")
@@ -127,6 +128,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         # Profiled before any worker starts, so nothing competes with it.
         profile = (StageProfile.load(Path(args.profile)) if args.profile
                    else measure_profile(engine, worker_threads(cluster), args.quick))
+        if args.profile_out:
+            profile.save(Path(args.profile_out))
     report = run(bench, engine, cluster, router_config(args, engine))
     report["machine"] = machine
     if profile is not None:
