@@ -37,7 +37,7 @@ class ServeBench:
     arrival: ArrivalSpec = field(default_factory=ArrivalSpec)
     num_prompts: int = 50  # per rate
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
-    slo: SLO = field(default_factory=lambda: SLO(ttft_s=2.0, tpot_s=0.1))
+    slo: SLO = field(default_factory=SLO)
     direct: bool = False  # the serving loop in-process instead of HTTP + the openai client
     target: float = 0.9  # attainment the sustained rate is read at
     warmup: int = 2  # requests per mode before the first rate, not counted

@@ -9,6 +9,7 @@ from pathlib import Path
 
 def add_parser(bench) -> None:
     from pdserve.cli import _cluster_args, _engine_args
+    from pdserve.observability.metrics import SLO
 
     p = bench.add_parser("serve", help="SLO attainment and goodput vs request rate, PD against colocated",
                          description="Poisson or gamma arrivals at each rate, every request streamed through the "
@@ -32,10 +33,10 @@ def add_parser(bench) -> None:
     m.add_argument("--modes", default="pd,colocated", help="comma-separated: pd, colocated")
     m.add_argument("--direct", action="store_true", help="hand requests to the router in-process (no HTTP)")
     m.add_argument("--warmup", type=int, default=2, help="uncounted requests per mode before the first rate")
-    s = p.add_argument_group("SLOs")
-    s.add_argument("--ttft-slo", "--slo-ttft", dest="ttft_slo", type=float, default=2.0,
+    s = p.add_argument_group("SLOs (defaults: run-batch's, serve's and plan's, for SmolLM2-135M on 2 cores)")
+    s.add_argument("--ttft-slo", "--slo-ttft", dest="ttft_slo", type=float, default=SLO.ttft_s,
                    help="time-to-first-token SLO, seconds")
-    s.add_argument("--tpot-slo", "--slo-tpot", dest="tpot_slo", type=float, default=0.1,
+    s.add_argument("--tpot-slo", "--slo-tpot", dest="tpot_slo", type=float, default=SLO.tpot_s,
                    help="time-per-output-token SLO, seconds")
     s.add_argument("--attainment-target", type=float, default=0.9, help="the sustained rate is read at this attainment")
     pl = p.add_argument_group("planner vs measured")
@@ -95,18 +96,23 @@ def worker_threads(cluster) -> int:
             or max(1, (os.cpu_count() or 1) // max(cluster.num_prefill, cluster.num_decode)))
 
 
-def measure_profile(engine, threads: int, quick: bool):
+def measure_profile(engine, threads: int, bench, quick: bool):
+    """`pdserve plan`'s profile at sizes that cover the benchmark's requests (fewer than plan's own:
+    it runs before the benchmark, in the same command)."""
     from dataclasses import replace
 
     from engine.cpu_features import CpuInfo
     from engine.runner import ModelRunner
     from pdserve.plan.profile import QUICK_SIZES, ProfileSizes, measure
 
+    w = bench.workload
+    sizes = QUICK_SIZES if quick else ProfileSizes(
+        prefill_tokens=tuple(sorted({min(32, w.max_prompt), max(w.min_prompt, w.max_prompt // 4), w.max_prompt})),
+        decode_batches=(1, 8, 32), decode_contexts=(max(1, w.min_prompt), w.max_prompt + w.max_output), repeats=2)
     runner = ModelRunner(replace(engine, num_threads=threads))
     cfg = runner.config
     where = CpuInfo.here().describe() if cfg.device == "cpu" else cfg.device
-    return measure(runner, QUICK_SIZES if quick else ProfileSizes(), threads, f"{runner.folder.name} {cfg.dtype} "
-                   f"on {where}")
+    return measure(runner, sizes, threads, f"{runner.folder.name} {cfg.dtype} on {where}")
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -119,7 +125,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     bench = bench_from_args(args)
     engine, cluster = engine_config(args), cluster_config(args)
-    machine = CpuInfo.here().describe(f"auto -> {engine.resolved().dtype}")
+    machine = (f"{CpuInfo.here().describe(f'auto -> {engine.resolved().dtype}')}; {os.cpu_count()} cores, "
+               f"load average {os.getloadavg()[0]:.1f} at the start")  # a shared machine's timings say so
     print(machine)
     profile = None
     if args.plan or args.profile:
@@ -127,11 +134,11 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
         # Profiled before any worker starts, so nothing competes with it.
         profile = (StageProfile.load(Path(args.profile)) if args.profile
-                   else measure_profile(engine, worker_threads(cluster), args.quick))
+                   else measure_profile(engine, worker_threads(cluster), bench, args.quick))
         if args.profile_out:
             profile.save(Path(args.profile_out))
     report = run(bench, engine, cluster, router_config(args, engine))
-    report["machine"] = machine
+    report["machine"] = f"{machine}, {os.getloadavg()[0]:.1f} at the end"
     if profile is not None:
         report["plan"] = plan_vs_measured(profile, report, cluster, engine)
     print(render_table(report))
