@@ -97,8 +97,9 @@ def worker_threads(cluster) -> int:
 
 
 def measure_profile(engine, threads: int, bench, quick: bool):
-    """`pdserve plan`'s profile at sizes that cover the benchmark's requests (fewer than plan's own:
-    it runs before the benchmark, in the same command)."""
+    """`pdserve plan`'s profile at sizes that cover the benchmark's requests (fewer sizes than plan's own,
+    as it runs in the same command, but more repeats: each point is the fastest of them, and on a
+    shared machine the fixed decode cost fitted from two repeats varied 2x between runs minutes apart)."""
     from dataclasses import replace
 
     from engine.cpu_features import CpuInfo
@@ -108,7 +109,7 @@ def measure_profile(engine, threads: int, bench, quick: bool):
     w = bench.workload
     sizes = QUICK_SIZES if quick else ProfileSizes(
         prefill_tokens=tuple(sorted({min(32, w.max_prompt), max(w.min_prompt, w.max_prompt // 4), w.max_prompt})),
-        decode_batches=(1, 8, 32), decode_contexts=(max(1, w.min_prompt), w.max_prompt + w.max_output), repeats=2)
+        decode_batches=(1, 8, 32), decode_contexts=(max(1, w.min_prompt), w.max_prompt + w.max_output), repeats=5)
     runner = ModelRunner(replace(engine, num_threads=threads))
     cfg = runner.config
     where = CpuInfo.here().describe() if cfg.device == "cpu" else cfg.device
