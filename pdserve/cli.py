@@ -511,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--json", default=None, help="also write the full report here")
     sd.set_defaults(func=cmd_bench_specdec)
 
+    from pdserve.bench.serve_command import add_parser as add_bench_serve_parser  # bench serve: its own module
+
+    add_bench_serve_parser(bench)
     from pdserve.plan.command import add_parser as add_plan_parser  # pdserve plan: its own module
 
     add_plan_parser(sub)

@@ -231,12 +231,14 @@ def search(profile: StageProfile, workload: Workload, resources: Resources,
 
 
 def max_rate(profile: StageProfile, workload: Workload, resources: Resources, config: Config,
-             target: float = 0.9) -> float:
+             target: float = 0.9, lengths: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """The highest arrival rate this configuration serves at >= `target` attainment (bisection:
-    attainment falls as the rate rises). DistServe's per-configuration figure of merit."""
+    attainment falls as the rate rises). DistServe's per-configuration figure of merit.
+    `lengths`: (prompt, output) token counts to average over instead of the workload's draw
+    (a benchmark's own requests)."""
     from dataclasses import replace
 
-    lengths = workload.draw()
+    lengths = lengths if lengths is not None else workload.draw()
 
     def ok(rate: float) -> bool:
         return predict(profile, replace(workload, rate_rps=rate), resources, config, lengths).attainment >= target

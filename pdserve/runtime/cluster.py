@@ -32,6 +32,7 @@ log = logging.getLogger("pdserve.cluster")
 
 NAMESPACE = "pdserve"
 ROLE_RESOURCES = ("prefill", "decode")  # the custom resource names deploy/ gives each node pool
+MODES = ("pd", "colocated")  # disaggregated prefill/decode workers, or workers that do both
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,11 @@ class ClusterConfig:
     start_timeout_s: float = 300.0
     tls: TLSFiles | None = None
     inject_transfer_failures: int = 0  # fault drills (tests): per prefill worker
+    mode: str = "pd"
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("need at least one prefill and one decode worker")
         if self.transport not in TRANSPORTS:
@@ -265,6 +269,8 @@ def actor_name(deployment: str, role: str, i: int) -> str:
 
 def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     """Create the actors, wait until every one has loaded the model, and report where they landed."""
+    if cluster.mode != "pd":
+        raise ValueError(f"--mode {cluster.mode} is not built in this version of pdserve (only --mode pd)")
     started = time.time()
     init_ray(cluster.address)
     log.info("start-up: Ray %s in %.1f s", "started" if cluster.address is None else "joined", time.time() - started)

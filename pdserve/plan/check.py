@@ -1,0 +1,54 @@
+"""Planner vs measurement: the rate `pdserve plan` predicts a configuration sustains at >= the target
+attainment, beside the rate `pdserve bench serve` measured for the same configuration and requests.
+
+The prediction averages over the benchmark's own prompt and output lengths (not a uniform draw), at
+the benchmark's SLOs, for its prefill/decode worker counts and max decode batch, each worker with the
+torch threads it ran with. The planner's model gives every worker its own cores; on one small CPU node
+the benchmarked workers share them, which the comparison then shows as error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pdserve.observability.metrics import SLO
+from pdserve.plan.model import Config, LengthDist, Resources, Workload, max_rate
+from pdserve.plan.profile import StageProfile
+
+
+def predicted_sustained(profile: StageProfile, lengths: list[tuple[int, int]], slo: SLO, config: Config,
+                        threads_per_worker: int, target: float = 0.9, kind: str = "cpu",
+                        transfer_gbps: float = 2.0) -> float:
+    """Requests/s the planner says `config` serves at >= `target` attainment, over these (prompt, output)
+    token counts."""
+    if not lengths:
+        raise ValueError("no request lengths to predict over")
+    prompts = np.array([p for p, _ in lengths])
+    outputs = np.array([o for _, o in lengths])
+    workload = Workload(rate_rps=1.0, prompt=LengthDist(int(prompts.min()), int(prompts.max())),
+                        output=LengthDist(int(outputs.min()), int(outputs.max())), slo=slo, samples=len(lengths))
+    share = float(threads_per_worker) if kind == "cpu" else 1.0
+    units = (config.prefill_workers + config.decode_workers) * share
+    resources = Resources(total=units, per_worker=share, kind=kind, transfer_gbps=transfer_gbps)
+    return max_rate(profile, workload, resources, config, target, lengths=(prompts, outputs))
+
+
+def compare(predicted_rps: float, measured: dict[str, Any]) -> dict[str, Any]:
+    """Side by side; the relative error (predicted - measured) / measured. When the measurement is
+    only a bound (every rate met the target, or none did), the error is against that bound and says so."""
+    rate = measured.get("rate_rps")
+    error = (predicted_rps - rate) / rate if rate else None
+    exact = measured.get("bound") == "interpolated"
+    if measured.get("bound") == "at_least" and predicted_rps >= rate:
+        verdict = "consistent with the lower bound measured (measure higher rates to pin it down)"
+    elif measured.get("bound") == "below" and predicted_rps <= rate:
+        verdict = "consistent with the upper bound measured (measure lower rates to pin it down)"
+    elif error is None:
+        verdict = "no measured rate"
+    else:
+        verdict = ("within" if abs(error) <= 0.2 else "outside") + " the issue's 20% goal" + \
+            ("" if exact else " (against a bound, not an interpolated rate)")
+    return {"predicted_rps": predicted_rps, "measured_rps": rate, "measured_bound": measured.get("bound"),
+            "relative_error": error, "verdict": verdict}

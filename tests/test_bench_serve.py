@@ -1,0 +1,179 @@
+"""`pdserve bench serve`: arrival generators (statistics, seeding), the sustained-rate interpolation on
+hand-made curves, the per-rate summary, the planner-vs-measured prediction against a closed form, and
+`--quick` end to end (real Ray workers, the real model, the openai client; structure only, no timings)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pdserve.bench.arrivals import ArrivalSpec, arrival_times, gaps
+from pdserve.bench.serve import Sample, summarize
+from pdserve.bench.sustained import sustained_rate
+from pdserve.observability.metrics import SLO
+from pdserve.plan.check import compare, predicted_sustained
+from pdserve.plan.model import Config
+from pdserve.plan.profile import DecodeFit, PrefillFit, StageProfile
+from pdserve.runtime.cluster import ClusterConfig
+
+N = 20_000
+
+
+# ---- arrivals ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rate", [0.5, 4.0])
+def test_poisson_gaps_have_mean_one_over_rate_and_cv_one(rate):
+    g = gaps(ArrivalSpec(), rate, N, seed=1)
+    assert g.mean() == pytest.approx(1 / rate, rel=0.03)  # SE of the mean: 0.7%
+    assert g.std() / g.mean() == pytest.approx(1.0, rel=0.05)
+    assert (g > 0).all()
+
+
+@pytest.mark.parametrize("cv", [0.5, 2.0, 4.0])
+def test_gamma_gaps_have_the_requested_cv_and_mean(cv):
+    g = gaps(ArrivalSpec("gamma", cv), 2.0, N, seed=2)
+    assert g.mean() == pytest.approx(0.5, rel=0.05 * cv)
+    assert g.std() / g.mean() == pytest.approx(cv, rel=0.1)
+
+
+def test_gamma_with_cv_one_is_exponential():
+    g = gaps(ArrivalSpec("gamma", 1.0), 1.0, N, seed=3)
+    # exponential: P(gap > t) = exp(-t)
+    for t in (0.5, 1.0, 2.0):
+        assert (g > t).mean() == pytest.approx(math.exp(-t), abs=0.015)
+
+
+def test_arrivals_are_seeded_and_start_at_zero():
+    spec = ArrivalSpec("gamma", 2.0)
+    a, b, c = (arrival_times(spec, 1.0, 50, seed=s) for s in (7, 7, 8))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert len(a) == 50 and a[0] == 0 and (np.diff(a) > 0).all()
+    assert len(arrival_times(spec, 1.0, 1, seed=0)) == 1 and len(arrival_times(spec, 1.0, 0, seed=0)) == 0
+
+
+def test_arrival_spec_refuses_bad_input():
+    with pytest.raises(ValueError, match="--arrival gamma"):
+        ArrivalSpec("poisson", 2.0)
+    with pytest.raises(ValueError, match="--arrival"):
+        ArrivalSpec("uniform")
+    with pytest.raises(ValueError, match="positive"):
+        ArrivalSpec("gamma", 0.0)
+    with pytest.raises(ValueError, match="positive"):
+        gaps(ArrivalSpec(), 0.0, 3, seed=0)
+
+
+# ---- the sustained rate --------------------------------------------------------------------------
+def test_sustained_rate_interpolates_between_last_meeting_and_first_missing_rate():
+    s = sustained_rate([(4, 0.5), (1, 1.0), (3, 0.85), (2, 0.95)], 0.9)  # any order
+    assert s.bound == "interpolated" and s.rate_rps == pytest.approx(2.5)
+
+
+def test_sustained_rate_takes_the_first_miss_even_if_a_higher_rate_recovers():
+    s = sustained_rate([(1, 0.95), (2, 0.8), (3, 0.95)], 0.9)
+    assert s.rate_rps == pytest.approx(1 + 0.05 / 0.15)
+
+
+def test_sustained_rate_exactly_at_target_counts_as_met():
+    assert sustained_rate([(1, 1.0), (2, 0.9), (3, 0.6)], 0.9).rate_rps == pytest.approx(2.0)
+
+
+def test_sustained_rate_bounds():
+    every = sustained_rate([(1, 1.0), (2, 0.97)], 0.9)
+    assert (every.bound, every.rate_rps) == ("at_least", 2) and every.describe().startswith(">=")
+    none = sustained_rate([(1, 0.5), (2, 0.2)], 0.9)
+    assert (none.bound, none.rate_rps) == ("below", 1) and none.describe().startswith("<")
+    with pytest.raises(ValueError):
+        sustained_rate([(1, 1.0), (1, 0.5)])
+    with pytest.raises(ValueError):
+        sustained_rate([])
+
+
+# ---- one rate's summary --------------------------------------------------------------------------
+def test_summarize_counts_every_request_and_orders_percentiles():
+    slo = SLO(ttft_s=1.0, tpot_s=0.1)
+    samples = [
+        Sample("ok", 10, 5, scheduled=0.0, sent=0.0, first=0.5, end=0.9, output_tokens=5),  # tpot 0.1: meets
+        Sample("slow-ttft", 10, 5, scheduled=1.0, sent=1.0, first=2.5, end=2.7, output_tokens=5),
+        Sample("slow-tpot", 10, 3, scheduled=2.0, sent=2.0, first=2.2, end=3.2, output_tokens=3),
+        Sample("failed", 10, 3, scheduled=3.0, sent=3.0, end=3.1, error="boom"),
+    ]
+    row = summarize(samples, 1.0, slo)
+    assert (row["requests"], row["completed"], row["failed"], row["within_slo"]) == (4, 3, 1, 1)
+    assert row["attainment"] == 0.25 and row["ttft_attainment"] == 0.5 and row["tpot_attainment"] == 0.5
+    assert row["offered_rps"] == pytest.approx(1.0)  # 3 gaps over 3 s
+    assert row["wall_s"] == pytest.approx(3.2)
+    assert row["goodput_rps"] == pytest.approx(1 / 3.2) and row["achieved_rps"] == pytest.approx(3 / 3.2)
+    for key in ("ttft_s", "tpot_s", "e2e_s"):
+        p = row[key]
+        assert p["p50"] <= p["p90"] <= p["p99"]
+    assert row["ttft_s"]["p99"] == pytest.approx(1.5) and row["errors"] == ["boom"]
+
+
+# ---- the planner's prediction --------------------------------------------------------------------
+def test_predicted_sustained_matches_the_md1_closed_form():
+    """Fixed prompts of 50 tokens, prefill 0.05 s + 1 ms/token = S = 0.1 s, decode free, no transfer:
+    P(TTFT ok) = 1 - rho * exp(-slack * rho / W), W = rho*S / (2(1 - rho)) (M/D/1), slack = SLO - S."""
+    profile = StageProfile(PrefillFit(0.05, 0.001), DecodeFit(0.0, 0.0, 0.0), kv_bytes_per_token=1, num_layers=1,
+                           threads=2)
+    s, slack = 0.1, 0.4
+
+    def ok(rho: float) -> float:
+        return 1 - rho * math.exp(-slack * 2 * (1 - rho) / s)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) >= 0.9 else (lo, mid)
+    rate = predicted_sustained(profile, [(50, 8)] * 10, SLO(ttft_s=0.5, tpot_s=1.0), Config(1, 1, 16),
+                               threads_per_worker=2, transfer_gbps=0.0)
+    assert rate == pytest.approx(lo / s, rel=1e-6)
+    two = predicted_sustained(profile, [(50, 8)] * 10, SLO(ttft_s=0.5, tpot_s=1.0), Config(2, 1, 16),
+                              threads_per_worker=2, transfer_gbps=0.0)
+    assert two == pytest.approx(2 * rate, rel=1e-6)  # prefill is the only cost: two workers, twice the rate
+
+
+def test_compare_reports_relative_error_and_bounds():
+    c = compare(1.1, {"rate_rps": 1.0, "bound": "interpolated"})
+    assert c["relative_error"] == pytest.approx(0.1) and c["verdict"].startswith("within")
+    assert compare(2.0, {"rate_rps": 1.0, "bound": "interpolated"})["verdict"].startswith("outside")
+    assert "lower bound" in compare(3.0, {"rate_rps": 2.0, "bound": "at_least"})["verdict"]
+
+
+def test_cluster_mode_is_validated():
+    assert ClusterConfig().mode == "pd"
+    with pytest.raises(ValueError, match="--mode"):
+        ClusterConfig(mode="both")
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("front_end", ["openai", "direct"])
+def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, front_end):
+    from pdserve.cli import main
+
+    out, html = tmp_path / "serve.json", tmp_path / "serve.html"
+    rc = main(["bench", "serve", "--quick", "--modes", "pd", "--plan", "--kv-cache-gib", "0.25",
+               "--json", str(out), "--report", str(html)] + (["--direct"] if front_end == "direct" else []))
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["front_end"] == front_end
+    pd = report["modes"]["pd"]
+    assert pd["kv_blocks_leaked"] == 0 and len(pd["rates"]) == 2
+    for row in pd["rates"]:
+        assert row["requests"] == row["completed"] + row["failed"] == report["num_prompts"] == 4
+        assert row["failed"] == 0, row["errors"]
+        for key in ("attainment", "ttft_attainment", "tpot_attainment"):
+            assert 0 <= row[key] <= 1
+        assert row["within_slo"] / row["requests"] == row["attainment"]
+        for key in ("ttft_s", "tpot_s", "e2e_s"):
+            p = row[key]
+            assert p["p50"] <= p["p90"] <= p["p99"]
+        assert row["output_tokens"] > 0 and row["offered_rps"] > 0
+    assert pd["sustained"]["bound"] in ("interpolated", "at_least", "below")
+    plan = report["plan"]
+    assert plan["predicted_rps"] >= 0 and plan["measured_rps"] == pd["sustained"]["rate_rps"]
+    text = html.read_text()
+    assert text.count("<svg") == 3 and "polyline" in text and "sustained at" in text
+    assert "sustained at >= 90% attainment" in capsys.readouterr().out
