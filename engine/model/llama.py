@@ -85,7 +85,10 @@ class CausalLM(nn.Module):
     def __init__(self, arch: ModelArch, hf_config: Any) -> None:
         super().__init__()
         self.arch = arch
-        self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        # No random init: the weights are loaded next, and normal_ on the meta device (load_model) pulls
+        # in torch._dynamo, 4-9 s of a worker's start-up here.
+        self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size,
+                                  _weight=torch.empty(arch.vocab_size, arch.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
@@ -126,16 +129,20 @@ class CausalLM(nn.Module):
         return self.lm_head(self.norm(x, residual)).float()
 
     def load_hf_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy an HF Llama/Qwen state dict in, fusing q/k/v and gate/up."""
+        """Take an HF Llama/Qwen state dict's tensors as this model's parameters, fusing q/k/v and gate/up.
+
+        The model may be on the meta device: tensors are assigned, not copied into preallocated ones
+        (in the parameters' dtype, so as a copy would convert them). Unfused weights of a float32
+        checkpoint stay views of the file's mapping, shared with other workers through the page cache;
+        copying 538 MB into fresh pages took 2-6 s of a worker's start here."""
         own = self.state_dict()
-        loaded: set[str] = set()
+        loaded: dict[str, torch.Tensor] = {}
 
         def put(name: str, tensor: torch.Tensor) -> None:
             target = own[name]
             if target.shape != tensor.shape:
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
-            target.copy_(tensor)
-            loaded.add(name)
+            loaded[name] = tensor.to(target.dtype)
 
         def get(name: str) -> torch.Tensor:
             if name not in state:
@@ -161,6 +168,11 @@ class CausalLM(nn.Module):
             mlp = src + "mlp."
             put(dst + "gate_up_proj.weight", torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")]))
             put(dst + "down_proj.weight", get(mlp + "down_proj.weight"))
-        missing = set(own) - loaded - ({"lm_head.weight"} if self.arch.tie_word_embeddings else set())
+        missing = set(own) - set(loaded) - ({"lm_head.weight"} if self.arch.tie_word_embeddings else set())
         if missing:
             raise KeyError(f"weights not loaded: {sorted(missing)[:5]}")
+        self.load_state_dict(loaded, strict=False, assign=True)
+        if self.arch.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if self.rope_cos.is_meta:  # non-persistent buffers: init_rope fills them after the model moved
+            self.rope_cos, self.rope_sin = torch.empty(0), torch.empty(0)

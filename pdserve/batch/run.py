@@ -9,6 +9,7 @@ on disk and memory stays bounded.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from pdserve.runtime.cluster import ClusterConfig, start_workers, stop_workers
 from router.request import Request, State
 from router.router import Router, RouterConfig
 
+log = logging.getLogger("pdserve.batch")
 
 @dataclass(frozen=True)
 class BatchOptions:
@@ -122,9 +124,12 @@ class _Output:
 def model_limits(engine: EngineConfig, default_max_tokens: int, ignore_eos: bool) -> tuple[Any, str, BatchLimits]:
     """(tokenizer, the model's name, what a request may ask) for the model served. Converts a GGUF
     once, before any worker starts. The online server uses it too."""
+    started = time.time()
     folder = resolve_model(engine.model, engine.cache_dir)
     tokenizer = load_tokenizer(folder)
     arch = ModelArch.from_hf(load_hf_config(folder))
+    log.info("start-up: model files, tokenizer and config %.1f s (%s)", time.time() - started,
+             type(tokenizer).__name__)
     name = model_display_name(engine.model)
     limits = BatchLimits(max_context=arch.max_position_embeddings,
                          model_names=tuple(dict.fromkeys([name, str(engine.model or name)])),
