@@ -52,6 +52,11 @@ def test_agreement_and_decode_rates(tiny_models, tmp_path):
     assert len(rates) == 2 and all(r > 0 for r in rates)
     with pytest.raises(ValueError, match="setting"):
         setting_config(EngineConfig(), "int3")
+    with pytest.raises(ValueError, match="setting"):
+        setting_config(EngineConfig(), "bfloat16+bf16")
+    served = setting_config(EngineConfig(), "w8a8+bf16")
+    assert (served.dtype, served.quantization) == ("bfloat16", "w8a8")
+    assert setting_config(EngineConfig(), "w8a8").dtype == "float32"
 
 
 def test_heldout_text_is_not_the_benchmark_corpus():

@@ -58,19 +58,23 @@ class QuantBench:
 
 
 def setting_config(engine: EngineConfig, setting: str) -> EngineConfig:
-    """`float32` | `bfloat16` | `int8` | `w8a8` | `int4` | `gguf`, optionally `+lmhead` (not for a float dtype)
-    and `+kvint8`, as an EngineConfig (CPU)."""
+    """`float32` | `bfloat16` | `int8` | `w8a8` | `int4` | `gguf`, optionally `+lmhead` (not for a float dtype),
+    `+kvint8` and `+bf16` (a quantized setting with bfloat16 activations around its quantized layers, as
+    `--dtype auto` serves it on a CPU with bf16; default float32, so perplexity shows the weights' error
+    alone), as an EngineConfig (CPU)."""
     name, *extras = setting.split("+")
-    if any(e not in ("lmhead", "kvint8") for e in extras) or len(set(extras)) != len(extras):
-        raise ValueError(f"setting {setting!r}: the suffixes are +lmhead and +kvint8")
+    if any(e not in ("lmhead", "kvint8", "bf16") for e in extras) or len(set(extras)) != len(extras):
+        raise ValueError(f"setting {setting!r}: the suffixes are +lmhead, +kvint8 and +bf16")
     kv = "int8" if "kvint8" in extras else "auto"
-    if name in FLOAT_SETTINGS and "lmhead" not in extras:
+    if name in FLOAT_SETTINGS and "lmhead" not in extras and "bf16" not in extras:
         return replace(engine, dtype=name, quantization="none", quantize_lm_head=False, device="cpu",
                        kv_cache_dtype=kv)
     if name in ("int8", "w8a8", "int4", "gguf"):
-        return replace(engine, dtype="float32", quantization=name, quantize_lm_head="lmhead" in extras, device="cpu",
+        dtype = "bfloat16" if "bf16" in extras else "float32"
+        return replace(engine, dtype=dtype, quantization=name, quantize_lm_head="lmhead" in extras, device="cpu",
                        kv_cache_dtype=kv)
-    raise ValueError(f"unknown setting {setting!r}: float32, bfloat16, int8, w8a8, int4, gguf (+lmhead), (+kvint8)")
+    raise ValueError(f"unknown setting {setting!r}: float32, bfloat16, int8, w8a8, int4, gguf "
+                     "(+lmhead, +kvint8, +bf16)")
 
 
 def base_setting(setting: str) -> str:
