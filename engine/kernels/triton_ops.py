@@ -28,15 +28,15 @@ def _store_kv_kernel(K, V, Kc, Vc, Slots, stride_kt, stride_vt, ROW: tl.constexp
 
 @triton.jit
 def _quantize_row(X, Xc, Xs, slot, KVH: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_D: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr):
+                  BLOCK_D: tl.constexpr, QMAX: tl.constexpr, INV_QMAX: tl.constexpr, FLOOR: tl.constexpr):
     """One token's row [KVH, D] -> int8 at Xc[slot] and one scale per head at Xs[slot]: the same float32
-    ops as engine/kv_quant.quantize_kv (max|x| / 127, floor(x / s + 0.5), clamp), so the bits agree."""
+    ops as engine/kv_quant.quantize_kv (max|x| * (1/127), floor(x / s + 0.5), clamp), so the bits agree."""
     heads, offs_d = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
     mask = (heads[:, None] < KVH) & (offs_d[None, :] < D)
     idx = heads[:, None] * D + offs_d[None, :]
     x = tl.load(X + idx, mask=mask, other=0.0).to(tl.float32)
-    # div_rn: IEEE round-to-nearest division, as torch divides (CUDA's default `/` is approximate)
-    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 1), FLOOR), QMAX)
+    s = tl.maximum(tl.max(tl.abs(x), 1), FLOOR) * INV_QMAX
+    # div_rn: IEEE round-to-nearest division, as torch divides two tensors (CUDA's default `/` is approximate)
     qv = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, s[:, None]) + 0.5), -QMAX), QMAX)
     tl.store(Xc + slot * (KVH * D) + idx, qv.to(tl.int8), mask=mask)
     tl.store(Xs + slot * KVH + heads, s, mask=heads < KVH)
@@ -44,12 +44,13 @@ def _quantize_row(X, Xc, Xs, slot, KVH: tl.constexpr, D: tl.constexpr, BLOCK_H: 
 
 @triton.jit
 def _store_kv_int8_kernel(K, V, Kc, Vc, Ks, Vs, Slots, stride_kt, stride_vt, KVH: tl.constexpr, D: tl.constexpr,
-                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr):
+                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QMAX: tl.constexpr, INV_QMAX: tl.constexpr,
+                          FLOOR: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + t).to(tl.int64)
     if slot >= 0:
-        _quantize_row(K + t * stride_kt, Kc, Ks, slot, KVH, D, BLOCK_H, BLOCK_D, QMAX, FLOOR)
-        _quantize_row(V + t * stride_vt, Vc, Vs, slot, KVH, D, BLOCK_H, BLOCK_D, QMAX, FLOOR)
+        _quantize_row(K + t * stride_kt, Kc, Ks, slot, KVH, D, BLOCK_H, BLOCK_D, QMAX, INV_QMAX, FLOOR)
+        _quantize_row(V + t * stride_vt, Vc, Vs, slot, KVH, D, BLOCK_H, BLOCK_D, QMAX, INV_QMAX, FLOOR)
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
@@ -65,12 +66,12 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
         _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slots, k.stride(0), v.stride(0), ROW=kvh * d,
                                BLOCK=triton.next_power_of_2(kvh * d))
         return
-    from engine.kv_quant import QMAX, SCALE_FLOOR
+    from engine.kv_quant import INV_QMAX, QMAX, SCALE_FLOOR
 
     assert k_cache.dtype == torch.int8 and k_scale.is_contiguous() and v_scale.is_contiguous()
     _store_kv_int8_kernel[(t,)](k, v, k_cache, v_cache, k_scale, v_scale, slots, k.stride(0), v.stride(0),
                                 KVH=kvh, D=d, BLOCK_H=triton.next_power_of_2(kvh), BLOCK_D=triton.next_power_of_2(d),
-                                QMAX=QMAX, FLOOR=SCALE_FLOOR)
+                                QMAX=QMAX, INV_QMAX=INV_QMAX, FLOOR=SCALE_FLOOR)
 
 
 @triton.jit
