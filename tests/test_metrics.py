@@ -121,3 +121,29 @@ def test_metrics_endpoint_exposes_every_metric_grafana_uses():
     # The figures agree with the summary.
     goodput = float(re.search(r"^pdserve_goodput_requests_per_second (\S+)", text, re.M).group(1))
     assert goodput == pytest.approx(1 / 2.1)
+
+
+def test_a_request_finishing_during_refresh_counts_once_in_the_offered_rate():
+    """refresh() reads the router's in-flight requests, then waits for the workers' stats; a request that
+    finishes meanwhile is recorded, and must not also count as still in flight (review: it did)."""
+    from types import SimpleNamespace
+
+    collector = MetricsCollector(SLO(1.0, 0.1))
+    done = record("a", 100.0, 100.2, 100.5, 100.6, 100.7, [0, 100])
+
+    class FinishesWhileAsked:
+        class stats:  # noqa: N801 - a Ray actor handle's method
+            @staticmethod
+            def remote():
+                collector.record(done)  # the request finishes while refresh waits for the stats
+                return "not an object ref"  # ray.get fails; refresh keeps the last figures
+
+    router = SimpleNamespace(
+        snapshot=lambda: {"states": {"decode": 1}, "queue_depth": {}},
+        active={"r-a": SimpleNamespace(custom_id="a", timeline={"queued": 100.0})},
+        workers=SimpleNamespace(decode={"decode-0": FinishesWhileAsked()}))
+    collector.refresh(router, every_s=0)
+    text = collector.prometheus().decode()
+    offered = float(re.search(r"^pdserve_offered_requests_per_second (\S+)", text, re.M).group(1))
+    served = float(re.search(r"^pdserve_served_requests_per_second (\S+)", text, re.M).group(1))
+    assert offered == served > 0  # one arrival, one completion

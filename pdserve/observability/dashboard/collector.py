@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter as Multiset
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -157,7 +156,8 @@ class MetricsCollector:
         self._requests: list[RequestMetrics] = []
         self._live: dict[str, Any] = {}
         self._live_at = 0.0
-        self._in_flight: Multiset[float] = Multiset()  # queued times of the router's unfinished requests
+        self._in_flight: dict[str | None, float] = {}  # custom id -> queued time, of the router's unfinished requests
+        self._recorded: set[str | None] = set()  # custom ids already recorded: never in flight again
         self._summary_stale = False
         self.finished = False
         self.prom = _Prometheus(slo)
@@ -167,8 +167,8 @@ class MetricsCollector:
         m = from_record(record)
         with self._lock:
             self._requests.append(m)
-            if self._in_flight[m.queued] > 0:  # seen in flight at the last refresh: count its arrival once
-                self._in_flight[m.queued] -= 1
+            self._recorded.add(m.custom_id)
+            self._in_flight.pop(m.custom_id, None)  # seen in flight at the last refresh: count its arrival once
             self.prom.observe(m, self.slo)
             self._summary_stale = True
 
@@ -185,7 +185,8 @@ class MetricsCollector:
         import ray
 
         snap = router.snapshot()
-        in_flight = Multiset(q for r in list(router.active.values()) if (q := r.timeline.get("queued")) is not None)
+        in_flight = {r.custom_id: q for r in list(router.active.values())
+                     if (q := r.timeline.get("queued")) is not None}
         workers = {}
         try:
             stats = ray.get([h.stats.remote() for h in router.workers.decode.values()], timeout=5)
@@ -195,7 +196,8 @@ class MetricsCollector:
         with self._lock:
             self._live = {"at": now, "states": snap["states"], "queue_depth": snap["queue_depth"],
                           "decode_workers": workers}
-            self._in_flight = in_flight
+            # a request recorded while we waited for the workers' stats is finished, not in flight
+            self._in_flight = {cid: q for cid, q in in_flight.items() if cid not in self._recorded}
             self._summary_stale = True
             for state in ("queued", "prefill", "transfer", "decode"):
                 self.prom.in_state.labels(state).set(snap["states"].get(state, 0))
@@ -209,7 +211,7 @@ class MetricsCollector:
     def state(self) -> dict[str, Any]:
         with self._lock:
             requests, live = list(self._requests), dict(self._live, finished=self.finished)
-            in_flight = list(self._in_flight.elements())
+            in_flight = list(self._in_flight.values())
         return dashboard_state(requests, self.slo, total_lines=self.total_lines, live=live, title=self.title,
                                in_flight_queued=in_flight)
 
@@ -221,7 +223,7 @@ class MetricsCollector:
     def _refresh_summary(self) -> None:
         """Batch-level gauges (goodput, attainment, stage rates): O(requests), so only when read."""
         if self._summary_stale and (self._requests or self._in_flight):
-            rates = offered_served(self._requests, list(self._in_flight.elements()), LIMIT_WINDOW_S)
+            rates = offered_served(self._requests, list(self._in_flight.values()), LIMIT_WINDOW_S)
             if rates["offered_rps"] is not None:
                 self.prom.offered.set(rates["offered_rps"])
                 self.prom.served.set(rates["served_rps"])
