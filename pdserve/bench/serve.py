@@ -135,14 +135,17 @@ def _direct_sender(loop, tokenizer, limits, timeout_s: float) -> Send:
             return
         sink = Sink(asyncio.get_running_loop())
         loop.submit(r, sink)
-        try:
-            async with asyncio.timeout(timeout_s):
+        async def until_done() -> tuple[str, Any]:
+            kind, value = await sink.events.get()
+            while kind == "tokens":
+                if s.first is None:
+                    s.first = time.perf_counter() - t0
                 kind, value = await sink.events.get()
-                while kind == "tokens":
-                    if s.first is None:
-                        s.first = time.perf_counter() - t0
-                    kind, value = await sink.events.get()
-        except TimeoutError:
+            return kind, value
+
+        try:
+            kind, value = await asyncio.wait_for(until_done(), timeout_s)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             loop.abort(r, f"deadline exceeded ({timeout_s:g}s)")
             s.error = f"not finished within {timeout_s:g}s"
             return
@@ -229,14 +232,18 @@ def summarize(samples: list[Sample], rate: float, slo: SLO) -> dict[str, Any]:
 
 # ---- one mode ----------------------------------------------------------------------------------
 async def _wait_idle(loop, workers: WorkerSet, timeout_s: float = 60.0) -> int:
-    """KV blocks still held once the router has nothing in flight (0 unless blocks leaked)."""
+    """KV blocks still held once the router has nothing in flight (0 unless blocks leaked). Blocks held by
+    requests still in flight are not leaked: past the timeout with some left, the check fails loudly."""
     from pdserve.batch.run import leaked_blocks
 
     deadline = time.monotonic() + timeout_s
     while True:
         held = await asyncio.to_thread(leaked_blocks, workers)
-        if (held == 0 and not loop.router.active) or time.monotonic() > deadline:
+        if not loop.router.active and (held == 0 or time.monotonic() > deadline):
             return held
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(loop.router.active)} requests still in flight {timeout_s:g}s after the "
+                               "rate's last one ended: cannot tell held KV blocks from leaked ones")
         await asyncio.sleep(0.2)
 
 

@@ -101,7 +101,7 @@ def build_app(config: AppConfig, loop: ServingLoop, tokenizer: Any) -> FastAPI:
         """The request's next event; past its deadline, abort it and say so."""
         try:
             return await asyncio.wait_for(sink.events.get(), timeout=max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             loop.abort(req, f"deadline exceeded ({config.request_timeout_s:g}s)")
             return "timeout", f"the request did not finish within {config.request_timeout_s:g}s (--request-timeout)"
 
