@@ -11,9 +11,9 @@ slower; the int8 GEMM does not. Measured on the Zen 4 build machine at one
 thread, shared (SmolLM2 shapes, 576x3072 and 1536x576): 1.2-2.6x a bfloat16
 `F.linear` at 16-256 rows and 3-6x a float32 one; see `pdserve bench quant`.
 
-The int32 sum is exact, so the result equals (xq @ wq^T) * s_x * s_w computed in
-float64 up to one float32 rounding; the only new error is the activations'
-rounding, |x / s - xq * s_x| <= s_x / 2 per element.
+The int32 sum is exact; converting it to float32 (past 2^24) and the two rescaling
+multiplies add a few float32 roundings, so the only error of note is the
+activations' rounding, |x / s - xq * s_x| <= s_x / 2 per element.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ class DynamicInt8Matmul:
         if qw.scheme != "int8" or qw.group_size != k:
             raise ValueError("w8a8 needs int8 weights with one scale per output channel "
                              f"(--quant-group-size 0 or {k}), got {qw.scheme} groups of {qw.group_size}")
+        if qw.qweight.is_cuda and (n % 8 or k % 8):
+            raise ValueError(f"w8a8 on CUDA runs cuBLASLt's int8 GEMM, which needs both sizes of the weight to be "
+                             f"multiples of 8; this layer is {n}x{k}: use --quantization int8 for this model")
         self.qw = qw
         self.weight_t = qw.qweight.t()  # [K, N]: _int_mm's second operand, a view
         self.channel_scales = qw.scales[:, 0].float()  # [N]
