@@ -366,7 +366,8 @@ class Router(ColocatedDispatch):
     # gone for good and is retired; with no worker of a role left, every request fails.
     def _call_failed(self, call: _Call, error: Exception) -> None:
         role = "prefill" if call.kind in ("prefill", "probe_prefill") else "decode"
-        reason = f"{role} worker {call.worker_id} failed: {_short(error)}"
+        kind = "colocated" if self.workers.colocated else role
+        reason = f"{kind} worker {call.worker_id} failed: {_short(error)}"
         if call.kind == "prefill":
             self._prefill_load[call.worker_id] -= 1
             self._settle_aborted(call)
