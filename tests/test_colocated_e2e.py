@@ -64,3 +64,26 @@ def test_killed_colocated_worker_loses_no_request(ray_cluster, tmp_path, referen
     retried = [r for r in records.values() if r["pdserve"]["attempts"] > 1]
     assert retried and all("colocated worker" in r["pdserve"]["retried_after"][0] for r in retried)
     assert ray.is_initialized()
+
+
+def test_colocated_server_streams_the_transformers_answer(ray_cluster, reference_outputs, tokenizer):  # noqa: F811
+    """`pdserve serve --mode colocated` with the real `openai` client: the streamed deltas add up to the
+    greedy answer, arrive in pieces as the worker makes them, and no block stays held."""
+    import openai
+
+    from pdserve.serve.server import ServeOptions, start_server
+    from tests.test_serve import _wait_idle
+
+    running = start_server(ENGINE, CLUSTER, RouterConfig(), ServeOptions(port=0))
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        for i in (0, 2):
+            chunks = list(client.chat.completions.create(
+                model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": QUESTIONS[i]}],
+                max_tokens=32, temperature=0, stream=True))
+            pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+            assert "".join(pieces) == tokenizer.decode(reference_outputs[f"q{i}"], skip_special_tokens=True)
+            assert len(pieces) > 1
+        assert _wait_idle(running) == 0
+    finally:
+        running.stop()
