@@ -67,7 +67,8 @@ class ColocatedWorker:
         self.prefill_tokens = self.decode_tokens = 0  # tokens computed per kind, over all steps
         self._heartbeat = time.monotonic()
         self._stall_until = 0.0  # fault drill: see stall_for
-        self._streamed: dict[str, int] = {}
+        self._streamed: dict[str, int] = {}  # streaming polls: request -> output tokens already reported
+        self._announced: set[str] = set()  # requests whose first token a poll has returned (in `prefilled`)
         self._loop_done = self.compute.submit(self._loop)
 
     # ---- router-facing API -------------------------------------------------------------
@@ -130,6 +131,7 @@ class ColocatedWorker:
         with contextlib.suppress(queue.Empty):
             while True:
                 prefilled.append(self._prefilled.get_nowait())
+        self._announced.update(p.request_id for p in prefilled)
         if stream and not progress:
             progress = self._progress()
         with self._lock:
@@ -138,9 +140,12 @@ class ColocatedWorker:
                           tuple(prefilled))
 
     def _progress(self) -> list[TokenProgress]:
-        """New tokens of running sequences beyond the first (which travels in `prefilled`)."""
+        """New tokens of running sequences beyond the first, which travels in `prefilled`: a sequence
+        whose first token no poll has returned yet is left for later (the router would drop the rest)."""
         progress, streamed = [], {}
-        for seq in list(self.scheduler.running):
+        running = [s for s in list(self.scheduler.running) if s.request_id in self._announced]
+        self._announced.intersection_update(s.request_id for s in running)
+        for seq in running:
             n = min(len(seq.output), len(seq.token_times))
             sent = self._streamed.get(seq.request_id, 1)
             if n > sent:
