@@ -227,3 +227,27 @@ def collect(worker, ids: set[str], timeout_s: float = 60.0):
         prefilled |= {p.request_id: p for p in poll.prefilled}
     assert all(r.error is None for r in results.values())
     return results, prefilled
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+def test_mode_and_budget_are_validated_with_clear_errors():
+    from pdserve.cli import build_parser, cluster_config
+    from pdserve.runtime.cluster import ClusterConfig, check_mode
+
+    with pytest.raises(ValueError, match="--mode must be one of pd, colocated"):
+        ClusterConfig(mode="together")
+    with pytest.raises(ValueError, match="--colocated-workers"):
+        ClusterConfig(mode="colocated", num_colocated=0)
+    with pytest.raises(ValueError, match="at least --max-num-seqs"):
+        check_mode(EngineConfig(max_num_seqs=128), ClusterConfig(mode="colocated", max_num_batched_tokens=64))
+    with pytest.raises(ValueError, match="--speculative"):
+        check_mode(EngineConfig(speculative="ngram"), ClusterConfig(mode="colocated"))
+    check_mode(EngineConfig(speculative="ngram"), ClusterConfig(mode="pd", max_num_batched_tokens=1))
+    args = build_parser().parse_args(["run-batch", "-i", "a", "-o", "b", "--mode", "colocated",
+                                      "--colocated-workers", "2", "--max-num-batched-tokens", "256"])
+    cfg = cluster_config(args)
+    assert (cfg.mode, cfg.num_colocated, cfg.max_num_batched_tokens) == ("colocated", 2, 256)
+    for cmd in (["serve"], ["bench", "throughput"]):
+        assert build_parser().parse_args([*cmd, "--mode", "colocated"]).mode == "colocated"
+    assert cluster_config(build_parser().parse_args(["serve"])).mode == "pd"
