@@ -4,7 +4,6 @@ and the real default model (fp32 greedy equal to transformers' generate token fo
 from __future__ import annotations
 
 import pytest
-import ray
 
 from engine.config import EngineConfig
 from pdserve.batch.run import BatchOptions, run_batch
@@ -63,7 +62,6 @@ def test_killed_colocated_worker_loses_no_request(ray_cluster, tmp_path, referen
     check(summary, records, reference_outputs)
     retried = [r for r in records.values() if r["pdserve"]["attempts"] > 1]
     assert retried and all("colocated worker" in r["pdserve"]["retried_after"][0] for r in retried)
-    assert ray.is_initialized()
 
 
 def test_colocated_server_streams_the_transformers_answer(ray_cluster, reference_outputs, tokenizer):  # noqa: F811
