@@ -107,6 +107,21 @@ class ModelRunner:
         return self.model(ids, torch.tensor(positions, device=self.device), ctx, logits_index=last)
 
     @torch.inference_mode()
+    def mixed(self, pool: KVPool, chunks: list[list[int]], starts: list[int], block_tables: list[list[int]],
+              num_decode: int, logits_rows: list[int]) -> torch.Tensor:
+        """One forward over decode rows (the first `num_decode` chunks, one token each) and prefill chunks
+        (engine/mixed.py). Row i appends chunks[i] at position starts[i]; returns the logits of the last
+        token of each row in `logits_rows` [len(logits_rows), vocab] float32."""
+        from engine.mixed import mixed_context
+
+        lens = [len(c) for c in chunks]
+        ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=self.device)
+        positions = torch.tensor([p for s, n in zip(starts, lens) for p in range(s, s + n)], device=self.device)
+        ends = torch.tensor(lens).cumsum(0) - 1
+        ctx = mixed_context(pool, chunks, starts, block_tables, num_decode, self.backend, self.device)
+        return self.model(ids, positions, ctx, logits_index=ends[logits_rows].to(self.device))
+
+    @torch.inference_mode()
     def decode(self, pool: KVPool, tokens: torch.Tensor, positions: torch.Tensor,
                block_tables: torch.Tensor) -> torch.Tensor:
         """One step for B sequences: tokens/positions [B], block_tables [B, MB] -> logits [B, vocab]."""

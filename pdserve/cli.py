@@ -58,8 +58,16 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--address", default=None,
                    help="Ray cluster: omit to start a local one, 'auto' to join the running one, or ray://host:port")
+    g.add_argument("--mode", default="pd", choices=("pd", "colocated"),
+                   help="pd: prefill and decode workers, KV sent between them; colocated: workers that each "
+                        "prefill (chunked, mixed into decode steps) and decode, the non-disaggregated baseline")
     g.add_argument("--prefill-workers", type=int, default=1)
     g.add_argument("--decode-workers", type=int, default=1)
+    g.add_argument("--colocated-workers", type=int, default=1,
+                   help="--mode colocated: workers that prefill and decode (they take the --decode-* resources)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=0,
+                   help="--mode colocated: tokens per step, decode rows plus prefill chunks (0: 512 on a CPU, "
+                        "2048 on CUDA; at least --max-num-seqs)")
     g.add_argument("--transport", default="auto", choices=TRANSPORTS,
                    help="KV transport; auto: shared memory on the same node, gRPC across nodes")
     g.add_argument("--prefill-threads", type=int, default=0, help="torch threads per prefill worker (0: auto)")
@@ -118,11 +126,14 @@ def cluster_config(args: argparse.Namespace):
     roles = {role: WorkerResources.parse(getattr(args, f"{role}_cpus"), getattr(args, f"{role}_gpus"),
                                          getattr(args, f"{role}_resources"), getattr(args, f"{role}_labels"))
              for role in ("prefill", "decode")}
+    if args.mode == "colocated" and getattr(args, "deployment", None):
+        raise ValueError("--deployment serves a running deployment, which runs --mode pd; drop --mode colocated")
     return ClusterConfig(address=args.address, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
                          transport=args.transport, prefill_threads=args.prefill_threads,
                          decode_threads=args.decode_threads, prefill=roles["prefill"], decode=roles["decode"],
                          placement_strategy=args.placement_strategy, transfer_timeout_s=args.transfer_timeout,
-                         tls=tls)
+                         tls=tls, mode=args.mode, num_colocated=args.colocated_workers,
+                         max_num_batched_tokens=args.max_num_batched_tokens)
 
 
 def cmd_run_batch(args: argparse.Namespace) -> int:
@@ -188,6 +199,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from pdserve.runtime.deployment import DeploymentSpec, deploy
 
     engine = engine_config(args)
+    if args.mode != "pd":
+        raise ValueError("`pdserve up` deploys --mode pd only for now")
     spec = DeploymentSpec(name=args.name, engine=engine, cluster=cluster_config(args),
                           router=router_config(args, engine),
                           slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot))

@@ -92,6 +92,16 @@ class Admission:
 
 
 @dataclass(frozen=True)
+class ColocatedTask:
+    """Router -> colocated worker (`--mode colocated`): a request to prefill and decode in place.
+    The router's mirror of the worker's pool said it fits (prompt + max_tokens); no KV travels."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
 class DecodeResult:
     """Decode worker -> router: a finished request's whole output, first token included."""
 
@@ -128,6 +138,7 @@ class DecodePoll:
     loop_stalled_s: float
     progress: tuple[TokenProgress, ...] = ()  # poll(stream=True) only
     kv_events: KVEvents | None = None  # prefix-cache blocks stored/evicted since the last poll
+    prefilled: tuple[PrefillResult, ...] = ()  # colocated workers: prompts whose last chunk ran since the last poll
 
 
 @dataclass(frozen=True)
@@ -156,3 +167,4 @@ class WorkerConfig:
     transfer_timeout_s: float = 60.0
     tls: TLSFiles | None = None  # TLS for the gRPC KV endpoint
     inject_transfer_failures: int = 0  # fault drill: the first N transfers of a prefill worker fail
+    max_num_batched_tokens: int = 0  # colocated workers: tokens per mixed step; 0: 512 on a CPU, 2048 on CUDA

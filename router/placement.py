@@ -21,6 +21,7 @@ class DecodeCapacity:
     block_size: int
     max_num_seqs: int
     holds: dict[str, int] = field(default_factory=dict)  # attempt id -> blocks
+    max_requests: int | None = None  # requests held at once (colocated workers: their batch + a backlog)
 
     @property
     def free_blocks(self) -> int:
@@ -30,6 +31,8 @@ class DecodeCapacity:
         return -(-tokens // self.block_size)
 
     def does_fit(self, tokens: int) -> bool:
+        if self.max_requests is not None and len(self.holds) >= self.max_requests:
+            return False
         return self.blocks_for(tokens) <= self.free_blocks
 
 

@@ -4,6 +4,7 @@
        ^         |          |          |
        +---------+----------+----------+   worker lost / transfer failed: back to QUEUED (retry)
     any state -> FAILED(reason)             the request's own fault, or retries exhausted
+    PREFILL -> DECODE                       --mode colocated: prefilled in place, no transfer
 
 `timeline` holds the stage timestamps the workers measured (wall clock, s);
 `transitions` holds when the router saw each state change.
@@ -29,7 +30,7 @@ class State(str, Enum):
 
 _ALLOWED = {
     State.QUEUED: {State.PREFILL, State.FAILED},
-    State.PREFILL: {State.TRANSFER, State.QUEUED, State.FAILED},
+    State.PREFILL: {State.TRANSFER, State.DECODE, State.QUEUED, State.FAILED},  # DECODE: --mode colocated
     State.TRANSFER: {State.DECODE, State.QUEUED, State.FAILED},
     State.DECODE: {State.DONE, State.QUEUED, State.FAILED},
     State.DONE: set(),

@@ -11,6 +11,7 @@ queue (a fresh attempt id each time), up to `max_attempts`.
 `abort` stops a request wherever it is (a client gone, a deadline passed) and
 frees its KV blocks. With `on_tokens`, decode polls also bring the tokens of
 running requests, so a front end can stream them (router.api).
+`--mode colocated` (workers that prefill and decode): router/colocated.py.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from proto.messages import (
     TokenProgress,
 )
 from router.api import OnFinished, OnTokens
+from router.colocated import ColocatedDispatch
 from router.placement import DecodeCapacity, Placement, PrefixRouting
 from router.queue import DEFAULT_BUCKET_EDGES, LengthBucketQueue
 from router.request import Request, State
@@ -61,6 +63,7 @@ class RouterConfig:
     # the worker is killed so Ray restarts it, and its requests are served again elsewhere.
     stall_timeout_s: float = 60.0
     restart_timeout_s: float = 300.0  # how long a lost worker may take to come back before it is retired
+    colocated_backlog: int = 8  # --mode colocated: requests a worker may hold beyond max_num_seqs (waiting)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class WorkerSet:
     endpoints: dict[str, KVEndpoint] = field(default_factory=dict)
     max_num_seqs: int = 128
     shared_cores: bool = False  # prefill and decode workers compete for the same CPU cores
+    colocated: bool = False  # --mode colocated: `decode` holds workers that prefill and decode; `prefill` is empty
 
 
 @dataclass
@@ -82,7 +86,7 @@ class _Call:
     started: float = field(default_factory=time.time)
 
 
-class Router:
+class Router(ColocatedDispatch):
     def __init__(self, workers: WorkerSet, config: RouterConfig, on_finished: OnFinished,
                  on_prefill_batch: Callable[[int], None] | None = None, on_tokens: OnTokens | None = None) -> None:
         self.workers = workers
@@ -133,9 +137,9 @@ class Router:
             return False
         if req.state == State.QUEUED:
             self.queue.remove_if(lambda r: r is req)
-        elif req.state == State.PREFILL:
+        elif req.state == State.PREFILL and not self.workers.colocated:
             self._aborted_in_prefill.add(req.attempt_id)
-        else:  # TRANSFER or DECODE: the KV is in place; the decode worker drops the sequence and frees it
+        else:  # TRANSFER or DECODE (or colocated): the worker drops the sequence and frees its blocks
             self._release(req)
         req.fail(f"aborted: {reason}")
         self._finish(req)
@@ -148,7 +152,10 @@ class Router:
     # ---- the loop: the caller calls tick() until done ---------------------------------------
     def tick(self, wait_s: float = 0.5) -> None:
         self._send_due_probes()
-        self._dispatch_prefill()
+        if self.workers.colocated:
+            self._dispatch_colocated()
+        else:
+            self._dispatch_prefill()
         self._flush_admissions()
         self._ensure_polls()
         if not self._calls:
@@ -175,8 +182,11 @@ class Router:
             self._on_prefill(call, value)
         elif call.kind == "admit":
             self._on_admit(call, value)
+        elif call.kind == "submit":
+            self._on_submitted(call, value)
         elif call.kind == "poll":
             self._polling.discard(call.worker_id)
+            self._on_colocated_prefill(value.prefilled)
             self._on_progress(value.progress)
             if self.routing.decode_index is not None:
                 self.routing.decode_index.apply(call.worker_id, value.kv_events)
@@ -337,8 +347,8 @@ class Router:
             req.finish_reason = res.finish_reason
             req.speculative = res.speculative
             req.timeline.update(decode_admit=res.admitted_at, finish=res.finished_at)
-            if req.state == State.TRANSFER:  # finished before the admit reply was handled
-                req.move(State.DECODE)
+            if req.state in (State.PREFILL, State.TRANSFER):  # finished before the admit reply (or prefill
+                req.move(State.DECODE)                         # record, colocated) was handled
             req.move(State.DONE, at=res.finished_at)
             self._finish(req)
 
@@ -356,7 +366,8 @@ class Router:
     # gone for good and is retired; with no worker of a role left, every request fails.
     def _call_failed(self, call: _Call, error: Exception) -> None:
         role = "prefill" if call.kind in ("prefill", "probe_prefill") else "decode"
-        reason = f"{role} worker {call.worker_id} failed: {_short(error)}"
+        kind = "colocated" if self.workers.colocated else role
+        reason = f"{kind} worker {call.worker_id} failed: {_short(error)}"
         if call.kind == "prefill":
             self._prefill_load[call.worker_id] -= 1
             self._settle_aborted(call)
@@ -454,7 +465,7 @@ class Router:
             self.workers.decode.pop(wid, None)
             self.workers.endpoints.pop(wid, None)
             self.placement.remove_worker(wid)
-        if not self.workers.prefill or not self.workers.decode:
+        if not self.workers.decode or (not self.workers.prefill and not self.workers.colocated):
             for req in list(self.active.values()):
                 self._by_attempt.pop(req.attempt_id, None)
                 req.errors.append(reason)
@@ -489,8 +500,12 @@ class Router:
 
     def _add_decode_capacity(self, did: str, ep: KVEndpoint) -> None:
         self.routing.configure(ep.layout.block_size, ep.model_fingerprint)
+        most = self.workers.max_num_seqs + self.config.colocated_backlog if self.workers.colocated else None
         self.placement.add_worker(DecodeCapacity(did, ep.layout.num_blocks, ep.layout.block_size,
-                                                 self.workers.max_num_seqs))
+                                                 self.workers.max_num_seqs, max_requests=most))
+
+    def _track(self, ref: ray.ObjectRef, kind: str, worker_id: str, requests: list[Request]) -> None:
+        self._calls[ref] = _Call(kind, worker_id, requests)
 
     def _current(self, attempt_id: str) -> Request | None:
         """The request this attempt belongs to, unless the attempt is stale (already retried or finished)."""

@@ -232,12 +232,21 @@ def _remember_custom_id(raw: bytes | None, seen: set[str]) -> None:
         seen.add(cid)
 
 
-def leaked_blocks(workers) -> int:
-    """KV blocks the decode workers still hold once no request is in flight (each is a leak)."""
+def leaked_blocks(workers, timeout_s: float = 60.0) -> int:
+    """KV blocks the decode workers still hold once no request is in flight (each is a leak). A worker
+    killed late in the batch may still be restarting when the others have finished it: wait for it."""
     import ray
+    from ray.exceptions import ActorUnavailableError
 
-    stats = ray.get([h.stats.remote() for h in workers.decode.values()], timeout=60)
-    return sum(s["num_blocks"] - s["free_blocks"] for s in stats)
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            stats = ray.get([h.stats.remote() for h in workers.decode.values()], timeout=timeout_s)
+            return sum(s["num_blocks"] - s["free_blocks"] for s in stats)
+        except ActorUnavailableError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 class _Progress:

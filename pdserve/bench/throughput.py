@@ -117,7 +117,14 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
              f"{output_tokens} output tokens ({min(r.max_tokens for r in requests)}-"
              f"{max(r.max_tokens for r in requests)} each), greedy, EOS ignored; {params / 1e6:.1f}M params; "
              f"device {device}")
-    report: dict = {"workload": (bench.shared_prefix or bench.workload).__dict__, "params": params, "dtypes": {}}
+    mode = getattr(cluster, "mode", "pd")
+    if "pdserve" in bench.systems:
+        workers = (f"{cluster.num_colocated} colocated worker(s), at most "
+                   f"{cluster.max_num_batched_tokens or 'auto'} batched tokens per step" if mode == "colocated"
+                   else f"{cluster.num_prefill} prefill + {cluster.num_decode} decode worker(s)")
+        print_fn(f"pdserve --mode {mode}: {workers}")
+    report: dict = {"workload": (bench.shared_prefix or bench.workload).__dict__, "params": params, "dtypes": {},
+                    "mode": mode}
     ours: dict[str, dict[str, list[int]]] = {}  # pdserve's outputs per dtype
     with tempfile.TemporaryDirectory(prefix="pdserve-bench-") as tmp:
         batch_path = write_batch(requests, Path(tmp) / "workload.jsonl", model_display_name(engine.model))

@@ -1,5 +1,8 @@
 """Start (or join) a Ray cluster and the prefill/decode worker actors, placed where the user asks.
 
+`mode="colocated"` starts `num_colocated` workers that each prefill and decode instead
+(decode_worker/colocated.py); they take the decode role's resources and threads.
+
 The worker classes know nothing of Ray; here they become actors, each told
 the node it landed on so the transport between a pair is chosen from
 placement (same node: shared memory or CUDA IPC; otherwise gRPC). Workers ask
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from decode_worker.colocated import ColocatedWorker
 from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig
 from kvtransfer.base import TRANSPORTS
@@ -86,13 +90,21 @@ class ClusterConfig:
     start_timeout_s: float = 300.0
     tls: TLSFiles | None = None
     inject_transfer_failures: int = 0  # fault drills (tests): per prefill worker
+    # "pd": prefill and decode workers, KV sent between them; "colocated": `num_colocated` workers that
+    # each prefill (in chunks of at most `max_num_batched_tokens` tokens per step, decode rows included) and decode.
     mode: str = "pd"
+    num_colocated: int = 1
+    max_num_batched_tokens: int = 0  # 0: 512 on a CPU, 2048 on CUDA (and at least max_num_seqs)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("need at least one prefill and one decode worker")
+        if self.num_colocated < 1:
+            raise ValueError(f"--colocated-workers must be at least 1, got {self.num_colocated}")
+        if self.max_num_batched_tokens < 0:
+            raise ValueError(f"--max-num-batched-tokens must be positive (0: auto), got {self.max_num_batched_tokens}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
 
@@ -188,6 +200,15 @@ class DecodeActor(DecodeWorker, _ActorInfo):
         _timed_init(self, config, lambda: init(config, node_id=node_id, node_ip=node_ip))
 
 
+@ray.remote
+class ColocatedActor(ColocatedWorker, _ActorInfo):
+    def __init__(self, config: WorkerConfig) -> None:
+        _unnice()
+        node_id, node_ip = _node()
+        init = super().__init__
+        _timed_init(self, config, lambda: init(config, node_id=node_id, node_ip=node_ip))
+
+
 def use_cluster_token() -> None:
     """Ray 2.60 clusters require a token, but a client given an explicit address only sends the one it
     has when RAY_AUTH_MODE=token. Turn that on when a token is available (RAY_AUTH_TOKEN, or the file
@@ -267,10 +288,22 @@ def actor_name(deployment: str, role: str, i: int) -> str:
     return f"{deployment}-{role}-{i}"
 
 
+def check_mode(engine: EngineConfig, cluster: ClusterConfig) -> None:
+    """What --mode colocated cannot be combined with, said before any worker starts."""
+    if cluster.mode != "colocated":
+        return
+    if engine.speculative not in (None, "", "off"):
+        raise ValueError("--speculative runs on PD decode workers only; drop it or use --mode pd")
+    if cluster.deployment:
+        raise ValueError("a deployment (`pdserve up`) runs --mode pd only for now")
+    if 0 < cluster.max_num_batched_tokens < engine.max_num_seqs:
+        raise ValueError(f"--max-num-batched-tokens ({cluster.max_num_batched_tokens}) must be at least "
+                         f"--max-num-seqs ({engine.max_num_seqs}): each running sequence takes a row of every step")
+
+
 def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     """Create the actors, wait until every one has loaded the model, and report where they landed."""
-    if cluster.mode != "pd":
-        raise ValueError(f"--mode {cluster.mode} is not built in this version of pdserve (only --mode pd)")
+    check_mode(engine, cluster)
     started = time.time()
     init_ray(cluster.address)
     log.info("start-up: Ray %s in %.1f s", "started" if cluster.address is None else "joined", time.time() - started)
@@ -278,10 +311,13 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     cores = max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
     # Prefill workers run at the same time as each other, decode workers too; with batch admissions
     # (router) the two roles mostly take turns, so each role gets all the cores of a shared node.
-    even = max(1, cores // max(cluster.num_prefill, cluster.num_decode))
+    colocated = cluster.mode == "colocated"
+    even = max(1, cores // (cluster.num_colocated if colocated else max(cluster.num_prefill, cluster.num_decode)))
     token = secrets.token_hex(16)
     roles = [("prefill", i) for i in range(cluster.num_prefill)] + [("decode", i) for i in range(cluster.num_decode)]
-    wants = {"prefill": cluster.prefill, "decode": cluster.decode}
+    if colocated:
+        roles = [("colocated", i) for i in range(cluster.num_colocated)]
+    wants = {"prefill": cluster.prefill, "decode": cluster.decode, "colocated": cluster.decode}
     pg = None
     if any(w.requested for w in wants.values()):
         pg = ray.util.placement_group(
@@ -297,7 +333,7 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
             raise RuntimeError(f"the cluster cannot place the workers within {cluster.start_timeout_s:.0f}s "
                                f"({asks}); add nodes that offer these resources") from e
 
-    handles: dict[str, dict[str, object]] = {"prefill": {}, "decode": {}}
+    handles: dict[str, dict[str, object]] = {"prefill": {}, "decode": {}, "colocated": {}}
     for index, (role, i) in enumerate(roles):
         want = wants[role]
         threads = (cluster.prefill_threads if role == "prefill" else cluster.decode_threads) \
@@ -305,12 +341,13 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
         config = WorkerConfig(engine=replace(engine, num_threads=threads), worker_id=f"{role}-{i}",
                               auth_token=token, transport=cluster.transport,
                               transfer_timeout_s=cluster.transfer_timeout_s, tls=cluster.tls,
-                              inject_transfer_failures=cluster.inject_transfer_failures if role == "prefill" else 0)
+                              inject_transfer_failures=cluster.inject_transfer_failures if role == "prefill" else 0,
+                              max_num_batched_tokens=cluster.max_num_batched_tokens)
         # Every thread of the worker starts with OMP_NUM_THREADS OpenMP threads (Ray sets 1 by default).
         options: dict = {"max_restarts": cluster.max_restarts, "num_cpus": want.num_cpus, "num_gpus": want.num_gpus,
                          "resources": dict(want.custom),
                          "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
-                         "max_concurrency": 32 if role == "decode" else 4}
+                         "max_concurrency": 4 if role == "prefill" else 32}
         if pg is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
             if want.num_cpus == 0 and "CPU" in wants[role].bundle():
@@ -319,20 +356,24 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
             options["label_selector"] = dict(want.labels)
         if cluster.deployment:
             options.update(name=actor_name(cluster.deployment, role, i), namespace=NAMESPACE, lifetime="detached")
-        actor = PrefillActor if role == "prefill" else DecodeActor
+        actor = {"prefill": PrefillActor, "decode": DecodeActor, "colocated": ColocatedActor}[role]
         handles[role][config.worker_id] = actor.options(**options).remote(config)
-    workers = attach_workers(handles["prefill"], handles["decode"], engine.max_num_seqs, cluster.start_timeout_s)
+    decode = handles["colocated"] if colocated else handles["decode"]
+    workers = attach_workers(handles["prefill"], decode, engine.max_num_seqs, cluster.start_timeout_s,
+                             colocated=colocated)
     if log.isEnabledFor(logging.INFO):
         log.info("start-up: workers ready in %.1f s", time.time() - started)
-        every = dict(zip(handles["prefill"] | handles["decode"], ray.get(
-            [h.startup.remote() for h in [*handles["prefill"].values(), *handles["decode"].values()]], timeout=60)))
+        every = dict(zip(handles["prefill"] | decode, ray.get(
+            [h.startup.remote() for h in [*handles["prefill"].values(), *decode.values()]], timeout=60)))
         for worker_id, phases in every.items():
             log.info("start-up: %s: %s", worker_id, ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     return workers
 
 
-def attach_workers(prefill: dict, decode: dict, max_num_seqs: int, timeout_s: float = 300.0) -> WorkerSet:
-    """A WorkerSet over running actors: waits until each has loaded its model."""
+def attach_workers(prefill: dict, decode: dict, max_num_seqs: int, timeout_s: float = 300.0,
+                   colocated: bool = False) -> WorkerSet:
+    """A WorkerSet over running actors: waits until each has loaded its model. `colocated`: `decode`
+    holds colocated workers and `prefill` is empty."""
     endpoints = dict(zip(decode, ray.get([h.endpoint.remote() for h in decode.values()], timeout=timeout_s)))
     where = ray.get([h.where.remote() for h in list(prefill.values()) + list(decode.values())], timeout=timeout_s)
     nodes = {w["node_id"] for w in where}
@@ -344,7 +385,7 @@ def attach_workers(prefill: dict, decode: dict, max_num_seqs: int, timeout_s: fl
     for cpu in sorted({w["cpu"] for w in where if w.get("cpu")}):
         log.info("workers: %s", cpu)
     return WorkerSet(prefill=prefill, decode=decode, endpoints=endpoints, max_num_seqs=max_num_seqs,
-                     shared_cores=len(nodes) == 1 and all(w["device"] == "cpu" for w in where))
+                     shared_cores=len(nodes) == 1 and all(w["device"] == "cpu" for w in where), colocated=colocated)
 
 
 def stop_workers(workers: WorkerSet) -> None:

@@ -1,0 +1,258 @@
+"""The colocated worker (`--mode colocated`): one paged KV pool, prefill and decode in the same steps.
+
+The non-disaggregated baseline, engine for engine: the router hands a request with its prompt
+straight to a worker whose pool fits prompt + max_tokens (no prefill dispatch, no KV transfer);
+the worker prefills it in chunks mixed into its decode steps (chunk_scheduler.py, engine/mixed.py)
+and reports the same things a PD pair does: its first token and prefill stamps (`DecodePoll.prefilled`),
+streamed tokens, and the whole output at the end (`DecodeResult`).
+
+Threads as in DecodeWorker: the model and the step loop run on one ComputeThread; `submit`,
+`release` and `poll` come from the router on Ray threads. `_lock` guards the BlockManager; the
+scheduler belongs to the loop, others reach it through `_inbox`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+
+from decode_worker.chunk_scheduler import ChunkScheduler, ColocatedSequence, StepPlan
+from decode_worker.stopping import StopChecker
+from engine.compute_thread import ComputeThread
+from engine.kv_cache import BlockManager, KVPool
+from engine.loader import load_tokenizer
+from engine.runner import ModelRunner, model_fingerprint
+from engine.sampler import sample
+from kvtransfer.base import KVEndpoint
+from proto.messages import ColocatedTask, DecodePoll, DecodeResult, PrefillResult, TokenProgress, WorkerConfig
+
+log = logging.getLogger("pdserve.colocated")
+
+
+def default_batched_tokens(device: str) -> int:
+    """vLLM's chunked-prefill budget is 2048 on a GPU; on a CPU a 512-token step keeps a decode step
+    (all running rows ride along) within a few hundred ms for SmolLM2-135M on two cores."""
+    return 2048 if device == "cuda" else 512
+
+
+class ColocatedWorker:
+    def __init__(self, config: WorkerConfig, node_id: str = "local", node_ip: str = "127.0.0.1") -> None:
+        self.config = config
+        self.worker_id = config.worker_id
+        self.node_id = node_id
+        self.compute = ComputeThread(config.engine.num_threads, name=f"colocated-{self.worker_id}")
+        self.runner = self.compute.call(ModelRunner, config.engine)
+        layout = self.runner.kv_layout()
+        self.pool = self.compute.call(KVPool.allocate, layout, self.runner.config.device)
+        fingerprint = model_fingerprint(self.runner.folder)
+        self.blocks = BlockManager(layout.num_blocks, layout.block_size, salt=fingerprint,
+                                   enable_prefix_caching=config.engine.enable_prefix_caching)
+        # No transport: nothing is sent to this pool. The endpoint only tells the router its size.
+        self.endpoint_info = KVEndpoint(worker_id=self.worker_id, node_id=node_id, layout=layout,
+                                        model_fingerprint=fingerprint)
+        budget = config.max_num_batched_tokens or max(default_batched_tokens(self.runner.config.device),
+                                                      config.engine.max_num_seqs)
+        stopper = StopChecker(self.runner.arch.eos_token_ids, load_tokenizer(self.runner.folder))
+        self.scheduler = ChunkScheduler(stopper, config.engine.max_num_seqs, budget)
+        self._lock = threading.Lock()
+        self._held: set[str] = set()  # handed to the loop, not finished yet
+        self._inbox: queue.Queue[ColocatedSequence | str] = queue.Queue()
+        self._results: queue.Queue[DecodeResult] = queue.Queue()
+        self._prefilled: queue.Queue[PrefillResult] = queue.Queue()
+        self._stop = threading.Event()
+        self.steps, self.step_seconds, self.step_rows = 0, 0.0, 0
+        self.prefill_tokens = self.decode_tokens = 0  # tokens computed per kind, over all steps
+        self._heartbeat = time.monotonic()
+        self._stall_until = 0.0  # fault drill: see stall_for
+        self._streamed: dict[str, int] = {}  # streaming polls: request -> output tokens already reported
+        self._announced: set[str] = set()  # requests whose first token a poll has returned (in `prefilled`)
+        self._loop_done = self.compute.submit(self._loop)
+
+    # ---- router-facing API -------------------------------------------------------------
+    def endpoint(self) -> KVEndpoint:
+        return self.endpoint_info
+
+    def submit(self, tasks: list[ColocatedTask]) -> list[str]:
+        """Reserve blocks for prompt + max_tokens of each task and queue it; return the ids refused (no room:
+        the router's mirror was wrong, or a restart emptied the pool). Leading prompt blocks the pool
+        already caches are shared, and prefill starts after them (at least one prompt token is computed)."""
+        refused = []
+        with self._lock:
+            for t in tasks:
+                if t.request_id in self._held:
+                    refused.append(t.request_id)  # a duplicate: the first copy is running
+                    continue
+                prompt_len = len(t.prompt_token_ids)
+                total, max_shared = prompt_len + t.params.max_tokens, (prompt_len - 1) // self.blocks.block_size
+                if not self.blocks.can_allocate(total, t.prompt_token_ids, max_shared):
+                    refused.append(t.request_id)
+                    continue
+                table = self.blocks.allocate(t.request_id, total, t.prompt_token_ids, max_shared)
+                cached = self.blocks.shared_blocks(t.request_id) * self.blocks.block_size
+                self._held.add(t.request_id)
+                self._inbox.put(ColocatedSequence(t.request_id, tuple(t.prompt_token_ids), t.params, table,
+                                                  computed=cached, cached_tokens=cached))
+        return refused
+
+    def release(self, request_ids: list[str]) -> int:
+        """Abort requests: the loop takes them out between steps and frees their blocks."""
+        with self._lock:
+            mine = [rid for rid in request_ids if rid in self._held]
+        for rid in mine:
+            self._inbox.put(rid)
+        return len(mine)
+
+    def release_all(self) -> int:
+        with self._lock:
+            held = list(self._held)
+        return self.release(held)
+
+    def poll(self, timeout: float = 0.5, stream: bool = False) -> DecodePoll:
+        """As DecodeWorker.poll, plus the prompts prefilled since the last poll (their first tokens);
+        the wait also ends at the first of those."""
+        out: list[DecodeResult] = []
+        progress: list[TokenProgress] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(0.0, deadline - time.monotonic())
+            try:
+                out.append(self._results.get(timeout=min(wait, 0.01)))
+                break
+            except queue.Empty:
+                if wait == 0.0 or not self._prefilled.empty() or (stream and (progress := self._progress())):
+                    break
+        with contextlib.suppress(queue.Empty):
+            while True:
+                out.append(self._results.get_nowait())
+        prefilled = []  # after the results: a result's own prefill record was queued before it
+        with contextlib.suppress(queue.Empty):
+            while True:
+                prefilled.append(self._prefilled.get_nowait())
+        self._announced.update(p.request_id for p in prefilled)
+        if stream and not progress:
+            progress = self._progress()
+        with self._lock:
+            events = self.blocks.take_events()
+        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress), events or None,
+                          tuple(prefilled))
+
+    def _progress(self) -> list[TokenProgress]:
+        """New tokens of running sequences beyond the first, which travels in `prefilled`: a sequence
+        whose first token no poll has returned yet is left for later (the router would drop the rest)."""
+        progress, streamed = [], {}
+        running = [s for s in list(self.scheduler.running) if s.request_id in self._announced]
+        self._announced.intersection_update(s.request_id for s in running)
+        for seq in running:
+            n = min(len(seq.output), len(seq.token_times))
+            sent = self._streamed.get(seq.request_id, 1)
+            if n > sent:
+                progress.append(TokenProgress(seq.request_id, sent, tuple(seq.output[sent:n]),
+                                              tuple(seq.token_times[sent:n])))
+            streamed[seq.request_id] = max(n, sent)
+        self._streamed = streamed
+        return progress
+
+    def stall_for(self, seconds: float) -> None:
+        """Fault drill: wedge the step loop for `seconds` while the actor keeps answering calls."""
+        self._stall_until = time.monotonic() + seconds
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"worker_id": self.worker_id, "num_blocks": self.blocks.num_blocks,
+                    "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
+                    "cached_blocks": self.blocks.num_cached, "running": len(self.scheduler.running),
+                    "waiting": len(self.scheduler.waiting), "steps": self.steps, "step_seconds": self.step_seconds,
+                    "step_rows": self.step_rows, "prefill_tokens": self.prefill_tokens,
+                    "decode_tokens": self.decode_tokens,
+                    "max_num_batched_tokens": self.scheduler.max_num_batched_tokens}
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._loop_done.result(timeout=30)
+        self.compute.shutdown()
+
+    # ---- the step loop -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if time.monotonic() < self._stall_until:
+                time.sleep(0.05)
+                continue
+            self._heartbeat = time.monotonic()
+            self._drain_inbox(block=not self.scheduler.has_work())
+            plan = self.scheduler.schedule()
+            if plan is None:
+                continue
+            started = time.perf_counter()
+            try:
+                sampled = self._run(plan)
+            except Exception as e:  # a bug in a step must not strand requests: report them failed
+                log.exception("colocated step failed")
+                for seq in self.scheduler.abort_all():
+                    self._finish(seq, error=f"colocated step failed: {e!r}")
+                continue
+            prefilled, finished = self.scheduler.postprocess(plan, sampled)
+            self.steps += 1
+            self.step_seconds += time.perf_counter() - started
+            self.step_rows += len(plan.rows)
+            self.decode_tokens += plan.num_decode
+            self.prefill_tokens += plan.num_tokens - plan.num_decode
+            for seq in prefilled:
+                self._prefill_done(seq)
+            for seq in finished:
+                self._finish(seq)
+
+    def _run(self, plan: StepPlan) -> list[int]:
+        """The plan as one forward (decode rows + prompt chunks), then the keyed sampler on the rows that
+        end in a new token: step len(output), so a first token is step 0 as on a PD prefill worker."""
+        rows = plan.rows
+        picks = plan.sampling_rows
+        logits = self.runner.mixed(self.pool, [list(r.tokens) for r in rows], [r.start for r in rows],
+                                   [r.seq.block_table for r in rows], plan.num_decode, picks)
+        if not picks:
+            return []
+        chosen = [rows[i].seq for i in picks]
+        return sample(logits, [s.params for s in chosen], [len(s.output) for s in chosen]).tolist()
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, str):  # an abort
+                self.scheduler.remove(item)
+                self._free(item)
+            else:
+                self.scheduler.add(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _prefill_done(self, seq: ColocatedSequence) -> None:
+        with self._lock:
+            self.blocks.register(seq.request_id, seq.prompt)  # the prompt's KV is whole: shareable now
+        end = seq.prefill_end or time.time()
+        self._prefilled.put(PrefillResult(
+            request_id=seq.request_id, first_token=seq.output[0], prefill_start=seq.prefill_start or end,
+            prefill_end=end, transfer_start=end, transfer_end=end, transport="none", kv_bytes=0,
+            cached_tokens=seq.cached_tokens))
+
+    def _free(self, request_id: str) -> None:
+        with self._lock:
+            self._held.discard(request_id)
+            if self.blocks.holds(request_id):
+                self.blocks.free(request_id)
+
+    def _finish(self, seq: ColocatedSequence, error: str | None = None) -> None:
+        if error is None:
+            with self._lock:  # every token but the newest has its KV in the pool: key those blocks too
+                self.blocks.register(seq.request_id, seq.prompt + tuple(seq.output[:-1]))
+        self._free(seq.request_id)
+        self._results.put(DecodeResult(
+            request_id=seq.request_id, token_ids=tuple(seq.output), finish_reason=seq.finish_reason or "error",
+            admitted_at=seq.prefill_end or time.time(), finished_at=time.time(), token_times=tuple(seq.token_times),
+            error=error))
