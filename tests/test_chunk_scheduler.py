@@ -251,3 +251,15 @@ def test_mode_and_budget_are_validated_with_clear_errors():
     for cmd in (["serve"], ["bench", "throughput"]):
         assert build_parser().parse_args([*cmd, "--mode", "colocated"]).mode == "colocated"
     assert cluster_config(build_parser().parse_args(["serve"])).mode == "pd"
+
+
+def test_mixed_steps_run_over_an_int8_kv_pool(tiny_models):
+    """--kv-cache-dtype int8 with --mode colocated: chunks and decode rows store and read int8 + scales;
+    every request gets its tokens and every block comes back (run_colocated asserts it). The tokens
+    themselves may differ from the float pool's (quantized K/V), so they are not compared."""
+    int8 = ModelRunner(EngineConfig(model=str(tiny_models["llama"]), dtype="float32", device="cpu", block_size=4,
+                                    kv_cache_dtype="int8"))
+    assert int8.kv_layout(num_blocks=1).kv_cache_dtype == "int8"
+    for budget in (4, 512):
+        out = run_colocated(int8, budget=budget)
+        assert [len(out[str(i)]) for i in range(len(PARAMS))] == [p.max_tokens for p in PARAMS]
