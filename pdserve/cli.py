@@ -347,7 +347,7 @@ def cmd_bench_quant(args: argparse.Namespace) -> int:
 
     bench = QuantBench(settings=tuple(s for s in args.settings.split(",") if s),
                        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
-                       decode_steps=args.steps, repeats=args.repeats)
+                       decode_steps=args.steps, repeats=args.repeats, llamacpp=args.llamacpp)
     if args.quick:
         bench = replace(bench, batch_sizes=(1, 4), decode_steps=2, repeats=1, num_prompts=2, agree_tokens=4,
                         ppl_max_tokens=128)
@@ -507,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--model", default=None, help="as for run-batch; default SmolLM2-135M-Instruct")
     qb.add_argument("--cache-dir", default=None)
     qb.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
+    qb.add_argument("--llamacpp", action="store_true",
+                    help="also decode the same GGUF with llama.cpp at batch 1 (needs llama-cpp-python installed)")
     qb.add_argument("--json", default=None, help="also write the full report here")
     qb.set_defaults(func=cmd_bench_quant)
 

@@ -66,3 +66,14 @@ def test_heldout_text_is_not_the_benchmark_corpus():
     assert len(held) > 4000
     sentences = [s.strip() for s in held.split(".") if len(s.strip()) > 40]
     assert not any(s in corpus for s in sentences)
+
+
+def test_llamacpp_baseline_decodes_the_same_gguf(default_model_dir):
+    """The optional llama.cpp row: greedy decode of the default GGUF at batch 1, timed like our rows."""
+    from engine.loader import gguf_source
+    from pdserve.bench import llamacpp
+
+    if llamacpp.available() is None:
+        pytest.skip("llama-cpp-python is not installed (an optional baseline: it compiles llama.cpp from source)")
+    rates = llamacpp.decode_rates(gguf_source(None), [1, 2, 3, 4], steps=2, repeats=2, threads=1)
+    assert len(rates) == 2 and all(r > 0 for r in rates)

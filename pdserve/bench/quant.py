@@ -55,6 +55,7 @@ class QuantBench:
     agree_tokens: int = 32
     ppl_window: int = 512
     ppl_max_tokens: int = 0  # 0: the whole held-out text
+    llamacpp: bool = False  # also decode the GGUF with llama.cpp (llama-cpp-python, if installed) at batch 1
 
 
 def setting_config(engine: EngineConfig, setting: str) -> EngineConfig:
@@ -209,9 +210,30 @@ def run(bench: QuantBench, engine: EngineConfig, print_fn=print) -> dict:
     rows = {s: r for s, r in rows.items() if s in wanted}  # bfloat16 is always measured (the reference)
     report = {"held_out_tokens": len(text_ids), "threads": torch.get_num_threads(), "clock": clock_name(),
               "settings": rows}
+    if bench.llamacpp:
+        report["llamacpp"] = _llamacpp_row(engine, decode_prompt, bench, print_fn)
     report["last_line"] = _last_line(rows, bench.batch_sizes)
+    llama_b1 = report.get("llamacpp", {}).get("decode_b1")
+    int4 = [s for s in rows if s.startswith(("int4", "gguf")) and "decode_b1" in rows[s]]
+    if llama_b1 and int4:
+        best = max(max(rows[s]["decode_b1"]) for s in int4)
+        report["last_line"] += f" int4_vs_llamacpp_b1={best / max(llama_b1):.2f}"
     print_fn(render(report, bench.batch_sizes))
     return report
+
+
+def _llamacpp_row(engine: EngineConfig, prompt: list[int], bench: QuantBench, print_fn) -> dict:
+    from engine.loader import gguf_source
+    from pdserve.bench import llamacpp
+
+    version = llamacpp.available()
+    if version is None:
+        print_fn("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python), no baseline row")
+        return {"version": None}
+    gguf = gguf_source(engine.model)
+    rates = llamacpp.decode_rates(gguf, prompt, bench.decode_steps, bench.repeats, torch.get_num_threads())
+    print_fn(f"llama.cpp {version} on {gguf.name}: decode b1 {min(rates):.1f}-{max(rates):.1f} tok/s")
+    return {"version": version, "gguf": str(gguf), "decode_b1": rates}
 
 
 def _last_line(rows: dict[str, dict], batch_sizes: tuple[int, ...]) -> str:
