@@ -27,7 +27,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.observability.metrics import SLO, RequestMetrics, percentile
+from pdserve.observability.metrics import SLO, RequestMetrics, by_finish, percentile
 
 STAGES = ("prefill", "transfer", "decode")
 ADVICE = {
@@ -103,15 +103,8 @@ def attainment_series(requests: Sequence[RequestMetrics], slo: SLO, bucket_s: fl
                       start: float) -> list[dict[str, float | None]]:
     """Each stage's attainment per bucket of finish time (None where no request finished), for the
     chart that shows which stage drops first."""
-    done = [r for r in requests if r.ok]
-    if not done:
-        return []
-    n = max(1, math.ceil((max(r.finish for r in done) - start) / bucket_s))
-    buckets: list[list[RequestMetrics]] = [[] for _ in range(n)]
-    for r in done:
-        buckets[min(n - 1, max(0, int((r.finish - start) / bucket_s)))].append(r)
     out: list[dict[str, float | None]] = []
-    for i, rs in enumerate(buckets):
+    for i, rs in enumerate(by_finish([r for r in requests if r.ok], bucket_s, start)):
         loads = {x.stage: x.attainment for x in stage_loads(rs, slo)} if rs else dict.fromkeys(STAGES)
         out.append({"t": round(i * bucket_s, 3), **loads})
     return out

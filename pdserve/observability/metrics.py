@@ -217,6 +217,18 @@ def speculative_summary(requests: Sequence[RequestMetrics]) -> dict[str, Any] | 
             "gamma_mean": gamma / steps if steps else None}
 
 
+def by_finish(requests: Sequence[RequestMetrics], bucket_s: float, start: float) -> list[list[RequestMetrics]]:
+    """The requests in buckets of finish time, `bucket_s` wide from `start` (the last bucket holds the
+    latest finish); [] when there are none. The charts over time group by it."""
+    if not requests:
+        return []
+    n = max(1, math.ceil((max(r.finish for r in requests) - start) / bucket_s))
+    buckets: list[list[RequestMetrics]] = [[] for _ in range(n)]
+    for r in requests:
+        buckets[min(n - 1, max(0, int((r.finish - start) / bucket_s)))].append(r)
+    return buckets
+
+
 def goodput_series(requests: Sequence[RequestMetrics], slo: SLO, bucket_s: float = 1.0,
                    start: float | None = None, in_flight_queued: Sequence[float] = ()) -> list[dict[str, float]]:
     """Per time bucket: offered rate (requests queued in it: finished, failed and `in_flight_queued`,

@@ -18,6 +18,7 @@ from pdserve.observability.limiting import attainment_series, limiting_stage
 from pdserve.observability.metrics import (
     SLO,
     RequestMetrics,
+    by_finish,
     goodput_series,
     offered_served,
     speculative_summary,
@@ -60,13 +61,7 @@ def histogram(values: Sequence[float], bins: int = HIST_BINS) -> dict[str, Any]:
 
 def _spec_series(ok: Sequence[RequestMetrics], bucket_s: float, t0: float) -> list[dict[str, Any]]:
     """Speculative decoding's figures per bucket of finish time; empty when it was off."""
-    spec = [r for r in ok if r.spec_drafted is not None]
-    if not spec:
-        return []
-    n = max(1, math.ceil((max(r.finish for r in spec) - t0) / bucket_s))
-    buckets: list[list[RequestMetrics]] = [[] for _ in range(n)]
-    for r in spec:
-        buckets[min(n - 1, max(0, int((r.finish - t0) / bucket_s)))].append(r)
+    buckets = by_finish([r for r in ok if r.spec_drafted is not None], bucket_s, t0)
     keys = ("acceptance_rate", "tokens_per_forward", "gamma_mean")
     return [{"t": round(i * bucket_s, 3), **({k: s[k] for k in keys} if (s := speculative_summary(rs))
                                              else dict.fromkeys(keys))}
