@@ -1,18 +1,23 @@
 """`pdserve bench serve`: arrival generators (statistics, seeding), the sustained-rate interpolation on
 hand-made curves, the per-rate summary, the planner-vs-measured prediction against a closed form, and
-`--quick` end to end (real Ray workers, the real model, the openai client; structure only, no timings)."""
+the report's plotly figures on a hand-made report, and `--quick` end to end (real Ray workers, the real
+model, the openai client): every request sent is measured once, at its seeded time, and the figures
+agree with the samples (no latency thresholds)."""
 
 from __future__ import annotations
 
 import json
 import math
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 
 from pdserve.bench.arrivals import ArrivalSpec, arrival_times, gaps
 from pdserve.bench.serve import Sample, summarize
+from pdserve.bench.serve_report import PANELS, render_html
 from pdserve.bench.sustained import sustained_rate
+from pdserve.observability.dashboard.server import plotly_js
 from pdserve.observability.metrics import SLO
 from pdserve.plan.check import compare, predicted_sustained
 from pdserve.plan.model import Config
@@ -147,6 +152,76 @@ def test_cluster_mode_is_validated():
         ClusterConfig(mode="both")
 
 
+# ---- the report ----------------------------------------------------------------------------------
+class _Loads(HTMLParser):
+    """Every attribute of the page's own tags that would load something (script text is not parsed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+        self.figures = ""
+        self._in_figures = False
+
+    def handle_starttag(self, tag, attrs):
+        self._in_figures = dict(attrs).get("id") == "bench-figures"
+        self.found += [f"<{tag} {k}={v}>" for k, v in attrs
+                       if k in ("src", "href", "data", "srcset", "action") and v and not v.startswith("#")]
+
+    def handle_data(self, data):
+        if self._in_figures:
+            self.figures += data
+
+
+def check_report_html(text: str, report: dict) -> None:
+    """One self-contained file with the dashboards' plotly bundle inlined, three panels with a trace per
+    mode that ran (its rates and attainments), the target line and each mode's sustained rate."""
+    assert plotly_js() in text and "Plotly.newPlot" in text
+    loads = _Loads()
+    loads.feed(text)
+    assert loads.found == [], f"the report must be one self-contained file, it loads {loads.found}"
+    figs = json.loads(loads.figures)
+    assert [f["id"] for f in figs] == [f"panel-{key}" for key, _ in PANELS]
+    ran = {m: r for m, r in report["modes"].items() if "error" not in r}
+    for fig, (key, title) in zip(figs, PANELS):
+        lay = fig["layout"]
+        assert title in lay["title"]["text"]
+        assert (lay["xaxis"]["title"]["text"], lay["yaxis"]["title"]["text"]) == ("request rate (req/s)",
+                                                                                 "SLO attainment")
+        traces = {t["name"]: t for t in fig["data"]}
+        for mode, res in ran.items():
+            t = traces[mode]
+            assert t["x"] == [r["rate_rps"] for r in res["rates"]] and t["y"] == [r[key] for r in res["rates"]]
+            assert "%{x" in t["hovertemplate"] and "%{y" in t["hovertemplate"]
+            marker = next((t for name, t in traces.items() if name.startswith(f"{mode} sustained: ")), None)
+            assert (marker is not None) == (key == "attainment")  # read off the both-SLOs curve only
+            if marker:
+                assert (marker["x"], marker["y"]) == ([res["sustained"]["rate_rps"]], [report["target"]])
+        assert not {m for m in report["modes"] if m not in ran} & set(traces)
+        target = traces[f"target {report['target']:.0%}"]
+        assert target["y"] == [report["target"]] * 2 and target["x"][-1] >= max(report["rates"])
+
+
+def _row(rate: float, both: float, ttft: float, tpot: float) -> dict:
+    pct = {"p50": 0.1, "p90": 0.2, "p99": 0.3}
+    return {"rate_rps": rate, "requests": 20, "completed": 20, "failed": 0, "offered_rps": rate, "achieved_rps": rate,
+            "goodput_rps": both * rate, "within_slo": int(20 * both), "attainment": both, "ttft_attainment": ttft,
+            "tpot_attainment": tpot, "wall_s": 20 / rate, "output_tokens": 100, "ttft_s": pct, "tpot_s": pct,
+            "e2e_s": pct, "errors": []}
+
+
+def test_report_draws_each_mode_with_plotly_in_one_file():
+    pd = [_row(1, 1.0, 1.0, 1.0), _row(2, 0.95, 1.0, 0.95), _row(4, 0.5, 0.6, 0.9)]
+    co = [_row(1, 0.95, 0.95, 1.0), _row(2, 0.7, 0.75, 0.9), _row(4, 0.2, 0.3, 0.5)]
+    modes = {mode: {"rates": rows, "kv_blocks_leaked": 0,
+                    "sustained": vars(sustained_rate([(r["rate_rps"], r["attainment"]) for r in rows], 0.9))}
+             for mode, rows in (("pd", pd), ("colocated", co))}
+    report = {"model": "m", "arrival_text": "Poisson", "rates": [1, 2, 4], "num_prompts": 20, "front_end": "openai",
+              "slo": {"ttft_s": 1.0, "tpot_s": 0.1}, "target": 0.9, "machine": "here",
+              "modes": {**modes, "other": {"error": "cannot start"}}}
+    assert modes["pd"]["sustained"]["rate_rps"] == pytest.approx(2 + 0.05 / 0.45 * 2)
+    check_report_html(render_html(report), report)
+
+
 # ---- end to end ----------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("front_end", ["openai", "direct"])
@@ -174,6 +249,5 @@ def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, front_end):
     assert pd["sustained"]["bound"] in ("interpolated", "at_least", "below")
     plan = report["plan"]
     assert plan["predicted_rps"] >= 0 and plan["measured_rps"] == pd["sustained"]["rate_rps"]
-    text = html.read_text()
-    assert text.count("<svg") == 3 and "polyline" in text and "sustained at" in text
+    check_report_html(html.read_text(encoding="utf-8"), report)
     assert "sustained at >= 90% attainment" in capsys.readouterr().out
