@@ -13,6 +13,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
+from pdserve.bench import serve
 from pdserve.bench.arrivals import ArrivalSpec, arrival_times, gaps
 from pdserve.bench.serve import Sample, summarize
 from pdserve.bench.serve_report import PANELS, render_html
@@ -223,31 +224,75 @@ def test_report_draws_each_mode_with_plotly_in_one_file():
 
 
 # ---- end to end ----------------------------------------------------------------------------------
+def _nearest_rank(values: list[float], q: int) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("front_end", ["openai", "direct"])
-def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, front_end):
-    from pdserve.cli import main
+def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch, front_end):
+    from pdserve.bench.serve_command import worker_threads
+    from pdserve.cli import build_parser, cluster_config, engine_config, main
 
-    out, html = tmp_path / "serve.json", tmp_path / "serve.html"
-    rc = main(["bench", "serve", "--quick", "--modes", "pd", "--plan", "--kv-cache-gib", "0.25",
-               "--json", str(out), "--report", str(html)] + (["--direct"] if front_end == "direct" else []))
+    made, measured = [], []  # the runs make_runs scheduled; each rate's samples as summarize got them
+    real_make_runs, real_summarize = serve.make_runs, serve.summarize
+
+    def make_runs(*a, **k):
+        made.append(real_make_runs(*a, **k))
+        return made[-1]
+
+    def summarize(samples, rate, slo):
+        measured.append((rate, list(samples)))
+        return real_summarize(samples, rate, slo)
+
+    monkeypatch.setattr(serve, "make_runs", make_runs)
+    monkeypatch.setattr(serve, "summarize", summarize)
+    out, html, prof = tmp_path / "serve.json", tmp_path / "serve.html", tmp_path / "profile.json"
+    argv = ["bench", "serve", "--quick", "--modes", "pd", "--plan", "--kv-cache-gib", "0.25", "--profile-out",
+            str(prof), "--json", str(out), "--report", str(html)] + (["--direct"] if front_end == "direct" else [])
+    rc = main(argv)
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["front_end"] == front_end
     pd = report["modes"]["pd"]
-    assert pd["kv_blocks_leaked"] == 0 and len(pd["rates"]) == 2
-    for row in pd["rates"]:
-        assert row["requests"] == row["completed"] + row["failed"] == report["num_prompts"] == 4
-        assert row["failed"] == 0, row["errors"]
-        for key in ("attainment", "ttft_attainment", "tpot_attainment"):
-            assert 0 <= row[key] <= 1
-        assert row["within_slo"] / row["requests"] == row["attainment"]
-        for key in ("ttft_s", "tpot_s", "e2e_s"):
+    assert pd["kv_blocks_leaked"] == 0 and len(pd["rates"]) == 2 == len(measured)
+    (runs, _), = made
+    slo = report["slo"]
+    for i, ((rate, requests, offsets), (m_rate, samples), row) in enumerate(zip(runs, measured, pd["rates"])):
+        assert rate == m_rate == row["rate_rps"] == (0.5, 1.0)[i]
+        # every request sent is measured once: none lost, none duplicated, none from another rate
+        assert sorted(s.custom_id for s in samples) == sorted(r.custom_id for r in requests)
+        assert len({r.custom_id for r in requests}) == len(requests) == report["num_prompts"] == 4
+        assert row["requests"] == row["completed"] == 4 and row["failed"] == 0, row["errors"]
+        # each sent at its seeded time, so the offered rate is the one the seeded arrivals scheduled
+        seeded = arrival_times(ArrivalSpec(), rate, 4, seed=i)
+        assert [s.scheduled for s in samples] == offsets == seeded.tolist()
+        assert row["offered_rps"] == pytest.approx(3 / (seeded[-1] - seeded[0]), rel=0.1)
+        assert all(-0.01 <= s.sent - s.scheduled < 0.5 for s in samples), [(s.scheduled, s.sent) for s in samples]
+        # EOS ignored: every request streamed all its tokens, and usage said so
+        assert [s.output_tokens for s in samples] == [s.max_tokens for s in samples]
+        assert row["output_tokens"] == sum(s.max_tokens for s in samples)
+        # attainment and percentiles from the client's own times
+        ttft = [s.first - s.sent for s in samples]
+        tpot = [(s.end - s.first) / (s.output_tokens - 1) for s in samples]
+        both = sum(a <= slo["ttft_s"] and b <= slo["tpot_s"] for a, b in zip(ttft, tpot))
+        assert row["attainment"] == both / 4 and row["ttft_attainment"] == sum(a <= slo["ttft_s"] for a in ttft) / 4
+        assert row["tpot_attainment"] == sum(b <= slo["tpot_s"] for b in tpot) / 4
+        for key, values in (("ttft_s", ttft), ("tpot_s", tpot)):
             p = row[key]
             assert p["p50"] <= p["p90"] <= p["p99"]
-        assert row["output_tokens"] > 0 and row["offered_rps"] > 0
-    assert pd["sustained"]["bound"] in ("interpolated", "at_least", "below")
+            assert [p[f"p{q}"] for q in (50, 90, 99)] == [_nearest_rank(values, q) for q in (50, 90, 99)]
+    assert pd["sustained"] == vars(sustained_rate([(r["rate_rps"], r["attainment"]) for r in pd["rates"]], 0.9))
+    # the planner predicts from the profile measured (as written out) over the lengths benchmarked; its
+    # value depends on this machine's load (a --quick profile under load may say no rate meets the SLOs)
+    assert report["lengths"] == [[s.prompt_tokens, s.max_tokens] for _, samples in measured for s in samples]
+    args = build_parser().parse_args(argv)
+    cluster, engine = cluster_config(args), engine_config(args)
     plan = report["plan"]
-    assert plan["predicted_rps"] >= 0 and plan["measured_rps"] == pd["sustained"]["rate_rps"]
+    assert plan["predicted_rps"] == predicted_sustained(
+        StageProfile.load(prof), [tuple(x) for x in report["lengths"]], SLO(**slo),
+        Config(cluster.num_prefill, cluster.num_decode, engine.max_num_seqs), worker_threads(cluster), 0.9)
+    assert plan["measured_rps"] == pd["sustained"]["rate_rps"]
     check_report_html(html.read_text(encoding="utf-8"), report)
     assert "sustained at >= 90% attainment" in capsys.readouterr().out
