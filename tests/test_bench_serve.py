@@ -1,18 +1,24 @@
 """`pdserve bench serve`: arrival generators (statistics, seeding), the sustained-rate interpolation on
 hand-made curves, the per-rate summary, the planner-vs-measured prediction against a closed form, and
-`--quick` end to end (real Ray workers, the real model, the openai client; structure only, no timings)."""
+the report's plotly figures on a hand-made report, and `--quick` end to end (real Ray workers, the real
+model, the openai client): every request sent is measured once, at its seeded time, and the figures
+agree with the samples (no latency thresholds)."""
 
 from __future__ import annotations
 
 import json
 import math
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 
+from pdserve.bench import serve
 from pdserve.bench.arrivals import ArrivalSpec, arrival_times, gaps
 from pdserve.bench.serve import Sample, summarize
+from pdserve.bench.serve_report import PANELS, render_html
 from pdserve.bench.sustained import sustained_rate
+from pdserve.observability.dashboard.server import plotly_js
 from pdserve.observability.metrics import SLO
 from pdserve.plan.check import compare, predicted_sustained
 from pdserve.plan.model import Config
@@ -147,33 +153,154 @@ def test_cluster_mode_is_validated():
         ClusterConfig(mode="both")
 
 
+# ---- the report ----------------------------------------------------------------------------------
+class _Loads(HTMLParser):
+    """Every attribute of the page's own tags that would load something (script text is not parsed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+        self.figures = ""
+        self._in_figures = False
+
+    def handle_starttag(self, tag, attrs):
+        self._in_figures = dict(attrs).get("id") == "bench-figures"
+        self.found += [f"<{tag} {k}={v}>" for k, v in attrs
+                       if k in ("src", "href", "data", "srcset", "action") and v and not v.startswith("#")]
+
+    def handle_data(self, data):
+        if self._in_figures:
+            self.figures += data
+
+
+def check_report_html(text: str, report: dict) -> None:
+    """One self-contained file with the dashboards' plotly bundle inlined, three panels with a trace per
+    mode that ran (its rates and attainments), the target line and each mode's sustained rate."""
+    assert plotly_js() in text and "Plotly.newPlot" in text
+    loads = _Loads()
+    loads.feed(text)
+    assert loads.found == [], f"the report must be one self-contained file, it loads {loads.found}"
+    figs = json.loads(loads.figures)
+    assert [f["id"] for f in figs] == [f"panel-{key}" for key, _ in PANELS]
+    ran = {m: r for m, r in report["modes"].items() if "error" not in r}
+    for fig, (key, title) in zip(figs, PANELS):
+        lay = fig["layout"]
+        assert title in lay["title"]["text"]
+        assert (lay["xaxis"]["title"]["text"], lay["yaxis"]["title"]["text"]) == ("request rate (req/s)",
+                                                                                 "SLO attainment")
+        traces = {t["name"]: t for t in fig["data"]}
+        for mode, res in ran.items():
+            t = traces[mode]
+            assert t["x"] == [r["rate_rps"] for r in res["rates"]] and t["y"] == [r[key] for r in res["rates"]]
+            assert "%{x" in t["hovertemplate"] and "%{y" in t["hovertemplate"]
+            marker = next((t for name, t in traces.items() if name.startswith(f"{mode} sustained: ")), None)
+            assert (marker is not None) == (key == "attainment")  # read off the both-SLOs curve only
+            if marker:
+                assert (marker["x"], marker["y"]) == ([res["sustained"]["rate_rps"]], [report["target"]])
+        assert not {m for m in report["modes"] if m not in ran} & set(traces)
+        target = traces[f"target {report['target']:.0%}"]
+        assert target["y"] == [report["target"]] * 2 and target["x"][-1] >= max(report["rates"])
+
+
+def _row(rate: float, both: float, ttft: float, tpot: float) -> dict:
+    pct = {"p50": 0.1, "p90": 0.2, "p99": 0.3}
+    return {"rate_rps": rate, "requests": 20, "completed": 20, "failed": 0, "offered_rps": rate, "achieved_rps": rate,
+            "goodput_rps": both * rate, "within_slo": int(20 * both), "attainment": both, "ttft_attainment": ttft,
+            "tpot_attainment": tpot, "wall_s": 20 / rate, "output_tokens": 100, "ttft_s": pct, "tpot_s": pct,
+            "e2e_s": pct, "errors": []}
+
+
+def test_report_draws_each_mode_with_plotly_in_one_file():
+    pd = [_row(1, 1.0, 1.0, 1.0), _row(2, 0.95, 1.0, 0.95), _row(4, 0.5, 0.6, 0.9)]
+    co = [_row(1, 0.95, 0.95, 1.0), _row(2, 0.7, 0.75, 0.9), _row(4, 0.2, 0.3, 0.5)]
+    modes = {mode: {"rates": rows, "kv_blocks_leaked": 0,
+                    "sustained": vars(sustained_rate([(r["rate_rps"], r["attainment"]) for r in rows], 0.9))}
+             for mode, rows in (("pd", pd), ("colocated", co))}
+    report = {"model": "m", "arrival_text": "Poisson", "rates": [1, 2, 4], "num_prompts": 20, "front_end": "openai",
+              "slo": {"ttft_s": 1.0, "tpot_s": 0.1}, "target": 0.9, "machine": "here",
+              "modes": {**modes, "other": {"error": "cannot start"}}}
+    assert modes["pd"]["sustained"]["rate_rps"] == pytest.approx(2 + 0.05 / 0.45 * 2)
+    check_report_html(render_html(report), report)
+
+
 # ---- end to end ----------------------------------------------------------------------------------
+def _nearest_rank(values: list[float], q: int) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("front_end", ["openai", "direct"])
-def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, front_end):
-    from pdserve.cli import main
+def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch, front_end):
+    from pdserve.bench.serve_command import worker_threads
+    from pdserve.cli import build_parser, cluster_config, engine_config, main
 
-    out, html = tmp_path / "serve.json", tmp_path / "serve.html"
-    rc = main(["bench", "serve", "--quick", "--modes", "pd", "--plan", "--kv-cache-gib", "0.25",
-               "--json", str(out), "--report", str(html)] + (["--direct"] if front_end == "direct" else []))
+    made, measured = [], []  # the runs make_runs scheduled; each rate's samples as summarize got them
+    real_make_runs, real_summarize = serve.make_runs, serve.summarize
+
+    def make_runs(*a, **k):
+        made.append(real_make_runs(*a, **k))
+        return made[-1]
+
+    def summarize(samples, rate, slo):
+        measured.append((rate, list(samples)))
+        return real_summarize(samples, rate, slo)
+
+    monkeypatch.setattr(serve, "make_runs", make_runs)
+    monkeypatch.setattr(serve, "summarize", summarize)
+    out, html, prof = tmp_path / "serve.json", tmp_path / "serve.html", tmp_path / "profile.json"
+    if front_end == "openai":  # profiled in the run (`--plan`), as a user would
+        plan_args = ["--plan", "--profile-out", str(prof)]
+    else:  # a hand-made profile: the prediction does not depend on this machine's load
+        prof.write_text(StageProfile(PrefillFit(0.02, 0.0005), DecodeFit(0.01, 0.001, 0.0), kv_bytes_per_token=1,
+                                     num_layers=1, threads=1).to_json())
+        plan_args = ["--profile", str(prof), "--direct"]
+    argv = ["bench", "serve", "--quick", "--modes", "pd", "--kv-cache-gib", "0.25", "--json", str(out),
+            "--report", str(html), *plan_args]
+    rc = main(argv)
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["front_end"] == front_end
     pd = report["modes"]["pd"]
-    assert pd["kv_blocks_leaked"] == 0 and len(pd["rates"]) == 2
-    for row in pd["rates"]:
-        assert row["requests"] == row["completed"] + row["failed"] == report["num_prompts"] == 4
-        assert row["failed"] == 0, row["errors"]
-        for key in ("attainment", "ttft_attainment", "tpot_attainment"):
-            assert 0 <= row[key] <= 1
-        assert row["within_slo"] / row["requests"] == row["attainment"]
-        for key in ("ttft_s", "tpot_s", "e2e_s"):
+    assert pd["kv_blocks_leaked"] == 0 and len(pd["rates"]) == 2 == len(measured)
+    (runs, _), = made
+    slo = report["slo"]
+    for i, ((rate, requests, offsets), (m_rate, samples), row) in enumerate(zip(runs, measured, pd["rates"])):
+        assert rate == m_rate == row["rate_rps"] == (0.5, 1.0)[i]
+        # every request sent is measured once: none lost, none duplicated, none from another rate
+        assert sorted(s.custom_id for s in samples) == sorted(r.custom_id for r in requests)
+        assert len({r.custom_id for r in requests}) == len(requests) == report["num_prompts"] == 4
+        assert row["requests"] == row["completed"] == 4 and row["failed"] == 0, row["errors"]
+        # each sent at its seeded time, so the offered rate is the one the seeded arrivals scheduled
+        seeded = arrival_times(ArrivalSpec(), rate, 4, seed=i)
+        assert [s.scheduled for s in samples] == offsets == seeded.tolist()
+        assert row["offered_rps"] == pytest.approx(3 / (seeded[-1] - seeded[0]), rel=0.1)
+        assert all(-0.01 <= s.sent - s.scheduled < 0.5 for s in samples), [(s.scheduled, s.sent) for s in samples]
+        # EOS ignored: every request streamed all its tokens, and usage said so
+        assert [s.output_tokens for s in samples] == [s.max_tokens for s in samples]
+        assert row["output_tokens"] == sum(s.max_tokens for s in samples)
+        # attainment and percentiles from the client's own times
+        ttft = [s.first - s.sent for s in samples]
+        tpot = [(s.end - s.first) / (s.output_tokens - 1) for s in samples]
+        both = sum(a <= slo["ttft_s"] and b <= slo["tpot_s"] for a, b in zip(ttft, tpot))
+        assert row["attainment"] == both / 4 and row["ttft_attainment"] == sum(a <= slo["ttft_s"] for a in ttft) / 4
+        assert row["tpot_attainment"] == sum(b <= slo["tpot_s"] for b in tpot) / 4
+        for key, values in (("ttft_s", ttft), ("tpot_s", tpot)):
             p = row[key]
             assert p["p50"] <= p["p90"] <= p["p99"]
-        assert row["output_tokens"] > 0 and row["offered_rps"] > 0
-    assert pd["sustained"]["bound"] in ("interpolated", "at_least", "below")
+            assert [p[f"p{q}"] for q in (50, 90, 99)] == [_nearest_rank(values, q) for q in (50, 90, 99)]
+    assert pd["sustained"] == vars(sustained_rate([(r["rate_rps"], r["attainment"]) for r in pd["rates"]], 0.9))
+    # the planner predicts from the profile (measured and written out, or given) over the lengths
+    # benchmarked; from a measured --quick profile the value depends on the load (under load it may say
+    # that no rate meets the SLOs), from the hand-made one it is positive
+    assert report["lengths"] == [[s.prompt_tokens, s.max_tokens] for _, samples in measured for s in samples]
+    args = build_parser().parse_args(argv)
+    cluster, engine = cluster_config(args), engine_config(args)
     plan = report["plan"]
-    assert plan["predicted_rps"] >= 0 and plan["measured_rps"] == pd["sustained"]["rate_rps"]
-    text = html.read_text()
-    assert text.count("<svg") == 3 and "polyline" in text and "sustained at" in text
+    assert plan["predicted_rps"] == predicted_sustained(
+        StageProfile.load(prof), [tuple(x) for x in report["lengths"]], SLO(**slo),
+        Config(cluster.num_prefill, cluster.num_decode, engine.max_num_seqs), worker_threads(cluster), 0.9)
+    assert plan["measured_rps"] == pd["sustained"]["rate_rps"]
+    assert front_end == "openai" or plan["predicted_rps"] > 0.5
+    check_report_html(html.read_text(encoding="utf-8"), report)
     assert "sustained at >= 90% attainment" in capsys.readouterr().out

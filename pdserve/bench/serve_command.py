@@ -143,7 +143,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if profile is not None:
         report["plan"] = plan_vs_measured(profile, report, cluster, engine)
     print(render_table(report))
-    Path(args.report).write_text(render_html(report))
+    Path(args.report).write_text(render_html(report), encoding="utf-8")  # plotly.js is not all ASCII
     print(f"report: {args.report}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

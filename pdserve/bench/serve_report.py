@@ -1,15 +1,19 @@
 """`pdserve bench serve`'s table and its one-file HTML report: SLO attainment against the request
 rate, one line per mode, with the target line and each mode's sustained rate marked (DistServe's
-figure); three panels: both SLOs, TTFT only, TPOT only. Plain SVG: no network, no script."""
+figure); three panels: both SLOs, TTFT only, TPOT only. Drawn by plotly.js, the same bundle the
+dashboards use, inlined by the same helper: one file, no network."""
 
 from __future__ import annotations
 
 import html
-import math
+import json
 from typing import Any
+
+from pdserve.observability.dashboard.server import plotly_js
 
 COLORS = {"pd": "#1f77b4", "colocated": "#d62728"}
 PANELS = (("attainment", "both SLOs"), ("ttft_attainment", "TTFT SLO"), ("tpot_attainment", "TPOT SLO"))
+RATE_AXIS, ATTAIN_AXIS = "request rate (req/s)", "SLO attainment"
 
 
 def _f(x: float | None, spec: str = ".2f") -> str:
@@ -56,57 +60,58 @@ def sustained_text(s: dict[str, Any]) -> str:
     return Sustained(**s).describe()
 
 
-def _panel(report: dict[str, Any], key: str, title: str, w: int = 420, h: int = 300) -> str:
-    left, right, top, bottom = 52, 12, 28, 42
-    pw, ph = w - left - right, h - top - bottom
-    rmax = max(report["rates"]) * 1.05
-    x = lambda r: left + pw * r / rmax  # noqa: E731
-    y = lambda a: top + ph * (1 - a)  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="11"><text x="{left + pw / 2}" y="16" text-anchor="middle" font-size="13">'
-           f'SLO attainment ({html.escape(title)})</text>']
-    for a in (0, 0.25, 0.5, 0.75, 1.0):
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(a)}" y2="{y(a)}" stroke="#eee"/>'
-                   f'<text x="{left - 6}" y="{y(a) + 4}" text-anchor="end">{a:.0%}</text>')
-    for t in _ticks(rmax):
-        out.append(f'<line x1="{x(t)}" x2="{x(t)}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#333"/>'
-                   f'<text x="{x(t)}" y="{top + ph + 16}" text-anchor="middle">{t:g}</text>')
-    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>'
-               f'<text x="{left + pw / 2}" y="{h - 6}" text-anchor="middle">request rate (req/s)</text>'
-               f'<line x1="{left}" x2="{left + pw}" y1="{y(report["target"])}" y2="{y(report["target"])}" '
-               f'stroke="#888" stroke-dasharray="4 3"/>')
-    for i, (mode, res) in enumerate(m for m in report["modes"].items() if "error" not in m[1]):
-        color = COLORS.get(mode, "#2ca02c")
-        pts = [(x(r["rate_rps"]), y(r[key])) for r in res["rates"]]
-        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" '
-                   f'points="{" ".join(f"{px:.1f},{py:.1f}" for px, py in pts)}"/>')
-        for (px, py), r in zip(pts, res["rates"]):
-            out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="{color}"><title>{mode}: '
-                       f'{r["rate_rps"]:g} req/s, {r[key]:.1%}</title></circle>')
-        if key == "attainment" and res["sustained"]["bound"] == "interpolated":
-            sx = x(res["sustained"]["rate_rps"])
-            out.append(f'<line x1="{sx:.1f}" x2="{sx:.1f}" y1="{top}" y2="{top + ph}" stroke="{color}" '
-                       f'stroke-dasharray="2 2"/>')
-        out.append(f'<rect x="{left + pw - 96}" y="{top + ph - 18 - 16 * i}" width="10" height="10" fill="{color}"/>'
-                   f'<text x="{left + pw - 82}" y="{top + ph - 9 - 16 * i}">{html.escape(mode)}</text>')
-    return "".join(out) + "</svg>"
+def figures(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One plotly figure per panel: a trace per mode that ran, the target line, and (on the both-SLOs
+    panel, the curve it is read off) each mode's sustained rate as a marker on the target line."""
+    target, xmax = report["target"], max(report["rates"]) * 1.05
+    ran = [(mode, res) for mode, res in report["modes"].items() if "error" not in res]
+    out = []
+    for key, title in PANELS:
+        traces: list[dict[str, Any]] = [{
+            "type": "scatter", "mode": "lines+markers", "name": mode, "x": [r["rate_rps"] for r in res["rates"]],
+            "y": [r[key] for r in res["rates"]], "line": {"color": COLORS.get(mode, "#2ca02c"), "width": 2},
+            "hovertemplate": f"{html.escape(mode)}: %{{x:g}} req/s, %{{y:.1%}} within {title}<extra></extra>"}
+            for mode, res in ran]
+        traces.append({"type": "scatter", "mode": "lines", "name": f"target {target:.0%}", "x": [0, xmax],
+                       "y": [target, target], "line": {"color": "#888", "dash": "dash", "width": 1},
+                       "hovertemplate": f"target {target:.0%}<extra></extra>"})
+        if key == "attainment":
+            for mode, res in ran:
+                sus = res["sustained"]
+                text, short = sustained_text(sus), {"at_least": ">= ", "below": "< "}.get(sus["bound"], "")
+                traces.append({"type": "scatter", "mode": "markers",
+                               "name": f"{mode} sustained: {short}{sus['rate_rps']:.3g} req/s",
+                               "x": [res["sustained"]["rate_rps"]], "y": [target],
+                               "marker": {"symbol": "diamond-open", "size": 13, "line": {"width": 2},
+                                          "color": COLORS.get(mode, "#2ca02c")},
+                               "hovertemplate": f"{html.escape(mode)} sustains {html.escape(text)}<extra></extra>"})
+        out.append({"id": f"panel-{key}", "data": traces, "layout": {
+            "title": {"text": f"within {title}", "x": 0.02, "xanchor": "left"}, "height": 400,
+            "hovermode": "closest", "margin": {"l": 64, "r": 20, "t": 40, "b": 110},
+            "legend": {"orientation": "h", "y": -0.25, "yanchor": "top"},
+            "xaxis": {"title": {"text": RATE_AXIS}, "range": [0, xmax], "zeroline": False},
+            "yaxis": {"title": {"text": ATTAIN_AXIS}, "range": [0, 1.05], "tickformat": ".0%"}}})
+    return out
 
 
-def _ticks(hi: float) -> list[float]:
-    step = 10 ** math.floor(math.log10(hi / 4)) if hi > 0 else 1
-    for m in (1, 2, 5, 10):
-        if hi / (step * m) <= 6:
-            step *= m
-            break
-    return [i * step for i in range(int(hi / step) + 1)]
+_DRAW = """
+const figs = JSON.parse(document.getElementById("bench-figures").textContent);
+for (const f of figs) Plotly.newPlot(f.id, f.data, f.layout, {displaylogo: false, responsive: true});
+"""
 
 
 def render_html(report: dict[str, Any]) -> str:
-    panels = "".join(_panel(report, key, title) for key, title in PANELS)
+    figs = figures(report)
+    panels = "".join(f"<div id='{f['id']}' style='width:460px;display:inline-block'></div>" for f in figs)
+    data = json.dumps(figs).replace("</", "<\\/")
     table = html.escape(render_table(report))
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>pdserve bench serve</title></head>"
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>pdserve bench serve</title>"
+            f"<script>\n{plotly_js()}</script></head>"
             "<body style='font-family:sans-serif;margin:16px'><h2>pdserve bench serve: SLO attainment vs "
             f"request rate</h2><p>{html.escape(report.get('machine', ''))}</p><div>{panels}</div>"
-            "<p>Dashed grey: the attainment target; dotted verticals: the rate each mode sustains at the target "
-            "(linear between the last measured rate that meets it and the first that misses it).</p>"
-            f"<pre style='font-size:12px'>{table}</pre></body></html>")
+            "<p>Dashed grey: the attainment target; diamonds on it: the rate each mode sustains at the target "
+            "(linear between the last measured rate that meets it and the first that misses it; hover for a "
+            "bound).</p>"
+            f"<pre style='font-size:12px'>{table}</pre>"
+            f"<script type='application/json' id='bench-figures'>{data}</script><script>{_DRAW}</script>"
+            "</body></html>")
