@@ -84,7 +84,10 @@ def _handler(collector: MetricsCollector):
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the page was closed mid-download: nothing to do
+                self.close_connection = True
 
         def do_GET(self):  # noqa: N802 - http.server's name
             path = self.path.split("?", 1)[0]
