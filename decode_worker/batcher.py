@@ -192,10 +192,7 @@ class ContinuousBatcher:
         for seq, token in zip(flight.seqs, ids):
             if id(seq) not in alive:
                 continue  # finished at the step before (it rode along under overlap) or aborted
-            seq.output.append(token)
-            seq.token_times.append(now)
-            seq.finish_reason = self.stopper.check(seq.output, seq.params)
-            if seq.finish_reason:
+            if self.stopper.accept(seq, token, now):
                 finished.append(seq)
         for seq in finished:
             self._drop_row(self.running.index(seq))

@@ -142,10 +142,7 @@ class ChunkScheduler:
             if not seq.prefilled:
                 seq.prefill_end = now
                 prefilled.append(seq)
-            seq.output.append(token)
-            seq.token_times.append(now)
-            seq.finish_reason = self.stopper.check(seq.output, seq.params)
-            if seq.finish_reason:
+            if self.stopper.accept(seq, token, now):
                 finished.append(seq)
         for seq in finished:
             self.running.remove(seq)

@@ -105,10 +105,7 @@ class SpeculativeStepper:
     def _append(self, seq: Any, new: list[int], now: float) -> None:
         """Append token by token; a stop (EOS, stop string, max_tokens) cuts the rest of the run."""
         for token in new:
-            seq.output.append(token)
-            seq.token_times.append(now)
-            seq.finish_reason = self.stopper.check(seq.output, seq.params)
-            if seq.finish_reason:
+            if self.stopper.accept(seq, token, now):
                 return
 
 

@@ -29,6 +29,14 @@ class StopChecker:
             return "length"
         return None
 
+    def accept(self, seq: Any, token: int, now: float) -> bool:
+        """Append a sampled token to a running sequence (any kind with output, token_times, params and
+        finish_reason) and say whether it stopped there: every decode loop takes its tokens this way."""
+        seq.output.append(token)
+        seq.token_times.append(now)
+        seq.finish_reason = self.check(seq.output, seq.params)
+        return seq.finish_reason is not None
+
     def _hits_stop_string(self, output: Sequence[int], stops: Sequence[str]) -> bool:
         # A stop string of n characters spans at most n tokens; two more cover a token split across it.
         window = max(len(s) for s in stops) + 2
