@@ -7,9 +7,9 @@ round to nearest) and multiplies int8 x int8 -> int32 (`torch._int_mm`: oneDNN's
 VNNI / AVX2 int8 GEMM on a CPU, cuBLASLt on CUDA), then rescales by row scale x
 channel scale. Weight-only int8 has to turn weight or activations back into
 floats before the multiply, so past a few rows it runs at float GEMM speed or
-slower; the int8 GEMM does not. Measured on the Zen 4 build machine at one
-thread, shared (SmolLM2 shapes, 576x3072 and 1536x576): 1.2-2.6x a bfloat16
-`F.linear` at 16-256 rows and 3-6x a float32 one; see `pdserve bench quant`.
+slower; the int8 GEMM does not. `pdserve bench quant --settings
+bfloat16,int8+bf16,w8a8+bf16 --threads 1` measures it (README: on the Zen 4 build
+machine, decode at batch 64 w8a8 + bf16 472-489 tok/s vs bf16 393-405).
 
 The int32 sum is exact; converting it to float32 (past 2^24) and the two rescaling
 multiplies add a few float32 roundings, so the only error of note is the
