@@ -11,8 +11,9 @@ max|X_j| is measured once at quantization time on `calibration.txt` (English pro
 a recipe, code, a little arithmetic; not the held-out perplexity text), and the
 factors are cached with the int8 weights. The MLP's down projection stays in
 float: its input, SiLU(gate) * up, has outliers that neither per-token int8 nor
-smoothing holds. Measured once with a throwaway script that swapped each layer kind's kernel (not kept;
-the shipped setting's figure is `pdserve bench quant --settings float32,w8a8`) on SmolLM2-135M (fp32 activations elsewhere,
+smoothing holds. Measured once with a throwaway script that swapped each layer kind's
+kernel (not kept; the shipped setting's figure is `pdserve bench quant --settings
+float32,w8a8`) on SmolLM2-135M (fp32 activations elsewhere,
 perplexity on pdserve/bench/heldout.txt, fp32 = 15.942): per-token int8 on every
 layer 17.230 (+8.1%); down_proj alone +1.8%, the others +0.5% or less each;
 smoothed qkv / o / gate_up with a float down_proj 16.058 (+0.7%) calibrated on
