@@ -82,6 +82,8 @@ class DecodeWorker:
         self._stop = threading.Event()
         self.steps = 0
         self.step_seconds = 0.0  # time inside batcher.step()
+        self.step_cpu_seconds = 0.0  # the loop thread's CPU time inside batcher.step(): less than
+        # step_seconds by the time the thread waited for a core or the GIL
         self.step_rows = 0  # sum of batch sizes over steps
         self._heartbeat = time.monotonic()  # the loop's last turn: idle turns every 50 ms, busy ones every step
         self._stall_until = 0.0  # fault drill: see stall_for
@@ -204,7 +206,8 @@ class DecodeWorker:
                     "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
                     "cached_blocks": self.blocks.num_cached,
                     "running": len(self.batcher.running), "waiting": len(self.batcher.waiting),
-                    "steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows}
+                    "steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows,
+                    "step_cpu_seconds": self.step_cpu_seconds}
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -239,7 +242,7 @@ class DecodeWorker:
             if not self.batcher.has_work():
                 continue
             rows = len(self.batcher.running) + len(self.batcher.waiting)
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             try:
                 finished = self.batcher.step()
             except Exception as e:  # a bug in a step must not strand requests: report them failed
@@ -249,6 +252,7 @@ class DecodeWorker:
                 continue
             self.steps += 1
             self.step_seconds += time.perf_counter() - started
+            self.step_cpu_seconds += time.thread_time() - started_cpu
             self.step_rows += min(rows, self.batcher.max_num_seqs)
             for seq in finished:
                 self._finish(seq)

@@ -279,6 +279,11 @@ def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch
         # EOS ignored: every request streamed all its tokens, and usage said so
         assert [s.output_tokens for s in samples] == [s.max_tokens for s in samples]
         assert row["output_tokens"] == sum(s.max_tokens for s in samples)
+        # the decode workers' own counters over this rate alone: one row per token after the prefill's
+        d = row["decode"]
+        assert d["rows"] == sum(s.max_tokens - 1 for s in samples) and d["steps"] > 0
+        assert d["mean_batch"] == pytest.approx(d["rows"] / d["steps"]) and 1 <= d["mean_batch"] <= 4
+        assert 0 < d["step_cpu_ms"] <= d["step_ms"] * 1.01 and 0 < d["busy"] <= 1.01
         # attainment and percentiles from the client's own times
         ttft = [s.first - s.sent for s in samples]
         tpot = [(s.end - s.first) / (s.output_tokens - 1) for s in samples]

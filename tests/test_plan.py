@@ -4,7 +4,9 @@ does), unstable loads, the profile's JSON round trip, and the command end to end
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -179,6 +181,32 @@ def test_max_rate_is_the_edge_of_90_percent():
     assert predict(prof, replace(wl, rate_rps=r * 1.01), res, cfg).attainment < 0.9
 
 
+def test_fits_move_toward_their_busy_fit_by_the_share():
+    solo, busy = DecodeFit(0.04, 0.002, 1e-6), DecodeFit(0.06, 0.004, 3e-6)
+    assert solo.toward(busy, 0.5) == DecodeFit(pytest.approx(0.05), pytest.approx(0.003), pytest.approx(2e-6))
+    assert solo.toward(None, 1.0) == solo and solo.toward(busy, 0.0) == solo
+    assert PrefillFit(0.01, 0.001).toward(PrefillFit(0.03, 0.002), 2.0) == PrefillFit(  # two busy neighbours
+        pytest.approx(0.05), pytest.approx(0.003))
+
+
+def test_a_busy_neighbour_slows_a_stage_by_how_busy_it_is():
+    """Prefill-only neighbour fit absent, so prefill keeps its solo times: rho = 0.5 exactly (100 tokens at
+    10 ms = 1 s, 0.5 req/s). The decode worker then sees half a busy neighbour: its fit is halfway to the
+    busy one, which is what a solo profile with that fit predicts."""
+    solo = profile(c=0.02, d=0.005)
+    with_busy = replace(solo, decode_busy=DecodeFit(0.06, 0.015, 0.0))
+    shared, separate = Resources(total=2, transfer_gbps=0), Resources(total=2, transfer_gbps=0, shared=False)
+    p = predict(with_busy, workload(0.5), shared, Config(1, 1, 8))
+    assert p.prefill_util == pytest.approx(0.5)
+    halfway = predict(replace(solo, decode=DecodeFit(0.04, 0.01, 0.0)), workload(0.5), shared, Config(1, 1, 8))
+    assert p.tpot_mean_s == pytest.approx(halfway.tpot_mean_s) and p.decode_batch == pytest.approx(halfway.decode_batch)
+    assert p.tpot_mean_s > predict(solo, workload(0.5), shared, Config(1, 1, 8)).tpot_mean_s
+    # workers that do not share a device (whole GPUs by default) ignore the busy fits
+    assert predict(with_busy, workload(0.5), separate, Config(1, 1, 8)) == predict(solo, workload(0.5), separate,
+                                                                                     Config(1, 1, 8))
+    assert not Resources(total=2, kind="gpu").interfere and Resources(total=2).interfere
+
+
 def test_fits_recover_known_coefficients():
     pf = fit_prefill([(t, 0.02 + 0.001 * t) for t in (16, 64, 256)])
     assert (pf.a_s, pf.b_s_per_token) == (pytest.approx(0.02), pytest.approx(0.001))
@@ -196,6 +224,16 @@ def test_profile_json_round_trip(tmp_path):
                      decode_points=((1, 32, 0.03),))
     p.save(tmp_path / "p.json")
     assert StageProfile.load(tmp_path / "p.json") == p
+    busy = replace(p, prefill_busy=PrefillFit(0.02, 0.0003), decode_busy=DecodeFit(0.03, 0.002, 2e-7),
+                   prefill_busy_points=((16, 0.2),), decode_busy_points=((1, 32, 0.05),))
+    busy.save(tmp_path / "busy.json")
+    assert StageProfile.load(tmp_path / "busy.json") == busy
+    old = json.loads(p.to_json())
+    old["version"] = 1  # written before the busy-neighbour fits existed: still read
+    for k in ("prefill_busy", "decode_busy", "prefill_busy_points", "decode_busy_points"):
+        del old[k]
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    assert StageProfile.load(tmp_path / "v1.json") == p
     (tmp_path / "bad.json").write_text('{"version": 99}')
     with pytest.raises(ValueError, match="profile"):
         StageProfile.load(tmp_path / "bad.json")
@@ -226,6 +264,11 @@ def test_plan_quick_end_to_end(tiny_models, tmp_path, capsys):
     assert "note: extrapolated beyond the profile (contexts up to 160 tokens, decode profiled up to 96)" in first
     prof = StageProfile.load(out)
     assert len(prof.prefill_points) == 3 and len(prof.decode_points) == 4
+    # on CPU cores the workers share a node: each stage was timed again beside a busy neighbour process
+    assert [t for t, _ in prof.prefill_busy_points] == [t for t, _ in prof.prefill_points]
+    assert [p[:2] for p in prof.decode_busy_points] == [p[:2] for p in prof.decode_points]
+    assert prof.prefill_busy is not None and prof.decode_busy is not None
+    assert "beside a busy prefill neighbour" in first
     assert all(s > 0 for _, s in prof.prefill_points) and prof.threads == 1
     assert prof.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # layers * K,V * kv heads * head dim * fp32
     import json

@@ -247,6 +247,28 @@ async def _wait_idle(loop, workers: WorkerSet, timeout_s: float = 60.0) -> int:
         await asyncio.sleep(0.2)
 
 
+def _decode_counters(workers: WorkerSet) -> tuple[int, float, int, float]:
+    """(steps, seconds inside steps, rows stepped, the stepping thread's CPU seconds) summed over the
+    decode workers."""
+    import ray
+
+    stats = ray.get([h.stats.remote() for h in workers.decode.values()], timeout=60)
+    return (sum(s.get("steps", 0) for s in stats), sum(s.get("step_seconds", 0.0) for s in stats),
+            sum(s.get("step_rows", 0) for s in stats), sum(s.get("step_cpu_seconds", 0.0) for s in stats))
+
+
+def decode_stage(before: tuple[int, float, int, float], after: tuple[int, float, int, float], wall_s: float,
+                 workers: int) -> dict[str, Any]:
+    """What the decode workers did during one rate: steps, mean step time (wall, and the stepping
+    thread's CPU time: the gap is time spent waiting for a core or the GIL) and batch, and the share of
+    the rate's wall time they spent stepping (busy) -- the figures the planner's decode model predicts."""
+    steps, seconds, rows, cpu = (a - b for a, b in zip(after, before))
+    return {"steps": steps, "rows": rows, "step_ms": 1e3 * seconds / steps if steps else None,
+            "step_cpu_ms": 1e3 * cpu / steps if steps else None,
+            "mean_batch": rows / steps if steps else None,
+            "busy": seconds / (wall_s * workers) if wall_s > 0 and workers else None}
+
+
 def _run_mode(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, router_config: RouterConfig,
               workers: WorkerSet, runs: list[tuple[float, list[BenchRequest], list[float]]],
               warmup: list[BenchRequest], print_fn: Callable[[str], None]) -> dict[str, Any]:
@@ -262,12 +284,19 @@ def _run_mode(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, r
                         await _wait_idle(loop, workers)
                     rows, leaked = [], 0
                     for rate, requests, offsets in runs:
+                        before = await asyncio.to_thread(_decode_counters, workers)
                         samples = await _run_rate(send, requests, offsets)
                         leaked = max(leaked, await _wait_idle(loop, workers))
                         row = summarize(samples, rate, bench.slo)
+                        row["decode"] = decode_stage(before, await asyncio.to_thread(_decode_counters, workers),
+                                                     row["wall_s"], len(workers.decode))
                         rows.append(row)
+                        d = row["decode"]
                         print_fn(f"[{mode}] {rate:g} req/s: attainment {row['attainment']:.0%}, goodput "
-                                 f"{_fmt(row['goodput_rps'])} req/s, {row['failed']} failed")
+                                 f"{_fmt(row['goodput_rps'])} req/s, {row['failed']} failed; decode step "
+                                 f"{_fmt(d['step_ms'], '.1f')} ms (CPU {_fmt(d['step_cpu_ms'], '.1f')}) "
+                                 f"at mean batch {_fmt(d['mean_batch'], '.1f')}, "
+                                 f"busy {_fmt(d['busy'], '.0%')}")
                     return {"rates": rows, "kv_blocks_leaked": leaked}
                 finally:
                     if close is not None:

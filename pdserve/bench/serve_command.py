@@ -113,7 +113,8 @@ def measure_profile(engine, threads: int, bench, quick: bool):
     runner = ModelRunner(replace(engine, num_threads=threads))
     cfg = runner.config
     where = CpuInfo.here().describe() if cfg.device == "cpu" else cfg.device
-    return measure(runner, sizes, threads, f"{runner.folder.name} {cfg.dtype} on {where}")
+    # The benchmarked workers share this node: time each stage beside a busy neighbour too.
+    return measure(runner, sizes, threads, f"{runner.folder.name} {cfg.dtype} on {where}", neighbour=True)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:

@@ -3,8 +3,9 @@ attainment, beside the rate `pdserve bench serve` measured for the same configur
 
 The prediction averages over the benchmark's own prompt and output lengths (not a uniform draw), at
 the benchmark's SLOs, for its prefill/decode worker counts and max decode batch, each worker with the
-torch threads it ran with. The planner's model gives every worker its own cores; on one small CPU node
-the benchmarked workers share them, which the comparison then shows as error.
+torch threads it ran with. The benchmarked workers share this one node (its cores, or its one GPU), so
+the prediction counts their interference (`Resources.shared`), as measured by a profile with
+busy-neighbour fits.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def predicted_sustained(profile: StageProfile, lengths: list[tuple[int, int]], s
                         output=LengthDist(int(outputs.min()), int(outputs.max())), slo=slo, samples=len(lengths))
     share = float(threads_per_worker) if kind == "cpu" else 1.0
     units = (config.prefill_workers + config.decode_workers) * share
-    resources = Resources(total=units, per_worker=share, kind=kind, transfer_gbps=transfer_gbps)
+    resources = Resources(total=units, per_worker=share, kind=kind, transfer_gbps=transfer_gbps, shared=True)
     return max_rate(profile, workload, resources, config, target, lengths=(prompts, outputs))
 
 

@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     r.add_argument("--per-worker", type=float, default=1.0, help="cores (or GPUs) each worker gets")
     r.add_argument("--max-num-seqs", default="8,16,32,64,128,256", help="max decode batches to consider")
     r.add_argument("--transfer-gbps", type=float, default=2.0, help="KV transfer bandwidth; 0: free")
+    r.add_argument("--workers-share-device", choices=("auto", "yes", "no"), default="auto",
+                   help="whether workers slow each other down (one node's cores, one GPU): profile each stage "
+                        "beside a busy neighbour and count it. auto: yes for --cpus, no for --gpus")
     m = p.add_argument_group("profile")
     m.add_argument("--profile", default=None, help="read this profile JSON instead of profiling")
     m.add_argument("--profile-out", default=None, help="write the measured profile here")
@@ -55,7 +58,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     gpu = args.gpus > 0
     resources = Resources(total=args.gpus if gpu else args.cpus, per_worker=args.per_worker,
-                          kind="gpu" if gpu else "cpu", transfer_gbps=args.transfer_gbps)
+                          kind="gpu" if gpu else "cpu", transfer_gbps=args.transfer_gbps,
+                          shared={"auto": None, "yes": True, "no": False}[args.workers_share_device])
     if args.rate <= 0:
         raise ValueError(f"--rate must be positive, got {args.rate}")
     workload = Workload(rate_rps=args.rate, prompt=LengthDist.parse(args.prompt_len),
@@ -105,4 +109,5 @@ def _load_or_measure(args: argparse.Namespace, resources):
     cfg = runner.config
     where = CpuInfo.here().describe() if cfg.device == "cpu" else cfg.device
     description = f"{runner.folder.name} {cfg.dtype} on {where}"
-    return measure(runner, QUICK_SIZES if args.quick else ProfileSizes(), threads, description)
+    return measure(runner, QUICK_SIZES if args.quick else ProfileSizes(), threads, description,
+                   neighbour=resources.interfere)

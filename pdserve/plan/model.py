@@ -21,6 +21,12 @@ tests/test_plan.py: the mean batch agrees, the attainment is a few points conser
 Both stages are taken as independent: attainment = P(TTFT ok) * P(TPOT ok); goodput = rate *
 attainment (DistServe's definition, as in pdserve.observability.metrics). A stage with rho >= 1 is
 unstable: its queue grows without bound, so attainment is 0.
+
+Neighbours: workers that share a node slow each other (`Resources.shared`; on by default for CPU
+cores, off for whole GPUs). With a profile that has busy-neighbour fits, each stage's times move from
+its solo fit toward its busy fit by the expected number of busy neighbours: the other workers'
+utilisations summed (prefill: rho; decode: the fraction of time it has a batch to step, 1 - exp(-N)).
+Those utilisations depend on the times in turn, so the two are iterated to a fixed point.
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ class Resources:
     per_worker: float = 1.0
     kind: str = "cpu"
     transfer_gbps: float = 2.0  # per-request KV transfer rate (run-batch reports ~2 GB/s over shm)
+    shared: bool | None = None  # workers slow each other (one node's cores, one GPU); None: cpu yes, gpu no
 
     def __post_init__(self) -> None:
         if self.kind not in ("cpu", "gpu"):
@@ -95,6 +102,10 @@ class Resources:
         profile with --threads equal to the share to make it 1)."""
         measured = max(profile.threads, 1) if self.kind == "cpu" else 1.0
         return measured / self.per_worker
+
+    @property
+    def interfere(self) -> bool:
+        return self.kind == "cpu" if self.shared is None else self.shared
 
 
 @dataclass(frozen=True)
@@ -148,18 +159,32 @@ def mg1_wait(rate: float, mean_s: float, second_moment_s2: float) -> float:
     return math.inf if rho >= 1 else rate * second_moment_s2 / (2 * (1 - rho))
 
 
+NEIGHBOUR_ITERATIONS = 20
+
+
 def predict(profile: StageProfile, workload: Workload, resources: Resources, config: Config,
             lengths: tuple[np.ndarray, np.ndarray] | None = None) -> Prediction:
     prompts, outputs = lengths if lengths is not None else workload.draw()
     scale = resources.time_scale(profile)
-    ttft_att, p_util, wait, ttft = _prefill(profile, workload, resources, config, prompts, scale)
-    tpot_att, d_util, batch, tpot = _decode(profile, workload, config, prompts, outputs, scale)
+    prefill_fit, decode_fit = profile.prefill, profile.decode
+    neighbours = resources.interfere and (profile.prefill_busy is not None or profile.decode_busy is not None)
+    for _ in range(NEIGHBOUR_ITERATIONS if neighbours else 1):
+        ttft_att, p_util, wait, ttft = _prefill(prefill_fit, profile, workload, resources, config, prompts, scale)
+        tpot_att, d_util, batch, tpot = _decode(decode_fit, workload, config, prompts, outputs, scale)
+        if not neighbours:
+            break
+        rho_p = min(p_util, 1.0)  # an unstable stage is busy all the time
+        busy_d = 1.0 if math.isinf(batch) else 1 - math.exp(-batch) if batch > 0 else 0.0
+        n_p, n_d = config.prefill_workers, config.decode_workers
+        # busy neighbours each worker sees: every other worker, weighted by how busy it is
+        prefill_fit = profile.prefill.toward(profile.prefill_busy, (n_p - 1) * rho_p + n_d * busy_d)
+        decode_fit = profile.decode.toward(profile.decode_busy, n_p * rho_p + (n_d - 1) * busy_d)
     return Prediction(config, (config.prefill_workers + config.decode_workers) * resources.per_worker,
                       p_util, d_util, wait, ttft, batch, tpot, ttft_att, tpot_att)
 
 
-def _prefill(profile, workload, resources, config, prompts, scale) -> tuple[float, float, float, float]:
-    service = scale * (profile.prefill.a_s + profile.prefill.b_s_per_token * prompts)
+def _prefill(fit, profile, workload, resources, config, prompts, scale) -> tuple[float, float, float, float]:
+    service = scale * (fit.a_s + fit.b_s_per_token * prompts)
     transfer = (prompts * profile.kv_bytes_per_token / (resources.transfer_gbps * 1e9) / profile.num_layers
                 if resources.transfer_gbps > 0 else np.zeros_like(service))
     rate = workload.rate_rps / config.prefill_workers
@@ -175,13 +200,12 @@ def _prefill(profile, workload, resources, config, prompts, scale) -> tuple[floa
     return float(p_ok.mean()), rho, wait, wait + float((service + transfer).mean())
 
 
-def _decode(profile, workload, config, prompts, outputs, scale) -> tuple[float, float, float, float]:
+def _decode(fit, workload, config, prompts, outputs, scale) -> tuple[float, float, float, float]:
     steps = outputs - 1  # the first token comes from prefill
     k = float(steps.mean())
     if k == 0:
         return 1.0, 0.0, 0.0, 0.0
     ctx = float((steps * (prompts + outputs / 2)).sum() / steps.sum())  # step-weighted mean context
-    fit = profile.decode
     c, slope = scale * fit.c_s, scale * (fit.d_s_per_seq + fit.e_s_per_seq_token * ctx)
     rate = workload.rate_rps / config.decode_workers
     bmax = config.max_batch

@@ -3,20 +3,28 @@
     prefill of T packed tokens:            t = a + b*T
     decode step of B sequences at context C: t = c + d*B + e*B*C
 
-Each point is the minimum over repeats: on a shared machine the minimum is the least disturbed
-reading. Decode steps run over a KV pool of zeros: a step's time does not depend on the cached values,
-so the contexts need no prefill first. Steps run eagerly through ModelRunner.decode: on CUDA the
-decode worker replays CUDA graphs, so a GPU profile overstates its fixed step cost.
+Each point is the median over repeats (after a warm-up call): serving runs at the typical step time,
+not the fastest one. Decode steps run over a KV pool of zeros: a step's time does not depend on the
+cached values, so the contexts need no prefill first. Steps run eagerly through ModelRunner.decode: on
+CUDA the decode worker replays CUDA graphs, so a GPU profile overstates its fixed step cost.
+
+Workers that share a node slow each other down even on separate cores (memory bandwidth, the shared
+cache, SMT siblings; on one GPU, its SMs). `measure(..., neighbour=True)` therefore times each stage a
+second time while a busy neighbour -- another process running the other stage back to back on the
+same device -- computes beside it (`prefill_busy`, `decode_busy`); the planner blends the two fits by
+how busy the neighbours are (pdserve.plan.model).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no busy-neighbour fits
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,14 @@ class PrefillFit:
     def time(self, tokens: float) -> float:
         return self.a_s + self.b_s_per_token * tokens
 
+    def toward(self, busy: PrefillFit | None, share: float) -> PrefillFit:
+        """This fit moved `share` of the way to `busy` (the time-average over a neighbour busy that share of
+        the time; a share above 1 extrapolates to more than one busy neighbour)."""
+        if busy is None or share <= 0:
+            return self
+        return PrefillFit(self.a_s + share * (busy.a_s - self.a_s),
+                          self.b_s_per_token + share * (busy.b_s_per_token - self.b_s_per_token))
+
 
 @dataclass(frozen=True)
 class DecodeFit:
@@ -36,6 +52,14 @@ class DecodeFit:
 
     def time(self, batch: float, context: float) -> float:
         return self.c_s + self.d_s_per_seq * batch + self.e_s_per_seq_token * batch * context
+
+    def toward(self, busy: DecodeFit | None, share: float) -> DecodeFit:
+        """As PrefillFit.toward."""
+        if busy is None or share <= 0:
+            return self
+        return DecodeFit(self.c_s + share * (busy.c_s - self.c_s),
+                         self.d_s_per_seq + share * (busy.d_s_per_seq - self.d_s_per_seq),
+                         self.e_s_per_seq_token + share * (busy.e_s_per_seq_token - self.e_s_per_seq_token))
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,11 @@ class StageProfile:
     description: str = ""  # model, dtype, device, CPU
     prefill_points: tuple[tuple[int, float], ...] = ()  # (tokens, seconds)
     decode_points: tuple[tuple[int, int, float], ...] = ()  # (batch, context, seconds)
+    # The same, timed while a neighbour process runs the other stage back to back on the same device.
+    prefill_busy: PrefillFit | None = None
+    decode_busy: DecodeFit | None = None
+    prefill_busy_points: tuple[tuple[int, float], ...] = ()
+    decode_busy_points: tuple[tuple[int, int, float], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps({"version": PROFILE_VERSION, **asdict(self)}, indent=2)
@@ -57,12 +86,14 @@ class StageProfile:
     @classmethod
     def from_json(cls, text: str) -> StageProfile:
         d = json.loads(text)
-        if not isinstance(d, dict) or d.pop("version", None) != PROFILE_VERSION:
-            raise ValueError(f"not a pdserve plan profile (version {PROFILE_VERSION})")
+        if not isinstance(d, dict) or d.pop("version", None) not in READABLE_VERSIONS:
+            raise ValueError(f"not a pdserve plan profile (version {' or '.join(map(str, READABLE_VERSIONS))})")
         try:
+            pb, db = d.pop("prefill_busy", None), d.pop("decode_busy", None)
             return cls(prefill=PrefillFit(**d.pop("prefill")), decode=DecodeFit(**d.pop("decode")),
-                       prefill_points=tuple(tuple(p) for p in d.pop("prefill_points", ())),
-                       decode_points=tuple(tuple(p) for p in d.pop("decode_points", ())), **d)
+                       prefill_busy=PrefillFit(**pb) if pb else None, decode_busy=DecodeFit(**db) if db else None,
+                       **{k: tuple(tuple(p) for p in d.pop(k, ())) for k in (
+                           "prefill_points", "decode_points", "prefill_busy_points", "decode_busy_points")}, **d)
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed pdserve plan profile: {e}") from None
 
@@ -112,37 +143,60 @@ class ProfileSizes:
 QUICK_SIZES = ProfileSizes(prefill_tokens=(16, 64, 128), decode_batches=(1, 4), decode_contexts=(32, 96), repeats=2)
 
 
-def measure(runner, sizes: ProfileSizes, threads: int, description: str = "") -> StageProfile:
-    """Time prefill and decode on `runner` (an engine.runner.ModelRunner) with `threads` torch threads."""
+def measure(runner, sizes: ProfileSizes, threads: int, description: str = "",
+            neighbour: bool = False) -> StageProfile:
+    """Time prefill and decode on `runner` (an engine.runner.ModelRunner) with `threads` torch threads;
+    with `neighbour`, time both again beside a busy neighbour process (see the module docstring)."""
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
-    max_pos = runner.arch.max_position_embeddings
-    gen = torch.Generator().manual_seed(0)
-    vocab = runner.arch.vocab_size
-    prefill_points = []
-    for n in sorted({min(t, max_pos) for t in sizes.prefill_tokens}):
-        prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
-        prefill_points.append((n, _best(lambda p=prompt: runner.prefill([p], None), sizes.repeats)))
-    contexts = sorted({min(c, max_pos - 2) for c in sizes.decode_contexts})  # room for the step's token
-    decode_points = [(b, c, _decode_time(runner, b, c, sizes.repeats, gen))
-                     for b in sizes.decode_batches for c in contexts]
-    a = runner.arch
+    prefill_points, decode_points = _prefill_points(runner, sizes), _decode_points(runner, sizes)
+    busy: dict[str, object] = {}
+    if neighbour:
+        from pdserve.plan.neighbour import Neighbour
+
+        with Neighbour(runner.config, threads, sizes) as other:
+            other.run("prefill")
+            busy["decode_busy_points"] = tuple(_decode_points(runner, sizes))
+            other.run("decode")
+            busy["prefill_busy_points"] = tuple(_prefill_points(runner, sizes))
+        busy["prefill_busy"] = fit_prefill(list(busy["prefill_busy_points"]))
+        busy["decode_busy"] = fit_decode(list(busy["decode_busy_points"]))
     return StageProfile(prefill=fit_prefill(prefill_points), decode=fit_decode(decode_points),
                         kv_bytes_per_token=runner.kv_layout(num_blocks=1).bytes_per_token,  # int8 KV: + scales
-                        num_layers=a.num_layers, threads=torch.get_num_threads(), description=description,
-                        prefill_points=tuple(prefill_points), decode_points=tuple(decode_points))
+                        num_layers=runner.arch.num_layers, threads=torch.get_num_threads(), description=description,
+                        prefill_points=tuple(prefill_points), decode_points=tuple(decode_points), **busy)
 
 
-def _best(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def _prefill_points(runner, sizes: ProfileSizes) -> list[tuple[int, float]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    points = []
+    for n in sorted({min(t, runner.arch.max_position_embeddings) for t in sizes.prefill_tokens}):
+        prompt = torch.randint(0, runner.arch.vocab_size, (n,), generator=gen).tolist()
+        points.append((n, _typical(lambda p=prompt: runner.prefill([p], None), sizes.repeats)))
+    return points
+
+
+def _decode_points(runner, sizes: ProfileSizes) -> list[tuple[int, int, float]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    contexts = sorted({min(c, runner.arch.max_position_embeddings - 2) for c in sizes.decode_contexts})
+    return [(b, c, _decode_time(runner, b, c, sizes.repeats, gen)) for b in sizes.decode_batches for c in contexts]
+
+
+def _typical(fn, repeats: int) -> float:
+    """The median time of `repeats` calls after a warm-up call."""
+    fn()
+    times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def _decode_time(runner, batch: int, context: int, repeats: int, gen) -> float:
@@ -158,4 +212,4 @@ def _decode_time(runner, batch: int, context: int, repeats: int, gen) -> float:
     tables = torch.arange(batch * per_seq, dtype=torch.int32).view(batch, per_seq).to(runner.device)
     tokens = torch.randint(0, runner.arch.vocab_size, (batch,), generator=gen).to(runner.device)
     positions = torch.full((batch,), context, dtype=torch.long, device=runner.device)
-    return _best(lambda: runner.decode(pool, tokens, positions, tables), repeats)
+    return _typical(lambda: runner.decode(pool, tokens, positions, tables), repeats)

@@ -18,7 +18,21 @@ def describe_profile(p: StageProfile) -> list[str]:
             f"  prefill  t = {pf.a_s * 1e3:.2f} ms + {pf.b_s_per_token * 1e3:.4f} ms/token "
             f"({1 / pf.b_s_per_token if pf.b_s_per_token else math.inf:.0f} tokens/s at scale)",
             f"  decode   t = {dc.c_s * 1e3:.2f} ms + {dc.d_s_per_seq * 1e3:.4f} ms/seq "
-            f"+ {dc.e_s_per_seq_token * 1e6:.4f} us/(seq*context token)"]
+            f"+ {dc.e_s_per_seq_token * 1e6:.4f} us/(seq*context token)"] + _busy_lines(p)
+
+
+def _busy_lines(p: StageProfile) -> list[str]:
+    """The busy-neighbour fits as the slowdown they mean at a typical size."""
+    lines = []
+    if p.prefill_busy is not None:
+        n = 128
+        lines.append(f"  beside a busy decode neighbour: prefill of {n} tokens "
+                     f"x{p.prefill_busy.time(n) / p.prefill.time(n):.2f}")
+    if p.decode_busy is not None:
+        b, c = 16, 256
+        lines.append(f"  beside a busy prefill neighbour: decode step of {b} x {c} tokens "
+                     f"x{p.decode_busy.time(b, c) / p.decode.time(b, c):.2f}")
+    return lines
 
 
 def render(profile: StageProfile, workload: Workload, resources: Resources, ranked: list[Prediction],
