@@ -90,7 +90,7 @@ class DecodeState:
             self._sampling = SamplingTensors(
                 self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed_lo[:n], self.seed_hi[:n],
                 all_greedy=all(greedy), max_top_k=max((0 if g else p.top_k for p, g in zip(params, greedy)), default=0),
-                any_top_p=any(not g and p.top_p < 1 for p, g in zip(params, greedy)))
+                any_top_p=any(not g and p.top_p < 1 for p, g in zip(params, greedy)), any_greedy=any(greedy))
         return self._sampling
 
     def advance(self, sampled: torch.Tensor) -> None:

@@ -4,10 +4,16 @@ The random draw for token number `step` of a request depends only on (seed, step
 worker samples it, on which device, or what else is in the batch: the prefill worker samples step 0,
 the decode worker the rest, and a retried request produces the same text.
 
-The randomness is counter-based (a 32-bit integer hash of seed, step and vocabulary index), computed
-with plain tensor ops: no `torch.Generator` per row, no host sync, identical on CPU and GPU, and
-usable inside a CUDA graph. Tokens are drawn by the exponential race: argmax_i p_i / E_i with
-E_i = -log(u_i) draws i with probability p_i.
+The randomness is counter-based (a 32-bit integer hash of seed, step and salt), computed with plain
+tensor ops: no `torch.Generator` per row, no host sync, identical on CPU and GPU, and usable inside a
+CUDA graph. A token is drawn by inverse CDF: one keyed uniform per row, located in the cumulative sum
+of the row's probabilities. (An exponential race, argmax_i p_i / -log(u_i), needs a uniform per
+vocabulary entry: at 49k entries hashing them cost more than the model's decode step on a CPU.)
+
+Top-p needs the tokens in probability order. On a CPU a full sort of every row is the slowest part of
+sampling (240 ms for 64 rows of 49k), so each row's nucleus is first looked for among its 256, then
+4096 most likely tokens (torch.topk); only a row whose nucleus reaches past those (a flat
+distribution) is sorted whole, so the kept set is always exactly the smallest set reaching p.
 
 `SamplingTensors` holds the per-row parameters as device tensors plus host flags saying which
 transforms any row needs; the decode loop keeps one per batch and updates it at admit/finish only.
@@ -23,6 +29,7 @@ import torch
 from engine.config import SamplingParams
 
 M32 = 0xFFFFFFFF
+TOP_P_CANDIDATES = (256, 4096)  # on a CPU, top-p looks for each row's nucleus among this many tokens first
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +92,7 @@ class SamplingTensors:
     all_greedy: bool
     max_top_k: int  # 0: no row uses top-k
     any_top_p: bool
+    any_greedy: bool = True  # False: no row needs the argmax one-hot
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], device: torch.device | str) -> SamplingTensors:
@@ -99,20 +107,21 @@ class SamplingTensors:
             top_p=torch.tensor(top_ps, dtype=torch.float32, device=device),
             seed_lo=torch.tensor([lo for lo, _ in halves], dtype=torch.int64, device=device),
             seed_hi=torch.tensor([hi for _, hi in halves], dtype=torch.int64, device=device),
-            all_greedy=all(greedy), max_top_k=max(top_ks, default=0), any_top_p=any(p < 1 for p in top_ps))
+            all_greedy=all(greedy), max_top_k=max(top_ks, default=0), any_top_p=any(p < 1 for p in top_ps),
+            any_greedy=any(greedy))
 
     def rows(self, index: torch.Tensor) -> SamplingTensors:
         """The same parameters for a subset/reordering of rows (e.g. one row per verified token)."""
         return SamplingTensors(self.temperature[index], self.top_k[index], self.top_p[index], self.seed_lo[index],
-                               self.seed_hi[index], self.all_greedy, self.max_top_k, self.any_top_p)
+                               self.seed_hi[index], self.all_greedy, self.max_top_k, self.any_top_p,
+                               self.any_greedy)
 
 
 def processed_probs_t(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """[B, V] float32 probabilities after temperature, top-k and top-p; greedy rows are one-hot."""
     greedy = st.temperature == 0
-    one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
     if st.all_greedy:
-        return one_hot
+        return _one_hot_argmax(logits)
     scaled = logits / torch.where(greedy, 1.0, st.temperature)[:, None]
     if st.max_top_k > 0:
         k_max = min(st.max_top_k, scaled.shape[-1])
@@ -121,19 +130,58 @@ def processed_probs_t(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor
         thresh = top_vals.gather(1, kth).squeeze(1).masked_fill(st.top_k == 0, float("-inf"))
         scaled = scaled.masked_fill(scaled < thresh[:, None], float("-inf"))
     if st.any_top_p:
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the mass before it already reaches top_p (the first token always stays).
-        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= st.top_p[:, None]
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    return torch.where(greedy[:, None], one_hot, scaled.softmax(dim=-1))
+        scaled = scaled.masked_fill(_outside_top_p(scaled, st.top_p), float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    return torch.where(greedy[:, None], _one_hot_argmax(logits), probs) if st.any_greedy else probs
+
+
+def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(logits).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+
+
+def _outside_top_p(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[B, V] True where a token lies outside its row's nucleus: dropped when the probability mass of the
+    tokens before it (in descending order) already reaches top_p; the first token always stays. Rows with
+    top_p >= 1 drop nothing."""
+    on = top_p < 1
+    probs = scaled.softmax(dim=-1)
+    if scaled.device.type != "cpu":  # one sort of every row: no host sync
+        return _outside_by_sort(probs, top_p) & on[:, None]
+    drop = torch.zeros_like(scaled, dtype=torch.bool)
+    todo = on.nonzero().flatten()
+    for k in TOP_P_CANDIDATES:
+        if len(todo) == 0 or k >= scaled.shape[-1]:
+            break
+        top, order = probs[todo].topk(k, dim=-1)  # descending, like the sort's first k columns
+        covered = top.sum(dim=-1) >= top_p[todo]  # the nucleus lies among these k
+        rows, top, order = todo[covered], top[covered], order[covered]
+        past = torch.ones((len(rows), scaled.shape[-1]), dtype=torch.bool)  # mass before them >= top_p
+        drop[rows] = past.scatter_(1, order, (top.cumsum(dim=-1) - top) >= top_p[rows, None])
+        todo = todo[~covered]
+    if len(todo):
+        drop[todo] = _outside_by_sort(probs[todo], top_p[todo])
+    return drop
+
+
+def _outside_by_sort(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """_outside_top_p by one sort of every row (same probabilities, same order, same prefix sums as the
+    candidates' topk: the two agree exactly)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+    return torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+
+
+def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: probs [n, V] (unnormalised, nonnegative), u [n] in (0, 1) -> [n]. The first index
+    whose cumulative sum reaches u * total: never a zero-probability token, as u > 0."""
+    cdf = probs.cumsum(-1)
+    target = (u * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
 def draw(probs: torch.Tensor, st: SamplingTensors, steps: torch.Tensor, salt: int = 0) -> torch.Tensor:
     """One token per row from `probs` [B, V], keyed on (seed, step, salt). -> [B] int64."""
-    u = keyed_uniform_t(st.seed_lo, st.seed_hi, steps, salt, probs.shape[-1])
-    return (probs / -torch.log(u)).argmax(dim=-1)
+    return draw_from(probs, keyed_uniform_t(st.seed_lo, st.seed_hi, steps, salt, 1)[:, 0])
 
 
 def sample_t(logits: torch.Tensor, st: SamplingTensors, steps: torch.Tensor) -> torch.Tensor:
@@ -141,7 +189,7 @@ def sample_t(logits: torch.Tensor, st: SamplingTensors, steps: torch.Tensor) -> 
     if st.all_greedy:
         return logits.argmax(dim=-1)
     tokens = draw(processed_probs_t(logits, st), st, steps)
-    return torch.where(st.temperature == 0, logits.argmax(dim=-1), tokens)
+    return torch.where(st.temperature == 0, logits.argmax(dim=-1), tokens) if st.any_greedy else tokens
 
 
 def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

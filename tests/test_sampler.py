@@ -91,3 +91,46 @@ def test_sampling_tensors_need_no_host_values_per_step():
         steps = torch.tensor([step, step, step + 1])
         assert torch.equal(sample_t(logits, st, steps), sample(logits, params, steps.tolist()))
     assert int(sample_t(logits, st, torch.tensor([0, 0, 0]))[1]) == int(logits[1].argmax())
+
+
+def test_top_p_on_candidates_equals_the_full_sort():
+    """The CPU path looks for each nucleus among the top 256, then 4096 tokens, and sorts only the rows
+    whose nucleus reaches further: the kept sets must equal those of one full sort of every row. Rows are
+    peaked (nucleus within 256), medium (within 4096) and flat (past both), with top_p = 1 rows mixed in."""
+    from engine.sampler import _outside_by_sort, _outside_top_p
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = 12_000
+    logits = torch.randn(9, vocab, generator=gen) * torch.tensor([8.0, 8, 8, 2, 2, 2, 0.3, 0.3, 0.3])[:, None]
+    # each row's top_p set halfway between the mass of its top n - 1 and top n tokens: a nucleus of n
+    # tokens, n = 10 (peaked), 1000 (medium), 6000 (flat)
+    sizes = [10, 0, 3, 1000, 600, 0, 6000, 9000, 0]  # 0: top_p = 1
+    mass = logits.softmax(-1).sort(dim=-1, descending=True).values.cumsum(-1)
+    top_p = torch.tensor([float(mass[r, n - 1] + mass[r, n - 2]) / 2 if n else 1.0
+                          for r, n in enumerate(sizes)])
+    got = _outside_top_p(logits, top_p)
+    want = _outside_by_sort(logits.softmax(-1), top_p) & (top_p < 1)[:, None]
+    assert torch.equal(got, want)
+    kept = (~got).sum(-1).tolist()
+    assert kept[1] == kept[5] == kept[8] == vocab  # top_p = 1 keeps every token
+    assert kept == [n or vocab for n in sizes]  # each candidate stage and the full sort were exercised
+    # the nucleus is the smallest prefix (in probability order) whose mass reaches top_p
+    for row in (0, 3, 6):
+        p = logits[row].softmax(-1)
+        mass = p[~got[row]].sum()
+        assert mass >= top_p[row] and mass - p[~got[row]].min() < top_p[row]
+
+
+def test_inverse_cdf_draw_never_picks_an_impossible_token():
+    from engine.sampler import draw_from
+
+    probs = torch.zeros(4, 50)
+    probs[:, 7] = 0.5
+    probs[:, 19] = 0.25
+    probs[:, 49] = 0.25
+    u = torch.tensor([1e-9, 0.5, 0.75, 1 - 1e-7])
+    assert draw_from(probs, u).tolist() == [7, 7, 19, 49]
+    many = draw_from(probs[:1].expand(5000, -1), torch.rand(5000, generator=torch.Generator().manual_seed(1)))
+    assert set(many.tolist()) == {7, 19, 49}
+    counts = torch.bincount(many, minlength=50)[[7, 19, 49]].float() / 5000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.25, 0.25]), atol=0.03), counts

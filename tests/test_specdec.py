@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from engine.sampler import draw_from
 from engine.specdec import AcceptanceTracker, GammaChooser, best_gamma, chen_residual, lookup, omega, rejection_sample
 from engine.specdec.gamma import batch_bucket, tokens_per_second
-from engine.specdec.verify import draw_from
 
 
 def chi2_critical(df: int, z: float = 3.09) -> float:

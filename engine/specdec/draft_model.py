@@ -41,8 +41,8 @@ import torch
 
 from engine.config import EngineConfig
 from engine.kv_cache import BlockManager, KVPool
-from engine.sampler import keyed_uniform, processed_probs
-from engine.specdec.verify import SALT_DRAFT, Draft, draw_from
+from engine.sampler import draw_from, keyed_uniform, processed_probs
+from engine.specdec.verify import SALT_DRAFT, Draft
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 

@@ -25,8 +25,8 @@ import torch
 from engine.attention import PagedDecodeAttention
 from engine.config import SamplingParams
 from engine.kv_cache import KVPool
-from engine.sampler import keyed_uniform, processed_probs
-from engine.specdec.verify import SALT_DRAFT, Draft, draw_from
+from engine.sampler import draw_from, keyed_uniform, processed_probs
+from engine.specdec.verify import SALT_DRAFT, Draft
 
 
 class DraftSeq(Protocol):

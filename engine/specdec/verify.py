@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import SamplingParams
-from engine.sampler import keyed_uniform, processed_probs, sample
+from engine.sampler import draw_from, keyed_uniform, processed_probs, sample
 
 SALT_ACCEPT, SALT_RESIDUAL, SALT_DRAFT = 0xACC, 0x4E5, 0xD4F
 
@@ -41,13 +41,6 @@ class Draft:
 
     tokens: tuple[int, ...]
     probs: torch.Tensor | None = None
-
-
-def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw: probs [n, V] (unnormalised, nonnegative), u [n] in (0, 1) -> [n]."""
-    cdf = probs.cumsum(-1)
-    target = (u * cdf[:, -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
 def rejection_sample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, u_accept: torch.Tensor,
