@@ -36,3 +36,23 @@ def test_bench_kvtransfer_quick(capsys):
     assert re.fullmatch(r"kvtransfer tokens=512 shm_gbps=[\d.]+ shm_vs_memcpy=[\d.]+ grpc_gbps=[\d.]+ "
                         r"grpc_vs_memcpy=[\d.]+", last), last
     assert "memcpy" in out and out.count("tokens") >= 3
+
+
+def test_bench_sampling_prints_both_methods_per_setting(capsys):
+    """Runs on the default model's logits; the earlier method it compares against must draw only tokens
+    the current sampler can draw (the same nucleus, the same top-k)."""
+    import torch
+
+    from engine.sampler import SamplingTensors, processed_probs_t
+    from pdserve.bench.sampling import SETTINGS, earlier_sample, main, model_logits
+
+    assert main(["--batch-sizes", "2", "--repeats", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == len(SETTINGS) and all(r[0] == "2" and r[-1].endswith("x") for r in rows)
+    logits = model_logits(2, "float32")
+    for params in SETTINGS.values():
+        st = SamplingTensors.build([params] * 2, "cpu")
+        probs = processed_probs_t(logits, st)
+        for step in range(20):
+            drawn = earlier_sample(logits, st, torch.full((2,), step))
+            assert (probs.gather(1, drawn[:, None]) > 0).all()
