@@ -6,9 +6,10 @@ the worker prefills it in chunks mixed into its decode steps (chunk_scheduler.py
 and reports the same things a PD pair does: its first token and prefill stamps (`DecodePoll.prefilled`),
 streamed tokens, and the whole output at the end (`DecodeResult`).
 
-Threads as in DecodeWorker: the model and the step loop run on one ComputeThread; `submit`,
-`release` and `poll` come from the router on Ray threads. `_lock` guards the BlockManager; the
-scheduler belongs to the loop, others reach it through `_inbox`.
+Threads as in DecodeWorker (the loop, polls and streaming are step_loop.py's): the model and the
+step loop run on one ComputeThread; `submit`, `release` and `poll` come from the router on Ray
+threads. `_lock` guards the BlockManager; the scheduler belongs to the loop, others reach it through
+`_loop_queue`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import threading
 import time
 
 from decode_worker.chunk_scheduler import ChunkScheduler, ColocatedSequence, StepPlan
+from decode_worker.step_loop import StepLoopWorker
 from decode_worker.stopping import StopChecker
 from engine.compute_thread import ComputeThread
 from engine.kv_cache import BlockManager, KVPool
@@ -27,7 +29,7 @@ from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from engine.sampler import sample
 from kvtransfer.base import KVEndpoint
-from proto.messages import ColocatedTask, DecodePoll, DecodeResult, PrefillResult, TokenProgress, WorkerConfig
+from proto.messages import ColocatedTask, DecodeResult, PrefillResult, WorkerConfig
 
 log = logging.getLogger("pdserve.colocated")
 
@@ -38,7 +40,9 @@ def default_batched_tokens(device: str) -> int:
     return 2048 if device == "cuda" else 512
 
 
-class ColocatedWorker:
+class ColocatedWorker(StepLoopWorker):
+    _slice_polls = True  # a prompt that finished prefilling also ends a poll's wait
+
     def __init__(self, config: WorkerConfig, node_id: str = "local", node_ip: str = "127.0.0.1") -> None:
         self.config = config
         self.worker_id = config.worker_id
@@ -59,17 +63,11 @@ class ColocatedWorker:
         self.scheduler = ChunkScheduler(stopper, config.engine.max_num_seqs, budget)
         self._lock = threading.Lock()
         self._held: set[str] = set()  # handed to the loop, not finished yet
-        self._inbox: queue.Queue[ColocatedSequence | str] = queue.Queue()
-        self._results: queue.Queue[DecodeResult] = queue.Queue()
         self._prefilled: queue.Queue[PrefillResult] = queue.Queue()
-        self._stop = threading.Event()
-        self.steps, self.step_seconds, self.step_rows = 0, 0.0, 0
         self.prefill_tokens = self.decode_tokens = 0  # tokens computed per kind, over all steps
-        self._heartbeat = time.monotonic()
-        self._stall_until = 0.0  # fault drill: see stall_for
-        self._streamed: dict[str, int] = {}  # streaming polls: request -> output tokens already reported
         self._announced: set[str] = set()  # requests whose first token a poll has returned (in `prefilled`)
-        self._loop_done = self.compute.submit(self._loop)
+        self._start_loop_state()
+        self._start_loop()
 
     # ---- router-facing API -------------------------------------------------------------
     def endpoint(self) -> KVEndpoint:
@@ -93,7 +91,7 @@ class ColocatedWorker:
                 table = self.blocks.allocate(t.request_id, total, t.prompt_token_ids, max_shared)
                 cached = self.blocks.shared_blocks(t.request_id) * self.blocks.block_size
                 self._held.add(t.request_id)
-                self._inbox.put(ColocatedSequence(t.request_id, tuple(t.prompt_token_ids), t.params, table,
+                self._loop_queue.put(ColocatedSequence(t.request_id, tuple(t.prompt_token_ids), t.params, table,
                                                   computed=cached, cached_tokens=cached))
         return refused
 
@@ -102,7 +100,7 @@ class ColocatedWorker:
         with self._lock:
             mine = [rid for rid in request_ids if rid in self._held]
         for rid in mine:
-            self._inbox.put(rid)
+            self._loop_queue.put(rid)
         return len(mine)
 
     def release_all(self) -> int:
@@ -110,99 +108,60 @@ class ColocatedWorker:
             held = list(self._held)
         return self.release(held)
 
-    def poll(self, timeout: float = 0.5, stream: bool = False) -> DecodePoll:
-        """As DecodeWorker.poll, plus the prompts prefilled since the last poll (their first tokens);
-        the wait also ends at the first of those."""
-        out: list[DecodeResult] = []
-        progress: list[TokenProgress] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            wait = max(0.0, deadline - time.monotonic())
-            try:
-                out.append(self._results.get(timeout=min(wait, 0.01)))
-                break
-            except queue.Empty:
-                if wait == 0.0 or not self._prefilled.empty() or (stream and (progress := self._progress())):
-                    break
-        with contextlib.suppress(queue.Empty):
-            while True:
-                out.append(self._results.get_nowait())
-        prefilled = []  # after the results: a result's own prefill record was queued before it
+    def _poll_ready(self) -> bool:
+        return not self._prefilled.empty()
+
+    def _take_prefilled(self) -> tuple[PrefillResult, ...]:
+        prefilled = []
         with contextlib.suppress(queue.Empty):
             while True:
                 prefilled.append(self._prefilled.get_nowait())
         self._announced.update(p.request_id for p in prefilled)
-        if stream and not progress:
-            progress = self._progress()
-        with self._lock:
-            events = self.blocks.take_events()
-        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress), events or None,
-                          tuple(prefilled))
+        return tuple(prefilled)
 
-    def _progress(self) -> list[TokenProgress]:
-        """New tokens of running sequences beyond the first, which travels in `prefilled`: a sequence
-        whose first token no poll has returned yet is left for later (the router would drop the rest)."""
-        progress, streamed = [], {}
+    def _streamable(self) -> list[ColocatedSequence]:
+        """Running sequences whose first token a poll has returned (in `prefilled`): the tokens after it
+        stream; one whose first token is still on its way is left for later (the router would drop the rest)."""
         running = [s for s in list(self.scheduler.running) if s.request_id in self._announced]
         self._announced.intersection_update(s.request_id for s in running)
-        for seq in running:
-            n = min(len(seq.output), len(seq.token_times))
-            sent = self._streamed.get(seq.request_id, 1)
-            if n > sent:
-                progress.append(TokenProgress(seq.request_id, sent, tuple(seq.output[sent:n]),
-                                              tuple(seq.token_times[sent:n])))
-            streamed[seq.request_id] = max(n, sent)
-        self._streamed = streamed
-        return progress
-
-    def stall_for(self, seconds: float) -> None:
-        """Fault drill: wedge the step loop for `seconds` while the actor keeps answering calls."""
-        self._stall_until = time.monotonic() + seconds
+        return running
 
     def stats(self) -> dict:
         with self._lock:
             return {"worker_id": self.worker_id, "num_blocks": self.blocks.num_blocks,
                     "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
                     "cached_blocks": self.blocks.num_cached, "running": len(self.scheduler.running),
-                    "waiting": len(self.scheduler.waiting), "steps": self.steps, "step_seconds": self.step_seconds,
-                    "step_rows": self.step_rows, "prefill_tokens": self.prefill_tokens,
+                    "waiting": len(self.scheduler.waiting), "prefill_tokens": self.prefill_tokens,
                     "decode_tokens": self.decode_tokens,
-                    "max_num_batched_tokens": self.scheduler.max_num_batched_tokens}
+                    "max_num_batched_tokens": self.scheduler.max_num_batched_tokens, **self.loop_stats()}
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._loop_done.result(timeout=30)
-        self.compute.shutdown()
+        self._stop_loop()
 
     # ---- the step loop -------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if time.monotonic() < self._stall_until:
-                time.sleep(0.05)
-                continue
-            self._heartbeat = time.monotonic()
-            self._drain_inbox(block=not self.scheduler.has_work())
-            plan = self.scheduler.schedule()
-            if plan is None:
-                continue
-            started = time.perf_counter()
-            try:
-                sampled = self._run(plan)
-            except Exception as e:  # a bug in a step must not strand requests: report them failed
-                log.exception("colocated step failed")
-                for seq in self.scheduler.abort_all():
-                    self._finish(seq, error=f"colocated step failed: {e!r}")
-                continue
-            prefilled, finished = self.scheduler.postprocess(plan, sampled)
-            self.steps += 1
-            self.step_seconds += time.perf_counter() - started
-            self.step_rows += len(plan.rows)
-            self.decode_tokens += plan.num_decode
-            self.prefill_tokens += plan.num_tokens - plan.num_decode
-            for seq in prefilled:
-                self._prefill_done(seq)
-            for seq in finished:
-                self._finish(seq)
+    def _has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        try:
+            sampled = self._run(plan)
+        except Exception as e:  # a bug in a step must not strand requests: report them failed
+            log.exception("colocated step failed")
+            for seq in self.scheduler.abort_all():
+                self._finish(seq, error=f"colocated step failed: {e!r}")
+            return
+        prefilled, finished = self.scheduler.postprocess(plan, sampled)
+        self._count_step(started, started_cpu, len(plan.rows))
+        self.decode_tokens += plan.num_decode
+        self.prefill_tokens += plan.num_tokens - plan.num_decode
+        for seq in prefilled:
+            self._prefill_done(seq)
+        for seq in finished:
+            self._finish(seq)
 
     def _run(self, plan: StepPlan) -> list[int]:
         """The plan as one forward (decode rows + prompt chunks), then the keyed sampler on the rows that
@@ -216,21 +175,12 @@ class ColocatedWorker:
         chosen = [rows[i].seq for i in picks]
         return sample(logits, [s.params for s in chosen], [len(s.output) for s in chosen]).tolist()
 
-    def _drain_inbox(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            if isinstance(item, str):  # an abort
-                self.scheduler.remove(item)
-                self._free(item)
-            else:
-                self.scheduler.add(item)
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+    def _accept(self, seq: ColocatedSequence) -> None:
+        self.scheduler.add(seq)
+
+    def _abort_in_loop(self, request_id: str) -> None:
+        self.scheduler.remove(request_id)
+        self._free(request_id)
 
     def _prefill_done(self, seq: ColocatedSequence) -> None:
         with self._lock:

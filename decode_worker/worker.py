@@ -5,19 +5,18 @@ ComputeThread; `reserve`, `admit`, `release` and `poll` are called by the
 router concurrently, and the gRPC server's threads write arriving KV.
 Ownership:
   - BlockManager and KVInbox: guarded by `_lock` (router calls and the loop).
-  - ContinuousBatcher: the loop only; others talk to it through `_admissions`.
+  - ContinuousBatcher: the loop only; others talk to it through `_loop_queue` (step_loop.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import threading
 import time
 
 from decode_worker.batcher import ContinuousBatcher, DecodeSequence
 from decode_worker.speculative import build_stepper, spec_summary
+from decode_worker.step_loop import StepLoopWorker
 from decode_worker.stopping import StopChecker
 from engine.compute_thread import ComputeThread
 from engine.kv_cache import BlockManager, KVPool
@@ -25,12 +24,12 @@ from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from kvtransfer.base import KVEndpoint
 from kvtransfer.inbox import KVInbox
-from proto.messages import Admission, DecodePoll, DecodeResult, Grant, Reservation, TokenProgress, WorkerConfig
+from proto.messages import Admission, DecodeResult, Grant, Reservation, WorkerConfig
 
 log = logging.getLogger("pdserve.decode")
 
 
-class DecodeWorker:
+class DecodeWorker(StepLoopWorker):
     def __init__(self, config: WorkerConfig, node_id: str = "local", node_ip: str = "127.0.0.1") -> None:
         self.config = config
         self.worker_id = config.worker_id
@@ -77,18 +76,8 @@ class DecodeWorker:
         self.batcher = self.compute.call(ContinuousBatcher, self.runner, self.pool, stopper,
                                          config.engine.max_num_seqs)
         self.batcher.enable_speculation(build_stepper(self.runner, self.pool, stopper))
-        self._admissions: queue.Queue[DecodeSequence | str] = queue.Queue()
-        self._results: queue.Queue[DecodeResult] = queue.Queue()
-        self._stop = threading.Event()
-        self.steps = 0
-        self.step_seconds = 0.0  # time inside batcher.step()
-        self.step_cpu_seconds = 0.0  # the loop thread's CPU time inside batcher.step(): less than
-        # step_seconds by the time the thread waited for a core or the GIL
-        self.step_rows = 0  # sum of batch sizes over steps
-        self._heartbeat = time.monotonic()  # the loop's last turn: idle turns every 50 ms, busy ones every step
-        self._stall_until = 0.0  # fault drill: see stall_for
-        self._streamed: dict[str, int] = {}  # streaming polls: request -> output tokens already reported
-        self._loop_done = self.compute.submit(self._loop)
+        self._start_loop_state()
+        self._start_loop()
 
     # ---- router-facing API -------------------------------------------------------------
     def endpoint(self) -> KVEndpoint:
@@ -131,7 +120,7 @@ class DecodeWorker:
                 # The prompt's KV is whole now: its full blocks may be shared from here on.
                 self.blocks.register(a.request_id, self._prompts.get(a.request_id, ()))
                 self._admitted.add(a.request_id)
-                self._admissions.put(DecodeSequence(
+                self._loop_queue.put(DecodeSequence(
                     request_id=a.request_id, prompt_len=a.prompt_tokens, params=a.params,
                     block_table=self.blocks.table(a.request_id), output=[a.first_token],
                     token_times=[a.first_token_time], prompt_token_ids=self._prompts.get(a.request_id, ())))
@@ -143,7 +132,7 @@ class DecodeWorker:
         with self._lock:
             for rid in request_ids:
                 if rid in self._admitted:
-                    self._admissions.put(rid)  # the loop takes it out of the batch, then frees
+                    self._loop_queue.put(rid)  # the loop takes it out of the batch, then frees
                 else:
                     freed += self._release_locked(rid)
         return freed
@@ -154,65 +143,16 @@ class DecodeWorker:
             held = self.blocks.requests()
         return self.release(held)
 
-    def poll(self, timeout: float = 0.5, stream: bool = False) -> DecodePoll:
-        """Finished requests since the last poll (waits up to `timeout` for the first one), and the
-        loop's heartbeat age, so the router can tell a busy worker from a wedged one.
-
-        With `stream`, also the new tokens of running requests; the wait then ends at the first new
-        token too. One poll at a time (the router keeps one in flight per worker)."""
-        out: list[DecodeResult] = []
-        progress: list[TokenProgress] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            wait = max(0.0, deadline - time.monotonic())
-            try:
-                out.append(self._results.get(timeout=min(wait, 0.01) if stream else wait))
-                break
-            except queue.Empty:
-                if not stream or wait == 0.0 or (progress := self._progress()):
-                    break
-        with contextlib.suppress(queue.Empty):
-            while True:
-                out.append(self._results.get_nowait())
-        if stream and not progress:
-            progress = self._progress()
-        with self._lock:
-            events = self.blocks.take_events()
-        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress), events or None)
-
-    def _progress(self) -> list[TokenProgress]:
-        """New tokens of running sequences since the last call. Reads lists the decode loop appends to
-        (output before token_times): a token read late only comes with the next poll. A sequence that
-        left the batch needs no entry: its DecodeResult carries its whole output."""
-        progress, streamed = [], {}
-        for seq in list(self.batcher.running):
-            n = min(len(seq.output), len(seq.token_times))
-            sent = self._streamed.get(seq.request_id, 1)  # output[0] came from prefill: the router has it
-            if n > sent:
-                progress.append(TokenProgress(seq.request_id, sent, tuple(seq.output[sent:n]),
-                                              tuple(seq.token_times[sent:n])))
-            streamed[seq.request_id] = max(n, sent)
-        self._streamed = streamed
-        return progress
-
-    def stall_for(self, seconds: float) -> None:
-        """Fault drill: wedge the decode loop for `seconds`, as a hung kernel or a deadlock would,
-        while the actor keeps answering calls. The router's watchdog must restart the worker."""
-        self._stall_until = time.monotonic() + seconds
-
     def stats(self) -> dict:
         with self._lock:
             return {"worker_id": self.worker_id, "num_blocks": self.blocks.num_blocks,
                     "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
                     "cached_blocks": self.blocks.num_cached,
                     "running": len(self.batcher.running), "waiting": len(self.batcher.waiting),
-                    "steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows,
-                    "step_cpu_seconds": self.step_cpu_seconds}
+                    **self.loop_stats()}
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._loop_done.result(timeout=30)
-        self.compute.shutdown()
+        self._stop_loop()
         if self._server:
             self._server.stop()
         if self._shared:
@@ -232,49 +172,35 @@ class DecodeWorker:
         self.inbox.forget(request_id)
         return self.blocks.free(request_id)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if time.monotonic() < self._stall_until:
-                time.sleep(0.05)
-                continue
-            self._heartbeat = time.monotonic()
-            self._drain_admissions(block=not self.batcher.has_work())
-            if not self.batcher.has_work():
-                continue
-            rows = len(self.batcher.running) + len(self.batcher.waiting)
-            started, started_cpu = time.perf_counter(), time.thread_time()
-            try:
-                finished = self.batcher.step()
-            except Exception as e:  # a bug in a step must not strand requests: report them failed
-                log.exception("decode step failed")
-                for seq in self.batcher.abort_all():
-                    self._finish(seq, error=f"decode step failed: {e!r}")
-                continue
-            self.steps += 1
-            self.step_seconds += time.perf_counter() - started
-            self.step_cpu_seconds += time.thread_time() - started_cpu
-            self.step_rows += min(rows, self.batcher.max_num_seqs)
-            for seq in finished:
-                self._finish(seq)
+    def _has_work(self) -> bool:
+        return self.batcher.has_work()
 
-    def _drain_admissions(self, block: bool) -> None:
+    def _step(self) -> None:
+        rows = min(len(self.batcher.running) + len(self.batcher.waiting), self.batcher.max_num_seqs)
+        started, started_cpu = time.perf_counter(), time.thread_time()
         try:
-            item = self._admissions.get(timeout=0.05) if block else self._admissions.get_nowait()
-        except queue.Empty:
+            finished = self.batcher.step()
+        except Exception as e:  # a bug in a step must not strand requests: report them failed
+            log.exception("decode step failed")
+            for seq in self.batcher.abort_all():
+                self._finish(seq, error=f"decode step failed: {e!r}")
             return
-        while True:
-            if isinstance(item, str):  # an abort
-                self.batcher.remove(item)
-                with self._lock:
-                    self._release_locked(item)
-            else:
-                done = self.batcher.add(item)
-                if done is not None:
-                    self._finish(done)
-            try:
-                item = self._admissions.get_nowait()
-            except queue.Empty:
-                return
+        self._count_step(started, started_cpu, rows)
+        for seq in finished:
+            self._finish(seq)
+
+    def _accept(self, seq: DecodeSequence) -> None:
+        done = self.batcher.add(seq)
+        if done is not None:
+            self._finish(done)
+
+    def _abort_in_loop(self, request_id: str) -> None:
+        self.batcher.remove(request_id)
+        with self._lock:
+            self._release_locked(request_id)
+
+    def _streamable(self) -> list[DecodeSequence]:
+        return list(self.batcher.running)
 
     def _finish(self, seq: DecodeSequence, error: str | None = None) -> None:
         with self._lock:

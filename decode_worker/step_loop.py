@@ -1,0 +1,162 @@
+"""What the two step-loop workers share: the decode worker (PD) and the colocated worker.
+
+Each runs its model on one ComputeThread in a loop that takes admissions and aborts from an inbox
+between steps, and answers the router's polls from Ray threads: finished requests, streamed tokens
+and the loop's heartbeat age (the router's watchdog restarts a worker whose loop stopped turning).
+A subclass supplies the step and what its inbox items mean; this class owns the inbox, the results
+queue, the heartbeat, the stall drill, the streaming bookkeeping and the step counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from typing import Any
+
+from proto.messages import DecodePoll, DecodeResult, PrefillResult, TokenProgress
+
+
+class StepLoopWorker:
+    """Subclasses call `_start_loop_state()` before `_start_loop()`, and implement `_has_work`, `_step`,
+    `_accept` (an inbox item that is not an abort), `_abort_in_loop` and `_streamable`; they hold
+    `self.blocks` and `self._lock` (the block manager and its guard)."""
+
+    # The colocated worker also ends a poll's wait when a prompt finished prefilling, so it always
+    # waits in slices; the decode worker waits in one block unless it streams.
+    _slice_polls = False
+
+    def _start_loop_state(self) -> None:
+        self._loop_queue: queue.Queue[Any] = queue.Queue()  # admissions, and request ids to abort
+        self._results: queue.Queue[DecodeResult] = queue.Queue()
+        self._stop = threading.Event()
+        self.steps = 0
+        self.step_seconds = 0.0  # wall time inside steps
+        self.step_cpu_seconds = 0.0  # the loop thread's CPU time inside steps: less than step_seconds by
+        # the time the thread waited for a core or the GIL
+        self.step_rows = 0  # sum of batch sizes over steps
+        self._heartbeat = time.monotonic()  # the loop's last turn: idle turns every 50 ms, busy ones every step
+        self._stall_until = 0.0  # fault drill: see stall_for
+        self._streamed: dict[str, int] = {}  # streaming polls: request -> output tokens already reported
+
+    def _start_loop(self) -> None:
+        self._loop_done = self.compute.submit(self._loop)
+
+    # ---- router-facing ------------------------------------------------------------------------
+    def poll(self, timeout: float = 0.5, stream: bool = False) -> DecodePoll:
+        """Finished requests since the last poll (waits up to `timeout` for the first one), and the
+        loop's heartbeat age, so the router can tell a busy worker from a wedged one.
+
+        With `stream`, also the new tokens of running requests; the wait then ends at the first new
+        token too. One poll at a time (the router keeps one in flight per worker)."""
+        out: list[DecodeResult] = []
+        progress: list[TokenProgress] = []
+        sliced = stream or self._slice_polls
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(0.0, deadline - time.monotonic())
+            try:
+                out.append(self._results.get(timeout=min(wait, 0.01) if sliced else wait))
+                break
+            except queue.Empty:
+                if not sliced or wait == 0.0 or self._poll_ready() or (stream and (progress := self._progress())):
+                    break
+        with contextlib.suppress(queue.Empty):
+            while True:
+                out.append(self._results.get_nowait())
+        prefilled = self._take_prefilled()  # after the results: a result's own prefill record came before it
+        if stream and not progress:
+            progress = self._progress()
+        with self._lock:
+            events = self.blocks.take_events()
+        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress), events or None,
+                          prefilled)
+
+    def stall_for(self, seconds: float) -> None:
+        """Fault drill: wedge the step loop for `seconds`, as a hung kernel or a deadlock would, while
+        the actor keeps answering calls. The router's watchdog must restart the worker."""
+        self._stall_until = time.monotonic() + seconds
+
+    def loop_stats(self) -> dict:
+        return {"steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows,
+                "step_cpu_seconds": self.step_cpu_seconds}
+
+    def _stop_loop(self) -> None:
+        self._stop.set()
+        self._loop_done.result(timeout=30)
+        self.compute.shutdown()
+
+    # ---- hooks with defaults --------------------------------------------------------------------
+    def _poll_ready(self) -> bool:
+        """Something besides a result that ends a poll's wait."""
+        return False
+
+    def _take_prefilled(self) -> tuple[PrefillResult, ...]:
+        return ()
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if time.monotonic() < self._stall_until:
+                time.sleep(0.05)
+                continue
+            self._heartbeat = time.monotonic()
+            self._drain_loop_queue(block=not self._has_work())
+            if self._has_work():
+                self._step()
+
+    def _drain_loop_queue(self, block: bool) -> None:
+        try:
+            item = self._loop_queue.get(timeout=0.05) if block else self._loop_queue.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, str):
+                self._abort_in_loop(item)
+            else:
+                self._accept(item)
+            try:
+                item = self._loop_queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _count_step(self, started: float, started_cpu: float, rows: int) -> None:
+        """After a step begun at perf_counter() `started`, thread_time() `started_cpu`, over `rows` rows."""
+        self.steps += 1
+        self.step_seconds += time.perf_counter() - started
+        self.step_cpu_seconds += time.thread_time() - started_cpu
+        self.step_rows += rows
+
+    def _progress(self) -> list[TokenProgress]:
+        """New tokens of streamable sequences since the last call. Reads lists the loop appends to
+        (output before token_times): a token read late only comes with the next poll. A sequence that
+        left the batch needs no entry: its DecodeResult carries its whole output."""
+        progress, streamed = [], {}
+        for seq in self._streamable():
+            n = min(len(seq.output), len(seq.token_times))
+            sent = self._streamed.get(seq.request_id, 1)  # output[0] travels on its own (prefill's token)
+            if n > sent:
+                progress.append(TokenProgress(seq.request_id, sent, tuple(seq.output[sent:n]),
+                                              tuple(seq.token_times[sent:n])))
+            streamed[seq.request_id] = max(n, sent)
+        self._streamed = streamed
+        return progress
+
+    # ---- what a subclass supplies -----------------------------------------------------------------
+    def _has_work(self) -> bool:
+        raise NotImplementedError
+
+    def _step(self) -> None:
+        """One step (calls `_count_step`); reports finished requests through `_results`."""
+        raise NotImplementedError
+
+    def _accept(self, item: Any) -> None:
+        raise NotImplementedError
+
+    def _abort_in_loop(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def _streamable(self) -> list[Any]:
+        """Running sequences whose new tokens a streaming poll may report."""
+        raise NotImplementedError
