@@ -17,12 +17,7 @@ from engine.specdec import make_drafter
 from pdserve.bench.specdec import generate
 from tests.conftest import TINY_COMMON, _save_tiny
 from tests.test_specdec import chi2, chi2_critical
-from tests.test_specdec_engine import _marginal_second_token, peaked_llama  # noqa: F401 (a fixture)
-
-
-def _runner(folder, block_size=4) -> ModelRunner:
-    return ModelRunner(EngineConfig(model=str(folder), dtype="float32", device="cpu", block_size=block_size,
-                                    num_threads=1))
+from tests.test_specdec_engine import _marginal_second_token, _runner, peaked_llama  # noqa: F401 (a fixture)
 
 
 def _prompts(seed=0):
