@@ -95,9 +95,11 @@ def encode_frames(request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor,
 
 
 def encode_layer(request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor, block_size: int,
-                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> Iterator[pb.KVChunk]:
-    """The same chunks as `encode_frames`, as protobuf messages (tests and tools that edit a chunk)."""
-    for frame in encode_frames(request_id, layer, k, v, block_size, max_chunk_bytes):
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, first_block: int = 0,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> Iterator[pb.KVChunk]:
+    """The same chunks as `encode_frames` (same arguments), as protobuf messages (tests and tools that
+    edit a chunk)."""
+    for frame in encode_frames(request_id, layer, k, v, block_size, max_chunk_bytes, first_block, k_scale, v_scale):
         yield pb.KVChunk.FromString(frame)
 
 

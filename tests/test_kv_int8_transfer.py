@@ -11,7 +11,7 @@ from kvtransfer.base import IncompatiblePeer, IntegrityError, KVEndpoint, connec
 from kvtransfer.grpc_transport import GrpcConnection, KVServer
 from kvtransfer.inbox import KVInbox
 from kvtransfer.shm import SharedKVPool
-from kvtransfer.wire import decode_chunk, decode_rows, encode_frames, parse_frame
+from kvtransfer.wire import decode_chunk, decode_rows, encode_frames, encode_layer, parse_frame
 
 TOKEN, FINGERPRINT = "t", "model-abc"
 
@@ -111,6 +111,11 @@ def test_wire_frames_carry_the_scales_under_the_checksum():
         decode_chunk(f.header, lay, f.data)
     with pytest.raises(ValueError, match="scales"):
         next(encode_frames("r", 0, k, v, 16))
+    # the protobuf form (tools and tests that edit a chunk) carries the scales and the first block too
+    chunks = list(encode_layer("r", 0, k, v, 16, max_chunk_bytes=4096, first_block=2, k_scale=ks, v_scale=vs))
+    assert [c.block_start for c in chunks] == [2, 3, 4] and all(c.dtype == "int8" for c in chunks)
+    for j, x in enumerate((k, v, ks, vs)):
+        assert torch.equal(torch.cat([decode_rows(c, lay)[j] for c in chunks]), x)
 
 
 @pytest.mark.parametrize("sender_kv,receiver_kv", [("auto", "int8"), ("int8", "auto")])
