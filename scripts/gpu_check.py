@@ -50,19 +50,10 @@ def tests() -> None:
 
 
 def _decode_step_ms(folder: str, batch: int, context: int, backend: str, graphs: bool) -> float:
-    from decode_worker.batcher import ContinuousBatcher, DecodeSequence
-    from decode_worker.stopping import StopChecker
-    from engine.config import SamplingParams
-    from engine.kv_cache import KVPool
+    from pdserve.bench.synthetic import synthetic_batcher
 
-    runner = _runner(folder, backend)
-    layout = runner.kv_layout(num_blocks=batch * (context // 16 + 40))
-    pool = KVPool.allocate(layout, "cuda")
-    batcher = ContinuousBatcher(runner, pool, StopChecker((), None), batch, cuda_graphs=graphs, overlap=graphs)
-    per = layout.num_blocks // batch
-    params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        batcher.add(DecodeSequence(str(i), context, params, list(range(i * per, (i + 1) * per)), [1], [0.0]))
+    batcher = synthetic_batcher(_runner(folder, backend), batch, context, room_blocks=40, cuda_graphs=graphs,
+                                overlap=graphs)
     for _ in range(5):
         batcher.step()
     torch.cuda.synchronize()
