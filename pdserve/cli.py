@@ -77,6 +77,11 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                    help="deadline of any one call to a worker (s); past it the worker is restarted")
     g.add_argument("--stall-timeout", type=float, default=60.0,
                    help="a decode worker whose loop has not turned for this long is restarted (s)")
+    g.add_argument("--batch-admissions", default="auto", choices=("auto", "on", "off"),
+                   help="hold prefilled requests until prefill is idle, then start decoding them together: fewer, "
+                        "fuller decode steps when prefill and decode share CPU cores, at the cost of each "
+                        "request's wait for decode. auto: on for run-batch and bench throughput when all workers "
+                        "share one CPU node, off for serve and bench serve (every request's TPOT counts)")
     for role in ("prefill", "decode"):
         g.add_argument(f"--{role}-cpus", type=float, default=0.0, help=f"CPUs each {role} worker reserves")
         g.add_argument(f"--{role}-gpus", type=float, default=0.0, help=f"GPUs each {role} worker reserves")
@@ -90,11 +95,14 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", default=None, help="PEM CA that signed --tls-cert (default: the cert itself)")
 
 
-def router_config(args: argparse.Namespace, engine: EngineConfig) -> RouterConfig:
+def router_config(args: argparse.Namespace, engine: EngineConfig, online: bool = False) -> RouterConfig:
+    """`online`: a server's router (serve, bench serve), where holding admissions back delays streams."""
     from router.router import RouterConfig
 
+    choice = getattr(args, "batch_admissions", "auto")
+    batch = {"on": True, "off": False}.get(choice, False if online else None)  # None: the router decides
     return RouterConfig(max_prefill_tokens=engine.max_prefill_tokens, call_timeout_s=args.call_timeout,
-                        stall_timeout_s=args.stall_timeout)
+                        stall_timeout_s=args.stall_timeout, batch_admissions=batch)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -190,7 +198,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            admission=AdmissionConfig(args.admission, args.max_queue, args.admission_headroom),
                            slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
                            default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout)
-    serve_forever(engine, cluster_config(args), router_config(args, engine), options, deployment=args.deployment)
+    serve_forever(engine, cluster_config(args), router_config(args, engine, online=True), options,
+                  deployment=args.deployment)
     return 0
 
 

@@ -100,3 +100,17 @@ def test_headroom_keeps_a_margin():
     adm.admit(_req(400, n=0))  # 0.4 s <= 0.5 s
     with pytest.raises(ApiError):
         adm.admit(_req(200, n=1))  # 0.6 s: within the SLO, not within the headroom
+
+
+def test_servers_start_decoding_each_request_at_once_unless_asked():
+    """--batch-admissions auto: a server's router admits eagerly (each stream's TPOT counts); run-batch's
+    leaves it to the router (on when the workers share one CPU node); on/off force it everywhere."""
+    from pdserve.cli import build_parser, engine_config, router_config
+
+    for command in (["run-batch", "-i", "in.jsonl", "-o", "out.jsonl"], ["serve"], ["bench", "serve"]):
+        online = command[0] == "serve" or command[:2] == ["bench", "serve"]
+        args = build_parser().parse_args(command)
+        assert router_config(args, engine_config(args), online=online).batch_admissions is (False if online else None)
+        for flag, want in (("on", True), ("off", False)):
+            args = build_parser().parse_args([*command, "--batch-admissions", flag])
+            assert router_config(args, engine_config(args), online=online).batch_admissions is want

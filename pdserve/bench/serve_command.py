@@ -139,7 +139,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                    else measure_profile(engine, worker_threads(cluster), bench, args.quick))
         if args.profile_out:
             profile.save(Path(args.profile_out))
-    report = run(bench, engine, cluster, router_config(args, engine))
+    report = run(bench, engine, cluster, router_config(args, engine, online=True))
     report["machine"] = f"{machine}, {os.getloadavg()[0]:.1f} at the end"
     if profile is not None:
         report["plan"] = plan_vs_measured(profile, report, cluster, engine)
