@@ -10,6 +10,12 @@ Two shapes, measured on the Zen 4 build machine (2 cores, shared) with torch 2.1
 
 `_weight_int8pack_mm` takes one scale per output channel only, so int8 with
 groups shorter than K takes the dequantize path at any batch size.
+
+int4 decode goes through our own kernel where it builds (engine/quant/int4_kernel.py: int4 x
+int8-quantized activations, AVX512-VNNI or AVX2): on the Zen 4 machine at 1 thread it runs the
+model's shapes 2.5-5.5x faster than `_weight_int4pack_mm_for_cpu` at 1 row and 1.5-3x at 8-64 rows
+(`python -m pdserve.bench.int4_kernel`), so it replaces the torch op up to DECODE_MAX_ROWS; without a
+compiler (or for groups that are not a multiple of 32) the torch op stays.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.quant import int4_kernel
 from engine.quant.scheme import QuantizedWeight, dequantize, unpack_int4
 
 # Up to here the packed path, above it dequantize + GEMM. Measured at 1 thread (SmolLM2 shapes): at 64 rows
@@ -28,11 +35,13 @@ INT4PACK_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu 
 class CPUQuantMatmul:
     """x [M, K] @ W^T for one quantized weight, prepared once for the CPU ops."""
 
-    def __init__(self, qw: QuantizedWeight) -> None:
+    def __init__(self, qw: QuantizedWeight, native: bool = True) -> None:
         self.qw = qw
         n, k = qw.shape
         self.int8pack = qw.scheme == "int8" and qw.group_size == k
-        self.int4pack = qw.scheme == "int4" and qw.group_size in INT4PACK_GROUPS and k % 16 == 0 and n % 16 == 0
+        self.gemv = _native_gemv(qw) if native else None
+        self.int4pack = (self.gemv is None and qw.scheme == "int4" and qw.group_size in INT4PACK_GROUPS
+                         and k % 16 == 0 and n % 16 == 0)
         if self.int8pack:
             self.scales_bf16 = qw.scales[:, 0].to(torch.bfloat16).contiguous()  # [N]
         if self.int4pack:
@@ -44,7 +53,7 @@ class CPUQuantMatmul:
 
     @property
     def fast_decode(self) -> bool:
-        return self.int8pack or self.int4pack
+        return self.int8pack or self.int4pack or self.gemv is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= DECODE_MAX_ROWS and self.fast_decode:
@@ -52,6 +61,8 @@ class CPUQuantMatmul:
         return self.prefill(x)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None:
+            return self.gemv(x)
         xb = x.to(torch.bfloat16).contiguous()
         if self.int8pack:
             out = torch.ops.aten._weight_int8pack_mm(xb, self.qw.qweight, self.scales_bf16)
@@ -62,3 +73,15 @@ class CPUQuantMatmul:
 
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize(self.qw, x.dtype))
+
+
+def _native_gemv(qw: QuantizedWeight) -> int4_kernel.Int4Gemv | None:
+    """Our int4 kernel for this weight, or None (not int4 in groups of 32k, or no compiler here)."""
+    if not int4_kernel.supports(qw):
+        return None
+    from engine.kernels import cpu_int4_gemv
+
+    module = cpu_int4_gemv()
+    if module is None:
+        return None
+    return int4_kernel.Int4Gemv(qw, module)
