@@ -20,6 +20,9 @@ compiler (or for groups that are not a multiple of 32) the torch op stays.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +33,19 @@ from engine.quant.scheme import QuantizedWeight, dequantize, unpack_int4
 # the packed ops still beat dequantize + GEMM 2-10x; at 256 the two are level or the GEMM wins.
 DECODE_MAX_ROWS = 64
 INT4PACK_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
+_decode_max_rows = DECODE_MAX_ROWS
+
+
+@contextmanager
+def decode_path_for_all_rows() -> Iterator[None]:
+    """Every call takes the decode path, whatever its rows: `pdserve bench quant` scores perplexity through
+    the decode kernels this way (their activation rounding included), where prefill would dequantize."""
+    global _decode_max_rows
+    _decode_max_rows = 1 << 62
+    try:
+        yield
+    finally:
+        _decode_max_rows = DECODE_MAX_ROWS
 
 
 class CPUQuantMatmul:
@@ -56,7 +72,7 @@ class CPUQuantMatmul:
         return self.int8pack or self.int4pack or self.gemv is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= DECODE_MAX_ROWS and self.fast_decode:
+        if x.shape[0] <= _decode_max_rows and self.fast_decode:
             return self.decode(x)
         return self.prefill(x)
 
