@@ -66,14 +66,11 @@ class CPUQuantMatmul:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             sz = torch.stack([qw.scales, qw.zeros + 8 * qw.scales], dim=-1)
             self.scale_zeros_bf16 = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
-
-    @property
-    def fast_decode(self) -> bool:
-        return self.int8pack or self.int4pack or self.gemv is not None
+        self.fast_decode = self.int8pack or self.int4pack or self.gemv is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= _decode_max_rows and self.fast_decode:
-            return self.decode(x)
+            return self.gemv(x) if self.gemv is not None else self.decode(x)
         return self.prefill(x)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
