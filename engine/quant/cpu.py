@@ -13,9 +13,10 @@ groups shorter than K takes the dequantize path at any batch size.
 
 int4 decode goes through our own kernel where it builds (engine/quant/int4_kernel.py: int4 x
 int8-quantized activations, AVX512-VNNI or AVX2): on the Zen 4 machine at 1 thread it runs the
-model's shapes 2.5-5.5x faster than `_weight_int4pack_mm_for_cpu` at 1 row and 1.5-3x at 8-64 rows
-(`python -m pdserve.bench.int4_kernel`), so it replaces the torch op up to DECODE_MAX_ROWS; without a
-compiler (or for groups that are not a multiple of 32) the torch op stays.
+model's shapes 3.8-4.9x faster than `_weight_int4pack_mm_for_cpu` at 1 row and 1.6-3.5x at 4-64 rows
+(`python -m pdserve.bench.int4_kernel`), so it replaces the torch op up to DECODE_MAX_ROWS (it also beat
+dequantize + GEMM to 256 rows, but prefill keeps exact float activations); without a compiler, an AVX2
+CPU, or groups of a multiple of 32, the torch op stays.
 """
 
 from __future__ import annotations
