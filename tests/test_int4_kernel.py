@@ -164,3 +164,24 @@ def test_cpu_matmul_selects_the_kernel_and_falls_back(monkeypatch):
     assert fallback.gemv is None and fallback.int4pack and fallback.fast_decode
     # groups of 16 are not the kernel's: torch's op (groups of 32..256) or dequantize
     assert CPUQuantMatmul(quantize(_weight(32, 64, seed=2), "int4", 16)).gemv is None
+
+
+def test_packed_weights_share_huge_page_chunks():
+    module = _native()
+    arena = int4_kernel.HugePageArena(module, chunk=4096)
+    qws = [quantize(_weight(n, 64, seed=n), "int4", 32) for n in (16, 5, 40, 100, 48)]
+    placed = [arena.place(int4_kernel.pack(qw)) for qw in qws]
+    assert [t.numel() for t in placed] == [640, 640, 1920, 4480, 1920]  # tiles x 2 groups x (64 + 256)
+    for qw, t in zip(qws, placed):
+        assert torch.equal(t, int4_kernel.pack(qw)) and t.is_contiguous() and t.data_ptr() % 64 == 0
+    first = placed[0].data_ptr()
+    assert first % (2 << 20) == 0  # a chunk starts on a 2 MiB boundary
+    assert [t.data_ptr() - first for t in placed[1:3]] == [640, 1280]  # one after another
+    assert placed[3].data_ptr() % (2 << 20) == 0  # larger than a chunk: a buffer of its own
+    assert placed[4].data_ptr() % (2 << 20) == 0 and placed[4].data_ptr() != first  # 3200 + 1920 > 4096: a new chunk
+    x = _x(2, 64, seed=1)
+    for qw in qws:  # the kernel reads them where they were placed
+        gemv = int4_kernel.Int4Gemv(qw, module)
+        assert gemv.packed.data_ptr() % 64 == 0
+        xq, d = module.quantize_activations(x)
+        assert ((gemv(x).double() - int4_kernel.reference(qw, xq, d)).abs() <= _summation_bound(qw, xq, d)).all()

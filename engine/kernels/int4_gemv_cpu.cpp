@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#include <cstdlib>
+#include <sys/mman.h>
 
 namespace {
 
@@ -212,10 +214,24 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, int64_t N, int64_
   return out;
 }
 
+// `bytes` of uninitialised memory, 2 MiB-aligned and advised for transparent huge pages before it is first
+// touched: a decode step streams every weight once, and 4 KiB pages cost a TLB walk per 64 loads (15-25%
+// of the GEMVs' time on the Zen 4 machine). engine/quant/int4_kernel.py packs many weights into one.
+torch::Tensor hugepage_buffer(int64_t bytes) {
+  TORCH_CHECK(bytes > 0, "hugepage_buffer: a positive size");
+  constexpr size_t HUGE = size_t(2) << 20;
+  const size_t size = (static_cast<size_t>(bytes) + HUGE - 1) / HUGE * HUGE;
+  void* mem = std::aligned_alloc(HUGE, size);
+  TORCH_CHECK(mem != nullptr, "hugepage_buffer: out of memory");
+  madvise(mem, size, MADV_HUGEPAGE);  // advice only: without THP the buffer still serves
+  return torch::from_blob(mem, {bytes}, [](void* p) { std::free(p); }, torch::kUInt8);
+}
+
 std::string isa() { return PD_ISA; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemv", &int4_gemv, "int4 weight x int8-quantized activations, decode-shaped (few rows)");
   m.def("quantize_activations", &quantize_activations, "the activation quantization int4_gemv applies");
+  m.def("hugepage_buffer", &hugepage_buffer, "uninitialised bytes advised for transparent huge pages");
   m.def("isa", &isa, "the instruction set this build's inner loop uses");
 }

@@ -16,6 +16,7 @@ from engine.quant.scheme import QuantizedWeight, unpack_int4
 TILE = 16  # output rows per tile, as in the C++ source
 BLOCK = 32  # activation block
 FP16_MAX = 65504.0
+ARENA_CHUNK = 16 << 20  # bytes of huge-page memory the packed weights are placed in, a chunk at a time
 
 
 def supports(qw: QuantizedWeight) -> bool:
@@ -69,13 +70,45 @@ def reference(qw: QuantizedWeight, xq: torch.Tensor, d: torch.Tensor) -> torch.T
     return xd @ w.T
 
 
+class HugePageArena:
+    """Packed weights placed one after another in chunks of huge-page memory (module.hugepage_buffer).
+
+    One 2 MiB page per small weight would waste most of it; in shared chunks a model's weights take
+    their own bytes plus the unused tail of the chunk being filled (which the arena keeps for the next
+    weight); a full chunk is freed with its last weight.
+    """
+
+    def __init__(self, module, chunk: int = ARENA_CHUNK) -> None:
+        self.module, self.chunk_bytes = module, chunk
+        self.chunk: torch.Tensor | None = None
+        self.used = 0
+
+    def place(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of the contiguous uint8 tensor `t` in huge-page memory (64-byte aligned)."""
+        n = t.numel()
+        if n > self.chunk_bytes:
+            return self.module.hugepage_buffer(n).copy_(t.reshape(-1)).view(t.shape)
+        if self.chunk is None or self.used + n > self.chunk_bytes:
+            self.chunk, self.used = self.module.hugepage_buffer(self.chunk_bytes), 0
+        out = self.chunk[self.used:self.used + n]
+        self.used += -(-n // 64) * 64
+        return out.copy_(t.reshape(-1)).view(t.shape)
+
+
+_arenas: dict[int, HugePageArena] = {}
+
+
+def _arena(module) -> HugePageArena:
+    return _arenas.setdefault(id(module), HugePageArena(module))
+
+
 class Int4Gemv:
     """x [M, K] @ W^T through the native kernel, for an int4 weight packed once at construction."""
 
     def __init__(self, qw: QuantizedWeight, module) -> None:
         self.n, self.k = qw.shape
         self.group_size = qw.group_size
-        self.packed = pack(qw)
+        self.packed = _arena(module).place(pack(qw))
         self.module = module
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
