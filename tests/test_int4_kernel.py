@@ -185,3 +185,13 @@ def test_packed_weights_share_huge_page_chunks():
         assert gemv.packed.data_ptr() % 64 == 0
         xq, d = module.quantize_activations(x)
         assert ((gemv(x).double() - int4_kernel.reference(qw, xq, d)).abs() <= _summation_bound(qw, xq, d)).all()
+
+
+def test_per_call_benchmark_times_both_paths():
+    from pdserve.bench.int4_kernel import run
+
+    _native()
+    lines: list[str] = []
+    rows = run((1, 3), shapes=((32, 64),), print_fn=lines.append)
+    assert [(r["n"], r["k"], r["rows"]) for r in rows] == [(32, 64, 1), (32, 64, 3)]
+    assert all(r["ours_us"] > 0 and r["torch_us"] > 0 for r in rows) and len(lines) == 4

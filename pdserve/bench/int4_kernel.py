@@ -35,12 +35,12 @@ def per_call_us(fn, x: torch.Tensor, calls: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def run(rows: tuple[int, ...], print_fn=print) -> list[dict]:
+def run(rows: tuple[int, ...], shapes: tuple[tuple[int, int], ...] = SHAPES, print_fn=print) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     out = []
     print_fn(f"{torch.get_num_threads()} torch threads, {clock_name()}; us per call, median of 5")
     print_fn(f"{'N x K':>12} {'rows':>5} {'ours':>9} {'torch':>9} {'speedup':>8}")
-    for n, k in SHAPES:
+    for n, k in shapes:
         qw = quantize(torch.randn(n, k, generator=gen) * 0.05, "int4", 32)
         ours, theirs = CPUQuantMatmul(qw), CPUQuantMatmul(qw, native=False)
         if ours.gemv is None:
