@@ -90,7 +90,7 @@ def _cpu_tolerance(x: torch.Tensor, qw) -> torch.Tensor:
 def test_cpu_decode_path_matches_dequantized_matmul(scheme, group_size, rows):
     w = _weight(96, 128, seed=1)
     qw = quantize(w, scheme, group_size or 128)
-    mm = CPUQuantMatmul(qw)
+    mm = CPUQuantMatmul(qw, native=False)  # torch's ops; our int4 kernel: tests/test_int4_kernel.py
     assert mm.fast_decode, "this shape must take the packed torch op"
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(3))
     ref, tol = _cpu_tolerance(x, qw)
@@ -191,7 +191,7 @@ def test_quantized_model_prefill_and_decode_match_dequantized_fp32(tiny_models, 
             toks = torch.tensor([(7 * step + i) % 256 for i in range(2)])
             out.append(r.decode(pool, toks, pos, bt))
     # prefill (80 rows) is fp32 throughout, but for the 2 rows of the LM head; decode rows go through
-    # bf16 activations in the packed ops
+    # bf16 activations in torch's packed ops, or int8 ones (per block of 32) in our int4 kernel
     scale = max(t.abs().max().item() for t in ref_logits)
     assert (logits[0] - ref_logits[0]).abs().max() < (4 * BF16_EPS * scale if lm_head else 1e-4)
     for a, b in zip(logits[1:], ref_logits[1:]):

@@ -77,3 +77,30 @@ def test_llamacpp_baseline_decodes_the_same_gguf(default_model_dir):
         pytest.skip("llama-cpp-python is not installed (an optional baseline: it compiles llama.cpp from source)")
     rates = llamacpp.decode_rates(gguf_source(None), [1, 2, 3, 4], steps=2, repeats=2, threads=1)
     assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
+def test_kernel_perplexity_runs_every_matmul_through_the_int4_kernel(tiny_models, tmp_path):
+    """`kernel ppl`: with decode_path_for_all_rows the prefill-sized calls take the int8-activation kernel, so
+    the figure moves off the dequantized one by the activation rounding (and only then)."""
+    from engine.quant.cpu import decode_path_for_all_rows
+    from engine.quant.int4_kernel import Int4Gemv
+    from pdserve.bench.quant import uses_int4_kernel
+
+    runner = ModelRunner(setting_config(EngineConfig(model=str(tiny_models["llama"]), cache_dir=str(tmp_path)),
+                                        "int4+lmhead"))
+    if not uses_int4_kernel(runner.model):
+        pytest.skip("the native int4 kernel did not build here (no C++ compiler or no AVX2)")
+    calls = []
+    orig = Int4Gemv.__call__
+    Int4Gemv.__call__ = lambda self, x: calls.append(x.shape[0]) or orig(self, x)
+    try:
+        ids = torch.randint(0, 256, (97,), generator=torch.Generator().manual_seed(1)).tolist()
+        plain = perplexity(runner, ids, window=96)
+        assert calls == []  # 96 rows: the prefill path dequantizes
+        with decode_path_for_all_rows():
+            through_kernel = perplexity(runner, ids, window=96)
+        assert calls and set(calls) == {96}
+        assert perplexity(runner, ids, window=96) == plain and len(set(calls)) == 1  # the limit is back
+    finally:
+        Int4Gemv.__call__ = orig
+    assert through_kernel != plain and through_kernel == pytest.approx(plain, rel=0.05)

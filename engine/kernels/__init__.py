@@ -1,13 +1,15 @@
 """Native kernels, built on first use and cached per source, torch and CPU kind.
 
 CPU: `paged_attention_cpu.cpp`, decode attention read straight from the paged
-pool. It is compiled with -march=native, so the extension's name (and build
-folder) carries `isa_key` of this CPU's flags: a cache shared across machines
-(a home directory on NFS, a baked image) never hands one CPU code compiled for
-another. The name also hashes the source, flags and torch version, so a built
-module is imported directly, without torch's build machinery (seconds of
-imports and a ninja run per process). Loading it needs a C++ compiler the
-first time; without one, callers fall back to the torch reference path.
+pool; `int4_gemv_cpu.cpp`, int4 weights x int8-quantized activations for
+decode-shaped matmuls (engine/quant/int4_kernel.py). Each is compiled with
+-march=native, so the extension's name (and build folder) carries `isa_key`
+of this CPU's flags: a cache shared across machines (a home directory on NFS,
+a baked image) never hands one CPU code compiled for another. The name also
+hashes the source, flags and torch version, so a built module is imported
+directly, without torch's build machinery (seconds of imports and a ninja run
+per process). Loading it needs a C++ compiler the first time; without one,
+callers fall back to the torch path.
 """
 
 from __future__ import annotations
@@ -30,18 +32,23 @@ _SOURCE = _HERE / "paged_attention_cpu.cpp"
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 
 
+_INT4_SOURCE = _HERE / "int4_gemv_cpu.cpp"
+_INT4_CFLAGS = ("-O3", "-march=native", "-fopenmp")  # no -ffast-math: the activation rounding must be exact
+
+
 @functools.cache
-def _build_key() -> str:
+def _build_key(source: Path = _SOURCE, cflags: tuple[str, ...] = _CFLAGS) -> str:
     """What else decides the binary: the source, the flags, torch and Python."""
     import torch
 
-    text = f"{_SOURCE.read_bytes().hex()} {_CFLAGS} {torch.__version__} {sys.version_info[:2]}"
+    text = f"{source.read_bytes().hex()} {cflags} {torch.__version__} {sys.version_info[:2]}"
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def cpu_extension_name(flags: Iterable[str]) -> str:
-    """The CPU kernel's module name (and build folder) on a CPU with these flags."""
-    return f"pdserve_paged_attention_cpu_{isa_key(flags)}_{_build_key()}"
+def cpu_extension_name(flags: Iterable[str], stem: str = "pdserve_paged_attention_cpu", source: Path = _SOURCE,
+                       cflags: tuple[str, ...] = _CFLAGS) -> str:
+    """A CPU kernel's module name (and build folder) on a CPU with these flags."""
+    return f"{stem}_{isa_key(flags)}_{_build_key(source, cflags)}"
 
 
 def build_dir(name: str) -> Path:
@@ -68,7 +75,25 @@ def _import_built(name: str, folder: Path):
 @functools.cache
 def cpu_paged_attention():
     """The compiled module, or None when it cannot be built here."""
-    name = cpu_extension_name(cpu_flags())
+    return _load(cpu_extension_name(cpu_flags()), _SOURCE, _CFLAGS, "CPU paged-attention kernel")
+
+
+@functools.cache
+def cpu_int4_gemv(cflags: tuple[str, ...] = _INT4_CFLAGS, tier: str | None = None):
+    """The int4 GEMV module (-march=native by default), or None when it cannot be built here.
+
+    Other `cflags` (e.g. -mavx2 -mfma -mf16c -mno-avx512f, to test the AVX2 path on an AVX-512 CPU)
+    need a `tier` name for the build folder instead of this CPU's ISA key.
+    """
+    if tier is None and not {"avx2", "fma", "f16c"} <= cpu_flags():
+        return None  # the source has no inner loop for this CPU: torch's int4 op serves
+    stem = "pdserve_int4_gemv_cpu"
+    name = (cpu_extension_name(cpu_flags(), stem, _INT4_SOURCE, cflags) if tier is None
+            else f"{stem}_{tier}_{_build_key(_INT4_SOURCE, cflags)}")
+    return _load(name, _INT4_SOURCE, cflags, "CPU int4 GEMV kernel")
+
+
+def _load(name: str, source: Path, cflags: tuple[str, ...], what: str):
     folder = build_dir(name)
     try:
         import torch  # noqa: F401  # the module links against libtorch
@@ -79,8 +104,8 @@ def cpu_paged_attention():
         from torch.utils.cpp_extension import load
 
         folder.mkdir(parents=True, exist_ok=True)
-        return load(name=name, sources=[str(_SOURCE)], extra_cflags=list(_CFLAGS), extra_ldflags=["-fopenmp"],
+        return load(name=name, sources=[str(source)], extra_cflags=list(cflags), extra_ldflags=["-fopenmp"],
                     build_directory=str(folder), verbose=False)
     except Exception as e:  # no compiler, no headers: the torch path still works
-        log.warning("CPU paged-attention kernel unavailable (%s); using the torch reference path", e)
+        log.warning("%s unavailable (%s); using the torch path", what, e)
         return None

@@ -2,8 +2,10 @@
 
 llama-cpp-python is not a dependency (it builds llama.cpp from source: ~20 min on 2 cores); install
 it to get this row. Greedy decode at batch 1 from the same prompt ids, timed like pdserve's rows:
-process CPU time when both run one thread (llama.cpp may compute on a thread of its own), the
-prompt's prefill outside the timing.
+process CPU time when both run one thread (llama.cpp may compute on a thread of its own; at one thread
+it computes on the calling thread: its process and thread CPU time measured equal on the Zen 4 machine,
+so it is on the same clock as pdserve's rows), the prompt's prefill outside the timing. The time includes
+llama-cpp-python's wrapper per token (copying the logits row), as pdserve's includes its Python.
 """
 
 from __future__ import annotations
