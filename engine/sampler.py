@@ -5,15 +5,17 @@ worker samples it, on which device, or what else is in the batch: the prefill wo
 the decode worker the rest, and a retried request produces the same text.
 
 The randomness is counter-based (a 32-bit integer hash of seed, step and salt), computed with plain
-tensor ops: no `torch.Generator` per row, no host sync, identical on CPU and GPU, and usable inside a
-CUDA graph. A token is drawn by inverse CDF: one keyed uniform per row, located in the cumulative sum
-of the row's probabilities. (An exponential race, argmax_i p_i / -log(u_i), needs a uniform per
+tensor ops: no `torch.Generator` per row, no host sync, the same uniform on a CPU and a GPU, and usable
+inside a CUDA graph (the token drawn with it still depends on the device's float arithmetic). A token
+is drawn by inverse CDF: one keyed uniform per row, located in the cumulative sum of the row's
+probabilities. (An exponential race, argmax_i p_i / -log(u_i), needs a uniform per
 vocabulary entry: at 49k entries hashing them cost more than the model's decode step on a CPU.)
 
 Top-p needs the tokens in probability order. On a CPU a full sort of every row is the slowest part of
 sampling (240 ms for 64 rows of 49k), so each row's nucleus is first looked for among its 256, then
 4096 most likely tokens (torch.topk); only a row whose nucleus reaches past those (a flat
-distribution) is sorted whole, so the kept set is always exactly the smallest set reaching p.
+distribution) is sorted whole. Either way the kept set is the same: the smallest prefix reaching p,
+plus every token as probable as its last one (so equal probabilities never split it).
 
 `SamplingTensors` holds the per-row parameters as device tensors plus host flags saying which
 transforms any row needs; the decode loop keeps one per batch and updates it at admit/finish only.
@@ -140,35 +142,45 @@ def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _outside_top_p(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """[B, V] True where a token lies outside its row's nucleus: dropped when the probability mass of the
-    tokens before it (in descending order) already reaches top_p; the first token always stays. Rows with
-    top_p >= 1 drop nothing."""
+    """[B, V] True where a token lies outside its row's nucleus. In descending order a token is in when
+    the mass of the tokens before it is below top_p (the first always is); every token as probable as
+    the last one in is in too, so the set depends on the probabilities, not on how a sort orders equal
+    ones (a CPU's topk and a GPU's sort agree). Rows with top_p >= 1 drop nothing."""
     on = top_p < 1
     probs = scaled.softmax(dim=-1)
-    if scaled.device.type != "cpu":  # one sort of every row: no host sync
-        return _outside_by_sort(probs, top_p) & on[:, None]
-    drop = torch.zeros_like(scaled, dtype=torch.bool)
+    if scaled.device.type != "cpu":
+        return _outside_top_p_by_sort(probs, top_p)
+    floor = torch.zeros_like(top_p)  # keep tokens with p >= floor
     todo = on.nonzero().flatten()
     for k in TOP_P_CANDIDATES:
         if len(todo) == 0 or k >= scaled.shape[-1]:
             break
-        top, order = probs[todo].topk(k, dim=-1)  # descending, like the sort's first k columns
-        covered = top.sum(dim=-1) >= top_p[todo]  # the nucleus lies among these k
-        rows, top, order = todo[covered], top[covered], order[covered]
-        past = torch.ones((len(rows), scaled.shape[-1]), dtype=torch.bool)  # mass before them >= top_p
-        drop[rows] = past.scatter_(1, order, (top.cumsum(dim=-1) - top) >= top_p[rows, None])
+        top = probs[todo].topk(k, dim=-1).values  # the sort's first k columns, same prefix sums
+        kept = _nucleus_size(top, top_p[todo])
+        covered = kept < k  # the first token out lies among these k: the nucleus is decided
+        floor[todo[covered]] = top[covered].gather(1, (kept[covered] - 1)[:, None]).squeeze(1)
         todo = todo[~covered]
     if len(todo):
-        drop[todo] = _outside_by_sort(probs[todo], top_p[todo])
-    return drop
+        floor[todo] = _nucleus_floor(probs[todo].sort(dim=-1, descending=True).values, top_p[todo])
+    return (probs < floor[:, None]) & on[:, None]
 
 
-def _outside_by_sort(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """_outside_top_p by one sort of every row (same probabilities, same order, same prefix sums as the
-    candidates' topk: the two agree exactly)."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
-    return torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+def _outside_top_p_by_sort(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """_outside_top_p from one sort of every row: no host sync (the GPU's way; the CPU's reference)."""
+    floor = _nucleus_floor(probs.sort(dim=-1, descending=True).values, top_p)
+    return (probs < floor[:, None]) & (top_p < 1)[:, None]
+
+
+def _nucleus_size(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """How many of the leading (descending) tokens are in: the mass before each, an exclusive prefix
+    sum, is below top_p. At least 1."""
+    before = torch.cat([torch.zeros_like(sorted_probs[:, :1]), sorted_probs.cumsum(dim=-1)[:, :-1]], dim=-1)
+    return (before < top_p[:, None]).sum(dim=-1).clamp_min(1)
+
+
+def _nucleus_floor(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The probability of the last token in (descending order): the nucleus is every token at least as probable."""
+    return sorted_probs.gather(1, (_nucleus_size(sorted_probs, top_p) - 1)[:, None]).squeeze(1)
 
 
 def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -95,9 +95,10 @@ def test_sampling_tensors_need_no_host_values_per_step():
 
 def test_top_p_on_candidates_equals_the_full_sort():
     """The CPU path looks for each nucleus among the top 256, then 4096 tokens, and sorts only the rows
-    whose nucleus reaches further: the kept sets must equal those of one full sort of every row. Rows are
-    peaked (nucleus within 256), medium (within 4096) and flat (past both), with top_p = 1 rows mixed in."""
-    from engine.sampler import _outside_by_sort, _outside_top_p
+    whose nucleus reaches further: the kept sets must equal those of one sort of every row (the GPU's
+    path). Rows are peaked (nucleus within 256), medium (within 4096) and flat (past both), with top_p = 1
+    rows mixed in; then rows with ties (bf16-rounded logits) and top_p exactly on a prefix's mass."""
+    from engine.sampler import _outside_top_p, _outside_top_p_by_sort
 
     gen = torch.Generator().manual_seed(0)
     vocab = 12_000
@@ -109,16 +110,24 @@ def test_top_p_on_candidates_equals_the_full_sort():
     top_p = torch.tensor([float(mass[r, n - 1] + mass[r, n - 2]) / 2 if n else 1.0
                           for r, n in enumerate(sizes)])
     got = _outside_top_p(logits, top_p)
-    want = _outside_by_sort(logits.softmax(-1), top_p) & (top_p < 1)[:, None]
-    assert torch.equal(got, want)
+    assert torch.equal(got, _outside_top_p_by_sort(logits.softmax(-1), top_p))
     kept = (~got).sum(-1).tolist()
-    assert kept[1] == kept[5] == kept[8] == vocab  # top_p = 1 keeps every token
     assert kept == [n or vocab for n in sizes]  # each candidate stage and the full sort were exercised
-    # the nucleus is the smallest prefix (in probability order) whose mass reaches top_p
-    for row in (0, 3, 6):
-        p = logits[row].softmax(-1)
-        mass = p[~got[row]].sum()
-        assert mass >= top_p[row] and mass - p[~got[row]].min() < top_p[row]
+    # ties: bf16 logits repeat values, and topk and sort may order equal ones differently; top_p exactly
+    # the mass of a prefix (a boundary where adding in another order could flip the decision)
+    scale = torch.tensor([3.0, 3, 1.5, 1.5, 0.5, 0.5])[:, None]
+    tied = (torch.randn(6, vocab, generator=gen) * scale).bfloat16().float()
+    p = tied.softmax(-1)
+    top = p.topk(256, dim=-1).values
+    top_p = torch.tensor([0.9, float(top[1].sum()), 0.95, float(top[3, :100].sum()), 0.9, 0.5])
+    got = _outside_top_p(tied, top_p)
+    assert torch.equal(got, _outside_top_p_by_sort(p, top_p))
+    for row in range(6):
+        kept_p = p[row][~got[row]]
+        floor = kept_p.min()
+        assert not (p[row][got[row]] >= floor).any()  # every token as probable as one kept is kept
+        assert kept_p.sum() >= top_p[row] * (1 - 1e-6)  # reaches top_p
+        assert p[row][p[row] > floor].sum() < top_p[row]  # the strictly more probable ones do not
 
 
 def test_inverse_cdf_draw_never_picks_an_impossible_token():
