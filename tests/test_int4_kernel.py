@@ -126,6 +126,21 @@ def test_kernel_against_dequantize_then_matmul(which):
     assert err.max() > 0.01 * bound.max()
 
 
+@pytest.mark.parametrize("which", ["native", "avx2"])
+def test_a_nan_or_inf_activation_makes_its_outputs_nan(which):
+    """Not a finite number made up from casting NaN to int: what dequantize-then-matmul gives (NaN; inf
+    times weights of both signs), so a numerical bug upstream shows instead of becoming wrong tokens."""
+    module = MODULES[which]()
+    qw = quantize(_weight(20, 64, seed=5), "int4", 32)
+    gemv = int4_kernel.Int4Gemv(qw, module)
+    x = _x(3, 64, seed=6)
+    clean = gemv(x)
+    x[0, 3], x[2, 40] = float("nan"), float("inf")
+    out = gemv(x)
+    assert out[0].isnan().all() and out[2].isnan().all()
+    assert torch.equal(out[1], clean[1])  # other rows untouched
+
+
 def test_packed_layout_and_refusals():
     qw = quantize(_weight(17, 64, seed=1), "int4", 32)
     packed = int4_kernel.pack(qw)

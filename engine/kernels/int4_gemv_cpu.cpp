@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -45,12 +46,18 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t gs, int8_t* xq,
       const float* src = x + m * K + b * QB;
       int8_t* dst = xq + m * K + b * QB;
       float amax = 0.f;
-      for (int i = 0; i < QB; ++i) amax = std::fmax(amax, std::fabs(src[i]));
-      const float db = amax / 127.f;
-      const float id = db != 0.f ? 1.f / db : 0.f;
+      bool finite = true;
+      for (int i = 0; i < QB; ++i) {
+        finite &= std::isfinite(src[i]);
+        amax = std::fmax(amax, std::fabs(src[i]));
+      }
+      // A NaN or inf activation makes the block's scale NaN (and its codes 0), so every output it
+      // reaches is NaN, as dequantize-then-matmul gives, instead of a finite number from casting NaN.
+      const float db = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+      const float id = finite && db != 0.f ? 1.f / db : 0.f;
       int sum = 0;
       for (int i = 0; i < QB; ++i) {
-        const int q = static_cast<int>(std::nearbyint(src[i] * id));  // ties to even, as torch.round
+        const int q = finite ? static_cast<int>(std::nearbyint(src[i] * id)) : 0;  // ties to even, as torch.round
         dst[i] = static_cast<int8_t>(q);
         sum += q;
       }

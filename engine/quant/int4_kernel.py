@@ -9,6 +9,8 @@ is the error it adds over dequantize-then-matmul.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from engine.quant.scheme import QuantizedWeight, unpack_int4
@@ -20,7 +22,9 @@ ARENA_CHUNK = 16 << 20  # bytes of huge-page memory the packed weights are place
 
 
 def supports(qw: QuantizedWeight) -> bool:
-    """int4 with groups of a multiple of 32 and scales/mins that fit float16."""
+    """int4 with groups of a multiple of 32 and scales/mins that fit float16. float16 holds a GGUF's
+    Q4_1 scales and mins exactly; for weights quantized here their rounding (2^-11 relative) can exceed
+    a near-constant group's own step, still finer than the bfloat16 torch's packed op keeps."""
     if qw.scheme != "int4" or qw.group_size % BLOCK:
         return False
     return bool(qw.scales.abs().max() <= FP16_MAX and qw.zeros.abs().max() <= FP16_MAX)
@@ -82,16 +86,18 @@ class HugePageArena:
         self.module, self.chunk_bytes = module, chunk
         self.chunk: torch.Tensor | None = None
         self.used = 0
+        self._lock = threading.Lock()  # two models loading at once must not be handed the same bytes
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of the contiguous uint8 tensor `t` in huge-page memory (64-byte aligned)."""
         n = t.numel()
         if n > self.chunk_bytes:
             return self.module.hugepage_buffer(n).copy_(t.reshape(-1)).view(t.shape)
-        if self.chunk is None or self.used + n > self.chunk_bytes:
-            self.chunk, self.used = self.module.hugepage_buffer(self.chunk_bytes), 0
-        out = self.chunk[self.used:self.used + n]
-        self.used += -(-n // 64) * 64
+        with self._lock:
+            if self.chunk is None or self.used + n > self.chunk_bytes:
+                self.chunk, self.used = self.module.hugepage_buffer(self.chunk_bytes), 0
+            out = self.chunk[self.used:self.used + n]
+            self.used += -(-n // 64) * 64
         return out.copy_(t.reshape(-1)).view(t.shape)
 
 
