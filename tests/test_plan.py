@@ -207,6 +207,27 @@ def test_a_busy_neighbour_slows_a_stage_by_how_busy_it_is():
     assert not Resources(total=2, kind="gpu").interfere and Resources(total=2).interfere
 
 
+def test_both_stages_slowed_by_each_other_reach_a_fixed_point():
+    """Prefill slows decode and decode slows prefill: the prediction's utilisations must be the ones its own
+    blended fits give back (a solo profile with exactly those fits predicts the same), and a busy fit
+    measured faster than solo (noise) must not speed a stage up."""
+    import math
+
+    solo = profile(a=0.0, b=0.006, c=0.02, d=0.005)
+    both = replace(solo, prefill_busy=PrefillFit(0.01, 0.009), decode_busy=DecodeFit(0.05, 0.012, 0.0))
+    res, cfg = Resources(total=2, transfer_gbps=0), Config(1, 1, 64)
+    p = predict(both, workload(1.0), res, cfg)
+    busy_d = 1 - math.exp(-p.decode_batch)
+    fixed = replace(solo, prefill=solo.prefill.toward(both.prefill_busy, busy_d),
+                    decode=solo.decode.toward(both.decode_busy, p.prefill_util))
+    q = predict(fixed, workload(1.0), res, cfg)
+    assert p.prefill_util == pytest.approx(q.prefill_util, rel=1e-6)
+    assert p.decode_batch == pytest.approx(q.decode_batch, rel=1e-6) and p.tpot_mean_s == pytest.approx(q.tpot_mean_s)
+    assert p.prefill_util > predict(solo, workload(1.0), res, cfg).prefill_util  # both really fed back
+    faster = replace(solo, prefill_busy=PrefillFit(0.0, 0.003), decode_busy=DecodeFit(0.01, 0.001, 0.0))
+    assert predict(faster, workload(1.0), res, cfg) == predict(solo, workload(1.0), res, cfg)
+
+
 def test_fits_recover_known_coefficients():
     pf = fit_prefill([(t, 0.02 + 0.001 * t) for t in (16, 64, 256)])
     assert (pf.a_s, pf.b_s_per_token) == (pytest.approx(0.02), pytest.approx(0.001))
@@ -296,3 +317,15 @@ def test_profile_sizes_stay_within_the_models_positions(tiny_models):
     assert [t for t, _ in prof.prefill_points] == [8, 512]
     assert [(b, c) for b, c, _ in prof.decode_points] == [(2, 8), (2, 510)]
     assert all(s > 0 for *_, s in prof.decode_points)
+
+
+def test_a_neighbour_that_cannot_start_says_why_and_is_gone(tmp_path):
+    from engine.config import EngineConfig
+    from pdserve.plan.neighbour import Neighbour
+    from pdserve.plan.profile import QUICK_SIZES
+
+    other = Neighbour(EngineConfig(model=str(tmp_path / "absent"), dtype="float32", device="cpu"), 1, QUICK_SIZES)
+    with pytest.raises(RuntimeError, match=r"neighbour process did not start 'idle': it exited with code 1"):
+        with other:
+            pass
+    assert other._proc.poll() == 1

@@ -26,7 +26,10 @@ Neighbours: workers that share a node slow each other (`Resources.shared`; on by
 cores, off for whole GPUs). With a profile that has busy-neighbour fits, each stage's times move from
 its solo fit toward its busy fit by the expected number of busy neighbours: the other workers'
 utilisations summed (prefill: rho; decode: the fraction of time it has a batch to step, 1 - exp(-N)).
-Those utilisations depend on the times in turn, so the two are iterated to a fixed point.
+Those utilisations depend on the times in turn, so the two are iterated to a fixed point. The busy fits
+were each measured beside one neighbour of the other stage; a neighbour of the same stage is taken to
+cost the same (an approximation: with one prefill and one decode worker, the benchmarked case, there is
+none).
 """
 
 from __future__ import annotations
@@ -159,7 +162,7 @@ def mg1_wait(rate: float, mean_s: float, second_moment_s2: float) -> float:
     return math.inf if rho >= 1 else rate * second_moment_s2 / (2 * (1 - rho))
 
 
-NEIGHBOUR_ITERATIONS = 20
+NEIGHBOUR_ITERATIONS = 100  # at most; the fixed point is usually reached in a handful
 
 
 def predict(profile: StageProfile, workload: Workload, resources: Resources, config: Config,
@@ -168,6 +171,7 @@ def predict(profile: StageProfile, workload: Workload, resources: Resources, con
     scale = resources.time_scale(profile)
     prefill_fit, decode_fit = profile.prefill, profile.decode
     neighbours = resources.interfere and (profile.prefill_busy is not None or profile.decode_busy is not None)
+    busy_before = (-1.0, -1.0)
     for _ in range(NEIGHBOUR_ITERATIONS if neighbours else 1):
         ttft_att, p_util, wait, ttft = _prefill(prefill_fit, profile, workload, resources, config, prompts, scale)
         tpot_att, d_util, batch, tpot = _decode(decode_fit, workload, config, prompts, outputs, scale)
@@ -175,6 +179,9 @@ def predict(profile: StageProfile, workload: Workload, resources: Resources, con
             break
         rho_p = min(p_util, 1.0)  # an unstable stage is busy all the time
         busy_d = 1.0 if math.isinf(batch) else 1 - math.exp(-batch) if batch > 0 else 0.0
+        if abs(rho_p - busy_before[0]) < 1e-9 and abs(busy_d - busy_before[1]) < 1e-9:
+            break  # the times these utilisations imply are the ones they came from
+        busy_before = (rho_p, busy_d)
         n_p, n_d = config.prefill_workers, config.decode_workers
         # busy neighbours each worker sees: every other worker, weighted by how busy it is
         prefill_fit = profile.prefill.toward(profile.prefill_busy, (n_p - 1) * rho_p + n_d * busy_d)

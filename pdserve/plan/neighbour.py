@@ -35,8 +35,12 @@ class Neighbour:
     def __enter__(self) -> Neighbour:
         self._proc = subprocess.Popen([sys.executable, "-m", "pdserve.plan.neighbour"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True)
-        self._send(base64.b64encode(pickle.dumps(self.settings)).decode())
-        self._expect("idle", self.timeout_s)
+        try:
+            self._send(base64.b64encode(pickle.dumps(self.settings)).decode())
+            self._expect("idle", self.timeout_s)
+        except BaseException:
+            self.__exit__()  # __exit__ does not run when __enter__ raises: the child must not outlive us
+            raise
         return self
 
     def run(self, stage: str) -> None:
@@ -52,15 +56,23 @@ class Neighbour:
         self._proc.stdin.flush()
 
     def _expect(self, stage: str, timeout_s: float) -> None:
+        """Wait for the child's answer `stage` (its stdout carries answers only: see _serve). A reader
+        left waiting after a timeout only ever sees a child that is about to be stopped."""
         assert self._proc is not None and self._proc.stdout is not None
         answer: list[str] = []
         reader = threading.Thread(target=lambda: answer.append(self._proc.stdout.readline().strip()), daemon=True)
         reader.start()
         reader.join(timeout_s)
-        if not answer or answer[0] != stage:
-            code = self._proc.poll()
-            raise RuntimeError(f"the profile's neighbour process did not start {stage!r} within {timeout_s:g}s "
-                               f"({'it exited with code ' + str(code) if code is not None else repr(answer)})")
+        if answer and answer[0] == stage:
+            return
+        code = self._proc.poll()
+        if code is not None or answer == [""]:  # EOF: the child is gone (its error is on our stderr)
+            why = f"it exited with code {self._proc.wait(timeout=30)}"
+        elif not answer:
+            why = f"no answer within {timeout_s:g}s"
+        else:
+            why = f"it answered {answer[0]!r}"
+        raise RuntimeError(f"the profile's neighbour process did not start {stage!r}: {why}")
 
     def __exit__(self, *exc: object) -> None:
         if self._proc is None:
@@ -73,7 +85,7 @@ class Neighbour:
             self._proc.wait()
 
 
-def _serve(settings: tuple) -> None:
+def _serve(settings: tuple, answers) -> None:
     import torch
 
     from engine.kv_cache import KVPool
@@ -111,9 +123,20 @@ def _serve(settings: tuple) -> None:
         if runner.device.type == "cuda":
             torch.cuda.synchronize()
         if stage != answered:
-            print(stage, flush=True)
+            print(stage, file=answers, flush=True)
             answered = stage
 
 
+def _answers_only_on_stdout():
+    """A text stream on the original stdout for the answers; fd 1 then points at stderr, so anything else
+    printed (a library, a compiler run by a kernel build) cannot be taken for an answer."""
+    import os
+
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return answers
+
+
 if __name__ == "__main__":
-    _serve(pickle.loads(base64.b64decode(sys.stdin.readline())))
+    _serve(pickle.loads(base64.b64decode(sys.stdin.readline())), _answers_only_on_stdout())

@@ -37,11 +37,11 @@ class PrefillFit:
 
     def toward(self, busy: PrefillFit | None, share: float) -> PrefillFit:
         """This fit moved `share` of the way to `busy` (the time-average over a neighbour busy that share of
-        the time; a share above 1 extrapolates to more than one busy neighbour)."""
+        the time; a share above 1 extrapolates to more than one busy neighbour). A busy coefficient below
+        the solo one is noise (a neighbour never speeds a stage up): it counts as the solo one."""
         if busy is None or share <= 0:
             return self
-        return PrefillFit(self.a_s + share * (busy.a_s - self.a_s),
-                          self.b_s_per_token + share * (busy.b_s_per_token - self.b_s_per_token))
+        return PrefillFit(_toward(self.a_s, busy.a_s, share), _toward(self.b_s_per_token, busy.b_s_per_token, share))
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,12 @@ class DecodeFit:
         """As PrefillFit.toward."""
         if busy is None or share <= 0:
             return self
-        return DecodeFit(self.c_s + share * (busy.c_s - self.c_s),
-                         self.d_s_per_seq + share * (busy.d_s_per_seq - self.d_s_per_seq),
-                         self.e_s_per_seq_token + share * (busy.e_s_per_seq_token - self.e_s_per_seq_token))
+        return DecodeFit(_toward(self.c_s, busy.c_s, share), _toward(self.d_s_per_seq, busy.d_s_per_seq, share),
+                         _toward(self.e_s_per_seq_token, busy.e_s_per_seq_token, share))
+
+
+def _toward(solo: float, busy: float, share: float) -> float:
+    return solo + share * max(busy - solo, 0.0)
 
 
 @dataclass(frozen=True)

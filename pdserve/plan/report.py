@@ -24,12 +24,11 @@ def describe_profile(p: StageProfile) -> list[str]:
 def _busy_lines(p: StageProfile) -> list[str]:
     """The busy-neighbour fits as the slowdown they mean at a typical size."""
     lines = []
-    if p.prefill_busy is not None:
-        n = 128
+    n, b, c = 128, 16, 256
+    if p.prefill_busy is not None and p.prefill.time(n) > 0:
         lines.append(f"  beside a busy decode neighbour: prefill of {n} tokens "
                      f"x{p.prefill_busy.time(n) / p.prefill.time(n):.2f}")
-    if p.decode_busy is not None:
-        b, c = 16, 256
+    if p.decode_busy is not None and p.decode.time(b, c) > 0:
         lines.append(f"  beside a busy prefill neighbour: decode step of {b} x {c} tokens "
                      f"x{p.decode_busy.time(b, c) / p.decode.time(b, c):.2f}")
     return lines
