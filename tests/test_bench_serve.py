@@ -309,3 +309,14 @@ def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch
     assert front_end == "openai" or plan["predicted_rps"] > 0.5
     check_report_html(html.read_text(encoding="utf-8"), report)
     assert "sustained at >= 90% attainment" in capsys.readouterr().out
+
+
+def test_decode_stage_from_counters_and_a_restart_in_between():
+    from pdserve.bench.serve import decode_stage
+
+    d = decode_stage((10, 1.0, 40, 0.8), (30, 3.0, 120, 2.4), wall_s=4.0, workers=1)
+    assert d == {"steps": 20, "rows": 80, "step_ms": pytest.approx(100.0), "step_cpu_ms": pytest.approx(80.0),
+                 "mean_batch": 4.0, "busy": 0.5}
+    restarted = decode_stage((10, 1.0, 40, 0.8), (3, 0.3, 9, 0.2), wall_s=4.0, workers=1)  # counters began again
+    assert set(restarted.values()) == {None}
+    assert set(decode_stage(None, (3, 0.3, 9, 0.2), 4.0, 1).values()) == {None}

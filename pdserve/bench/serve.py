@@ -247,21 +247,29 @@ async def _wait_idle(loop, workers: WorkerSet, timeout_s: float = 60.0) -> int:
         await asyncio.sleep(0.2)
 
 
-def _decode_counters(workers: WorkerSet) -> tuple[int, float, int, float]:
+def _decode_counters(workers: WorkerSet) -> tuple[int, float, int, float] | None:
     """(steps, seconds inside steps, rows stepped, the stepping thread's CPU seconds) summed over the
-    decode workers."""
+    decode workers; None when one cannot answer (restarting)."""
     import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
 
-    stats = ray.get([h.stats.remote() for h in workers.decode.values()], timeout=60)
+    try:
+        stats = ray.get([h.stats.remote() for h in workers.decode.values()], timeout=60)
+    except (RayActorError, GetTimeoutError):
+        return None
     return (sum(s.get("steps", 0) for s in stats), sum(s.get("step_seconds", 0.0) for s in stats),
             sum(s.get("step_rows", 0) for s in stats), sum(s.get("step_cpu_seconds", 0.0) for s in stats))
 
 
-def decode_stage(before: tuple[int, float, int, float], after: tuple[int, float, int, float], wall_s: float,
-                 workers: int) -> dict[str, Any]:
+def decode_stage(before: tuple[int, float, int, float] | None, after: tuple[int, float, int, float] | None,
+                 wall_s: float, workers: int) -> dict[str, Any]:
     """What the decode workers did during one rate: steps, mean step time (wall, and the stepping
-    thread's CPU time: the gap is time spent waiting for a core or the GIL) and batch, and the share of
-    the rate's wall time they spent stepping (busy) -- the figures the planner's decode model predicts."""
+    thread's CPU time: at one torch thread the gap is time spent waiting for a core or the GIL) and rows
+    per step (pd: the decode batch; colocated: decode rows plus prompt chunks), and the share of the
+    rate's wall time they spent stepping (busy): the figures the planner's decode model predicts. All
+    None when a worker restarted during the rate (its counters began again)."""
+    if before is None or after is None or any(a < b for a, b in zip(after, before)):
+        return {"steps": None, "rows": None, "step_ms": None, "step_cpu_ms": None, "mean_batch": None, "busy": None}
     steps, seconds, rows, cpu = (a - b for a, b in zip(after, before))
     return {"steps": steps, "rows": rows, "step_ms": 1e3 * seconds / steps if steps else None,
             "step_cpu_ms": 1e3 * cpu / steps if steps else None,
@@ -293,9 +301,10 @@ def _run_mode(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, r
                         rows.append(row)
                         d = row["decode"]
                         print_fn(f"[{mode}] {rate:g} req/s: attainment {row['attainment']:.0%}, goodput "
-                                 f"{_fmt(row['goodput_rps'])} req/s, {row['failed']} failed; decode step "
+                                 f"{_fmt(row['goodput_rps'])} req/s, {row['failed']} failed; step "
                                  f"{_fmt(d['step_ms'], '.1f')} ms (CPU {_fmt(d['step_cpu_ms'], '.1f')}) "
-                                 f"at mean batch {_fmt(d['mean_batch'], '.1f')}, "
+                                 f"at {_fmt(d['mean_batch'], '.1f')} "
+                                 f"{'rows (decode + chunks)' if mode == 'colocated' else 'sequences'}, "
                                  f"busy {_fmt(d['busy'], '.0%')}")
                     return {"rates": rows, "kv_blocks_leaked": leaked}
                 finally:
