@@ -33,8 +33,8 @@ class StepLoopWorker:
         self._stop = threading.Event()
         self.steps = 0
         self.step_seconds = 0.0  # wall time inside steps
-        self.step_cpu_seconds = 0.0  # the loop thread's CPU time inside steps: less than step_seconds by
-        # the time the thread waited for a core or the GIL
+        self.step_cpu_seconds = 0.0  # the loop thread's CPU time inside steps: at one torch thread, less
+        # than step_seconds by the time it waited for a core or the GIL (with more, OpenMP threads' work too)
         self.step_rows = 0  # sum of batch sizes over steps
         self._heartbeat = time.monotonic()  # the loop's last turn: idle turns every 50 ms, busy ones every step
         self._stall_until = 0.0  # fault drill: see stall_for

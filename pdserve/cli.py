@@ -80,8 +80,9 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-admissions", default="auto", choices=("auto", "on", "off"),
                    help="hold prefilled requests until prefill is idle, then start decoding them together: fewer, "
                         "fuller decode steps when prefill and decode share CPU cores, at the cost of each "
-                        "request's wait for decode. auto: on for run-batch and bench throughput when all workers "
-                        "share one CPU node, off for serve and bench serve (every request's TPOT counts)")
+                        "request's wait for decode. auto: on for run-batch, bench throughput and `up` deployments "
+                        "when all workers share one CPU node; off for serve and bench serve (every request's "
+                        "TPOT counts). serve --deployment uses what `up` was given")
     for role in ("prefill", "decode"):
         g.add_argument(f"--{role}-cpus", type=float, default=0.0, help=f"CPUs each {role} worker reserves")
         g.add_argument(f"--{role}-gpus", type=float, default=0.0, help=f"GPUs each {role} worker reserves")
@@ -95,11 +96,13 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", default=None, help="PEM CA that signed --tls-cert (default: the cert itself)")
 
 
-def router_config(args: argparse.Namespace, engine: EngineConfig, online: bool = False) -> RouterConfig:
-    """`online`: a server's router (serve, bench serve), where holding admissions back delays streams."""
+def router_config(args: argparse.Namespace, engine: EngineConfig) -> RouterConfig:
+    """A server's router (`online_router`, set by serve and bench serve) admits eagerly under auto:
+    holding admissions back would delay every stream."""
     from router.router import RouterConfig
 
     choice = getattr(args, "batch_admissions", "auto")
+    online = getattr(args, "online_router", False)
     batch = {"on": True, "off": False}.get(choice, False if online else None)  # None: the router decides
     return RouterConfig(max_prefill_tokens=engine.max_prefill_tokens, call_timeout_s=args.call_timeout,
                         stall_timeout_s=args.stall_timeout, batch_admissions=batch)
@@ -198,8 +201,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            admission=AdmissionConfig(args.admission, args.max_queue, args.admission_headroom),
                            slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
                            default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout)
-    serve_forever(engine, cluster_config(args), router_config(args, engine, online=True), options,
-                  deployment=args.deployment)
+    if args.deployment and args.batch_admissions != "auto":
+        raise ValueError(f"--batch-admissions {args.batch_admissions}: the deployment's router was configured "
+                         f"by `pdserve up`; pass --batch-admissions there")
+    serve_forever(engine, cluster_config(args), router_config(args, engine), options, deployment=args.deployment)
     return 0
 
 
@@ -442,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     _slo_args(sv)
     _engine_args(sv)
     _cluster_args(sv)
-    sv.set_defaults(func=cmd_serve)
+    sv.set_defaults(func=cmd_serve, online_router=True)
 
     up = sub.add_parser("up", help="start a long-lived deployment (router + workers) on a running Ray cluster")
     up.add_argument("--name", default="pdserve", help="deployment name")

@@ -104,13 +104,15 @@ def test_headroom_keeps_a_margin():
 
 def test_servers_start_decoding_each_request_at_once_unless_asked():
     """--batch-admissions auto: a server's router admits eagerly (each stream's TPOT counts); run-batch's
-    leaves it to the router (on when the workers share one CPU node); on/off force it everywhere."""
-    from pdserve.cli import build_parser, engine_config, router_config
+    and a deployment's leave it to the router (on when the workers share one CPU node); on/off force it.
+    serve --deployment cannot change the deployment's router."""
+    from pdserve.cli import build_parser, engine_config, main, router_config
 
-    for command in (["run-batch", "-i", "in.jsonl", "-o", "out.jsonl"], ["serve"], ["bench", "serve"]):
-        online = command[0] == "serve" or command[:2] == ["bench", "serve"]
+    for command, auto in ((["run-batch", "-i", "in.jsonl", "-o", "out.jsonl"], None), (["up"], None),
+                          (["serve"], False), (["bench", "serve"], False)):
         args = build_parser().parse_args(command)
-        assert router_config(args, engine_config(args), online=online).batch_admissions is (False if online else None)
+        assert router_config(args, engine_config(args)).batch_admissions is auto, command
         for flag, want in (("on", True), ("off", False)):
             args = build_parser().parse_args([*command, "--batch-admissions", flag])
-            assert router_config(args, engine_config(args), online=online).batch_admissions is want
+            assert router_config(args, engine_config(args)).batch_admissions is want
+    assert main(["serve", "--deployment", "d", "--batch-admissions", "off"]) == 2

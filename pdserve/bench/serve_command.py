@@ -51,7 +51,7 @@ def add_parser(bench) -> None:
     o.add_argument("--quick", action="store_true", help="a few short requests at two low rates: checks it runs")
     _engine_args(p)
     _cluster_args(p)
-    p.set_defaults(func=cmd_bench_serve)
+    p.set_defaults(func=cmd_bench_serve, online_router=True)
 
 
 def _range(text: str, flag: str) -> tuple[int, int]:
@@ -139,7 +139,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                    else measure_profile(engine, worker_threads(cluster), bench, args.quick))
         if args.profile_out:
             profile.save(Path(args.profile_out))
-    report = run(bench, engine, cluster, router_config(args, engine, online=True))
+    report = run(bench, engine, cluster, router_config(args, engine))
     report["machine"] = f"{machine}, {os.getloadavg()[0]:.1f} at the end"
     if profile is not None:
         report["plan"] = plan_vs_measured(profile, report, cluster, engine)
