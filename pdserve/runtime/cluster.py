@@ -284,6 +284,42 @@ def init_ray(address: str | None, probe_timeout_s: float = 5.0) -> None:
     ray.init(address=address, logging_level=logging.WARNING, namespace=NAMESPACE)
 
 
+def stop_local_cluster() -> None:
+    """Leave Ray at once at the end of a run: the driver disconnects, and the local cluster this process
+    started (if any) is SIGKILLed, every process of it (GCS, raylet, monitors, agents, workers) at once.
+
+    For a process about to exit whose results are written: `ray.shutdown()` stops the cluster's processes
+    one after another, giving each a second to exit (~1.5 s, more from the atexit hook). Nothing is lost
+    here: the workers are stopped, and GCS state dies with a local cluster anyway. A joined cluster only
+    loses this driver. Killed processes may stay zombies for a moment until init reaps them."""
+    import psutil
+
+    if not ray.is_initialized():
+        return
+    started = time.time()
+    node = ray._private.worker._global_node  # None, or a connect-only node (no processes) when joined
+    processes = [info.process for infos in (node.all_processes.values() if node else ()) for info in infos]
+    tree = []
+    for process in processes:  # the raylet's children: workers and agents
+        try:
+            tree += psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    ray._private.worker._global_node = None  # ray.shutdown() then only disconnects the driver
+    ray.shutdown()
+    for victim in [*processes, *tree]:
+        try:
+            victim.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    for process in processes:  # our children: reap them
+        try:
+            process.wait(timeout=5)
+        except Exception as e:  # a process stuck in the kernel (D state): do not hang the exit on it
+            log.warning("Ray process %d did not exit: %s", process.pid, e)
+    log.info("start-up: Ray %s in %.1f s", "stopped" if processes else "left", time.time() - started)
+
+
 def actor_name(deployment: str, role: str, i: int) -> str:
     return f"{deployment}-{role}-{i}"
 
