@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.config import DTYPE_CHOICES, DTYPES, QUANTIZATIONS, EngineConfig
+from engine.config import DTYPE_CHOICES, DTYPE_NAMES, QUANTIZATIONS, EngineConfig
 from kvtransfer.base import TRANSPORTS
 
 if TYPE_CHECKING:
@@ -140,7 +140,8 @@ def cluster_config(args: argparse.Namespace):
 def cmd_run_batch(args: argparse.Namespace) -> int:
     import signal
 
-    from pdserve.runtime.cluster import check_address, process_age_s
+    from pdserve.runtime.actors import process_age_s
+    from pdserve.runtime.cluster import check_address
 
     logging.getLogger("pdserve.cli").info("start-up: python and imports %.1f s", process_age_s())
     check_address(args.address)  # in seconds, before the model and tokenizer load
@@ -492,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     kv = bench.add_parser("kvtransfer", help="KV caches through each transport vs an in-memory copy")
     kv.add_argument("--tokens", default="1024,8192,32768", help="comma-separated cache sizes in tokens")
     kv.add_argument("--transports", default="shm,grpc")
-    kv.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    kv.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_NAMES))
     kv.add_argument("--quick", action="store_true", help="two small caches, one repeat")
     kv.add_argument("--chunk-kib", type=int, default=0, help="gRPC chunk size to try (0: the default)")
     kv.set_defaults(func=cmd_bench_kvtransfer)

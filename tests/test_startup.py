@@ -26,3 +26,34 @@ def test_background_prefault_keeps_what_is_written_meanwhile():
         assert shared.pool.tensor[1:-1].count_nonzero().item() == 0  # a fresh pool reads as zeros
     finally:
         shared.close()
+
+
+def test_driver_does_not_import_torch(default_model_dir):
+    """run-batch's driver (CLI, configs, tokenizer, router, Ray, the actor declarations) never loads torch
+    (~1 s of a one-line batch): only the workers do. Declaring the actors must not import the workers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; import pdserve.cli; from pdserve.batch.run import model_limits; "
+            "from pdserve.runtime.actors import ACTORS; from engine.config import EngineConfig; "
+            f"model_limits(EngineConfig(model={str(default_model_dir)!r}, dtype='float32'), 16, False); "
+            "print(sorted(m for m in ('torch', 'transformers', 'prefill_worker.worker', 'decode_worker.worker', "
+            "'decode_worker.colocated') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_actors_forward_every_public_worker_method():
+    """An actor forwards the methods its WORKERS entry lists: a method added to a worker must be listed."""
+    import importlib
+    import inspect
+
+    from pdserve.runtime.actors import ACTORS, WORKERS
+
+    for role, (path, methods) in WORKERS.items():
+        module, _, name = path.partition(":")
+        worker = getattr(importlib.import_module(module), name)
+        public = {n for n, f in inspect.getmembers(worker, inspect.isfunction) if not n.startswith("_")}
+        assert set(methods) == public, f"{role}: actor forwards {sorted(methods)}, worker has {sorted(public)}"
+        actor_methods = set(ACTORS[role].__ray_metadata__.method_meta.methods)
+        assert public | {"startup", "node", "where", "rss_mib"} <= actor_methods

@@ -3,7 +3,7 @@
 `mode="colocated"` starts `num_colocated` workers that each prefill and decode instead
 (decode_worker/colocated.py); they take the decode role's resources and threads.
 
-The worker classes know nothing of Ray; here they become actors, each told
+The worker classes know nothing of Ray; here they become actors (pdserve/runtime/actors.py), each told
 the node it landed on so the transport between a pair is chosen from
 placement (same node: shared memory or CUDA IPC; otherwise gRPC). Workers ask
 for the CPUs, GPUs, custom resources (e.g. `prefill`, `decode`) and node
@@ -23,12 +23,9 @@ from dataclasses import dataclass, field, replace
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from decode_worker.colocated import ColocatedWorker
-from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig
 from kvtransfer.base import TRANSPORTS
-from kvtransfer.shm import sweep_orphans
-from prefill_worker.worker import PrefillWorker
+from pdserve.runtime.actors import ACTORS
 from proto.messages import TLSFiles, WorkerConfig
 from router.router import WorkerSet
 
@@ -107,106 +104,6 @@ class ClusterConfig:
             raise ValueError(f"--max-num-batched-tokens must be positive (0: auto), got {self.max_num_batched_tokens}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
-
-
-def _node() -> tuple[str, str]:
-    ctx = ray.get_runtime_context()
-    return ctx.get_node_id(), ray.util.get_node_ip_address()
-
-
-def _unnice() -> None:
-    """Ray starts workers at niceness 15, so any driver or raylet activity preempts the model.
-    Serving workers are the point of this cluster: run them at 0."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
-    except (PermissionError, OSError) as e:
-        log.warning("worker stays at niceness %d (%s); start Ray with RAY_worker_niceness=0", os.nice(0), e)
-
-
-def process_age_s() -> float:
-    """Seconds since this process started (Ray worker boot and imports, for an actor entering __init__)."""
-    import psutil
-
-    return time.time() - psutil.Process().create_time()
-
-
-def _timed_init(actor: _ActorInfo, config: WorkerConfig, init) -> None:
-    """Run the worker's __init__, recording where its start-up went (`pdserve -v` prints it)."""
-    phases = {"process+imports": process_age_s()}
-    engine = config.engine.resolved()
-    if engine.device == "cpu" and engine.attention_backend in ("auto", "cpu"):
-        from engine.kernels import cpu_paged_attention
-
-        started = time.time()
-        cpu_paged_attention()  # cached: the runner's decode_kernel() finds it loaded
-        phases["kernel"] = time.time() - started
-    started = time.time()
-    init()
-    phases["model+pool"] = time.time() - started  # weights, KV pool (decode: allocated and prefaulted), servers
-    actor.startup_s = phases
-
-
-class _ActorInfo:
-    """What the router and `pdserve status` ask any worker actor about itself."""
-
-    node_id: str
-    worker_id: str
-    runner: object
-    startup_s: dict[str, float]
-
-    def startup(self) -> dict[str, float]:
-        return self.startup_s
-
-    def node(self) -> str:
-        return self.node_id
-
-    def where(self) -> dict:
-        import torch
-
-        from engine.cpu_features import CpuInfo
-
-        config = self.runner.config  # type: ignore[attr-defined]  # resolved: concrete device and dtype
-        return {"worker_id": self.worker_id, "node_id": self.node_id, "node_ip": ray.util.get_node_ip_address(),
-                "device": config.device, "dtype": config.dtype, "threads": config.num_threads,
-                "gpu": torch.cuda.get_device_name() if config.device == "cuda" else None, "pid": os.getpid(),
-                "cpu": CpuInfo.here().describe(config.dtype)}
-
-    def rss_mib(self) -> float:
-        """Peak resident memory of this worker process."""
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@ray.remote
-class PrefillActor(PrefillWorker, _ActorInfo):
-    def __init__(self, config: WorkerConfig) -> None:
-        _unnice()
-        init = super().__init__
-        _timed_init(self, config, lambda: init(config, node_id=_node()[0]))
-
-    def barrier(self) -> None:
-        """Returns once the prefill calls queued before it have run (their KV writes are over): a
-        restarted deployment router frees the blocks they wrote into only after this."""
-        self.compute.call(lambda: None)
-
-
-@ray.remote
-class DecodeActor(DecodeWorker, _ActorInfo):
-    def __init__(self, config: WorkerConfig) -> None:
-        _unnice()
-        node_id, node_ip = _node()
-        init = super().__init__
-        _timed_init(self, config, lambda: init(config, node_id=node_id, node_ip=node_ip))
-
-
-@ray.remote
-class ColocatedActor(ColocatedWorker, _ActorInfo):
-    def __init__(self, config: WorkerConfig) -> None:
-        _unnice()
-        node_id, node_ip = _node()
-        init = super().__init__
-        _timed_init(self, config, lambda: init(config, node_id=node_id, node_ip=node_ip))
 
 
 def use_cluster_token() -> None:
@@ -392,8 +289,7 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
             options["label_selector"] = dict(want.labels)
         if cluster.deployment:
             options.update(name=actor_name(cluster.deployment, role, i), namespace=NAMESPACE, lifetime="detached")
-        actor = {"prefill": PrefillActor, "decode": DecodeActor, "colocated": ColocatedActor}[role]
-        handles[role][config.worker_id] = actor.options(**options).remote(config)
+        handles[role][config.worker_id] = ACTORS[role].options(**options).remote(config)
     decode = handles["colocated"] if colocated else handles["decode"]
     workers = attach_workers(handles["prefill"], decode, engine.max_num_seqs, cluster.start_timeout_s,
                              colocated=colocated)
@@ -433,5 +329,7 @@ def stop_workers(workers: WorkerSet) -> None:
             log.debug("decode shutdown: %s", e)
     for handle in list(workers.prefill.values()) + list(workers.decode.values()):
         ray.kill(handle, no_restart=True)
+    from kvtransfer.shm import sweep_orphans  # torch: only now, once the batch is done
+
     sweep_orphans()  # pools of workers that died for good during the run (this node's)
     log.info("start-up: workers stopped in %.1f s", time.time() - started)
