@@ -75,6 +75,7 @@ class _WorkerActor:
             node["node_ip"] = ray.util.get_node_ip_address()
         self.worker = worker_class(config, **node)
         phases["model+pool"] = time.time() - started  # weights, KV pool (decode: allocated and prefaulted), servers
+        phases["cpu"] = time.process_time()  # CPU seconds of this process so far: load elsewhere does not inflate it
         self.startup_s = phases
 
     def startup(self) -> dict[str, float]:
