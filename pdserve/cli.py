@@ -140,8 +140,7 @@ def cluster_config(args: argparse.Namespace):
 def cmd_run_batch(args: argparse.Namespace) -> int:
     import signal
 
-    from pdserve.runtime.actors import process_age_s
-    from pdserve.runtime.cluster import check_address
+    from pdserve.runtime.cluster import check_address, process_age_s
 
     logging.getLogger("pdserve.cli").info("start-up: python and imports %.1f s", process_age_s())
     check_address(args.address)  # in seconds, before the model and tokenizer load

@@ -3,7 +3,7 @@
 `mode="colocated"` starts `num_colocated` workers that each prefill and decode instead
 (decode_worker/colocated.py); they take the decode role's resources and threads.
 
-The worker classes know nothing of Ray; here they become actors (pdserve/runtime/actors.py), each told
+The worker classes know nothing of Ray; they become actors in pdserve/runtime/actors.py, each told
 the node it landed on so the transport between a pair is chosen from
 placement (same node: shared memory or CUDA IPC; otherwise gRPC). Workers ask
 for the CPUs, GPUs, custom resources (e.g. `prefill`, `decode`) and node
@@ -13,10 +13,12 @@ one placement group, so a deployment either fits the cluster or fails fast.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -25,7 +27,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import EngineConfig
 from kvtransfer.base import TRANSPORTS
-from pdserve.runtime.actors import ACTORS
 from proto.messages import TLSFiles, WorkerConfig
 from router.router import WorkerSet
 
@@ -104,6 +105,22 @@ class ClusterConfig:
             raise ValueError(f"--max-num-batched-tokens must be positive (0: auto), got {self.max_num_batched_tokens}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Ray worker boot and imports, for an actor entering __init__)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+def prefetch_actors() -> threading.Thread:
+    """Import the actor module (the workers: torch and the model code) on a thread, so that the driver pays
+    for it while Ray starts rather than before; `start_workers` joins it before declaring the actors."""
+    thread = threading.Thread(target=importlib.import_module, args=("pdserve.runtime.actors",),
+                              name="import-actors", daemon=True)
+    thread.start()
+    return thread
 
 
 def use_cluster_token() -> None:
@@ -238,6 +255,7 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     """Create the actors, wait until every one has loaded the model, and report where they landed."""
     check_mode(engine, cluster)
     started = time.time()
+    importing = prefetch_actors()
     init_ray(cluster.address)
     log.info("start-up: Ray %s in %.1f s", "started" if cluster.address is None else "joined", time.time() - started)
     started = time.time()
@@ -266,6 +284,9 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
             raise RuntimeError(f"the cluster cannot place the workers within {cluster.start_timeout_s:.0f}s "
                                f"({asks}); add nodes that offer these resources") from e
 
+    importing.join()
+    from pdserve.runtime import actors  # imported by `importing`; a failed import raises here
+
     handles: dict[str, dict[str, object]] = {"prefill": {}, "decode": {}, "colocated": {}}
     for index, (role, i) in enumerate(roles):
         want = wants[role]
@@ -289,7 +310,7 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
             options["label_selector"] = dict(want.labels)
         if cluster.deployment:
             options.update(name=actor_name(cluster.deployment, role, i), namespace=NAMESPACE, lifetime="detached")
-        handles[role][config.worker_id] = ACTORS[role].options(**options).remote(config)
+        handles[role][config.worker_id] = actors.ACTORS[role].options(**options).remote(config)
     decode = handles["colocated"] if colocated else handles["decode"]
     workers = attach_workers(handles["prefill"], decode, engine.max_num_seqs, cluster.start_timeout_s,
                              colocated=colocated)
