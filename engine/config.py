@@ -9,17 +9,30 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Names only: the driver (configs, tokenizer, router, Ray) never imports torch (~1 s); `DTYPES` (name -> torch
+# dtype) is built on first use by the code that runs the model (see __getattr__).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # weights: int8, int4 group-wise; w8a8 = int8 weights and activations; gguf = the file's own blocks (engine.quant)
 QUANTIZATIONS = ("none", "int8", "int4", "w8a8", "gguf")
-DTYPE_CHOICES = ("auto", *DTYPES)  # auto: see engine/cpu_features.auto_dtype, resolved where the worker runs
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # auto: see engine/cpu_features.auto_dtype, resolved where the worker runs
 
 # Architectures our forward implements, by HF `model_type`.
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def __getattr__(name: str) -> Any:
+    """`DTYPES`: torch is imported where a dtype object is needed, not by whoever reads a config."""
+    if name == "DTYPES":
+        import torch
+
+        globals()["DTYPES"] = dtypes = {n: getattr(torch, n) for n in DTYPE_NAMES}
+        return dtypes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_cache_dir() -> Path:
@@ -31,6 +44,8 @@ def default_cache_dir() -> Path:
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -140,7 +155,9 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             raise ValueError("dtype 'auto' depends on the worker's device and CPU: use config.resolved()")
-        return DTYPES[self.dtype]
+        import torch
+
+        return getattr(torch, self.dtype)
 
     def resolved(self) -> EngineConfig:
         """This config with `auto` device and dtype resolved where it runs (a worker may have a GPU, or a CPU

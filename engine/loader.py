@@ -17,8 +17,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the driver resolves the model and reads its tokenizer and config without torch
+    import torch
 
 log = logging.getLogger("pdserve.loader")
 
@@ -116,6 +118,7 @@ def _gguf_to_folder(gguf: Path, cache_dir: Path) -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,6 +138,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF folder: sharded or single safetensors, or a torch .bin."""
+    import torch
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("*.safetensors"))

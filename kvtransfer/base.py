@@ -18,11 +18,14 @@ import importlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from engine.kv_cache import KVLayout
 from proto.messages import KVEndpoint, TLSFiles
+
+if TYPE_CHECKING:  # the driver reads TRANSPORTS without loading torch
+    import torch
+
+    from engine.kv_cache import KVLayout
 
 TRANSPORTS = ("auto", "shm", "cuda_ipc", "grpc")
 

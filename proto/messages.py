@@ -7,10 +7,13 @@ boundary is explicit and versionable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig, SamplingParams
-from engine.kv_cache import KVLayout
 from engine.prefix_cache import KVEvents
+
+if TYPE_CHECKING:  # engine.kv_cache imports torch, which the driver (router) does not load
+    from engine.kv_cache import KVLayout
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgpack
+import psutil
 import pytest
 
 
@@ -40,6 +42,20 @@ def private_ray(tmp_path):
     shutil.rmtree(root, ignore_errors=True)
 
 
+def _ray_processes_under(root: str) -> list[str]:
+    """Live (not zombie) processes of a Ray cluster started with RAY_TMPDIR=root: every one inherits it (Ray's
+    agents and workers retitle themselves, so their command lines do not name the temp dir)."""
+    found = []
+    for p in psutil.process_iter(["pid", "name", "status"]):
+        try:
+            env = Path(f"/proc/{p.info['pid']}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        if p.info["status"] != psutil.STATUS_ZOMBIE and f"RAY_TMPDIR={root}".encode() in env:
+            found.append(f"{p.info['pid']} {p.info['name']}")
+    return found
+
+
 def _one_line_batch(tmp_path: Path) -> Path:
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"custom_id": "one", "method": "POST", "url": "/v1/completions",
@@ -60,7 +76,12 @@ def test_stale_registration_does_not_delay_a_plain_run_batch(private_ray, tmp_pa
     proc, wall = _pdserve(env, "run-batch", "-i", str(_one_line_batch(tmp_path)), "-o", str(out), "-q",
                           "--dtype", "float32", "--kv-cache-gib", "0.05", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    left = _ray_processes_under(env["RAY_TMPDIR"])  # run-batch kills its local cluster as it exits (cli.exit_now)
+    assert not left, f"Ray processes of the run outlived it: {left}"
     assert json.loads(out.read_text())["error"] is None
+    assert "1 requests: 1 succeeded, 0 failed" in proc.stdout, proc.stdout  # the summary, flushed before the exit
+    journal = msgpack.Unpacker(open(out.with_name(out.name + ".journal"), "rb"), raw=False)
+    assert [e["kind"] for e in journal] == ["header", "done", "complete"]
     # Joining the dead head would sit in GCS connection retries (minutes) and log them.
     assert "Failed to connect to GCS" not in proc.stderr and dead not in proc.stderr, proc.stderr[-3000:]
     assert wall < 120, f"a one-line batch took {wall:.0f} s"

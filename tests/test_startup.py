@@ -26,3 +26,18 @@ def test_background_prefault_keeps_what_is_written_meanwhile():
         assert shared.pool.tensor[1:-1].count_nonzero().item() == 0  # a fresh pool reads as zeros
     finally:
         shared.close()
+
+
+def test_driver_does_not_import_torch(default_model_dir):
+    """run-batch's driver loads torch (~1-2 s) only to declare the actors, on a thread while Ray starts
+    (cluster.prefetch_actors): the CLI, configs, tokenizer, router and cluster modules import none of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; import pdserve.cli; from pdserve.batch.run import model_limits; "
+            "import pdserve.runtime.cluster; from engine.config import EngineConfig; "
+            f"model_limits(EngineConfig(model={str(default_model_dir)!r}, dtype='float32'), 16, False); "
+            "print(sorted(m for m in ('torch', 'transformers', 'prefill_worker.worker', 'decode_worker.worker', "
+            "'decode_worker.colocated') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

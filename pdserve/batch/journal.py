@@ -97,6 +97,7 @@ class Journal:
 
     def close(self) -> None:
         if self._stream is not None:
+            os.fsync(self._stream.fileno())  # each entry is flushed as written; this makes the run's durable
             self._stream.close()
             self._stream = None
 

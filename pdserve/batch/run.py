@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -205,6 +206,8 @@ def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster
             if workers:
                 router.drain()
                 summary.kv_blocks_leaked = leaked_blocks(workers)
+            out_stream.flush()
+            os.fsync(out_stream.fileno())  # every line durable before the journal says the batch is complete
             journal.finish()
             if collector:
                 collector.refresh(router, every_s=0)

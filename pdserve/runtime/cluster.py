@@ -3,7 +3,7 @@
 `mode="colocated"` starts `num_colocated` workers that each prefill and decode instead
 (decode_worker/colocated.py); they take the decode role's resources and threads.
 
-The worker classes know nothing of Ray; here they become actors, each told
+The worker classes know nothing of Ray; they become actors in pdserve/runtime/actors.py, each told
 the node it landed on so the transport between a pair is chosen from
 placement (same node: shared memory or CUDA IPC; otherwise gRPC). Workers ask
 for the CPUs, GPUs, custom resources (e.g. `prefill`, `decode`) and node
@@ -13,22 +13,20 @@ one placement group, so a deployment either fits the cluster or fails fast.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from decode_worker.colocated import ColocatedWorker
-from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig
 from kvtransfer.base import TRANSPORTS
-from kvtransfer.shm import sweep_orphans
-from prefill_worker.worker import PrefillWorker
 from proto.messages import TLSFiles, WorkerConfig
 from router.router import WorkerSet
 
@@ -109,20 +107,6 @@ class ClusterConfig:
             raise ValueError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
 
 
-def _node() -> tuple[str, str]:
-    ctx = ray.get_runtime_context()
-    return ctx.get_node_id(), ray.util.get_node_ip_address()
-
-
-def _unnice() -> None:
-    """Ray starts workers at niceness 15, so any driver or raylet activity preempts the model.
-    Serving workers are the point of this cluster: run them at 0."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
-    except (PermissionError, OSError) as e:
-        log.warning("worker stays at niceness %d (%s); start Ray with RAY_worker_niceness=0", os.nice(0), e)
-
-
 def process_age_s() -> float:
     """Seconds since this process started (Ray worker boot and imports, for an actor entering __init__)."""
     import psutil
@@ -130,83 +114,13 @@ def process_age_s() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-def _timed_init(actor: _ActorInfo, config: WorkerConfig, init) -> None:
-    """Run the worker's __init__, recording where its start-up went (`pdserve -v` prints it)."""
-    phases = {"process+imports": process_age_s()}
-    engine = config.engine.resolved()
-    if engine.device == "cpu" and engine.attention_backend in ("auto", "cpu"):
-        from engine.kernels import cpu_paged_attention
-
-        started = time.time()
-        cpu_paged_attention()  # cached: the runner's decode_kernel() finds it loaded
-        phases["kernel"] = time.time() - started
-    started = time.time()
-    init()
-    phases["model+pool"] = time.time() - started  # weights, KV pool (decode: allocated and prefaulted), servers
-    actor.startup_s = phases
-
-
-class _ActorInfo:
-    """What the router and `pdserve status` ask any worker actor about itself."""
-
-    node_id: str
-    worker_id: str
-    runner: object
-    startup_s: dict[str, float]
-
-    def startup(self) -> dict[str, float]:
-        return self.startup_s
-
-    def node(self) -> str:
-        return self.node_id
-
-    def where(self) -> dict:
-        import torch
-
-        from engine.cpu_features import CpuInfo
-
-        config = self.runner.config  # type: ignore[attr-defined]  # resolved: concrete device and dtype
-        return {"worker_id": self.worker_id, "node_id": self.node_id, "node_ip": ray.util.get_node_ip_address(),
-                "device": config.device, "dtype": config.dtype, "threads": config.num_threads,
-                "gpu": torch.cuda.get_device_name() if config.device == "cuda" else None, "pid": os.getpid(),
-                "cpu": CpuInfo.here().describe(config.dtype)}
-
-    def rss_mib(self) -> float:
-        """Peak resident memory of this worker process."""
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@ray.remote
-class PrefillActor(PrefillWorker, _ActorInfo):
-    def __init__(self, config: WorkerConfig) -> None:
-        _unnice()
-        init = super().__init__
-        _timed_init(self, config, lambda: init(config, node_id=_node()[0]))
-
-    def barrier(self) -> None:
-        """Returns once the prefill calls queued before it have run (their KV writes are over): a
-        restarted deployment router frees the blocks they wrote into only after this."""
-        self.compute.call(lambda: None)
-
-
-@ray.remote
-class DecodeActor(DecodeWorker, _ActorInfo):
-    def __init__(self, config: WorkerConfig) -> None:
-        _unnice()
-        node_id, node_ip = _node()
-        init = super().__init__
-        _timed_init(self, config, lambda: init(config, node_id=node_id, node_ip=node_ip))
-
-
-@ray.remote
-class ColocatedActor(ColocatedWorker, _ActorInfo):
-    def __init__(self, config: WorkerConfig) -> None:
-        _unnice()
-        node_id, node_ip = _node()
-        init = super().__init__
-        _timed_init(self, config, lambda: init(config, node_id=node_id, node_ip=node_ip))
+def prefetch_actors() -> threading.Thread:
+    """Import the actor module (the workers: torch and the model code) on a thread, so that the driver pays
+    for it while Ray starts rather than before; `start_workers` joins it before declaring the actors."""
+    thread = threading.Thread(target=importlib.import_module, args=("pdserve.runtime.actors",),
+                              name="import-actors", daemon=True)
+    thread.start()
+    return thread
 
 
 def use_cluster_token() -> None:
@@ -284,6 +198,42 @@ def init_ray(address: str | None, probe_timeout_s: float = 5.0) -> None:
     ray.init(address=address, logging_level=logging.WARNING, namespace=NAMESPACE)
 
 
+def stop_local_cluster() -> None:
+    """Leave Ray at once at the end of a run: the driver disconnects, and the local cluster this process
+    started (if any) is SIGKILLed, every process of it (GCS, raylet, monitors, agents, workers) at once.
+
+    For a process about to exit whose results are written: `ray.shutdown()` stops the cluster's processes
+    one after another, giving each a second to exit (~1.5 s, more from the atexit hook). Nothing is lost
+    here: the workers are stopped, and GCS state dies with a local cluster anyway. A joined cluster only
+    loses this driver. Killed processes may stay zombies for a moment until init reaps them."""
+    import psutil
+
+    if not ray.is_initialized():
+        return
+    started = time.time()
+    node = ray._private.worker._global_node  # None, or a connect-only node (no processes) when joined
+    processes = [info.process for infos in (node.all_processes.values() if node else ()) for info in infos]
+    tree = []
+    for process in processes:  # the raylet's children: workers and agents
+        try:
+            tree += psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    ray._private.worker._global_node = None  # ray.shutdown() then only disconnects the driver
+    ray.shutdown()
+    for victim in [*processes, *tree]:
+        try:
+            victim.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    for process in processes:  # our children: reap them
+        try:
+            process.wait(timeout=5)
+        except Exception as e:  # a process stuck in the kernel (D state): do not hang the exit on it
+            log.warning("Ray process %d did not exit: %s", process.pid, e)
+    log.info("start-up: Ray %s in %.1f s", "stopped" if processes else "left", time.time() - started)
+
+
 def actor_name(deployment: str, role: str, i: int) -> str:
     return f"{deployment}-{role}-{i}"
 
@@ -305,6 +255,7 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     """Create the actors, wait until every one has loaded the model, and report where they landed."""
     check_mode(engine, cluster)
     started = time.time()
+    importing = prefetch_actors()
     init_ray(cluster.address)
     log.info("start-up: Ray %s in %.1f s", "started" if cluster.address is None else "joined", time.time() - started)
     started = time.time()
@@ -333,6 +284,9 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
             raise RuntimeError(f"the cluster cannot place the workers within {cluster.start_timeout_s:.0f}s "
                                f"({asks}); add nodes that offer these resources") from e
 
+    importing.join()
+    from pdserve.runtime import actors  # imported by `importing`; a failed import raises here
+
     handles: dict[str, dict[str, object]] = {"prefill": {}, "decode": {}, "colocated": {}}
     for index, (role, i) in enumerate(roles):
         want = wants[role]
@@ -356,8 +310,7 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
             options["label_selector"] = dict(want.labels)
         if cluster.deployment:
             options.update(name=actor_name(cluster.deployment, role, i), namespace=NAMESPACE, lifetime="detached")
-        actor = {"prefill": PrefillActor, "decode": DecodeActor, "colocated": ColocatedActor}[role]
-        handles[role][config.worker_id] = actor.options(**options).remote(config)
+        handles[role][config.worker_id] = actors.ACTORS[role].options(**options).remote(config)
     decode = handles["colocated"] if colocated else handles["decode"]
     workers = attach_workers(handles["prefill"], decode, engine.max_num_seqs, cluster.start_timeout_s,
                              colocated=colocated)
@@ -397,5 +350,7 @@ def stop_workers(workers: WorkerSet) -> None:
             log.debug("decode shutdown: %s", e)
     for handle in list(workers.prefill.values()) + list(workers.decode.values()):
         ray.kill(handle, no_restart=True)
+    from kvtransfer.shm import sweep_orphans  # torch: only now, once the batch is done
+
     sweep_orphans()  # pools of workers that died for good during the run (this node's)
     log.info("start-up: workers stopped in %.1f s", time.time() - started)

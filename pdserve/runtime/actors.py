@@ -1,0 +1,118 @@
+"""The worker actors: the worker classes made Ray actors, each told the node it landed on.
+
+Importing this module imports the workers (torch, the model code, ~1-2 s), which the driver needs only
+to declare the actors: pdserve.runtime.cluster imports it on a thread while Ray starts (`prefetch`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+
+from decode_worker.colocated import ColocatedWorker
+from decode_worker.worker import DecodeWorker
+from pdserve.runtime.cluster import process_age_s
+from prefill_worker.worker import PrefillWorker
+from proto.messages import WorkerConfig
+
+log = logging.getLogger("pdserve.cluster")
+
+
+def _node() -> tuple[str, str]:
+    ctx = ray.get_runtime_context()
+    return ctx.get_node_id(), ray.util.get_node_ip_address()
+
+
+def _unnice() -> None:
+    """Ray starts workers at niceness 15, so any driver or raylet activity preempts the model.
+    Serving workers are the point of this cluster: run them at 0."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (PermissionError, OSError) as e:
+        log.warning("worker stays at niceness %d (%s); start Ray with RAY_worker_niceness=0", os.nice(0), e)
+
+
+def _timed_init(actor: _ActorInfo, config: WorkerConfig, init) -> None:
+    """Run the worker's __init__, recording where its start-up went (`pdserve -v` prints it)."""
+    phases = {"process+imports": process_age_s()}
+    engine = config.engine.resolved()
+    if engine.device == "cpu" and engine.attention_backend in ("auto", "cpu"):
+        from engine.kernels import cpu_paged_attention
+
+        started = time.time()
+        cpu_paged_attention()  # cached: the runner's decode_kernel() finds it loaded
+        phases["kernel"] = time.time() - started
+    started = time.time()
+    init()
+    phases["model+pool"] = time.time() - started  # weights, KV pool (decode: allocated and prefaulted), servers
+    phases["cpu"] = time.process_time()  # CPU seconds of this process so far: load elsewhere does not inflate it
+    actor.startup_s = phases
+
+
+class _ActorInfo:
+    """What the router and `pdserve status` ask any worker actor about itself."""
+
+    node_id: str
+    worker_id: str
+    runner: object
+    startup_s: dict[str, float]
+
+    def startup(self) -> dict[str, float]:
+        return self.startup_s
+
+    def node(self) -> str:
+        return self.node_id
+
+    def where(self) -> dict:
+        import torch
+
+        from engine.cpu_features import CpuInfo
+
+        config = self.runner.config  # type: ignore[attr-defined]  # resolved: concrete device and dtype
+        return {"worker_id": self.worker_id, "node_id": self.node_id, "node_ip": ray.util.get_node_ip_address(),
+                "device": config.device, "dtype": config.dtype, "threads": config.num_threads,
+                "gpu": torch.cuda.get_device_name() if config.device == "cuda" else None, "pid": os.getpid(),
+                "cpu": CpuInfo.here().describe(config.dtype)}
+
+    def rss_mib(self) -> float:
+        """Peak resident memory of this worker process."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@ray.remote
+class PrefillActor(PrefillWorker, _ActorInfo):
+    def __init__(self, config: WorkerConfig) -> None:
+        _unnice()
+        init = super().__init__
+        _timed_init(self, config, lambda: init(config, node_id=_node()[0]))
+
+    def barrier(self) -> None:
+        """Returns once the prefill calls queued before it have run (their KV writes are over): a
+        restarted deployment router frees the blocks they wrote into only after this."""
+        self.compute.call(lambda: None)
+
+
+@ray.remote
+class DecodeActor(DecodeWorker, _ActorInfo):
+    def __init__(self, config: WorkerConfig) -> None:
+        _unnice()
+        node_id, node_ip = _node()
+        init = super().__init__
+        _timed_init(self, config, lambda: init(config, node_id=node_id, node_ip=node_ip))
+
+
+@ray.remote
+class ColocatedActor(ColocatedWorker, _ActorInfo):
+    def __init__(self, config: WorkerConfig) -> None:
+        _unnice()
+        node_id, node_ip = _node()
+        init = super().__init__
+        _timed_init(self, config, lambda: init(config, node_id=node_id, node_ip=node_ip))
+
+
+ACTORS = {"prefill": PrefillActor, "decode": DecodeActor, "colocated": ColocatedActor}
