@@ -13,12 +13,13 @@ import contextlib
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from typing import Any
 
 from proto.messages import DecodePoll, DecodeResult, PrefillResult, TokenProgress
 
 
-class StepLoopWorker:
+class StepLoopWorker(ABC):
     """Subclasses call `_start_loop_state()` before `_start_loop()`, and implement `_has_work`, `_step`,
     `_accept` (an inbox item that is not an abort), `_abort_in_loop` and `_streamable`; they hold
     `self.blocks` and `self._lock` (the block manager and its guard)."""
@@ -144,19 +145,22 @@ class StepLoopWorker:
         return progress
 
     # ---- what a subclass supplies -----------------------------------------------------------------
+    @abstractmethod
     def _has_work(self) -> bool:
-        raise NotImplementedError
+        """Anything to step or to retire."""
 
+    @abstractmethod
     def _step(self) -> None:
         """One step (calls `_count_step`); reports finished requests through `_results`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _accept(self, item: Any) -> None:
-        raise NotImplementedError
+        """An admission taken off the loop queue."""
 
+    @abstractmethod
     def _abort_in_loop(self, request_id: str) -> None:
-        raise NotImplementedError
+        """Take a request out between steps and free its blocks."""
 
+    @abstractmethod
     def _streamable(self) -> list[Any]:
         """Running sequences whose new tokens a streaming poll may report."""
-        raise NotImplementedError

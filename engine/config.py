@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-# Names only: the driver (configs, tokenizer, router, Ray) never imports torch (~1 s); `DTYPES` (name -> torch
-# dtype) is built on first use by the code that runs the model (see __getattr__).
+# Names only: the driver (configs, tokenizer, router, Ray) never imports torch (~1 s); `torch_dtype` maps a
+# name to its torch dtype where the model runs.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # weights: int8, int4 group-wise; w8a8 = int8 weights and activations; gguf = the file's own blocks (engine.quant)
 QUANTIZATIONS = ("none", "int8", "int4", "w8a8", "gguf")
@@ -25,14 +25,13 @@ DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # auto: see engine/cpu_features.auto_dty
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def __getattr__(name: str) -> Any:
-    """`DTYPES`: torch is imported where a dtype object is needed, not by whoever reads a config."""
-    if name == "DTYPES":
-        import torch
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called `name` (one of DTYPE_NAMES); imports torch, which configs alone do not need."""
+    import torch
 
-        globals()["DTYPES"] = dtypes = {n: getattr(torch, n) for n in DTYPE_NAMES}
-        return dtypes
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return getattr(torch, name)
 
 
 def default_cache_dir() -> Path:
@@ -155,9 +154,7 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             raise ValueError("dtype 'auto' depends on the worker's device and CPU: use config.resolved()")
-        import torch
-
-        return getattr(torch, self.dtype)
+        return torch_dtype(self.dtype)
 
     def resolved(self) -> EngineConfig:
         """This config with `auto` device and dtype resolved where it runs (a worker may have a GPU, or a CPU

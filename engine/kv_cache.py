@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import DTYPES
+from engine.config import torch_dtype
 from engine.kv_quant import KV_CACHE_DTYPES, quantize_kv
 from engine.prefix_cache import BlockKey, KVEvents, block_keys
 
@@ -73,7 +73,7 @@ class KVLayout:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The data tensor's dtype: int8 for a quantized pool, else the model's."""
-        return torch.int8 if self.quantized else DTYPES[self.dtype]
+        return torch.int8 if self.quantized else torch_dtype(self.dtype)
 
     @property
     def itemsize(self) -> int:

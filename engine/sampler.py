@@ -200,8 +200,7 @@ def sample_t(logits: torch.Tensor, st: SamplingTensors, steps: torch.Tensor) -> 
     """logits [B, V] float32, steps [B] int64 (the token number each row draws) -> token ids [B]."""
     if st.all_greedy:
         return logits.argmax(dim=-1)
-    tokens = draw(processed_probs_t(logits, st), st, steps)
-    return torch.where(st.temperature == 0, logits.argmax(dim=-1), tokens) if st.any_greedy else tokens
+    return draw(processed_probs_t(logits, st), st, steps)  # a greedy row is one-hot: its draw is its argmax
 
 
 def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import DTYPES
+from engine.config import DTYPE_NAMES, torch_dtype
 from engine.kv_cache import SCALE_BYTES, KVLayout
 from kvtransfer.base import IntegrityError
 from proto import kv_transfer_pb2 as pb
@@ -192,7 +192,7 @@ def decode_rows(chunk: pb.KVChunk, layout: KVLayout, data: memoryview | bytes | 
 def _dtype_name(dtype: torch.dtype) -> str:
     if dtype == torch.int8:
         return "int8"
-    for name, dt in DTYPES.items():
-        if dt == dtype:
+    for name in DTYPE_NAMES:
+        if torch_dtype(name) == dtype:
             return name
     raise ValueError(f"unsupported KV dtype {dtype}")

@@ -88,8 +88,8 @@ class Neighbour:
 def _serve(settings: tuple, answers) -> None:
     import torch
 
-    from engine.kv_cache import KVPool
     from engine.runner import ModelRunner
+    from pdserve.plan.profile import decode_step_inputs
 
     engine, threads, prompt_tokens, batch, context = settings
     if threads > 0:
@@ -98,12 +98,7 @@ def _serve(settings: tuple, answers) -> None:
     gen = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, runner.arch.vocab_size, (min(prompt_tokens, runner.arch.max_position_embeddings),),
                            generator=gen).tolist()
-    context = min(context, runner.arch.max_position_embeddings - 2)
-    per_seq = runner.kv_layout(num_blocks=1).blocks_for(context + 1)
-    pool = KVPool.allocate(runner.kv_layout(num_blocks=batch * per_seq), str(runner.device))
-    tables = torch.arange(batch * per_seq, dtype=torch.int32).view(batch, per_seq).to(runner.device)
-    tokens = torch.randint(0, runner.arch.vocab_size, (batch,), generator=gen).to(runner.device)
-    positions = torch.full((batch,), context, dtype=torch.long, device=runner.device)
+    step = decode_step_inputs(runner, batch, min(context, runner.arch.max_position_embeddings - 2), gen)
     wanted = ["idle"]
 
     def read_stages() -> None:
@@ -117,7 +112,7 @@ def _serve(settings: tuple, answers) -> None:
         if stage == "prefill":
             runner.prefill([prompt], None)
         elif stage == "decode":
-            runner.decode(pool, tokens, positions, tables)
+            runner.decode(*step)
         else:
             time.sleep(0.005)
         if runner.device.type == "cuda":

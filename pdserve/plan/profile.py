@@ -202,17 +202,21 @@ def _typical(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _decode_time(runner, batch: int, context: int, repeats: int, gen) -> float:
-    """One decode step of `batch` sequences each at position `context`, over a zeroed pool."""
+def decode_step_inputs(runner, batch: int, context: int, gen) -> tuple:
+    """(pool, tokens, positions, block tables) of one decode step of `batch` sequences each at position
+    `context`, over a zeroed pool (a step's time does not depend on the cached values)."""
     import torch
 
     from engine.kv_cache import KVPool
 
-    layout = runner.kv_layout(num_blocks=1)
-    per_seq = layout.blocks_for(context + 1)
-    layout = runner.kv_layout(num_blocks=batch * per_seq)
-    pool = KVPool.allocate(layout, str(runner.device))
+    per_seq = runner.kv_layout(num_blocks=1).blocks_for(context + 1)
+    pool = KVPool.allocate(runner.kv_layout(num_blocks=batch * per_seq), str(runner.device))
     tables = torch.arange(batch * per_seq, dtype=torch.int32).view(batch, per_seq).to(runner.device)
     tokens = torch.randint(0, runner.arch.vocab_size, (batch,), generator=gen).to(runner.device)
     positions = torch.full((batch,), context, dtype=torch.long, device=runner.device)
-    return _typical(lambda: runner.decode(pool, tokens, positions, tables), repeats)
+    return pool, tokens, positions, tables
+
+
+def _decode_time(runner, batch: int, context: int, repeats: int, gen) -> float:
+    inputs = decode_step_inputs(runner, batch, context, gen)
+    return _typical(lambda: runner.decode(*inputs), repeats)

@@ -84,12 +84,18 @@ class _ActorInfo:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _start(actor: _ActorInfo, config: WorkerConfig, init, with_ip: bool = True) -> None:
+    """An actor's __init__: niceness 0, the node it landed on handed to the worker's own __init__, timed."""
+    _unnice()
+    node_id, node_ip = _node()
+    where = {"node_id": node_id, "node_ip": node_ip} if with_ip else {"node_id": node_id}
+    _timed_init(actor, config, lambda: init(config, **where))
+
+
 @ray.remote
 class PrefillActor(PrefillWorker, _ActorInfo):
     def __init__(self, config: WorkerConfig) -> None:
-        _unnice()
-        init = super().__init__
-        _timed_init(self, config, lambda: init(config, node_id=_node()[0]))
+        _start(self, config, super().__init__, with_ip=False)
 
     def barrier(self) -> None:
         """Returns once the prefill calls queued before it have run (their KV writes are over): a
@@ -100,19 +106,13 @@ class PrefillActor(PrefillWorker, _ActorInfo):
 @ray.remote
 class DecodeActor(DecodeWorker, _ActorInfo):
     def __init__(self, config: WorkerConfig) -> None:
-        _unnice()
-        node_id, node_ip = _node()
-        init = super().__init__
-        _timed_init(self, config, lambda: init(config, node_id=node_id, node_ip=node_ip))
+        _start(self, config, super().__init__)
 
 
 @ray.remote
 class ColocatedActor(ColocatedWorker, _ActorInfo):
     def __init__(self, config: WorkerConfig) -> None:
-        _unnice()
-        node_id, node_ip = _node()
-        init = super().__init__
-        _timed_init(self, config, lambda: init(config, node_id=node_id, node_ip=node_ip))
+        _start(self, config, super().__init__)
 
 
 ACTORS = {"prefill": PrefillActor, "decode": DecodeActor, "colocated": ColocatedActor}

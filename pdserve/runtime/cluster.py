@@ -13,6 +13,7 @@ one placement group, so a deployment either fits the cluster or fails fast.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -215,17 +216,13 @@ def stop_local_cluster() -> None:
     processes = [info.process for infos in (node.all_processes.values() if node else ()) for info in infos]
     tree = []
     for process in processes:  # the raylet's children: workers and agents
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # already gone: nothing to kill under it
             tree += psutil.Process(process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
     ray._private.worker._global_node = None  # ray.shutdown() then only disconnects the driver
     ray.shutdown()
     for victim in [*processes, *tree]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):  # exited meanwhile: that is the goal
             victim.kill()
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            pass
     for process in processes:  # our children: reap them
         try:
             process.wait(timeout=5)
