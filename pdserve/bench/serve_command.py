@@ -139,10 +139,11 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                    else measure_profile(engine, worker_threads(cluster), bench, args.quick))
         if args.profile_out:
             profile.save(Path(args.profile_out))
-    report = run(bench, engine, cluster, router_config(args, engine))
+    router = router_config(args, engine)
+    report = run(bench, engine, cluster, router)
     report["machine"] = f"{machine}, {os.getloadavg()[0]:.1f} at the end"
     if profile is not None:
-        report["plan"] = plan_vs_measured(profile, report, cluster, engine)
+        report["plan"] = plan_vs_measured(profile, report, cluster, engine, router)
     print(render_table(report))
     Path(args.report).write_text(render_html(report), encoding="utf-8")  # plotly.js is not all ASCII
     print(f"report: {args.report}")
@@ -152,17 +153,19 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def plan_vs_measured(profile, report: dict, cluster, engine) -> dict:
-    """`pdserve plan`'s rate at the target for the pd configuration benchmarked, against the measured one."""
+def plan_vs_measured(profile, report: dict, cluster, engine, router) -> dict:
+    """`pdserve plan`'s rate at the target for the pd configuration benchmarked (its router's batching
+    included), against the measured one."""
     from pdserve.observability.metrics import SLO
     from pdserve.plan.check import compare, predicted_sustained
     from pdserve.plan.model import Config
     from pdserve.plan.report import describe_profile
+    from pdserve.plan.simulate import RouterPolicy
 
     config = Config(cluster.num_prefill, cluster.num_decode, engine.max_num_seqs)
     threads = worker_threads(cluster)
     predicted = predicted_sustained(profile, [tuple(x) for x in report["lengths"]], SLO(**report["slo"]), config,
-                                    threads, report["target"])
+                                    threads, report["target"], policy=RouterPolicy.of(router))
     out = {"config": f"{config.prefill_workers}P+{config.decode_workers}D, max batch {config.max_batch}, "
                      f"{threads} threads each", "profile": describe_profile(profile)}
     pd = report["modes"].get("pd", {})

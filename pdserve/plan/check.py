@@ -1,11 +1,12 @@
 """Planner vs measurement: the rate `pdserve plan` predicts a configuration sustains at >= the target
 attainment, beside the rate `pdserve bench serve` measured for the same configuration and requests.
 
-The prediction averages over the benchmark's own prompt and output lengths (not a uniform draw), at
-the benchmark's SLOs, for its prefill/decode worker counts and max decode batch, each worker with the
-torch threads it ran with. The benchmarked workers share this one node (its cores, or its one GPU), so
-the prediction counts their interference (`Resources.shared`), as measured by a profile with
-busy-neighbour fits.
+The prediction serves the benchmark's own prompt and output lengths (not a uniform draw; resampled to
+`STEADY_REQUESTS` when the benchmark sent fewer, so that it predicts a steady state) under the router
+settings the benchmark ran with, at its SLOs, for its prefill/decode worker counts and max decode batch,
+each worker with the torch threads it ran with. The benchmarked workers share this one node (its cores,
+or its one GPU), so the prediction counts their interference (`Resources.shared`), as measured by a
+profile with busy-neighbour fits.
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ import numpy as np
 from pdserve.observability.metrics import SLO
 from pdserve.plan.model import Config, LengthDist, Resources, Workload, max_rate
 from pdserve.plan.profile import StageProfile
+from pdserve.plan.simulate import ROUTER_DEFAULTS, RouterPolicy
+
+STEADY_REQUESTS = 2000
 
 
 def predicted_sustained(profile: StageProfile, lengths: list[tuple[int, int]], slo: SLO, config: Config,
                         threads_per_worker: int, target: float = 0.9, kind: str = "cpu",
-                        transfer_gbps: float = 2.0) -> float:
+                        transfer_gbps: float = 2.0, policy: RouterPolicy = ROUTER_DEFAULTS) -> float:
     """Requests/s the planner says `config` serves at >= `target` attainment, over these (prompt, output)
     token counts."""
     if not lengths:
         raise ValueError("no request lengths to predict over")
+    if len(lengths) < STEADY_REQUESTS:
+        picks = np.random.default_rng(0).integers(0, len(lengths), STEADY_REQUESTS)
+        lengths = [lengths[i] for i in picks]
     prompts = np.array([p for p, _ in lengths])
     outputs = np.array([o for _, o in lengths])
     workload = Workload(rate_rps=1.0, prompt=LengthDist(int(prompts.min()), int(prompts.max())),
@@ -33,7 +40,7 @@ def predicted_sustained(profile: StageProfile, lengths: list[tuple[int, int]], s
     share = float(threads_per_worker) if kind == "cpu" else 1.0
     units = (config.prefill_workers + config.decode_workers) * share
     resources = Resources(total=units, per_worker=share, kind=kind, transfer_gbps=transfer_gbps, shared=True)
-    return max_rate(profile, workload, resources, config, target, lengths=(prompts, outputs))
+    return max_rate(profile, workload, resources, config, target, lengths=(prompts, outputs), policy=policy)
 
 
 def compare(predicted_rps: float, measured: dict[str, Any]) -> dict[str, Any]:

@@ -15,11 +15,14 @@ def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="recommend prefill/decode worker counts and max decode batch for a workload",
                        description="Profile prefill and decode on this hardware (or read --profile), then predict "
                                    "SLO attainment and goodput of every prefill/decode split that fits the "
-                                   "resources (queueing model: M/G/1 prefill, Little's law decode) and recommend "
+                                   "resources (a simulation of the router: length-bucketed prefill calls, "
+                                   "decode batches joined at step boundaries) and recommend "
                                    "the one with the most goodput per core or GPU.")
     w = p.add_argument_group("workload")
     w.add_argument("--rate", type=float, default=1.0, help="arrival rate, requests/s (Poisson)")
-    w.add_argument("--prompt-len", default="16:512", help="prompt tokens: N, or MIN:MAX uniform")
+    w.add_argument("--prompt-len", default="16:512", help="prompt tokens: N, or MIN:MAX (see --prompt-dist)")
+    w.add_argument("--prompt-dist", default="uniform", choices=("uniform", "loguniform"),
+                   help="how prompt lengths spread over --prompt-len (bench serve's default is loguniform)")
     w.add_argument("--output-len", default="16:256", help="output tokens: N, or MIN:MAX uniform")
     w.add_argument("--slo-ttft", type=float, default=SLO.ttft_s, help="time-to-first-token SLO, seconds")
     w.add_argument("--slo-tpot", type=float, default=SLO.tpot_s, help="time-per-output-token SLO, seconds")
@@ -62,7 +65,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           shared={"auto": None, "yes": True, "no": False}[args.workers_share_device])
     if args.rate <= 0:
         raise ValueError(f"--rate must be positive, got {args.rate}")
-    workload = Workload(rate_rps=args.rate, prompt=LengthDist.parse(args.prompt_len),
+    workload = Workload(rate_rps=args.rate, prompt=LengthDist.parse(args.prompt_len, args.prompt_dist),
                         output=LengthDist.parse(args.output_len), slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
                         samples=500 if args.quick else args.samples, seed=args.seed)
     batches = tuple(int(b) for b in args.max_num_seqs.split(",") if b)
@@ -76,7 +79,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         report = {"workload": asdict(replace(workload, prompt=str(workload.prompt), output=str(workload.output))),
                   "resources": asdict(resources),
-                  "predictions": [{**asdict(p), "attainment": p.attainment, "stable": p.stable,
+                  "predictions": [{**asdict(p), "stable": p.stable,
                                    "goodput_rps": p.goodput_rps(workload.rate_rps),
                                    "limiting_stage": p.limiting_stage} for p in ranked]}
         Path(args.json).write_text(json.dumps(_finite(report), indent=2))

@@ -1,35 +1,18 @@
 """The planner's model: predicted TTFT, TPOT and SLO attainment of a (prefill, decode, max batch) choice.
 
-Prefill: each prefill worker is an M/G/1 queue (Poisson arrivals split evenly over N workers, one
-prompt per prefill call, service a + b*L). Its mean wait is Pollaczek-Khinchine's
-    Wq = lambda_p * E[S^2] / (2 * (1 - rho)),   rho = lambda_p * E[S]
-(M/D/1 when every prompt has the same length: Wq = rho * S / (2 * (1 - rho))). For attainment the wait
-is taken as 0 with probability 1 - rho and exponential otherwise, with the P-K mean: the usual
-heavy-traffic shape. TTFT = wait + service + the exposed KV transfer (the last layer's share; the other
-layers stream while prefill computes).
+Each prediction serves the workload's requests -- Poisson arrivals at its rate, its prompt and output
+lengths -- through a simulation of the router's policies (pdserve.plan.simulate): length-bucketed
+prefill calls packed up to a token budget, each worker's two-call mailbox, decode batches joined at step
+boundaries up to the max batch, and workers on one device slowing each other by how many are busy.
+Attainment is the share of requests that meet both SLOs (DistServe's definition, as in
+pdserve.observability.metrics); goodput = rate * attainment.
 
-Decode: a request holds a slot of its decode worker for O - 1 steps (prefill made the first token).
-A request steps with itself and, on average, N others, so Little's law gives the mean batch
-N = lambda_d * k * t(1 + N), k = E[O - 1], t(B) = c + s*B, s = d + e*ctx: linear, so the fixed point
-is closed-form, N = lambda_d*k*(c + s) / (1 - lambda_d*k*s). The others a request finds are taken as
-Poisson(N) (decode as an M/G/infinity system up to the max batch); it joins at the next step
-boundary, half a step late on average, so its TPOT is t(n + 1) * (k + 1/2) / k. It meets the TPOT
-SLO when that is within the SLO and the batch it joins fits under the max batch; requests that find
-the batch full wait for a slot and count as misses. Checked against a step-by-step simulation in
-tests/test_plan.py: the mean batch agrees, the attainment is a few points conservative.
-
-Both stages are taken as independent: attainment = P(TTFT ok) * P(TPOT ok); goodput = rate *
-attainment (DistServe's definition, as in pdserve.observability.metrics). A stage with rho >= 1 is
-unstable: its queue grows without bound, so attainment is 0.
-
-Neighbours: workers that share a node slow each other (`Resources.shared`; on by default for CPU
-cores, off for whole GPUs). With a profile that has busy-neighbour fits, each stage's times move from
-its solo fit toward its busy fit by the expected number of busy neighbours: the other workers'
-utilisations summed (prefill: rho; decode: the fraction of time it has a batch to step, 1 - exp(-N)).
-Those utilisations depend on the times in turn, so the two are iterated to a fixed point. The busy fits
-were each measured beside one neighbour of the other stage; a neighbour of the same stage is taken to
-cost the same (an approximation: with one prefill and one decode worker, the benchmarked case, there is
-none).
+A configuration whose stages cannot keep up even with full prefill calls and full decode batches is
+unstable: its queues grow without bound, so there is no steady state to simulate and its attainment
+is 0. Those loads are closed forms:
+    prefill: rate / P * t_prefill(n * L) / n, n prompts of the mean length L per call (as many as fit
+             the token budget and batch cap: the most the router can pack);
+    decode:  rate / D * k * t_step(B) / B at the max batch B, k = E[output - 1] steps per request.
 """
 
 from __future__ import annotations
@@ -41,33 +24,44 @@ import numpy as np
 
 from pdserve.observability.metrics import SLO
 from pdserve.plan.profile import StageProfile
+from pdserve.plan.simulate import ROUTER_DEFAULTS, RouterPolicy, StageTimes, simulate
 
 
 @dataclass(frozen=True)
 class LengthDist:
-    """Token counts uniform over [low, high] (low == high: fixed)."""
+    """Token counts over [low, high] (low == high: fixed): uniform, or log-uniform as `bench serve` draws
+    prompts by default (as many short prompts as long ones per doubling)."""
 
     low: int
     high: int
+    shape: str = "uniform"
 
     def __post_init__(self) -> None:
         if not 1 <= self.low <= self.high:
             raise ValueError(f"a length range needs 1 <= low <= high, got {self.low}:{self.high}")
+        if self.shape not in LENGTH_SHAPES:
+            raise ValueError(f"a length distribution is one of {', '.join(LENGTH_SHAPES)}, got {self.shape!r}")
 
     @classmethod
-    def parse(cls, text: str) -> LengthDist:
-        """'128' (fixed) or '16:512' (uniform)."""
+    def parse(cls, text: str, shape: str = "uniform") -> LengthDist:
+        """'128' (fixed) or '16:512' (a range)."""
         try:
             low, _, high = text.partition(":")
-            return cls(int(low), int(high or low))
+            return cls(int(low), int(high or low), shape)
         except ValueError as e:
             raise ValueError(f"a length is N or MIN:MAX, got {text!r} ({e})") from None
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.shape == "loguniform":
+            return np.rint(np.exp(rng.uniform(math.log(self.low), math.log(self.high), n))).astype(int)
         return rng.integers(self.low, self.high + 1, size=n)
 
     def __str__(self) -> str:
-        return str(self.low) if self.low == self.high else f"{self.low}:{self.high}"
+        text = str(self.low) if self.low == self.high else f"{self.low}:{self.high}"
+        return text if self.shape == "uniform" or self.low == self.high else f"{text} {self.shape}"
+
+
+LENGTH_SHAPES = ("uniform", "loguniform")
 
 
 @dataclass(frozen=True)
@@ -82,6 +76,11 @@ class Workload:
     def draw(self) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
         return self.prompt.sample(rng, self.samples), self.output.sample(rng, self.samples)
+
+    def arrivals(self, n: int) -> np.ndarray:
+        """Poisson arrival times of n requests. The same unit gaps scaled by 1/rate at every rate (common
+        random numbers): attainment then falls smoothly with the rate, which max_rate bisects."""
+        return np.cumsum(np.random.default_rng([self.seed, 1]).exponential(1.0, n)) / self.rate_rps
 
 
 @dataclass(frozen=True)
@@ -122,22 +121,21 @@ class Config:
 class Prediction:
     config: Config
     units: float  # cores or GPUs used
-    prefill_util: float  # rho of each prefill worker
-    decode_util: float  # offered rate over the decode capacity at the max batch
-    prefill_wait_s: float  # mean queueing wait (P-K); inf when unstable
+    prefill_load: float  # work offered per prefill worker-second with every call full; >= 1: unstable
+    decode_util: float  # offered rate over the decode capacity at the max batch; >= 1: unstable
+    prefill_util: float  # share of the time a prefill worker computes (simulated)
+    prefill_batch: float  # prompts per prefill call (simulated)
+    prefill_wait_s: float  # mean wait from arrival to the start of its prefill call; inf when unstable
     ttft_mean_s: float
-    decode_batch: float  # Little's-law mean batch (time average); inf when unstable
+    decode_batch: float  # sequences per decode step (simulated); inf when unstable
     tpot_mean_s: float
     ttft_attainment: float
     tpot_attainment: float
+    attainment: float  # both SLOs met
 
     @property
     def stable(self) -> bool:
-        return self.prefill_util < 1 and self.decode_util < 1
-
-    @property
-    def attainment(self) -> float:
-        return self.ttft_attainment * self.tpot_attainment
+        return self.prefill_load < 1 and self.decode_util < 1
 
     def goodput_rps(self, rate_rps: float) -> float:
         return rate_rps * self.attainment
@@ -147,105 +145,57 @@ class Prediction:
         """The stage whose attainment is lower (ties: the busier one): where a worker helps most."""
         if self.ttft_attainment != self.tpot_attainment:
             return "prefill" if self.ttft_attainment < self.tpot_attainment else "decode"
-        return "prefill" if self.prefill_util >= self.decode_util else "decode"
-
-
-def md1_wait(rate: float, service_s: float) -> float:
-    """Mean queueing wait of an M/D/1 queue; inf when rho >= 1."""
-    rho = rate * service_s
-    return math.inf if rho >= 1 else rho * service_s / (2 * (1 - rho))
-
-
-def mg1_wait(rate: float, mean_s: float, second_moment_s2: float) -> float:
-    """Pollaczek-Khinchine mean wait of an M/G/1 queue; inf when rho >= 1."""
-    rho = rate * mean_s
-    return math.inf if rho >= 1 else rate * second_moment_s2 / (2 * (1 - rho))
-
-
-NEIGHBOUR_ITERATIONS = 100  # at most; the fixed point is usually reached in a handful
+        return "prefill" if max(self.prefill_load, self.prefill_util) >= self.decode_util else "decode"
 
 
 def predict(profile: StageProfile, workload: Workload, resources: Resources, config: Config,
-            lengths: tuple[np.ndarray, np.ndarray] | None = None) -> Prediction:
+            lengths: tuple[np.ndarray, np.ndarray] | None = None, policy: RouterPolicy = ROUTER_DEFAULTS) -> Prediction:
+    """`lengths`: (prompt, output) token counts of the requests to serve instead of the workload's draw."""
     prompts, outputs = lengths if lengths is not None else workload.draw()
     scale = resources.time_scale(profile)
-    prefill_fit, decode_fit = profile.prefill, profile.decode
-    neighbours = resources.interfere and (profile.prefill_busy is not None or profile.decode_busy is not None)
-    busy_before = (-1.0, -1.0)
-    for _ in range(NEIGHBOUR_ITERATIONS if neighbours else 1):
-        ttft_att, p_util, wait, ttft = _prefill(prefill_fit, profile, workload, resources, config, prompts, scale)
-        tpot_att, d_util, batch, tpot = _decode(decode_fit, workload, config, prompts, outputs, scale)
-        if not neighbours:
-            break
-        rho_p = min(p_util, 1.0)  # an unstable stage is busy all the time
-        busy_d = 1.0 if math.isinf(batch) else 1 - math.exp(-batch) if batch > 0 else 0.0
-        if abs(rho_p - busy_before[0]) < 1e-9 and abs(busy_d - busy_before[1]) < 1e-9:
-            break  # the times these utilisations imply are the ones they came from
-        busy_before = (rho_p, busy_d)
-        n_p, n_d = config.prefill_workers, config.decode_workers
-        # busy neighbours each worker sees: every other worker, weighted by how busy it is
-        prefill_fit = profile.prefill.toward(profile.prefill_busy, (n_p - 1) * rho_p + n_d * busy_d)
-        decode_fit = profile.decode.toward(profile.decode_busy, n_p * rho_p + (n_d - 1) * busy_d)
-    return Prediction(config, (config.prefill_workers + config.decode_workers) * resources.per_worker,
-                      p_util, d_util, wait, ttft, batch, tpot, ttft_att, tpot_att)
+    prefill_load = _full_call_load(profile, workload, config, prompts, scale, policy)
+    decode_util = _full_batch_load(profile, workload, config, prompts, outputs, scale)
+    units = (config.prefill_workers + config.decode_workers) * resources.per_worker
+    if prefill_load >= 1 or decode_util >= 1:
+        return Prediction(config, units, prefill_load, decode_util, 1.0, math.inf, math.inf, math.inf, math.inf,
+                          math.inf, 0.0, 0.0, 0.0)
+    times = StageTimes.of(profile, scale, resources.transfer_gbps, resources.interfere)
+    sim = simulate(times, workload.arrivals(len(prompts)), prompts, outputs, config.prefill_workers,
+                   config.decode_workers, config.max_batch, policy)
+    ttft_ok, tpot_ok, both = sim.attainment(workload.slo.ttft_s, workload.slo.tpot_s)
+    decoded = outputs > 1
+    return Prediction(config, units, prefill_load, decode_util, sim.prefill_busy, sim.prompts_per_call,
+                      float(sim.prefill_wait_s.mean()), float(sim.ttft_s.mean()), sim.rows_per_step,
+                      float(sim.tpot_s[decoded].mean()) if decoded.any() else 0.0, ttft_ok, tpot_ok, both)
 
 
-def _prefill(fit, profile, workload, resources, config, prompts, scale) -> tuple[float, float, float, float]:
-    service = scale * (fit.a_s + fit.b_s_per_token * prompts)
-    transfer = (prompts * profile.kv_bytes_per_token / (resources.transfer_gbps * 1e9) / profile.num_layers
-                if resources.transfer_gbps > 0 else np.zeros_like(service))
-    rate = workload.rate_rps / config.prefill_workers
-    rho = rate * float(service.mean())
-    wait = mg1_wait(rate, float(service.mean()), float((service ** 2).mean()))
-    if math.isinf(wait):
-        return 0.0, rho, wait, math.inf
-    slack = workload.slo.ttft_s - service - transfer  # how long each request may wait
-    if wait > 0:
-        p_ok = np.where(slack < 0, 0.0, 1 - rho * np.exp(-np.maximum(slack, 0) * rho / wait))
-    else:
-        p_ok = (slack >= 0).astype(float)
-    return float(p_ok.mean()), rho, wait, wait + float((service + transfer).mean())
+def _full_call_load(profile, workload, config, prompts, scale, policy: RouterPolicy) -> float:
+    """Prefill work per worker-second when every call packs as many prompts as the router allows."""
+    mean = float(prompts.mean())
+    per_call = max(1, min(policy.max_prefill_batch, int(policy.max_prefill_tokens // mean)))
+    return workload.rate_rps / config.prefill_workers * scale * profile.prefill.time(per_call * mean) / per_call
 
 
-def _decode(fit, workload, config, prompts, outputs, scale) -> tuple[float, float, float, float]:
+def _full_batch_load(profile, workload, config, prompts, outputs, scale) -> float:
+    """Decode work per worker-second when every step runs the max batch."""
     steps = outputs - 1  # the first token comes from prefill
-    k = float(steps.mean())
-    if k == 0:
-        return 1.0, 0.0, 0.0, 0.0
-    ctx = float((steps * (prompts + outputs / 2)).sum() / steps.sum())  # step-weighted mean context
-    c, slope = scale * fit.c_s, scale * (fit.d_s_per_seq + fit.e_s_per_seq_token * ctx)
-    rate = workload.rate_rps / config.decode_workers
-    bmax = config.max_batch
-    util = rate * k * (c + slope * bmax) / bmax  # offered rate / capacity at the max batch
-    if util >= 1:
-        return 0.0, util, math.inf, math.inf
-    # Little: N = rate * k * t(1 + N), a request stepping with itself and N others on average
-    others = rate * k * (c + slope) / (1 - rate * k * slope)
-    n = np.arange(bmax)  # others already in the batch a request joins
-    if others > 0:
-        cdf = np.cumsum(np.exp(n * math.log(others) - others - np.array([math.lgamma(i + 1) for i in n])))
-    else:
-        cdf = np.ones(bmax)
-    # It joins at the next step boundary, half a step late on average: TPOT = t(n + 1) * (k_i + 1/2) / k_i
-    live = steps[steps > 0]
-    budget = workload.slo.tpot_s * live / (live + 0.5)  # the step time each request can afford
-    if slope > 0:
-        most = np.floor((budget - c) / slope - 1 + 1e-9)  # most others that still fit its SLO
-    else:
-        most = np.where(budget >= c, bmax - 1, -1)
-    most = np.minimum(most, bmax - 1).astype(int)
-    p_ok = np.where(most >= 0, cdf[np.maximum(most, 0)], 0.0)
-    attainment = (p_ok.sum() + (len(steps) - len(live))) / len(steps)
-    return float(attainment), util, others, (c + slope * (1 + others)) * (k + 0.5) / k
+    if steps.sum() == 0:
+        return 0.0
+    context = float((steps * (prompts + outputs / 2)).sum() / steps.sum())  # step-weighted mean context
+    b = config.max_batch
+    step = scale * profile.decode.time(b, context)
+    return workload.rate_rps / config.decode_workers * float(steps.mean()) * step / b
 
 
 DEFAULT_MAX_BATCHES = (8, 16, 32, 64, 128, 256)
 
 
 def search(profile: StageProfile, workload: Workload, resources: Resources,
-           max_batches: tuple[int, ...] = DEFAULT_MAX_BATCHES) -> list[Prediction]:
+           max_batches: tuple[int, ...] = DEFAULT_MAX_BATCHES,
+           policy: RouterPolicy = ROUTER_DEFAULTS) -> list[Prediction]:
     """Every (N prefill, M decode) that fits the resources, each with the smallest max batch whose
-    attainment is within 0.5 points of the best one's (less KV memory reserved for the same goodput).
+    attainment is within 0.5 points of the best one's (less KV memory reserved for the same goodput;
+    when none meets the SLOs, the one whose stages come closest to keeping up).
     Sorted best first: goodput per unit, then attainment, then fewer units."""
     lengths = workload.draw()
     slots = int(resources.total / resources.per_worker + 1e-9)
@@ -255,16 +205,21 @@ def search(profile: StageProfile, workload: Workload, resources: Resources,
     results = []
     for n in range(1, slots):
         for m in range(1, slots - n + 1):
-            per_batch = [predict(profile, workload, resources, Config(n, m, b), lengths) for b in sorted(max_batches)]
+            per_batch = [predict(profile, workload, resources, Config(n, m, b), lengths, policy)
+                         for b in sorted(max_batches)]
             best = max(p.attainment for p in per_batch)
-            results.append(next(p for p in per_batch if p.attainment >= best - 0.005))
+            if best > 0:
+                results.append(next(p for p in per_batch if p.attainment >= best - 0.005))
+            else:  # nothing meets the SLOs: show the max batch that comes closest to keeping up
+                results.append(min(per_batch, key=lambda p: (max(p.prefill_load, p.decode_util), p.config.max_batch)))
     return sorted(results, key=lambda p: (-p.goodput_rps(workload.rate_rps) / p.units, -p.attainment, p.units))
 
 
 def max_rate(profile: StageProfile, workload: Workload, resources: Resources, config: Config,
-             target: float = 0.9, lengths: tuple[np.ndarray, np.ndarray] | None = None) -> float:
-    """The highest arrival rate this configuration serves at >= `target` attainment (bisection:
-    attainment falls as the rate rises). DistServe's per-configuration figure of merit.
+             target: float = 0.9, lengths: tuple[np.ndarray, np.ndarray] | None = None,
+             policy: RouterPolicy = ROUTER_DEFAULTS, rel_tol: float = 2e-3) -> float:
+    """The highest arrival rate this configuration serves at >= `target` attainment, to `rel_tol`
+    (bisection: attainment falls as the rate rises). DistServe's per-configuration figure of merit.
     `lengths`: (prompt, output) token counts to average over instead of the workload's draw
     (a benchmark's own requests)."""
     from dataclasses import replace
@@ -272,14 +227,15 @@ def max_rate(profile: StageProfile, workload: Workload, resources: Resources, co
     lengths = lengths if lengths is not None else workload.draw()
 
     def ok(rate: float) -> bool:
-        return predict(profile, replace(workload, rate_rps=rate), resources, config, lengths).attainment >= target
+        at = predict(profile, replace(workload, rate_rps=rate), resources, config, lengths, policy)
+        return at.attainment >= target
 
-    lo, hi = 0.0, 1.0
     if not ok(1e-9):
         return 0.0
+    lo, hi = 0.0, 1.0
     while ok(hi) and hi < 1e6:
         lo, hi = hi, hi * 2
-    for _ in range(40):
+    while hi - lo > rel_tol * hi:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo

@@ -39,12 +39,12 @@ def render(profile: StageProfile, workload: Workload, resources: Resources, rank
     rate = workload.rate_rps
     unit = "core" if resources.kind == "cpu" else "GPU"
     lines = describe_profile(profile) + [
-        f"workload: {rate:g} req/s Poisson, prompt {workload.prompt} tokens, output {workload.output} tokens "
-        f"(uniform); SLO TTFT {workload.slo.ttft_s:g} s, TPOT {workload.slo.tpot_s:g} s",
+        f"workload: {rate:g} req/s Poisson, prompt {workload.prompt} tokens, output {workload.output} tokens; "
+        f"SLO TTFT {workload.slo.ttft_s:g} s, TPOT {workload.slo.tpot_s:g} s",
         f"resources: {resources.total:g} {unit}s, {resources.per_worker:g} per worker; KV transfer "
         + (f"{resources.transfer_gbps:g} GB/s" if resources.transfer_gbps > 0 else "not modelled"),
         "",
-        f"{'P':>2} {'D':>2} {'max batch':>9} {'rho P':>6} {'rho D':>6} {'TTFT ms':>8} {'TPOT ms':>8} "
+        f"{'P':>2} {'D':>2} {'max batch':>9} {'busy P':>6} {'load D':>6} {'TTFT ms':>8} {'TPOT ms':>8} "
         f"{'batch':>6} {'TTFT ok':>8} {'TPOT ok':>8} {'attain':>7} {'goodput/' + unit:>13}"
         + (f" {'rate@90%/' + unit:>14}" if with_max_rate else "")]
     rates = [max_rate(profile, workload, resources, p.config) if with_max_rate else 0.0 for p in ranked]
@@ -71,8 +71,8 @@ def render(profile: StageProfile, workload: Workload, resources: Resources, rank
 
 def _unstable(p: Prediction) -> str:
     parts = []
-    if p.prefill_util >= 1:
-        parts.append(f"prefill rho {p.prefill_util:.2f} >= 1")
+    if p.prefill_load >= 1:
+        parts.append(f"prefill load {p.prefill_load:.2f} >= 1 even with full calls")
     if p.decode_util >= 1:
         parts.append(f"decode load {p.decode_util:.2f} of capacity at max batch {p.config.max_batch}")
     return ", ".join(parts) + ": queues grow without bound, attainment 0"
@@ -91,7 +91,8 @@ def explain(best: Prediction, workload: Workload, resources: Resources) -> list[
                      + _unstable(best) + "; lower the rate or add resources")
         return lines
     stage = best.limiting_stage
-    lines.append(f"  why: prefill workers are {best.prefill_util:.0%} busy (mean wait {_ms(best.prefill_wait_s)} ms, "
+    lines.append(f"  why: prefill workers are {best.prefill_util:.0%} busy with {best.prefill_batch:.1f} prompts per "
+                 f"call (mean wait {_ms(best.prefill_wait_s)} ms, "
                  f"TTFT {_ms(best.ttft_mean_s)} ms vs SLO {workload.slo.ttft_s * 1e3:.0f} ms); decode runs "
                  f"{best.decode_batch:.1f} sequences on average, TPOT {_ms(best.tpot_mean_s)} ms "
                  f"(SLO {workload.slo.tpot_s * 1e3:.0f} ms), {best.decode_util:.0%} of its capacity at batch "
