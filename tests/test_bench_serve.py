@@ -240,8 +240,9 @@ def _nearest_rank(values: list[float], q: int) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("front_end", ["openai", "direct"])
 def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch, front_end):
-    from pdserve.bench.serve_command import worker_threads
+    from pdserve.bench.serve_command import colocated_threads, worker_threads
     from pdserve.cli import build_parser, cluster_config, engine_config, main, router_config
+    from pdserve.plan.check import predicted_sustained_colocated
     from pdserve.plan.simulate import RouterPolicy
 
     made, measured = [], []  # the runs make_runs scheduled; each rate's samples as summarize got them
@@ -264,17 +265,18 @@ def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch
         prof.write_text(StageProfile(PrefillFit(0.02, 0.0005), DecodeFit(0.01, 0.001, 0.0), kv_bytes_per_token=1,
                                      num_layers=1, threads=1).to_json())
         plan_args = ["--profile", str(prof), "--direct"]
-    argv = ["bench", "serve", "--quick", "--modes", "pd", "--kv-cache-gib", "0.25", "--json", str(out),
+    modes = ["pd"] if front_end == "openai" else ["pd", "colocated"]  # the planner's colocated side once
+    argv = ["bench", "serve", "--quick", "--modes", ",".join(modes), "--kv-cache-gib", "0.25", "--json", str(out),
             "--report", str(html), *plan_args]
     rc = main(argv)
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["front_end"] == front_end
     pd = report["modes"]["pd"]
-    assert pd["kv_blocks_leaked"] == 0 and len(pd["rates"]) == 2 == len(measured)
-    (runs, _), = made
+    assert pd["kv_blocks_leaked"] == 0 and len(pd["rates"]) == 2 and len(measured) == 2 * len(modes)
+    (runs, _), = made  # the same requests for every mode
     slo = report["slo"]
-    for i, ((rate, requests, offsets), (m_rate, samples), row) in enumerate(zip(runs, measured, pd["rates"])):
+    for i, ((rate, requests, offsets), (m_rate, samples), row) in enumerate(zip(runs, measured[:2], pd["rates"])):
         assert rate == m_rate == row["rate_rps"] == (0.5, 1.0)[i]
         # every request sent is measured once: none lost, none duplicated, none from another rate
         assert sorted(s.custom_id for s in samples) == sorted(r.custom_id for r in requests)
@@ -307,7 +309,7 @@ def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch
     # the planner predicts from the profile (measured and written out, or given) over the lengths
     # benchmarked; from a measured --quick profile the value depends on the load (under load it may say
     # that no rate meets the SLOs), from the hand-made one it is positive
-    assert report["lengths"] == [[s.prompt_tokens, s.max_tokens] for _, samples in measured for s in samples]
+    assert report["lengths"] == [[s.prompt_tokens, s.max_tokens] for _, samples in measured[:2] for s in samples]
     args = build_parser().parse_args(argv)
     cluster, engine = cluster_config(args), engine_config(args)
     plan = report["plan"]
@@ -317,8 +319,18 @@ def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch
         policy=RouterPolicy.of(router_config(args, engine)))
     assert plan["measured_rps"] == pd["sustained"]["rate_rps"]
     assert front_end == "openai" or plan["predicted_rps"] > 0.5
+    if "colocated" in modes:
+        colo = report["modes"]["colocated"]
+        assert colo["kv_blocks_leaked"] == 0 and plan["colocated"]["measured_rps"] == colo["sustained"]["rate_rps"]
+        assert plan["colocated"]["predicted_rps"] == predicted_sustained_colocated(
+            StageProfile.load(prof), [tuple(x) for x in report["lengths"]], SLO(**slo), cluster.num_colocated,
+            engine.max_num_seqs, cluster.max_num_batched_tokens, colocated_threads(cluster), 0.9) > 0.5
+    else:
+        assert "colocated" not in plan
     check_report_html(html.read_text(encoding="utf-8"), report)
-    assert "sustained at >= 90% attainment" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "sustained at >= 90% attainment" in printed
+    assert ("planner vs measured (colocated" in printed) == ("colocated" in modes)
 
 
 def test_decode_stage_from_counters_and_a_restart_in_between():

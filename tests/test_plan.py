@@ -336,6 +336,7 @@ def test_plan_quick_end_to_end(tiny_models, tmp_path, capsys):
     plan = json.loads((tmp_path / "plan.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert {(p["config"]["prefill_workers"], p["config"]["decode_workers"]) for p in plan["predictions"]} == {
         (1, 1), (1, 2), (2, 1)}  # 3 cores, 1 each
+    assert plan["colocated"]["workers"] == 3 and "which mode:" in first  # --mode colocated on the same 3 cores
     # from the profile alone (the model path does not exist: nothing is loaded), same samples: same answer
     assert main(["plan", "--quick", "--profile", str(out), "--model", str(tmp_path / "absent"), "--cpus", "3",
                  "--rate", "2", "--prompt-len", "16:128", "--output-len", "4:32"]) == 0
@@ -386,3 +387,56 @@ def test_an_overloaded_split_shows_the_max_batch_closest_to_keeping_up():
                     max_batches=(2, 64))
     assert ranked[0].attainment == 0 and ranked[0].prefill_load >= 1
     assert ranked[0].config.max_batch == 64 and ranked[0].decode_util < 1
+
+
+# ---- --mode colocated ---------------------------------------------------------------------------------
+def colocated(t: StageTimes, arrivals, prompts, outputs, workers=1, max_batch=8, budget=512, backlog=8):
+    from pdserve.plan.colocated import simulate_colocated
+
+    return simulate_colocated(t, np.array(arrivals, dtype=float), np.array(prompts), np.array(outputs), workers,
+                              max_batch, budget, backlog)
+
+
+def test_colocated_chunks_a_long_prompt_over_steps():
+    """A 700-token prompt under a 512-token budget: chunks of 512 and 188 tokens, each step a prefill of its
+    tokens (0.1 s + 1 ms/token); then 2 decode steps of 30 ms."""
+    sim = colocated(times(a=0.1, b=0.001, c=0.02, d=0.01), [0], [700], [3])
+    assert sim.ttft_s == pytest.approx([0.612 + 0.288]) and sim.tpot_s == pytest.approx([0.03])
+    assert sim.prompts_per_call == 1 and sim.rows_per_step == pytest.approx(2 / 4)
+
+
+def test_colocated_mixes_a_prompt_into_the_running_decode_step():
+    """r0 (10-token prompt, 11 tokens out) prefills 0-0.11 and decodes alone every 30 ms; r1 (100 tokens,
+    3 out) arrives at 0.12 and rides the step at 0.14 with r0's decode row: a prefill of 101 tokens,
+    0.201 s, so r1's first token is at 0.341. Both decode (40 ms a step) until r1 is done at 0.421;
+    r0's last 6 steps run alone to 0.601."""
+    sim = colocated(times(a=0.1, b=0.001, c=0.02, d=0.01), [0, 0.12], [10, 100], [11, 3])
+    assert sim.ttft_s == pytest.approx([0.11, 0.221])
+    assert sim.tpot_s == pytest.approx([(0.601 - 0.11) / 10, 0.04])
+
+
+def test_colocated_workers_take_requests_side_by_side_and_the_router_holds_the_rest():
+    same = times(a=0.1, b=0.001)
+    two = colocated(same, [0, 0.001], [100, 100], [1, 1], workers=2)
+    assert two.ttft_s == pytest.approx([0.2, 0.2])  # one each, no neighbours
+    # one worker holding at most 1 request (max batch 1, no backlog), 8 tokens a step: 100 tokens take
+    # 12 steps of 8 and one of 4 (12 * 0.108 + 0.104 = 1.4 s); the second request waits in the router
+    held = colocated(same, [0, 0.001], [100, 100], [1, 1], max_batch=1, budget=8, backlog=0)
+    assert held.ttft_s == pytest.approx([1.4, 2.8 - 0.001])
+    assert held.prefill_wait_s == pytest.approx([0, 1.4 - 0.001])
+
+
+def test_plan_compares_pd_with_colocated_on_the_same_units():
+    from pdserve.plan.model import max_rate_colocated, predict_colocated, search_colocated
+
+    prof, res = profile(a=0.03, b=0.001, c=0.03, d=0.002), Resources(total=2, transfer_gbps=0)
+    wl = workload(2.0, prompt="16:256", output="16:64", ttft=2.0, tpot=0.15)
+    colo = search_colocated(prof, wl, res)
+    assert colo.workers == 2 and colo.batched_tokens == 512 and 0 < colo.attainment <= 1
+    rate = max_rate_colocated(prof, wl, res, colo.workers, colo.max_batch)
+    assert predict_colocated(prof, replace(wl, rate_rps=rate), res, 2, colo.max_batch).attainment >= 0.9
+    assert predict_colocated(prof, replace(wl, rate_rps=rate * 1.01), res, 2, colo.max_batch).attainment < 0.9
+    over = predict_colocated(prof, replace(wl, rate_rps=100.0), res, 2, colo.max_batch)
+    assert not over.stable and over.attainment == 0
+    text = render(prof, wl, res, search(prof, wl, res), colocated=colo)
+    assert f"at >= 90% attainment: colocated sustains {rate:.3f} req/s" in text and "which mode:" in text

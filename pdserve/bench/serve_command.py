@@ -153,23 +153,43 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def colocated_threads(cluster) -> int:
+    """The torch threads a colocated worker runs with: the decode role's, as start_workers picks them."""
+    return (cluster.decode_threads or int(cluster.decode.num_cpus)
+            or max(1, (os.cpu_count() or 1) // cluster.num_colocated))
+
+
 def plan_vs_measured(profile, report: dict, cluster, engine, router) -> dict:
     """`pdserve plan`'s rate at the target for the pd configuration benchmarked (its router's batching
-    included), against the measured one."""
+    included), against the measured one; the same for the colocated configuration when it ran."""
     from pdserve.observability.metrics import SLO
-    from pdserve.plan.check import compare, predicted_sustained
+    from pdserve.plan.check import predicted_sustained, predicted_sustained_colocated
     from pdserve.plan.model import Config
     from pdserve.plan.report import describe_profile
     from pdserve.plan.simulate import RouterPolicy
 
     config = Config(cluster.num_prefill, cluster.num_decode, engine.max_num_seqs)
-    threads = worker_threads(cluster)
-    predicted = predicted_sustained(profile, [tuple(x) for x in report["lengths"]], SLO(**report["slo"]), config,
-                                    threads, report["target"], policy=RouterPolicy.of(router))
+    threads, policy = worker_threads(cluster), RouterPolicy.of(router)
+    lengths, slo = [tuple(x) for x in report["lengths"]], SLO(**report["slo"])
+    predicted = predicted_sustained(profile, lengths, slo, config, threads, report["target"], policy=policy)
     out = {"config": f"{config.prefill_workers}P+{config.decode_workers}D, max batch {config.max_batch}, "
-                     f"{threads} threads each", "profile": describe_profile(profile)}
-    pd = report["modes"].get("pd", {})
-    if "sustained" not in pd:
-        return {**out, "predicted_rps": predicted, "measured_rps": None, "relative_error": None,
-                "verdict": "pd was not measured"}
-    return {**out, **compare(predicted, pd["sustained"])}
+                     f"{threads} threads each", "profile": describe_profile(profile),
+           **_against(predicted, report["modes"].get("pd", {}), "pd")}
+    if "colocated" in report["modes"]:
+        colo_threads = colocated_threads(cluster)
+        colo = predicted_sustained_colocated(profile, lengths, slo, cluster.num_colocated, engine.max_num_seqs,
+                                             cluster.max_num_batched_tokens, colo_threads, report["target"],
+                                             policy=policy)
+        out["colocated"] = {"config": f"{cluster.num_colocated} colocated workers, max batch {engine.max_num_seqs}, "
+                                      f"{colo_threads} threads each",
+                            **_against(colo, report["modes"]["colocated"], "colocated")}
+    return out
+
+
+def _against(predicted: float, measured: dict, mode: str) -> dict:
+    from pdserve.plan.check import compare
+
+    if "sustained" not in measured:
+        return {"predicted_rps": predicted, "measured_rps": None, "relative_error": None,
+                "verdict": f"{mode} was not measured"}
+    return compare(predicted, measured["sustained"])

@@ -50,6 +50,11 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append(f"planner vs measured (pd, {plan['config']}): predicted {_f(plan['predicted_rps'], '.3f')} req/s, "
                      f"measured {_f(plan['measured_rps'], '.3f')} req/s, relative error "
                      f"{_f(plan['relative_error'], '+.0%')}: {plan['verdict']}")
+        colo = plan.get("colocated")
+        if colo:
+            lines.append(f"planner vs measured (colocated, {colo['config']}): predicted "
+                         f"{_f(colo['predicted_rps'], '.3f')} req/s, measured {_f(colo['measured_rps'], '.3f')} req/s, "
+                         f"relative error {_f(colo['relative_error'], '+.0%')}: {colo['verdict']}")
         lines += plan["profile"]
     return "\n".join(lines)
 

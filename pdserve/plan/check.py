@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pdserve.observability.metrics import SLO
-from pdserve.plan.model import Config, LengthDist, Resources, Workload, max_rate
+from pdserve.plan.model import Config, LengthDist, Resources, Workload, max_rate, max_rate_colocated
 from pdserve.plan.profile import StageProfile
 from pdserve.plan.simulate import ROUTER_DEFAULTS, RouterPolicy
 
@@ -28,6 +28,22 @@ def predicted_sustained(profile: StageProfile, lengths: list[tuple[int, int]], s
                         transfer_gbps: float = 2.0, policy: RouterPolicy = ROUTER_DEFAULTS) -> float:
     """Requests/s the planner says `config` serves at >= `target` attainment, over these (prompt, output)
     token counts."""
+    workload, resources, steady = _setting(lengths, slo, config.prefill_workers + config.decode_workers,
+                                           threads_per_worker, kind, transfer_gbps)
+    return max_rate(profile, workload, resources, config, target, lengths=steady, policy=policy)
+
+
+def predicted_sustained_colocated(profile: StageProfile, lengths: list[tuple[int, int]], slo: SLO, workers: int,
+                                  max_batch: int, batched_tokens: int, threads_per_worker: int, target: float = 0.9,
+                                  kind: str = "cpu", policy: RouterPolicy = ROUTER_DEFAULTS) -> float:
+    """The same for `workers` colocated workers (`batched_tokens` 0: the workers' default budget)."""
+    workload, resources, steady = _setting(lengths, slo, workers, threads_per_worker, kind, 0.0)
+    return max_rate_colocated(profile, workload, resources, workers, max_batch, batched_tokens, target, steady,
+                              policy)
+
+
+def _setting(lengths: list[tuple[int, int]], slo: SLO, workers: int, threads_per_worker: int, kind: str,
+             transfer_gbps: float) -> tuple[Workload, Resources, tuple[np.ndarray, np.ndarray]]:
     if not lengths:
         raise ValueError("no request lengths to predict over")
     if len(lengths) < STEADY_REQUESTS:
@@ -38,9 +54,8 @@ def predicted_sustained(profile: StageProfile, lengths: list[tuple[int, int]], s
     workload = Workload(rate_rps=1.0, prompt=LengthDist(int(prompts.min()), int(prompts.max())),
                         output=LengthDist(int(outputs.min()), int(outputs.max())), slo=slo, samples=len(lengths))
     share = float(threads_per_worker) if kind == "cpu" else 1.0
-    units = (config.prefill_workers + config.decode_workers) * share
-    resources = Resources(total=units, per_worker=share, kind=kind, transfer_gbps=transfer_gbps, shared=True)
-    return max_rate(profile, workload, resources, config, target, lengths=(prompts, outputs), policy=policy)
+    resources = Resources(total=workers * share, per_worker=share, kind=kind, transfer_gbps=transfer_gbps, shared=True)
+    return workload, resources, (prompts, outputs)
 
 
 def compare(predicted_rps: float, measured: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
     from pdserve.observability.metrics import SLO
-    from pdserve.plan.model import LengthDist, Resources, Workload, search
+    from pdserve.plan.model import LengthDist, Resources, Workload, search, search_colocated
     from pdserve.plan.report import render
 
     gpu = args.gpus > 0
@@ -75,13 +75,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.profile_out:
         profile.save(Path(args.profile_out))
     ranked = search(profile, workload, resources, batches)
-    print(render(profile, workload, resources, ranked))
+    colocated = search_colocated(profile, workload, resources, batches)
+    print(render(profile, workload, resources, ranked, colocated=colocated))
     if args.json:
         report = {"workload": asdict(replace(workload, prompt=str(workload.prompt), output=str(workload.output))),
                   "resources": asdict(resources),
                   "predictions": [{**asdict(p), "stable": p.stable,
                                    "goodput_rps": p.goodput_rps(workload.rate_rps),
-                                   "limiting_stage": p.limiting_stage} for p in ranked]}
+                                   "limiting_stage": p.limiting_stage} for p in ranked],
+                  "colocated": {**asdict(colocated), "stable": colocated.stable,
+                                "goodput_rps": colocated.goodput_rps(workload.rate_rps)}}
         Path(args.json).write_text(json.dumps(_finite(report), indent=2))
     return 0
 

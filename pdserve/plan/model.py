@@ -18,11 +18,13 @@ is 0. Those loads are closed forms:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from pdserve.observability.metrics import SLO
+from pdserve.plan.colocated import default_batched_tokens, simulate_colocated
 from pdserve.plan.profile import StageProfile
 from pdserve.plan.simulate import ROUTER_DEFAULTS, RouterPolicy, StageTimes, simulate
 
@@ -217,19 +219,18 @@ def search(profile: StageProfile, workload: Workload, resources: Resources,
 
 def max_rate(profile: StageProfile, workload: Workload, resources: Resources, config: Config,
              target: float = 0.9, lengths: tuple[np.ndarray, np.ndarray] | None = None,
-             policy: RouterPolicy = ROUTER_DEFAULTS, rel_tol: float = 2e-3) -> float:
-    """The highest arrival rate this configuration serves at >= `target` attainment, to `rel_tol`
-    (bisection: attainment falls as the rate rises). DistServe's per-configuration figure of merit.
-    `lengths`: (prompt, output) token counts to average over instead of the workload's draw
-    (a benchmark's own requests)."""
-    from dataclasses import replace
-
+             policy: RouterPolicy = ROUTER_DEFAULTS) -> float:
+    """The highest arrival rate this configuration serves at >= `target` attainment.
+    DistServe's per-configuration figure of merit. `lengths`: (prompt, output) token counts to average
+    over instead of the workload's draw (a benchmark's own requests)."""
     lengths = lengths if lengths is not None else workload.draw()
+    return highest_rate(lambda rate: predict(profile, replace(workload, rate_rps=rate), resources, config, lengths,
+                                             policy).attainment >= target)
 
-    def ok(rate: float) -> bool:
-        at = predict(profile, replace(workload, rate_rps=rate), resources, config, lengths, policy)
-        return at.attainment >= target
 
+def highest_rate(ok: Callable[[float], bool], rel_tol: float = 2e-3) -> float:
+    """The highest rate for which ok(rate) holds, to `rel_tol` (bisection: attainment falls as the rate
+    rises); 0 when not even a trickle is served."""
     if not ok(1e-9):
         return 0.0
     lo, hi = 0.0, 1.0
@@ -239,3 +240,76 @@ def max_rate(profile: StageProfile, workload: Workload, resources: Resources, co
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
+
+
+# ---- --mode colocated on the same resources ------------------------------------------------------------
+@dataclass(frozen=True)
+class ColocatedPrediction:
+    workers: int
+    max_batch: int
+    batched_tokens: int  # each step's token budget (decode rows + prefill chunks)
+    units: float
+    load: float  # work offered per worker-second with full batches; >= 1: unstable
+    chunk_busy: float  # share of the time a worker runs steps that carry prefill chunks (simulated)
+    decode_batch: float  # decode rows per step (simulated)
+    ttft_mean_s: float
+    tpot_mean_s: float
+    ttft_attainment: float
+    tpot_attainment: float
+    attainment: float
+
+    @property
+    def stable(self) -> bool:
+        return self.load < 1
+
+    def goodput_rps(self, rate_rps: float) -> float:
+        return rate_rps * self.attainment
+
+
+def predict_colocated(profile: StageProfile, workload: Workload, resources: Resources, workers: int, max_batch: int,
+                      batched_tokens: int = 0, lengths: tuple[np.ndarray, np.ndarray] | None = None,
+                      policy: RouterPolicy = ROUTER_DEFAULTS) -> ColocatedPrediction:
+    """`workers` colocated workers, each with resources.per_worker; batched_tokens 0: the worker's default."""
+    prompts, outputs = lengths if lengths is not None else workload.draw()
+    budget = batched_tokens or default_batched_tokens(resources.kind, max_batch)
+    scale = resources.time_scale(profile)
+    steps = outputs - 1
+    context = float((steps * (prompts + outputs / 2)).sum() / max(steps.sum(), 1))
+    per_request = (profile.prefill.b_s_per_token * float(prompts.mean())
+                   + float(steps.mean()) * profile.decode.time(max_batch, context) / max_batch)
+    load = workload.rate_rps / workers * scale * per_request
+    units = workers * resources.per_worker
+    if load >= 1:
+        return ColocatedPrediction(workers, max_batch, budget, units, load, 1.0, math.inf, math.inf, math.inf,
+                                   0.0, 0.0, 0.0)
+    times = StageTimes.of(profile, scale, 0.0, resources.interfere)  # nothing is transferred
+    sim = simulate_colocated(times, workload.arrivals(len(prompts)), prompts, outputs, workers, max_batch, budget,
+                             policy=policy)
+    ttft_ok, tpot_ok, both = sim.attainment(workload.slo.ttft_s, workload.slo.tpot_s)
+    decoded = outputs > 1
+    return ColocatedPrediction(workers, max_batch, budget, units, load, sim.prefill_busy, sim.rows_per_step,
+                               float(sim.ttft_s.mean()), float(sim.tpot_s[decoded].mean()) if decoded.any() else 0.0,
+                               ttft_ok, tpot_ok, both)
+
+
+def search_colocated(profile: StageProfile, workload: Workload, resources: Resources,
+                     max_batches: tuple[int, ...] = DEFAULT_MAX_BATCHES) -> ColocatedPrediction:
+    """Every unit a worker (as many workers as PD's split uses): the max batch with the best attainment
+    (the smallest within 0.5 points of it)."""
+    lengths = workload.draw()
+    workers = int(resources.total / resources.per_worker + 1e-9)
+    per_batch = [predict_colocated(profile, workload, resources, workers, b, lengths=lengths)
+                 for b in sorted(max_batches)]
+    best = max(p.attainment for p in per_batch)
+    if best == 0:
+        return min(per_batch, key=lambda p: (p.load, p.max_batch))
+    return next(p for p in per_batch if p.attainment >= best - 0.005)
+
+
+def max_rate_colocated(profile: StageProfile, workload: Workload, resources: Resources, workers: int,
+                       max_batch: int, batched_tokens: int = 0, target: float = 0.9,
+                       lengths: tuple[np.ndarray, np.ndarray] | None = None,
+                       policy: RouterPolicy = ROUTER_DEFAULTS) -> float:
+    lengths = lengths if lengths is not None else workload.draw()
+    return highest_rate(lambda rate: predict_colocated(profile, replace(workload, rate_rps=rate), resources, workers,
+                                                       max_batch, batched_tokens, lengths, policy).attainment >= target)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pdserve.plan.model import Prediction, Resources, Workload, max_rate
+from pdserve.plan.model import ColocatedPrediction, Prediction, Resources, Workload, max_rate, max_rate_colocated
 from pdserve.plan.profile import StageProfile
 
 
@@ -35,7 +35,7 @@ def _busy_lines(p: StageProfile) -> list[str]:
 
 
 def render(profile: StageProfile, workload: Workload, resources: Resources, ranked: list[Prediction],
-           with_max_rate: bool = True) -> str:
+           with_max_rate: bool = True, colocated: ColocatedPrediction | None = None) -> str:
     rate = workload.rate_rps
     unit = "core" if resources.kind == "cpu" else "GPU"
     lines = describe_profile(profile) + [
@@ -65,6 +65,11 @@ def render(profile: StageProfile, workload: Workload, resources: Resources, rank
                      f"{c.max_batch} sustains the most rate per {unit} at >= 90% attainment, "
                      f"{r90:.3f} req/s ({r90 / p.units:.3f} per {unit}); the recommendation serves "
                      f"{rates[0]:.3f} req/s at >= 90%")
+    if colocated is not None:
+        pd_rate = rates[0] if with_max_rate else None
+        colo_rate = (max_rate_colocated(profile, workload, resources, colocated.workers, colocated.max_batch,
+                                        colocated.batched_tokens) if with_max_rate else None)
+        lines += [""] + compare_modes(ranked[0], colocated, pd_rate, colo_rate, workload, resources)
     lines += extrapolation(profile, workload)
     return "\n".join(lines)
 
@@ -119,3 +124,31 @@ def extrapolation(profile: StageProfile, workload: Workload) -> list[str]:
                      f"{max(c for _, c, _ in profile.decode_points)}")
     return [f"  note: extrapolated beyond the profile ({'; '.join(notes)}): profile without --quick, "
             "or at sizes that cover the workload"] if notes else []
+
+
+def compare_modes(pd: Prediction, colo: ColocatedPrediction, pd_rate: float | None, colo_rate: float | None,
+                  workload: Workload, resources: Resources) -> list[str]:
+    """PD's recommendation against --mode colocated on the same units: which serves more within the SLOs,
+    and which SLO decides it (what DistServe's comparison is about)."""
+    unit = "core" if resources.kind == "cpu" else "GPU"
+    c, rate = pd.config, workload.rate_rps
+    lines = [f"colocated (--mode colocated --colocated-workers {colo.workers}, {resources.per_worker:g} {unit} each, "
+             f"max batch {colo.max_batch}, {colo.batched_tokens} tokens a step): attainment {colo.attainment:.1%} "
+             f"(TTFT ok {colo.ttft_attainment:.1%}, TPOT ok {colo.tpot_attainment:.1%}; "
+             f"TTFT {_ms(colo.ttft_mean_s)} ms, TPOT {_ms(colo.tpot_mean_s)} ms) against "
+             f"PD {c.prefill_workers}P+{c.decode_workers}D's {pd.attainment:.1%} "
+             f"(TTFT ok {pd.ttft_attainment:.1%}, TPOT ok {pd.tpot_attainment:.1%})"]
+    if pd_rate is not None and colo_rate is not None:
+        lines.append(f"  at >= 90% attainment: colocated sustains {colo_rate:.3f} req/s ({colo_rate / colo.units:.3f} "
+                     f"per {unit}), PD {pd_rate:.3f} req/s ({pd_rate / pd.units:.3f} per {unit})")
+    better = (colo_rate, pd_rate) if colo_rate is not None and pd_rate is not None else (
+        colo.goodput_rps(rate) / colo.units, pd.goodput_rps(rate) / pd.units)
+    winner = "colocated" if better[0] > better[1] * 1.02 else "PD" if better[1] > better[0] * 1.02 else "neither"
+    why = []
+    if colo.tpot_attainment < pd.tpot_attainment - 0.01 or colo.tpot_mean_s > 1.1 * pd.tpot_mean_s:
+        why.append("colocated decode steps also carry prefill chunks, which stretch TPOT")
+    if colo.ttft_attainment > pd.ttft_attainment + 0.01 or colo.ttft_mean_s < 0.9 * pd.ttft_mean_s:
+        why.append(f"colocated prefills on all {colo.workers} workers, in chunks beside decode, which cuts TTFT")
+    lines.append(f"  which mode: {'about the same' if winner == 'neither' else winner + ' serves more within the SLOs'}"
+                 + (f" ({'; '.join(why)})" if why else ""))
+    return lines
