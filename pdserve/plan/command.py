@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     r.add_argument("--gpus", type=float, default=0.0, help="GPUs in all; when set, workers are placed on GPUs")
     r.add_argument("--per-worker", type=float, default=1.0, help="cores (or GPUs) each worker gets")
     r.add_argument("--max-num-seqs", default="8,16,32,64,128,256", help="max decode batches to consider")
+    r.add_argument("--max-prefill-tokens", type=int, default=2048,
+                   help="the router's token budget per prefill call (as for run-batch and serve)")
     r.add_argument("--transfer-gbps", type=float, default=2.0, help="KV transfer bandwidth; 0: free")
     r.add_argument("--workers-share-device", choices=("auto", "yes", "no"), default="auto",
                    help="whether workers slow each other down (one node's cores, one GPU): profile each stage "
@@ -58,6 +60,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pdserve.observability.metrics import SLO
     from pdserve.plan.model import LengthDist, Resources, Workload, search, search_colocated
     from pdserve.plan.report import render
+    from pdserve.plan.simulate import ROUTER_DEFAULTS
 
     gpu = args.gpus > 0
     resources = Resources(total=args.gpus if gpu else args.cpus, per_worker=args.per_worker,
@@ -74,9 +77,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     profile = _load_or_measure(args, resources)
     if args.profile_out:
         profile.save(Path(args.profile_out))
-    ranked = search(profile, workload, resources, batches)
+    if args.max_prefill_tokens < 1:
+        raise ValueError(f"--max-prefill-tokens must be positive, got {args.max_prefill_tokens}")
+    policy = replace(ROUTER_DEFAULTS, max_prefill_tokens=args.max_prefill_tokens)
+    ranked = search(profile, workload, resources, batches, policy)
     colocated = search_colocated(profile, workload, resources, batches)
-    print(render(profile, workload, resources, ranked, colocated=colocated))
+    print(render(profile, workload, resources, ranked, colocated=colocated, policy=policy))
     if args.json:
         report = {"workload": asdict(replace(workload, prompt=str(workload.prompt), output=str(workload.output))),
                   "resources": asdict(resources),

@@ -6,6 +6,7 @@ import math
 
 from pdserve.plan.model import ColocatedPrediction, Prediction, Resources, Workload, max_rate, max_rate_colocated
 from pdserve.plan.profile import StageProfile
+from pdserve.plan.simulate import ROUTER_DEFAULTS, RouterPolicy
 
 
 def _ms(s: float) -> str:
@@ -35,7 +36,8 @@ def _busy_lines(p: StageProfile) -> list[str]:
 
 
 def render(profile: StageProfile, workload: Workload, resources: Resources, ranked: list[Prediction],
-           with_max_rate: bool = True, colocated: ColocatedPrediction | None = None) -> str:
+           with_max_rate: bool = True, colocated: ColocatedPrediction | None = None,
+           policy: RouterPolicy = ROUTER_DEFAULTS) -> str:
     rate = workload.rate_rps
     unit = "core" if resources.kind == "cpu" else "GPU"
     lines = describe_profile(profile) + [
@@ -47,7 +49,8 @@ def render(profile: StageProfile, workload: Workload, resources: Resources, rank
         f"{'P':>2} {'D':>2} {'max batch':>9} {'busy P':>6} {'load D':>6} {'TTFT ms':>8} {'TPOT ms':>8} "
         f"{'batch':>6} {'TTFT ok':>8} {'TPOT ok':>8} {'attain':>7} {'goodput/' + unit:>13}"
         + (f" {'rate@90%/' + unit:>14}" if with_max_rate else "")]
-    rates = [max_rate(profile, workload, resources, p.config) if with_max_rate else 0.0 for p in ranked]
+    rates = [max_rate(profile, workload, resources, p.config, policy=policy) if with_max_rate else 0.0
+             for p in ranked]
     for p, r90 in zip(ranked, rates):
         c = p.config
         row = (f"{c.prefill_workers:>2} {c.decode_workers:>2} {c.max_batch:>9} {p.prefill_util:>6.2f} "
