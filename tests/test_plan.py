@@ -145,14 +145,64 @@ def test_busy_neighbours_slow_the_calls_and_steps_they_overlap():
     assert run(faster, [0, 0.15], [10, 10], [3, 2]).tpot_s == pytest.approx(alone.tpot_s)
 
 
-def test_prefill_times_follow_the_profiled_points_within_their_range():
-    """A call below ~64 tokens costs about one read of every weight, not the line's a + b*T: between
-    profiled sizes the points are joined by lines; outside them the fit extends."""
-    points = ((16, 0.09), (128, 0.2), (256, 0.4))
-    t = times(a=0.01, b=0.0015, prefill_points=points)
-    assert t.prefill_s(16, 0) == pytest.approx(0.09) and t.prefill_s(72, 0) == pytest.approx(0.145)
-    assert t.prefill_s(512, 0) == pytest.approx(0.01 + 0.0015 * 512) and t.prefill_s(8, 0) == pytest.approx(0.022)
-    assert replace(t, scale=2.0).prefill_s(16, 0) == pytest.approx(0.18)
+def test_a_call_costs_its_tokens_its_prompts_attention_and_at_least_the_floor():
+    """t = max(floor, a + b*T + g*sum L^2): packing prompts saves their attention (each attends only to
+    itself); below some size every call costs about one read of the weights."""
+    fit = PrefillFit(0.03, 0.001, 1e-7, floor_s=0.09)
+    assert fit.time(16) == pytest.approx(0.09)  # the line says 0.046: the floor holds
+    assert fit.time(512) == pytest.approx(0.03 + 0.512 + 1e-7 * 512 ** 2)  # one prompt
+    assert fit.time(512, 8 * 64 ** 2) == pytest.approx(0.03 + 0.512 + 1e-7 * 8 * 64 ** 2)  # eight of 64
+    t = times(a=0.03, b=0.001)
+    assert replace(t, prefill=fit, scale=2.0).prefill_s(16, 0) == pytest.approx(0.18)
+    # in the simulation a call of two 100-token prompts pays 2 * 100^2, not 200^2
+    packed = run(times(a=0.1, b=0.001, c=0.01), [0, 0.01, 0.02], [100] * 3, [1] * 3,
+                 policy=RouterPolicy(prefill_batches_in_flight=1))
+    quad = run(replace(times(c=0.01), prefill=PrefillFit(0.1, 0.001, 1e-6)), [0, 0.01, 0.02], [100] * 3, [1] * 3,
+               policy=RouterPolicy(prefill_batches_in_flight=1))
+    assert packed.ttft_s == pytest.approx([0.2, 0.49, 0.48])  # [r0] 0-0.2, [r1, r2] 0.2-0.5
+    assert quad.ttft_s == pytest.approx([0.21, 0.21 + 0.32 - 0.01, 0.21 + 0.32 - 0.02])  # + 1e-6 * 2 * 100^2
+
+
+def test_a_calls_requests_step_together_on_an_idle_decode_worker():
+    """Three prompts prefilled in one call reach an idle decode worker together: one step of 3 rows,
+    not one row and then two."""
+    sim = run(times(a=0.1, c=0.02, d=0.01), [0, 0.01, 0.02, 0.03], [10] * 4, [1, 2, 2, 2],
+              policy=RouterPolicy(prefill_batches_in_flight=1))
+    # [r0] 0-0.1 (one token: done); [r1, r2, r3] 0.1-0.2, then a step of 3 rows: 0.02 + 0.03 = 0.05
+    assert sim.ttft_s == pytest.approx([0.1, 0.19, 0.18, 0.17])
+    assert sim.tpot_s == pytest.approx([0, 0.05, 0.05, 0.05]) and sim.rows_per_step == 3
+
+
+def test_batch_admissions_hold_prefilled_requests_until_prefill_is_idle():
+    """r0 is prefilled 0-0.1 while r1's call waits in the mailbox (0.1-0.2): held, r0 starts decoding only
+    at 0.2, with r1; at once, r0 steps alone from 0.1."""
+    args = (times(a=0.1, c=0.02, d=0.01), [0, 0.05], [10, 10], [3, 3])
+    eager, held = run(*args), run(*args, policy=RouterPolicy(batch_admissions=True))
+    assert eager.tpot_s[0] == pytest.approx(0.03)  # 2 steps of 30 ms from 0.1
+    assert held.tpot_s == pytest.approx([(0.2 + 0.08 - 0.1) / 2, 0.04])  # from 0.2, 2 steps of 40 ms
+    from router.router import RouterConfig
+
+    assert RouterPolicy.of(RouterConfig(), shared_cores=True).batch_admissions
+    assert not RouterPolicy.of(RouterConfig(batch_admissions=False), shared_cores=True).batch_admissions
+
+
+def test_shared_memory_copies_the_whole_kv_inside_the_call():
+    """1000 bytes a token at 1 GB/s: 1 us a token. Over shared memory (CPU) a 100-token prompt's call
+    takes all 100 us more; a streaming transport (GPU: CUDA IPC) shows only the last of 10 layers."""
+    prof = profile(a=0.1, b=0.0)
+    wl = workload(1e-4, output="1")  # no request waits for another
+    cpu = predict(prof, wl, Resources(total=2, transfer_gbps=1.0), Config(1, 1, 8))
+    gpu = predict(prof, wl, Resources(total=2, kind="gpu", transfer_gbps=1.0), Config(1, 1, 8))
+    assert cpu.ttft_mean_s == pytest.approx(0.1 + 1e-4) and gpu.ttft_mean_s == pytest.approx(0.1 + 1e-5)
+
+
+def test_bursty_arrivals_cost_attainment():
+    """Gamma gaps of CV 3 at the same mean rate bunch requests: more wait, lower attainment."""
+    prof, res, cfg = profile(a=0.05, b=0.001), FREE_TRANSFER, Config(1, 1, 32)
+    wl = workload(5.0, ttft=0.5, tpot=1.0, samples=2000)
+    gaps = np.diff(replace(wl, cv=3.0).arrivals(20_000))
+    assert gaps.mean() == pytest.approx(0.2, rel=0.05) and gaps.std() / gaps.mean() == pytest.approx(3, rel=0.1)
+    assert predict(prof, replace(wl, cv=3.0), res, cfg).attainment < predict(prof, wl, res, cfg).attainment
 
 
 def simulate_decode(arrivals: np.ndarray, steps: int, c: float, d: float, max_batch: int):
@@ -268,32 +318,41 @@ def test_workers_on_separate_devices_ignore_the_busy_fits():
 
 
 def test_fits_recover_known_coefficients():
-    pf = fit_prefill([(t, 0.02 + 0.001 * t) for t in (16, 64, 256)])
-    assert (pf.a_s, pf.b_s_per_token) == (pytest.approx(0.02), pytest.approx(0.001))
+    def call(n, t):
+        return 0.05 + 0.001 * t + 1e-6 * t * t / n
+
+    # the 16-token call sits at the floor (the line says 0.066): it sets the floor, not the line
+    pf = fit_prefill([(1, 16, 0.09)] + [(n, t, call(n, t)) for n, t in ((1, 64), (1, 256), (4, 256), (16, 1024))])
+    assert (pf.a_s, pf.b_s_per_token) == (pytest.approx(0.05), pytest.approx(0.001))
+    assert pf.g_s_per_token2 == pytest.approx(1e-6) and pf.floor_s == pytest.approx(0.09)
+    assert fit_prefill([(1, t, 0.02 + 0.001 * t) for t in (16, 64, 256)]).floor_s == pytest.approx(0.036)
     dc = fit_decode([(b, c, 0.01 + 0.002 * b + 1e-6 * b * c) for b in (1, 4, 16) for c in (32, 128)])
     assert dc.c_s == pytest.approx(0.01) and dc.d_s_per_seq == pytest.approx(0.002)
     assert dc.e_s_per_seq_token == pytest.approx(1e-6)
     # noise that makes a slope negative: that term is dropped, never a negative time per token
-    noisy = fit_prefill([(16, 0.30), (64, 0.28), (128, 0.29)])
+    noisy = fit_prefill([(1, 16, 0.30), (1, 64, 0.28), (1, 128, 0.29)])
     assert noisy.b_s_per_token == 0 and noisy.a_s == pytest.approx(0.29)
 
 
 def test_profile_json_round_trip(tmp_path):
-    p = StageProfile(PrefillFit(0.01, 0.0002), DecodeFit(0.02, 0.001, 1e-7), kv_bytes_per_token=4608,
-                     num_layers=30, threads=2, description="x", prefill_points=((16, 0.1), (64, 0.2)),
+    p = StageProfile(PrefillFit(0.01, 0.0002, 1e-8, 0.1), DecodeFit(0.02, 0.001, 1e-7), kv_bytes_per_token=4608,
+                     num_layers=30, threads=2, description="x", prefill_points=((1, 16, 0.1), (4, 256, 0.2)),
                      decode_points=((1, 32, 0.03),))
     p.save(tmp_path / "p.json")
     assert StageProfile.load(tmp_path / "p.json") == p
-    busy = replace(p, prefill_busy=PrefillFit(0.02, 0.0003), decode_busy=DecodeFit(0.03, 0.002, 2e-7),
-                   prefill_busy_points=((16, 0.2),), decode_busy_points=((1, 32, 0.05),))
+    busy = replace(p, prefill_busy=PrefillFit(0.02, 0.0003, 0.0, 0.2), decode_busy=DecodeFit(0.03, 0.002, 2e-7),
+                   prefill_busy_points=((1, 16, 0.2),), decode_busy_points=((1, 32, 0.05),))
     busy.save(tmp_path / "busy.json")
     assert StageProfile.load(tmp_path / "busy.json") == busy
     old = json.loads(p.to_json())
     old["version"] = 1  # written before the busy-neighbour fits existed: still read
     for k in ("prefill_busy", "decode_busy", "prefill_busy_points", "decode_busy_points"):
         del old[k]
+    old["prefill"] = {"a_s": 0.01, "b_s_per_token": 0.0002}  # and before packed calls: single prompts
+    old["prefill_points"] = [[16, 0.1], [64, 0.2]]
     (tmp_path / "v1.json").write_text(json.dumps(old))
-    assert StageProfile.load(tmp_path / "v1.json") == p
+    assert StageProfile.load(tmp_path / "v1.json") == replace(
+        p, prefill=PrefillFit(0.01, 0.0002, 0.0, 0.1), prefill_points=((1, 16, 0.1), (1, 64, 0.2)))
     (tmp_path / "bad.json").write_text('{"version": 99}')
     with pytest.raises(ValueError, match="profile"):
         StageProfile.load(tmp_path / "bad.json")
@@ -321,15 +380,17 @@ def test_plan_quick_end_to_end(tiny_models, tmp_path, capsys):
                  "--profile-out", str(out), "--json", str(tmp_path / "plan.json")]) == 0
     first = capsys.readouterr().out
     assert "recommended:" in first and ("limiting stage" in first or "no configuration" in first)
-    assert "note: extrapolated beyond the profile (contexts up to 160 tokens, decode profiled up to 96)" in first
+    assert ("note: extrapolated beyond the profile (prefill calls pack up to 2048 tokens, profiled up to 128; "
+            "contexts up to 160 tokens, decode profiled up to 96)") in first
     prof = StageProfile.load(out)
-    assert len(prof.prefill_points) == 3 and len(prof.decode_points) == 4
+    assert [(n, t) for n, t, _ in prof.prefill_points] == [(1, 16), (1, 64), (1, 128), (4, 128)]
+    assert len(prof.decode_points) == 4
     # on CPU cores the workers share a node: each stage was timed again beside a busy neighbour process
-    assert [t for t, _ in prof.prefill_busy_points] == [t for t, _ in prof.prefill_points]
+    assert [p[:2] for p in prof.prefill_busy_points] == [p[:2] for p in prof.prefill_points]
     assert [p[:2] for p in prof.decode_busy_points] == [p[:2] for p in prof.decode_points]
     assert prof.prefill_busy is not None and prof.decode_busy is not None
     assert "beside a busy prefill neighbour" in first
-    assert all(s > 0 for _, s in prof.prefill_points) and prof.threads == 1
+    assert all(s > 0 for *_, s in prof.prefill_points) and prof.threads == 1
     assert prof.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # layers * K,V * kv heads * head dim * fp32
     import json
 
@@ -352,9 +413,9 @@ def test_profile_sizes_stay_within_the_models_positions(tiny_models):
     from pdserve.plan.profile import ProfileSizes, measure
 
     runner = ModelRunner(EngineConfig(model=str(tiny_models["llama"]), dtype="float32", device="cpu"))
-    prof = measure(runner, ProfileSizes(prefill_tokens=(8, 600), decode_batches=(2,), decode_contexts=(8, 600),
-                                        repeats=1), threads=1)
-    assert [t for t, _ in prof.prefill_points] == [8, 512]
+    prof = measure(runner, ProfileSizes(prefill_tokens=(8, 600), prefill_packed=((2, 600),), decode_batches=(2,),
+                                        decode_contexts=(8, 600), repeats=1), threads=1)
+    assert [(n, t) for n, t, _ in prof.prefill_points] == [(1, 8), (1, 512), (2, 1024)]
     assert [(b, c) for b, c, _ in prof.decode_points] == [(2, 8), (2, 510)]
     assert all(s > 0 for *_, s in prof.decode_points)
 
@@ -407,12 +468,12 @@ def test_colocated_chunks_a_long_prompt_over_steps():
 
 def test_colocated_mixes_a_prompt_into_the_running_decode_step():
     """r0 (10-token prompt, 11 tokens out) prefills 0-0.11 and decodes alone every 30 ms; r1 (100 tokens,
-    3 out) arrives at 0.12 and rides the step at 0.14 with r0's decode row: a prefill of 101 tokens,
-    0.201 s, so r1's first token is at 0.341. Both decode (40 ms a step) until r1 is done at 0.421;
-    r0's last 6 steps run alone to 0.601."""
+    3 out) arrives at 0.12 and rides the step at 0.14 with r0's decode row: a prefill call of 100 tokens
+    (0.2 s) plus the row's own cost (10 ms), so r1's first token is at 0.35. Both decode (40 ms a step)
+    until r1 is done at 0.43; r0's last 6 steps run alone to 0.61."""
     sim = colocated(times(a=0.1, b=0.001, c=0.02, d=0.01), [0, 0.12], [10, 100], [11, 3])
-    assert sim.ttft_s == pytest.approx([0.11, 0.221])
-    assert sim.tpot_s == pytest.approx([(0.601 - 0.11) / 10, 0.04])
+    assert sim.ttft_s == pytest.approx([0.11, 0.23])
+    assert sim.tpot_s == pytest.approx([(0.61 - 0.11) / 10, 0.04])
 
 
 def test_colocated_workers_take_requests_side_by_side_and_the_router_holds_the_rest():
@@ -440,3 +501,16 @@ def test_plan_compares_pd_with_colocated_on_the_same_units():
     assert not over.stable and over.attainment == 0
     text = render(prof, wl, res, search(prof, wl, res), colocated=colo)
     assert f"at >= 90% attainment: colocated sustains {rate:.3f} req/s" in text and "which mode:" in text
+
+
+def test_which_mode_is_judged_per_unit():
+    """PD's best split may leave units idle: 1P+1D sustaining 1.0 req/s on 2 of 4 cores serves more per core
+    than 4 colocated workers sustaining 1.5 req/s on all 4."""
+    from pdserve.plan.model import ColocatedPrediction, Prediction
+    from pdserve.plan.report import compare_modes
+
+    pd = Prediction(Config(1, 1, 8), 2.0, 0.5, 0.5, 0.5, 1.0, 0.1, 0.5, 2.0, 0.05, 1.0, 1.0, 1.0)
+    colo = ColocatedPrediction(4, 8, 512, 4.0, 0.3, 0.2, 2.0, 0.4, 0.06, 1.0, 1.0, 1.0)
+    lines = compare_modes(pd, colo, 1.0, 1.5, workload(0.5), Resources(total=4))
+    assert "which mode: PD serves more within the SLOs per core" in lines[-1]
+    assert "which mode: colocated" in compare_modes(pd, colo, 1.0, 2.2, workload(0.5), Resources(total=4))[-1]

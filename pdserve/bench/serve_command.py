@@ -109,6 +109,7 @@ def measure_profile(engine, threads: int, bench, quick: bool):
     w = bench.workload
     sizes = QUICK_SIZES if quick else ProfileSizes(
         prefill_tokens=tuple(sorted({min(32, w.max_prompt), max(w.min_prompt, w.max_prompt // 4), w.max_prompt})),
+        prefill_packed=((4, 64), (16, 64)),  # calls under load pack several prompts
         decode_batches=(1, 8, 32), decode_contexts=(max(1, w.min_prompt), w.max_prompt + w.max_output), repeats=5)
     runner = ModelRunner(replace(engine, num_threads=threads))
     cfg = runner.config
@@ -171,7 +172,8 @@ def plan_vs_measured(profile, report: dict, cluster, engine, router) -> dict:
     config = Config(cluster.num_prefill, cluster.num_decode, engine.max_num_seqs)
     threads, policy = worker_threads(cluster), RouterPolicy.of(router)
     lengths, slo = [tuple(x) for x in report["lengths"]], SLO(**report["slo"])
-    predicted = predicted_sustained(profile, lengths, slo, config, threads, report["target"], policy=policy)
+    cv = report["arrival"]["cv"] if report["arrival"]["process"] == "gamma" else 1.0
+    predicted = predicted_sustained(profile, lengths, slo, config, threads, report["target"], policy=policy, cv=cv)
     out = {"config": f"{config.prefill_workers}P+{config.decode_workers}D, max batch {config.max_batch}, "
                      f"{threads} threads each", "profile": describe_profile(profile),
            **_against(predicted, report["modes"].get("pd", {}), "pd")}
@@ -179,7 +181,7 @@ def plan_vs_measured(profile, report: dict, cluster, engine, router) -> dict:
         colo_threads = colocated_threads(cluster)
         colo = predicted_sustained_colocated(profile, lengths, slo, cluster.num_colocated, engine.max_num_seqs,
                                              cluster.max_num_batched_tokens, colo_threads, report["target"],
-                                             policy=policy)
+                                             policy=policy, cv=cv)
         out["colocated"] = {"config": f"{cluster.num_colocated} colocated workers, max batch {engine.max_num_seqs}, "
                                       f"{colo_threads} threads each",
                             **_against(colo, report["modes"]["colocated"], "colocated")}

@@ -8,13 +8,13 @@ What it mirrors (router/colocated.py, decode_worker/chunk_scheduler.py):
 - each step runs one decode row per sequence that has its first token, then chunks of the prompts
   still prefilling (oldest first, admitting waiting ones while the batch has room) up to the token
   budget; the step that runs a prompt's last chunk gives its first token;
-- a step with no chunk is a decode step (c + d*B + e*C); a step with T chunk tokens beside B decode rows
-  costs a prefill call of T + B tokens plus the rows' attention (e*C): the weights are read once for
-  both, which is what mixing buys;
+- a step with no chunk is a decode step (c + d*B + e*C); a step with chunks beside B decode rows costs
+  a prefill call of the chunks (its fixed cost and floor once, each chunk's attention over its prompt so
+  far) plus the rows' own decode costs (d*B + e*C): the weights are read once for both, which is what
+  mixing buys;
 - workers on one device slow each other as in PD: a step with a chunk moves toward the prefill busy
   fit, a decode step toward the decode busy fit, by the other workers stepping when it starts.
-Left out as in PD: router and front-end CPU time, KV pool limits, a chunk's attention over its prompt's
-earlier chunks (small beside its GEMMs up to a few hundred tokens).
+Left out as in PD: router and front-end CPU time, KV pool limits.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class _ColocatedSim:
             return
         decode = [s for s in w.running if s.context]
         left = self.budget - len(decode)
-        chunks = []
+        chunks: list[tuple[_Seq, int]] = []
         for s in w.running:
             if left <= 0:
                 break
@@ -149,8 +149,10 @@ class _ColocatedSim:
         context = sum(s.context for s in decode)
         tokens = sum(n for _, n in chunks)
         if tokens:
-            duration = (self.times.prefill_s(tokens + len(decode), busy)
-                        + self.times.scale * self.times.decode.e_s_per_seq_token * context)
+            squares = sum((s.computed + n) ** 2 - s.computed ** 2 for s, n in chunks)  # attention over the prompt
+            fit = self.times.decode_fit(busy)
+            duration = (self.times.prefill_s(tokens, busy, squares)
+                        + self.times.scale * (fit.d_s_per_seq * len(decode) + fit.e_s_per_seq_token * context))
             w.chunk_s, w.chunk_steps, w.chunks = w.chunk_s + duration, w.chunk_steps + 1, w.chunks + len(chunks)
         else:
             duration = self.times.decode_s(len(decode), context, busy)

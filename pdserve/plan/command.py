@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
                                    "the one with the most goodput per core or GPU.")
     w = p.add_argument_group("workload")
     w.add_argument("--rate", type=float, default=1.0, help="arrival rate, requests/s (Poisson)")
+    w.add_argument("--burstiness", type=float, default=1.0,
+                   help="coefficient of variation of the gaps between arrivals (1: Poisson; >1: burstier gamma), "
+                        "as for bench serve")
     w.add_argument("--prompt-len", default="16:512", help="prompt tokens: N, or MIN:MAX (see --prompt-dist)")
     w.add_argument("--prompt-dist", default="uniform", choices=("uniform", "loguniform"),
                    help="how prompt lengths spread over --prompt-len (bench serve's default is loguniform)")
@@ -66,11 +69,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     resources = Resources(total=args.gpus if gpu else args.cpus, per_worker=args.per_worker,
                           kind="gpu" if gpu else "cpu", transfer_gbps=args.transfer_gbps,
                           shared={"auto": None, "yes": True, "no": False}[args.workers_share_device])
-    if args.rate <= 0:
-        raise ValueError(f"--rate must be positive, got {args.rate}")
+    if args.rate <= 0 or args.burstiness <= 0:
+        raise ValueError(f"--rate and --burstiness must be positive, got {args.rate} and {args.burstiness}")
     workload = Workload(rate_rps=args.rate, prompt=LengthDist.parse(args.prompt_len, args.prompt_dist),
                         output=LengthDist.parse(args.output_len), slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
-                        samples=500 if args.quick else args.samples, seed=args.seed)
+                        samples=500 if args.quick else args.samples, seed=args.seed, cv=args.burstiness)
     batches = tuple(int(b) for b in args.max_num_seqs.split(",") if b)
     if not batches or min(batches) <= 0:
         raise ValueError(f"--max-num-seqs takes positive integers, got {args.max_num_seqs!r}")

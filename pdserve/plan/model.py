@@ -74,15 +74,20 @@ class Workload:
     slo: SLO = SLO()
     samples: int = 2000  # requests drawn to average attainment over the length distributions
     seed: int = 0
+    cv: float = 1.0  # of the gaps between arrivals: 1 Poisson, above 1 burstier (gamma), as bench serve's --cv
 
     def draw(self) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
         return self.prompt.sample(rng, self.samples), self.output.sample(rng, self.samples)
 
     def arrivals(self, n: int) -> np.ndarray:
-        """Poisson arrival times of n requests. The same unit gaps scaled by 1/rate at every rate (common
-        random numbers): attainment then falls smoothly with the rate, which max_rate bisects."""
-        return np.cumsum(np.random.default_rng([self.seed, 1]).exponential(1.0, n)) / self.rate_rps
+        """Arrival times of n requests: Poisson, or gamma gaps of this CV. The same unit gaps scaled by
+        1/rate at every rate (common random numbers): attainment then falls smoothly with the rate, which
+        max_rate bisects."""
+        rng = np.random.default_rng([self.seed, 1])
+        shape = 1 / self.cv ** 2
+        unit = rng.exponential(1.0, n) if self.cv == 1 else rng.gamma(shape, 1 / shape, n)
+        return np.cumsum(unit) / self.rate_rps
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,8 @@ def predict(profile: StageProfile, workload: Workload, resources: Resources, con
     if prefill_load >= 1 or decode_util >= 1:
         return Prediction(config, units, prefill_load, decode_util, 1.0, math.inf, math.inf, math.inf, math.inf,
                           math.inf, 0.0, 0.0, 0.0)
-    times = StageTimes.of(profile, scale, resources.transfer_gbps, resources.interfere)
+    times = StageTimes.of(profile, scale, resources.transfer_gbps, resources.interfere,
+                          transfer_hidden=resources.kind == "gpu")
     sim = simulate(times, workload.arrivals(len(prompts)), prompts, outputs, config.prefill_workers,
                    config.decode_workers, config.max_batch, policy)
     ttft_ok, tpot_ok, both = sim.attainment(workload.slo.ttft_s, workload.slo.tpot_s)
@@ -173,9 +179,10 @@ def predict(profile: StageProfile, workload: Workload, resources: Resources, con
 
 def _full_call_load(profile, workload, config, prompts, scale, policy: RouterPolicy) -> float:
     """Prefill work per worker-second when every call packs as many prompts as the router allows."""
-    mean = float(prompts.mean())
+    mean, square = float(prompts.mean()), float((prompts ** 2).mean())
     per_call = max(1, min(policy.max_prefill_batch, int(policy.max_prefill_tokens // mean)))
-    return workload.rate_rps / config.prefill_workers * scale * profile.prefill.time(per_call * mean) / per_call
+    call = profile.prefill.time(per_call * mean, per_call * square)
+    return workload.rate_rps / config.prefill_workers * scale * call / per_call
 
 
 def _full_batch_load(profile, workload, config, prompts, outputs, scale) -> float:
@@ -249,7 +256,7 @@ class ColocatedPrediction:
     max_batch: int
     batched_tokens: int  # each step's token budget (decode rows + prefill chunks)
     units: float
-    load: float  # work offered per worker-second with full batches; >= 1: unstable
+    load: float  # a lower bound on the work offered per worker-second; >= 1: unstable
     chunk_busy: float  # share of the time a worker runs steps that carry prefill chunks (simulated)
     decode_batch: float  # decode rows per step (simulated)
     ttft_mean_s: float
@@ -275,8 +282,11 @@ def predict_colocated(profile: StageProfile, workload: Workload, resources: Reso
     scale = resources.time_scale(profile)
     steps = outputs - 1
     context = float((steps * (prompts + outputs / 2)).sum() / max(steps.sum(), 1))
-    per_request = (profile.prefill.b_s_per_token * float(prompts.mean())
-                   + float(steps.mean()) * profile.decode.time(max_batch, context) / max_batch)
+    pf, dc = profile.prefill, profile.decode
+    # a lower bound on a request's work: its prompt's tokens and attention, its decode rows without
+    # any step's fixed cost (mixed steps share that with prefill)
+    per_request = (pf.b_s_per_token * float(prompts.mean()) + pf.g_s_per_token2 * float((prompts ** 2).mean())
+                   + float(steps.mean()) * (dc.d_s_per_seq + dc.e_s_per_seq_token * context))
     load = workload.rate_rps / workers * scale * per_request
     units = workers * resources.per_worker
     if load >= 1:
@@ -294,8 +304,8 @@ def predict_colocated(profile: StageProfile, workload: Workload, resources: Reso
 
 def search_colocated(profile: StageProfile, workload: Workload, resources: Resources,
                      max_batches: tuple[int, ...] = DEFAULT_MAX_BATCHES) -> ColocatedPrediction:
-    """Every unit a worker (as many workers as PD's split uses): the max batch with the best attainment
-    (the smallest within 0.5 points of it)."""
+    """A colocated worker on every unit of the resources: the max batch with the best attainment (the
+    smallest within 0.5 points of it)."""
     lengths = workload.draw()
     workers = int(resources.total / resources.per_worker + 1e-9)
     per_batch = [predict_colocated(profile, workload, resources, workers, b, lengths=lengths)

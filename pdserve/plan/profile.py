@@ -1,7 +1,12 @@
-"""Per-stage step times measured on this hardware, fitted to the linear models the planner uses.
+"""Per-stage step times measured on this hardware, fitted to the models the planner uses.
 
-    prefill of T packed tokens:            t = a + b*T
-    decode step of B sequences at context C: t = c + d*B + e*B*C
+    prefill call of prompts L_1..L_n, T = sum L_i:  t = max(floor, a + b*T + g*sum L_i^2)
+    decode step of B sequences at context C:         t = c + d*B + e*B*C
+
+A prefill call packs its prompts; each prompt attends only to itself, hence the per-prompt square. Below
+some size a call costs about one read of every weight however few its tokens (~90 ms on one Zen 4 core
+for SmolLM2-135M from 16 to 32 tokens): the floor, the quickest call profiled. The profile times single
+prompts and calls packed from several prompts, up to the sizes the router packs.
 
 Each point is the median over repeats (after a warm-up call): serving runs at the typical step time,
 not the fastest one. Decode steps run over a KV pool of zeros: a step's time does not depend on the
@@ -23,17 +28,22 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-PROFILE_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: no busy-neighbour fits
+PROFILE_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: no busy-neighbour fits; 1-2: single-prompt (tokens, seconds) prefill points
 
 
 @dataclass(frozen=True)
 class PrefillFit:
     a_s: float  # fixed cost of one prefill call, seconds
     b_s_per_token: float
+    g_s_per_token2: float = 0.0  # attention: per squared prompt length
+    floor_s: float = 0.0  # no call is quicker
 
-    def time(self, tokens: float) -> float:
-        return self.a_s + self.b_s_per_token * tokens
+    def time(self, tokens: float, square_sum: float | None = None) -> float:
+        """A call of `tokens` packed tokens whose prompts' squared lengths sum to `square_sum` (default:
+        one prompt)."""
+        squares = tokens * tokens if square_sum is None else square_sum
+        return max(self.floor_s, self.a_s + self.b_s_per_token * tokens + self.g_s_per_token2 * squares)
 
     def toward(self, busy: PrefillFit | None, share: float) -> PrefillFit:
         """This fit moved `share` of the way to `busy` (the time-average over a neighbour busy that share of
@@ -41,7 +51,9 @@ class PrefillFit:
         the solo one is noise (a neighbour never speeds a stage up): it counts as the solo one."""
         if busy is None or share <= 0:
             return self
-        return PrefillFit(_toward(self.a_s, busy.a_s, share), _toward(self.b_s_per_token, busy.b_s_per_token, share))
+        return PrefillFit(_toward(self.a_s, busy.a_s, share), _toward(self.b_s_per_token, busy.b_s_per_token, share),
+                          _toward(self.g_s_per_token2, busy.g_s_per_token2, share),
+                          _toward(self.floor_s, busy.floor_s, share))
 
 
 @dataclass(frozen=True)
@@ -75,12 +87,12 @@ class StageProfile:
     num_layers: int
     threads: int  # torch threads the timings were taken with (the per-worker CPU share)
     description: str = ""  # model, dtype, device, CPU
-    prefill_points: tuple[tuple[int, float], ...] = ()  # (tokens, seconds)
+    prefill_points: tuple[tuple[int, int, float], ...] = ()  # (prompts, tokens, seconds), equal prompts
     decode_points: tuple[tuple[int, int, float], ...] = ()  # (batch, context, seconds)
     # The same, timed while a neighbour process runs the other stage back to back on the same device.
     prefill_busy: PrefillFit | None = None
     decode_busy: DecodeFit | None = None
-    prefill_busy_points: tuple[tuple[int, float], ...] = ()
+    prefill_busy_points: tuple[tuple[int, int, float], ...] = ()
     decode_busy_points: tuple[tuple[int, int, float], ...] = ()
 
     def to_json(self) -> str:
@@ -89,14 +101,21 @@ class StageProfile:
     @classmethod
     def from_json(cls, text: str) -> StageProfile:
         d = json.loads(text)
-        if not isinstance(d, dict) or d.pop("version", None) not in READABLE_VERSIONS:
+        version = d.pop("version", None) if isinstance(d, dict) else None
+        if version not in READABLE_VERSIONS:
             raise ValueError(f"not a pdserve plan profile (version {' or '.join(map(str, READABLE_VERSIONS))})")
         try:
             pb, db = d.pop("prefill_busy", None), d.pop("decode_busy", None)
-            return cls(prefill=PrefillFit(**d.pop("prefill")), decode=DecodeFit(**d.pop("decode")),
-                       prefill_busy=PrefillFit(**pb) if pb else None, decode_busy=DecodeFit(**db) if db else None,
-                       **{k: tuple(tuple(p) for p in d.pop(k, ())) for k in (
-                           "prefill_points", "decode_points", "prefill_busy_points", "decode_busy_points")}, **d)
+            points = {k: tuple(tuple(p) for p in d.pop(k, ())) for k in (
+                "prefill_points", "decode_points", "prefill_busy_points", "decode_busy_points")}
+            prefill, prefill_busy = PrefillFit(**d.pop("prefill")), PrefillFit(**pb) if pb else None
+            if version < 3:  # single prompts as (tokens, seconds); the quickest of them is the floor
+                for key in ("prefill_points", "prefill_busy_points"):
+                    points[key] = tuple((1, t, sec) for t, sec in points[key])
+                prefill = _with_floor(prefill, points["prefill_points"])
+                prefill_busy = _with_floor(prefill_busy, points["prefill_busy_points"])
+            return cls(prefill=prefill, decode=DecodeFit(**d.pop("decode")), prefill_busy=prefill_busy,
+                       decode_busy=DecodeFit(**db) if db else None, **points, **d)
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed pdserve plan profile: {e}") from None
 
@@ -108,9 +127,20 @@ class StageProfile:
         return cls.from_json(path.read_text())
 
 
-def fit_prefill(points: list[tuple[int, float]]) -> PrefillFit:
-    a, b = _nonneg_lstsq([[1.0, t] for t, _ in points], [s for _, s in points])
-    return PrefillFit(a, b)
+def fit_prefill(points: list[tuple[int, int, float]]) -> PrefillFit:
+    """(prompts, tokens, seconds) of calls packed from equal prompts. The quickest call is the floor; the
+    line is fitted to the calls clearly above it (when three or more are), which the floor would bend."""
+    floor = min(sec for *_, sec in points)
+    above = [p for p in points if p[2] > 1.1 * floor]
+    above = above if len(above) >= 3 else points
+    coef = _nonneg_lstsq([[1.0, t, t * t / n] for n, t, _ in above], [sec for *_, sec in above])
+    return PrefillFit(*coef, floor_s=floor)
+
+
+def _with_floor(fit: PrefillFit | None, points: tuple[tuple[int, int, float], ...]) -> PrefillFit | None:
+    if fit is None or not points:
+        return fit
+    return PrefillFit(fit.a_s, fit.b_s_per_token, fit.g_s_per_token2, min(sec for *_, sec in points))
 
 
 def fit_decode(points: list[tuple[int, int, float]]) -> DecodeFit:
@@ -137,13 +167,15 @@ def _nonneg_lstsq(rows: list[list[float]], y: list[float]) -> list[float]:
 
 @dataclass(frozen=True)
 class ProfileSizes:
-    prefill_tokens: tuple[int, ...] = (32, 128, 512, 1024)
+    prefill_tokens: tuple[int, ...] = (32, 128, 512, 1024)  # single prompts
+    prefill_packed: tuple[tuple[int, int], ...] = ((4, 64), (16, 64), (32, 64))  # (prompts, tokens each)
     decode_batches: tuple[int, ...] = (1, 8, 32)  # 32 x 1024 tokens: a 0.75 GiB pool on the default model
     decode_contexts: tuple[int, ...] = (128, 1024)
     repeats: int = 3
 
 
-QUICK_SIZES = ProfileSizes(prefill_tokens=(16, 64, 128), decode_batches=(1, 4), decode_contexts=(32, 96), repeats=2)
+QUICK_SIZES = ProfileSizes(prefill_tokens=(16, 64, 128), prefill_packed=((4, 32),), decode_batches=(1, 4),
+                           decode_contexts=(32, 96), repeats=2)
 
 
 def measure(runner, sizes: ProfileSizes, threads: int, description: str = "",
@@ -172,14 +204,17 @@ def measure(runner, sizes: ProfileSizes, threads: int, description: str = "",
                         prefill_points=tuple(prefill_points), decode_points=tuple(decode_points), **busy)
 
 
-def _prefill_points(runner, sizes: ProfileSizes) -> list[tuple[int, float]]:
+def _prefill_points(runner, sizes: ProfileSizes) -> list[tuple[int, int, float]]:
     import torch
 
     gen = torch.Generator().manual_seed(0)
+    most = runner.arch.max_position_embeddings
+    singles = {(1, min(t, most)) for t in sizes.prefill_tokens}
+    calls = sorted(singles | {(k, min(n, most)) for k, n in sizes.prefill_packed}, key=lambda c: (c[0] * c[1], c[0]))
     points = []
-    for n in sorted({min(t, runner.arch.max_position_embeddings) for t in sizes.prefill_tokens}):
-        prompt = torch.randint(0, runner.arch.vocab_size, (n,), generator=gen).tolist()
-        points.append((n, _typical(lambda p=prompt: runner.prefill([p], None), sizes.repeats)))
+    for k, n in calls:
+        prompts = [torch.randint(0, runner.arch.vocab_size, (n,), generator=gen).tolist() for _ in range(k)]
+        points.append((k, k * n, _typical(lambda p=prompts: runner.prefill(p, None), sizes.repeats)))
     return points
 
 

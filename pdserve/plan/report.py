@@ -73,7 +73,7 @@ def render(profile: StageProfile, workload: Workload, resources: Resources, rank
         colo_rate = (max_rate_colocated(profile, workload, resources, colocated.workers, colocated.max_batch,
                                         colocated.batched_tokens) if with_max_rate else None)
         lines += [""] + compare_modes(ranked[0], colocated, pd_rate, colo_rate, workload, resources)
-    lines += extrapolation(profile, workload)
+    lines += extrapolation(profile, workload, policy)
     return "\n".join(lines)
 
 
@@ -110,17 +110,22 @@ def explain(best: Prediction, workload: Workload, resources: Resources) -> list[
     share_flag = (f"--prefill-threads {resources.per_worker:g} --decode-threads {resources.per_worker:g}"
                   if flag == "threads" else
                   f"--prefill-gpus {resources.per_worker:g} --decode-gpus {resources.per_worker:g}")
-    lines.append(f"  run it: pdserve run-batch ... --prefill-workers {c.prefill_workers} "
-                 f"--decode-workers {c.decode_workers} --max-num-seqs {c.max_batch} {share_flag}")
+    lines.append(f"  run it: pdserve serve ... --prefill-workers {c.prefill_workers} "
+                 f"--decode-workers {c.decode_workers} --max-num-seqs {c.max_batch} {share_flag} (the prediction "
+                 "admits each prefilled request at once, as a server does; run-batch on one shared CPU node holds "
+                 "them until prefill is idle unless --batch-admissions off)")
     return lines
 
 
-def extrapolation(profile: StageProfile, workload: Workload) -> list[str]:
+def extrapolation(profile: StageProfile, workload: Workload, policy: RouterPolicy = ROUTER_DEFAULTS) -> list[str]:
     """Say so when the workload reaches past the profiled sizes: the fit is a line, not a measurement there."""
     notes = []
-    if profile.prefill_points and workload.prompt.high > max(t for t, _ in profile.prefill_points):
-        notes.append(f"prompts up to {workload.prompt.high} tokens, prefill profiled up to "
-                     f"{max(t for t, _ in profile.prefill_points)}")
+    single = max((t for n, t, _ in profile.prefill_points if n == 1), default=0)
+    if single and workload.prompt.high > single:
+        notes.append(f"prompts up to {workload.prompt.high} tokens, prefill profiled up to {single}")
+    packed = max((t for _, t, _ in profile.prefill_points), default=0)
+    if packed and policy.max_prefill_tokens > packed:
+        notes.append(f"prefill calls pack up to {policy.max_prefill_tokens} tokens, profiled up to {packed}")
     context = workload.prompt.high + workload.output.high
     if profile.decode_points and context > max(c for _, c, _ in profile.decode_points):
         notes.append(f"contexts up to {context} tokens, decode profiled up to "
@@ -144,8 +149,9 @@ def compare_modes(pd: Prediction, colo: ColocatedPrediction, pd_rate: float | No
     if pd_rate is not None and colo_rate is not None:
         lines.append(f"  at >= 90% attainment: colocated sustains {colo_rate:.3f} req/s ({colo_rate / colo.units:.3f} "
                      f"per {unit}), PD {pd_rate:.3f} req/s ({pd_rate / pd.units:.3f} per {unit})")
-    better = (colo_rate, pd_rate) if colo_rate is not None and pd_rate is not None else (
-        colo.goodput_rps(rate) / colo.units, pd.goodput_rps(rate) / pd.units)
+    # per core or GPU: PD's recommendation may leave units idle that colocated puts to work
+    better = ((colo_rate / colo.units, pd_rate / pd.units) if colo_rate is not None and pd_rate is not None
+              else (colo.goodput_rps(rate) / colo.units, pd.goodput_rps(rate) / pd.units))
     winner = "colocated" if better[0] > better[1] * 1.02 else "PD" if better[1] > better[0] * 1.02 else "neither"
     why = []
     if colo.tpot_attainment < pd.tpot_attainment - 0.01 or colo.tpot_mean_s > 1.1 * pd.tpot_mean_s:
@@ -153,5 +159,6 @@ def compare_modes(pd: Prediction, colo: ColocatedPrediction, pd_rate: float | No
     if colo.ttft_attainment > pd.ttft_attainment + 0.01 or colo.ttft_mean_s < 0.9 * pd.ttft_mean_s:
         why.append(f"colocated prefills on all {colo.workers} workers, in chunks beside decode, which cuts TTFT")
     lines.append(f"  which mode: {'about the same' if winner == 'neither' else winner + ' serves more within the SLOs'}"
+                 f" per {unit}"
                  + (f" ({'; '.join(why)})" if why else ""))
     return lines

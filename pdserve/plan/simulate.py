@@ -13,9 +13,13 @@ What it mirrors (router/router.py, decode_worker/):
 - each prefill worker holds up to `prefill_batches_in_flight` calls, one running and the rest in its
   mailbox; the router cuts the next call as soon as a slot opens and sends it to the ready worker with
   the fewest tokens in flight;
-- a call of T prompt tokens takes the profiled prefill time of T tokens, plus the last layer's share of
-  its KV transfer (the other layers stream while prefill computes); its prompts' first tokens are out
-  when it returns (TTFT);
+- a call takes the profiled time of its packed prompts (pdserve.plan.profile.PrefillFit) plus the KV
+  transfer prefill does not hide: all of it over shared memory, which copies each layer inside the
+  forward (one CPU node), the last layer's share over CUDA IPC or gRPC, which stream while prefill
+  computes; its prompts' first tokens are out when it returns (TTFT);
+- with batch admissions (run-batch and `up` on one shared CPU node) the router holds prefilled requests
+  until no prefill call is in flight and admits them together; otherwise at once, all of a call's
+  requests for one decode worker in one admission;
 - each request is placed on the decode worker with the fewest tokens reserved, joins its batch at the
   next step boundary when there is room under the max batch (FIFO otherwise), and leaves after
   output - 1 steps; a step of B sequences with total context C takes c + d*B + e*C;
@@ -47,10 +51,15 @@ class RouterPolicy:
     prefill_batches_in_flight: int = 2
     bucket_edges: tuple[int, ...] = DEFAULT_BUCKET_EDGES
     aging_s: float = 10.0
+    batch_admissions: bool = False
 
     @classmethod
-    def of(cls, router_config) -> RouterPolicy:
-        return cls(**{k: getattr(router_config, k) for k in cls.__dataclass_fields__})
+    def of(cls, router_config, shared_cores: bool = False) -> RouterPolicy:
+        """`shared_cores`: what the router decides batch admissions by when the config leaves it to it."""
+        fields = {k: getattr(router_config, k) for k in cls.__dataclass_fields__}
+        if fields["batch_admissions"] is None:
+            fields["batch_admissions"] = shared_cores
+        return cls(**fields)
 
 
 ROUTER_DEFAULTS = RouterPolicy()
@@ -65,38 +74,28 @@ class StageTimes:
     decode: DecodeFit
     prefill_busy: PrefillFit | None = None
     decode_busy: DecodeFit | None = None
-    prefill_points: tuple[tuple[int, float], ...] = ()  # solo (tokens, seconds): interpolated in range
-    prefill_busy_points: tuple[tuple[int, float], ...] = ()
     scale: float = 1.0
-    exposed_transfer_s_per_token: float = 0.0  # the last layer's share of the KV transfer
+    exposed_transfer_s_per_token: float = 0.0  # the KV transfer a prefill call does not hide
 
     @classmethod
-    def of(cls, profile: StageProfile, scale: float, transfer_gbps: float, neighbours: bool) -> StageTimes:
-        per_token = (profile.kv_bytes_per_token / (transfer_gbps * 1e9) / profile.num_layers
-                     if transfer_gbps > 0 else 0.0)
+    def of(cls, profile: StageProfile, scale: float, transfer_gbps: float, neighbours: bool,
+           transfer_hidden: bool = False) -> StageTimes:
+        """`transfer_hidden`: the transport streams layers while prefill computes (CUDA IPC, gRPC), so only
+        the last layer's share shows; shared memory copies each layer inside the forward."""
+        per_token = profile.kv_bytes_per_token / (transfer_gbps * 1e9) if transfer_gbps > 0 else 0.0
         return cls(profile.prefill, profile.decode, profile.prefill_busy if neighbours else None,
-                   profile.decode_busy if neighbours else None, profile.prefill_points,
-                   profile.prefill_busy_points if neighbours else (), scale, per_token)
+                   profile.decode_busy if neighbours else None, scale,
+                   per_token / profile.num_layers if transfer_hidden else per_token)
 
-    def prefill_s(self, tokens: int, busy_neighbours: int) -> float:
-        solo = _interpolated(self.prefill_points, tokens, self.prefill.time(tokens))
-        if self.prefill_busy is None or busy_neighbours == 0:
-            return self.scale * solo
-        busy = _interpolated(self.prefill_busy_points, tokens, self.prefill_busy.time(tokens))
-        return self.scale * (solo + busy_neighbours * max(busy - solo, 0.0))
+    def prefill_s(self, tokens: int, busy_neighbours: int, square_sum: float | None = None) -> float:
+        return self.scale * self.prefill.toward(self.prefill_busy, busy_neighbours).time(tokens, square_sum)
+
+    def decode_fit(self, busy_neighbours: int) -> DecodeFit:
+        return self.decode.toward(self.decode_busy, busy_neighbours)
 
     def decode_s(self, batch: int, context_tokens: int, busy_neighbours: int) -> float:
-        fit = self.decode.toward(self.decode_busy, busy_neighbours)
+        fit = self.decode_fit(busy_neighbours)
         return self.scale * (fit.c_s + fit.d_s_per_seq * batch + fit.e_s_per_seq_token * context_tokens)
-
-
-def _interpolated(points: tuple[tuple[int, float], ...], x: float, fitted: float) -> float:
-    """Within the profiled sizes, the measured points joined by lines; outside them, the fitted line.
-    A call's time is not one line: below ~64 tokens it is the time to read every weight once."""
-    if len(points) < 2 or not points[0][0] <= x <= points[-1][0]:
-        return fitted
-    xs, ys = zip(*points)
-    return float(np.interp(x, xs, ys))
 
 
 @dataclass
@@ -166,6 +165,7 @@ class _Sim:
         heapq.heapify(self.events)
         self.order = itertools.count(n)
         self.calls = 0
+        self.held: list[int] = []  # prefilled, not yet admitted to decode
 
     def run(self) -> SimResult:
         events, handlers = self.events, (self._prefill_done, self._step_done, self._arrived)
@@ -210,8 +210,9 @@ class _Sim:
     def _start_call(self, worker: _PrefillWorker) -> None:
         call = worker.mailbox[0]
         tokens = sum(self.prompts[i] for i in call)
+        squares = sum(self.prompts[i] ** 2 for i in call)
         busy = sum(w.running for w in self.prefill) + sum(d.stepping for d in self.decode)
-        duration = self.times.prefill_s(tokens, busy) + self.times.exposed_transfer_s_per_token * tokens
+        duration = self.times.prefill_s(tokens, busy, squares) + self.times.exposed_transfer_s_per_token * tokens
         for i in call:
             self.started[i] = self.now
         worker.running, worker.busy_s = True, worker.busy_s + duration
@@ -224,17 +225,27 @@ class _Sim:
         worker.tokens -= sum(self.prompts[i] for i in call)
         for i in call:
             self.first_token[i] = self.now
-            d = self.decode[self.decode_of[i]]
             if self.outputs[i] <= 1:
                 self.finish[i] = self.now
-                d.reserved -= self.prompts[i] + self.outputs[i]
-                continue
-            d.waiting.append(i)
-            if not d.stepping:
-                self._start_step(d)
+                self.decode[self.decode_of[i]].reserved -= self.prompts[i] + self.outputs[i]
+            else:
+                self.held.append(i)
         if worker.mailbox:
             self._start_call(worker)
         self._dispatch()
+        if not self.policy.batch_admissions or not any(w.calls for w in self.prefill):
+            self._admit()
+
+    def _admit(self) -> None:
+        """Every held request joins its decode worker's queue before any idle one steps: a call's requests
+        for one worker arrive in one admission and step together."""
+        touched = {self.decode_of[i] for i in self.held}
+        for i in self.held:
+            self.decode[self.decode_of[i]].waiting.append(i)
+        self.held = []
+        for d in sorted(touched):
+            if not self.decode[d].stepping:
+                self._start_step(self.decode[d])
 
     # ---- decode ----------------------------------------------------------------------------
     def _start_step(self, d: _DecodeWorker) -> None:
