@@ -76,7 +76,7 @@ class DecodeWorker(StepLoopWorker):
         self.batcher = self.compute.call(ContinuousBatcher, self.runner, self.pool, stopper,
                                          config.engine.max_num_seqs)
         self.batcher.enable_speculation(build_stepper(self.runner, self.pool, stopper))
-        self._start_loop_state()
+        self._start_loop_state(self.batcher.phases)
         self._start_loop()
 
     # ---- router-facing API -------------------------------------------------------------
@@ -186,8 +186,11 @@ class DecodeWorker(StepLoopWorker):
                 self._finish(seq, error=f"decode step failed: {e!r}")
             return
         self._count_step(started, started_cpu, rows)
+        self.phases.start()
         for seq in finished:
             self._finish(seq)
+        self.phases.lap("finish")
+        self.phases.stop()
 
     def _accept(self, seq: DecodeSequence) -> None:
         done = self.batcher.add(seq)
