@@ -97,6 +97,10 @@ def test_worker_stats_carry_the_phases(tiny_with_tokenizer):
             done.update({r.request_id: r for r in decode.poll(0.2, stream=True).results})
         stats = decode.stats()
         assert stats["steps"] > 0 and stats["free_blocks"] == stats["num_blocks"]
+        # Row positions: prompt length - 1 at the first step, one more each step after (8 tokens each, the
+        # first from prefill: 7 steps per request, both in every step).
+        assert stats["step_rows"] == 14 and stats["step_context_tokens"] == sum(
+            len(p) - 1 + k for p in prompts.values() for k in range(1, 8))
         assert set(stats["phase_cpu_seconds"]) == STEP_PHASES | {"ingest", "finish"}
         step_phases = sum(stats["phase_cpu_seconds"][p] for p in STEP_PHASES)
         assert 0 < step_phases <= stats["step_cpu_seconds"]  # the batcher's laps nest inside the counted steps
