@@ -212,6 +212,10 @@ class DecodeWorker(StepLoopWorker):
     def _streamable(self) -> list[DecodeSequence]:
         return list(self.batcher.running)
 
+    def _progress_key(self) -> int:
+        """Steps counted: only a step appends tokens or admits rows, and `_count_step` follows it."""
+        return self.steps
+
     def _finish(self, seq: DecodeSequence, error: str | None = None) -> None:
         with self._lock:
             if error is None and self.blocks.holds(seq.request_id):

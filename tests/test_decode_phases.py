@@ -78,35 +78,61 @@ def test_batcher_steps_lap_every_phase_inside_the_step(runner):
     assert set(batcher.phases.wall) == STEP_PHASES
 
 
-def test_worker_stats_carry_the_phases(tiny_with_tokenizer):
-    engine = EngineConfig(model=str(tiny_with_tokenizer), dtype="float32", device="cpu", block_size=4, num_threads=1,
+def _decode_in_process(folder, prompts: dict[str, list[int]], max_tokens: int):
+    """A PrefillWorker and a DecodeWorker in this process (shared memory); the requests streamed to the
+    end. Returns (results by id, the TokenProgress of each poll that had some, the decode worker's stats)."""
+    engine = EngineConfig(model=str(folder), dtype="float32", device="cpu", block_size=4, num_threads=1,
                           kv_cache_gib=0.002, attention_backend="torch")
     prefill = PrefillWorker(WorkerConfig(engine=engine, worker_id="p0", auth_token="t", transport="shm"))
     decode = DecodeWorker(WorkerConfig(engine=engine, worker_id="d0", auth_token="t", transport="shm"))
     try:
-        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-        prompts = {"a": [5, 6, 7, 8, 9], "b": list(range(10, 23))}
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         grants = decode.reserve([Reservation(rid, len(p), params.max_tokens, tuple(p)) for rid, p in prompts.items()])
         results = prefill.prefill([PrefillTask(rid, tuple(p), params, decode.endpoint(), grants[rid].block_table,
                                                grants[rid].cached_blocks) for rid, p in prompts.items()])
         assert decode.admit([Admission(r.request_id, len(prompts[r.request_id]), r.first_token, r.prefill_end,
                                        params, r.transport) for r in results]) == []
-        done, deadline = {}, time.time() + 60
+        done, progress, deadline = {}, [], time.time() + 60
         while len(done) < len(prompts):
             assert time.time() < deadline, "decode did not finish"
-            done.update({r.request_id: r for r in decode.poll(0.2, stream=True).results})
-        stats = decode.stats()
-        assert stats["steps"] > 0 and stats["free_blocks"] == stats["num_blocks"]
-        # Row positions: prompt length - 1 at the first step, one more each step after (8 tokens each, the
-        # first from prefill: 7 steps per request, both in every step).
-        assert stats["step_rows"] == 14 and stats["step_context_tokens"] == sum(
-            len(p) - 1 + k for p in prompts.values() for k in range(1, 8))
-        assert set(stats["phase_cpu_seconds"]) == STEP_PHASES | {"ingest", "finish"}
-        step_phases = sum(stats["phase_cpu_seconds"][p] for p in STEP_PHASES)
-        assert 0 < step_phases <= stats["step_cpu_seconds"]  # the batcher's laps nest inside the counted steps
-        assert stats["poll_cpu_seconds"] > 0
-        if RunQueueClock().read() is not None:
-            assert stats["step_run_queue_seconds"] >= 0
+            poll = decode.poll(0.2, stream=True)
+            done.update({r.request_id: r for r in poll.results})
+            if poll.progress:
+                progress.append(poll.progress)
+        return done, progress, decode.stats()
     finally:
         decode.shutdown()
         prefill.shutdown()
+
+
+def test_worker_stats_carry_the_phases(tiny_with_tokenizer):
+    prompts = {"a": [5, 6, 7, 8, 9], "b": list(range(10, 23))}
+    done, _, stats = _decode_in_process(tiny_with_tokenizer, prompts, 8)
+    assert all(r.error is None for r in done.values())
+    assert stats["steps"] > 0 and stats["free_blocks"] == stats["num_blocks"]
+    # Row positions: prompt length - 1 at the first step, one more each step after (8 tokens each, the
+    # first from prefill: 7 steps per request, both in every step).
+    assert stats["step_rows"] == 14 and stats["step_context_tokens"] == sum(
+        len(p) - 1 + k for p in prompts.values() for k in range(1, 8))
+    assert set(stats["phase_cpu_seconds"]) == STEP_PHASES | {"ingest", "finish"}
+    step_phases = sum(stats["phase_cpu_seconds"][p] for p in STEP_PHASES)
+    assert 0 < step_phases <= stats["step_cpu_seconds"]  # the batcher's laps nest inside the counted steps
+    assert stats["poll_cpu_seconds"] > 0
+    if RunQueueClock().read() is not None:
+        assert stats["step_run_queue_seconds"] >= 0
+
+
+def test_streamed_tokens_are_the_results_tokens_in_order_none_missed(tiny_with_tokenizer):
+    """Streaming polls skip the walk over the batch while no step has completed: each request's progress
+    must still run from token 1 with no gap or repeat, and agree with its result."""
+    prompts = {"a": [5, 6, 7, 8, 9], "b": list(range(10, 23)), "c": [3] * 30}
+    done, polls, _ = _decode_in_process(tiny_with_tokenizer, prompts, 150)
+    assert len(polls) >= 2, "150 steps, each poll ends at the first new token: progress comes step after step"
+    for rid, result in done.items():
+        assert result.error is None and len(result.token_ids) == 150
+        sent = 1
+        for p in (p for poll in polls for p in poll if p.request_id == rid):
+            assert p.start == sent and len(p.token_ids) == len(p.token_times) > 0
+            assert p.token_ids == result.token_ids[sent:sent + len(p.token_ids)]
+            assert p.token_times == result.token_times[sent:sent + len(p.token_ids)]
+            sent += len(p.token_ids)
