@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from decode_worker.decode_state import DecodeState
+from decode_worker.phases import PhaseClock
 from decode_worker.stopping import StopChecker
 from engine.config import SamplingParams
 from engine.cuda_graphs import DecodeGraphs
@@ -82,6 +83,10 @@ class ContinuousBatcher:
         self.speculative: Any = None  # a SpeculativeStepper (decode_worker/speculative.py): enable_speculation
         self._in_flight: _InFlight | None = None
         self._retiring: list[DecodeSequence] = []  # finished, blocks held until the step in flight completes
+        # Per-phase times of steps (decode_worker/phases.py): admit, forward, sample, collect (read-back and
+        # stop checks), retire (rows of finished sequences leave); speculative (drafting, verifying) and rebuild (rows
+        # set again after a speculative step) with speculation on.
+        self.phases = PhaseClock()
 
     def enable_speculation(self, stepper: Any) -> None:
         """Hand each step to `stepper` first. Its drafts are ragged host lists, so steps do not overlap."""
@@ -125,10 +130,18 @@ class ContinuousBatcher:
 
     def step(self) -> list[DecodeSequence]:
         """One token for every running sequence; returns those that finished (blocks free to reuse)."""
+        self.phases.start()
+        try:
+            return self._step()
+        finally:
+            self.phases.stop()
+
+    def _step(self) -> list[DecodeSequence]:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
             self.state.append(seq.output[-1], seq.next_position, len(seq.output), seq.block_table, seq.params)
             self.running.append(seq)
+        self.phases.lap("admit")
         if not self.running:
             self._settle()
             done, self._retiring = self._retiring, []
@@ -149,6 +162,7 @@ class ContinuousBatcher:
         """A speculative step when the stepper finds one worth it, else a plain one it learns costs from.
         After a speculative step the device rows are rebuilt from the sequences (several tokens moved)."""
         result = self.speculative.step(self.running)
+        self.phases.lap("speculative")  # drafting and verifying, or only deciding not to
         if result is None:
             started = time.perf_counter()
             batch = len(self.running)
@@ -161,6 +175,7 @@ class ContinuousBatcher:
         for seq in still:
             self.state.append(seq.output[-1], seq.next_position, len(seq.output), seq.block_table, seq.params)
         self.running = list(still)
+        self.phases.lap("rebuild")
         return finished
 
     def _launch(self) -> _InFlight:
@@ -171,8 +186,10 @@ class ContinuousBatcher:
             logits = self.graphs.run(tokens, positions, state.block_tables[:n])
         else:
             logits = self.runner.decode(self.pool, tokens, positions, state.block_tables[:n, : state.width])
+        self.phases.lap("forward")
         sampled = sample_t(logits, state.sampling(), state.steps[:n])
         state.advance(sampled)
+        self.phases.lap("sample")
         if self.device.type == "cuda":
             host = torch.empty(n, dtype=torch.int64, pin_memory=True)
             host.copy_(sampled, non_blocking=True)
@@ -194,8 +211,10 @@ class ContinuousBatcher:
                 continue  # finished at the step before (it rode along under overlap) or aborted
             if self.stopper.accept(seq, token, now):
                 finished.append(seq)
+        self.phases.lap("collect")
         for seq in finished:
             self._drop_row(self.running.index(seq))
+        self.phases.lap("retire")
         return finished
 
     def _drop_row(self, i: int) -> None:

@@ -16,6 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any
 
+from decode_worker.phases import PhaseClock, RunQueueClock
 from proto.messages import DecodePoll, DecodeResult, PrefillResult, TokenProgress
 
 
@@ -28,7 +29,8 @@ class StepLoopWorker(ABC):
     # waits in slices; the decode worker waits in one block unless it streams.
     _slice_polls = False
 
-    def _start_loop_state(self) -> None:
+    def _start_loop_state(self, phases: PhaseClock | None = None) -> None:
+        """`phases`: the clock the subclass's step laps on (the batcher's), which the loop laps on too."""
         self._loop_queue: queue.Queue[Any] = queue.Queue()  # admissions, and request ids to abort
         self._results: queue.Queue[DecodeResult] = queue.Queue()
         self._stop = threading.Event()
@@ -37,9 +39,18 @@ class StepLoopWorker(ABC):
         self.step_cpu_seconds = 0.0  # the loop thread's CPU time inside steps: at one torch thread, less
         # than step_seconds by the time it waited for a core or the GIL (with more, OpenMP threads' work too)
         self.step_rows = 0  # sum of batch sizes over steps
+        # Per-phase wall/CPU seconds of the loop thread (decode_worker/phases.py): the step's own phases,
+        # and between steps "ingest" (admissions and aborts taken off the inbox) and "finish" (results).
+        self.phases = phases or PhaseClock()
+        self.poll_cpu_seconds = 0.0  # CPU time of poll() calls on the actor's threads (streamed progress)
+        # Of a step's wall time off the CPU, the part the loop thread waited for a core (the rest: the GIL);
+        # None where the OS does not say. Counted around `_step`, so a step's result handling is in it too.
+        self.step_run_queue_seconds: float | None = None
+        self._run_queue = RunQueueClock()  # opened by the loop thread, on its first read
         self._heartbeat = time.monotonic()  # the loop's last turn: idle turns every 50 ms, busy ones every step
         self._stall_until = 0.0  # fault drill: see stall_for
         self._streamed: dict[str, int] = {}  # streaming polls: request -> output tokens already reported
+        self._progress_seen: object = None  # _progress_key() at the last look (streaming polls)
 
     def _start_loop(self) -> None:
         self._loop_done = self.compute.submit(self._loop)
@@ -54,6 +65,7 @@ class StepLoopWorker(ABC):
         out: list[DecodeResult] = []
         progress: list[TokenProgress] = []
         sliced = stream or self._slice_polls
+        started_cpu = time.thread_time()
         deadline = time.monotonic() + timeout
         while True:
             wait = max(0.0, deadline - time.monotonic())
@@ -71,6 +83,7 @@ class StepLoopWorker(ABC):
             progress = self._progress()
         with self._lock:
             events = self.blocks.take_events()
+        self.poll_cpu_seconds += time.thread_time() - started_cpu  # one poll at a time: no race
         return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress), events or None,
                           prefilled)
 
@@ -81,7 +94,8 @@ class StepLoopWorker(ABC):
 
     def loop_stats(self) -> dict:
         return {"steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows,
-                "step_cpu_seconds": self.step_cpu_seconds}
+                "step_cpu_seconds": self.step_cpu_seconds, "poll_cpu_seconds": self.poll_cpu_seconds,
+                "step_run_queue_seconds": self.step_run_queue_seconds, **self.phases.snapshot()}
 
     def _stop_loop(self) -> None:
         self._stop.set()
@@ -89,6 +103,11 @@ class StepLoopWorker(ABC):
         self.compute.shutdown()
 
     # ---- hooks with defaults --------------------------------------------------------------------
+    def _progress_key(self) -> object:
+        """A value that moves on whenever streamable tokens may have changed (after each token a step
+        appends, before a poll could miss it), or None: look every time."""
+        return None
+
     def _poll_ready(self) -> bool:
         """Something besides a result that ends a poll's wait."""
         return False
@@ -105,13 +124,18 @@ class StepLoopWorker(ABC):
             self._heartbeat = time.monotonic()
             self._drain_loop_queue(block=not self._has_work())
             if self._has_work():
+                waited = self._run_queue.read()
                 self._step()
+                if waited is not None:
+                    self.step_run_queue_seconds = (self.step_run_queue_seconds or 0.0) + self._run_queue.read() - waited
+        self._run_queue.close()
 
     def _drain_loop_queue(self, block: bool) -> None:
         try:
             item = self._loop_queue.get(timeout=0.05) if block else self._loop_queue.get_nowait()
         except queue.Empty:
             return
+        self.phases.start()  # after the wait for the first item
         while True:
             if isinstance(item, str):
                 self._abort_in_loop(item)
@@ -120,7 +144,9 @@ class StepLoopWorker(ABC):
             try:
                 item = self._loop_queue.get_nowait()
             except queue.Empty:
-                return
+                break
+        self.phases.lap("ingest")
+        self.phases.stop()
 
     def _count_step(self, started: float, started_cpu: float, rows: int) -> None:
         """After a step begun at perf_counter() `started`, thread_time() `started_cpu`, over `rows` rows."""
@@ -132,7 +158,13 @@ class StepLoopWorker(ABC):
     def _progress(self) -> list[TokenProgress]:
         """New tokens of streamable sequences since the last call. Reads lists the loop appends to
         (output before token_times): a token read late only comes with the next poll. A sequence that
-        left the batch needs no entry: its DecodeResult carries its whole output."""
+        left the batch needs no entry: its DecodeResult carries its whole output.
+        A streaming poll looks every 10 ms; one that finds `_progress_key()` unchanged skips the walk over
+        the batch (at 30 rows and ~100 ms steps it cost the actor ~1.5 ms of CPU per step)."""
+        key = self._progress_key()  # read before the sequences: a token appended after it moves the key on
+        if key is not None and key == self._progress_seen:
+            return []
+        self._progress_seen = key
         progress, streamed = [], {}
         for seq in self._streamable():
             n = min(len(seq.output), len(seq.token_times))

@@ -10,6 +10,7 @@ Ownership:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -76,7 +77,10 @@ class DecodeWorker(StepLoopWorker):
         self.batcher = self.compute.call(ContinuousBatcher, self.runner, self.pool, stopper,
                                          config.engine.max_num_seqs)
         self.batcher.enable_speculation(build_stepper(self.runner, self.pool, stopper))
-        self._start_loop_state()
+        self._start_loop_state(self.batcher.phases)
+        # Sum over steps of each row's position (the context the plan profile's decode step is timed at):
+        # / step_rows = the mean context a step ran at, to compare a step's time with the profile's fit.
+        self.step_context_tokens = 0
         self._start_loop()
 
     # ---- router-facing API -------------------------------------------------------------
@@ -149,7 +153,7 @@ class DecodeWorker(StepLoopWorker):
                     "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
                     "cached_blocks": self.blocks.num_cached,
                     "running": len(self.batcher.running), "waiting": len(self.batcher.waiting),
-                    **self.loop_stats()}
+                    "step_context_tokens": self.step_context_tokens, **self.loop_stats()}
 
     def shutdown(self) -> None:
         self._stop_loop()
@@ -177,6 +181,8 @@ class DecodeWorker(StepLoopWorker):
 
     def _step(self) -> None:
         rows = min(len(self.batcher.running) + len(self.batcher.waiting), self.batcher.max_num_seqs)
+        context = sum(s.next_position for s in itertools.islice(
+            itertools.chain(self.batcher.running, self.batcher.waiting), rows))
         started, started_cpu = time.perf_counter(), time.thread_time()
         try:
             finished = self.batcher.step()
@@ -186,8 +192,12 @@ class DecodeWorker(StepLoopWorker):
                 self._finish(seq, error=f"decode step failed: {e!r}")
             return
         self._count_step(started, started_cpu, rows)
+        self.step_context_tokens += context
+        self.phases.start()
         for seq in finished:
             self._finish(seq)
+        self.phases.lap("finish")
+        self.phases.stop()
 
     def _accept(self, seq: DecodeSequence) -> None:
         done = self.batcher.add(seq)
@@ -201,6 +211,10 @@ class DecodeWorker(StepLoopWorker):
 
     def _streamable(self) -> list[DecodeSequence]:
         return list(self.batcher.running)
+
+    def _progress_key(self) -> int:
+        """Steps counted: only a step appends tokens or admits rows, and `_count_step` follows it."""
+        return self.steps
 
     def _finish(self, seq: DecodeSequence, error: str | None = None) -> None:
         with self._lock:

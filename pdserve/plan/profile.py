@@ -237,21 +237,47 @@ def _typical(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def decode_step_inputs(runner, batch: int, context: int, gen) -> tuple:
-    """(pool, tokens, positions, block tables) of one decode step of `batch` sequences each at position
-    `context`, over a zeroed pool (a step's time does not depend on the cached values)."""
+def decode_step_inputs(runner, batch: int, context: int, gen, steps: int = 1) -> tuple:
+    """(pool, tokens, positions, block tables) of a decode step of `batch` sequences whose contexts spread
+    evenly over about context/2 .. 3*context/2 (as a serving batch mixes lengths; a step's attention costs
+    the sum of the rows' contexts), over a zeroed pool (a step's time does not depend on the cached values).
+    Each row's blocks are one run, as the block manager mostly hands them out. Over `steps` steps, each moving
+    every row one position on, the mean context runs through `context` (and no row passes the model's
+    last position but one)."""
     import torch
 
     from engine.kv_cache import KVPool
 
-    per_seq = runner.kv_layout(num_blocks=1).blocks_for(context + 1)
+    centre = max(0, context - steps // 2)  # the rows' mean position at the first step
+    half = max(0, min(context // 2, centre, runner.arch.max_position_embeddings - 1 - steps - centre))
+    # Symmetric offsets: row i and row batch-1-i cancel (round() is odd), so the mean stays `centre`.
+    offsets = [round(half * (2 * i - (batch - 1)) / (batch - 1)) if batch > 1 else 0 for i in range(batch)]
+    order = torch.randperm(batch, generator=gen).tolist()
+    positions = torch.tensor([centre + offsets[i] for i in order], dtype=torch.long)
+    per_seq = runner.kv_layout(num_blocks=1).blocks_for(centre + half + steps)
     pool = KVPool.allocate(runner.kv_layout(num_blocks=batch * per_seq), str(runner.device))
     tables = torch.arange(batch * per_seq, dtype=torch.int32).view(batch, per_seq).to(runner.device)
     tokens = torch.randint(0, runner.arch.vocab_size, (batch,), generator=gen).to(runner.device)
-    positions = torch.full((batch,), context, dtype=torch.long, device=runner.device)
-    return pool, tokens, positions, tables
+    return pool, tokens, positions.to(runner.device), tables
 
 
 def _decode_time(runner, batch: int, context: int, repeats: int, gen) -> float:
-    inputs = decode_step_inputs(runner, batch, context, gen)
-    return _typical(lambda: runner.decode(*inputs), repeats)
+    """The typical time of a serving decode step: `ContinuousBatcher.step` over `batch` running rows (the
+    forward, greedy sampling -- what bench serve asks for -- the read-back and stop checks), not the forward
+    alone. Eager on CUDA too (no graphs). The warm-up call admits the rows; every call moves each row one
+    position on, so the timed calls centre on `context`."""
+    from decode_worker.batcher import ContinuousBatcher, DecodeSequence
+    from decode_worker.stopping import StopChecker
+    from engine.config import SamplingParams
+
+    steps = repeats + 1
+    pool, tokens, positions, tables = decode_step_inputs(runner, batch, context, gen, steps)
+    batcher = ContinuousBatcher(runner, pool, StopChecker((), None), batch, cuda_graphs=False, overlap=False)
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)  # none finishes here
+    for i, (token, position, table) in enumerate(zip(tokens.tolist(), positions.tolist(), tables.tolist())):
+        batcher.add(DecodeSequence(str(i), prompt_len=position, params=params, block_table=table,
+                                   output=[token], token_times=[0.0]))
+    seconds = _typical(batcher.step, repeats)
+    if len(batcher.running) != batch:
+        raise RuntimeError(f"{batch - len(batcher.running)} of {batch} profiled rows left the batch")
+    return seconds
