@@ -295,6 +295,8 @@ def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch
         assert d["rows"] == sum(s.max_tokens - 1 for s in samples) and d["steps"] > 0
         assert d["mean_batch"] == pytest.approx(d["rows"] / d["steps"]) and 1 <= d["mean_batch"] <= 4
         assert 0 < d["step_cpu_ms"] <= d["step_ms"] * 1.01 and 0 < d["busy"] <= 1.01
+        assert (min(s.prompt_tokens for s in samples) <= d["mean_context"]
+                <= max(s.prompt_tokens + s.max_tokens for s in samples))
         # attainment and percentiles from the client's own times
         ttft = [s.first - s.sent for s in samples]
         tpot = [(s.end - s.first) / (s.output_tokens - 1) for s in samples]
@@ -336,9 +338,12 @@ def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch
 def test_decode_stage_from_counters_and_a_restart_in_between():
     from pdserve.bench.serve import decode_stage
 
-    d = decode_stage((10, 1.0, 40, 0.8), (30, 3.0, 120, 2.4), wall_s=4.0, workers=1)
+    d = decode_stage((10, 1.0, 40, 0.8, 4000, 0.1), (30, 3.0, 120, 2.4, 12000, 0.3), wall_s=4.0, workers=1)
     assert d == {"steps": 20, "rows": 80, "step_ms": pytest.approx(100.0), "step_cpu_ms": pytest.approx(80.0),
-                 "mean_batch": 4.0, "busy": 0.5}
-    restarted = decode_stage((10, 1.0, 40, 0.8), (3, 0.3, 9, 0.2), wall_s=4.0, workers=1)  # counters began again
+                 "mean_batch": 4.0, "mean_context": 100.0, "core_wait_ms": pytest.approx(10.0), "busy": 0.5}
+    # colocated keeps no contexts; a kernel without scheduler stats no run-queue time
+    unknown = decode_stage((10, 1.0, 40, 0.8, 0, 0), (30, 3.0, 120, 2.4, 0, 0), wall_s=4.0, workers=1)
+    assert unknown["mean_context"] is None and unknown["core_wait_ms"] is None and unknown["steps"] == 20
+    restarted = decode_stage((10, 1.0, 40, 0.8, 0, 0), (3, 0.3, 9, 0.2, 0, 0), wall_s=4.0, workers=1)  # began again
     assert set(restarted.values()) == {None}
-    assert set(decode_stage(None, (3, 0.3, 9, 0.2), 4.0, 1).values()) == {None}
+    assert set(decode_stage(None, (3, 0.3, 9, 0.2, 0, 0), 4.0, 1).values()) == {None}

@@ -247,9 +247,14 @@ async def _wait_idle(loop, workers: WorkerSet, timeout_s: float = 60.0) -> int:
         await asyncio.sleep(0.2)
 
 
-def _decode_counters(workers: WorkerSet) -> tuple[int, float, int, float] | None:
-    """(steps, seconds inside steps, rows stepped, the stepping thread's CPU seconds) summed over the
-    decode workers; None when one cannot answer (restarting)."""
+COUNTERS = ("steps", "step_seconds", "step_rows", "step_cpu_seconds", "step_context_tokens",
+            "step_run_queue_seconds")
+
+
+def _decode_counters(workers: WorkerSet) -> tuple[float, ...] | None:
+    """The decode workers' COUNTERS, each summed over them; None when one cannot answer (restarting).
+    A counter a worker does not keep (colocated: contexts; a kernel without per-thread scheduler stats:
+    run-queue time) sums as 0."""
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -257,23 +262,25 @@ def _decode_counters(workers: WorkerSet) -> tuple[int, float, int, float] | None
         stats = ray.get([h.stats.remote() for h in workers.decode.values()], timeout=60)
     except (RayActorError, GetTimeoutError):
         return None
-    return (sum(s.get("steps", 0) for s in stats), sum(s.get("step_seconds", 0.0) for s in stats),
-            sum(s.get("step_rows", 0) for s in stats), sum(s.get("step_cpu_seconds", 0.0) for s in stats))
+    return tuple(sum(s.get(k) or 0 for s in stats) for k in COUNTERS)
 
 
-def decode_stage(before: tuple[int, float, int, float] | None, after: tuple[int, float, int, float] | None,
+def decode_stage(before: tuple[float, ...] | None, after: tuple[float, ...] | None,
                  wall_s: float, workers: int) -> dict[str, Any]:
     """What the decode workers did during one rate: steps, mean step time (wall, and the stepping
-    thread's CPU time: at one torch thread the gap is time spent waiting for a core or the GIL) and rows
-    per step (pd: the decode batch; colocated: decode rows plus prompt chunks), and the share of the
-    rate's wall time they spent stepping (busy): the figures the planner's decode model predicts. All
-    None when a worker restarted during the rate (its counters began again)."""
+    thread's CPU time: at one torch thread the gap is time spent waiting for a core or the GIL; of it,
+    core_wait_ms waited in the kernel's run queue) and rows per step (pd: the decode batch; colocated:
+    decode rows plus prompt chunks) at a mean context (pd), and the share of the rate's wall time they
+    spent stepping (busy): the figures the planner's decode model predicts. All None when a worker
+    restarted during the rate (its counters began again)."""
+    keys = ("steps", "rows", "step_ms", "step_cpu_ms", "mean_batch", "mean_context", "core_wait_ms", "busy")
     if before is None or after is None or any(a < b for a, b in zip(after, before)):
-        return {"steps": None, "rows": None, "step_ms": None, "step_cpu_ms": None, "mean_batch": None, "busy": None}
-    steps, seconds, rows, cpu = (a - b for a, b in zip(after, before))
-    return {"steps": steps, "rows": rows, "step_ms": 1e3 * seconds / steps if steps else None,
-            "step_cpu_ms": 1e3 * cpu / steps if steps else None,
-            "mean_batch": rows / steps if steps else None,
+        return dict.fromkeys(keys)
+    steps, seconds, rows, cpu, context, queued = (a - b for a, b in zip(after, before))
+    per_step = (lambda x: x / steps) if steps else (lambda x: None)
+    return {"steps": steps, "rows": rows, "step_ms": per_step(1e3 * seconds), "step_cpu_ms": per_step(1e3 * cpu),
+            "mean_batch": per_step(rows), "mean_context": context / rows if rows and context else None,
+            "core_wait_ms": per_step(1e3 * queued) if queued else None,
             "busy": seconds / (wall_s * workers) if wall_s > 0 and workers else None}
 
 
@@ -304,8 +311,10 @@ def _run_mode(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, r
                                  f"{_fmt(row['goodput_rps'])} req/s, {row['failed']} failed; step "
                                  f"{_fmt(d['step_ms'], '.1f')} ms (CPU {_fmt(d['step_cpu_ms'], '.1f')}) "
                                  f"at {_fmt(d['mean_batch'], '.1f')} "
-                                 f"{'rows (decode + chunks)' if mode == 'colocated' else 'sequences'}, "
-                                 f"busy {_fmt(d['busy'], '.0%')}")
+                                 f"{'rows (decode + chunks)' if mode == 'colocated' else 'sequences'}"
+                                 + (f" at context {d['mean_context']:.0f}" if d["mean_context"] else "")
+                                 + (f", {d['core_wait_ms']:.1f} ms waiting for a core" if d["core_wait_ms"] else "")
+                                 + f", busy {_fmt(d['busy'], '.0%')}")
                     return {"rates": rows, "kv_blocks_leaked": leaked}
                 finally:
                     if close is not None:

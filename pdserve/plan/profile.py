@@ -9,9 +9,11 @@ for SmolLM2-135M from 16 to 32 tokens): the floor, the quickest call profiled. T
 prompts and calls packed from several prompts, up to the sizes the router packs.
 
 Each point is the median over repeats (after a warm-up call): serving runs at the typical step time,
-not the fastest one. Decode steps run over a KV pool of zeros: a step's time does not depend on the
-cached values, so the contexts need no prefill first. Steps run eagerly through ModelRunner.decode: on
-CUDA the decode worker replays CUDA graphs, so a GPU profile overstates its fixed step cost.
+not the fastest one. A decode point times the serving step itself (ContinuousBatcher.step: forward,
+greedy sampling, read-back, stop checks) over rows at mixed contexts whose mean is the point's, over a
+KV pool of zeros: a step's time does not depend on the cached values, so the contexts need no prefill
+first. Steps run eagerly: on CUDA the decode worker replays CUDA graphs, so a GPU profile overstates
+its fixed step cost. Sampled requests (temperature > 0) cost more than the greedy steps profiled.
 
 Workers that share a node slow each other down even on separate cores (memory bandwidth, the shared
 cache, SMT siblings; on one GPU, its SMs). `measure(..., neighbour=True)` therefore times each stage a
