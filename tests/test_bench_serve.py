@@ -318,7 +318,16 @@ def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch
     assert plan["predicted_rps"] == predicted_sustained(
         StageProfile.load(prof), [tuple(x) for x in report["lengths"]], SLO(**slo),
         Config(cluster.num_prefill, cluster.num_decode, engine.max_num_seqs), worker_threads(cluster), 0.9,
-        policy=RouterPolicy.of(router_config(args, engine)))
+        policy=RouterPolicy.of(router_config(args, engine)), cached_tokens=plan["cached_prompt_tokens"],
+        front_end_cpu_s=plan["front_end_cpu_ms"] / 1e3)
+    # the benchmark process's own CPU (router, server, client) per request sent, measured over each rate
+    assert plan["front_end_cpu_ms"] == pytest.approx(1e3 * sum(r["front_end_cpu_s"] for r in pd["rates"]) / sum(
+        r["requests"] for r in pd["rates"])) and plan["front_end_cpu_ms"] > 0
+    # the server's prefix-cache hits, as it reported them in each stream's usage
+    assert plan["cached_prompt_tokens"] == sum(r["cached_prompt_tokens"] for r in pd["rates"]) / sum(
+        r["completed"] for r in pd["rates"])
+    assert all(0 <= r["cached_prompt_tokens"] < r["prompt_tokens"] for r in pd["rates"])
+    assert plan["cached_prompt_tokens"] > 0  # the chat template's system prompt, cached since the warm-up
     assert plan["measured_rps"] == pd["sustained"]["rate_rps"]
     assert front_end == "openai" or plan["predicted_rps"] > 0.5
     if "colocated" in modes:
@@ -326,7 +335,9 @@ def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch
         assert colo["kv_blocks_leaked"] == 0 and plan["colocated"]["measured_rps"] == colo["sustained"]["rate_rps"]
         assert plan["colocated"]["predicted_rps"] == predicted_sustained_colocated(
             StageProfile.load(prof), [tuple(x) for x in report["lengths"]], SLO(**slo), cluster.num_colocated,
-            engine.max_num_seqs, cluster.max_num_batched_tokens, colocated_threads(cluster), 0.9) > 0.5
+            engine.max_num_seqs, cluster.max_num_batched_tokens, colocated_threads(cluster), 0.9,
+            cached_tokens=plan["colocated"]["cached_prompt_tokens"],
+            front_end_cpu_s=plan["colocated"]["front_end_cpu_ms"] / 1e3) > 0.5
     else:
         assert "colocated" not in plan
     check_report_html(html.read_text(encoding="utf-8"), report)

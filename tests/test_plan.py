@@ -514,3 +514,41 @@ def test_which_mode_is_judged_per_unit():
     lines = compare_modes(pd, colo, 1.0, 1.5, workload(0.5), Resources(total=4))
     assert "which mode: PD serves more within the SLOs per core" in lines[-1]
     assert "which mode: colocated" in compare_modes(pd, colo, 1.0, 2.2, workload(0.5), Resources(total=4))[-1]
+
+
+def test_cached_prompt_tokens_are_neither_computed_nor_sent():
+    """A 100-token prompt with 60 cached: the call computes 40 tokens whose attention reaches the whole
+    prompt (100^2 - 60^2), and ships their KV only. Colocated: the chunk starts after the cached tokens."""
+    fit = PrefillFit(0.1, 0.001, 1e-6)
+    t = replace(times(), prefill=fit, exposed_transfer_s_per_token=1e-4)
+    sim = simulate(t, np.array([0.0]), np.array([100]), np.array([1]), 1, 1, 8, cached=np.array([60]))
+    assert sim.ttft_s == pytest.approx([0.1 + 0.04 + 1e-6 * (100 ** 2 - 60 ** 2) + 40 * 1e-4])
+    colo = colocated(replace(t, exposed_transfer_s_per_token=0.0), [0], [100], [1])
+    from pdserve.plan.colocated import simulate_colocated
+
+    cached = simulate_colocated(replace(t, exposed_transfer_s_per_token=0.0), np.array([0.0]), np.array([100]),
+                                np.array([1]), 1, 8, 512, cached=np.array([60]))
+    assert colo.ttft_s == pytest.approx([0.1 + 0.1 + 1e-6 * 100 ** 2])
+    assert cached.ttft_s == pytest.approx([0.1 + 0.04 + 1e-6 * (100 ** 2 - 60 ** 2)])
+    # the workload's cached tokens stop short of each prompt's last token, which prefill always computes
+    wl = replace(workload(1.0), cached_tokens=60)
+    assert wl.cached(np.array([100, 40, 1])).tolist() == [60, 39, 0]
+    assert predict(profile(a=0.1), wl, FREE_TRANSFER, Config(1, 1, 8)).ttft_mean_s < predict(
+        profile(a=0.1), workload(1.0), FREE_TRANSFER, Config(1, 1, 8)).ttft_mean_s
+
+
+def test_the_front_ends_cpu_is_taken_from_the_workers_cores():
+    """A front end spending 50 ms of CPU a request at 4 req/s takes 0.2 of the 2 cores' 2: each worker keeps
+    0.9 of its core, so every call and step takes 1/0.9 as long. On GPUs (the front end is on the CPU) or
+    on separate nodes it takes nothing."""
+    res = Resources(total=2, transfer_gbps=0, front_end_cpu_s_per_request=0.05)
+    assert res.time_scale(profile(), 4.0) == pytest.approx(1 / 0.9)
+    assert res.time_scale(profile(), 40.0) == math.inf  # the front end alone would fill the cores
+    assert replace(res, kind="gpu").time_scale(profile(), 4.0) == 1.0
+    assert replace(res, shared=False).time_scale(profile(), 4.0) == 1.0
+    wl = workload(4.0, output="1")
+    fast = predict(profile(a=0.1, b=0.0), replace(wl, rate_rps=1e-4), replace(res, front_end_cpu_s_per_request=0.0),
+                   Config(1, 1, 8))
+    slowed = predict(profile(a=0.1, b=0.0), replace(wl, rate_rps=1e-4), replace(res, front_end_cpu_s_per_request=500.0),
+                     Config(1, 1, 8))  # 1e-4 req/s * 500 s = 0.05 cores of 2
+    assert fast.ttft_mean_s == pytest.approx(0.1) and slowed.ttft_mean_s == pytest.approx(0.1 / (1 - 0.025))

@@ -127,6 +127,8 @@ def test_streamed_answers_equal_run_batch(client, batch_answers):
         assert all(c.choices[0].finish_reason is None for c in content[:-1])
         assert usage.prompt_tokens == want["usage"]["prompt_tokens"]
         assert usage.completion_tokens == want["usage"]["completion_tokens"]
+        # the prefix cache's share, as in the whole answer (this request's own: earlier ones may have filled it)
+        assert 0 <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
         assert len({c.id for c in chunks}) == 1
 
 

@@ -65,6 +65,7 @@ class Sample:
     first: float | None = None  # first content
     end: float | None = None  # end of the stream
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server found in its prefix cache
     error: str | None = None
 
     @property
@@ -108,6 +109,8 @@ def _openai_sender(url: str, model: str, timeout_s: float) -> tuple[Send, Callab
                     s.first = time.perf_counter() - t0
                 if chunk.usage is not None:
                     s.output_tokens = chunk.usage.completion_tokens
+                    details = chunk.usage.prompt_tokens_details
+                    s.cached_tokens = (details.cached_tokens or 0) if details is not None else 0
             s.end = time.perf_counter() - t0
         except openai.OpenAIError as e:
             s.error = f"{type(e).__name__}: {e}"
@@ -152,6 +155,7 @@ def _direct_sender(loop, tokenizer, limits, timeout_s: float) -> Send:
         s.end = time.perf_counter() - t0
         if kind == "done" and value.state == State.DONE:
             s.output_tokens = len(value.output_token_ids)
+            s.cached_tokens = value.cached_tokens
         else:  # failed, or ("error", why): the router thread died
             s.error = str(value.error if kind == "done" else value)
 
@@ -226,6 +230,8 @@ def summarize(samples: list[Sample], rate: float, slo: SLO) -> dict[str, Any]:
             "attainment": within / n, "ttft_attainment": sum(t for t, _ in meets) / n,
             "tpot_attainment": sum(p for _, p in meets) / n, "wall_s": span,
             "output_tokens": sum(s.output_tokens for s in ok),
+            "cached_prompt_tokens": sum(s.cached_tokens for s in ok),
+            "prompt_tokens": sum(s.prompt_tokens for s in ok),
             "ttft_s": pct([s.ttft for s in ok]), "tpot_s": pct([s.tpot for s in ok]), "e2e_s": pct([s.e2e for s in ok]),
             "errors": sorted({s.error for s in samples if s.error})[:5]}
 
@@ -300,9 +306,11 @@ def _run_mode(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, r
                     rows, leaked = [], 0
                     for rate, requests, offsets in runs:
                         before = await asyncio.to_thread(_decode_counters, workers)
+                        cpu_before = time.process_time()  # this process: router, front end, client
                         samples = await _run_rate(send, requests, offsets)
                         leaked = max(leaked, await _wait_idle(loop, workers))
                         row = summarize(samples, rate, bench.slo)
+                        row["front_end_cpu_s"] = time.process_time() - cpu_before
                         row["decode"] = decode_stage(before, await asyncio.to_thread(_decode_counters, workers),
                                                      row["wall_s"], len(workers.decode))
                         rows.append(row)

@@ -173,19 +173,42 @@ def plan_vs_measured(profile, report: dict, cluster, engine, router) -> dict:
     threads, policy = worker_threads(cluster), RouterPolicy.of(router)
     lengths, slo = [tuple(x) for x in report["lengths"]], SLO(**report["slo"])
     cv = report["arrival"]["cv"] if report["arrival"]["process"] == "gamma" else 1.0
-    predicted = predicted_sustained(profile, lengths, slo, config, threads, report["target"], policy=policy, cv=cv)
+    pd = report["modes"].get("pd", {})
+    predicted = predicted_sustained(profile, lengths, slo, config, threads, report["target"], policy=policy, cv=cv,
+                                    cached_tokens=cached_per_request(pd), front_end_cpu_s=front_end_cpu_per_request(pd))
     out = {"config": f"{config.prefill_workers}P+{config.decode_workers}D, max batch {config.max_batch}, "
                      f"{threads} threads each", "profile": describe_profile(profile),
-           **_against(predicted, report["modes"].get("pd", {}), "pd")}
+           "cached_prompt_tokens": cached_per_request(pd), "front_end_cpu_ms": 1e3 * front_end_cpu_per_request(pd),
+           **_against(predicted, pd, "pd")}
     if "colocated" in report["modes"]:
         colo_threads = colocated_threads(cluster)
         colo = predicted_sustained_colocated(profile, lengths, slo, cluster.num_colocated, engine.max_num_seqs,
                                              cluster.max_num_batched_tokens, colo_threads, report["target"],
-                                             policy=policy, cv=cv)
+                                             policy=policy, cv=cv,
+                                             cached_tokens=cached_per_request(report["modes"]["colocated"]),
+                                             front_end_cpu_s=front_end_cpu_per_request(report["modes"]["colocated"]))
         out["colocated"] = {"config": f"{cluster.num_colocated} colocated workers, max batch {engine.max_num_seqs}, "
                                       f"{colo_threads} threads each",
+                            "cached_prompt_tokens": cached_per_request(report["modes"]["colocated"]),
+                            "front_end_cpu_ms": 1e3 * front_end_cpu_per_request(report["modes"]["colocated"]),
                             **_against(colo, report["modes"]["colocated"], "colocated")}
     return out
+
+
+def cached_per_request(mode_report: dict) -> float:
+    """Prompt tokens per completed request the mode's server found in its prefix cache (the chat
+    template's system prompt and a shared instruction): the planner does not compute or send them."""
+    rates = mode_report.get("rates", [])
+    done = sum(r["completed"] for r in rates)
+    return sum(r.get("cached_prompt_tokens", 0) for r in rates) / done if done else 0.0
+
+
+def front_end_cpu_per_request(mode_report: dict) -> float:
+    """CPU seconds per request the benchmark process spent (router, HTTP server, client) beside the workers
+    on the same cores: the planner takes them from the workers' share."""
+    rates = mode_report.get("rates", [])
+    done = sum(r["requests"] for r in rates)
+    return sum(r.get("front_end_cpu_s", 0.0) for r in rates) / done if done else 0.0
 
 
 def _against(predicted: float, measured: dict, mode: str) -> dict:

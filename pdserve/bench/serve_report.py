@@ -47,12 +47,16 @@ def render_table(report: dict[str, Any]) -> str:
                      f"KV blocks leaked: {res['kv_blocks_leaked']}")
     plan = report.get("plan")
     if plan:
-        lines.append(f"planner vs measured (pd, {plan['config']}): predicted {_f(plan['predicted_rps'], '.3f')} req/s, "
+        lines.append(f"planner vs measured (pd, {plan['config']}, {_f(plan.get('cached_prompt_tokens'), '.0f')} "
+                     f"prompt tokens a request cached, front end {_f(plan.get('front_end_cpu_ms'), '.1f')} ms CPU a "
+                     f"request): predicted {_f(plan['predicted_rps'], '.3f')} req/s, "
                      f"measured {_f(plan['measured_rps'], '.3f')} req/s, relative error "
                      f"{_f(plan['relative_error'], '+.0%')}: {plan['verdict']}")
         colo = plan.get("colocated")
         if colo:
-            lines.append(f"planner vs measured (colocated, {colo['config']}): predicted "
+            lines.append(f"planner vs measured (colocated, {colo['config']}, "
+                         f"{_f(colo.get('cached_prompt_tokens'), '.0f')} prompt tokens a request cached, front end "
+                         f"{_f(colo.get('front_end_cpu_ms'), '.1f')} ms CPU a request): predicted "
                          f"{_f(colo['predicted_rps'], '.3f')} req/s, measured {_f(colo['measured_rps'], '.3f')} req/s, "
                          f"relative error {_f(colo['relative_error'], '+.0%')}: {colo['verdict']}")
         lines += plan["profile"]

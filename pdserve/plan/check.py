@@ -25,25 +25,32 @@ STEADY_REQUESTS = 2000
 
 def predicted_sustained(profile: StageProfile, lengths: list[tuple[int, int]], slo: SLO, config: Config,
                         threads_per_worker: int, target: float = 0.9, kind: str = "cpu",
-                        transfer_gbps: float = 2.0, policy: RouterPolicy = ROUTER_DEFAULTS, cv: float = 1.0) -> float:
+                        transfer_gbps: float = 2.0, policy: RouterPolicy = ROUTER_DEFAULTS, cv: float = 1.0,
+                        cached_tokens: float = 0.0, front_end_cpu_s: float = 0.0) -> float:
     """Requests/s the planner says `config` serves at >= `target` attainment, over these (prompt, output)
-    token counts, arrivals with gaps of this CV (1: Poisson)."""
+    token counts, arrivals with gaps of this CV (1: Poisson), `cached_tokens` of each prompt in the prefix
+    cache (on average, as the benchmark's server reported them), `front_end_cpu_s` of the benchmark
+    process's CPU per request on the same cores (its router, server and client)."""
     workload, resources, steady = _setting(lengths, slo, config.prefill_workers + config.decode_workers,
-                                           threads_per_worker, kind, transfer_gbps, cv)
+                                           threads_per_worker, kind, transfer_gbps, cv, cached_tokens,
+                                           front_end_cpu_s)
     return max_rate(profile, workload, resources, config, target, lengths=steady, policy=policy)
 
 
 def predicted_sustained_colocated(profile: StageProfile, lengths: list[tuple[int, int]], slo: SLO, workers: int,
                                   max_batch: int, batched_tokens: int, threads_per_worker: int, target: float = 0.9,
-                                  kind: str = "cpu", policy: RouterPolicy = ROUTER_DEFAULTS, cv: float = 1.0) -> float:
+                                  kind: str = "cpu", policy: RouterPolicy = ROUTER_DEFAULTS, cv: float = 1.0,
+                                  cached_tokens: float = 0.0, front_end_cpu_s: float = 0.0) -> float:
     """The same for `workers` colocated workers (`batched_tokens` 0: the workers' default budget)."""
-    workload, resources, steady = _setting(lengths, slo, workers, threads_per_worker, kind, 0.0, cv)
+    workload, resources, steady = _setting(lengths, slo, workers, threads_per_worker, kind, 0.0, cv, cached_tokens,
+                                           front_end_cpu_s)
     return max_rate_colocated(profile, workload, resources, workers, max_batch, batched_tokens, target, steady,
                               policy)
 
 
 def _setting(lengths: list[tuple[int, int]], slo: SLO, workers: int, threads_per_worker: int, kind: str,
-             transfer_gbps: float, cv: float) -> tuple[Workload, Resources, tuple[np.ndarray, np.ndarray]]:
+             transfer_gbps: float, cv: float,
+             cached_tokens: float, front_end_cpu_s: float) -> tuple[Workload, Resources, tuple[np.ndarray, np.ndarray]]:
     if not lengths:
         raise ValueError("no request lengths to predict over")
     if len(lengths) < STEADY_REQUESTS:
@@ -53,9 +60,10 @@ def _setting(lengths: list[tuple[int, int]], slo: SLO, workers: int, threads_per
     outputs = np.array([o for _, o in lengths])
     workload = Workload(rate_rps=1.0, prompt=LengthDist(int(prompts.min()), int(prompts.max())),
                         output=LengthDist(int(outputs.min()), int(outputs.max())), slo=slo, samples=len(lengths),
-                        cv=cv)
+                        cv=cv, cached_tokens=cached_tokens)
     share = float(threads_per_worker) if kind == "cpu" else 1.0
-    resources = Resources(total=workers * share, per_worker=share, kind=kind, transfer_gbps=transfer_gbps, shared=True)
+    resources = Resources(total=workers * share, per_worker=share, kind=kind, transfer_gbps=transfer_gbps, shared=True,
+                          front_end_cpu_s_per_request=front_end_cpu_s)
     return workload, resources, (prompts, outputs)
 
 

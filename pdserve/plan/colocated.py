@@ -14,7 +14,7 @@ What it mirrors (router/colocated.py, decode_worker/chunk_scheduler.py):
   mixing buys;
 - workers on one device slow each other as in PD: a step with a chunk moves toward the prefill busy
   fit, a decode step toward the decode busy fit, by the other workers stepping when it starts.
-Left out as in PD: router and front-end CPU time, KV pool limits.
+Prefix-cache hits and the front end's CPU count as in PD; left out as there: KV pool limits.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class _Seq:
     index: int
     prompt: int
     steps_left: int  # decode steps after its first token
-    computed: int = 0  # prompt tokens prefilled
+    computed: int = 0  # prompt tokens prefilled (or found in the prefix cache)
     context: int = 0  # once prefilled: tokens in the pool
 
 
@@ -65,23 +65,25 @@ class _Worker:
 
 def simulate_colocated(times: StageTimes, arrivals_s: np.ndarray, prompts: np.ndarray, outputs: np.ndarray,
                        workers: int, max_batch: int, batched_tokens: int, backlog: int = DEFAULT_BACKLOG,
-                       policy: RouterPolicy = ROUTER_DEFAULTS) -> SimResult:
+                       policy: RouterPolicy = ROUTER_DEFAULTS, cached: np.ndarray | None = None) -> SimResult:
     """Serve requests arriving at `arrivals_s` on `workers` colocated workers. SimResult's prefill fields
     describe the steps that carry chunks: prefill_busy is the share of time in them, prompts_per_call the
     chunks per such step."""
     if batched_tokens < max_batch:
         raise ValueError(f"the token budget ({batched_tokens}) must be at least the max batch ({max_batch})")
     return _ColocatedSim(times, arrivals_s, prompts, outputs, workers, max_batch, batched_tokens, backlog,
-                         policy).run()
+                         policy, cached).run()
 
 
 class _ColocatedSim:
-    def __init__(self, times, arrivals_s, prompts, outputs, workers, max_batch, budget, backlog, policy) -> None:
+    def __init__(self, times, arrivals_s, prompts, outputs, workers, max_batch, budget, backlog, policy,
+                 cached) -> None:
         self.times, self.max_batch, self.budget, self.most = times, max_batch, budget, max_batch + backlog
         self.arrive = np.asarray(arrivals_s, dtype=float)
         self.prompts = [int(p) for p in prompts]
         self.outputs = [int(o) for o in outputs]
         n = len(self.prompts)
+        self.cached = [0] * n if cached is None else [int(c) for c in cached]  # whole tokens: chunks are
         self.first_token, self.finish, self.started = np.zeros(n), np.zeros(n), np.full(n, np.nan)
         self.workers = [_Worker(i) for i in range(workers)]
         self.now = 0.0
@@ -115,7 +117,7 @@ class _ColocatedSim:
             w = min(room, key=lambda x: (x.reserved, x.index))
             w.reserved += self.prompts[i] + self.outputs[i]
             w.held += 1
-            w.waiting.append(_Seq(i, self.prompts[i], self.outputs[i] - 1))
+            w.waiting.append(_Seq(i, self.prompts[i], self.outputs[i] - 1, computed=self.cached[i]))
             if not w.stepping:
                 self._start_step(w)
             return True
@@ -140,7 +142,7 @@ class _ColocatedSim:
             s = w.waiting.popleft()
             w.running.append(s)
             self.started[s.index] = self.now
-            n = min(s.prompt, left)
+            n = min(s.prompt - s.computed, left)
             chunks.append((s, n))
             left -= n
         if not decode and not chunks:

@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     w.add_argument("--prompt-dist", default="uniform", choices=("uniform", "loguniform"),
                    help="how prompt lengths spread over --prompt-len (bench serve's default is loguniform)")
     w.add_argument("--output-len", default="16:256", help="output tokens: N, or MIN:MAX uniform")
+    w.add_argument("--cached-prompt-tokens", type=float, default=0.0,
+                   help="prompt tokens per request found in the prefix cache (e.g. a shared system prompt); "
+                        "bench serve reports them per rate")
     w.add_argument("--slo-ttft", type=float, default=SLO.ttft_s, help="time-to-first-token SLO, seconds")
     w.add_argument("--slo-tpot", type=float, default=SLO.tpot_s, help="time-per-output-token SLO, seconds")
     w.add_argument("--samples", type=int, default=2000, help="requests drawn to average attainment over")
@@ -38,6 +41,9 @@ def add_parser(sub) -> None:
     r.add_argument("--max-num-seqs", default="8,16,32,64,128,256", help="max decode batches to consider")
     r.add_argument("--max-prefill-tokens", type=int, default=2048,
                    help="the router's token budget per prefill call (as for run-batch and serve)")
+    r.add_argument("--front-end-cpu-ms", type=float, default=0.0,
+                   help="CPU ms the router and front end spend per request on the workers' cores (bench serve "
+                        "reports it); 0: not modelled")
     r.add_argument("--transfer-gbps", type=float, default=2.0, help="KV transfer bandwidth; 0: free")
     r.add_argument("--workers-share-device", choices=("auto", "yes", "no"), default="auto",
                    help="whether workers slow each other down (one node's cores, one GPU): profile each stage "
@@ -68,12 +74,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     gpu = args.gpus > 0
     resources = Resources(total=args.gpus if gpu else args.cpus, per_worker=args.per_worker,
                           kind="gpu" if gpu else "cpu", transfer_gbps=args.transfer_gbps,
-                          shared={"auto": None, "yes": True, "no": False}[args.workers_share_device])
+                          shared={"auto": None, "yes": True, "no": False}[args.workers_share_device],
+                          front_end_cpu_s_per_request=args.front_end_cpu_ms / 1e3)
+    if args.cached_prompt_tokens < 0 or args.front_end_cpu_ms < 0:
+        raise ValueError("--cached-prompt-tokens and --front-end-cpu-ms cannot be negative, got "
+                         f"{args.cached_prompt_tokens} and {args.front_end_cpu_ms}")
     if args.rate <= 0 or args.burstiness <= 0:
         raise ValueError(f"--rate and --burstiness must be positive, got {args.rate} and {args.burstiness}")
     workload = Workload(rate_rps=args.rate, prompt=LengthDist.parse(args.prompt_len, args.prompt_dist),
                         output=LengthDist.parse(args.output_len), slo=SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot),
-                        samples=500 if args.quick else args.samples, seed=args.seed, cv=args.burstiness)
+                        samples=500 if args.quick else args.samples, seed=args.seed, cv=args.burstiness,
+                        cached_tokens=args.cached_prompt_tokens)
     batches = tuple(int(b) for b in args.max_num_seqs.split(",") if b)
     if not batches or min(batches) <= 0:
         raise ValueError(f"--max-num-seqs takes positive integers, got {args.max_num_seqs!r}")

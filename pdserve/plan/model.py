@@ -26,7 +26,7 @@ import numpy as np
 from pdserve.observability.metrics import SLO
 from pdserve.plan.colocated import default_batched_tokens, simulate_colocated
 from pdserve.plan.profile import StageProfile
-from pdserve.plan.simulate import ROUTER_DEFAULTS, RouterPolicy, StageTimes, simulate
+from pdserve.plan.simulate import ROUTER_DEFAULTS, RouterPolicy, StageTimes, computed_squares, simulate
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,15 @@ class Workload:
     samples: int = 2000  # requests drawn to average attainment over the length distributions
     seed: int = 0
     cv: float = 1.0  # of the gaps between arrivals: 1 Poisson, above 1 burstier (gamma), as bench serve's --cv
+    cached_tokens: float = 0.0  # prompt tokens per request found in the prefix cache (a shared system prompt)
 
     def draw(self) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
         return self.prompt.sample(rng, self.samples), self.output.sample(rng, self.samples)
+
+    def cached(self, prompts: np.ndarray) -> np.ndarray:
+        """Each prompt's cached tokens: `cached_tokens`, less the last token, which prefill always computes."""
+        return np.minimum(prompts - 1, self.cached_tokens).astype(float)
 
     def arrivals(self, n: int) -> np.ndarray:
         """Arrival times of n requests: Poisson, or gamma gaps of this CV. The same unit gaps scaled by
@@ -99,6 +104,9 @@ class Resources:
     kind: str = "cpu"
     transfer_gbps: float = 2.0  # per-request KV transfer rate (run-batch reports ~2 GB/s over shm)
     shared: bool | None = None  # workers slow each other (one node's cores, one GPU); None: cpu yes, gpu no
+    # CPU seconds the router and the front end (HTTP server, streaming; in `bench serve`, the client too)
+    # spend per request on the workers' cores: cpu only, with shared
+    front_end_cpu_s_per_request: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("cpu", "gpu"):
@@ -106,11 +114,15 @@ class Resources:
         if not 0 < self.per_worker <= self.total:
             raise ValueError(f"need 0 < per-worker share <= total, got {self.per_worker} of {self.total}")
 
-    def time_scale(self, profile: StageProfile) -> float:
+    def time_scale(self, profile: StageProfile, rate_rps: float = 0.0) -> float:
         """Multiplier on profiled times for one worker's share: linear in the share (an assumption;
-        profile with --threads equal to the share to make it 1)."""
+        profile with --threads equal to the share to make it 1), stretched by the cores the front end
+        takes at this rate: its u = rate * CPU per request / cores leaves the workers 1 - u of each
+        (the kernel shares a busy node's cores evenly); inf when the front end alone fills them."""
         measured = max(profile.threads, 1) if self.kind == "cpu" else 1.0
-        return measured / self.per_worker
+        taken = (rate_rps * self.front_end_cpu_s_per_request / self.total
+                 if self.kind == "cpu" and self.interfere else 0.0)
+        return math.inf if taken >= 1 else measured / self.per_worker / (1 - taken)
 
     @property
     def interfere(self) -> bool:
@@ -159,8 +171,8 @@ def predict(profile: StageProfile, workload: Workload, resources: Resources, con
             lengths: tuple[np.ndarray, np.ndarray] | None = None, policy: RouterPolicy = ROUTER_DEFAULTS) -> Prediction:
     """`lengths`: (prompt, output) token counts of the requests to serve instead of the workload's draw."""
     prompts, outputs = lengths if lengths is not None else workload.draw()
-    scale = resources.time_scale(profile)
-    prefill_load = _full_call_load(profile, workload, config, prompts, scale, policy)
+    scale = resources.time_scale(profile, workload.rate_rps)
+    prefill_load = _full_call_load(profile, workload, config, prompts, workload.cached(prompts), scale, policy)
     decode_util = _full_batch_load(profile, workload, config, prompts, outputs, scale)
     units = (config.prefill_workers + config.decode_workers) * resources.per_worker
     if prefill_load >= 1 or decode_util >= 1:
@@ -169,7 +181,7 @@ def predict(profile: StageProfile, workload: Workload, resources: Resources, con
     times = StageTimes.of(profile, scale, resources.transfer_gbps, resources.interfere,
                           transfer_hidden=resources.kind == "gpu")
     sim = simulate(times, workload.arrivals(len(prompts)), prompts, outputs, config.prefill_workers,
-                   config.decode_workers, config.max_batch, policy)
+                   config.decode_workers, config.max_batch, policy, workload.cached(prompts))
     ttft_ok, tpot_ok, both = sim.attainment(workload.slo.ttft_s, workload.slo.tpot_s)
     decoded = outputs > 1
     return Prediction(config, units, prefill_load, decode_util, sim.prefill_busy, sim.prompts_per_call,
@@ -177,9 +189,9 @@ def predict(profile: StageProfile, workload: Workload, resources: Resources, con
                       float(sim.tpot_s[decoded].mean()) if decoded.any() else 0.0, ttft_ok, tpot_ok, both)
 
 
-def _full_call_load(profile, workload, config, prompts, scale, policy: RouterPolicy) -> float:
+def _full_call_load(profile, workload, config, prompts, cached, scale, policy: RouterPolicy) -> float:
     """Prefill work per worker-second when every call packs as many prompts as the router allows."""
-    mean, square = float(prompts.mean()), float((prompts ** 2).mean())
+    mean, square = float((prompts - cached).mean()), float(computed_squares(prompts, cached).mean())
     per_call = max(1, min(policy.max_prefill_batch, int(policy.max_prefill_tokens // mean)))
     call = profile.prefill.time(per_call * mean, per_call * square)
     return workload.rate_rps / config.prefill_workers * scale * call / per_call
@@ -279,13 +291,15 @@ def predict_colocated(profile: StageProfile, workload: Workload, resources: Reso
     """`workers` colocated workers, each with resources.per_worker; batched_tokens 0: the worker's default."""
     prompts, outputs = lengths if lengths is not None else workload.draw()
     budget = batched_tokens or default_batched_tokens(resources.kind, max_batch)
-    scale = resources.time_scale(profile)
+    scale = resources.time_scale(profile, workload.rate_rps)
     steps = outputs - 1
     context = float((steps * (prompts + outputs / 2)).sum() / max(steps.sum(), 1))
     pf, dc = profile.prefill, profile.decode
     # a lower bound on a request's work: its prompt's tokens and attention, its decode rows without
     # any step's fixed cost (mixed steps share that with prefill)
-    per_request = (pf.b_s_per_token * float(prompts.mean()) + pf.g_s_per_token2 * float((prompts ** 2).mean())
+    cached = np.floor(workload.cached(prompts))  # whole tokens: colocated chunks start after them
+    per_request = (pf.b_s_per_token * float((prompts - cached).mean())
+                   + pf.g_s_per_token2 * float(computed_squares(prompts, cached).mean())
                    + float(steps.mean()) * (dc.d_s_per_seq + dc.e_s_per_seq_token * context))
     load = workload.rate_rps / workers * scale * per_request
     units = workers * resources.per_worker
@@ -294,7 +308,7 @@ def predict_colocated(profile: StageProfile, workload: Workload, resources: Reso
                                    0.0, 0.0, 0.0)
     times = StageTimes.of(profile, scale, 0.0, resources.interfere)  # nothing is transferred
     sim = simulate_colocated(times, workload.arrivals(len(prompts)), prompts, outputs, workers, max_batch, budget,
-                             policy=policy)
+                             policy=policy, cached=cached)
     ttft_ok, tpot_ok, both = sim.attainment(workload.slo.ttft_s, workload.slo.tpot_s)
     decoded = outputs > 1
     return ColocatedPrediction(workers, max_batch, budget, units, load, sim.prefill_busy, sim.rows_per_step,

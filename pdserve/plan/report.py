@@ -42,7 +42,8 @@ def render(profile: StageProfile, workload: Workload, resources: Resources, rank
     unit = "core" if resources.kind == "cpu" else "GPU"
     lines = describe_profile(profile) + [
         f"workload: {rate:g} req/s Poisson, prompt {workload.prompt} tokens, output {workload.output} tokens; "
-        f"SLO TTFT {workload.slo.ttft_s:g} s, TPOT {workload.slo.tpot_s:g} s",
+        f"SLO TTFT {workload.slo.ttft_s:g} s, TPOT {workload.slo.tpot_s:g} s"
+        + (f"; {workload.cached_tokens:g} prompt tokens a request cached" if workload.cached_tokens else ""),
         f"resources: {resources.total:g} {unit}s, {resources.per_worker:g} per worker; KV transfer "
         + (f"{resources.transfer_gbps:g} GB/s" if resources.transfer_gbps > 0 else "not modelled"),
         "",

@@ -13,6 +13,8 @@ What it mirrors (router/router.py, decode_worker/):
 - each prefill worker holds up to `prefill_batches_in_flight` calls, one running and the rest in its
   mailbox; the router cuts the next call as soon as a slot opens and sends it to the ready worker with
   the fewest tokens in flight;
+- a prompt's tokens found in the prefix cache (`cached`) are neither computed nor sent, though its other
+  tokens attend to them;
 - a call takes the profiled time of its packed prompts (pdserve.plan.profile.PrefillFit) plus the KV
   transfer prefill does not hide: all of it over shared memory, which copies each layer inside the
   forward (one CPU node), the last layer's share over CUDA IPC or gRPC, which stream while prefill
@@ -25,8 +27,8 @@ What it mirrors (router/router.py, decode_worker/):
   output - 1 steps; a step of B sequences with total context C takes c + d*B + e*C;
 - workers that share a device slow each other: each call or step is timed by its fit moved toward the
   busy-neighbour fit by the number of the other workers busy when it starts.
-Left out: the router's and the front end's own CPU time, KV pool limits (`does_fit` always fits),
-prefix caching, retries.
+The front end's CPU on the same cores stretches every time (Resources.time_scale). Left out: KV pool
+limits (`does_fit` always fits), retries.
 """
 
 from __future__ import annotations
@@ -143,18 +145,27 @@ _DONE_PREFILL, _DONE_STEP, _ARRIVE = 0, 1, 2  # at equal times: returns before a
 
 def simulate(times: StageTimes, arrivals_s: np.ndarray, prompts: np.ndarray, outputs: np.ndarray,
              prefill_workers: int, decode_workers: int, max_batch: int,
-             policy: RouterPolicy = ROUTER_DEFAULTS) -> SimResult:
-    """Serve requests arriving at `arrivals_s` (sorted) with these prompt and output token counts."""
-    return _Sim(times, arrivals_s, prompts, outputs, prefill_workers, decode_workers, max_batch, policy).run()
+             policy: RouterPolicy = ROUTER_DEFAULTS, cached: np.ndarray | None = None) -> SimResult:
+    """Serve requests arriving at `arrivals_s` (sorted) with these prompt and output token counts, `cached`
+    of each prompt's tokens in the prefix cache (default none)."""
+    return _Sim(times, arrivals_s, prompts, outputs, prefill_workers, decode_workers, max_batch, policy,
+                cached).run()
+
+
+def computed_squares(prompt: float, cached: float) -> float:
+    """A prefill's attention work for a prompt whose first `cached` tokens are cached: each computed token
+    attends to all before it, so L^2 - c^2 (the per-prompt square of PrefillFit)."""
+    return prompt * prompt - cached * cached
 
 
 class _Sim:
-    def __init__(self, times, arrivals_s, prompts, outputs, n_prefill, n_decode, max_batch, policy) -> None:
+    def __init__(self, times, arrivals_s, prompts, outputs, n_prefill, n_decode, max_batch, policy, cached) -> None:
         self.times, self.policy, self.max_batch = times, policy, max_batch
         self.arrive = np.asarray(arrivals_s, dtype=float)
         self.prompts = [int(p) for p in prompts]
         self.outputs = [int(o) for o in outputs]
         n = len(self.prompts)
+        self.cached = [0.0] * n if cached is None else [float(c) for c in cached]
         self.first_token, self.finish, self.started = np.zeros(n), np.zeros(n), np.zeros(n)
         self.decode_of = [0] * n
         self.prefill = [_PrefillWorker(i) for i in range(n_prefill)]
@@ -209,8 +220,8 @@ class _Sim:
 
     def _start_call(self, worker: _PrefillWorker) -> None:
         call = worker.mailbox[0]
-        tokens = sum(self.prompts[i] for i in call)
-        squares = sum(self.prompts[i] ** 2 for i in call)
+        tokens = sum(self.prompts[i] - self.cached[i] for i in call)
+        squares = sum(computed_squares(self.prompts[i], self.cached[i]) for i in call)
         busy = sum(w.running for w in self.prefill) + sum(d.stepping for d in self.decode)
         duration = self.times.prefill_s(tokens, busy, squares) + self.times.exposed_transfer_s_per_token * tokens
         for i in call:

@@ -66,9 +66,11 @@ def response_body(req: Request, tokenizer: Any, model: str) -> dict[str, Any]:
     return body
 
 
-def usage(req: Request) -> dict[str, int]:
+def usage(req: Request) -> dict[str, Any]:
+    """OpenAI's usage, with the prompt tokens found in the prefix cache (as run-batch reports them)."""
     n = len(req.output_token_ids)
-    return {"prompt_tokens": req.prompt_len, "completion_tokens": n, "total_tokens": req.prompt_len + n}
+    return {"prompt_tokens": req.prompt_len, "completion_tokens": n, "total_tokens": req.prompt_len + n,
+            "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
 
 
 class Chunks:
