@@ -110,7 +110,8 @@ def measure_profile(engine, threads: int, bench, quick: bool):
     sizes = QUICK_SIZES if quick else ProfileSizes(
         prefill_tokens=tuple(sorted({min(32, w.max_prompt), max(w.min_prompt, w.max_prompt // 4), w.max_prompt})),
         prefill_packed=((4, 64), (16, 64)),  # calls under load pack several prompts
-        decode_batches=(1, 8, 32), decode_contexts=(max(1, w.min_prompt), w.max_prompt + w.max_output), repeats=5)
+        decode_batches=tuple(b for b in (1, 8, 32, 64) if b <= max(32, engine.max_num_seqs)),
+        decode_contexts=(max(1, w.min_prompt), w.max_prompt + w.max_output), repeats=5)
     runner = ModelRunner(replace(engine, num_threads=threads))
     cfg = runner.config
     where = CpuInfo.here().describe() if cfg.device == "cpu" else cfg.device

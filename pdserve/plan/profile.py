@@ -171,7 +171,8 @@ def _nonneg_lstsq(rows: list[list[float]], y: list[float]) -> list[float]:
 class ProfileSizes:
     prefill_tokens: tuple[int, ...] = (32, 128, 512, 1024)  # single prompts
     prefill_packed: tuple[tuple[int, int], ...] = ((4, 64), (16, 64), (32, 64))  # (prompts, tokens each)
-    decode_batches: tuple[int, ...] = (1, 8, 32)  # 32 x 1024 tokens: a 0.75 GiB pool on the default model
+    # a step grows faster than the line from small batches predicts: profile the batches serving reaches
+    decode_batches: tuple[int, ...] = (1, 8, 32, 64)  # 64 x 1024 tokens: a 1.5 GiB pool on the default model
     decode_contexts: tuple[int, ...] = (128, 1024)
     repeats: int = 3
 
