@@ -24,6 +24,7 @@ from decode_worker.chunk_scheduler import ChunkScheduler, ColocatedSequence, Ste
 from decode_worker.step_loop import StepLoopWorker
 from decode_worker.stopping import StopChecker
 from engine.compute_thread import ComputeThread
+from engine.config import default_batched_tokens
 from engine.kv_cache import BlockManager, KVPool
 from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
@@ -32,12 +33,6 @@ from kvtransfer.base import KVEndpoint
 from proto.messages import ColocatedTask, DecodeResult, PrefillResult, WorkerConfig
 
 log = logging.getLogger("pdserve.colocated")
-
-
-def default_batched_tokens(device: str) -> int:
-    """vLLM's chunked-prefill budget is 2048 on a GPU; on a CPU a 512-token step keeps a decode step
-    (all running rows ride along) within a few hundred ms for SmolLM2-135M on two cores."""
-    return 2048 if device == "cuda" else 512
 
 
 class ColocatedWorker(StepLoopWorker):
@@ -57,8 +52,8 @@ class ColocatedWorker(StepLoopWorker):
         # No transport: nothing is sent to this pool. The endpoint only tells the router its size.
         self.endpoint_info = KVEndpoint(worker_id=self.worker_id, node_id=node_id, layout=layout,
                                         model_fingerprint=fingerprint)
-        budget = config.max_num_batched_tokens or max(default_batched_tokens(self.runner.config.device),
-                                                      config.engine.max_num_seqs)
+        budget = config.max_num_batched_tokens or default_batched_tokens(self.runner.config.device,
+                                                                         config.engine.max_num_seqs)
         stopper = StopChecker(self.runner.arch.eos_token_ids, load_tokenizer(self.runner.folder))
         self.scheduler = ChunkScheduler(stopper, config.engine.max_num_seqs, budget)
         self._lock = threading.Lock()

@@ -194,3 +194,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+def default_batched_tokens(device: str, max_num_seqs: int) -> int:
+    """A colocated step's token budget when --max-num-batched-tokens is 0 (auto). vLLM's chunked-prefill
+    budget is 2048 on a GPU; on a CPU a 512-token step keeps a decode step (all running rows ride along)
+    within a few hundred ms for SmolLM2-135M on two cores. At least max_num_seqs: every running row
+    needs its decode token in each step."""
+    return max(2048 if device == "cuda" else 512, max_num_seqs)

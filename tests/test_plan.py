@@ -455,7 +455,7 @@ def colocated(t: StageTimes, arrivals, prompts, outputs, workers=1, max_batch=8,
     from pdserve.plan.colocated import simulate_colocated
 
     return simulate_colocated(t, np.array(arrivals, dtype=float), np.array(prompts), np.array(outputs), workers,
-                              max_batch, budget, backlog)
+                              max_batch, budget, RouterPolicy(colocated_backlog=backlog))
 
 
 def test_colocated_chunks_a_long_prompt_over_steps():

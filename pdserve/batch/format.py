@@ -253,11 +253,8 @@ def success_record(req: Request, tokenizer: Any, model_name: str) -> dict[str, A
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason}
         obj = "text_completion"
-    n_out = len(req.output_token_ids)
     body = {"id": rid, "object": obj, "created": created, "model": model_name, "choices": [choice],
-            "usage": {"prompt_tokens": req.prompt_len, "completion_tokens": n_out,
-                      "total_tokens": req.prompt_len + n_out,
-                      "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}}
+            "usage": usage(req)}
     return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": req.custom_id,
             "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None,
             "pdserve": _extension(req)}
@@ -269,11 +266,15 @@ def metrics_record(req: Request) -> dict[str, Any]:
     if req.state != State.DONE:
         return {"custom_id": req.custom_id, "response": None,
                 "error": {"code": "request_failed", "message": req.error}, "pdserve": ext}
+    return {"custom_id": req.custom_id, "response": {"status_code": 200, "body": {"usage": usage(req)}},
+            "error": None, "pdserve": ext}
+
+
+def usage(req: Request) -> dict[str, Any]:
+    """OpenAI's usage of a finished request, with the prompt tokens found in the prefix cache."""
     n_out = len(req.output_token_ids)
-    usage = {"prompt_tokens": req.prompt_len, "completion_tokens": n_out, "total_tokens": req.prompt_len + n_out,
-             "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
-    return {"custom_id": req.custom_id, "response": {"status_code": 200, "body": {"usage": usage}}, "error": None,
-            "pdserve": ext}
+    return {"prompt_tokens": req.prompt_len, "completion_tokens": n_out, "total_tokens": req.prompt_len + n_out,
+            "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
 
 
 def error_record(custom_id: str | None, line: int, code: str, message: str,

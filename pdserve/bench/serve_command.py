@@ -199,17 +199,20 @@ def plan_vs_measured(profile, report: dict, cluster, engine, router) -> dict:
 def cached_per_request(mode_report: dict) -> float:
     """Prompt tokens per completed request the mode's server found in its prefix cache (the chat
     template's system prompt and a shared instruction): the planner does not compute or send them."""
-    rates = mode_report.get("rates", [])
-    done = sum(r["completed"] for r in rates)
-    return sum(r.get("cached_prompt_tokens", 0) for r in rates) / done if done else 0.0
+    return _per_request(mode_report, "cached_prompt_tokens", "completed")
 
 
 def front_end_cpu_per_request(mode_report: dict) -> float:
     """CPU seconds per request the benchmark process spent (router, HTTP server, client) beside the workers
     on the same cores: the planner takes them from the workers' share."""
+    return _per_request(mode_report, "front_end_cpu_s", "requests")
+
+
+def _per_request(mode_report: dict, key: str, per: str) -> float:
+    """A rate counter summed over the mode's rates, over their `per` counts summed."""
     rates = mode_report.get("rates", [])
-    done = sum(r["requests"] for r in rates)
-    return sum(r.get("front_end_cpu_s", 0.0) for r in rates) / done if done else 0.0
+    n = sum(r[per] for r in rates)
+    return sum(r.get(key, 0) for r in rates) / n if n else 0.0
 
 
 def _against(predicted: float, measured: dict, mode: str) -> dict:

@@ -29,13 +29,6 @@ import numpy as np
 from pdserve.plan.simulate import ROUTER_DEFAULTS, RouterPolicy, SimResult, StageTimes
 from router.queue import LengthBucketQueue
 
-DEFAULT_BACKLOG = 8  # router.router.RouterConfig.colocated_backlog
-
-
-def default_batched_tokens(kind: str, max_batch: int) -> int:
-    """decode_worker/colocated.py's budget when --max-num-batched-tokens is 0 (auto)."""
-    return max(2048 if kind == "gpu" else 512, max_batch)
-
 
 @dataclass
 class _Seq:
@@ -64,21 +57,21 @@ class _Worker:
 
 
 def simulate_colocated(times: StageTimes, arrivals_s: np.ndarray, prompts: np.ndarray, outputs: np.ndarray,
-                       workers: int, max_batch: int, batched_tokens: int, backlog: int = DEFAULT_BACKLOG,
-                       policy: RouterPolicy = ROUTER_DEFAULTS, cached: np.ndarray | None = None) -> SimResult:
+                       workers: int, max_batch: int, batched_tokens: int, policy: RouterPolicy = ROUTER_DEFAULTS,
+                       cached: np.ndarray | None = None) -> SimResult:
     """Serve requests arriving at `arrivals_s` on `workers` colocated workers. SimResult's prefill fields
     describe the steps that carry chunks: prefill_busy is the share of time in them, prompts_per_call the
     chunks per such step."""
     if batched_tokens < max_batch:
         raise ValueError(f"the token budget ({batched_tokens}) must be at least the max batch ({max_batch})")
-    return _ColocatedSim(times, arrivals_s, prompts, outputs, workers, max_batch, batched_tokens, backlog,
-                         policy, cached).run()
+    return _ColocatedSim(times, arrivals_s, prompts, outputs, workers, max_batch, batched_tokens, policy,
+                         cached).run()
 
 
 class _ColocatedSim:
-    def __init__(self, times, arrivals_s, prompts, outputs, workers, max_batch, budget, backlog, policy,
-                 cached) -> None:
-        self.times, self.max_batch, self.budget, self.most = times, max_batch, budget, max_batch + backlog
+    def __init__(self, times, arrivals_s, prompts, outputs, workers, max_batch, budget, policy, cached) -> None:
+        self.times, self.max_batch, self.budget = times, max_batch, budget
+        self.most = max_batch + policy.colocated_backlog
         self.arrive = np.asarray(arrivals_s, dtype=float)
         self.prompts = [int(p) for p in prompts]
         self.outputs = [int(o) for o in outputs]
@@ -102,10 +95,8 @@ class _ColocatedSim:
                 self._step_done(self.workers[who])
         w, span = self.workers, max(self.now, 1e-12) * len(self.workers)
         steps, chunk_steps = sum(x.steps for x in w), sum(x.chunk_steps for x in w)
-        ttft = self.first_token - self.arrive
-        outs = np.array(self.outputs)
-        tpot = np.where(outs > 1, (self.finish - self.first_token) / np.maximum(outs - 1, 1), 0.0)
-        return SimResult(ttft, tpot, self.started - self.arrive, sum(x.chunk_s for x in w) / span,
+        return SimResult(self.first_token - self.arrive, SimResult.tpots(self.first_token, self.finish, self.outputs),
+                         self.started - self.arrive, sum(x.chunk_s for x in w) / span,
                          sum(x.busy_s for x in w) / span, sum(x.chunks for x in w) / max(chunk_steps, 1),
                          sum(x.rows for x in w) / steps if steps else 0.0)
 
@@ -122,8 +113,9 @@ class _ColocatedSim:
                 self._start_step(w)
             return True
 
-        while len(self.queue) and self.queue.constrained_get(fits):
-            pass
+        while len(self.queue):
+            if not self.queue.constrained_get(fits):  # one bucket's fitting head run at a time
+                return
 
     def _start_step(self, w: _Worker) -> None:
         if w.stepping:

@@ -95,7 +95,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-prefill-tokens must be positive, got {args.max_prefill_tokens}")
     policy = replace(ROUTER_DEFAULTS, max_prefill_tokens=args.max_prefill_tokens)
     ranked = search(profile, workload, resources, batches, policy)
-    colocated = search_colocated(profile, workload, resources, batches)
+    colocated = search_colocated(profile, workload, resources, batches, policy)
     print(render(profile, workload, resources, ranked, colocated=colocated, policy=policy))
     if args.json:
         report = {"workload": asdict(replace(workload, prompt=str(workload.prompt), output=str(workload.output))),

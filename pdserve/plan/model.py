@@ -20,11 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
+from engine.config import default_batched_tokens
 from pdserve.observability.metrics import SLO
-from pdserve.plan.colocated import default_batched_tokens, simulate_colocated
+from pdserve.plan.colocated import simulate_colocated
 from pdserve.plan.profile import StageProfile
 from pdserve.plan.simulate import ROUTER_DEFAULTS, RouterPolicy, StageTimes, computed_squares, simulate
 
@@ -202,13 +204,29 @@ def _full_batch_load(profile, workload, config, prompts, outputs, scale) -> floa
     steps = outputs - 1  # the first token comes from prefill
     if steps.sum() == 0:
         return 0.0
-    context = float((steps * (prompts + outputs / 2)).sum() / steps.sum())  # step-weighted mean context
+    context = _step_context(prompts, outputs)
     b = config.max_batch
     step = scale * profile.decode.time(b, context)
     return workload.rate_rps / config.decode_workers * float(steps.mean()) * step / b
 
 
+def _step_context(prompts: np.ndarray, outputs: np.ndarray) -> float:
+    """The mean context of a decode step's row, weighted by the steps each request runs."""
+    steps = outputs - 1
+    return float((steps * (prompts + outputs / 2)).sum() / max(steps.sum(), 1))
+
+
 DEFAULT_MAX_BATCHES = (8, 16, 32, 64, 128, 256)
+
+
+def _pick_max_batch(per_batch: list, load: Callable[[Any], float]):
+    """Of one split's predictions at each max batch (ascending): the smallest whose attainment is within
+    0.5 points of the best (less KV memory reserved for the same goodput); when none meets the SLOs, the
+    one whose stages come closest to keeping up (`load`)."""
+    best = max(p.attainment for p in per_batch)
+    if best > 0:
+        return next(p for p in per_batch if p.attainment >= best - 0.005)
+    return min(per_batch, key=load)
 
 
 def search(profile: StageProfile, workload: Workload, resources: Resources,
@@ -228,11 +246,8 @@ def search(profile: StageProfile, workload: Workload, resources: Resources,
         for m in range(1, slots - n + 1):
             per_batch = [predict(profile, workload, resources, Config(n, m, b), lengths, policy)
                          for b in sorted(max_batches)]
-            best = max(p.attainment for p in per_batch)
-            if best > 0:
-                results.append(next(p for p in per_batch if p.attainment >= best - 0.005))
-            else:  # nothing meets the SLOs: show the max batch that comes closest to keeping up
-                results.append(min(per_batch, key=lambda p: (max(p.prefill_load, p.decode_util), p.config.max_batch)))
+            results.append(_pick_max_batch(per_batch, lambda p: (max(p.prefill_load, p.decode_util),
+                                                                  p.config.max_batch)))
     return sorted(results, key=lambda p: (-p.goodput_rps(workload.rate_rps) / p.units, -p.attainment, p.units))
 
 
@@ -290,10 +305,10 @@ def predict_colocated(profile: StageProfile, workload: Workload, resources: Reso
                       policy: RouterPolicy = ROUTER_DEFAULTS) -> ColocatedPrediction:
     """`workers` colocated workers, each with resources.per_worker; batched_tokens 0: the worker's default."""
     prompts, outputs = lengths if lengths is not None else workload.draw()
-    budget = batched_tokens or default_batched_tokens(resources.kind, max_batch)
+    budget = batched_tokens or default_batched_tokens("cuda" if resources.kind == "gpu" else "cpu", max_batch)
     scale = resources.time_scale(profile, workload.rate_rps)
     steps = outputs - 1
-    context = float((steps * (prompts + outputs / 2)).sum() / max(steps.sum(), 1))
+    context = _step_context(prompts, outputs)
     pf, dc = profile.prefill, profile.decode
     # a lower bound on a request's work: its prompt's tokens and attention, its decode rows without
     # any step's fixed cost (mixed steps share that with prefill)
@@ -317,17 +332,15 @@ def predict_colocated(profile: StageProfile, workload: Workload, resources: Reso
 
 
 def search_colocated(profile: StageProfile, workload: Workload, resources: Resources,
-                     max_batches: tuple[int, ...] = DEFAULT_MAX_BATCHES) -> ColocatedPrediction:
+                     max_batches: tuple[int, ...] = DEFAULT_MAX_BATCHES,
+                     policy: RouterPolicy = ROUTER_DEFAULTS) -> ColocatedPrediction:
     """A colocated worker on every unit of the resources: the max batch with the best attainment (the
     smallest within 0.5 points of it)."""
     lengths = workload.draw()
     workers = int(resources.total / resources.per_worker + 1e-9)
-    per_batch = [predict_colocated(profile, workload, resources, workers, b, lengths=lengths)
+    per_batch = [predict_colocated(profile, workload, resources, workers, b, lengths=lengths, policy=policy)
                  for b in sorted(max_batches)]
-    best = max(p.attainment for p in per_batch)
-    if best == 0:
-        return min(per_batch, key=lambda p: (p.load, p.max_batch))
-    return next(p for p in per_batch if p.attainment >= best - 0.005)
+    return _pick_max_batch(per_batch, lambda p: (p.load, p.max_batch))
 
 
 def max_rate_colocated(profile: StageProfile, workload: Workload, resources: Resources, workers: int,

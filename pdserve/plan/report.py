@@ -72,7 +72,7 @@ def render(profile: StageProfile, workload: Workload, resources: Resources, rank
     if colocated is not None:
         pd_rate = rates[0] if with_max_rate else None
         colo_rate = (max_rate_colocated(profile, workload, resources, colocated.workers, colocated.max_batch,
-                                        colocated.batched_tokens) if with_max_rate else None)
+                                        colocated.batched_tokens, policy=policy) if with_max_rate else None)
         lines += [""] + compare_modes(ranked[0], colocated, pd_rate, colo_rate, workload, resources)
     lines += extrapolation(profile, workload, policy)
     return "\n".join(lines)

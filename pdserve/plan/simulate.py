@@ -54,6 +54,7 @@ class RouterPolicy:
     bucket_edges: tuple[int, ...] = DEFAULT_BUCKET_EDGES
     aging_s: float = 10.0
     batch_admissions: bool = False
+    colocated_backlog: int = 8  # --mode colocated: requests a worker may hold beyond its max batch
 
     @classmethod
     def of(cls, router_config, shared_cores: bool = False) -> RouterPolicy:
@@ -109,6 +110,12 @@ class SimResult:
     decode_busy: float  # share of the time a decode worker steps, averaged over workers
     prompts_per_call: float
     rows_per_step: float  # decode batch, averaged over steps
+
+    @staticmethod
+    def tpots(first_token: np.ndarray, finish: np.ndarray, outputs: list[int]) -> np.ndarray:
+        """Per request: (finish - first token) over the tokens after the first; 0 for a one-token output."""
+        outs = np.array(outputs)
+        return np.where(outs > 1, (finish - first_token) / np.maximum(outs - 1, 1), 0.0)
 
     def attainment(self, ttft_slo_s: float, tpot_slo_s: float) -> tuple[float, float, float]:
         """(TTFT ok, TPOT ok, both ok): shares of all requests."""
@@ -185,10 +192,8 @@ class _Sim:
             handlers[kind](who)
         span = max(self.now, 1e-12)
         steps = sum(d.steps for d in self.decode)
-        ttft = self.first_token - self.arrive
-        steps_each = np.maximum(np.array(self.outputs) - 1, 1)
-        tpot = np.where(np.array(self.outputs) > 1, (self.finish - self.first_token) / steps_each, 0.0)
-        return SimResult(ttft, tpot, self.started - self.arrive,
+        return SimResult(self.first_token - self.arrive, SimResult.tpots(self.first_token, self.finish, self.outputs),
+                         self.started - self.arrive,
                          sum(p.busy_s for p in self.prefill) / (len(self.prefill) * span),
                          sum(d.busy_s for d in self.decode) / (len(self.decode) * span),
                          len(self.prompts) / max(self.calls, 1),

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.batch.format import BatchLimits, LineError, build_request, success_record
+from pdserve.batch.format import BatchLimits, LineError, build_request, success_record, usage
 from router.request import Request
 
 # LineError codes that are not a 400.
@@ -64,13 +64,6 @@ def response_body(req: Request, tokenizer: Any, model: str) -> dict[str, Any]:
     body = success_record(req, tokenizer, model)["response"]["body"]
     body["id"] = req.custom_id
     return body
-
-
-def usage(req: Request) -> dict[str, Any]:
-    """OpenAI's usage, with the prompt tokens found in the prefix cache (as run-batch reports them)."""
-    n = len(req.output_token_ids)
-    return {"prompt_tokens": req.prompt_len, "completion_tokens": n, "total_tokens": req.prompt_len + n,
-            "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
 
 
 class Chunks:
