@@ -6,7 +6,7 @@ read a dozen numbers. `read_config` returns the JSON's fields as attributes, exa
 field the engine reads whose absence transformers would fill with a class default must be present,
 and the RoPE must be the unscaled one (scaled types go through transformers' own parameter
 functions, `engine/model/rope.py`). Otherwise it raises `NotPlainConfig` and the caller uses
-transformers (`engine.loader.load_hf_config`). tests/test_hf_files.py checks the equality.
+transformers (`engine.loader.load_hf_config`). tests/engine/test_hf_files.py checks the equality.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ post-processor), the same chat template rendering (the same sandboxed jinja2 env
 filters, globals and special-token variables), the same decode. Any setting that would make
 transformers change the Rust tokenizer (tokens it adds, a model-specific class, truncation, the
 Mistral regex patch, clean-up of spaces) raises `NotPlainTokenizer`, and the caller uses
-transformers (`engine.loader.load_tokenizer`). tests/test_hf_files.py checks the equality.
+transformers (`engine.loader.load_tokenizer`). tests/engine/test_hf_files.py checks the equality.
 """
 
 from __future__ import annotations

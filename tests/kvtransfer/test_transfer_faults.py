@@ -18,7 +18,7 @@ from pdserve.bench.kvtransfer import TOKEN, ReceiverProcess
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
 from proto.messages import TLSFiles
-from tests.test_transport import FINGERPRINT, Receiver, random_kv, send, smollm_layout
+from tests.kvtransfer.test_transport import FINGERPRINT, Receiver, random_kv, send, smollm_layout
 
 
 def test_receiver_killed_mid_transfer_gives_a_typed_error_within_the_deadline():

@@ -15,7 +15,7 @@ from engine.runner import ModelRunner
 from engine.sampler import processed_probs
 from engine.specdec import Draft, Verifier
 from pdserve.bench.specdec import generate
-from tests.test_specdec import chi2, chi2_critical
+from tests.engine.test_specdec import chi2, chi2_critical
 
 
 def _runner(folder, block_size=4, **kw) -> ModelRunner:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_faults import outputs, write_batch
+from tests.system.test_faults import outputs, write_batch
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 MULTI_NODE = textwrap.dedent("""
     import json, sys

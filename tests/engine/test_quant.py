@@ -90,7 +90,7 @@ def _cpu_tolerance(x: torch.Tensor, qw) -> torch.Tensor:
 def test_cpu_decode_path_matches_dequantized_matmul(scheme, group_size, rows):
     w = _weight(96, 128, seed=1)
     qw = quantize(w, scheme, group_size or 128)
-    mm = CPUQuantMatmul(qw, native=False)  # torch's ops; our int4 kernel: tests/test_int4_kernel.py
+    mm = CPUQuantMatmul(qw, native=False)  # torch's ops; our int4 kernel: tests/engine/test_int4_kernel.py
     assert mm.fast_decode, "this shape must take the packed torch op"
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(3))
     ref, tol = _cpu_tolerance(x, qw)
@@ -147,7 +147,7 @@ def test_triton_kernel_matches_dequantized_matmul_under_interpreter():
     """The CUDA kernel's code, run by Triton's CPU interpreter (which @triton.jit picks at import)."""
     pytest.importorskip("triton", reason="triton is not installed on this platform")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, cwd=root, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

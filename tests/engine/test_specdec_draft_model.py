@@ -16,8 +16,8 @@ from engine.runner import ModelRunner
 from engine.specdec import make_drafter
 from pdserve.bench.specdec import generate
 from tests.conftest import TINY_COMMON, _save_tiny
-from tests.test_specdec import chi2, chi2_critical
-from tests.test_specdec_engine import _marginal_second_token, _runner, peaked_llama  # noqa: F401 (a fixture)
+from tests.engine.test_specdec import chi2, chi2_critical
+from tests.engine.test_specdec_engine import _marginal_second_token, _runner, peaked_llama  # noqa: F401 (a fixture)
 
 
 def _prompts(seed=0):
@@ -245,7 +245,7 @@ def test_run_batch_with_a_draft_model_equals_plain_decoding(ray_cluster, tmp_pat
     from pdserve.batch.run import BatchOptions, run_batch
     from pdserve.runtime.cluster import ClusterConfig
     from router.router import RouterConfig
-    from tests.test_specdec_engine import REWRITE, _chat
+    from tests.engine.test_specdec_engine import REWRITE, _chat
 
     texts = REWRITE[:2]
     runner = ModelRunner(EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.05, num_threads=1))

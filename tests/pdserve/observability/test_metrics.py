@@ -12,7 +12,7 @@ from pdserve.observability.dashboard.collector import METRIC_NAMES, MetricsColle
 from pdserve.observability.dashboard.state import dashboard_state
 from pdserve.observability.metrics import SLO, from_record, goodput_series, percentile, summarize
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def record(cid, queued, prefill_start, prefill_end, transfer_end, admit, token_times_ms, kv_bytes=1000,

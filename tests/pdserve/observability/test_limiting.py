@@ -7,7 +7,7 @@ import pytest
 
 from pdserve.observability.limiting import attainment_series, blame, limiting_stage
 from pdserve.observability.metrics import SLO, from_record, goodput_series
-from tests.test_metrics import record
+from tests.pdserve.observability.test_metrics import record
 
 SLO_ = SLO(ttft_s=1.0, tpot_s=0.1)
 

@@ -16,7 +16,7 @@ from engine.config import EngineConfig
 from pdserve.batch.run import BatchOptions, run_batch
 from pdserve.runtime.cluster import ClusterConfig
 from router.router import RouterConfig
-from tests.test_faults import outputs, write_batch
+from tests.system.test_faults import outputs, write_batch
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from pdserve.batch.run import BatchOptions, run_batch
 from pdserve.bench.specdec import generate
 from pdserve.runtime.cluster import ClusterConfig
 from router.router import RouterConfig
-from tests.test_specdec_engine import REWRITE, _chat
+from tests.engine.test_specdec_engine import REWRITE, _chat
 
 MAX_TOKENS = 24
 

@@ -111,7 +111,7 @@ def test_two_decode_workers_share_the_batch(ray_cluster, tmp_path, reference_out
 
 def test_cli_runs_the_sample_batch(tmp_path):
     """The README's demo path: the `pdserve` command starts its own cluster and writes every line."""
-    sample = Path(__file__).resolve().parent.parent / "examples" / "sample_batch.jsonl"
+    sample = Path(__file__).resolve().parents[2] / "examples" / "sample_batch.jsonl"
     out = tmp_path / "out.jsonl"
     proc = subprocess.run([sys.executable, "-m", "pdserve.cli", "run-batch", "-i", str(sample), "-o", str(out),
                            "-q"], capture_output=True, text=True, timeout=600)

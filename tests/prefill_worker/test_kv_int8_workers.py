@@ -11,8 +11,8 @@ from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig
 from prefill_worker.worker import PrefillWorker
 from proto.messages import WorkerConfig
-from tests.test_prefix_workers import _run as run_batches
-from tests.test_prefix_workers import _shared_prefix_batches as shared_prefix_batches
+from tests.prefill_worker.test_prefix_workers import _run as run_batches
+from tests.prefill_worker.test_prefix_workers import _shared_prefix_batches as shared_prefix_batches
 
 
 def _config(folder, kv: str, transport: str, worker_id: str) -> WorkerConfig:

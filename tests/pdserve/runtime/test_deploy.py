@@ -13,7 +13,7 @@ from pdserve.cli import build_parser
 from pdserve.observability.dashboard.collector import METRIC_NAMES
 from pdserve.runtime.cluster import ROLE_RESOURCES
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 
 
 def load(name: str):

@@ -33,7 +33,7 @@ def test_a_batch_through_ray_with_int4_weights_and_int8_kv(ray_cluster, tmp_path
     from pdserve.batch.run import BatchOptions, run_batch
     from pdserve.runtime.cluster import ClusterConfig
     from router.router import RouterConfig
-    from tests.test_faults import outputs, write_batch
+    from tests.system.test_faults import outputs, write_batch
 
     engine = EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.25, quantization="int4",
                           kv_cache_dtype="int8")

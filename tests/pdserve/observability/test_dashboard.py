@@ -24,7 +24,7 @@ from pdserve.observability.limiting import limiting_stage
 from pdserve.observability.metrics import SLO, from_record, offered_served, summarize
 from pdserve.runtime.cluster import ClusterConfig
 from router.router import RouterConfig
-from tests.test_faults import write_batch
+from tests.system.test_faults import write_batch
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from pdserve.batch.run import BatchOptions, run_batch
 from pdserve.runtime.cluster import ClusterConfig
 from router.request import State
 from router.router import RouterConfig
-from tests.test_e2e import QUESTIONS, read_output, reference_outputs, write_batch  # noqa: F401 (a fixture)
-from tests.test_faults import KillOnce
+from tests.system.test_e2e import QUESTIONS, read_output, reference_outputs, write_batch  # noqa: F401 (a fixture)
+from tests.system.test_faults import KillOnce
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def test_colocated_server_streams_the_transformers_answer(ray_cluster, reference
     import openai
 
     from pdserve.serve.server import ServeOptions, start_server
-    from tests.test_serve import _wait_idle
+    from tests.pdserve.serve.test_serve import _wait_idle
 
     running = start_server(ENGINE, CLUSTER, RouterConfig(), ServeOptions(port=0))
     try:
