@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.structured.spec import Constraint
+
 if TYPE_CHECKING:
     import torch
 
@@ -180,6 +182,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    constraint: Constraint | None = None  # structured output (engine/structured): the grammar every token obeys
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:

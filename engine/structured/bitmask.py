@@ -1,0 +1,88 @@
+"""Token bitmasks: filled on the CPU by the requests' matchers, applied to the logits in one batched op.
+
+    bitmask  [rows, ceil(V / 32)] int32, CPU     bit t % 32 of word t // 32: token t allowed
+    logits   [B, V] float32, any device           rows[i] of the logits takes bitmask row i
+
+Filling runs where the caller says: inline, or on one helper thread while the model's forward runs
+(`MaskFiller(overlap=True)`). llguidance computes a mask without the GIL, so the helper overlaps
+the forward; whether that pays on a machine whose cores the forward already uses is measured in
+docs/structured_outputs.md. Unconstrained rows are left as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from engine.structured.matcher import Matcher
+
+# Byte value -> its 8 bits, low bit first: a little-endian int32 mask read as bytes unpacks in one gather.
+_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[rows, W] int32 -> [rows, vocab_size] bool (True: allowed)."""
+    as_bytes = bitmask.contiguous().view(torch.uint8)  # [rows, 4W], little-endian words
+    return _BITS[as_bytes.long()].flatten(1)[:, :vocab_size]
+
+
+def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int] | None = None) -> None:
+    """Set the logits of forbidden tokens to -inf, in place. rows: the logits row of each bitmask row
+    (None: row i is row i)."""
+    allowed = unpack(bitmask, logits.shape[-1]).to(logits.device, non_blocking=True)
+    if rows is None:
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
+    index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+def fill_rows(matchers: Sequence[Matcher], vocab_size: int) -> torch.Tensor:
+    """One bitmask row per matcher."""
+    bitmask = torch.empty(len(matchers), bitmask_words(vocab_size), dtype=torch.int32)
+    for i, m in enumerate(matchers):
+        m.fill(bitmask, i)
+    return bitmask
+
+
+class PendingMask:
+    """Bitmask rows being filled for some logits rows; `apply` waits for them and masks the logits."""
+
+    def __init__(self, rows: list[int], result: Future[torch.Tensor] | torch.Tensor) -> None:
+        self.rows, self._result = rows, result
+
+    def bitmask(self) -> torch.Tensor:
+        return self._result.result() if isinstance(self._result, Future) else self._result
+
+    def apply(self, logits: torch.Tensor) -> None:
+        rows = None if self.rows == list(range(logits.shape[0])) else self.rows
+        apply_bitmask_(logits, self.bitmask(), rows)
+
+
+class MaskFiller:
+    """Fills the constrained rows of a step, inline or on one helper thread (`overlap`)."""
+
+    def __init__(self, vocab_size: int, overlap: bool = False) -> None:
+        self.vocab_size = vocab_size
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask") if overlap else None
+
+    def begin(self, grammars: Sequence[Matcher | None]) -> PendingMask | None:
+        """Start filling a mask for each row that has a matcher (row i of the logits is grammars[i]);
+        None when no row is constrained. The matchers must not change until `apply` returned."""
+        rows = [i for i, g in enumerate(grammars) if g is not None]
+        if not rows:
+            return None
+        matchers = [grammars[i] for i in rows]
+        if self._pool is None:
+            return PendingMask(rows, fill_rows(matchers, self.vocab_size))
+        return PendingMask(rows, self._pool.submit(fill_rows, matchers, self.vocab_size))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
