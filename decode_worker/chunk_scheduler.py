@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from decode_worker.stopping import StopChecker
 from engine.config import SamplingParams
@@ -38,6 +39,7 @@ class ColocatedSequence:
     prefill_start: float | None = None  # its first chunk's step
     prefill_end: float | None = None  # its last chunk's step: its first token
     finish_reason: str | None = None
+    grammar: Any = None  # structured output's matcher (engine/structured): set when the loop takes the sequence
 
     @property
     def prefilled(self) -> bool:

@@ -32,6 +32,7 @@ def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return _BITS[as_bytes.long()].flatten(1)[:, :vocab_size]
 
 
+@torch.inference_mode()  # logits come from the model's inference mode: only there may they change in place
 def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int] | None = None) -> None:
     """Set the logits of forbidden tokens to -inf, in place. rows: the logits row of each bitmask row
     (None: row i is row i)."""

@@ -22,7 +22,7 @@ import torch
 from engine.structured.spec import Constraint
 
 
-class GrammarViolation(RuntimeError):
+class GrammarViolation(ValueError):
     """A token the grammar forbids reached a matcher: the mask was not applied where it should have been."""
 
 
