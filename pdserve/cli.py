@@ -544,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve.bench.serve_command import add_parser as add_bench_serve_parser  # bench serve: its own module
 
     add_bench_serve_parser(bench)
+    from pdserve.bench.structured import add_parser as add_bench_structured_parser  # its own module
+
+    add_bench_structured_parser(bench)
     from pdserve.plan.command import add_parser as add_plan_parser  # pdserve plan: its own module
 
     add_plan_parser(sub)

@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import torch
 
-from engine.structured.bitmask import MaskFiller, apply_bitmask_, bitmask_words, fill_rows, unpack
+from engine.structured.bitmask import MaskFiller, apply_bitmask_, apply_bitmask_torch_, bitmask_words, fill_rows, unpack
 from engine.structured.drafts import draft_bitmask, mask_verify_logits_
 from engine.structured.matcher import GrammarCompiler, GrammarViolation
 from engine.structured.spec import Constraint, ConstraintError, ConstraintKind
@@ -49,6 +49,30 @@ def test_unpack_equals_per_bit_reference():
         assert torch.equal(masked[row].isinf(), ~ref[r])
         assert torch.equal(masked[row][ref[r]], logits[row][ref[r]])
     assert torch.equal(masked[[1, 3]], logits[[1, 3]])  # unconstrained rows untouched
+
+
+@pytest.mark.parametrize("vocab", [70, 49152])
+def test_native_kernel_equals_the_torch_path(vocab):
+    from engine.kernels import cpu_token_bitmask
+
+    if cpu_token_bitmask() is None:
+        pytest.skip("no C++ compiler here: the torch path serves (and is what the other tests check)")
+    gen = torch.Generator().manual_seed(3)
+    bm = torch.randint(-2**31, 2**31 - 1, (4, bitmask_words(vocab)), generator=gen, dtype=torch.int32)
+    bm[0] = -1  # all allowed
+    bm[1, : bm.shape[1] // 2] = 0  # runs of forbidden words
+    logits = torch.randn(6, vocab, generator=gen)
+    for rows in (None, [5, 0, 3, 1]):
+        native, ref = logits.clone(), logits.clone()
+        if rows is None:
+            native, ref, mask = native[:4].contiguous(), ref[:4].contiguous(), bm
+        else:
+            mask = bm
+        apply_bitmask_(native, mask, rows)
+        apply_bitmask_torch_(ref, mask, rows)
+        assert torch.equal(native, ref)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_token_bitmask().apply_token_bitmask(logits, bm, torch.tensor([0, 1, 2, 6]))
 
 
 def test_walk_valid_answer_and_eos_only_at_the_end(compiler, tokenizer):

@@ -1,0 +1,259 @@
+"""`pdserve bench structured`: what a JSON schema costs in decode speed, and what it buys in valid answers.
+
+In process (no Ray), with the decode worker's own batcher on the default model:
+
+  * speed: at each batch size, `steps` decode steps of requests whose answers are long (a list of 12
+    objects), with a schema and without (EOS ignored), alternated `repeats` times; per step: wall ms,
+    tok/s (rows / step time) and, with the schema, the mask's cost: CPU ms filling the rows (on the
+    helper thread, or inline with --inline-masks), ms the step waited for them, ms applying them;
+  * validity: extraction requests (a sentence in, a JSON object with named keys out), greedy, run to
+    their end with the schema and without it; the share of answers that parse and validate with
+    `jsonschema` (and, without it, the share once code fences and text around the object are cut).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ITEMS = {"type": "object", "properties": {"items": {
+    "type": "array", "minItems": 12, "maxItems": 12, "items": {
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                         "qty": {"type": "integer", "minimum": 1, "maximum": 99}},
+        "required": ["name", "qty"], "additionalProperties": False}}},
+    "required": ["items"], "additionalProperties": False}
+CATEGORIES = ("grocery", "hardware", "office", "garden", "kitchen", "camping", "school", "bakery")
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 130},
+                                           "city": {"type": "string", "maxLength": 40}},
+          "required": ["name", "age", "city"], "additionalProperties": False}
+PRODUCT = {"type": "object", "properties": {"product": {"type": "string", "maxLength": 40},
+                                            "price": {"type": "number", "minimum": 0},
+                                            "in_stock": {"type": "boolean"}},
+           "required": ["product", "price", "in_stock"], "additionalProperties": False}
+PEOPLE = (("Alice Johnson", 34, "Paris", "engineer"), ("Bob Smith", 52, "Denver", "baker"),
+          ("Chen Wei", 27, "Shanghai", "nurse"), ("Dana Kovacs", 41, "Budapest", "pilot"),
+          ("Emeka Obi", 63, "Lagos", "teacher"), ("Fatima Zahra", 19, "Rabat", "student"),
+          ("Gustav Berg", 45, "Oslo", "architect"), ("Hana Sato", 38, "Osaka", "chef"))
+PRODUCTS = (("wireless mouse", 24.99, True), ("desk lamp", 39.5, False), ("coffee grinder", 89.0, True),
+            ("yoga mat", 19.95, True), ("backpack", 54.0, False), ("water bottle", 12.49, True),
+            ("phone charger", 15.0, False), ("notebook", 3.75, True))
+
+
+def extraction_tasks(n: int) -> list[tuple[str, dict]]:
+    """n (question, schema) pairs: a sentence to extract a person or a product from."""
+    tasks = []
+    for i in range(n):
+        if i % 2 == 0:
+            name, age, city, job = PEOPLE[(i // 2) % len(PEOPLE)]
+            text = f"{name} is a {age}-year-old {job} who lives in {city}."
+            tasks.append((f"Extract the person's name, age and city from the text below. Answer only with a JSON "
+                          f"object with the keys name, age and city.\n\nText: {text}", PERSON))
+        else:
+            product, price, stock = PRODUCTS[(i // 2) % len(PRODUCTS)]
+            text = f"The {product} costs ${price} and is {'in stock' if stock else 'sold out'}."
+            tasks.append((f"Extract the product, its price and whether it is in stock from the text below. Answer "
+                          f"only with a JSON object with the keys product, price and in_stock.\n\nText: {text}",
+                          PRODUCT))
+    return tasks
+
+
+@dataclass(frozen=True)
+class StructuredBench:
+    batch_sizes: tuple[int, ...] = (1, 16, 64)
+    steps: int = 24  # timed decode steps per measurement (every row still running)
+    repeats: int = 3  # alternations of constrained / unconstrained per batch size
+    validity_requests: int = 32
+    max_tokens: int = 160
+    dtype: str = "auto"
+    num_threads: int = 0
+    overlap_masks: bool = True
+
+
+def _prefill(runner: Any, grammars: Any, prompts: list[list[int]], params: list[Any]) -> tuple[Any, Any, list]:
+    """Prefill into a fresh pool; first tokens sampled under each request's grammar. (pool, blocks, sequences)."""
+    from decode_worker.batcher import DecodeSequence
+    from engine.kv_cache import BlockManager, KVPool
+    from engine.runner import pool_writer, token_slots
+    from engine.sampler import sample
+    from engine.structured.bitmask import MaskFiller
+
+    bs = runner.config.block_size
+    need = sum(-(-(len(p) + sp.max_tokens) // bs) for p, sp in zip(prompts, params)) + 1
+    pool, blocks = KVPool.allocate(runner.kv_layout(num_blocks=need), runner.config.device), BlockManager(need, bs)
+    tables = [blocks.allocate(str(i), len(p) + sp.max_tokens) for i, (p, sp) in enumerate(zip(prompts, params))]
+    firsts: list[int] = []
+    masks = MaskFiller(runner.arch.vocab_size)
+    for lo in range(0, len(prompts), 16):
+        chunk = prompts[lo:lo + 16]
+        logits = runner.prefill(chunk, pool_writer(pool, [token_slots(t, len(p), bs)
+                                                          for t, p in zip(tables[lo:lo + 16], chunk)]))
+        pending = masks.begin([grammars.for_request(sp) for sp in params[lo:lo + 16]])
+        if pending is not None:
+            pending.apply(logits)
+        firsts += sample(logits, params[lo:lo + 16], [0] * len(chunk)).tolist()
+    seqs = [DecodeSequence(str(i), len(p), sp, tables[i], [firsts[i]], [time.time()])
+            for i, (p, sp) in enumerate(zip(prompts, params))]
+    for s in seqs:
+        s.grammar = grammars.for_request(s.params, s.output)
+    return pool, blocks, seqs
+
+
+def time_steps(runner: Any, grammars: Any, prompts: list[list[int]], constrained: bool, steps: int,
+               overlap_masks: bool) -> dict[str, float]:
+    """Wall ms per decode step over `steps` steps of the whole batch, and the mask's costs per step."""
+    from decode_worker.batcher import ContinuousBatcher
+    from decode_worker.stopping import StopChecker
+    from engine.config import SamplingParams
+    from engine.structured.spec import Constraint
+
+    constraint = Constraint.json_schema(ITEMS) if constrained else None
+    params = [SamplingParams(max_tokens=steps + 64, temperature=0.8, seed=i, ignore_eos=not constrained,
+                             constraint=constraint) for i in range(len(prompts))]
+    pool, blocks, seqs = _prefill(runner, grammars, prompts, params)
+    batcher = ContinuousBatcher(runner, pool, StopChecker(runner.arch.eos_token_ids, None), len(prompts),
+                                overlap_masks=overlap_masks)
+    for s in seqs:
+        assert batcher.add(s) is None
+    batcher.step()  # admits every row; its first step is not timed
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        if batcher.step():
+            raise RuntimeError("a sequence finished inside the timed steps: raise max_tokens or use a longer answer")
+        times.append(time.perf_counter() - started)
+    batcher.masks.close()
+    c = batcher.masks.counters
+    n = max(c.steps, 1)
+    return {"step_ms": statistics.median(times) * 1e3, "mask_fill_cpu_ms": c.fill_cpu_s / n * 1e3,
+            "mask_wait_ms": c.wait_s / n * 1e3, "mask_apply_ms": c.apply_s / n * 1e3}
+
+
+def answers(runner: Any, grammars: Any, tokenizer: Any, tasks: list[tuple[str, dict]], constrained: bool,
+            max_tokens: int) -> list[str]:
+    """Greedy answers to the extraction tasks, run to their end."""
+    from decode_worker.batcher import ContinuousBatcher
+    from decode_worker.stopping import StopChecker
+    from engine.config import SamplingParams
+    from engine.structured.spec import Constraint
+
+    prompts = [chat_ids(tokenizer, q) for q, _ in tasks]
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0,
+                             constraint=Constraint.json_schema(s) if constrained else None) for _, s in tasks]
+    pool, blocks, seqs = _prefill(runner, grammars, prompts, params)
+    batcher = ContinuousBatcher(runner, pool, StopChecker(runner.arch.eos_token_ids, None), len(prompts))
+    for s in seqs:
+        batcher.add(s)
+    while batcher.has_work():
+        batcher.step()
+    batcher.masks.close()
+    return [tokenizer.decode(s.output, skip_special_tokens=True) for s in seqs]
+
+
+def chat_ids(tokenizer: Any, question: str) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
+
+
+def validates(text: str, schema: dict, lenient: bool = False) -> bool:
+    import jsonschema
+
+    if lenient:  # the outermost {...}: code fences and words around the object cut away
+        start, end = text.find("{"), text.rfind("}")
+        text = text[start:end + 1] if 0 <= start < end else text
+    try:
+        jsonschema.validate(json.loads(text), schema)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def run(bench: StructuredBench) -> dict[str, Any]:
+    from engine.config import EngineConfig
+    from engine.loader import load_tokenizer
+    from engine.runner import ModelRunner
+    from engine.structured.grammars import Grammars
+
+    runner = ModelRunner(EngineConfig(dtype=bench.dtype, num_threads=bench.num_threads, kv_cache_gib=0.05))
+    tokenizer = load_tokenizer(runner.folder)
+    grammars = Grammars(lambda: tokenizer, runner.arch.vocab_size, runner.arch.eos_token_ids)
+    report: dict[str, Any] = {"bench": asdict(bench), "dtype": runner.config.dtype, "load_before": os.getloadavg(),
+                              "speed": {}}
+    for b in bench.batch_sizes:
+        prompts = [chat_ids(tokenizer, f"List 12 {CATEGORIES[i % len(CATEGORIES)]} items with a quantity for each, "
+                                       f"as JSON.") for i in range(b)]
+        runs: dict[str, list[dict[str, float]]] = {"plain": [], "schema": []}
+        for _ in range(bench.repeats):
+            runs["plain"].append(time_steps(runner, grammars, prompts, False, bench.steps, bench.overlap_masks))
+            runs["schema"].append(time_steps(runner, grammars, prompts, True, bench.steps, bench.overlap_masks))
+        med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in runs.items()}
+        report["speed"][b] = {"plain_tok_s": b / med["plain"]["step_ms"] * 1e3,
+                              "schema_tok_s": b / med["schema"]["step_ms"] * 1e3,
+                              "ratio": med["plain"]["step_ms"] / med["schema"]["step_ms"], **{
+                                  f"schema_{f}": v for f, v in med["schema"].items()},
+                              "plain_step_ms": med["plain"]["step_ms"]}
+    tasks = extraction_tasks(bench.validity_requests)
+    free = answers(runner, grammars, tokenizer, tasks, False, bench.max_tokens)
+    held = answers(runner, grammars, tokenizer, tasks, True, bench.max_tokens)
+    n = len(tasks)
+    report["validity"] = {
+        "requests": n,
+        "unconstrained_valid": sum(validates(a, s) for a, (_, s) in zip(free, tasks)) / n,
+        "unconstrained_valid_lenient": sum(validates(a, s, lenient=True) for a, (_, s) in zip(free, tasks)) / n,
+        "constrained_valid": sum(validates(a, s) for a, (_, s) in zip(held, tasks)) / n,
+        "examples": {"unconstrained": free[:2], "constrained": held[:2]}}
+    report["load_after"] = os.getloadavg()
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"dtype {report['dtype']}; load average before {report['load_before'][0]:.1f}, after "
+             f"{report['load_after'][0]:.1f}; median of {report['bench']['repeats']} alternated runs of "
+             f"{report['bench']['steps']} steps; masks {'on a helper thread' if report['bench']['overlap_masks'] else 'inline'}",
+             "batch  plain tok/s  schema tok/s  ratio  plain step ms  schema step ms  fill CPU ms  wait ms  apply ms"]
+    for b, s in report["speed"].items():
+        lines.append(f"{b:>5}  {s['plain_tok_s']:>11.1f}  {s['schema_tok_s']:>12.1f}  {s['ratio']:>5.2f}  "
+                     f"{s['plain_step_ms']:>13.1f}  {s['schema_step_ms']:>14.1f}  {s['schema_mask_fill_cpu_ms']:>11.2f}"
+                     f"  {s['schema_mask_wait_ms']:>7.2f}  {s['schema_mask_apply_ms']:>8.2f}")
+    v = report["validity"]
+    lines.append(f"valid answers of {v['requests']} extraction requests: without the schema "
+                 f"{v['unconstrained_valid']:.0%} ({v['unconstrained_valid_lenient']:.0%} after cutting the text "
+                 f"around the object), with it {v['constrained_valid']:.0%}")
+    return "\n".join(lines)
+
+
+def add_parser(bench: Any) -> None:
+    p = bench.add_parser("structured", help="decode tok/s with and without a JSON schema; valid answers with and "
+                                            "without it", description=__doc__)
+    p.add_argument("--batch-sizes", default="1,16,64")
+    p.add_argument("--steps", type=int, default=StructuredBench.steps)
+    p.add_argument("--repeats", type=int, default=StructuredBench.repeats)
+    p.add_argument("--validity-requests", type=int, default=StructuredBench.validity_requests)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--num-threads", type=int, default=0)
+    p.add_argument("--inline-masks", action="store_true", help="fill masks before the forward instead of on a "
+                                                               "helper thread during it")
+    p.add_argument("--json", default=None, help="also write the report here")
+    p.add_argument("--quick", action="store_true", help="batch 2, 3 steps, 4 requests: checks the benchmark runs")
+    p.set_defaults(func=cmd_bench_structured)
+
+
+def cmd_bench_structured(args: argparse.Namespace) -> int:
+    bench = StructuredBench(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), steps=args.steps,
+                            repeats=args.repeats, validity_requests=args.validity_requests, dtype=args.dtype,
+                            num_threads=args.num_threads, overlap_masks=not args.inline_masks)
+    if args.quick:
+        bench = StructuredBench(batch_sizes=(2,), steps=3, repeats=1, validity_requests=4, max_tokens=48,
+                                dtype=args.dtype, num_threads=args.num_threads, overlap_masks=not args.inline_masks)
+    report = run(bench)
+    print(table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
