@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from engine.config import SamplingParams
 
@@ -75,6 +76,7 @@ class Request:
     slo: dict[str, float] | None = None  # per-request SLO override: {"ttft_s": ..., "tpot_s": ...}
     speculative: dict[str, float] | None = None  # drafted, accepted, alpha from the decode worker
     streamed: int = 0  # output tokens handed to a streaming front end (kept across retries)
+    tools: Any = None  # the front end's ToolPlan (pdserve/openai/tools.py): how to read tool calls from the answer
 
     def __post_init__(self) -> None:
         now = time.time()

@@ -34,7 +34,12 @@ class ConstraintKind(str, Enum):
 
 
 class ConstraintError(ValueError):
-    """A constraint that cannot be enforced exactly; the message names what is wrong."""
+    """A constraint that is invalid, or that cannot be enforced exactly (`unsupported`: a keyword the
+    engine does not implement); the message names what is wrong."""
+
+    def __init__(self, message: str, unsupported: bool = False) -> None:
+        super().__init__(message)
+        self.unsupported = unsupported
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,10 @@ def _check(c: Constraint) -> None:
         raise ConstraintError(f"invalid {c.kind.value}: {e}") from e
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise ConstraintError(f"{c.kind.value} cannot be enforced: {messages[0].strip()}")
+        why = messages[0].strip()
+        unsupported = "Unimplemented" in why or "not supported" in why or "Unsupported" in why
+        raise ConstraintError(f"{c.kind.value} {'cannot be enforced' if unsupported else 'is invalid'}: {why}",
+                              unsupported)
 
 
 def _check_schema(text: str) -> None:

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from engine.config import SamplingParams
+from pdserve.openai.response_format import OutputFormatError
+from pdserve.openai.structured import answer_check, assistant_message, finish_reason, read_structured
+from pdserve.openai.tools import chat_messages
 from router.request import TIMELINE_FIELDS, Request, State
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
@@ -123,8 +126,12 @@ def build_request(number: int, custom_id: str, kind: str, body: dict, tokenizer:
                         "model_not_found")
     if body.get("n", 1) != 1:
         raise LineError("n must be 1: pdserve returns one choice per request")
+    try:  # response_format, structured outputs and tools (pdserve/openai): refused here, before any work
+        constraint, tools = read_structured(body, kind)
+    except OutputFormatError as e:
+        raise LineError(str(e), e.code) from e
     if kind == "chat":
-        prompt_ids = _chat_prompt(body, tokenizer)
+        prompt_ids = _chat_prompt(body, tokenizer, tools)
     else:
         prompt_ids = _completion_prompt(body, tokenizer)
     if len(prompt_ids) >= limits.max_context:
@@ -172,15 +179,20 @@ def build_request(number: int, custom_id: str, kind: str, body: dict, tokenizer:
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
         seed=seed if seed is not None else uuid.uuid4().int & ((1 << 63) - 1),
-        stop=tuple(stop), ignore_eos=ignore_eos)
+        stop=tuple(stop), ignore_eos=ignore_eos, constraint=constraint)
     return Request(request_id=f"r{number}", custom_id=custom_id, line=number, kind=kind,
-                   prompt_token_ids=prompt_ids, params=params, priority=priority, slo=slo)
+                   prompt_token_ids=prompt_ids, params=params, priority=priority, slo=slo, tools=tools)
 
 
-def _chat_prompt(body: dict, tokenizer: Any) -> list[int]:
+def _chat_prompt(body: dict, tokenizer: Any, tools: Any = None) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise LineError("messages must be a non-empty list")
+    native_tools = "tools" in (getattr(tokenizer, "chat_template", None) or "")  # the template renders them
+    try:
+        messages = chat_messages(messages, tools, native_tools)  # tool calls and results as text
+    except OutputFormatError as e:
+        raise LineError(str(e), e.code) from e
     clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -197,8 +209,9 @@ def _chat_prompt(body: dict, tokenizer: Any) -> list[int]:
         if not isinstance(content, str):
             raise LineError(f"messages[{i}].content must be a string, got {type(content).__name__}")
         clean.append({"role": "system" if role == "developer" else role, "content": content})
+    extra = {"tools": [t.openai() for t in tools.tools]} if native_tools and tools and tools.offered else {}
     return list(tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"])
+                                              return_dict=True, **extra)["input_ids"])
 
 
 def _completion_prompt(body: dict, tokenizer: Any) -> list[int]:
@@ -247,8 +260,9 @@ def success_record(req: Request, tokenizer: Any, model_name: str) -> dict[str, A
     created = int(req.timeline.get("finish", time.time()))
     rid = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": req.finish_reason}
+        message = assistant_message(text, req.tools)  # tool calls read out of the text (pdserve/openai/tools.py)
+        choice = {"index": 0, "message": message.openai(), "logprobs": None,
+                  "finish_reason": finish_reason(req.finish_reason, message)}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason}
@@ -257,12 +271,22 @@ def success_record(req: Request, tokenizer: Any, model_name: str) -> dict[str, A
             "usage": usage(req)}
     return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": req.custom_id,
             "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None,
-            "pdserve": _extension(req)}
+            "pdserve": {**_extension(req), **_structured(req, text)}}
 
 
-def metrics_record(req: Request) -> dict[str, Any]:
-    """What the metrics need of a finished request (no text): for a router that has no tokenizer."""
+def _structured(req: Request, text: str) -> dict[str, Any]:
+    """A constrained answer's kind and whether it validates (None: not checkable here), for the metrics."""
+    if req.params.constraint is None:
+        return {}
+    return {"structured": {**answer_check(text, req.params.constraint, req.tools), "finish_reason": req.finish_reason}}
+
+
+def metrics_record(req: Request, tokenizer: Any = None) -> dict[str, Any]:
+    """What the metrics need of a finished request (no text unless `tokenizer` is given, to check a
+    constrained answer): for a router that has no tokenizer."""
     ext = _extension(req)
+    if tokenizer is not None and req.state == State.DONE:
+        ext |= _structured(req, output_text(req, tokenizer))
     if req.state != State.DONE:
         return {"custom_id": req.custom_id, "response": None,
                 "error": {"code": "request_failed", "message": req.error}, "pdserve": ext}

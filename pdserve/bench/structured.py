@@ -213,9 +213,10 @@ def run(bench: StructuredBench) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
+    where = "on a helper thread" if report["bench"]["overlap_masks"] else "inline"
     lines = [f"dtype {report['dtype']}; load average before {report['load_before'][0]:.1f}, after "
              f"{report['load_after'][0]:.1f}; median of {report['bench']['repeats']} alternated runs of "
-             f"{report['bench']['steps']} steps; masks {'on a helper thread' if report['bench']['overlap_masks'] else 'inline'}",
+             f"{report['bench']['steps']} steps; masks {where}",
              "batch  plain tok/s  schema tok/s  ratio  plain step ms  schema step ms  fill CPU ms  wait ms  apply ms"]
     for b, s in report["speed"].items():
         lines.append(f"{b:>5}  {s['plain_tok_s']:>11.1f}  {s['schema_tok_s']:>12.1f}  {s['ratio']:>5.2f}  "

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from pdserve.batch.format import BatchLimits
 from pdserve.observability.dashboard.server import asset, page_html
+from pdserve.openai.tool_stream import MessageStream
 from pdserve.serve.loop import ServingLoop, Sink
 from pdserve.serve.protocol import ApiError, Chunks, error_body, parse, response_body
 from pdserve.serve.text import TextStream
@@ -129,6 +130,7 @@ def build_app(config: AppConfig, loop: ServingLoop, tokenizer: Any) -> FastAPI:
 
     async def _stream(req: RouterRequest, sink: Sink, deadline: float, include_usage: bool) -> AsyncIterator[str]:
         chunks, text = Chunks(req, config.model_name), TextStream(req, tokenizer)
+        message = MessageStream(parse_calls=req.tools is not None and req.tools.offered)  # chat: tool calls read out
         over = False
         try:
             if req.kind == "chat":
@@ -137,12 +139,19 @@ def build_app(config: AppConfig, loop: ServingLoop, tokenizer: Any) -> FastAPI:
                 kind, value = await _next(req, sink, deadline)
                 if kind == "tokens":
                     delta = text.add(value)
-                    if delta:
-                        yield _sse(chunks.delta(delta))
+                    for piece in _pieces(chunks, message, delta):
+                        yield _sse(piece)
                     continue
                 over = True
                 if kind == "done" and value.state == State.DONE:
-                    yield _sse(chunks.delta(text.finish(value), value.finish_reason))
+                    rest = text.finish(value)
+                    if req.kind == "chat":
+                        for piece in _pieces(chunks, message, rest, final=True):
+                            yield _sse(piece)
+                        called = message.calls and value.finish_reason == "stop"
+                        yield _sse(chunks.chat_delta({}, "tool_calls" if called else value.finish_reason))
+                    else:
+                        yield _sse(chunks.delta(rest, value.finish_reason))
                     if include_usage:
                         yield _sse(chunks.usage(value))
                 else:
@@ -185,6 +194,14 @@ def _failure(kind: str, value: Any) -> ApiError:
     if kind == "timeout":
         return ApiError(504, str(value), "deadline_exceeded", "server_error")
     return ApiError(500, str(value), "internal_error", "server_error")
+
+
+def _pieces(chunks: Chunks, message: MessageStream, delta: str, final: bool = False) -> list[dict]:
+    """The chunks for new answer text: text as is for completions; chat deltas (content, tool calls) for chat."""
+    if chunks.req.kind != "chat":
+        return [chunks.delta(delta)] if delta else []
+    deltas = message.add(delta) + (message.finish() if final else [])
+    return [chunks.chat_delta(d) for d in deltas]
 
 
 def _sse(obj: dict) -> str:

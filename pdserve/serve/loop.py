@@ -41,9 +41,10 @@ class Sink:
 
 class ServingLoop:
     def __init__(self, make_router: Callable[[OnFinished, OnTokens], RouterAPI], admission: Admission,
-                 collector: MetricsCollector) -> None:
+                 collector: MetricsCollector, tokenizer: Any = None) -> None:
+        """tokenizer: lets the metrics check constrained answers (counted as validation failures if not valid)."""
         self.router = make_router(self._finished, self._tokens)
-        self.admission, self.collector = admission, collector
+        self.admission, self.collector, self.tokenizer = admission, collector, tokenizer
         self._inbox: queue.Queue[tuple[str, Request, Any]] = queue.Queue()
         self._sinks: dict[str, Sink] = {}  # custom_id -> sink; the router thread's only
         self._stop = threading.Event()
@@ -103,7 +104,7 @@ class ServingLoop:
 
     def _finished(self, req: Request) -> None:
         self.admission.gone(req)
-        self.collector.record(metrics_record(req))
+        self.collector.record(metrics_record(req, self.tokenizer))
         sink = self._sinks.pop(req.custom_id, None)
         if sink is not None:
             sink.put(("done", req))

@@ -75,17 +75,20 @@ class Chunks:
 
     def delta(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
         if self.req.kind == "chat":
-            delta: dict[str, Any] = {"content": text}
-            if self.first:
-                delta = {"role": "assistant", **delta}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            obj = "text_completion"
+            return self.chat_delta({"content": text}, finish_reason)
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         self.first = False
-        return {"id": self.req.custom_id, "object": obj, "created": self.created, "model": self.model,
+        return {"id": self.req.custom_id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": [choice]}
+
+    def chat_delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        """A chat chunk: content and/or tool-call deltas (pdserve/openai/tool_stream.py)."""
+        if self.first:
+            delta = {"role": "assistant", **delta}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        self.first = False
+        return {"id": self.req.custom_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [choice]}
 
     def usage(self, finished: Request) -> dict[str, Any]:
         """The last chunk. `finished`: the request as it finished (through a deployment, a copy)."""

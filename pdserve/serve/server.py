@@ -80,7 +80,7 @@ def start_server(engine: EngineConfig, cluster: ClusterConfig, router_config: Ro
                 return Router(workers, router_config, on_finished=on_finished,
                               on_prefill_batch=collector.prefill_batch, on_tokens=on_tokens)
 
-        loop = ServingLoop(make_router, Admission(options.admission, options.slo), collector)
+        loop = ServingLoop(make_router, Admission(options.admission, options.slo), collector, tokenizer)
         app = build_app(AppConfig(name, limits, options.api_key, options.request_timeout_s), loop, tokenizer)
         server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                                                lifespan="off", timeout_graceful_shutdown=5))

@@ -1,0 +1,1 @@
+"""The OpenAI API's request and answer formats shared by run-batch and serve."""
