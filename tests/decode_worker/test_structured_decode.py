@@ -282,3 +282,18 @@ def test_drafts_the_grammar_forbids_are_rejected_and_the_right_ones_stand(pd_out
     right = ScriptedDrafter(reference, None)
     outputs, accepted = decode_with(runner, items, right)
     assert outputs == reference and accepted == right.proposed > 0 and wrong.proposed > 0
+
+
+def test_a_grammar_that_took_eos_ends_the_answer_even_under_ignore_eos(tokenizer):
+    from types import SimpleNamespace
+
+    grammars = Grammars(lambda: tokenizer, 49152, [tokenizer.eos_token_id])
+    stopper = StopChecker([tokenizer.eos_token_id], tokenizer)
+    params = SamplingParams(max_tokens=10, ignore_eos=True, constraint=Constraint.choice(["yes"]))
+    seq = SimpleNamespace(output=[], token_times=[], params=params, finish_reason=None,
+                          grammar=grammars.for_request(params))
+    assert not stopper.accept(seq, tokenizer.encode("yes", add_special_tokens=False)[0], 0.0)
+    assert stopper.accept(seq, tokenizer.eos_token_id, 0.0) and seq.finish_reason == "stop"
+    free = SimpleNamespace(output=[], token_times=[], params=SamplingParams(max_tokens=10, ignore_eos=True),
+                           finish_reason=None, grammar=None)
+    assert not stopper.accept(free, tokenizer.eos_token_id, 0.0)  # unconstrained: ignore_eos holds
