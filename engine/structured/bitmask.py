@@ -28,9 +28,9 @@ def bitmask_words(vocab_size: int) -> int:
 
 
 def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[rows, W] int32 -> [rows, vocab_size] bool (True: allowed)."""
+    """[rows, W] int32 -> [rows, vocab_size] bool (True: allowed), on the bitmask's device."""
     as_bytes = bitmask.contiguous().view(torch.uint8)  # [rows, 4W], little-endian words
-    return _BITS[as_bytes.long()].flatten(1)[:, :vocab_size]
+    return _BITS.to(bitmask.device)[as_bytes.long()].flatten(1)[:, :vocab_size]
 
 
 @torch.inference_mode()  # logits come from the model's inference mode: only there may they change in place
@@ -48,8 +48,9 @@ def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[i
 
 @torch.inference_mode()
 def apply_bitmask_torch_(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int] | None = None) -> None:
-    """apply_bitmask_ with torch ops: any device and dtype, and the native kernel's reference."""
-    allowed = unpack(bitmask, logits.shape[-1]).to(logits.device, non_blocking=True)
+    """apply_bitmask_ with torch ops: any device and dtype, and the native kernel's reference. The packed
+    bitmask crosses to the logits' device (4 bytes per 32 tokens) and is unpacked there."""
+    allowed = unpack(bitmask.to(logits.device, non_blocking=True), logits.shape[-1])
     if rows is None:
         logits.masked_fill_(~allowed, float("-inf"))
         return

@@ -2,10 +2,12 @@
 
 In process (no Ray), with the decode worker's own batcher on the default model:
 
-  * speed: at each batch size, `steps` decode steps of requests whose answers are long (a list of 12
-    objects), with a schema and without (EOS ignored), alternated `repeats` times; per step: wall ms,
-    tok/s (rows / step time) and, with the schema, the mask's cost: CPU ms filling the rows (on the
-    helper thread, or inline with --inline-masks), ms the step waited for them, ms applying them;
+  * speed: at each batch size, decode steps of requests whose answers are long (a list of 12 objects),
+    without a schema (EOS ignored) and with it, interleaved step by step (plain, schema with masks on
+    the helper thread, plain, schema with masks filled inline, ...) so that every mode sees the same
+    load; per mode the median step's wall ms and tok/s (rows / step time), the stepping thread's CPU
+    ms (with the helper thread's fill CPU added, as if it ran in series) and the mask's costs: CPU ms
+    filling the rows, ms the step waited for them, ms applying them;
   * validity: extraction requests (a sentence in, a JSON object with named keys out), greedy, run to
     their end with the schema and without it; the share of answers that parse and validate with
     `jsonschema` (and, without it, the share once code fences and text around the object are cut).
@@ -67,13 +69,11 @@ def extraction_tasks(n: int) -> list[tuple[str, dict]]:
 @dataclass(frozen=True)
 class StructuredBench:
     batch_sizes: tuple[int, ...] = (1, 16, 64)
-    steps: int = 24  # timed decode steps per measurement (every row still running)
-    repeats: int = 3  # alternations of constrained / unconstrained per batch size
+    steps: int = 24  # interleaved plain steps timed (and as many schema steps, half per mask mode)
     validity_requests: int = 32
     max_tokens: int = 160
     dtype: str = "auto"
     num_threads: int = 0
-    overlap_masks: bool = True
 
 
 def _prefill(runner: Any, grammars: Any, prompts: list[list[int]], params: list[Any]) -> tuple[Any, Any, list]:
@@ -105,34 +105,53 @@ def _prefill(runner: Any, grammars: Any, prompts: list[list[int]], params: list[
     return pool, blocks, seqs
 
 
-def time_steps(runner: Any, grammars: Any, prompts: list[list[int]], constrained: bool, steps: int,
-               overlap_masks: bool) -> dict[str, float]:
-    """Wall ms per decode step over `steps` steps of the whole batch, and the mask's costs per step."""
+MODES = ("plain", "schema_helper", "schema_inline")
+
+
+def interleaved_steps(runner: Any, grammars: Any, prompts: list[list[int]], steps: int) -> dict[str, dict]:
+    """Per mode, the wall and stepping-thread CPU ms of each decode step, and the mask's costs per step.
+
+    Two batchers over the same prompts, one without a schema (EOS ignored) and one with it, step in
+    turn: plain, schema (masks on the helper thread), plain, schema (masks inline), ... so every mode
+    sees the same load on a shared host, step for step. Every row runs through all steps."""
     from decode_worker.batcher import ContinuousBatcher
     from decode_worker.stopping import StopChecker
     from engine.config import SamplingParams
+    from engine.structured.bitmask import MaskFiller
     from engine.structured.spec import Constraint
 
-    constraint = Constraint.json_schema(ITEMS) if constrained else None
-    params = [SamplingParams(max_tokens=steps + 64, temperature=0.8, seed=i, ignore_eos=not constrained,
-                             constraint=constraint) for i in range(len(prompts))]
-    pool, blocks, seqs = _prefill(runner, grammars, prompts, params)
-    batcher = ContinuousBatcher(runner, pool, StopChecker(runner.arch.eos_token_ids, None), len(prompts),
-                                overlap_masks=overlap_masks)
-    for s in seqs:
-        assert batcher.add(s) is None
-    batcher.step()  # admits every row; its first step is not timed
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        if batcher.step():
-            raise RuntimeError("a sequence finished inside the timed steps: raise max_tokens or use a longer answer")
-        times.append(time.perf_counter() - started)
-    batcher.masks.close()
-    c = batcher.masks.counters
-    n = max(c.steps, 1)
-    return {"step_ms": statistics.median(times) * 1e3, "mask_fill_cpu_ms": c.fill_cpu_s / n * 1e3,
-            "mask_wait_ms": c.wait_s / n * 1e3, "mask_apply_ms": c.apply_s / n * 1e3}
+    batchers, fillers = {}, {"schema_helper": MaskFiller(runner.arch.vocab_size, overlap=True),
+                             "schema_inline": MaskFiller(runner.arch.vocab_size, overlap=False)}
+    for name, constraint in (("plain", None), ("schema", Constraint.json_schema(ITEMS))):
+        params = [SamplingParams(max_tokens=steps + 64, temperature=0.8, seed=i, ignore_eos=constraint is None,
+                                 constraint=constraint) for i in range(len(prompts))]
+        pool, _, seqs = _prefill(runner, grammars, prompts, params)
+        batchers[name] = ContinuousBatcher(runner, pool, StopChecker(runner.arch.eos_token_ids, None), len(prompts))
+        for seq in seqs:
+            assert batchers[name].add(seq) is None
+        batchers[name].step()  # admits every row; not timed
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
+    for k in range(steps):
+        for mode in ("plain", "schema_helper" if k % 2 == 0 else "schema_inline"):
+            batcher = batchers[mode.split("_")[0]]
+            if mode != "plain":
+                batcher.masks = fillers[mode]
+            started, started_cpu = time.perf_counter(), time.thread_time()
+            if batcher.step():
+                raise RuntimeError("a sequence finished inside the timed steps: use a longer answer")
+            times[mode].append((time.perf_counter() - started, time.thread_time() - started_cpu))
+    out = {}
+    for mode, samples in times.items():
+        c = fillers[mode].counters if mode in fillers else None
+        n = max(c.steps, 1) if c else 1
+        out[mode] = {"step_ms": statistics.median(t for t, _ in samples) * 1e3,
+                     "step_cpu_ms": statistics.median(u for _, u in samples) * 1e3,
+                     "mask_fill_cpu_ms": c.fill_cpu_s / n * 1e3 if c else 0.0,
+                     "mask_wait_ms": c.wait_s / n * 1e3 if c else 0.0,
+                     "mask_apply_ms": c.apply_s / n * 1e3 if c else 0.0}
+    for f in fillers.values():
+        f.close()
+    return out
 
 
 def answers(runner: Any, grammars: Any, tokenizer: Any, tasks: list[tuple[str, dict]], constrained: bool,
@@ -188,16 +207,20 @@ def run(bench: StructuredBench) -> dict[str, Any]:
     for b in bench.batch_sizes:
         prompts = [chat_ids(tokenizer, f"List 12 {CATEGORIES[i % len(CATEGORIES)]} items with a quantity for each, "
                                        f"as JSON.") for i in range(b)]
-        runs: dict[str, list[dict[str, float]]] = {"plain": [], "schema": []}
-        for _ in range(bench.repeats):
-            runs["plain"].append(time_steps(runner, grammars, prompts, False, bench.steps, bench.overlap_masks))
-            runs["schema"].append(time_steps(runner, grammars, prompts, True, bench.steps, bench.overlap_masks))
-        med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in runs.items()}
-        report["speed"][b] = {"plain_tok_s": b / med["plain"]["step_ms"] * 1e3,
-                              "schema_tok_s": b / med["schema"]["step_ms"] * 1e3,
-                              "ratio": med["plain"]["step_ms"] / med["schema"]["step_ms"], **{
-                                  f"schema_{f}": v for f, v in med["schema"].items()},
-                              "plain_step_ms": med["plain"]["step_ms"]}
+        m = interleaved_steps(runner, grammars, prompts, bench.steps)
+        plain = m["plain"]
+        row = {"plain_tok_s": b / plain["step_ms"] * 1e3, "plain_step_ms": plain["step_ms"],
+               "plain_step_cpu_ms": plain["step_cpu_ms"]}
+        for mode in ("schema_helper", "schema_inline"):
+            x = m[mode]
+            # CPU: the stepping thread's, plus the helper thread's fill as if in series (the cost on a host whose
+            # cores the forward already fills; what other processes do barely moves it).
+            cpu = x["step_cpu_ms"] + (x["mask_fill_cpu_ms"] if mode == "schema_helper" else 0.0)
+            row |= {f"{mode}_tok_s": b / x["step_ms"] * 1e3, f"{mode}_ratio": plain["step_ms"] / x["step_ms"],
+                    f"{mode}_step_ms": x["step_ms"], f"{mode}_step_cpu_ms": cpu,
+                    f"{mode}_ratio_cpu": plain["step_cpu_ms"] / cpu,
+                    **{f"{mode}_{k}": v for k, v in x.items() if k.startswith("mask_")}}
+        report["speed"][b] = row
     tasks = extraction_tasks(bench.validity_requests)
     free = answers(runner, grammars, tokenizer, tasks, False, bench.max_tokens)
     held = answers(runner, grammars, tokenizer, tasks, True, bench.max_tokens)
@@ -213,15 +236,18 @@ def run(bench: StructuredBench) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
-    where = "on a helper thread" if report["bench"]["overlap_masks"] else "inline"
-    lines = [f"dtype {report['dtype']}; load average before {report['load_before'][0]:.1f}, after "
-             f"{report['load_after'][0]:.1f}; median of {report['bench']['repeats']} alternated runs of "
-             f"{report['bench']['steps']} steps; masks {where}",
-             "batch  plain tok/s  schema tok/s  ratio  plain step ms  schema step ms  fill CPU ms  wait ms  apply ms"]
+    lines = [f"dtype {report['dtype']}, {report['bench']['num_threads'] or 'default'} torch threads; load average "
+             f"before {report['load_before'][0]:.1f}, after {report['load_after'][0]:.1f}; medians over "
+             f"{report['bench']['steps']} interleaved steps (plain) and half as many per mask mode",
+             "batch  mode            tok/s  step ms  ratio  | step CPU ms  ratio CPU  | fill CPU ms  wait ms  apply ms"]
     for b, s in report["speed"].items():
-        lines.append(f"{b:>5}  {s['plain_tok_s']:>11.1f}  {s['schema_tok_s']:>12.1f}  {s['ratio']:>5.2f}  "
-                     f"{s['plain_step_ms']:>13.1f}  {s['schema_step_ms']:>14.1f}  {s['schema_mask_fill_cpu_ms']:>11.2f}"
-                     f"  {s['schema_mask_wait_ms']:>7.2f}  {s['schema_mask_apply_ms']:>8.2f}")
+        lines.append(f"{b:>5}  plain          {s['plain_tok_s']:>6.1f}  {s['plain_step_ms']:>7.1f}   1.00  | "
+                     f"{s['plain_step_cpu_ms']:>11.1f}       1.00  |")
+        for mode in ("schema_helper", "schema_inline"):
+            x = {k[len(mode) + 1:]: v for k, v in s.items() if k.startswith(mode)}
+            lines.append(f"{b:>5}  {mode:<13} {x['tok_s']:>6.1f}  {x['step_ms']:>7.1f}  {x['ratio']:>5.2f}  | "
+                         f"{x['step_cpu_ms']:>11.1f}  {x['ratio_cpu']:>9.2f}  | {x['mask_fill_cpu_ms']:>11.2f}  "
+                         f"{x['mask_wait_ms']:>7.2f}  {x['mask_apply_ms']:>8.2f}")
     v = report["validity"]
     lines.append(f"valid answers of {v['requests']} extraction requests: without the schema "
                  f"{v['unconstrained_valid']:.0%} ({v['unconstrained_valid_lenient']:.0%} after cutting the text "
@@ -234,12 +260,9 @@ def add_parser(bench: Any) -> None:
                                             "without it", description=__doc__)
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--steps", type=int, default=StructuredBench.steps)
-    p.add_argument("--repeats", type=int, default=StructuredBench.repeats)
     p.add_argument("--validity-requests", type=int, default=StructuredBench.validity_requests)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--num-threads", type=int, default=0)
-    p.add_argument("--inline-masks", action="store_true", help="fill masks before the forward instead of on a "
-                                                               "helper thread during it")
     p.add_argument("--json", default=None, help="also write the report here")
     p.add_argument("--quick", action="store_true", help="batch 2, 3 steps, 4 requests: checks the benchmark runs")
     p.set_defaults(func=cmd_bench_structured)
@@ -247,11 +270,10 @@ def add_parser(bench: Any) -> None:
 
 def cmd_bench_structured(args: argparse.Namespace) -> int:
     bench = StructuredBench(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), steps=args.steps,
-                            repeats=args.repeats, validity_requests=args.validity_requests, dtype=args.dtype,
-                            num_threads=args.num_threads, overlap_masks=not args.inline_masks)
+                            validity_requests=args.validity_requests, dtype=args.dtype, num_threads=args.num_threads)
     if args.quick:
-        bench = StructuredBench(batch_sizes=(2,), steps=3, repeats=1, validity_requests=4, max_tokens=48,
-                                dtype=args.dtype, num_threads=args.num_threads, overlap_masks=not args.inline_masks)
+        bench = StructuredBench(batch_sizes=(2,), steps=4, validity_requests=4, max_tokens=48, dtype=args.dtype,
+                                num_threads=args.num_threads)
     report = run(bench)
     print(table(report))
     if args.json:
