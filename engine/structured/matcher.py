@@ -96,7 +96,12 @@ class Matcher:
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into bitmask[row] (int32, CPU, contiguous; bit t%32 of word t//32)."""
         v = bitmask[row]
-        self._m.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * 4)
+        self.fill_at(v.data_ptr(), v.numel() * 4)
+
+    def fill_at(self, address: int, nbytes: int) -> None:
+        """fill() into `nbytes` of memory at `address` (one bitmask row the caller owns). llguidance computes
+        it without holding the GIL."""
+        self._m.unsafe_compute_mask_ptr(address, nbytes)
 
     def accepts_end(self) -> bool:
         """The tokens so far form a whole answer."""

@@ -79,7 +79,10 @@ def _grammar(c: Constraint) -> str:
     import llguidance
 
     if c.kind in (ConstraintKind.JSON_OBJECT, ConstraintKind.JSON_SCHEMA):
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(c.schema()), defaults=dict(JSON_OPTIONS))
+        schema = c.schema()
+        if schema is True:  # the schema that accepts any value
+            schema = {}
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=dict(JSON_OPTIONS))
     if c.kind == ConstraintKind.CHOICE:
         choices = json.loads(c.text)
         return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(s) for s in choices))
@@ -93,7 +96,9 @@ def _check(c: Constraint) -> None:
     import llguidance
 
     if c.kind == ConstraintKind.JSON_SCHEMA:
-        _check_schema(c.text)
+        check_schema(json.loads(c.text))
+        if json.loads(c.text) is False:
+            raise ConstraintError("the schema false accepts no answer")
     elif c.kind == ConstraintKind.CHOICE:
         choices = json.loads(c.text)
         if not choices or not all(isinstance(s, str) and s for s in choices):
@@ -107,16 +112,15 @@ def _check(c: Constraint) -> None:
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
         why = messages[0].strip()
-        unsupported = "Unimplemented" in why or "not supported" in why or "Unsupported" in why
+        unsupported = any(w in why for w in ("Unimplemented", "not supported", "Unsupported", "Unknown format"))
         raise ConstraintError(f"{c.kind.value} {'cannot be enforced' if unsupported else 'is invalid'}: {why}",
                               unsupported)
 
 
-def _check_schema(text: str) -> None:
-    """A schema the JSON Schema meta-schema refuses, named by the path of the bad keyword."""
+def check_schema(schema: object) -> None:
+    """ConstraintError for a schema the JSON Schema meta-schema refuses, naming the path of the bad keyword."""
     import jsonschema
 
-    schema = json.loads(text)
     if not isinstance(schema, (dict, bool)):
         raise ConstraintError(f"a JSON schema must be an object, got {type(schema).__name__}")
     validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from engine.structured.spec import JSON_OPTIONS, Constraint, ConstraintError, ConstraintKind
+from engine.structured.spec import JSON_OPTIONS, Constraint, ConstraintError, ConstraintKind, check_schema
 from pdserve.openai.response_format import OutputFormatError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -109,8 +109,12 @@ def read_tools(body: dict[str, Any]) -> ToolPlan | None:
         raise OutputFormatError(f"parallel_tool_calls must be true or false, got {parallel!r}", "invalid_tools")
     plan = ToolPlan(tools, *_choice(choice, names), parallel=parallel)
     constraint = plan.constraint()
-    if constraint is not None:
-        constraint.check()
+    if constraint is not None:  # required or a named function: the chosen schemas must be enforceable
+        try:
+            constraint.check()
+        except ConstraintError as e:
+            raise OutputFormatError(f"tool_choice {plan.choice.value}: the tools' parameters {e}",
+                                    "unsupported_schema" if e.unsupported else "invalid_tools") from e
     return plan
 
 
@@ -126,8 +130,8 @@ def _tool(i: int, t: Any) -> Tool:
     params = fn.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(params, dict):
         raise OutputFormatError(f"tools[{i}].function.parameters must be a JSON schema object", "invalid_tools")
-    try:
-        Constraint.json_schema(params).check()
+    try:  # a valid schema; whether it can be enforced matters only when tool_choice constrains the call
+        check_schema(params)
     except ConstraintError as e:
         raise OutputFormatError(f"tools[{i}].function.parameters: {e}", "invalid_tools") from e
     description = fn.get("description") or ""

@@ -112,6 +112,7 @@ def test_replay_equals_the_state_of_a_matcher_that_took_the_tokens(compiler, tok
      lambda s: re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)", s)),
     (Constraint(ConstraintKind.GRAMMAR, 'start: "x" ("," "x")*'), lambda s: re.fullmatch(r"x(,x)*", s)),
     (Constraint(ConstraintKind.JSON_OBJECT), lambda s: isinstance(json.loads(s), dict)),
+    (Constraint.json_schema(True), lambda s: json.loads(s) is not None or s == "null"),  # any JSON value
     (Constraint.json_schema(PERSON), lambda s: jsonschema.validate(json.loads(s), PERSON) is None),
 ])
 def test_random_walks_under_the_mask_match(compiler, tokenizer, constraint, check):
@@ -185,6 +186,8 @@ def test_helper_thread_filler_equals_inline(compiler, tokenizer):
     (Constraint.json_schema({"type": "object", "properties": {"a": {"minLength": "3"}}}), "properties/a/minLength"),
     (Constraint.json_schema({"type": "integer", "minimum": 5, "maximum": 2}), "minimum"),
     (Constraint.json_schema({"$ref": "#/$defs/missing"}), "$defs/missing"),
+    (Constraint.json_schema({"type": "string", "format": "color"}), "Unknown format: color"),
+    (Constraint.json_schema(False), "accepts no answer"),
     (Constraint(ConstraintKind.REGEX, "a(b"), "unclosed group"),
     (Constraint(ConstraintKind.REGEX, ""), "non-empty"),
     (Constraint.choice([]), "non-empty list"),

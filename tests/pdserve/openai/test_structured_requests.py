@@ -72,7 +72,10 @@ def test_each_way_of_asking_gives_its_constraint(tokenizer, extra, kind):
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "invalid_tools", "'nope'"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "x": {"type": "array", "uniqueItems": True}}}}}]}, "invalid_tools", "uniqueItems"),
+        "x": {"type": "array", "uniqueItems": True}}}}}], "tool_choice": "required"}, "unsupported_schema",
+     "uniqueItems"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "strang"}}}}}]}, "invalid_tools", "tools\\[0\\].function.parameters"),
     ({"tools": [WEATHER, WEATHER]}, "invalid_tools", "unique"),
     ({"tool_choice": "required"}, "invalid_tools", "needs tools"),
 ])
@@ -205,3 +208,6 @@ def test_read_tools_defaults():
     plan = read_tools({"tools": [WEATHER]})
     assert plan.choice == ToolChoice.AUTO and plan.parallel and plan.offered and plan.constraint() is None
     assert read_tools({"tools": []}) is None and read_tools({}) is None
+    # Under auto nothing is enforced: a keyword the engine lacks is no reason to refuse the tools.
+    lax = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "dependentRequired": {}}}}
+    assert read_tools({"tools": [lax]}).choice == ToolChoice.AUTO
