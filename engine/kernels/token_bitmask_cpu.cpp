@@ -6,7 +6,8 @@
 //
 // Forbidden tokens become -inf. A word with all bits set (a run of 32 allowed tokens, most of a mask
 // inside a JSON string) is skipped; a word with none set writes 32 -inf in a row. The torch path
-// (unpack to a [n, V] bool mask, masked_fill) reads and writes every logit: 17 ms at 64 x 49,152 here.
+// (unpack to a [n, V] bool mask, masked_fill) reads and writes every logit: 12.6 ms CPU at 64 x 49,152
+// here, this 0.3 ms.
 #include <torch/extension.h>
 #include <cstdint>
 #include <limits>
