@@ -14,10 +14,22 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from decode_worker.phases import PhaseClock, RunQueueClock
 from proto.messages import DecodePoll, DecodeResult, PrefillResult, TokenProgress
+from proto.stats import LoopStats, PoolStats
+
+
+@dataclass(frozen=True)
+class Abort:
+    """A loop inbox item: take this request out between steps and free its blocks."""
+
+    request_id: str
+
+
+# The loop's inbox carries sequences to admit (a subclass's kind) and Aborts, in the order they were sent.
 
 
 class StepLoopWorker(ABC):
@@ -31,7 +43,7 @@ class StepLoopWorker(ABC):
 
     def _start_loop_state(self, phases: PhaseClock | None = None) -> None:
         """`phases`: the clock the subclass's step laps on (the batcher's), which the loop laps on too."""
-        self._loop_queue: queue.Queue[Any] = queue.Queue()  # admissions, and request ids to abort
+        self._loop_queue: queue.Queue[Any] = queue.Queue()  # sequences to admit, and Aborts
         self._results: queue.Queue[DecodeResult] = queue.Queue()
         self._stop = threading.Event()
         self.steps = 0
@@ -92,10 +104,16 @@ class StepLoopWorker(ABC):
         the actor keeps answering calls. The router's watchdog must restart the worker."""
         self._stall_until = time.monotonic() + seconds
 
-    def loop_stats(self) -> dict:
-        return {"steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows,
-                "step_cpu_seconds": self.step_cpu_seconds, "poll_cpu_seconds": self.poll_cpu_seconds,
-                "step_run_queue_seconds": self.step_run_queue_seconds, **self.phases.snapshot()}
+    def loop_stats(self) -> LoopStats:
+        return LoopStats(steps=self.steps, step_seconds=self.step_seconds, step_rows=self.step_rows,
+                         step_cpu_seconds=self.step_cpu_seconds, poll_cpu_seconds=self.poll_cpu_seconds,
+                         step_run_queue_seconds=self.step_run_queue_seconds, phase_seconds=dict(self.phases.wall),
+                         phase_cpu_seconds=dict(self.phases.cpu))
+
+    def _pool_stats(self) -> PoolStats:
+        """The pool as the block manager sees it; call under `_lock`."""
+        b = self.blocks
+        return PoolStats(b.num_blocks, b.num_free, len(b.requests()), b.num_cached)
 
     def _stop_loop(self) -> None:
         self._stop.set()
@@ -137,8 +155,8 @@ class StepLoopWorker(ABC):
             return
         self.phases.start()  # after the wait for the first item
         while True:
-            if isinstance(item, str):
-                self._abort_in_loop(item)
+            if isinstance(item, Abort):
+                self._abort_in_loop(item.request_id)
             else:
                 self._accept(item)
             try:

@@ -22,6 +22,7 @@ import torch
 
 from engine.kv_cache import KVLayout, KVPool, rows_nbytes
 from kvtransfer.base import KVConnection, KVEndpoint, TransferHandle, TransferStats
+from proto.kinds import Transport
 
 
 def export_pool(pool: KVPool) -> bytes:
@@ -60,7 +61,7 @@ def _store(pool: KVPool, layer: int, slots: torch.Tensor, k: torch.Tensor, v: to
 
 
 class CudaIpcConnection(KVConnection):
-    transport = "cuda_ipc"
+    transport = Transport.CUDA_IPC
 
     def __init__(self, endpoint: KVEndpoint) -> None:
         if not endpoint.cuda_ipc:

@@ -33,6 +33,7 @@ from kvtransfer.inbox import KVInbox
 from kvtransfer.wire import DEFAULT_MAX_CHUNK_BYTES, decode_rows, encode_frames, parse_frame
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
+from proto.kinds import Transport
 from proto.messages import TLSFiles
 
 AUTH_HEADER = "x-pdserve-token"
@@ -160,7 +161,7 @@ class _Stream:
 
 
 class GrpcConnection(KVConnection):
-    transport = "grpc"
+    transport = Transport.GRPC
 
     def __init__(self, endpoint: KVEndpoint, *, sender_id: str, auth_token: str, sender_layout: KVLayout,
                  model_fingerprint: str, timeout: float, tls: TLSFiles | None = None,

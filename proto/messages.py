@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig, SamplingParams
 from engine.prefix_cache import KVEvents
+from proto.kinds import FinishReason, Transport
 
 if TYPE_CHECKING:  # engine.kv_cache imports torch, which the driver (router) does not load
     from engine.kv_cache import KVLayout
@@ -74,7 +75,7 @@ class PrefillResult:
     prefill_end: float
     transfer_start: float
     transfer_end: float
-    transport: str
+    transport: Transport
     kv_bytes: int
     transfer_busy_s: float = 0.0  # time spent moving bytes (the span overlaps prefill)
     error: str | None = None
@@ -91,7 +92,7 @@ class Admission:
     first_token: int
     first_token_time: float
     params: SamplingParams
-    transport: str
+    transport: Transport
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class DecodeResult:
 
     request_id: str
     token_ids: tuple[int, ...]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: FinishReason
     admitted_at: float
     finished_at: float
     token_times: tuple[float, ...] = field(default=())  # wall time of each output token
@@ -165,7 +166,7 @@ class WorkerConfig:
     engine: EngineConfig
     worker_id: str
     auth_token: str  # the cluster's shared secret for the KV endpoint
-    transport: str = "auto"  # auto | shm | grpc
+    transport: Transport = Transport.AUTO
     kv_host: str | None = None  # bind address of the KV server; None: the node's own address
     transfer_timeout_s: float = 60.0
     tls: TLSFiles | None = None  # TLS for the gRPC KV endpoint

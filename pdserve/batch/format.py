@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from engine.config import SamplingParams
-from router.request import TIMELINE_FIELDS, Request, State
+from router.request import Request, State
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -244,7 +244,7 @@ def output_text(req: Request, tokenizer: Any) -> str:
 
 def success_record(req: Request, tokenizer: Any, model_name: str) -> dict[str, Any]:
     text = output_text(req, tokenizer)
-    created = int(req.timeline.get("finish", time.time()))
+    created = int(req.timeline.finish or time.time())
     rid = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if req.kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -289,7 +289,7 @@ def _extension(req: Request) -> dict[str, Any]:
     first = req.token_times[0] if req.token_times else None
     return {
         "line": req.line,
-        "timeline": {k: req.timeline.get(k) for k in TIMELINE_FIELDS},
+        "timeline": req.timeline.as_dict(),
         "token_times_ms": [round((t - first) * 1000, 2) for t in req.token_times] if first else [],
         "output_token_ids": list(req.output_token_ids),
         "max_tokens": req.params.max_tokens,

@@ -114,9 +114,9 @@ class _Output:
             s.cached_tokens += req.cached_tokens
             s.completion_tokens += len(req.output_token_ids)
             t = req.timeline
-            s.ttft_s.append(t["first_token"] - t["queued"])
+            s.ttft_s.append(t.first_token - t.queued)
             if len(req.output_token_ids) > 1:
-                s.tpot_s.append((t["finish"] - t["first_token"]) / (len(req.output_token_ids) - 1))
+                s.tpot_s.append((t.finish - t.first_token) / (len(req.output_token_ids) - 1))
         else:
             self.write(error_record(req.custom_id, req.line, "request_failed", req.error or "failed", req))
             s.failed += 1
@@ -245,7 +245,7 @@ def leaked_blocks(workers, timeout_s: float = 60.0) -> int:
     while True:
         try:
             stats = ray.get([h.stats.remote() for h in workers.decode.values()], timeout=timeout_s)
-            return sum(s["num_blocks"] - s["free_blocks"] for s in stats)
+            return sum(s.pool.used_blocks for s in stats)
         except ActorUnavailableError:
             if time.time() > deadline:
                 raise

@@ -27,6 +27,7 @@ from pdserve.bench.sustained import sustained_rate
 from pdserve.bench.workload import BenchRequest, WorkloadSpec, make_workload
 from pdserve.observability.metrics import SLO, percentile
 from pdserve.runtime.cluster import ClusterConfig, start_workers, stop_workers
+from proto.stats import StepWorkerStats
 from router.router import RouterConfig, WorkerSet
 
 
@@ -253,14 +254,18 @@ async def _wait_idle(loop, workers: WorkerSet, timeout_s: float = 60.0) -> int:
         await asyncio.sleep(0.2)
 
 
-COUNTERS = ("steps", "step_seconds", "step_rows", "step_cpu_seconds", "step_context_tokens",
-            "step_run_queue_seconds")
+def _counters(s: StepWorkerStats) -> tuple[float, ...]:
+    """steps, step seconds, rows, step CPU seconds, context tokens, run-queue seconds: what decode_stage
+    compares. A counter a worker does not keep (colocated: contexts; a kernel without per-thread
+    scheduler stats: run-queue time) counts as 0."""
+    loop = s.loop
+    return (loop.steps, loop.step_seconds, loop.step_rows, loop.step_cpu_seconds,
+            getattr(s, "step_context_tokens", 0), loop.step_run_queue_seconds or 0.0)
 
 
 def _decode_counters(workers: WorkerSet) -> tuple[float, ...] | None:
-    """The decode workers' COUNTERS, each summed over them; None when one cannot answer (restarting).
-    A counter a worker does not keep (colocated: contexts; a kernel without per-thread scheduler stats:
-    run-queue time) sums as 0."""
+    """The decode workers' counters (`_counters`), each summed over them; None when one cannot answer
+    (restarting)."""
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -268,7 +273,7 @@ def _decode_counters(workers: WorkerSet) -> tuple[float, ...] | None:
         stats = ray.get([h.stats.remote() for h in workers.decode.values()], timeout=60)
     except (RayActorError, GetTimeoutError):
         return None
-    return tuple(sum(s.get(k) or 0 for s in stats) for k in COUNTERS)
+    return tuple(sum(column) for column in zip(*(_counters(s) for s in stats)))
 
 
 def decode_stage(before: tuple[float, ...] | None, after: tuple[float, ...] | None,

@@ -28,8 +28,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import EngineConfig
 from kvtransfer.base import TRANSPORTS
+from proto.kinds import Mode
 from proto.messages import TLSFiles, WorkerConfig
-from router.router import WorkerSet
+from proto.workers import WorkerSet
 
 log = logging.getLogger("pdserve.cluster")
 
@@ -310,7 +311,7 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
         handles[role][config.worker_id] = actors.ACTORS[role].options(**options).remote(config)
     decode = handles["colocated"] if colocated else handles["decode"]
     workers = attach_workers(handles["prefill"], decode, engine.max_num_seqs, cluster.start_timeout_s,
-                             colocated=colocated)
+                             mode=Mode(cluster.mode))
     if log.isEnabledFor(logging.INFO):
         log.info("start-up: workers ready in %.1f s", time.time() - started)
         every = dict(zip(handles["prefill"] | decode, ray.get(
@@ -321,21 +322,21 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
 
 
 def attach_workers(prefill: dict, decode: dict, max_num_seqs: int, timeout_s: float = 300.0,
-                   colocated: bool = False) -> WorkerSet:
-    """A WorkerSet over running actors: waits until each has loaded its model. `colocated`: `decode`
+                   mode: Mode = Mode.PD) -> WorkerSet:
+    """A WorkerSet over running actors: waits until each has loaded its model. Mode.COLOCATED: `decode`
     holds colocated workers and `prefill` is empty."""
     endpoints = dict(zip(decode, ray.get([h.endpoint.remote() for h in decode.values()], timeout=timeout_s)))
     where = ray.get([h.where.remote() for h in list(prefill.values()) + list(decode.values())], timeout=timeout_s)
-    nodes = {w["node_id"] for w in where}
-    dtypes = {w["worker_id"]: w.get("dtype") for w in where}
+    nodes = {w.node_id for w in where}
+    dtypes = {w.worker_id: w.dtype for w in where}
     if len(set(dtypes.values())) > 1:  # `--dtype auto` on nodes of different kinds: KV layouts would not match
         for handle in list(prefill.values()) + list(decode.values()):
             ray.kill(handle, no_restart=True)
         raise RuntimeError(f"workers chose different dtypes ({dtypes}); pass --dtype float32 or --dtype bfloat16")
-    for cpu in sorted({w["cpu"] for w in where if w.get("cpu")}):
+    for cpu in sorted({w.cpu for w in where if w.cpu}):
         log.info("workers: %s", cpu)
     return WorkerSet(prefill=prefill, decode=decode, endpoints=endpoints, max_num_seqs=max_num_seqs,
-                     shared_cores=len(nodes) == 1 and all(w["device"] == "cpu" for w in where), colocated=colocated)
+                     shared_cores=len(nodes) == 1 and all(w.device == "cpu" for w in where), mode=mode)
 
 
 def stop_workers(workers: WorkerSet) -> None:

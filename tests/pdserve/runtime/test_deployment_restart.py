@@ -88,7 +88,7 @@ def test_killed_router_restarts_reattaches_and_requeues(ray_cluster, tiny_with_t
             time.sleep(0.2)
         assert leaked_blocks(client.workers) == 0
         stats = ray.get([h.stats.remote() for h in client.workers.decode.values()], timeout=60)
-        assert all(s["reserved_requests"] == 0 and s["running"] == 0 for s in stats), stats
+        assert all(s.pool.reserved_requests == 0 and s.running == 0 for s in stats), stats
 
         # A router that does not come back: every request fails with a clear error, none hangs.
         client, finished, _, in_flight = _serve(actor, kill_after_first_token=True, restart=False)
