@@ -44,7 +44,8 @@ def run(cmd: list[str], timeout: int) -> tuple[int, str]:
 def tests() -> None:
     """The Triton kernels for real (no interpreter), graph replay vs eager, the CUDA IPC round trip."""
     rc, tail = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                    "tests/engine/test_triton_kernels.py", "tests/decode_worker/test_decode_batcher.py", "tests/kvtransfer/test_transfer_faults.py", "-k",
+                    "tests/engine/test_triton_kernels.py", "tests/decode_worker/test_decode_batcher.py",
+                    "tests/kvtransfer/test_transfer_faults.py", "-k",
                     "triton or paged or extend or store or rms or rope or graph or cuda"], 240)
     result("tests", rc=rc, tail=tail)
 
