@@ -8,6 +8,7 @@
 # PyPI's CUDA build both satisfy), and the packages that torch's CUDA build pins exactly on Linux
 # (triton) are resolved at its versions, so the same file installs on a CPU machine and a GPU host.
 # Resolution only (pip --dry-run --report), in a throwaway virtual environment: .venv is untouched.
+# Pins follow the Python that runs this (PYTHON, default python3): use the oldest one setup supports.
 # After a refresh: `make proto` (the stubs follow the pinned grpcio-tools) and `make test`; commit
 # the lock only if the suite passes.
 set -euo pipefail

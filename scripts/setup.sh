@@ -8,6 +8,9 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
+# The lock is resolved on Python 3.11; some of its pins (numpy, transformers, fastapi, ...) need 3.11+.
+.venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "setup needs Python 3.11 or later: remove .venv and run again with PYTHON=python3.11 (or newer)" >&2; exit 1; }
 stamp=.venv/.pdserve-setup
 want=$(cat pyproject.toml requirements/constraints.txt scripts/setup.sh engine/kernels/*.cpp | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
