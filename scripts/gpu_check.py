@@ -1,10 +1,9 @@
-"""Every GPU check and benchmark of issue 11 in one run (≤ 8 minutes on one H200).
+"""Every GPU check and benchmark in one run, on a GPU host: see docs/gpu.md.
 
-Run on a GPU host from the project root (or the offline bundle's copy of it, after
-`bash .gpu/setup.sh && . /tmp/pdserve-env.sh` and `python3 .gpu/gpu_models.py .gpu/tok`, which
-writes the random-weight models /tmp/smol and /tmp/big):
+Run on a GPU host from the project root, after `make setup` and `python scripts/gpu_models.py`,
+which writes the random-weight models /tmp/smol and /tmp/big:
 
-    python3 scripts/gpu_check.py [STEP ...]      # steps: tests step tp ipc (default: all)
+    python scripts/gpu_check.py [STEP ...]      # steps: tests step tp ipc (default: all)
 
 Each step prints `RESULT {json}` lines and appends them to $OUT/results.jsonl (default /tmp/out).
 """
