@@ -27,7 +27,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import EngineConfig
-from kvtransfer.base import TRANSPORTS
+from pdserve.runtime.modes import Mode, TransportKind
 from proto.messages import TLSFiles, WorkerConfig
 from router.router import WorkerSet
 
@@ -35,7 +35,6 @@ log = logging.getLogger("pdserve.cluster")
 
 NAMESPACE = "pdserve"
 ROLE_RESOURCES = ("prefill", "decode")  # the custom resource names deploy/ gives each node pool
-MODES = ("pd", "colocated")  # disaggregated prefill/decode workers, or workers that do both
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ class ClusterConfig:
     address: str | None = None  # None: start a local cluster; "auto": join the running one; "ray://...": client
     num_prefill: int = 1
     num_decode: int = 1
-    transport: str = "auto"
+    transport: TransportKind = TransportKind.AUTO  # the CLI's word is accepted too
     prefill_threads: int = 0  # torch threads per worker; 0: from the worker's CPUs, else this node's cores
     decode_threads: int = 0
     prefill: WorkerResources = field(default_factory=WorkerResources)
@@ -89,30 +88,26 @@ class ClusterConfig:
     start_timeout_s: float = 300.0
     tls: TLSFiles | None = None
     inject_transfer_failures: int = 0  # fault drills (tests): per prefill worker
-    # "pd": prefill and decode workers, KV sent between them; "colocated": `num_colocated` workers that
-    # each prefill (in chunks of at most `max_num_batched_tokens` tokens per step, decode rows included) and decode.
-    mode: str = "pd"
+    # PD: prefill and decode workers, KV sent between them; COLOCATED: `num_colocated` workers that each
+    # prefill (in chunks of at most `max_num_batched_tokens` tokens per step, decode rows included) and decode.
+    mode: Mode = Mode.PD  # the CLI's word is accepted too
     num_colocated: int = 1
     max_num_batched_tokens: int = 0  # 0: 512 on a CPU, 2048 on CUDA (and at least max_num_seqs)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode not in Mode.words():
+            raise ValueError(f"--mode must be one of {', '.join(Mode.words())}, got {self.mode!r}")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("need at least one prefill and one decode worker")
         if self.num_colocated < 1:
             raise ValueError(f"--colocated-workers must be at least 1, got {self.num_colocated}")
         if self.max_num_batched_tokens < 0:
             raise ValueError(f"--max-num-batched-tokens must be positive (0: auto), got {self.max_num_batched_tokens}")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
-
-
-def process_age_s() -> float:
-    """Seconds since this process started (Ray worker boot and imports, for an actor entering __init__)."""
-    import psutil
-
-    return time.time() - psutil.Process().create_time()
+        if self.transport not in TransportKind.words():
+            raise ValueError(f"--transport must be one of {TransportKind.words()}, got {self.transport!r}")
+        # Normalized once, here: the rest of the code compares members, whatever the caller passed.
+        object.__setattr__(self, "mode", Mode(self.mode))
+        object.__setattr__(self, "transport", TransportKind(self.transport))
 
 
 def prefetch_actors() -> threading.Thread:
@@ -237,7 +232,7 @@ def actor_name(deployment: str, role: str, i: int) -> str:
 
 def check_mode(engine: EngineConfig, cluster: ClusterConfig) -> None:
     """What --mode colocated cannot be combined with, said before any worker starts."""
-    if cluster.mode != "colocated":
+    if cluster.mode != Mode.COLOCATED:
         return
     if engine.speculative not in (None, "", "off"):
         raise ValueError("--speculative runs on PD decode workers only; drop it or use --mode pd")
@@ -259,7 +254,7 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     cores = max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
     # Prefill workers run at the same time as each other, decode workers too; with batch admissions
     # (router) the two roles mostly take turns, so each role gets all the cores of a shared node.
-    colocated = cluster.mode == "colocated"
+    colocated = cluster.mode == Mode.COLOCATED
     even = max(1, cores // (cluster.num_colocated if colocated else max(cluster.num_prefill, cluster.num_decode)))
     token = secrets.token_hex(16)
     roles = [("prefill", i) for i in range(cluster.num_prefill)] + [("decode", i) for i in range(cluster.num_decode)]
@@ -290,7 +285,7 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
         threads = (cluster.prefill_threads if role == "prefill" else cluster.decode_threads) \
             or int(want.num_cpus) or even
         config = WorkerConfig(engine=replace(engine, num_threads=threads), worker_id=f"{role}-{i}",
-                              auth_token=token, transport=cluster.transport,
+                              auth_token=token, transport=cluster.transport.value,
                               transfer_timeout_s=cluster.transfer_timeout_s, tls=cluster.tls,
                               inject_transfer_failures=cluster.inject_transfer_failures if role == "prefill" else 0,
                               max_num_batched_tokens=cluster.max_num_batched_tokens)

@@ -37,9 +37,9 @@ import ray
 from ray.exceptions import RayActorError
 
 from engine.config import EngineConfig
-from pdserve.batch.format import metrics_record
 from pdserve.observability.dashboard.collector import MetricsCollector
 from pdserve.observability.metrics import SLO
+from pdserve.openai.records import metrics_record
 from pdserve.runtime.cluster import (
     NAMESPACE,
     ClusterConfig,
