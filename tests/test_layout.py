@@ -92,6 +92,16 @@ def test_router_is_control_plane_only():
     assert not bad, "router/ imports:\n" + "\n".join(bad)
 
 
+def test_the_openai_protocol_belongs_to_no_front_end():
+    """pdserve/openai is what run-batch and the online server share: it imports neither, nor what runs them."""
+    modules = ["pdserve.openai"] + [f"pdserve.openai.{p.stem}" for p in (ROOT / "pdserve/openai").glob("*.py")]
+    seen = reachable(modules)
+    bad = [_path_to(seen, m) for m in seen
+           if m.startswith(("pdserve.batch", "pdserve.serve", "pdserve.cli", "pdserve.runtime", "pdserve.bench"))]
+    assert not bad, "pdserve/openai imports:\n" + "\n".join(bad)
+    assert "pdserve.openai.requests" in seen and "router.request" in seen
+
+
 def test_import_graph_sees_lazy_imports():
     """The checker itself: a function-level import (run.py imports the deployment lazily) is followed."""
     seen = reachable(["pdserve.batch.run"])
