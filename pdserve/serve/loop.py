@@ -2,14 +2,13 @@
 
 The router's calls block (they wait on Ray futures), so one thread owns it: handlers hand it `Submit`
 and `Abort` messages through a queue, and it hands each handler its request's events through that
-handler's own asyncio queue (a `Sink`):
+handler's own asyncio queue (a `Sink`), as the dataclasses of pdserve/serve/events.py:
 
     Tokens(ids)          new output tokens, in order (the first as soon as prefill returns it)
     Finished(request)    the request finished: DONE, or FAILED with its error (aborted ones too)
     RouterDied(error)    the router thread died: no more events will come
 
-(pdserve/serve/events.py). A handler follows its request through an `InFlight`, which also ends it at
-its deadline (`Expired`).
+A handler follows its request through an `InFlight`, which also ends it at its deadline (`Expired`).
 """
 
 from __future__ import annotations
