@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from proto.kinds import TRANSPORT_CHOICES, Transport
+from proto.kinds import TRANSPORT_NAMES, Transport
 from proto.messages import KVEndpoint, TLSFiles
 
 if TYPE_CHECKING:  # the driver reads TRANSPORTS without loading torch
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the driver reads TRANSPORTS without loading torch
 
     from engine.kv_cache import KVLayout
 
-TRANSPORTS = tuple(t.value for t in TRANSPORT_CHOICES)  # what --transport accepts
+TRANSPORTS = TRANSPORT_NAMES  # what --transport accepts
 
 
 class TransferError(RuntimeError):

@@ -19,7 +19,7 @@ class StrEnum(str, Enum):
         return format(str(self.value), spec)
 
     @classmethod
-    def names(cls) -> tuple[str, ...]:
+    def words(cls) -> tuple[str, ...]:
         """The values, for argparse `choices` and error messages."""
         return tuple(m.value for m in cls)
 
@@ -41,13 +41,14 @@ class Transport(StrEnum):
 
 # What a user may ask for with --transport.
 TRANSPORT_CHOICES = (Transport.AUTO, Transport.SHM, Transport.CUDA_IPC, Transport.GRPC)
+TRANSPORT_NAMES = tuple(t.value for t in TRANSPORT_CHOICES)
 
 
 class Mode(StrEnum):
     """How a deployment serves: disaggregated prefill/decode workers, or workers that do both."""
 
-    PD = "pd"
-    COLOCATED = "colocated"
+    PD = "pd"  # prefill and decode workers, KV sent between them
+    COLOCATED = "colocated"  # workers that each prefill (chunked, mixed into decode steps) and decode
 
 
 class FinishReason(StrEnum):

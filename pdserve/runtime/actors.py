@@ -1,7 +1,7 @@
 """The worker actors: the worker classes made Ray actors, each told the node it landed on.
 
 Importing this module imports the workers (torch, the model code, ~1-2 s), which the driver needs only
-to declare the actors: pdserve.runtime.cluster imports it on a thread while Ray starts (`prefetch`).
+to declare the actors: pdserve.runtime.cluster imports it on a thread while Ray starts (`prefetch_actors`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import ray
 
 from decode_worker.colocated import ColocatedWorker
 from decode_worker.worker import DecodeWorker
-from pdserve.runtime.cluster import process_age_s
+from pdserve.runtime.startup import process_age_s
 from prefill_worker.worker import PrefillWorker
 from proto.messages import WorkerConfig
 from proto.stats import WorkerPlacement

@@ -38,9 +38,9 @@ import ray
 from ray.exceptions import RayActorError
 
 from engine.config import EngineConfig
-from pdserve.batch.format import metrics_record
 from pdserve.observability.dashboard.collector import MetricsCollector
 from pdserve.observability.metrics import SLO
+from pdserve.openai.records import metrics_record
 from pdserve.runtime.cluster import (
     NAMESPACE,
     ClusterConfig,
@@ -50,9 +50,10 @@ from pdserve.runtime.cluster import (
     start_workers,
     stop_workers,
 )
+from proto.workers import WorkerSet
 from router.api import OnFinished, OnTokens
 from router.request import Request, State, Timeline
-from router.router import Router, RouterConfig, WorkerSet
+from router.router import Router, RouterConfig
 
 log = logging.getLogger("pdserve.service")
 

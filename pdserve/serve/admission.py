@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from pdserve.observability.metrics import SLO
-from pdserve.serve.protocol import ApiError
+from pdserve.serve.errors import ApiError
 from router.request import Request
 
 MODES = ("always", "slo")

@@ -4,10 +4,10 @@ summary's hit rate, the metrics summary and Prometheus."""
 from __future__ import annotations
 
 from engine.config import SamplingParams
-from pdserve.batch.format import success_record
 from pdserve.batch.run import BatchSummary
 from pdserve.observability.dashboard.collector import MetricsCollector
 from pdserve.observability.metrics import SLO, from_record, summarize
+from pdserve.openai.records import success_record
 from router.request import Request, State
 
 

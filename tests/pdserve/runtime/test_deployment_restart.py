@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from engine.config import EngineConfig, SamplingParams
-from pdserve.batch.run import leaked_blocks
+from pdserve.runtime.backend import leaked_blocks
 from pdserve.runtime.cluster import ClusterConfig
 from pdserve.runtime.deployment import DeploymentSpec, RemoteRouter, deploy, teardown
 from proto.messages import Reservation
