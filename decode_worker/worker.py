@@ -49,7 +49,7 @@ class DecodeWorker(StepLoopWorker):
             self.pool = self._shared.pool
         else:
             self.pool = self.compute.call(KVPool.allocate, layout, device)
-            if self.pool.tensor.is_cuda and config.transport in ("auto", "cuda_ipc"):
+            if self.pool.buffer.is_cuda and config.transport in ("auto", "cuda_ipc"):
                 from kvtransfer.cuda_ipc import export_pool
 
                 cuda_handle = export_pool(self.pool)
