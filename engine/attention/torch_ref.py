@@ -84,6 +84,9 @@ def torch_paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
     mask = pos < context_lens[:, None]
     if window is not None:
         mask &= pos >= context_lens[:, None] - window
+        # Slots before the window may hold anything (a freed block, reused): zeros, so 0 * NaN cannot leak in.
+        keep = mask.view(b, 1, mb * bs, 1)
+        keys, values = keys.where(keep, 0), values.where(keep, 0)
     mask = mask.view(b, 1, 1, mb * bs)
     if window is None and softcap is None:
         o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
