@@ -21,6 +21,7 @@ from decode_worker.step_loop import StepLoopWorker
 from decode_worker.stopping import StopChecker
 from engine.compute_thread import ComputeThread
 from engine.kv_cache import BlockManager, KVPool
+from engine.kv_window import blocks_before_window
 from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from kvtransfer.base import KVEndpoint
@@ -103,13 +104,15 @@ class DecodeWorker(StepLoopWorker):
                 if self.blocks.holds(r.request_id):  # a retry of a reservation we already hold
                     self._release_locked(r.request_id)
                 max_shared = (r.prompt_tokens - 1) // self.blocks.block_size
-                if not self.blocks.can_allocate(total, r.prompt_token_ids, max_shared):
+                # Prompt blocks before every layer's window at the first decode step: not held, not sent.
+                skip = blocks_before_window(r.prompt_tokens, self.pool.layout.kv_window, self.blocks.block_size)
+                if not self.blocks.can_allocate(total, r.prompt_token_ids, max_shared, skip):
                     continue
-                table = self.blocks.allocate(r.request_id, total, r.prompt_token_ids, max_shared)
-                cached = self.blocks.shared_blocks(r.request_id)
-                self.inbox.expect(r.request_id, table, r.prompt_tokens, first_block=cached)
+                table = self.blocks.allocate(r.request_id, total, r.prompt_token_ids, max_shared, skip)
+                grant = Grant(tuple(table), self.blocks.shared_blocks(r.request_id), skip)
+                self.inbox.expect(r.request_id, table, r.prompt_tokens, first_block=grant.first_block)
                 self._prompts[r.request_id] = r.prompt_token_ids
-                granted[r.request_id] = Grant(tuple(table), cached)
+                granted[r.request_id] = grant
         return granted
 
     def admit(self, admissions: list[Admission]) -> list[str]:
@@ -193,6 +196,7 @@ class DecodeWorker(StepLoopWorker):
             return
         self._count_step(started, started_cpu, rows)
         self.step_context_tokens += context
+        self._release_behind_window(self.batcher.running)
         self.phases.start()
         for seq in finished:
             self._finish(seq)

@@ -368,6 +368,12 @@ class BlockManager:
     `num_free` counts free + evictable: cached blocks cost nothing until someone needs the room.
     The free stack returns ascending runs whenever it can, so a request's cache is usually one
     contiguous run (one copy per layer in a transfer).
+
+    Sliding windows (engine/kv_window.py): `allocate(..., skip=n)` leaves the first n table entries
+    NO_BLOCK (prompt blocks before the first decode step's window: never read, never sent), and
+    `release_before` drops the leading blocks a sequence's window has left behind as it decodes;
+    `take_released` reports those counts (the router's mirror shrinks the request's hold by them).
+    A keyed block released this way becomes evictable like any other: its KV is still what its key says.
     """
 
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = False,
@@ -384,6 +390,7 @@ class BlockManager:
         self._tables: dict[str, list[int]] = {}
         self._shared: dict[str, int] = {}  # request -> leading blocks it found cached
         self._events: dict[BlockKey, bool] = {}  # key -> held, since the last take_events (last change wins)
+        self._released: dict[str, int] = {}  # request -> blocks release_before dropped since take_released
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -405,12 +412,14 @@ class BlockManager:
     def keys(self, token_ids: list[int] | tuple[int, ...], max_blocks: int | None = None) -> list[BlockKey]:
         return block_keys(token_ids, self.block_size, self.salt, max_blocks)
 
-    def match_prefix(self, token_ids: list[int] | tuple[int, ...], max_blocks: int | None = None) -> list[int]:
-        """Physical ids of the longest run of leading full blocks already cached (at most `max_blocks`)."""
+    def match_prefix(self, token_ids: list[int] | tuple[int, ...], max_blocks: int | None = None,
+                     skip: int = 0) -> list[int]:
+        """Physical ids of the longest run of full blocks already cached from block `skip` on (up to block
+        `max_blocks`). A block's key names its whole prefix, so a run may start past block 0."""
         if not self.enable_prefix_caching or not token_ids:
             return []
         found = []
-        for key in self.keys(token_ids, max_blocks):
+        for key in self.keys(token_ids, max_blocks)[skip:]:
             block = self._by_key.get(key)
             if block is None:
                 break
@@ -418,30 +427,32 @@ class BlockManager:
         return found
 
     def can_allocate(self, num_tokens: int, token_ids: list[int] | tuple[int, ...] = (),
-                     max_shared: int | None = None) -> bool:
-        """Does a request fit, counting only the blocks it does not find cached?"""
+                     max_shared: int | None = None, skip: int = 0) -> bool:
+        """Does a request fit, counting only the blocks it does not find cached (nor skips)?"""
         need = self.blocks_for(num_tokens)
-        shared = self.match_prefix(token_ids, min(need, max_shared if max_shared is not None else need))
+        shared = self.match_prefix(token_ids, min(need, max_shared if max_shared is not None else need), skip)
         idle_shared = sum(1 for b in shared if self._ref[b] == 0)  # evictable now, not once shared
-        return need - len(shared) <= self.num_free - idle_shared
+        return need - skip - len(shared) <= self.num_free - idle_shared
 
     # ---- allocation ----------------------------------------------------------------------
     def allocate(self, request_id: str, num_tokens: int, token_ids: list[int] | tuple[int, ...] = (),
-                 max_shared: int | None = None) -> list[int]:
-        """Blocks for `num_tokens`; the leading full blocks of `token_ids` (up to `max_shared`) that are
-        cached are shared, the rest are taken free (evicting least recently used cached blocks)."""
+                 max_shared: int | None = None, skip: int = 0) -> list[int]:
+        """Blocks for `num_tokens`, the first `skip` of them NO_BLOCK (before a sliding window: never
+        held); the full blocks of `token_ids` from there (up to block `max_shared`) that are cached are
+        shared, the rest are taken free (evicting least recently used cached blocks)."""
         if request_id in self._tables:
             raise ValueError(f"request {request_id} already holds blocks")
-        if not self.can_allocate(num_tokens, token_ids, max_shared):
-            raise OutOfBlocks(f"request {request_id} needs {self.blocks_for(num_tokens)} blocks, "
+        if not self.can_allocate(num_tokens, token_ids, max_shared, skip):
+            raise OutOfBlocks(f"request {request_id} needs {self.blocks_for(num_tokens) - skip} blocks, "
                               f"{self.num_free} free")
         need = self.blocks_for(num_tokens)
-        table = self.match_prefix(token_ids, min(need, max_shared if max_shared is not None else need))
-        for b in table:
+        shared = self.match_prefix(token_ids, min(need, max_shared if max_shared is not None else need), skip)
+        for b in shared:
             if self._ref[b] == 0:
                 del self._evictable[b]
             self._ref[b] += 1
-        self._shared[request_id] = len(table)
+        self._shared[request_id] = len(shared)
+        table = [NO_BLOCK] * skip + shared
         for _ in range(need - len(table)):
             b = self._take()
             self._ref[b] = 1
@@ -467,7 +478,7 @@ class BlockManager:
         table = self._tables[request_id]
         added = 0
         for b, key in zip(table, self.keys(token_ids, len(table))):
-            if b in self._key_of or key in self._by_key:
+            if b == NO_BLOCK or b in self._key_of or key in self._by_key:
                 continue
             self._key_of[b] = key
             self._by_key[key] = b
@@ -479,8 +490,37 @@ class BlockManager:
         return self._tables[request_id]
 
     def shared_blocks(self, request_id: str) -> int:
-        """How many leading blocks of the request were found cached at allocation."""
+        """How many blocks of the request (after those it skipped) were found cached at allocation."""
         return self._shared.get(request_id, 0)
+
+    def release_before(self, request_id: str, num_blocks: int) -> int:
+        """Drop the request's references to its first `num_blocks` blocks (a sliding window has passed them);
+        their entries become NO_BLOCK. Returns how many it still held."""
+        table = self._tables.get(request_id)
+        if table is None:
+            return 0
+        released = 0
+        for i in range(min(num_blocks, len(table))):
+            if table[i] != NO_BLOCK:
+                self._unref(table[i])
+                table[i] = NO_BLOCK
+                released += 1
+        if released:
+            self._released[request_id] = self._released.get(request_id, 0) + released
+        return released
+
+    def take_released(self) -> dict[str, int]:
+        """Blocks release_before dropped per request since the last call."""
+        released, self._released = self._released, {}
+        return released
+
+    def _unref(self, b: int) -> None:
+        self._ref[b] -= 1
+        if self._ref[b] == 0:
+            if b in self._key_of:
+                self._evictable[b] = None
+            else:
+                self._free.append(b)
 
     def holds(self, request_id: str) -> bool:
         return request_id in self._tables
@@ -491,14 +531,10 @@ class BlockManager:
         self._shared.pop(request_id, None)
         if table is None:
             return 0
-        for b in reversed(table):  # a chain's tail becomes least recent: evicted before its head
-            self._ref[b] -= 1
-            if self._ref[b] == 0:
-                if b in self._key_of:
-                    self._evictable[b] = None
-                else:
-                    self._free.append(b)
-        return len(table)
+        held = [b for b in table if b != NO_BLOCK]
+        for b in reversed(held):  # a chain's tail becomes least recent: evicted before its head
+            self._unref(b)
+        return len(held)
 
     def take_events(self) -> KVEvents:
         """Keys stored and evicted since the last call (for the router's KV index)."""

@@ -187,6 +187,7 @@ class Router(ColocatedDispatch):
         elif call.kind == "poll":
             self._polling.discard(call.worker_id)
             self._on_colocated_prefill(value.prefilled)
+            self.placement.shrink(call.worker_id, value.released_blocks)
             self._on_progress(value.progress)
             if self.routing.decode_index is not None:
                 self.routing.decode_index.apply(call.worker_id, value.kv_events)
@@ -215,7 +216,7 @@ class Router(ColocatedDispatch):
             if self.routing.prefill_worker(ready, keys, req.prompt_len) != wid:
                 return False
             where = self.placement.place(req.attempt_id, req.prompt_len + req.params.max_tokens,
-                                         self.routing.decode_overlap(keys))
+                                         self.routing.decode_overlap(keys), prompt_tokens=req.prompt_len)
             if where is not None:
                 chosen[req.attempt_id] = where
             return where is not None
@@ -241,11 +242,11 @@ class Router(ColocatedDispatch):
                     continue
                 req.prefill_worker = wid
                 layout = self.workers.endpoints[did].layout
-                req.kv_bytes_saved = grant.cached_blocks * 2 * layout.num_layers * layout.block_bytes
+                req.kv_bytes_saved = grant.cached_blocks * layout.bytes_per_block
                 req.move(State.PREFILL)
                 self.routing.prefill_sent(wid, req.attempt_id, self.routing.keys(req.prompt_token_ids), req.prompt_len)
                 tasks.append(PrefillTask(req.attempt_id, tuple(req.prompt_token_ids), req.params,
-                                         self.workers.endpoints[did], grant.block_table, grant.cached_blocks))
+                                         self.workers.endpoints[did], grant.block_table, grant.first_block))
         sent = [self._by_attempt[t.request_id] for t in tasks]
         if tasks:
             if self.on_prefill_batch:
@@ -502,7 +503,8 @@ class Router(ColocatedDispatch):
         self.routing.configure(ep.layout.block_size, ep.model_fingerprint)
         most = self.workers.max_num_seqs + self.config.colocated_backlog if self.workers.colocated else None
         self.placement.add_worker(DecodeCapacity(did, ep.layout.num_blocks, ep.layout.block_size,
-                                                 self.workers.max_num_seqs, max_requests=most))
+                                                 self.workers.max_num_seqs, max_requests=most,
+                                                 kv_window=ep.layout.kv_window))
 
     def _track(self, ref: ray.ObjectRef, kind: str, worker_id: str, requests: list[Request]) -> None:
         self._calls[ref] = _Call(kind, worker_id, requests)
