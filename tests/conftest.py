@@ -68,9 +68,9 @@ def tiny_window_configs():
         # local, global, local; the global layer's RoPE is linearly scaled and has its own base
         "gemma3": Gemma3TextConfig(**{**gemma, "num_hidden_layers": 3}, final_logit_softcapping=20.0,
                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                                    "full_attention": {"rope_type": "linear", "factor": 4.0,
-                                                                       "rope_theta": 1000000.0}}),
+                                   rope_parameters={
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                       "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}}),
         "phi3": Phi3Config(**TINY_COMMON, sliding_window=24, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                             "partial_rotary_factor": 0.5}),
@@ -124,4 +124,23 @@ def tiny_with_tokenizer(tiny_models, default_model_dir, tmp_path_factory) -> Pat
     shutil.copytree(tiny_models["llama"], folder)
     for f in default_model_dir.glob("tokenizer*"):
         shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_served(tiny_models, default_model_dir, tmp_path_factory):
+    """name -> a copy of tiny_models[name] with the default model's tokenizer (what workers and front ends load)."""
+    import shutil
+
+    made: dict[str, Path] = {}
+
+    def folder(name: str) -> Path:
+        if name not in made:
+            target = tmp_path_factory.mktemp("served") / name
+            shutil.copytree(tiny_models[name], target)
+            for f in default_model_dir.glob("tokenizer*"):
+                shutil.copy(f, target / f.name)
+            made[name] = target
+        return made[name]
+
     return folder

@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 NO_WINDOW = 1 << 30  # WINDOW when a layer attends to every position
 
 

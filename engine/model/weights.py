@@ -4,13 +4,13 @@ Several sources are concatenated along dim 0 (our fused q/k/v and gate/up projec
 checkpoint is already fused. A parameter the model does not have (a bias, a q/k norm) is never
 looked up, so one table serves every variant of a family.
 
-    ours (per layer i: layers.{i}.X)      Llama/Mistral/Qwen              Gemma 2/3                  Phi-3
-    qkv_proj.weight                       self_attn.{q,k,v}_proj.weight   same                       self_attn.qkv_proj
-    input_norm.weight                     input_layernorm                 input_layernorm            input_layernorm
-    attn_out_norm.weight                  -                               post_attention_layernorm   -
-    mlp_norm.weight                       post_attention_layernorm        pre_feedforward_layernorm  post_attention_layernorm
-    mlp_out_norm.weight                   -                               post_feedforward_layernorm -
-    mlp.gate_up_proj.weight               mlp.{gate,up}_proj.weight       same                       mlp.gate_up_proj
+    ours (layers.{i}.X)       Llama/Mistral/Qwen             Gemma 2/3                   Phi-3
+    qkv_proj                  self_attn.{q,k,v}_proj         same                        self_attn.qkv_proj
+    input_norm                input_layernorm                input_layernorm             input_layernorm
+    attn_out_norm             -                              post_attention_layernorm    -
+    mlp_norm                  post_attention_layernorm       pre_feedforward_layernorm   post_attention_layernorm
+    mlp_out_norm              -                              post_feedforward_layernorm  -
+    mlp.gate_up_proj          mlp.{gate,up}_proj             same                        mlp.gate_up_proj
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def engine_greedy(runner: ModelRunner, prompts: list[list[int]], n: int, cached:
         runner.prefill(heads, pool_writer(pool, [token_slots(t, len(h), bs) for t, h in zip(tables, heads)]))
         logits = runner.extend(pool, [p[len(h):] for p, h in zip(prompts, heads)], [len(h) for h in heads], tables)
     else:
-        logits = runner.prefill(prompts, pool_writer(pool, [token_slots(t, len(p), bs) for t, p in zip(tables, prompts)]))
+        slots = [token_slots(t, len(p), bs) for t, p in zip(tables, prompts)]
+        logits = runner.prefill(prompts, pool_writer(pool, slots))
     out = [[int(t)] for t in logits.argmax(-1)]
     window = layout.kv_window
     for _ in range(n - 1):
@@ -188,7 +189,8 @@ def test_features_we_do_not_run_are_refused_by_name():
         ModelArch.from_hf(_config("llama", rope_parameters=dynamic))
     longrope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
                 "original_max_position_embeddings": 128}
-    with pytest.raises(ValueError, match="'longrope' switches .* past 128 positions|'longrope' switches"):
+    with pytest.raises(ValueError, match="'longrope' switches from its short to its long factors once a sequence "
+                                         "passes 128 positions"):
         ModelArch.from_hf(_config("phi3", rope_parameters=longrope))
     static = dict(longrope, original_max_position_embeddings=512)  # one factor set serves every position
     assert ModelArch.from_hf(_config("phi3", rope_parameters=static)).model_type == "phi3"
@@ -200,6 +202,29 @@ def test_features_we_do_not_run_are_refused_by_name():
     with pytest.raises(ValueError, match=r"layer types \['chunked_attention'\]"):
         ModelArch.from_hf(_config("qwen2", use_sliding_window=True, sliding_window=8,
                                   layer_types=["chunked_attention", "full_attention"]))
+
+
+def test_a_legacy_su_rope_that_switches_is_refused_with_its_remedy(tiny_models, tmp_path):
+    """Phi-3-128k's config.json (rope_scaling type 'su', read as longrope by transformers): the long factors
+    apply past 512 positions here, so it is refused, saying how to serve it with its short factors."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    folder = tmp_path / "phi3-su"
+    shutil.copytree(tiny_models["phi3"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.update(max_position_embeddings=2048, original_max_position_embeddings=512, rope_theta=10000.0,
+                  rope_scaling={"type": "su", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'longrope' switches .* passes 512 positions .* set max_position_embeddings "
+                                         "to 512"):
+        ModelArch.from_hf(AutoConfig.from_pretrained(folder))
+    config["max_position_embeddings"] = 512  # the remedy: one factor set for every position it allows
+    (folder / "config.json").write_text(json.dumps(config))
+    assert ModelArch.from_hf(AutoConfig.from_pretrained(folder)).max_position_embeddings == 512
 
 
 def test_layer_specs_follow_transformers(tiny_models):

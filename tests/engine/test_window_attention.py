@@ -24,7 +24,8 @@ def naive(q_rows, keys, values, q_pos, k_pos, scale, window, softcap):
     group = h // keys.shape[1]
     out = torch.zeros(n, h, d, dtype=torch.float64)
     for i in range(n):
-        seen = [j for j in range(len(k_pos)) if k_pos[j] <= q_pos[i] and (window is None or k_pos[j] > q_pos[i] - window)]
+        seen = [j for j in range(len(k_pos))
+                if k_pos[j] <= q_pos[i] and (window is None or k_pos[j] > q_pos[i] - window)]
         for head in range(h):
             s = torch.stack([(q_rows[i, head].double() @ keys[j, head // group].double()) * scale for j in seen])
             if softcap is not None:
@@ -75,7 +76,7 @@ def test_reference_prefill_with_prefix_matches_the_definition(window, softcap):
     kc, vc = (torch.randn(3 * mb, bs, kvh, d, generator=g) for _ in range(2))
     tables = torch.randperm(3 * mb, generator=g).view(3, mb)
     t = sum(q_lens)
-    q, k, v = torch.randn(t, h, d, generator=g), torch.randn(t, kvh, d, generator=g), torch.randn(t, kvh, d, generator=g)
+    q, k, v = (torch.randn(t, n, d, generator=g) for n in (h, kvh, kvh))
     out = TorchBackend().varlen_prefill(q, k, v, VarlenBatch.build(q_lens, prefix, tables), kc, vc, d ** -0.5,
                                         window=window, softcap=softcap)
     row = 0

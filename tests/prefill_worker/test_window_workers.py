@@ -10,7 +10,6 @@ moves its whole cache, per-layer layout and all, like any other. No block is lef
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
@@ -27,19 +26,6 @@ MAX_TOKENS = 24
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 PROMPT_LENS = (7, 19, 40, 70)
 BS = 4
-
-
-@pytest.fixture(scope="module")
-def served(tiny_models, default_model_dir, tmp_path_factory):
-    """A tiny model's folder plus the default model's tokenizer (the decode worker's stop checker loads one)."""
-    def folder(name: str):
-        target = tmp_path_factory.mktemp("served") / name
-        shutil.copytree(tiny_models[name], target)
-        for f in default_model_dir.glob("tokenizer*"):
-            shutil.copy(f, target / f.name)
-        return target
-
-    return folder
 
 
 def _prompts() -> list[list[int]]:
@@ -100,8 +86,8 @@ def _serve(folder, transport: str, prompts: list[list[int]]):
 
 
 @pytest.mark.parametrize("transport", ["shm", "grpc"])
-def test_a_windowed_model_sends_and_holds_only_its_window(served, transport):
-    folder = served("mistral-sw")
+def test_a_windowed_model_sends_and_holds_only_its_window(tiny_served, transport):
+    folder = tiny_served("mistral-sw")
     prompts = _prompts()
     grants, results, outputs, released, held, layout = _serve(folder, transport, prompts)
     assert outputs == _reference(folder, prompts)
@@ -122,8 +108,8 @@ def test_a_windowed_model_sends_and_holds_only_its_window(served, transport):
 
 @pytest.mark.parametrize("name,transport", [("gemma2", "shm"), ("gemma2", "grpc"), ("qwen2-sw", "grpc"),
                                             ("gemma3", "shm")])
-def test_a_model_with_global_layers_moves_its_whole_cache(served, name, transport):
-    folder = served(name)
+def test_a_model_with_global_layers_moves_its_whole_cache(tiny_served, name, transport):
+    folder = tiny_served(name)
     prompts = _prompts()
     grants, results, outputs, released, _, layout = _serve(folder, transport, prompts)
     assert outputs == _reference(folder, prompts)
