@@ -204,6 +204,30 @@ def test_features_we_do_not_run_are_refused_by_name():
                                   layer_types=["chunked_attention", "full_attention"]))
 
 
+def test_gemma3_config_of_the_hub_layout(tiny_models, tmp_path):
+    """Gemma 3 checkpoints on the Hub give `rope_theta` (global), `rope_local_base_freq` (local layers) and a
+    `rope_scaling` for the global ones, and `sliding_window_pattern` instead of layer_types: same logits."""
+    import json
+    import shutil
+
+    folder = tmp_path / "gemma3-hub"
+    shutil.copytree(tiny_models["gemma3"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("rope_parameters", "layer_types"):
+        config.pop(key, None)
+    config.update(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                  sliding_window_pattern=2)  # layers: local, global, local
+    (folder / "config.json").write_text(json.dumps(config))
+    runner = _runner(folder)
+    assert [s.sliding_window for s in runner.arch.layers] == [WINDOW, None, WINDOW]
+    prompt = _prompts(2)[3]
+    ours = runner.model(torch.tensor(prompt), torch.arange(len(prompt)), PrefillAttention([len(prompt)]))
+    with torch.no_grad():
+        ref = _hf(folder)(torch.tensor([prompt])).logits[0]
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert runner.model.rope["sliding_attention"][0][5, 1] != runner.model.rope["full_attention"][0][5, 1]
+
+
 def test_a_legacy_su_rope_that_switches_is_refused_with_its_remedy(tiny_models, tmp_path):
     """Phi-3-128k's config.json (rope_scaling type 'su', read as longrope by transformers): the long factors
     apply past 512 positions here, so it is refused, saying how to serve it with its short factors."""
