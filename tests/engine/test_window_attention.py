@@ -179,3 +179,24 @@ def test_triton_extend(dtype, window, softcap):
     out = extend_attention(q.to(device), k.to(device), v.to(device), dev.cu_q, dev.max_q_len, dev.prefix_lens,
                            kc.to(device), vc.to(device), dev.block_tables, d ** -0.5, window=window, softcap=softcap)
     assert (out.float().cpu() - ref).abs().max().item() < (2e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("window,softcap", [(16, None), (7, 50.0)])
+def test_int8_pools_with_a_window(window, softcap):
+    """--kv-cache-dtype int8: the CPU kernel and Triton read the window with its scales, as the reference."""
+    from engine.kv_quant import quantize_kv
+
+    q, kp, vp, tables, lens, scale = decode_case(torch.float32, window)
+    (kq, ks), (vq, vs) = quantize_kv(kp), quantize_kv(vp)
+    ref = torch_paged_decode(q, kq, vq, tables, lens, scale, ks, vs, window=window, softcap=softcap)
+    out = get_backend("cpu", "cpu").paged_decode(q, kq, vq, tables, lens, scale, ks, vs, window=window,
+                                                 softcap=softcap)
+    assert (out - ref).abs().max().item() < 1e-5
+    pytest.importorskip("triton", reason="Triton is not installed on this platform")
+    from engine.kernels.triton_attention import paged_decode
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = paged_decode(q.to(device), kq.to(device), vq.to(device), tables.to(torch.int32).to(device),
+                       lens.to(torch.int32).to(device), scale, k_scale=ks.to(device), v_scale=vs.to(device),
+                       window=window, softcap=softcap)
+    assert (out.cpu() - ref).abs().max().item() < 2e-5

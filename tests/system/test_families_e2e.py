@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 24
 PROMPT_LENS = (9, 21, 45, 70)
 BS = 16  # the engine's default block size
+KV_WINDOW = {"mistral-sw": WINDOW, "phi3": 24}  # models whose every layer is windowed (conftest.py)
 RUNS = [("mistral-sw", "shm"), ("mistral-sw", "grpc"), ("mistral-sw", "colocated"),
         ("qwen2-sw", "shm"), ("gemma2", "shm"), ("gemma2", "grpc"), ("gemma2", "colocated"),
         ("gemma3", "grpc"), ("phi3", "shm")]
@@ -73,8 +74,8 @@ def test_greedy_equals_transformers_and_windows_cut_the_transfer(ray_cluster, ti
     if mode != "colocated":
         sent = [r["pdserve"]["kv_bytes"] for r in records]
         per_token = sent[0] // PROMPT_LENS[0]  # 9 tokens: no block skipped, whatever the model
-        if name == "mistral-sw":  # every layer windowed: blocks before the first decode step's window stay home
-            assert sent == [(n - blocks_before_window(n, WINDOW, BS) * BS) * per_token for n in PROMPT_LENS]
+        # Every layer windowed: blocks before the first decode step's window stay home; else all travels.
+        window = KV_WINDOW.get(name)
+        assert sent == [(n - blocks_before_window(n, window, BS) * BS) * per_token for n in PROMPT_LENS]
+        if name == "mistral-sw":
             assert sent[3] == (70 - 3 * BS) * per_token  # a 70-token prompt sends 22 tokens' KV
-        else:  # global layers: the whole prompt travels
-            assert sent == [n * per_token for n in PROMPT_LENS]
