@@ -157,7 +157,8 @@ class ColocatedWorker(StepLoopWorker):
         self.decode_tokens += plan.num_decode
         self.prefill_tokens += plan.num_tokens - plan.num_decode
         for seq in prefilled:
-            self._prefill_done(seq)
+            self._prefill_done(seq)  # keys the prompt's blocks first: those freed next stay cached (evictable)
+        self._release_behind_window([s for s in self.scheduler.running if s.prefilled])
         for seq in finished:
             self._finish(seq)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from decode_worker.phases import PhaseClock, RunQueueClock
+from engine.kv_window import blocks_before_window
 from proto.messages import DecodePoll, DecodeResult, PrefillResult, TokenProgress
 from proto.stats import LoopStats, PoolStats
 
@@ -35,7 +36,7 @@ class Abort:
 class StepLoopWorker(ABC):
     """Subclasses call `_start_loop_state()` before `_start_loop()`, and implement `_has_work`, `_step`,
     `_accept` (an inbox item that is not an abort), `_abort_in_loop` and `_streamable`; they hold
-    `self.blocks` and `self._lock` (the block manager and its guard)."""
+    `self.blocks` and `self._lock` (the block manager and its guard) and `self.pool`."""
 
     # The colocated worker also ends a poll's wait when a prompt finished prefilling, so it always
     # waits in slices; the decode worker waits in one block unless it streams.
@@ -95,9 +96,21 @@ class StepLoopWorker(ABC):
             progress = self._progress()
         with self._lock:
             events = self.blocks.take_events()
+            released = tuple(self.blocks.take_released().items())
         self.poll_cpu_seconds += time.thread_time() - started_cpu  # one poll at a time: no race
         return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress), events or None,
-                          prefilled)
+                          prefilled, released)
+
+    def _release_behind_window(self, seqs) -> None:
+        """Free the blocks every layer's sliding window has left behind, for sequences that decode (each has
+        `request_id` and `next_position`, the position the next step writes). No-op without a window."""
+        window = self.pool.layout.kv_window
+        if window is None:
+            return
+        bs = self.pool.layout.block_size
+        with self._lock:
+            for seq in seqs:
+                self.blocks.release_before(seq.request_id, blocks_before_window(seq.next_position, window, bs))
 
     def stall_for(self, seconds: float) -> None:
         """Fault drill: wedge the step loop for `seconds`, as a hung kernel or a deadlock would, while

@@ -26,6 +26,7 @@ from decode_worker.stopping import StopChecker
 from engine.compute_thread import ComputeThread
 from engine.config import SamplingParams
 from engine.kv_cache import BlockManager, KVPool
+from engine.kv_window import blocks_before_window
 from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from kvtransfer.base import KVEndpoint
@@ -56,7 +57,7 @@ class DecodeWorker(StepLoopWorker):
             self.pool = self._shared.pool
         else:
             self.pool = self.compute.call(KVPool.allocate, layout, device)
-            if self.pool.tensor.is_cuda and config.transport in (Transport.AUTO, Transport.CUDA_IPC):
+            if self.pool.buffer.is_cuda and config.transport in (Transport.AUTO, Transport.CUDA_IPC):
                 from kvtransfer.cuda_ipc import export_pool
 
                 cuda_handle = export_pool(self.pool)
@@ -109,14 +110,16 @@ class DecodeWorker(StepLoopWorker):
                 if self.blocks.holds(r.request_id):  # a retry of a reservation we already hold
                     self._release_locked(r.request_id)
                 max_shared = (r.prompt_tokens - 1) // self.blocks.block_size
-                if not self.blocks.can_allocate(total, r.prompt_token_ids, max_shared):
+                # Prompt blocks before every layer's window at the first decode step: not held, not sent.
+                skip = blocks_before_window(r.prompt_tokens, self.pool.layout.kv_window, self.blocks.block_size)
+                if not self.blocks.can_allocate(total, r.prompt_token_ids, max_shared, skip):
                     continue
-                table = self.blocks.allocate(r.request_id, total, r.prompt_token_ids, max_shared)
-                cached = self.blocks.shared_blocks(r.request_id)
-                self.inbox.expect(r.request_id, table, r.prompt_tokens, first_block=cached)
+                table = self.blocks.allocate(r.request_id, total, r.prompt_token_ids, max_shared, skip)
+                grant = Grant(tuple(table), self.blocks.shared_blocks(r.request_id), skip)
+                self.inbox.expect(r.request_id, table, r.prompt_tokens, first_block=grant.first_block)
                 self.requests[r.request_id] = DecodeSequence(r.request_id, r.prompt_tokens, SamplingParams(), table,
                                                              [], [], prompt_token_ids=r.prompt_token_ids)
-                granted[r.request_id] = Grant(tuple(table), cached)
+                granted[r.request_id] = grant
         return granted
 
     def admit(self, admissions: list[Admission]) -> list[str]:
@@ -197,6 +200,7 @@ class DecodeWorker(StepLoopWorker):
             return
         self._count_step(started, started_cpu, rows)
         self.step_context_tokens += context
+        self._release_behind_window(self.batcher.running)
         self.phases.start()
         for seq in finished:
             self._finish(seq)

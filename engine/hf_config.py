@@ -61,6 +61,8 @@ def read_config(folder: Path) -> HFConfig:
     missing = [k for k in (*REQUIRED, *REQUIRED_FOR[model_type]) if k not in values]
     if missing:
         raise NotPlainConfig(f"config.json lacks {missing} (transformers would fill class defaults)")
+    if values.get("use_sliding_window"):  # the window and its layers come with class defaults and a fill-in
+        raise NotPlainConfig("use_sliding_window")
     values["rope_parameters"] = _plain_rope(values)
     values.pop("rope_scaling", None)
     values.pop("rope_theta", None)

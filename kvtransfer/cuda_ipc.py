@@ -29,7 +29,7 @@ def export_pool(pool: KVPool) -> bytes:
     """The IPC handle of a CUDA pool, as bytes to publish in the decode worker's endpoint."""
     from torch.multiprocessing.reductions import reduce_tensor
 
-    if not pool.tensor.is_cuda:
+    if not pool.buffer.is_cuda:
         raise ValueError("only a CUDA pool can be exported over CUDA IPC")
     return pickle.dumps(reduce_tensor(pool.buffer))  # the whole buffer: data and (int8) scales
 
@@ -56,7 +56,7 @@ def _store(pool: KVPool, layer: int, slots: torch.Tensor, k: torch.Tensor, v: to
     except ImportError:  # no Triton: index_copy_ is still one launch per tensor
         pool.write_tokens(layer, slots, k, v)
         return
-    cache = pool.tensor[layer]
+    cache = pool.layer(layer)
     store_kv(cache[0], cache[1], slots, k, v)
 
 
@@ -67,7 +67,7 @@ class CudaIpcConnection(KVConnection):
         if not endpoint.cuda_ipc:
             raise ValueError(f"decode worker {endpoint.worker_id} exposes no CUDA IPC handle")
         self.pool = open_pool(endpoint.cuda_ipc, endpoint.layout)
-        self.device = self.pool.tensor.device
+        self.device = self.pool.device
         self.stream = torch.cuda.Stream(device=self.device)
         self._transfers: dict[str, _Transfer] = {}
 

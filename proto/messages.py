@@ -29,11 +29,18 @@ class Reservation:
 
 @dataclass(frozen=True)
 class Grant:
-    """Decode worker -> router: a reservation held. The first `cached_blocks` blocks of the table
-    already hold this prompt's KV (prefix cache): the prefill worker sends only the rest."""
+    """Decode worker -> router: a reservation held. Its first `window_blocks` table entries are not held
+    (-1: before every layer's sliding window at the first decode step, engine/kv_window.py) and the
+    `cached_blocks` after them already hold this prompt's KV (prefix cache): the prefill worker sends only
+    the blocks from `first_block` on."""
 
     block_table: tuple[int, ...]
     cached_blocks: int = 0
+    window_blocks: int = 0
+
+    @property
+    def first_block(self) -> int:
+        return self.window_blocks + self.cached_blocks
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ class PrefillTask:
     params: SamplingParams
     decode: KVEndpoint
     block_table: tuple[int, ...]
-    cached_blocks: int = 0  # leading blocks the decode worker already holds: not sent
+    cached_blocks: int = 0  # leading blocks not sent: the decode worker holds them (prefix) or never reads them
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,7 @@ class DecodePoll:
     progress: tuple[TokenProgress, ...] = ()  # poll(stream=True) only
     kv_events: KVEvents | None = None  # prefix-cache blocks stored/evicted since the last poll
     prefilled: tuple[PrefillResult, ...] = ()  # colocated workers: prompts whose last chunk ran since the last poll
+    released_blocks: tuple[tuple[str, int], ...] = ()  # (request, blocks) a sliding window left behind and freed
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,7 @@ class Router:
 
     def _on_poll(self, did: str, poll: DecodePoll) -> None:
         self.dispatch.on_poll(did, poll)
+        self.placement.shrink(did, poll.released_blocks)
         self._on_progress(poll.progress)
         if self.routing.decode_index is not None:
             self.routing.decode_index.apply(did, poll.kv_events)
@@ -352,7 +353,8 @@ class Router:
         colocated = self.workers.mode == Mode.COLOCATED
         most = self.workers.max_num_seqs + self.config.colocated_backlog if colocated else None
         self.placement.add_worker(DecodeCapacity(did, ep.layout.num_blocks, ep.layout.block_size,
-                                                 self.workers.max_num_seqs, max_requests=most))
+                                                 self.workers.max_num_seqs, max_requests=most,
+                                                 kv_window=ep.layout.kv_window))
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """Wait until every block release sent has been applied (before checking for leaks)."""
