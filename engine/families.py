@@ -1,6 +1,6 @@
 """Each native model_type's HF config read into a ModelArch: one `Family` per type, no torch.
 
-The driver calls this before any worker starts (ModelArch.from_hf), so an architecture we do not run,
+The driver calls this before any worker starts (read_arch), so an architecture we do not run,
 or a feature of one we do not run (a dynamic RoPE, bidirectional attention), is refused up front with
 an error that names it. What differs between families is data here; the forward
 (engine/model/llama.py) reads only the ModelArch.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from engine.config import NATIVE_MODEL_TYPES, Activation, LayerSpec, ModelArch, Norm, UnsupportedArchitecture
+from engine.arch import NATIVE_MODEL_TYPES, Activation, LayerSpec, ModelArch, Norm, UnsupportedArchitecture
 
 # RoPE types whose frequencies are fixed at load (engine/model/rope.py builds them with transformers' own
 # functions). dynamic NTK and a LongRoPE that switches factor sets with the sequence's length are not.
@@ -66,7 +66,7 @@ assert set(FAMILIES) == set(NATIVE_MODEL_TYPES), "engine/config.py NATIVE_MODEL_
 _NOT_KV = ("mamba", "mamba2", "rwkv", "recurrent_gemma", "jamba", "t5", "bart", "whisper", "falcon_mamba")
 
 
-def read_arch(cls: type[ModelArch], config: Any) -> ModelArch:
+def read_arch(config: Any) -> ModelArch:
     model_type = config.model_type
     family = FAMILIES.get(model_type)
     if family is None:
@@ -82,7 +82,7 @@ def read_arch(cls: type[ModelArch], config: Any) -> ModelArch:
     layers = layer_specs(config, family)
     rope = {spec.rope for spec in layers}
     check_rope(config, family, rope)
-    return cls(
+    return ModelArch(
         model_type=model_type,
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,

@@ -13,6 +13,7 @@ import torch
 
 from engine.attention import ExtendAttention, KVSink, PagedDecodeAttention, PrefillAttention, VarlenBatch, get_backend
 from engine.config import EngineConfig, ModelArch
+from engine.families import read_arch
 from engine.kv_cache import KVLayout, KVPool, LayerKV
 from engine.loader import load_hf_config, load_state_dict, read_generation_eos, resolve_model
 from engine.model.llama import CausalLM
@@ -31,7 +32,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     config = config.resolved()
     folder = resolve_model(config.model, config.cache_dir)
     hf_config = load_hf_config(folder)
-    arch = ModelArch.from_hf(hf_config)
+    arch = read_arch(hf_config)
     extra_eos = read_generation_eos(folder)
     if extra_eos:
         arch = ModelArch(**{**arch.__dict__, "eos_token_ids": tuple(dict.fromkeys(arch.eos_token_ids + extra_eos))})

@@ -63,7 +63,7 @@ class PDDispatch(Dispatch):
             if r.routing.prefill_worker(ready, keys, req.prompt_len) != wid:
                 return False
             where = r.placement.place(req.attempt_id, req.prompt_len + req.params.max_tokens,
-                                      r.routing.decode_overlap(keys))
+                                      r.routing.decode_overlap(keys), prompt_tokens=req.prompt_len)
             if where is not None:
                 chosen[req.attempt_id] = where
             return where is not None
@@ -100,12 +100,12 @@ class PDDispatch(Dispatch):
                 r.retry(req, f"decode worker {did} could not reserve KV blocks")
                 continue
             req.prefill_worker = wid
-            req.kv_bytes_saved = grant.cached_blocks * 2 * endpoint.layout.num_layers * endpoint.layout.block_bytes
+            req.kv_bytes_saved = grant.cached_blocks * endpoint.layout.bytes_per_block
             req.move(State.PREFILL)
             keys = r.routing.keys(req.prompt_token_ids)
             r.routing.prefill_sent(wid, req.attempt_id, keys, req.prompt_len)
             tasks.append(PrefillTask(req.attempt_id, tuple(req.prompt_token_ids), req.params, endpoint,
-                                     grant.block_table, grant.cached_blocks))
+                                     grant.block_table, grant.first_block))
         return tasks
 
     def _reserve(self, did: str, reqs: list[Request]) -> dict[str, Grant] | None:

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import EngineConfig, ModelArch
+from engine.config import EngineConfig
+from engine.families import read_arch
 from engine.loader import load_hf_config, load_tokenizer, model_display_name, resolve_model
 
 log = logging.getLogger("pdserve.openai")
@@ -27,7 +28,7 @@ def model_limits(engine: EngineConfig, default_max_tokens: int, ignore_eos: bool
     started = time.time()
     folder = resolve_model(engine.model, engine.cache_dir)
     tokenizer = load_tokenizer(folder)
-    arch = ModelArch.from_hf(load_hf_config(folder))
+    arch = read_arch(load_hf_config(folder))
     log.info("start-up: model files, tokenizer and config %.1f s (%s)", time.time() - started,
              type(tokenizer).__name__)
     name = model_display_name(engine.model)

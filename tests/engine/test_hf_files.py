@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ModelArch
+from engine.families import read_arch
 from engine.hf_config import HFConfig, NotPlainConfig, read_config
 from engine.hf_tokenizer import HFTokenizer, NotPlainTokenizer
 from engine.loader import load_hf_config, load_tokenizer
@@ -228,8 +228,8 @@ def _same_config(folder: Path) -> HFConfig | object:
     from transformers import AutoConfig
 
     ours, ref = load_hf_config(folder), AutoConfig.from_pretrained(folder)
-    arch = ModelArch.from_hf(ours)
-    assert arch == ModelArch.from_hf(ref)
+    arch = read_arch(ours)
+    assert arch == read_arch(ref)
     for name in ("rope_parameters", "head_dim", "attention_bias", "tie_word_embeddings", "eos_token_id",
                  "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "vocab_size", "model_type"):
         assert getattr(ours, name, "absent") == getattr(ref, name, "absent"), name

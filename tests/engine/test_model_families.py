@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from engine.attention import PrefillAttention
-from engine.config import EngineConfig, ModelArch, UnsupportedArchitecture
+from engine.config import EngineConfig, UnsupportedArchitecture
+from engine.families import read_arch
 from engine.kv_cache import KVPool
 from engine.kv_window import NO_BLOCK, blocks_before_window
 from engine.runner import ModelRunner, pool_writer, token_slots
@@ -178,29 +179,29 @@ def _config(model_type: str, **fields):
 
 def test_unsupported_architectures_are_refused_by_name():
     with pytest.raises(UnsupportedArchitecture, match=r"unsupported architecture 'gpt2'; native: llama, .*gemma2"):
-        ModelArch.from_hf(_config("gpt2"))
+        read_arch(_config("gpt2"))
     with pytest.raises(UnsupportedArchitecture, match="'mamba' .*not a KV cache"):
-        ModelArch.from_hf(_config("mamba"))
+        read_arch(_config("mamba"))
 
 
 def test_features_we_do_not_run_are_refused_by_name():
     dynamic = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}
     with pytest.raises(ValueError, match="RoPE type 'dynamic'"):
-        ModelArch.from_hf(_config("llama", rope_parameters=dynamic))
+        read_arch(_config("llama", rope_parameters=dynamic))
     longrope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
                 "original_max_position_embeddings": 128}
     with pytest.raises(ValueError, match="'longrope' switches from its short to its long factors once a sequence "
                                          "passes 128 positions"):
-        ModelArch.from_hf(_config("phi3", rope_parameters=longrope))
+        read_arch(_config("phi3", rope_parameters=longrope))
     static = dict(longrope, original_max_position_embeddings=512)  # one factor set serves every position
-    assert ModelArch.from_hf(_config("phi3", rope_parameters=static)).model_type == "phi3"
+    assert read_arch(_config("phi3", rope_parameters=static)).model_type == "phi3"
     with pytest.raises(ValueError, match="MLP activation 'relu'"):
-        ModelArch.from_hf(_config("llama", hidden_act="relu"))
+        read_arch(_config("llama", hidden_act="relu"))
     with pytest.raises(ValueError, match="use_bidirectional_attention"):
-        ModelArch.from_hf(_config("gemma3_text", use_bidirectional_attention=True, head_dim=16,
+        read_arch(_config("gemma3_text", use_bidirectional_attention=True, head_dim=16,
                                   query_pre_attn_scalar=16, sliding_window=8, hidden_activation="gelu_pytorch_tanh"))
     with pytest.raises(ValueError, match=r"layer types \['chunked_attention'\]"):
-        ModelArch.from_hf(_config("qwen2", use_sliding_window=True, sliding_window=8,
+        read_arch(_config("qwen2", use_sliding_window=True, sliding_window=8,
                                   layer_types=["chunked_attention", "full_attention"]))
 
 
@@ -245,10 +246,10 @@ def test_a_legacy_su_rope_that_switches_is_refused_with_its_remedy(tiny_models, 
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="'longrope' switches .* passes 512 positions .* set max_position_embeddings "
                                          "to 512"):
-        ModelArch.from_hf(AutoConfig.from_pretrained(folder))
+        read_arch(AutoConfig.from_pretrained(folder))
     config["max_position_embeddings"] = 512  # the remedy: one factor set for every position it allows
     (folder / "config.json").write_text(json.dumps(config))
-    assert ModelArch.from_hf(AutoConfig.from_pretrained(folder)).max_position_embeddings == 512
+    assert read_arch(AutoConfig.from_pretrained(folder)).max_position_embeddings == 512
 
 
 def test_layer_specs_follow_transformers(tiny_models):
@@ -256,7 +257,7 @@ def test_layer_specs_follow_transformers(tiny_models):
     from transformers import AutoConfig
 
     def windows(name):
-        return [s.sliding_window for s in ModelArch.from_hf(AutoConfig.from_pretrained(tiny_models[name])).layers]
+        return [s.sliding_window for s in read_arch(AutoConfig.from_pretrained(tiny_models[name])).layers]
 
     assert windows("mistral-sw") == [WINDOW, WINDOW]
     assert windows("qwen2-sw") == [None, WINDOW]  # max_window_layers=1: the first layer attends to everything
@@ -265,7 +266,7 @@ def test_layer_specs_follow_transformers(tiny_models):
     assert windows("gemma2") == [WINDOW, None]
     assert windows("gemma3") == [WINDOW, None, WINDOW]
     assert windows("phi3") == [24, 24]
-    arch = ModelArch.from_hf(AutoConfig.from_pretrained(tiny_models["gemma3"]))
+    arch = read_arch(AutoConfig.from_pretrained(tiny_models["gemma3"]))
     assert [s.rope for s in arch.layers] == ["sliding_attention", "full_attention", "sliding_attention"]
     assert arch.qk_norm and arch.sandwich_norms and arch.final_softcap == 20.0 and arch.attn_softcap is None
-    assert ModelArch.from_hf(AutoConfig.from_pretrained(tiny_models["phi3"])).rotary_dim == 8
+    assert read_arch(AutoConfig.from_pretrained(tiny_models["phi3"])).rotary_dim == 8

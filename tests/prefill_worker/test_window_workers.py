@@ -56,7 +56,7 @@ def _serve(folder, transport: str, prompts: list[list[int]]):
     try:
         ids = [f"r{i}" for i in range(len(prompts))]
         grants = decode.reserve([Reservation(rid, len(p), MAX_TOKENS, tuple(p)) for rid, p in zip(ids, prompts)])
-        held = decode.stats()["num_blocks"] - decode.stats()["free_blocks"]
+        held = decode.stats().pool.used_blocks
         tasks = [PrefillTask(rid, tuple(p), PARAMS, decode.endpoint(), grants[rid].block_table,
                              grants[rid].first_block) for rid, p in zip(ids, prompts)]
         results = {r.request_id: r for r in prefill.prefill(tasks)}
@@ -65,7 +65,7 @@ def _serve(folder, transport: str, prompts: list[list[int]]):
                                        results[rid].transport) for rid, p in zip(ids, prompts)]) == []
         outputs, released = {}, dict.fromkeys(ids, 0)
         deadline = time.time() + 120
-        while len(outputs) < len(ids) or decode.stats()["running"]:
+        while len(outputs) < len(ids) or decode.stats().running:
             assert time.time() < deadline, "decode did not finish"
             poll = decode.poll(0.2)
             for res in poll.results:
