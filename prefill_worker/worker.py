@@ -26,6 +26,7 @@ from engine.structured.bitmask import MaskFiller
 from engine.structured.grammars import Grammars
 from kvtransfer.base import KVConnection, KVEndpoint, TransferError, TransferHandle, connect, select_transport
 from prefill_worker.prefix_cache import PrefillCache
+from proto.kinds import Transport
 from proto.messages import PrefillResult, PrefillTask, WorkerConfig
 
 log = logging.getLogger("pdserve.prefill")
@@ -175,9 +176,14 @@ class PrefillWorker:
             request_id=t.request_id, first_token=token, prefill_start=prefill_start, prefill_end=prefill_end,
             transfer_start=h[1].started if h else prefill_start,
             transfer_end=stats.end if stats else time.time(),
-            transport=h[0].transport if h else "none", kv_bytes=stats.bytes if stats else 0,
+            transport=h[0].transport if h else Transport.NONE, kv_bytes=stats.bytes if stats else 0,
             transfer_busy_s=stats.busy_s if stats else 0.0,
             error=errors.get(t.request_id), cached_tokens=cached_tokens)
+
+    def barrier(self) -> None:
+        """Returns once the prefill calls queued before it have run (their KV writes are over): a
+        restarted deployment router frees the blocks they wrote into only after this."""
+        self.compute.call(lambda: None)
 
     def shutdown(self) -> None:
         for _, conn in self._connections.values():

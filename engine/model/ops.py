@@ -1,8 +1,9 @@
 """The elementwise ops of the forward, chosen per device: torch on the CPU (the reference), fused
 Triton kernels on CUDA (one launch each instead of a chain of small ones).
 
-    rms_norm(x, weight, eps, residual) -> (weight * norm(x + residual), x + residual)
-    rope(q, k, rotary)                 -> q, k rotated at each token's position
+    rms_norm(x, weight, eps, residual, unit_offset) -> (weight * norm(x + residual), x + residual)
+                                          unit_offset (Gemma): (1 + weight) * norm, in float32, then rounded
+    rope(q, k, rotary)                 -> q, k rotated at each token's position (the table's leading dims)
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ class Rotary:
         return self.cos[self.positions], self.sin[self.positions]
 
 
-def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                   residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                   unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if residual is not None:
         x = x + residual
-    # Normalise in float32 and scale in the input dtype, exactly as the reference does.
+    # Normalise in float32 and scale in the input dtype (Gemma: in float32), exactly as the reference does.
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (h * (1.0 + weight.float())).to(x.dtype), x
     return weight * h.to(x.dtype), x
 
 
@@ -48,11 +51,11 @@ def triton_rope(q: torch.Tensor, k: torch.Tensor, rotary: Rotary) -> tuple[torch
     return rope(q, k, rotary.cos, rotary.sin, rotary.positions)
 
 
-def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                    residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                    unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     from engine.kernels.triton_ops import rms_norm
 
-    return rms_norm(x, weight, eps, residual)
+    return rms_norm(x, weight, eps, residual, unit_offset)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ In process (no Ray), with the decode worker's own batcher on the default model:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -253,30 +252,3 @@ def table(report: dict[str, Any]) -> str:
                  f"{v['unconstrained_valid']:.0%} ({v['unconstrained_valid_lenient']:.0%} after cutting the text "
                  f"around the object), with it {v['constrained_valid']:.0%}")
     return "\n".join(lines)
-
-
-def add_parser(bench: Any) -> None:
-    p = bench.add_parser("structured", help="decode tok/s with and without a JSON schema; valid answers with and "
-                                            "without it", description=__doc__)
-    p.add_argument("--batch-sizes", default="1,16,64")
-    p.add_argument("--steps", type=int, default=StructuredBench.steps)
-    p.add_argument("--validity-requests", type=int, default=StructuredBench.validity_requests)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--num-threads", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the report here")
-    p.add_argument("--quick", action="store_true", help="batch 2, 3 steps, 4 requests: checks the benchmark runs")
-    p.set_defaults(func=cmd_bench_structured)
-
-
-def cmd_bench_structured(args: argparse.Namespace) -> int:
-    bench = StructuredBench(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), steps=args.steps,
-                            validity_requests=args.validity_requests, dtype=args.dtype, num_threads=args.num_threads)
-    if args.quick:
-        bench = StructuredBench(batch_sizes=(2,), steps=4, validity_requests=4, max_tokens=48, dtype=args.dtype,
-                                num_threads=args.num_threads)
-    report = run(bench)
-    print(table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0

@@ -42,7 +42,7 @@ def assistant_message(text: str, tools: ToolPlan | None) -> Message:
     return read_message(text, parse_calls=tools is not None and tools.offered)
 
 
-def finish_reason(reason: str | None, message: Message) -> str | None:
+def chat_finish_reason(reason: str | None, message: Message) -> str | None:
     """OpenAI's: "tool_calls" when the model stopped after calling tools."""
     return "tool_calls" if message.tool_calls and reason == "stop" else reason
 

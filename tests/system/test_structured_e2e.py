@@ -77,9 +77,10 @@ def write(path: Path) -> Path:
     return path
 
 
-def run(tmp_path: Path, name: str, engine: EngineConfig = ENGINE, cluster: ClusterConfig = ClusterConfig(),
+def run(tmp_path: Path, name: str, engine: EngineConfig = ENGINE, cluster: ClusterConfig | None = None,
         on_tick=None):
     out = tmp_path / f"{name}.jsonl"
+    cluster = cluster or ClusterConfig()
     summary = run_batch(write(tmp_path / "in.jsonl"), out, engine, cluster, RouterConfig(max_prefill_tokens=512),
                         BatchOptions(progress=False), on_tick=on_tick)
     records = outputs(out)

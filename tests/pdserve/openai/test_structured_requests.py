@@ -9,13 +9,16 @@ import random
 import pytest
 
 from engine.structured.spec import ConstraintKind
-from pdserve.batch.format import BatchLimits, LineError, build_request, parse_line, success_record
+from pdserve.batch.format import parse_line
+from pdserve.openai.limits import ModelLimits
+from pdserve.openai.records import success_record
+from pdserve.openai.requests import InvalidRequest, build_request
 from pdserve.openai.structured import answer_check, read_structured
 from pdserve.openai.tool_stream import MessageStream, read_message
 from pdserve.openai.tools import ToolChoice, chat_messages, read_tools
 from router.request import State
 
-LIMITS = BatchLimits(max_context=8192, model_names=("SmolLM2-135M-Instruct",))
+LIMITS = ModelLimits(max_context=8192, model_names=("SmolLM2-135M-Instruct",))
 MESSAGES = [{"role": "user", "content": "What's the weather in Paris?"}]
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"], "additionalProperties": False}
@@ -80,7 +83,7 @@ def test_each_way_of_asking_gives_its_constraint(tokenizer, extra, kind):
     ({"tool_choice": "required"}, "invalid_tools", "needs tools"),
 ])
 def test_bad_requests_are_refused_naming_what_is_wrong(tokenizer, extra, code, words):
-    with pytest.raises(LineError, match=words) as e:
+    with pytest.raises(InvalidRequest, match=words) as e:
         build_request(1, "c", "chat", body(**extra), tokenizer, LIMITS)
     assert e.value.code == code
 
@@ -122,7 +125,7 @@ def test_earlier_calls_and_results_are_rendered_as_text(tokenizer):
     text = tokenizer.decode(req.prompt_token_ids)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert '<|im_start|>tool\n<tool_response>\n{"temp": 21}\n</tool_response>' in text
-    with pytest.raises(LineError, match="not JSON"):
+    with pytest.raises(InvalidRequest, match="not JSON"):
         bad = [{**history[1], "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]
         build_request(1, "c", "chat", {"messages": [*MESSAGES, *bad]}, tokenizer, LIMITS)
 
