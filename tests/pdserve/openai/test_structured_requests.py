@@ -13,6 +13,7 @@ from pdserve.batch.format import parse_line
 from pdserve.openai.limits import ModelLimits
 from pdserve.openai.records import success_record
 from pdserve.openai.requests import InvalidRequest, build_request
+from pdserve.openai.responses import Chunks, completion_body
 from pdserve.openai.structured import answer_check, read_structured
 from pdserve.openai.tool_stream import MessageStream, read_message
 from pdserve.openai.tools import ToolChoice, chat_messages, read_tools
@@ -214,3 +215,21 @@ def test_read_tools_defaults():
     # Under auto nothing is enforced: a keyword the engine lacks is no reason to refuse the tools.
     lax = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "dependentRequired": {}}}}
     assert read_tools({"tools": [lax]}).choice == ToolChoice.AUTO
+
+
+def test_streamed_chunks_of_a_tool_call_add_up_to_the_whole_body(tokenizer):
+    """Chunks (what `pdserve serve` streams) against completion_body (what it answers whole) for one answer."""
+    req = build_request(1, "c", "chat", body(tools=[WEATHER]), tokenizer, LIMITS)
+    answer = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    req.output_token_ids = tokenizer.encode(answer, add_special_tokens=False)
+    req.finish_reason, req.state = "stop", State.DONE
+    chunks = Chunks(req, "m")
+    pieces = [chunks.delta(""), *chunks.text(answer[:20]), *chunks.text(answer[20:45])]  # a tag split in two
+    pieces += chunks.last(answer[45:], "stop")
+    assert pieces[0]["choices"][0]["delta"]["role"] == "assistant"
+    content, calls = add_up([p["choices"][0]["delta"] for p in pieces])
+    whole = completion_body(req, tokenizer, "m", "id")["choices"][0]
+    assert content == whole["message"]["content"] == "Checking."
+    assert calls == [(c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]]
+    assert pieces[-1]["choices"][0]["finish_reason"] == whole["finish_reason"] == "tool_calls"
+    assert all(p["choices"][0]["finish_reason"] is None for p in pieces[:-1])
