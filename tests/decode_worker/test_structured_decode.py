@@ -35,6 +35,9 @@ from engine.structured.spec import Constraint, ConstraintKind
 from prefill_worker.worker import PrefillWorker
 from proto.messages import Admission, ColocatedTask, PrefillTask, Reservation, WorkerConfig
 
+# The real model in fp32 through PD, colocated and speculative workers and transformers: minutes of CPU.
+pytestmark = pytest.mark.slow
+
 ENGINE = EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.2, prefill_cache_gib=0.05, num_threads=2)
 MAX_TOKENS = 80
 NAME = {"type": "string", "minLength": 2, "maxLength": 16}
