@@ -32,6 +32,8 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVPool
 from engine.runner import ModelRunner
 from engine.sampler import sample_t
+from engine.structured.bitmask import MaskFiller
+from engine.structured.matcher import Matcher
 from proto.kinds import FinishReason
 
 
@@ -50,6 +52,7 @@ class DecodeSequence:
     finish_reason: FinishReason | None = None
     prompt_token_ids: tuple[int, ...] = ()  # their blocks are keyed for prefix sharing; drafters read them
     spec: Any = None  # speculative decoding's per-request state (decode_worker/speculative.py)
+    grammar: Matcher | None = None  # structured output: set by the worker when the sequence joins its loop
     status: SeqStatus = SeqStatus.RESERVED
 
     @property
@@ -69,10 +72,13 @@ class _InFlight:
 
 class ContinuousBatcher:
     def __init__(self, runner: ModelRunner, pool: KVPool, stopper: StopChecker, max_num_seqs: int,
-                 cuda_graphs: bool | None = None, overlap: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, overlap: bool | None = None,
+                 overlap_masks: bool | None = None) -> None:
         """cuda_graphs / overlap: None = on for CUDA (unless the config says --enforce-eager), off on a CPU,
         where neither pays (no launch overhead; the host does the compute). Both also run on a CPU when
-        asked, which is how their logic is tested without a GPU."""
+        asked, which is how their logic is tested without a GPU. overlap_masks: grammar bitmasks filled on
+        a helper thread during the forward (engine/structured/bitmask.py); None: on (measured in
+        docs/structured_outputs.md)."""
         self.runner, self.pool, self.stopper = runner, pool, stopper
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[DecodeSequence] = deque()
@@ -86,6 +92,7 @@ class ContinuousBatcher:
         self.graphs = DecodeGraphs(runner.model, runner.backend, pool, max_num_seqs, max_blocks,
                                    capture=on_gpu) if cuda_graphs else None
         self.overlap = on_gpu if overlap is None else overlap
+        self.masks = MaskFiller(runner.arch.vocab_size, overlap=True if overlap_masks is None else overlap_masks)
         self.speculative: Any = None  # a SpeculativeStepper (decode_worker/speculative.py): enable_speculation
         self._in_flight: _InFlight | None = None
         self._retiring: list[DecodeSequence] = []  # finished, blocks held until the step in flight completes
@@ -102,7 +109,7 @@ class ContinuousBatcher:
 
     def add(self, seq: DecodeSequence) -> DecodeSequence | None:
         """Queue a sequence; return it right away if its first token already ended it."""
-        seq.finish_reason = self.stopper.check(seq.output, seq.params)
+        seq.finish_reason = self.stopper.reason(seq)
         if seq.finish_reason is not None:
             return seq
         seq.status = SeqStatus.WAITING
@@ -156,6 +163,8 @@ class ContinuousBatcher:
             return done
         if self.speculative is not None:
             return self._speculative_or_plain_step()
+        if self.overlap and any(s.grammar is not None for s in self.running):
+            return self._step_in_order()
         launched = self._launch()
         if not self.overlap:
             return self._collect(launched)
@@ -164,6 +173,13 @@ class ContinuousBatcher:
         # The step just launched completed the one before it, so what finished earlier is safe now;
         # what finished in `previous` rode along in `launched` and waits for the next call.
         done, self._retiring = self._retiring, finished
+        return done
+
+    def _step_in_order(self) -> list[DecodeSequence]:
+        """A step that waits for the one in flight first: a grammar's mask needs the row's previous token."""
+        self._settle()
+        finished = self._collect(self._launch()) if self.running else []
+        done, self._retiring = self._retiring + finished, []
         return done
 
     def _speculative_or_plain_step(self) -> list[DecodeSequence]:
@@ -190,11 +206,15 @@ class ContinuousBatcher:
         """Enqueue one step over rows [0, n) and the copy of its sampled ids to the host."""
         state, n = self.state, self.state.n
         tokens, positions = state.tokens[:n], state.positions[:n]
+        masks = self.masks.begin([s.grammar for s in self.running])  # filled while the forward runs
         if self.graphs is not None and self.graphs.covers(n):
             logits = self.graphs.run(tokens, positions, state.block_tables[:n])
         else:
             logits = self.runner.decode(self.pool, tokens, positions, state.block_tables[:n, : state.width])
         self.phases.lap("forward")
+        if masks is not None:
+            masks.apply(logits)
+            self.phases.lap("mask")
         sampled = sample_t(logits, state.sampling(), state.steps[:n])
         state.advance(sampled)
         self.phases.lap("sample")

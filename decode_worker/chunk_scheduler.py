@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from decode_worker.status import SeqStatus
 from decode_worker.stopping import StopChecker
@@ -41,6 +42,7 @@ class ColocatedSequence:
     prefill_end: float | None = None  # its last chunk's step: its first token
     finish_reason: FinishReason | None = None
     status: SeqStatus = SeqStatus.WAITING  # decode_worker/status.py
+    grammar: Any = None  # structured output's matcher (engine/structured): set when the loop takes the sequence
 
     @property
     def prefilled(self) -> bool:

@@ -31,6 +31,8 @@ from engine.kv_cache import BlockManager, KVPool
 from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from engine.sampler import sample
+from engine.structured.bitmask import MaskFiller
+from engine.structured.grammars import Grammars
 from kvtransfer.base import KVEndpoint
 from proto.kinds import FinishReason, Transport
 from proto.messages import ColocatedTask, DecodeResult, PrefillResult, WorkerConfig
@@ -58,7 +60,10 @@ class ColocatedWorker(StepLoopWorker):
                                         model_fingerprint=fingerprint)
         budget = config.max_num_batched_tokens or default_batched_tokens(self.runner.config.device,
                                                                          config.engine.max_num_seqs)
-        stopper = StopChecker(self.runner.arch.eos_token_ids, load_tokenizer(self.runner.folder))
+        tokenizer = load_tokenizer(self.runner.folder)
+        stopper = StopChecker(self.runner.arch.eos_token_ids, tokenizer)
+        self.grammars = Grammars(lambda: tokenizer, self.runner.arch.vocab_size, self.runner.arch.eos_token_ids)
+        self.masks = MaskFiller(self.runner.arch.vocab_size, overlap=True)
         self.scheduler = ChunkScheduler(stopper, config.engine.max_num_seqs, budget)
         self._lock = threading.Lock()
         self.requests: dict[str, ColocatedSequence] = {}  # every request held here (decode_worker/status.py)
@@ -167,14 +172,22 @@ class ColocatedWorker(StepLoopWorker):
         end in a new token: step len(output), so a first token is step 0 as on a PD prefill worker."""
         rows = plan.rows
         picks = plan.sampling_rows
+        chosen = [rows[i].seq for i in picks]
+        masks = self.masks.begin([s.grammar for s in chosen])  # filled while the forward runs
         logits = self.runner.mixed(self.pool, [list(r.tokens) for r in rows], [r.start for r in rows],
                                    [r.seq.block_table for r in rows], plan.num_decode, picks)
         if not picks:
             return []
-        chosen = [rows[i].seq for i in picks]
+        if masks is not None:
+            masks.apply(logits)
         return sample(logits, [s.params for s in chosen], [len(s.output) for s in chosen]).tolist()
 
     def _accept(self, seq: ColocatedSequence) -> None:
+        try:
+            seq.grammar = self.grammars.for_request(seq.params)
+        except ValueError as e:  # checked when the request arrived: only a bug lands here
+            self._finish(seq, error=f"structured output: {e}")
+            return
         self.scheduler.add(seq)
 
     def _abort_in_loop(self, request_id: str) -> None:

@@ -25,6 +25,7 @@ from decode_worker.stopping import StopChecker
 from engine.kv_cache import KVPool
 from engine.runner import ModelRunner
 from engine.specdec import AcceptanceTracker, Draft, Drafter, GammaChooser, Verifier
+from engine.structured.drafts import mask_verify_logits_
 
 
 @dataclass
@@ -100,6 +101,8 @@ class SpeculativeStepper:
         chunks = [[s.output[-1], *d.tokens] for s, d in zip(seqs, drafts)]
         logits = self.runner.extend(self.pool, chunks, [s.next_position for s in seqs],
                                     [s.block_table for s in seqs], all_logits=True)
+        if any(s.grammar is not None for s in seqs):  # each verified position under its grammar's mask there
+            mask_verify_logits_(logits, [s.grammar for s in seqs], [d.tokens for d in drafts])
         return self.verifier(logits, drafts, [s.params for s in seqs], [len(s.output) for s in seqs])
 
     def _append(self, seq: Any, new: list[int], now: float) -> None:

@@ -31,12 +31,21 @@ class StopChecker:
         return None
 
     def accept(self, seq: Any, token: int, now: float) -> bool:
-        """Append a sampled token to a running sequence (any kind with output, token_times, params and
-        finish_reason) and say whether it stopped there: every decode loop takes its tokens this way."""
+        """Append a sampled token to a running sequence (any kind with output, token_times, params,
+        finish_reason and grammar) and say whether it stopped there: every decode loop takes its tokens
+        this way, so a constrained sequence's matcher takes every token it keeps."""
+        if seq.grammar is not None:
+            seq.grammar.accept(token)  # GrammarViolation if the mask was not applied
         seq.output.append(token)
         seq.token_times.append(now)
-        seq.finish_reason = self.check(seq.output, seq.params)
+        seq.finish_reason = self.reason(seq)
         return seq.finish_reason is not None
+
+    def reason(self, seq: Any) -> FinishReason | None:
+        """check() for a sequence; a grammar that took an EOS ends the answer even under ignore_eos."""
+        if seq.grammar is not None and seq.grammar.ended:
+            return FinishReason.STOP
+        return self.check(seq.output, seq.params)
 
     def _hits_stop_string(self, output: Sequence[int], stops: Sequence[str]) -> bool:
         # A stop string of n characters spans at most n tokens; two more cover a token split across it.

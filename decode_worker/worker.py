@@ -29,6 +29,7 @@ from engine.kv_cache import BlockManager, KVPool
 from engine.kv_window import blocks_before_window
 from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
+from engine.structured.grammars import Grammars
 from kvtransfer.base import KVEndpoint
 from kvtransfer.inbox import KVInbox
 from proto.kinds import FinishReason, Transport
@@ -79,7 +80,9 @@ class DecodeWorker(StepLoopWorker):
             worker_id=self.worker_id, node_id=node_id, layout=layout, model_fingerprint=fingerprint,
             grpc_address=self._server.address if self._server else None, grpc_tls=config.tls is not None,
             shm_name=self._shared.name if self._shared else None, cuda_ipc=cuda_handle)
-        stopper = StopChecker(self.runner.arch.eos_token_ids, load_tokenizer(self.runner.folder))
+        tokenizer = load_tokenizer(self.runner.folder)
+        stopper = StopChecker(self.runner.arch.eos_token_ids, tokenizer)
+        self.grammars = Grammars(lambda: tokenizer, self.runner.arch.vocab_size, self.runner.arch.eos_token_ids)
         # On CUDA this captures the decode graphs (the start-up log says how long it took).
         self.batcher = self.compute.call(ContinuousBatcher, self.runner, self.pool, stopper,
                                          config.engine.max_num_seqs)
@@ -208,6 +211,11 @@ class DecodeWorker(StepLoopWorker):
         self.phases.stop()
 
     def _accept(self, seq: DecodeSequence) -> None:
+        try:  # the grammar's state: the constraint replayed over the prefill worker's first token
+            seq.grammar = self.grammars.for_request(seq.params, seq.output)
+        except ValueError as e:  # checked when the request arrived: only a bug lands here
+            self._finish(seq, error=f"structured output: {e}")
+            return
         done = self.batcher.add(seq)
         if done is not None:
             self._finish(done)

@@ -19,6 +19,7 @@ from engine.arch import (  # noqa: F401  re-exported: the model's shape is part 
     Norm,
     UnsupportedArchitecture,
 )
+from engine.structured.spec import Constraint
 
 if TYPE_CHECKING:
     import torch
@@ -128,6 +129,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    constraint: Constraint | None = None  # structured output (engine/structured): the grammar every token obeys
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:

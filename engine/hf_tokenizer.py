@@ -87,14 +87,15 @@ class HFTokenizer:
         return [self.backend.token_to_id(t) for t in dict.fromkeys(self.special_tokens_map.values())]
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-                            tokenize: bool = True, return_dict: bool = True) -> Any:
+                            tokenize: bool = True, return_dict: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> Any:
         """The conversation rendered by the chat template; tokenized without added special tokens."""
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
         if not messages:
             raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
         chat = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in messages]
-        text = _compiled(self.chat_template).render(messages=chat, tools=None, documents=None,
+        text = _compiled(self.chat_template).render(messages=chat, tools=tools, documents=None,
                                                      add_generation_prompt=add_generation_prompt,
                                                      **self.special_tokens_map)
         if not tokenize:

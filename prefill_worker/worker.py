@@ -19,8 +19,11 @@ import torch
 from engine.attention import KVSink
 from engine.compute_thread import ComputeThread
 from engine.kv_cache import as_stored
+from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from engine.sampler import sample
+from engine.structured.bitmask import MaskFiller
+from engine.structured.grammars import Grammars
 from kvtransfer.base import KVConnection, KVEndpoint, TransferError, TransferHandle, connect, select_transport
 from prefill_worker.prefix_cache import PrefillCache
 from proto.kinds import Transport
@@ -43,6 +46,9 @@ class PrefillWorker:
         engine = config.engine
         self.cache = (self.compute.call(PrefillCache, self.runner, engine.prefill_cache_gib, self.fingerprint)
                       if engine.enable_prefix_caching else None)
+        arch = self.runner.arch
+        self.grammars = Grammars(lambda: load_tokenizer(self.runner.folder), arch.vocab_size, arch.eos_token_ids)
+        self.masks = MaskFiller(arch.vocab_size)
         self._connections: dict[str, tuple[KVEndpoint, KVConnection]] = {}  # by decode worker id
         self._faults_left = config.inject_transfer_failures
 
@@ -87,6 +93,7 @@ class PrefillWorker:
             raise
         if cached is not None:
             self.cache.commit(ids, prompts)
+        self._mask_first_tokens(tasks, logits, errors)
         first = sample(logits, [t.params for t in tasks], [0] * len(tasks)).tolist()
         prefill_end = time.time()
         results = [self._finish(t, h, token, errors, prefill_start, prefill_end, c)
@@ -95,6 +102,19 @@ class PrefillWorker:
         if results and events:
             results[0] = replace(results[0], kv_events=events)
         return results
+
+    def _mask_first_tokens(self, tasks: list[PrefillTask], logits: torch.Tensor, errors: dict[str, str]) -> None:
+        """A constrained request's first token is sampled under its grammar's first mask."""
+        grammars = []
+        for t in tasks:
+            try:
+                grammars.append(self.grammars.for_request(t.params))
+            except ValueError as e:  # checked when the request arrived: only a bug lands here
+                errors[t.request_id] = f"structured output: {e}"
+                grammars.append(None)
+        masks = self.masks.begin(grammars)
+        if masks is not None:
+            masks.apply(logits)
 
     def _begin_transfers(self, tasks: list[PrefillTask], errors: dict[str, str]) -> list[_Handle | None]:
         handles: list[_Handle | None] = []

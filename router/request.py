@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields
 from enum import Enum
+from typing import Any
 
 from engine.config import SamplingParams
 from proto.kinds import FinishReason, Transport
@@ -99,6 +100,7 @@ class Request:
     slo: dict[str, float] | None = None  # per-request SLO override: {"ttft_s": ..., "tpot_s": ...}
     speculative: dict[str, float] | None = None  # drafted, accepted, alpha from the decode worker
     streamed: int = 0  # output tokens handed to a streaming front end (kept across retries)
+    tools: Any = None  # the front end's ToolPlan (pdserve/openai/tools.py): how to read tool calls from the answer
 
     def __post_init__(self) -> None:
         self.transitions.append((self.state.value, self.timeline.queued))

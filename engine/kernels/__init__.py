@@ -2,7 +2,8 @@
 
 CPU: `paged_attention_cpu.cpp`, decode attention read straight from the paged
 pool; `int4_gemv_cpu.cpp`, int4 weights x int8-quantized activations for
-decode-shaped matmuls (engine/quant/int4_kernel.py). Each is compiled with
+decode-shaped matmuls (engine/quant/int4_kernel.py); `token_bitmask_cpu.cpp`, grammar masks
+applied to logits (engine/structured/bitmask.py). Each is compiled with
 -march=native, so the extension's name (and build folder) carries `isa_key`
 of this CPU's flags: a cache shared across machines (a home directory on NFS,
 a baked image) never hands one CPU code compiled for another. The name also
@@ -91,6 +92,17 @@ def cpu_int4_gemv(cflags: tuple[str, ...] = _INT4_CFLAGS, tier: str | None = Non
     name = (cpu_extension_name(cpu_flags(), stem, _INT4_SOURCE, cflags) if tier is None
             else f"{stem}_{tier}_{_build_key(_INT4_SOURCE, cflags)}")
     return _load(name, _INT4_SOURCE, cflags, "CPU int4 GEMV kernel")
+
+
+_BITMASK_SOURCE = _HERE / "token_bitmask_cpu.cpp"
+_BITMASK_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+
+
+@functools.cache
+def cpu_token_bitmask():
+    """The token-bitmask module, or None when it cannot be built here."""
+    name = cpu_extension_name(cpu_flags(), "pdserve_token_bitmask_cpu", _BITMASK_SOURCE, _BITMASK_CFLAGS)
+    return _load(name, _BITMASK_SOURCE, _BITMASK_CFLAGS, "CPU token-bitmask kernel")
 
 
 def _load(name: str, source: Path, cflags: tuple[str, ...], what: str):

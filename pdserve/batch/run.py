@@ -57,6 +57,8 @@ class BatchSummary:
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
     kv_blocks_leaked: int | None = None  # blocks still held on decode workers after the batch: must be 0
+    constrained: int = 0  # answers under a structured-output constraint (pdserve/openai)
+    validation_failures: int = 0  # of those, answers that do not validate: should stay 0
 
     def as_dict(self) -> dict[str, Any]:
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
@@ -67,7 +69,8 @@ class BatchSummary:
                 "mean_ttft_s": mean(self.ttft_s), "mean_tpot_s": mean(self.tpot_s),
                 "kv_blocks_leaked": self.kv_blocks_leaked, "cached_tokens": self.cached_tokens,
                 "prefix_cache_hit_rate": (round(self.cached_tokens / self.prompt_tokens, 4)
-                                          if self.prompt_tokens else None)}
+                                          if self.prompt_tokens else None),
+                "constrained": self.constrained, "validation_failures": self.validation_failures}
 
     def render(self) -> str:
         d = self.as_dict()
@@ -82,7 +85,9 @@ class BatchSummary:
                 f"(hit rate {0.0 if d['prefix_cache_hit_rate'] is None else d['prefix_cache_hit_rate']:.1%})\n"
                 f"mean TTFT {fmt(d['mean_ttft_s'])}, mean TPOT {fmt(d['mean_tpot_s'])}, "
                 f"KV blocks leaked {leaked}\n"
-                f"results: {d['output']}")
+                + (f"structured outputs: {self.constrained} constrained answers, {self.validation_failures} "
+                   f"failed validation\n" if self.constrained else "")
+                + f"results: {d['output']}")
 
 
 class _Output:
@@ -97,8 +102,11 @@ class _Output:
         self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.stream.flush()
         self.journal.record(record["pdserve"]["line"])
-        ttft_ok, tpot_ok = from_record(record).meets(self.slo)
+        metrics = from_record(record)
+        ttft_ok, tpot_ok = metrics.meets(self.slo)
         self.summary.within_slo += ttft_ok and tpot_ok
+        self.summary.constrained += metrics.constrained is not None
+        self.summary.validation_failures += metrics.constraint_valid is False
         if self.collector is not None:
             self.collector.record(record)
 

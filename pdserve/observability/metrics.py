@@ -75,6 +75,8 @@ class RequestMetrics:
     spec_steps: int | None = None  # speculative steps; None on lines written before it was recorded
     spec_forwards: int | None = None  # target forwards that gave it tokens (speculative + plain)
     spec_gamma_mean: float | None = None  # mean γ asked per speculative step
+    constrained: str | None = None  # structured output's kind (json_schema, regex, tool_calls, ...); None: free text
+    constraint_valid: bool | None = None  # the answer validates (None: not checkable, e.g. an EBNF grammar)
 
     def meets(self, slo: SLO) -> tuple[bool, bool]:
         """(TTFT within SLO, TPOT within SLO); a single-token answer has no TPOT and meets it."""
@@ -110,6 +112,7 @@ def from_record(record: dict[str, Any]) -> RequestMetrics:
     busy = ext.get("kv_transfer_busy_s") or transfer
     slo = ext.get("slo") or {}
     spec = ext.get("speculative") or {}
+    structured = ext.get("structured") or {}
     return RequestMetrics(
         custom_id=record.get("custom_id"), ok=ok, queued=t.get("queued") or 0.0,
         finish=t.get("finish") or t.get("queued") or 0.0,
@@ -131,7 +134,8 @@ def from_record(record: dict[str, Any]) -> RequestMetrics:
         first_token=t.get("first_token"), kv_blocks=ext.get("kv_blocks") or 0,
         prefill_worker=ext.get("prefill_worker"), decode_worker=ext.get("decode_worker"),
         spec_drafted=spec.get("drafted"), spec_accepted=spec.get("accepted"), spec_steps=spec.get("steps"),
-        spec_forwards=spec.get("forwards"), spec_gamma_mean=spec.get("gamma_mean"))
+        spec_forwards=spec.get("forwards"), spec_gamma_mean=spec.get("gamma_mean"),
+        constrained=structured.get("kind"), constraint_valid=structured.get("valid"))
 
 
 def _stats(values: Iterable[float | None]) -> dict[str, float | None]:
@@ -186,7 +190,19 @@ def summarize(requests: Sequence[RequestMetrics], slo: SLO, window: tuple[float,
             "end_to_end": {"latency_s": _stats(r.e2e_s for r in ok)},
         },
         "speculative": speculative_summary(ok),
+        "structured": structured_summary(ok),
     }
+
+
+def structured_summary(requests: Sequence[RequestMetrics]) -> dict[str, Any] | None:
+    """Constrained answers (structured outputs, tool calls a tool_choice required): how many, how many
+    were checked, and how many of those failed validation (the goal is 0). None when there were none."""
+    constrained = [r for r in requests if r.constrained is not None]
+    if not constrained:
+        return None
+    checked = [r for r in constrained if r.constraint_valid is not None]
+    return {"requests": len(constrained), "checked": len(checked),
+            "validation_failures": sum(not r.constraint_valid for r in checked)}
 
 
 def speculative_summary(requests: Sequence[RequestMetrics]) -> dict[str, Any] | None:

@@ -4,6 +4,8 @@ requests.py  a request body -> a validated, tokenized router Request (one parser
 responses.py the bodies sent back: completions, stream chunks, usage, errors
 records.py   one finished request as an OpenAI batch output record (what run-batch writes, metrics read)
 limits.py    what the served model allows a request to ask
+response_format.py, structured.py  constraints (response_format, structured_outputs, guided_*) read and checked
+tools.py, tool_stream.py  tools rendered into the prompt, tool calls parsed (whole or streamed)
 
 It depends on neither front end: both accept and refuse exactly the same bodies, with the same words.
 """

@@ -12,7 +12,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from pdserve.openai.responses import completion_body, id_prefix, usage
+from pdserve.openai.responses import completion_body, id_prefix, output_text, usage
+from pdserve.openai.structured import answer_check
 from router.request import Request, State
 
 
@@ -21,7 +22,7 @@ def success_record(req: Request, tokenizer: Any, model_name: str) -> dict[str, A
     body = completion_body(req, tokenizer, model_name, rid)
     return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": req.custom_id,
             "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None,
-            "pdserve": extension(req)}
+            "pdserve": {**extension(req), **structured_check(req, output_text(req, tokenizer))}}
 
 
 def error_record(custom_id: str | None, line: int, code: str, message: str,
@@ -31,14 +32,24 @@ def error_record(custom_id: str | None, line: int, code: str, message: str,
             "error": {"code": code, "message": message}, "pdserve": ext}
 
 
-def metrics_record(req: Request) -> dict[str, Any]:
-    """What the metrics need of a finished request (no text): for a router that has no tokenizer."""
+def metrics_record(req: Request, tokenizer: Any = None) -> dict[str, Any]:
+    """What the metrics need of a finished request (no text): for a router that has no tokenizer. Given
+    one, a constrained answer is decoded and checked (`structured_check`)."""
     ext = extension(req)
+    if tokenizer is not None and req.state == State.DONE:
+        ext |= structured_check(req, output_text(req, tokenizer))
     if req.state != State.DONE:
         return {"custom_id": req.custom_id, "response": None,
                 "error": {"code": "request_failed", "message": req.error}, "pdserve": ext}
     return {"custom_id": req.custom_id, "response": {"status_code": 200, "body": {"usage": usage(req)}},
             "error": None, "pdserve": ext}
+
+
+def structured_check(req: Request, text: str) -> dict[str, Any]:
+    """A constrained answer's kind and whether it validates (None: not checkable here), for the metrics."""
+    if req.params.constraint is None:
+        return {}
+    return {"structured": {**answer_check(text, req.params.constraint, req.tools), "finish_reason": req.finish_reason}}
 
 
 def extension(req: Request) -> dict[str, Any]:

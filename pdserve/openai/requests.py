@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import SamplingParams
+from engine.structured.spec import Constraint
 from pdserve.openai.limits import ModelLimits
+from pdserve.openai.response_format import OutputFormatError
+from pdserve.openai.structured import read_structured
+from pdserve.openai.tools import ToolPlan, chat_messages
 from router.request import Request
 
 # The endpoints served, by path -> the Request.kind each one makes.
@@ -38,14 +42,16 @@ def build_request(number: int, custom_id: str, kind: str, body: dict, tokenizer:
     exactly the same bodies."""
     check_model(body, limits)
     check_one_choice(body)
-    prompt_ids = prompt_token_ids(kind, body, tokenizer)
+    constraint, tools = output_structure(kind, body)
+    prompt_ids = prompt_token_ids(kind, body, tokenizer, tools)
     max_tokens = output_budget(body, len(prompt_ids), limits)
     sampling = sampling_fields(body)
     stop = stop_strings(body)
     priority, slo = scheduling_fields(body)
-    params = SamplingParams(max_tokens=max_tokens, **sampling, stop=stop, ignore_eos=ignore_eos(body, limits))
+    params = SamplingParams(max_tokens=max_tokens, **sampling, stop=stop, ignore_eos=ignore_eos(body, limits),
+                            constraint=constraint)
     return Request(request_id=f"r{number}", custom_id=custom_id, line=number, kind=kind,
-                   prompt_token_ids=prompt_ids, params=params, priority=priority, slo=slo)
+                   prompt_token_ids=prompt_ids, params=params, priority=priority, slo=slo, tools=tools)
 
 
 # ---- one parser per group of fields, in build_request's order --------------------------------
@@ -61,9 +67,19 @@ def check_one_choice(body: dict) -> None:
         raise InvalidRequest("n must be 1: pdserve returns one choice per request")
 
 
-def prompt_token_ids(kind: str, body: dict, tokenizer: Any) -> list[int]:
-    """The prompt as the model reads it: chat messages through the chat template, or a completion prompt."""
-    return _chat_prompt(body, tokenizer) if kind == "chat" else _completion_prompt(body, tokenizer)
+def output_structure(kind: str, body: dict) -> tuple[Constraint | None, ToolPlan | None]:
+    """response_format / structured_outputs / guided_* and tools (pdserve/openai/structured.py): the
+    constraint decoding obeys and the tool plan, refused here, before any work."""
+    try:
+        return read_structured(body, kind)
+    except OutputFormatError as e:
+        raise InvalidRequest(str(e), e.code) from e
+
+
+def prompt_token_ids(kind: str, body: dict, tokenizer: Any, tools: ToolPlan | None = None) -> list[int]:
+    """The prompt as the model reads it: chat messages (with the tools offered) through the chat template,
+    or a completion prompt."""
+    return _chat_prompt(body, tokenizer, tools) if kind == "chat" else _completion_prompt(body, tokenizer)
 
 
 def output_budget(body: dict, prompt_len: int, limits: ModelLimits) -> int:
@@ -153,13 +169,19 @@ def stream_options(body: dict) -> StreamOptions:
 
 
 # ---- prompts ----------------------------------------------------------------------------------
-def _chat_prompt(body: dict, tokenizer: Any) -> list[int]:
+def _chat_prompt(body: dict, tokenizer: Any, tools: ToolPlan | None) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list")
+    native_tools = "tools" in (getattr(tokenizer, "chat_template", None) or "")  # the template renders them
+    try:
+        messages = chat_messages(messages, tools, native_tools)  # earlier tool calls and results as text
+    except OutputFormatError as e:
+        raise InvalidRequest(str(e), e.code) from e
     clean = [_message(i, m) for i, m in enumerate(messages)]
+    extra = {"tools": [t.openai() for t in tools.tools]} if native_tools and tools and tools.offered else {}
     return list(tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"])
+                                              return_dict=True, **extra)["input_ids"])
 
 
 def _message(i: int, m: Any) -> dict[str, str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pdserve.openai.structured import assistant_message, chat_finish_reason
+from pdserve.openai.tool_stream import MessageStream
 from router.request import Request
 
 
@@ -32,8 +34,9 @@ def completion_body(req: Request, tokenizer: Any, model: str, response_id: str) 
     text = output_text(req, tokenizer)
     created = int(req.timeline.finish or time.time())
     if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": req.finish_reason}
+        message = assistant_message(text, req.tools)  # tool calls read out of the text (pdserve/openai/tools.py)
+        choice = {"index": 0, "message": message.openai(), "logprobs": None,
+                  "finish_reason": chat_finish_reason(req.finish_reason, message)}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason}
@@ -48,17 +51,37 @@ class Chunks:
     def __init__(self, req: Request, model: str) -> None:
         self.req, self.model, self.created = req, model, int(time.time())
         self.first = True
+        # a chat answer's text is read for tool calls when tools were offered (pdserve/openai/tool_stream.py)
+        self.message = MessageStream(parse_calls=req.tools is not None and req.tools.offered) \
+            if req.kind == "chat" else None
+
+    def text(self, new: str) -> list[dict[str, Any]]:
+        """The chunks for new answer text: as is for a completion; content and tool-call deltas for a chat."""
+        if self.message is None:
+            return [self.delta(new)] if new else []
+        return [self.chat_delta(d) for d in self.message.add(new)]
+
+    def last(self, rest: str, finish_reason: str | None) -> list[dict[str, Any]]:
+        """The chunks that end the answer: the rest of its text, then the finish reason ("tool_calls" when the
+        model stopped after calling tools)."""
+        if self.message is None or not self.message.parse_calls:  # no tools: the rest and the reason together
+            return [self.delta(rest, finish_reason)]
+        chunks = [self.chat_delta(d) for d in self.message.add(rest) + self.message.finish()]
+        called = bool(self.message.calls) and finish_reason == "stop"
+        return [*chunks, self.chat_delta({}, "tool_calls" if called else finish_reason)]
 
     def delta(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
         if self.req.kind == "chat":
-            delta: dict[str, Any] = {"content": text}
-            if self.first:
-                delta = {"role": "assistant", **delta}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return self.chat_delta({"content": text}, finish_reason)
         self.first = False
-        return self._chunk([choice])
+        return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
+
+    def chat_delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        """A chat chunk: content and/or tool-call deltas (pdserve/openai/tool_stream.py)."""
+        if self.first:
+            delta = {"role": "assistant", **delta}
+        self.first = False
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
 
     def usage(self, finished: Request) -> dict[str, Any]:
         """The last chunk. `finished`: the request as it finished (through a deployment, a copy)."""

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pdserve.observability.dashboard.collector import MetricsCollector
 from pdserve.openai.records import metrics_record
@@ -59,9 +60,10 @@ class Sink:
 
 class ServingLoop:
     def __init__(self, make_router: Callable[[OnFinished, OnTokens], RouterAPI], admission: Admission,
-                 collector: MetricsCollector) -> None:
+                 collector: MetricsCollector, tokenizer: Any = None) -> None:
+        """tokenizer: lets the metrics check constrained answers (counted as validation failures if not valid)."""
         self.router = make_router(self._finished, self._tokens)
-        self.admission, self.collector = admission, collector
+        self.admission, self.collector, self.tokenizer = admission, collector, tokenizer
         self._inbox: queue.Queue[Submit | Abort] = queue.Queue()
         self._sinks: dict[str, Sink] = {}  # custom_id -> sink; the router thread's only
         self._stop = threading.Event()
@@ -120,7 +122,7 @@ class ServingLoop:
 
     def _finished(self, req: Request) -> None:
         self.admission.gone(req)
-        self.collector.record(metrics_record(req))
+        self.collector.record(metrics_record(req, self.tokenizer))
         sink = self._sinks.pop(req.custom_id, None)
         if sink is not None:
             sink.put(Finished(req))

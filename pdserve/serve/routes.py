@@ -130,13 +130,13 @@ class CompletionRoutes:
             while not over:
                 event = await flight.next()
                 if isinstance(event, Tokens):
-                    delta = text.add(event.ids)
-                    if delta:
-                        yield sse(chunks.delta(delta))
+                    for chunk in chunks.text(text.add(event.ids)):  # chat: content and tool-call deltas
+                        yield sse(chunk)
                     continue
                 over = True
                 if isinstance(event, Finished) and event.ok:
-                    yield sse(chunks.delta(text.finish(event.request), event.request.finish_reason))
+                    for chunk in chunks.last(text.finish(event.request), event.request.finish_reason):
+                        yield sse(chunk)
                     if include_usage:
                         yield sse(chunks.usage(event.request))
                 else:

@@ -70,7 +70,7 @@ def start_server(engine: EngineConfig, cluster: ClusterConfig, router_config: Ro
     try:
         loop = ServingLoop(lambda on_finished, on_tokens: backend.make_router(
             on_finished, on_tokens=on_tokens, on_prefill_batch=collector.prefill_batch),
-            Admission(options.admission, options.slo), collector)
+            Admission(options.admission, options.slo), collector, tokenizer)
         app = build_app(AppConfig(name, limits, options.api_key, options.request_timeout_s), loop, tokenizer)
         server, thread = _start_uvicorn(app, options.host, options.port, loop)
     except BaseException:

@@ -101,6 +101,10 @@ class _Prometheus:
                               registry=r)
         self.spec_gamma_mean = Gauge("pdserve_spec_gamma_mean", "Mean γ asked per speculative step (batch so far)",
                                      registry=r)
+        self.constrained = Counter("pdserve_constrained_requests", "Answers under a structured-output constraint",
+                                   ["kind"], registry=r)
+        self.constraint_failures = c("pdserve_constraint_validation_failures",
+                                     "Constrained answers that do not validate (should stay 0)")
         Gauge("pdserve_slo_ttft_seconds", "TTFT SLO", registry=r).set(slo.ttft_s)
         Gauge("pdserve_slo_tpot_seconds", "TPOT SLO", registry=r).set(slo.tpot_s)
 
@@ -120,6 +124,9 @@ class _Prometheus:
                 hist.observe(value)
         self.transfer_bytes.inc(m.kv_bytes)
         self.saved_bytes.inc(m.kv_bytes_saved)
+        if m.constrained is not None:
+            self.constrained.labels(m.constrained).inc()
+            self.constraint_failures.inc(m.constraint_valid is False)
         if m.spec_drafted is not None:
             self.spec_drafted.inc(m.spec_drafted)
             self.spec_accepted.inc(m.spec_accepted or 0)

@@ -199,6 +199,10 @@
     tile("spec-acceptance", sp ? sp.acceptance_rate : null, sp ? pct(sp.acceptance_rate) : "off");
     tile("spec-tpf", sp ? sp.tokens_per_forward : null, sp ? num(sp.tokens_per_forward) : "off");
     tile("spec-gamma", sp ? sp.gamma_mean : null, sp ? num(sp.gamma_mean, 2) : "off");
+    const st = s.structured;  // constrained answers and how many failed validation (pdserve/openai/structured.py)
+    tile("structured-requests", st ? st.requests : null, st ? String(st.requests) : "none");
+    tile("structured-failures", st ? st.validation_failures : null,
+         st ? `${st.validation_failures} of ${st.checked} checked` : "none");
     tile("succeeded", s.succeeded, String(s.succeeded));
     tile("failed", s.failed, String(s.failed));
     stageTable(s);
