@@ -18,26 +18,10 @@ from engine.loader import load_hf_config
 from engine.parallel import HeadRange, ShardPlan, TensorParallel, TensorParallelUnsupported
 from engine.parallel.spawn import run_ranks
 from engine.runner import ModelRunner, pool_writer, token_slots
-from tests.conftest import TINY_COMMON, _save_tiny
+from tests.conftest import TINY_COMMON
 
 STEPS = 10
 PROMPT_LENS = (7, 29, 18)
-
-
-@pytest.fixture(scope="module")
-def tp_models(tmp_path_factory, tiny_models):
-    """name -> folder: KV heads 1 (tied, vocab 250), 2, 4, and a Qwen2 with biases (2 KV heads)."""
-    from transformers import LlamaConfig
-
-    root = tmp_path_factory.mktemp("tp")
-    rope = {"rope_type": "default", "rope_theta": 10000.0}
-    made = {
-        "mqa-tied": _save_tiny(root / "mqa", LlamaConfig(**{**TINY_COMMON, "num_key_value_heads": 1, "vocab_size": 250},
-                                                         tie_word_embeddings=True, rope_parameters=rope)),
-        "mha": _save_tiny(root / "mha", LlamaConfig(**{**TINY_COMMON, "num_key_value_heads": 4},
-                                                    tie_word_embeddings=False, rope_parameters=rope)),
-    }
-    return {**made, "gqa": tiny_models["llama"], "qwen2-bias": tiny_models["qwen2"]}
 
 
 def _prompts(vocab: int) -> list[list[int]]:
