@@ -15,20 +15,21 @@ them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from engine.kv_cache import KVLayout, KVPool, LayerKV
 from engine.parallel.shard import HeadRange
+from proto.messages import KVShard
 
 
-@dataclass(frozen=True)
-class KVShard:
-    """One decode rank's pool as its peers reach it: a shared-memory segment holding KV heads `heads`."""
+def heads_of(shard: KVShard) -> HeadRange:
+    return HeadRange(shard.head_start, shard.head_count, shard.total_heads)
 
-    heads: HeadRange
-    shm_name: str | None = None
+
+def shard_of(heads: HeadRange, shm_name: str | None = None) -> KVShard:
+    return KVShard(heads.start, heads.count, heads.total, shm_name)
 
 
 def whole_layout(rank_layout: KVLayout, total_heads: int) -> KVLayout:
@@ -47,11 +48,10 @@ def check_tiling(shards: tuple[KVShard, ...] | list[KVShard], total_heads: int) 
     """None when the shards' head ranges cover heads [0, total) exactly (each head on one or more ranks,
     no range past the end); else what is wrong."""
     held = set()
-    for i, s in enumerate(shards):
-        if s.heads.total != total_heads or s.heads.start < 0 or s.heads.stop > total_heads or s.heads.count < 1:
-            return (f"rank {i} holds KV heads {s.heads.start}..{s.heads.stop} of {s.heads.total}, "
-                    f"the model has {total_heads}")
-        held.update(range(s.heads.start, s.heads.stop))
+    for i, h in enumerate(map(heads_of, shards)):
+        if h.total != total_heads or h.start < 0 or h.stop > total_heads or h.count < 1:
+            return f"rank {i} holds KV heads {h.start}..{h.stop} of {h.total}, the model has {total_heads}"
+        held.update(range(h.start, h.stop))
     missing = sorted(set(range(total_heads)) - held)
     return f"KV heads {missing} are held by no rank" if missing else None
 
@@ -63,7 +63,7 @@ class HeadShardedPool:
         if not parts:
             raise ValueError("a sharded pool needs at least one rank's pool")
         total = parts[0][1].total
-        problem = check_tiling([KVShard(h) for _, h in parts], total)
+        problem = check_tiling([shard_of(h) for _, h in parts], total)
         if problem:
             raise ValueError(problem)
         first = parts[0][0].layout

@@ -52,6 +52,14 @@ class TensorParallel:
         torch.distributed.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (start-up facts: each rank's pool)."""
+        if self.size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        torch.distributed.all_gather_object(out, obj, group=self.group)
+        return out
+
 
 SINGLE = TensorParallel()
 

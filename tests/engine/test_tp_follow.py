@@ -17,8 +17,9 @@ from engine.parallel import ShardPlan, TensorParallel
 from engine.parallel.follow import DriverRunner, follow
 from engine.parallel.spawn import run_ranks
 from engine.runner import ModelRunner, kv_layout_for
-from kvtransfer.reshard import HeadShardedPool, KVShard, check_tiling
+from kvtransfer.reshard import HeadShardedPool, check_tiling, heads_of, shard_of
 from kvtransfer.shm import SharedKVPool
+from proto.messages import KVShard
 from tests.engine.test_tensor_parallel import STEPS, _prompts, _reference
 
 BLOCK = 4
@@ -37,7 +38,7 @@ def _prefill_rank(tp: TensorParallel, folder: str, shards: list[tuple[KVLayout, 
         follow(runner, tp)
         return None
     parts = [SharedKVPool(layout, s.shm_name) for layout, s in shards]
-    pool = HeadShardedPool([(p.pool, s.heads) for p, (_, s) in zip(parts, shards)])
+    pool = HeadShardedPool([(p.pool, heads_of(s)) for p, (_, s) in zip(parts, shards)])
     runs = [block_runs(t, BLOCK, len(p)) for t, p in zip(tables, prompts)]
     bounds = torch.tensor([0] + [len(p) for p in prompts]).cumsum(0).tolist()
 
@@ -80,7 +81,7 @@ def _decode_shards(folder: str, degree: int, kv_cache_dtype: str) -> list[tuple[
     for r in range(degree):
         plan = ShardPlan.of(arch, r, degree)
         pool = SharedKVPool(kv_layout_for(plan.rank_arch, _config(folder, kv_cache_dtype), num_blocks=64))
-        out.append((pool, KVShard(plan.kv_heads, pool.name)))
+        out.append((pool, shard_of(plan.kv_heads, pool.name)))
     return out
 
 
@@ -121,5 +122,5 @@ def _tp1(folder: str, kv_cache_dtype: str) -> list[list[int]]:
 def test_untiled_shards_are_named():
     from engine.parallel import HeadRange
 
-    assert "held by no rank" in check_tiling([KVShard(HeadRange(0, 1, 2)), KVShard(HeadRange(0, 1, 2))], 2)
-    assert "the model has 4" in check_tiling([KVShard(HeadRange(0, 1, 2))], 4)
+    assert "held by no rank" in check_tiling([shard_of(HeadRange(0, 1, 2)), KVShard(0, 1, 2)], 2)
+    assert "the model has 4" in check_tiling([KVShard(0, 1, 2)], 4)
