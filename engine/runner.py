@@ -6,7 +6,7 @@ states, workers or transports.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -78,7 +78,11 @@ class ModelRunner:
             torch.set_num_threads(self.config.num_threads)
 
     def kv_layout(self, num_blocks: int | None = None) -> KVLayout:
-        """The pool layout for this model; sized from `kv_cache_gib` unless `num_blocks` is given."""
+        """The pool layout for this model (this rank's KV heads); sized from `kv_cache_gib` unless `num_blocks`
+        is given. Tensor parallel: the rank holding the most heads sizes it, so every rank has the same blocks."""
+        if num_blocks is None and self.shard.size > 1:
+            widest = replace(self.arch, num_kv_heads=self.shard.max_kv_heads)
+            num_blocks = kv_layout_for(widest, self.config).num_blocks
         return kv_layout_for(self.arch, self.config, num_blocks)
 
     @torch.inference_mode()

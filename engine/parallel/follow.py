@@ -54,7 +54,11 @@ def gathered_sink(tp: TensorParallel, plan: ShardPlan, sink: KVSink | None) -> K
     source = [next((r, h - rng.start) for r, rng in enumerate(ranges) if rng.start <= h < rng.stop)
               for h in range(total)]
 
-    def gather(x: torch.Tensor) -> torch.Tensor:
+    widest = max(rng.count for rng in ranges)
+
+    def gather(x: torch.Tensor) -> torch.Tensor:  # ranks may hold unequal head counts: padded to the widest
+        if x.shape[1] < widest:
+            x = torch.cat([x, x.new_zeros((x.shape[0], widest - x.shape[1], *x.shape[2:]))], dim=1)
         parts = [torch.empty_like(x) for _ in range(tp.size)]
         torch.distributed.all_gather(parts, x.contiguous(), group=tp.group)
         return torch.stack([parts[r][:, i] for r, i in source], dim=1)

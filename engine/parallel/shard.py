@@ -12,8 +12,11 @@ degree P, rank r):
     lm_head   [V, hidden]              the same rows; logits gathered across ranks
     norms                              replicated
 
-KV heads: with KVH >= P each rank holds KVH/P of them; with KVH < P each KV head is replicated on P/KVH
-ranks (rank r holds head r // (P/KVH)), which are exactly the heads its query heads read.
+KV heads: with KVH >= P rank r holds KV heads [r*KVH//P, (r+1)*KVH//P) and the query heads that read them
+(uneven when P does not divide KVH: SmolLM2's 3 KV heads over 2 ranks are 1 + 2, its 9 query heads 3 + 6);
+with KVH < P each KV head is replicated on P/KVH ranks (rank r holds head r // (P/KVH)) and the query heads
+split evenly, which are exactly the heads reading it. Every rank's pool has the same blocks (`max_kv_heads`
+sizes them).
 """
 
 from __future__ import annotations
@@ -58,12 +61,12 @@ class ShardPlan:
         a, p = self.arch, self.size
         if p == 1:
             return
-        if a.num_heads % p:
+        if a.num_kv_heads < p and p % a.num_kv_heads:
+            raise TensorParallelUnsupported(
+                f"tensor parallel size {p} over {a.num_kv_heads} KV heads: a larger size must be a multiple of them")
+        if a.num_kv_heads < p and a.num_heads % p:
             raise TensorParallelUnsupported(
                 f"tensor parallel size {p} does not divide the {a.num_heads} attention heads")
-        if (a.num_kv_heads % p) if a.num_kv_heads >= p else (p % a.num_kv_heads):
-            raise TensorParallelUnsupported(
-                f"tensor parallel size {p} and {a.num_kv_heads} KV heads: one must divide the other")
         if a.intermediate_size % p:
             raise TensorParallelUnsupported(
                 f"tensor parallel size {p} does not divide the MLP width {a.intermediate_size}")
@@ -74,7 +77,12 @@ class ShardPlan:
 
     @property
     def heads(self) -> tuple[int, int]:
-        """(first query head, count) of this rank."""
+        """(first query head, count) of this rank: the query heads of its KV heads (split evenly when KV heads
+        are replicated)."""
+        if self.arch.num_kv_heads >= self.size:
+            group = self.arch.num_heads // self.arch.num_kv_heads
+            kv = self.kv_heads
+            return kv.start * group, kv.count * group
         n = self.arch.num_heads // self.size
         return self.rank * n, n
 
@@ -82,9 +90,14 @@ class ShardPlan:
     def kv_heads(self) -> HeadRange:
         total = self.arch.num_kv_heads
         if total >= self.size:
-            n = total // self.size
-            return HeadRange(self.rank * n, n, total)
+            start, stop = self.rank * total // self.size, (self.rank + 1) * total // self.size
+            return HeadRange(start, stop - start, total)
         return HeadRange(self.rank // (self.size // total), 1, total)
+
+    @property
+    def max_kv_heads(self) -> int:
+        """The most KV heads any rank of the group holds (sizes every rank's pool to the same blocks)."""
+        return max(ShardPlan(self.arch, r, self.size).kv_heads.count for r in range(self.size))
 
     @property
     def vocab_rows(self) -> tuple[int, int]:

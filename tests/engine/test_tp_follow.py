@@ -89,6 +89,7 @@ def _decode_shards(folder: str, degree: int, kv_cache_dtype: str) -> list[tuple[
     (1, 2, "gqa", "auto"), (2, 1, "gqa", "auto"), (2, 2, "gqa", "auto"),
     (4, 1, "mha", "auto"), (1, 4, "mha", "auto"), (2, 4, "gqa", "auto"),  # 4 ranks over 2 KV heads: replicated
     (2, 2, "mha", "int8"),
+    (2, 1, "gqa3", "auto"), (1, 2, "gqa3", "auto"),  # 3 KV heads: rank pools of 1 and 2 heads
 ])
 def test_prefill_and_decode_degrees_mix(tp_models, prefill_tp, decode_tp, model, kv_cache_dtype):
     folder = str(tp_models[model])
