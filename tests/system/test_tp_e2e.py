@@ -76,3 +76,39 @@ def test_tp_mix_greedy_equals_transformers(ray_cluster, tiny_served, tmp_path, p
         assert rec["error"] is None
         got = rec["pdserve"]["output_token_ids"]
         assert got == ref, f"TP {prefill_tp}->{decode_tp} over {transport}, {n}-token prompt: {got} != {ref}"
+
+
+@pytest.fixture(scope="module")
+def default_references(default_model_dir, tokenizer) -> dict[str, list[int]]:
+    """transformers' fp32 greedy generate of test_e2e's chat batch, one prompt at a time."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.system.test_e2e import MAX_TOKENS as N
+    from tests.system.test_e2e import QUESTIONS
+
+    hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32,
+                                              attn_implementation="sdpa").eval()
+    refs = {}
+    for i, q in enumerate(QUESTIONS):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+        refs[f"q{i}"] = hf.generate(torch.tensor([ids]), max_new_tokens=N, do_sample=False)[0, len(ids):].tolist()
+    return refs
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2)])
+def test_default_model_across_degrees(ray_cluster, tmp_path, default_references, tokenizer, prefill_tp, decode_tp):
+    """SmolLM2-135M (9 query, 3 KV heads: split 3 + 6 and 1 + 2 at TP 2) gives transformers' fp32 greedy text."""
+    from tests.system.test_e2e import read_output, write_batch
+
+    inp, out = write_batch(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
+    summary = run_batch(inp, out, EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.25),
+                        ClusterConfig(transport="shm", prefill_tp=prefill_tp, decode_tp=decode_tp),
+                        RouterConfig(max_prefill_tokens=256), BatchOptions(progress=False))
+    assert summary.failed == 0 and summary.kv_blocks_leaked == 0, summary.render()
+    records = read_output(out)
+    for cid, ref in default_references.items():
+        ext = records[cid]["pdserve"]
+        assert ext["output_token_ids"] == ref, f"TP {prefill_tp}->{decode_tp} {cid}: {ext['output_token_ids']} != {ref}"
+        text = records[cid]["response"]["body"]["choices"][0]["message"]["content"]
+        assert text == tokenizer.decode(ref, skip_special_tokens=True)
