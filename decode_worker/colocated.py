@@ -22,6 +22,7 @@ import threading
 import time
 
 from decode_worker.chunk_scheduler import ChunkScheduler, ColocatedSequence, StepPlan
+from decode_worker.ranks import POOL, exchange_pools, start_rank
 from decode_worker.status import SeqStatus
 from decode_worker.step_loop import Abort, StepLoopWorker
 from decode_worker.stopping import StopChecker
@@ -29,7 +30,8 @@ from engine.compute_thread import ComputeThread
 from engine.config import default_batched_tokens
 from engine.kv_cache import BlockManager, KVPool
 from engine.loader import load_tokenizer
-from engine.runner import ModelRunner, model_fingerprint
+from engine.parallel.follow import DriverRunner
+from engine.runner import model_fingerprint
 from engine.sampler import sample
 from engine.structured.bitmask import MaskFiller
 from engine.structured.grammars import Grammars
@@ -49,9 +51,12 @@ class ColocatedWorker(StepLoopWorker):
         self.worker_id = config.worker_id
         self.node_id = node_id
         self.compute = ComputeThread(config.engine.num_threads, name=f"colocated-{self.worker_id}")
-        self.runner = self.compute.call(ModelRunner, config.engine)
+        self.tp, self.runner = start_rank(self.compute, config, "colocated")  # decode_worker/ranks.py
         layout = self.runner.kv_layout()
         self.pool = self.compute.call(KVPool.allocate, layout, self.runner.config.device)
+        self.compute.call(exchange_pools, self.tp, self.runner, None)
+        if self.tp.size > 1:  # rank 0 drives the others, each over its own pool of its KV heads
+            self.runner = DriverRunner(self.runner, self.tp, {POOL: self.pool})
         fingerprint = model_fingerprint(self.runner.folder)
         self.blocks = BlockManager(layout.num_blocks, layout.block_size, salt=fingerprint,
                                    enable_prefix_caching=config.engine.enable_prefix_caching)
@@ -140,6 +145,8 @@ class ColocatedWorker(StepLoopWorker):
 
     def shutdown(self) -> None:
         self._stop_loop()
+        if self.tp.size > 1:
+            self.compute.call(self.runner.stop)  # the followers' loops return
 
     # ---- the step loop -------------------------------------------------------------------
     def _has_work(self) -> bool:

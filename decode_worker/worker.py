@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 from decode_worker.batcher import ContinuousBatcher, DecodeSequence
+from decode_worker.ranks import POOL, exchange_pools, start_rank
 from decode_worker.speculative import build_stepper, spec_summary
 from decode_worker.status import SeqStatus
 from decode_worker.step_loop import Abort, StepLoopWorker
@@ -28,7 +29,8 @@ from engine.config import SamplingParams
 from engine.kv_cache import BlockManager, KVPool
 from engine.kv_window import blocks_before_window
 from engine.loader import load_tokenizer
-from engine.runner import ModelRunner, model_fingerprint
+from engine.parallel.follow import DriverRunner
+from engine.runner import model_fingerprint
 from engine.structured.grammars import Grammars
 from kvtransfer.base import KVEndpoint
 from kvtransfer.inbox import KVInbox
@@ -45,13 +47,13 @@ class DecodeWorker(StepLoopWorker):
         self.worker_id = config.worker_id
         self.node_id = node_id
         self.compute = ComputeThread(config.engine.num_threads, name=f"decode-{self.worker_id}")
-        self.runner = self.compute.call(ModelRunner, config.engine)
+        self.tp, self.runner = start_rank(self.compute, config, "decode")  # this rank's share (decode_worker/ranks.py)
         layout = self.runner.kv_layout()
         # The pool is exposed once, in the form a same-node peer can write into directly.
         self._shared = None
         cuda_handle = None
         device = self.runner.config.device
-        if device == "cpu" and config.transport in (Transport.AUTO, Transport.SHM):
+        if device == "cpu" and (config.transport in (Transport.AUTO, Transport.SHM) or self.tp.size > 1):
             from kvtransfer.shm import SharedKVPool
 
             self._shared = self.compute.call(SharedKVPool, layout)  # it touches every page: compute thread
@@ -62,10 +64,15 @@ class DecodeWorker(StepLoopWorker):
                 from kvtransfer.cuda_ipc import export_pool
 
                 cuda_handle = export_pool(self.pool)
+        # Tensor parallel: every rank's pool, by KV head, for the inbox and the endpoint; rank 0 drives the others.
+        self.ranks = self.compute.call(exchange_pools, self.tp, self.runner,
+                                       self._shared.name if self._shared else None, self.pool)
+        if self.tp.size > 1:
+            self.runner = DriverRunner(self.runner, self.tp, {POOL: self.pool})
         fingerprint = model_fingerprint(self.runner.folder)
         self.blocks = BlockManager(layout.num_blocks, layout.block_size, salt=fingerprint,
                                    enable_prefix_caching=config.engine.enable_prefix_caching)
-        self.inbox = KVInbox(self.pool)
+        self.inbox = KVInbox(self.ranks.inbox_pool)
         self._lock = threading.Lock()
         # Every request holding blocks here, by id (decode_worker/status.py). Prompt ids travel on each:
         # its blocks get keys once the KV is complete, and the generated ones too when it finishes.
@@ -77,9 +84,9 @@ class DecodeWorker(StepLoopWorker):
             self._server = KVServer(self.inbox, receiver_id=self.worker_id, model_fingerprint=fingerprint,
                                     auth_token=config.auth_token, host=config.kv_host or node_ip, tls=config.tls)
         self.endpoint_info = KVEndpoint(
-            worker_id=self.worker_id, node_id=node_id, layout=layout, model_fingerprint=fingerprint,
+            worker_id=self.worker_id, node_id=node_id, layout=self.ranks.layout, model_fingerprint=fingerprint,
             grpc_address=self._server.address if self._server else None, grpc_tls=config.tls is not None,
-            shm_name=self._shared.name if self._shared else None, cuda_ipc=cuda_handle)
+            shm_name=self._shared.name if self._shared else None, cuda_ipc=cuda_handle, shards=self.ranks.shards)
         tokenizer = load_tokenizer(self.runner.folder)
         stopper = StopChecker(self.runner.arch.eos_token_ids, tokenizer)
         self.grammars = Grammars(lambda: tokenizer, self.runner.arch.vocab_size, self.runner.arch.eos_token_ids)
@@ -168,6 +175,9 @@ class DecodeWorker(StepLoopWorker):
 
     def shutdown(self) -> None:
         self._stop_loop()
+        if self.tp.size > 1:
+            self.compute.call(self.runner.stop)  # the followers' loops return
+            self.ranks.close()
         if self._server:
             self._server.stop()
         if self._shared:

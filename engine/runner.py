@@ -6,7 +6,7 @@ states, workers or transports.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,17 +18,20 @@ from engine.kv_cache import KVLayout, KVPool, LayerKV
 from engine.loader import load_hf_config, load_state_dict, read_generation_eos, resolve_model
 from engine.model.llama import CausalLM
 from engine.model.ops import ops_for
+from engine.parallel import SINGLE, ShardPlan, TensorParallel, TensorParallelUnsupported
+from engine.parallel.layers import parallelize
 from engine.quant import quantize_model
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     folder: Path
-    arch: ModelArch
+    arch: ModelArch  # this rank's shape: its query/KV heads and MLP width under tensor parallelism
     model: CausalLM
+    shard: ShardPlan  # which part of the whole model this rank holds (the whole of it at TP 1)
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def load_model(config: EngineConfig, tp: TensorParallel = SINGLE) -> LoadedModel:
     config = config.resolved()
     folder = resolve_model(config.model, config.cache_dir)
     hf_config = load_hf_config(folder)
@@ -36,22 +39,29 @@ def load_model(config: EngineConfig) -> LoadedModel:
     extra_eos = read_generation_eos(folder)
     if extra_eos:
         arch = ModelArch(**{**arch.__dict__, "eos_token_ids": tuple(dict.fromkeys(arch.eos_token_ids + extra_eos))})
+    if tp.size > 1 and config.quantization != "none":
+        raise TensorParallelUnsupported(f"--quantization {config.quantization} with tensor parallel size {tp.size}: "
+                                        "quantized weights are not sharded yet; use tensor parallel size 1")
+    plan = ShardPlan.of(arch, tp.rank, tp.size)
     with torch.device("meta"):  # skip the random init of 100M+ parameters
-        model = CausalLM(arch, hf_config)
-    model.load_hf_weights(load_state_dict(folder))  # assigns the checkpoint's tensors: no meta one is left
+        model = CausalLM(plan.rank_arch, hf_config)
+        parallelize(model, plan, tp)
+    # assigns the checkpoint's tensors (this rank's slices): no meta one is left
+    model.load_hf_weights(load_state_dict(folder), plan.shard if tp.size > 1 else None)
     quantize_model(model, config, folder)  # --quantization: swaps linear layers for QuantLinear
     model = model.to(device=config.device, dtype=config.torch_dtype).eval()
     model.init_rope(config.torch_dtype)
-    return LoadedModel(folder, arch, model)
+    return LoadedModel(folder, plan.rank_arch, model, plan)
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, tp: TensorParallel = SINGLE) -> None:
         config = config.resolved()
         self.config = config
+        self.tp = tp  # every rank of a tensor-parallel worker runs the same calls with its own pool
         self.bind_thread()
-        loaded = loaded or load_model(config)
-        self.folder, self.arch, self.model = loaded.folder, loaded.arch, loaded.model
+        loaded = loaded or load_model(config, tp)
+        self.folder, self.arch, self.model, self.shard = loaded.folder, loaded.arch, loaded.model, loaded.shard
         self.device = torch.device(config.device)
         self.backend = get_backend(config.attention_backend, config.device)
         self.model.use_ops(ops_for(self.backend.name))
@@ -68,7 +78,11 @@ class ModelRunner:
             torch.set_num_threads(self.config.num_threads)
 
     def kv_layout(self, num_blocks: int | None = None) -> KVLayout:
-        """The pool layout for this model; sized from `kv_cache_gib` unless `num_blocks` is given."""
+        """The pool layout for this model (this rank's KV heads); sized from `kv_cache_gib` unless `num_blocks`
+        is given. Tensor parallel: the rank holding the most heads sizes it, so every rank has the same blocks."""
+        if num_blocks is None and self.shard.size > 1:
+            widest = replace(self.arch, num_kv_heads=self.shard.max_kv_heads)
+            num_blocks = kv_layout_for(widest, self.config).num_blocks
         return kv_layout_for(self.arch, self.config, num_blocks)
 
     @torch.inference_mode()

@@ -122,6 +122,15 @@ def select_transport(requested: str, sender_node: str, endpoint: KVEndpoint) -> 
     return Transport.GRPC
 
 
+def describe_layout(layout: KVLayout, shards: tuple = ()) -> str:
+    """One line for a refusal: a KV layout, and how a tensor-parallel receiver splits its heads."""
+    text = (f"{layout.num_layers} layers x {layout.num_kv_heads} KV heads x {layout.head_dim}, "
+            f"block {layout.block_size}, {layout.dtype}/{layout.kv_cache_dtype}")
+    if shards:
+        text += ", ranks hold heads " + " ".join(f"[{s.head_start},{s.head_start + s.head_count})" for s in shards)
+    return text
+
+
 _MODULES = {Transport.SHM: "kvtransfer.shm", Transport.CUDA_IPC: "kvtransfer.cuda_ipc",
             Transport.GRPC: "kvtransfer.grpc_transport"}
 
@@ -131,10 +140,16 @@ def connect(endpoint: KVEndpoint, transport: Transport, *, sender_id: str, auth_
             tls: TLSFiles | None = None) -> KVConnection:
     """Open a connection of `transport` (lazily imported) and run the compatibility check."""
     problem = endpoint.layout.compatible_with(sender_layout)  # names the field: e.g. "kv_cache_dtype: int8 != auto"
+    if problem is None and endpoint.shards:  # a tensor-parallel receiver: its ranks' heads must tile the layout
+        from kvtransfer.reshard import check_tiling
+
+        problem = check_tiling(endpoint.shards, endpoint.layout.num_kv_heads)
     if problem is None and endpoint.model_fingerprint != model_fingerprint:
         problem = f"model: {endpoint.model_fingerprint} != {model_fingerprint}"
     if problem:
-        raise IncompatiblePeer(f"decode worker {endpoint.worker_id} refuses {sender_id}: {problem}")
+        raise IncompatiblePeer(f"decode worker {endpoint.worker_id} refuses {sender_id}: {problem} "
+                               f"(sender: {describe_layout(sender_layout)}; "
+                               f"receiver: {describe_layout(endpoint.layout, endpoint.shards)})")
     module = importlib.import_module(_MODULES[transport])
     return module.open_connection(endpoint, sender_id=sender_id, auth_token=auth_token,
                                   sender_layout=sender_layout, model_fingerprint=model_fingerprint,

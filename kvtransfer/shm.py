@@ -148,17 +148,30 @@ class SharedKVPool:
 
 
 class ShmConnection(DirectWriteConnection):
+    """Maps the decode worker's pool; a tensor-parallel one's pools, one per rank, written through a
+    HeadShardedPool (kvtransfer/reshard.py: each rank gets its KV heads' rows)."""
+
     transport = Transport.SHM
 
     def __init__(self, endpoint: KVEndpoint) -> None:
+        if endpoint.shards:
+            from kvtransfer.reshard import HeadShardedPool, heads_of, rank_layout
+
+            if not all(s.shm_name for s in endpoint.shards):
+                raise ValueError(f"decode worker {endpoint.worker_id} has a rank without a shared-memory pool")
+            self._mapped = [SharedKVPool(rank_layout(endpoint.layout, heads_of(s)), s.shm_name)
+                            for s in endpoint.shards]
+            super().__init__(HeadShardedPool([(m.pool, heads_of(s)) for m, s in zip(self._mapped, endpoint.shards)]))
+            return
         if not endpoint.shm_name:
             raise ValueError(f"decode worker {endpoint.worker_id} exposes no shared-memory pool")
-        self._shared = SharedKVPool(endpoint.layout, endpoint.shm_name)
-        super().__init__(self._shared.pool)
+        self._mapped = [SharedKVPool(endpoint.layout, endpoint.shm_name)]
+        super().__init__(self._mapped[0].pool)
 
     def close(self) -> None:
         self.pool = None  # type: ignore[assignment]
-        self._shared.close()
+        for mapped in self._mapped:
+            mapped.close()
 
 
 def open_connection(endpoint: KVEndpoint, **_: object) -> ShmConnection:

@@ -16,15 +16,18 @@ from dataclasses import replace
 
 import torch
 
+from decode_worker.ranks import exchange_pools, start_rank
 from engine.attention import KVSink
 from engine.compute_thread import ComputeThread
 from engine.kv_cache import as_stored
 from engine.loader import load_tokenizer
-from engine.runner import ModelRunner, model_fingerprint
+from engine.parallel.follow import DriverRunner
+from engine.runner import model_fingerprint
 from engine.sampler import sample
 from engine.structured.bitmask import MaskFiller
 from engine.structured.grammars import Grammars
 from kvtransfer.base import KVConnection, KVEndpoint, TransferError, TransferHandle, connect, select_transport
+from kvtransfer.reshard import whole_layout
 from prefill_worker.prefix_cache import PrefillCache
 from proto.kinds import Transport
 from proto.messages import PrefillResult, PrefillTask, WorkerConfig
@@ -40,15 +43,21 @@ class PrefillWorker:
         self.worker_id = config.worker_id
         self.node_id = node_id
         self.compute = ComputeThread(config.engine.num_threads, name=f"prefill-{self.worker_id}")
-        self.runner = self.compute.call(ModelRunner, config.engine)
-        self.layout = self.runner.kv_layout(num_blocks=1)  # the shape of what we send
+        # Tensor parallel (decode_worker/ranks.py): rank 0 drives the others, each layer's KV heads are gathered
+        # here, and what we send has every head.
+        self.tp, self.runner = start_rank(self.compute, config, "prefill")
+        self.compute.call(exchange_pools, self.tp, self.runner, None)
+        self.layout = whole_layout(self.runner.kv_layout(num_blocks=1), self.runner.shard.arch.num_kv_heads)
         self.fingerprint = model_fingerprint(self.runner.folder)
         engine = config.engine
+        # The prefix cache's rows are sent beside gathered ones, so it would need every head: off under TP for now.
         self.cache = (self.compute.call(PrefillCache, self.runner, engine.prefill_cache_gib, self.fingerprint)
-                      if engine.enable_prefix_caching else None)
+                      if engine.enable_prefix_caching and self.tp.size == 1 else None)
         arch = self.runner.arch
         self.grammars = Grammars(lambda: load_tokenizer(self.runner.folder), arch.vocab_size, arch.eos_token_ids)
         self.masks = MaskFiller(arch.vocab_size)
+        if self.tp.size > 1:
+            self.runner = DriverRunner(self.runner, self.tp)
         self._connections: dict[str, tuple[KVEndpoint, KVConnection]] = {}  # by decode worker id
         self._faults_left = config.inject_transfer_failures
 
@@ -189,4 +198,6 @@ class PrefillWorker:
         for _, conn in self._connections.values():
             conn.close()
         self._connections.clear()
+        if self.tp.size > 1:
+            self.compute.call(self.runner.stop)  # the followers' loops return
         self.compute.shutdown()

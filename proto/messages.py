@@ -44,6 +44,27 @@ class Grant:
 
 
 @dataclass(frozen=True)
+class KVShard:
+    """One rank of a tensor-parallel decode worker as a sender reaches it: KV heads [head_start,
+    head_start + head_count) of `total_heads`, in its own shared-memory pool (same blocks on every rank)."""
+
+    head_start: int
+    head_count: int
+    total_heads: int
+    shm_name: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorParallelSpec:
+    """Which rank of its worker's tensor-parallel group a process is (engine/parallel/), and where the
+    group meets (torch.distributed init address, rank 0's node)."""
+
+    size: int = 1
+    rank: int = 0
+    address: str = ""
+
+
+@dataclass(frozen=True)
 class KVEndpoint:
     """How to reach one decode worker's KV pool; published once at start-up."""
 
@@ -55,6 +76,9 @@ class KVEndpoint:
     grpc_tls: bool = False
     shm_name: str | None = None
     cuda_ipc: bytes | None = None  # pickled IPC handle of a CUDA pool
+    # A tensor-parallel decode worker: one entry per rank (its KV heads, its pool); `layout` then has every
+    # head and senders split each layer's rows by head (kvtransfer/reshard.py). (): one pool holds all heads.
+    shards: tuple[KVShard, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,3 +204,4 @@ class WorkerConfig:
     tls: TLSFiles | None = None  # TLS for the gRPC KV endpoint
     inject_transfer_failures: int = 0  # fault drill: the first N transfers of a prefill worker fail
     max_num_batched_tokens: int = 0  # colocated workers: tokens per mixed step; 0: 512 on a CPU, 2048 on CUDA
+    tensor_parallel: TensorParallelSpec = field(default_factory=TensorParallelSpec)  # this process's rank

@@ -126,3 +126,4 @@ class WorkerSet:
     max_num_seqs: int = 128
     shared_cores: bool = False  # prefill and decode workers compete for the same CPU cores
     mode: Mode = Mode.PD  # COLOCATED: `decode` holds colocated workers, `prefill` is empty
+    followers: list = field(default_factory=list)  # ranks > 0 of tensor-parallel workers: kept alive, stopped last

@@ -16,6 +16,7 @@ q/k/v and gate/up projections are fused into one matmul each.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -160,18 +161,21 @@ class CausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
 
-    def load_hf_weights(self, state: dict[str, torch.Tensor]) -> None:
+    def load_hf_weights(self, state: dict[str, torch.Tensor],
+                        shard: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
         """Take an HF state dict's tensors as this model's parameters, fused where ours are
         (engine/model/weights.py names them per family).
 
         The model may be on the meta device: tensors are assigned, not copied into preallocated ones
         (in the parameters' dtype, so as a copy would convert them). Unfused weights of a float32
         checkpoint stay views of the file's mapping, shared with other workers through the page cache;
-        copying 538 MB into fresh pages took 2-6 s of a worker's start here."""
+        copying 538 MB into fresh pages took 2-6 s of a worker's start here. `shard(name, tensor)`: this
+        tensor-parallel rank's slice of each (engine/parallel/shard.py); None: whole tensors."""
         own = self.state_dict()
         names = [n for n in own if not (n == "lm_head.weight" and self.arch.tie_word_embeddings)]
         loaded = {}
         for name, tensor in gather(self.arch.model_type, names, state).items():
+            tensor = shard(name, tensor) if shard is not None else tensor
             target = own[name]
             if target.shape != tensor.shape:
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")

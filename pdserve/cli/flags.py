@@ -68,6 +68,14 @@ def cluster_args(p: argparse.ArgumentParser) -> None:
                         "2048 on CUDA; at least --max-num-seqs)")
     g.add_argument("--transport", default=Transport.AUTO.value, choices=TRANSPORT_NAMES,
                    help="KV transport; auto: shared memory on the same node, gRPC across nodes")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="tensor parallel ranks of every worker (vLLM's name; colocated workers and serve use it); "
+                        "--prefill-tp / --decode-tp set each phase's own")
+    g.add_argument("--prefill-tp", type=int, default=0,
+                   help="tensor parallel ranks per prefill worker, one process each on one node (0: "
+                        "--tensor-parallel-size)")
+    g.add_argument("--decode-tp", type=int, default=0,
+                   help="tensor parallel ranks per decode (or colocated) worker (0: --tensor-parallel-size)")
     g.add_argument("--prefill-threads", type=int, default=0, help="torch threads per prefill worker (0: auto)")
     g.add_argument("--decode-threads", type=int, default=0, help="torch threads per decode worker (0: auto)")
     g.add_argument("--transfer-timeout", type=float, default=60.0, help="deadline of one request's KV transfer (s)")
@@ -154,4 +162,6 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
                          decode_threads=args.decode_threads, prefill=roles["prefill"], decode=roles["decode"],
                          placement_strategy=args.placement_strategy, transfer_timeout_s=args.transfer_timeout,
                          tls=tls, mode=Mode(args.mode), num_colocated=args.colocated_workers,
-                         max_num_batched_tokens=args.max_num_batched_tokens)
+                         max_num_batched_tokens=args.max_num_batched_tokens,
+                         prefill_tp=args.prefill_tp or args.tensor_parallel_size,
+                         decode_tp=args.decode_tp or args.tensor_parallel_size)

@@ -13,6 +13,7 @@ import time
 import ray
 
 from decode_worker.colocated import ColocatedWorker
+from decode_worker.ranks import FollowerRank
 from decode_worker.worker import DecodeWorker
 from pdserve.runtime.startup import process_age_s
 from prefill_worker.worker import PrefillWorker
@@ -110,6 +111,15 @@ class DecodeActor(DecodeWorker, _ActorInfo):
 class ColocatedActor(ColocatedWorker, _ActorInfo):
     def __init__(self, config: WorkerConfig) -> None:
         _start(self, config, super().__init__)
+
+
+@ray.remote
+class RankActor(FollowerRank):
+    """Rank r > 0 of a tensor-parallel worker (decode_worker/ranks.py): follows its rank 0, talks to no router."""
+
+    def __init__(self, config: WorkerConfig, role: str) -> None:
+        _unnice()
+        super().__init__(config, role)
 
 
 ACTORS = {"prefill": PrefillActor, "decode": DecodeActor, "colocated": ColocatedActor}

@@ -24,11 +24,11 @@ import time
 from dataclasses import dataclass, field, replace
 
 import ray
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from engine.config import EngineConfig
 from proto.kinds import TRANSPORT_NAMES, Mode, Transport
-from proto.messages import TLSFiles, WorkerConfig
+from proto.messages import TensorParallelSpec, TLSFiles, WorkerConfig
 from proto.workers import WorkerSet
 
 log = logging.getLogger("pdserve.cluster")
@@ -93,6 +93,10 @@ class ClusterConfig:
     mode: Mode = Mode.PD  # the CLI's word is accepted too
     num_colocated: int = 1
     max_num_batched_tokens: int = 0  # 0: 512 on a CPU, 2048 on CUDA (and at least max_num_seqs)
+    # Tensor parallel size of each prefill / decode worker (colocated workers take decode_tp): its ranks are
+    # processes on one node (the driver's), its threads split over them (engine/parallel/, decode_worker/ranks.py).
+    prefill_tp: int = 1
+    decode_tp: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in Mode.words():
@@ -103,6 +107,8 @@ class ClusterConfig:
             raise ValueError(f"--colocated-workers must be at least 1, got {self.num_colocated}")
         if self.max_num_batched_tokens < 0:
             raise ValueError(f"--max-num-batched-tokens must be positive (0: auto), got {self.max_num_batched_tokens}")
+        if self.prefill_tp < 1 or self.decode_tp < 1:
+            raise ValueError(f"tensor parallel sizes must be at least 1, got {self.prefill_tp}/{self.decode_tp}")
         if self.transport not in TRANSPORT_NAMES:
             raise ValueError(f"--transport must be one of {TRANSPORT_NAMES}, got {self.transport!r}")
         # Normalized once, here: the rest of the code compares members, whatever the caller passed.
@@ -264,24 +270,54 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     from pdserve.runtime import actors  # imported by `importing`; a failed import raises here
 
     handles: dict[str, dict[str, object]] = {"prefill": {}, "decode": {}, "colocated": {}}
+    followers: list[object] = []
     for index, (role, i) in enumerate(roles):
         want = wants[role]
+        size = cluster.prefill_tp if role == "prefill" else cluster.decode_tp
         threads = (cluster.prefill_threads if role == "prefill" else cluster.decode_threads) \
             or int(want.num_cpus) or even
+        threads = max(1, threads // size)  # per rank: the worker's threads split over its ranks
         config = WorkerConfig(engine=replace(engine, num_threads=threads), worker_id=f"{role}-{i}",
                               auth_token=token, transport=cluster.transport.value,
                               transfer_timeout_s=cluster.transfer_timeout_s, tls=cluster.tls,
                               inject_transfer_failures=cluster.inject_transfer_failures if role == "prefill" else 0,
                               max_num_batched_tokens=cluster.max_num_batched_tokens)
         options = _actor_options(cluster, role, i, threads, want, (pg, index))
+        if size > 1:
+            config, rank_options = _rank_group(config, size, options)
+            followers += [actors.RankActor.options(**rank_options).remote(
+                replace(config, tensor_parallel=replace(config.tensor_parallel, rank=r)), role) for r in range(1, size)]
         handles[role][config.worker_id] = actors.ACTORS[role].options(**options).remote(config)
     decode = handles["colocated"] if colocated else handles["decode"]
     workers = attach_workers(handles["prefill"], decode, engine.max_num_seqs, cluster.start_timeout_s,
                              mode=cluster.mode)
+    workers.followers.extend(followers)
     if log.isEnabledFor(logging.INFO):
         log.info("start-up: workers ready in %.1f s", time.time() - started)
         _log_startup({**handles["prefill"], **decode})
     return workers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _rank_group(config: WorkerConfig, size: int, options: dict) -> tuple[WorkerConfig, dict]:
+    """Rank 0's config (the group's meeting address: a free port on this node) and the followers' Ray
+    options. Every rank is pinned to the driver's node (one node per worker; gloo meets over its loopback).
+    Rank 0's `options` are pinned in place. A follower is not restarted on its own: its group would be broken
+    (faults of a rank taking its worker down as one unit are not built yet)."""
+    if "scheduling_strategy" in options or options.get("lifetime") == "detached":
+        raise ValueError("tensor parallel workers run without placement groups or deployments for now: "
+                         "drop --*-cpus/--*-gpus/--*-resources and `pdserve up`, or use tensor parallel size 1")
+    node = ray.get_runtime_context().get_node_id()
+    options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+    spec = TensorParallelSpec(size=size, rank=0, address=f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}")
+    followers = {k: v for k, v in options.items() if k not in ("name", "namespace", "lifetime")}
+    followers.update(max_restarts=0, max_concurrency=2)
+    return replace(config, tensor_parallel=spec), followers
 
 
 def _even_threads(cluster: ClusterConfig) -> int:
@@ -362,7 +398,7 @@ def stop_workers(workers: WorkerSet) -> None:
             ray.get(handle.shutdown.remote(), timeout=30)
         except Exception as e:  # a dead worker has nothing to shut down
             log.debug("decode shutdown: %s", e)
-    for handle in list(workers.prefill.values()) + list(workers.decode.values()):
+    for handle in list(workers.prefill.values()) + list(workers.decode.values()) + list(workers.followers):
         ray.kill(handle, no_restart=True)
     from kvtransfer.shm import sweep_orphans  # torch: only now, once the batch is done
 
