@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from decode_worker.phases import PhaseClock
 from pdserve.observability.dashboard.collector import MetricsCollector
 from pdserve.openai.records import metrics_record
 from pdserve.serve.admission import Admission
@@ -66,8 +67,14 @@ class ServingLoop:
         self._sinks: dict[str, Sink] = {}  # custom_id -> sink; the router thread's only
         self._stop = threading.Event()
         self.error: str | None = None  # set if the router thread died: /health says so
+        # The router thread's pieces of a token's time (intake, collector; the router's tick laps its own
+        # when it takes a clock: dispatch, wait, replies), exported on /metrics.
+        self.laps = PhaseClock()
+        if hasattr(self.router, "laps"):  # the local Router (a deployment's ticks run in its actor)
+            self.router.laps = self.laps
         self._thread = threading.Thread(target=self._run, name="router", daemon=True)
         self._thread.start()
+        collector.token_time.watch_thread("router", self._thread.ident)
 
     # ---- called from the HTTP handlers -------------------------------------------------------
     def submit(self, req: Request, sink: Sink) -> None:
@@ -83,12 +90,17 @@ class ServingLoop:
 
     # ---- the router thread -------------------------------------------------------------------
     def _run(self) -> None:
+        laps = self.laps
         try:
+            laps.start()
             while not self._stop.is_set():
                 self._drain(block=not self.router.active)
+                laps.lap("intake")  # idle waits for a submission included
                 if self.router.active:
                     self.router.tick(wait_s=0.02)
-                self.collector.refresh(self.router)
+                laps.lap("tick")  # what the router's own laps left (all of a tick without them)
+                self.collector.refresh(self.router, laps=laps)
+                laps.lap("collector")
         except Exception as e:  # a bug: fail every open request rather than leave its client hanging
             log.exception("the router thread died")
             self.error = f"router thread died: {e!r}"
@@ -112,6 +124,7 @@ class ServingLoop:
                 return
 
     def _tokens(self, req: Request, new: list[int]) -> None:
+        self.collector.token_time.streamed(len(new))
         if req.streamed == len(new):  # its first tokens: prefill is done
             self.admission.prefilled(req)
         sink = self._sinks.get(req.custom_id)

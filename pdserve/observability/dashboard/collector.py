@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pdserve.observability.dashboard.state import LIMIT_WINDOW_S, dashboard_state
 from pdserve.observability.limiting import STAGES, limiting_stage
 from pdserve.observability.metrics import SLO, RequestMetrics, from_record, offered_served, summarize
+from pdserve.observability.token_time import NAMES as TOKEN_TIME_NAMES
+from pdserve.observability.token_time import Laps, TokenTimeMetrics
 from router.request import State
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
@@ -37,6 +39,7 @@ METRIC_NAMES = (
     "pdserve_spec_draft_tokens_total", "pdserve_spec_accepted_tokens_total", "pdserve_spec_steps_total",
     "pdserve_spec_gamma_asked_total", "pdserve_spec_target_forwards_total", "pdserve_spec_decode_tokens_total",
     "pdserve_spec_acceptance_rate", "pdserve_spec_tokens_per_forward", "pdserve_spec_gamma_mean",
+    *TOKEN_TIME_NAMES,
 )
 
 
@@ -162,6 +165,7 @@ class MetricsCollector:
         self._summary_stale = False
         self.finished = False
         self.prom = _Prometheus(slo)
+        self.token_time = TokenTimeMetrics(self.prom.registry)  # where a token's time goes (a server's pieces)
 
     def record(self, record: dict[str, Any]) -> None:
         """One output line, as written to the output file."""
@@ -177,12 +181,15 @@ class MetricsCollector:
         with self._lock:
             self.prom.prefill_batch.observe(size)
 
-    def refresh(self, router: Any, every_s: float = 1.0) -> None:
-        """Live state from the router and its decode workers, at most every `every_s`."""
+    def refresh(self, router: Any, every_s: float = 1.0, laps: Laps | None = None) -> None:
+        """Live state from the router and its decode workers, at most every `every_s`; `laps`: the router
+        thread's phase clock, exported as the router's pieces of a token's time."""
         now = time.time()
         if now - self._live_at < every_s:
             return
         self._live_at = now
+        if laps is not None:
+            self.token_time.update_router(laps)
         import ray
 
         snap = router.snapshot()
@@ -192,6 +199,7 @@ class MetricsCollector:
             stats = ray.get([h.stats.remote() for h in router.workers.decode.values()], timeout=5)
             workers = {s.worker_id: {"worker_id": s.worker_id, "num_blocks": s.pool.num_blocks,
                                      "free_blocks": s.pool.free_blocks, "running": s.running} for s in stats}
+            self.token_time.update_workers(stats)
         except Exception:  # a worker restarting: keep the last figures
             workers = self._live.get("decode_workers", {})
         with self._lock:
@@ -217,6 +225,7 @@ class MetricsCollector:
                                in_flight_queued=in_flight)
 
     def prometheus(self) -> bytes:
+        self.token_time.update_threads()
         with self._lock:
             self._refresh_summary()
             return generate_latest(self.prom.registry)
