@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from pdserve.observability.dashboard.state import LIMIT_WINDOW_S, dashboard_state
+from pdserve.observability.dashboard.state import LIMIT_WINDOW_S, LiveSample, dashboard_state
 from pdserve.observability.limiting import STAGES, limiting_stage
 from pdserve.observability.metrics import SLO, RequestMetrics, from_record, offered_served, summarize
 from pdserve.observability.token_time import NAMES as TOKEN_TIME_NAMES
@@ -154,7 +155,8 @@ class _Prometheus:
 
 
 class MetricsCollector:
-    def __init__(self, slo: SLO, title: str = "pdserve batch", total_lines: int | None = None) -> None:
+    def __init__(self, slo: SLO, title: str = "pdserve batch", total_lines: int | None = None,
+                 history: int = 3600) -> None:
         self.slo, self.title, self.total_lines = slo, title, total_lines
         self._lock = threading.Lock()
         self._requests: list[RequestMetrics] = []
@@ -163,6 +165,9 @@ class MetricsCollector:
         self._in_flight: dict[str | None, float] = {}  # custom id -> queued time, of the router's unfinished requests
         self._recorded: set[str | None] = set()  # custom ids already recorded: never in flight again
         self._summary_stale = False
+        # The router's state at each refresh, oldest first: the live charts count in-flight requests up to now
+        # from these, the same figures /metrics' gauges were set to at that refresh.
+        self._history: deque[LiveSample] = deque(maxlen=history)
         self.finished = False
         self.prom = _Prometheus(slo)
         self.token_time = TokenTimeMetrics(self.prom.registry)  # where a token's time goes (a server's pieces)
@@ -196,7 +201,8 @@ class MetricsCollector:
         in_flight = {r.custom_id: r.timeline.queued for r in list(router.active.values())}
         workers = {}
         try:
-            stats = ray.get([h.stats.remote() for h in router.workers.decode.values()], timeout=5)
+            handles = list(router.workers.decode.values())
+            stats = ray.get([h.stats.remote() for h in handles], timeout=5) if handles else []  # none: no Ray call
             workers = {s.worker_id: {"worker_id": s.worker_id, "num_blocks": s.pool.num_blocks,
                                      "free_blocks": s.pool.free_blocks, "running": s.running} for s in stats}
             self.token_time.update_workers(stats)
@@ -205,6 +211,7 @@ class MetricsCollector:
         with self._lock:
             self._live = {"at": now, "states": snap["states"], "queue_depth": snap["queue_depth"],
                           "decode_workers": workers}
+            self._history.append(LiveSample(now, dict(snap["states"]), dict(snap["queue_depth"])))
             # a request recorded while we waited for the workers' stats is finished, not in flight
             self._in_flight = {cid: q for cid, q in in_flight.items() if cid not in self._recorded}
             self._summary_stale = True
@@ -221,8 +228,9 @@ class MetricsCollector:
         with self._lock:
             requests, live = list(self._requests), dict(self._live, finished=self.finished)
             in_flight = list(self._in_flight.values())
+            history = list(self._history)
         return dashboard_state(requests, self.slo, total_lines=self.total_lines, live=live, title=self.title,
-                               in_flight_queued=in_flight)
+                               in_flight_queued=in_flight, history=history)
 
     def prometheus(self) -> bytes:
         self.token_time.update_threads()
