@@ -58,6 +58,22 @@ class Sink:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+def deliver(outbox: list[tuple[Sink, Event]]) -> None:
+    """Hand a tick's events to their handlers: one wake-up of each event loop per tick, not one per request
+    per step (each `call_soon_threadsafe` writes the loop's self-pipe)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sink, Event]]] = {}
+    for sink, event in outbox:
+        by_loop.setdefault(sink.loop, []).append((sink, event))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is going down
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[Sink, Event]]) -> None:
+    for sink, event in items:
+        sink.events.put_nowait(event)
+
+
 class ServingLoop:
     def __init__(self, make_router: Callable[[OnFinished, OnTokens], RouterAPI], admission: Admission,
                  collector: MetricsCollector) -> None:
@@ -65,6 +81,7 @@ class ServingLoop:
         self.admission, self.collector = admission, collector
         self._inbox: queue.Queue[Submit | Abort] = queue.Queue()
         self._sinks: dict[str, Sink] = {}  # custom_id -> sink; the router thread's only
+        self._outbox: list[tuple[Sink, Event]] = []  # this tick's events, delivered together at its end
         self._stop = threading.Event()
         self.error: str | None = None  # set if the router thread died: /health says so
         # The router thread's pieces of a token's time (intake, collector; the router's tick laps its own
@@ -98,8 +115,11 @@ class ServingLoop:
                 laps.lap("intake")  # idle waits for a submission included
                 if self.router.active:
                     self.router.tick(wait_s=0.02)
-                laps.lap("tick")  # what the router's own laps left (all of a tick without them)
-                self.collector.refresh(self.router, laps=laps)
+                if self._outbox:
+                    deliver(self._outbox)
+                    self._outbox = []
+                laps.lap("tick")  # what the router's own laps left (all of a tick without them), delivery too
+                self.collector.refresh(self.router, laps=laps, wait=False)
                 laps.lap("collector")
         except Exception as e:  # a bug: fail every open request rather than leave its client hanging
             log.exception("the router thread died")
@@ -129,14 +149,14 @@ class ServingLoop:
             self.admission.prefilled(req)
         sink = self._sinks.get(req.custom_id)
         if sink is not None:
-            sink.put(Tokens(new))
+            self._outbox.append((sink, Tokens(new)))
 
     def _finished(self, req: Request) -> None:
         self.admission.gone(req)
         self.collector.record(metrics_record(req))
         sink = self._sinks.pop(req.custom_id, None)
         if sink is not None:
-            sink.put(Finished(req))
+            self._outbox.append((sink, Finished(req)))
 
 
 class InFlight:

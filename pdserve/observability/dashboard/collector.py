@@ -168,6 +168,7 @@ class MetricsCollector:
         # The router's state at each refresh, oldest first: the live charts count in-flight requests up to now
         # from these, the same figures /metrics' gauges were set to at that refresh.
         self._history: deque[LiveSample] = deque(maxlen=history)
+        self._asked: list | None = None  # stats calls in flight (refresh with wait=False)
         self.finished = False
         self.prom = _Prometheus(slo)
         self.token_time = TokenTimeMetrics(self.prom.registry)  # where a token's time goes (a server's pieces)
@@ -186,9 +187,11 @@ class MetricsCollector:
         with self._lock:
             self.prom.prefill_batch.observe(size)
 
-    def refresh(self, router: Any, every_s: float = 1.0, laps: Laps | None = None) -> None:
+    def refresh(self, router: Any, every_s: float = 1.0, laps: Laps | None = None, wait: bool = True) -> None:
         """Live state from the router and its decode workers, at most every `every_s`; `laps`: the router
-        thread's phase clock, exported as the router's pieces of a token's time."""
+        thread's phase clock, exported as the router's pieces of a token's time. `wait=False` (a server's
+        router thread): the workers' stats are asked for here and read at the next refresh, so the router
+        never blocks on a busy worker's answer."""
         now = time.time()
         if now - self._live_at < every_s:
             return
@@ -199,15 +202,15 @@ class MetricsCollector:
 
         snap = router.snapshot()
         in_flight = {r.custom_id: r.timeline.queued for r in list(router.active.values())}
-        workers = {}
+        workers = self._live.get("decode_workers", {})  # the last figures, unless new ones come
         try:
-            handles = list(router.workers.decode.values())
-            stats = ray.get([h.stats.remote() for h in handles], timeout=5) if handles else []  # none: no Ray call
+            stats = self._worker_stats(ray, list(router.workers.decode.values()), wait)
+        except Exception:  # a worker restarting: keep the last figures
+            self._asked, stats = None, None
+        if stats is not None:
             workers = {s.worker_id: {"worker_id": s.worker_id, "num_blocks": s.pool.num_blocks,
                                      "free_blocks": s.pool.free_blocks, "running": s.running} for s in stats}
             self.token_time.update_workers(stats)
-        except Exception:  # a worker restarting: keep the last figures
-            workers = self._live.get("decode_workers", {})
         with self._lock:
             self._live = {"at": now, "states": snap["states"], "queue_depth": snap["queue_depth"],
                           "decode_workers": workers}
@@ -223,6 +226,21 @@ class MetricsCollector:
                 self.prom.kv_used.labels(wid).set(s["num_blocks"] - s["free_blocks"])
                 self.prom.kv_total.labels(wid).set(s["num_blocks"])
                 self.prom.decode_batch.labels(wid).set(s["running"])
+
+    def _worker_stats(self, ray: Any, handles: list, wait: bool) -> list | None:
+        """The decode workers' stats; None: not in yet (wait=False: the answers asked for last time)."""
+        if not handles:
+            return []  # no Ray call at all
+        if wait:
+            return ray.get([h.stats.remote() for h in handles], timeout=5)
+        got = None
+        if self._asked is not None:
+            ready, _ = ray.wait(self._asked, num_returns=len(self._asked), timeout=0)
+            if len(ready) < len(self._asked):
+                return None
+            got = ray.get(self._asked)
+        self._asked = [h.stats.remote() for h in handles]
+        return got
 
     def state(self) -> dict[str, Any]:
         with self._lock:
