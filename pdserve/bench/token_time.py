@@ -29,7 +29,8 @@ class Breakdown:
                 if name == "pdserve_worker_phase_seconds":
                     values[f"phase/{labels['phase']}/{labels['clock']}"] += sample.value
                 elif name in ("pdserve_worker_steps", "pdserve_worker_step_seconds", "pdserve_worker_core_wait_seconds",
-                              "pdserve_worker_poll_cpu_seconds", "pdserve_streamed_tokens_total"):
+                              "pdserve_worker_poll_cpu_seconds", "pdserve_streamed_tokens_total",
+                              "pdserve_worker_step_rows", "pdserve_worker_prefill_tokens"):
                     values[name.removeprefix("pdserve_")] += sample.value
                 elif name == "pdserve_router_seconds":
                     values[f"router/{labels['piece']}/{labels['clock']}"] += sample.value
@@ -52,7 +53,9 @@ class Breakdown:
                     if k.startswith("router/") and k.endswith("/wall")}
         token_ms |= {f"{k.split('/')[1]} thread CPU": 1e3 * v / tokens for k, v in d.items() if k.startswith("thread/")}
         token_ms["worker poll CPU"] = 1e3 * d.get("worker_poll_cpu_seconds", 0.0) / tokens
-        return {"steps": steps, "tokens": tokens, "step_ms": step_ms, "token_ms": token_ms}
+        return {"steps": steps, "tokens": tokens, "step_ms": step_ms, "token_ms": token_ms,
+                "rows_per_step": d.get("worker_step_rows", 0.0) / steps,
+                "prefill_tokens_per_step": d.get("worker_prefill_tokens", 0.0) / steps}
 
     @staticmethod
     def describe(run: dict[str, Any]) -> str:
@@ -60,7 +63,8 @@ class Breakdown:
             return "n/a"
         step = ", ".join(f"{k} {v:.1f}" for k, v in run["step_ms"].items())
         token = ", ".join(f"{k} {v:.2f}" for k, v in run["token_ms"].items())
-        return (f"{run['tokens']:.0f} tokens in {run['steps']:.0f} steps; per step (ms): {step}; "
+        return (f"{run['tokens']:.0f} tokens in {run['steps']:.0f} steps of {run['rows_per_step']:.1f} rows "
+                f"({run['prefill_tokens_per_step']:.1f} prompt tokens); per step (ms): {step}; "
                 f"per output token (ms): {token}")
 
 

@@ -3,6 +3,8 @@
     pdserve_worker_phase_seconds{worker, phase, clock}   a step loop's phases (decode_worker/phases.py), wall / cpu
     pdserve_worker_steps{worker}, pdserve_worker_step_seconds{worker}, pdserve_worker_core_wait_seconds{worker}
     pdserve_worker_poll_cpu_seconds{worker}              the worker's CPU answering polls (streamed progress)
+    pdserve_worker_step_rows{worker}                     rows its steps ran (decode rows + prompt chunks)
+    pdserve_worker_prefill_tokens{worker}                prompt tokens its steps computed (colocated: chunks)
     pdserve_router_seconds{piece, clock}                 the router thread: intake, dispatch, wait (ray.wait idle),
                                                          replies (ray.get + handling, tokens handed on), collector
     pdserve_thread_cpu_seconds{thread}                   CPU of the server process's router and HTTP threads
@@ -25,7 +27,8 @@ from proto.stats import StepWorkerStats
 
 NAMES = ("pdserve_worker_phase_seconds", "pdserve_worker_steps", "pdserve_worker_step_seconds",
          "pdserve_worker_core_wait_seconds", "pdserve_worker_poll_cpu_seconds", "pdserve_router_seconds",
-         "pdserve_thread_cpu_seconds", "pdserve_streamed_tokens_total")
+         "pdserve_thread_cpu_seconds", "pdserve_streamed_tokens_total", "pdserve_worker_step_rows",
+         "pdserve_worker_prefill_tokens")
 
 
 class Laps(Protocol):
@@ -44,6 +47,8 @@ class TokenTimeMetrics:
         self.step_seconds = g("pdserve_worker_step_seconds", "Wall seconds inside steps", ["worker"])
         self.core_wait = g("pdserve_worker_core_wait_seconds", "Step seconds runnable without a core", ["worker"])
         self.poll_cpu = g("pdserve_worker_poll_cpu_seconds", "CPU seconds of poll() calls", ["worker"])
+        self.rows = g("pdserve_worker_step_rows", "Rows of its steps, summed", ["worker"])
+        self.prefill_tokens = g("pdserve_worker_prefill_tokens", "Prompt tokens its steps computed", ["worker"])
         self.router = g("pdserve_router_seconds", "Router thread seconds per piece", ["piece", "clock"])
         self.thread_cpu = g("pdserve_thread_cpu_seconds", "CPU seconds of a server thread", ["thread"])
         self.tokens = Counter("pdserve_streamed_tokens", "Output tokens handed to the HTTP handlers", registry=registry)
@@ -69,6 +74,8 @@ class TokenTimeMetrics:
             self.step_seconds.labels(w).set(loop.step_seconds)
             self.core_wait.labels(w).set(loop.step_run_queue_seconds or 0.0)
             self.poll_cpu.labels(w).set(loop.poll_cpu_seconds)
+            self.rows.labels(w).set(loop.step_rows)
+            self.prefill_tokens.labels(w).set(getattr(s, "prefill_tokens", 0))  # a PD decode worker computes none
 
     def update_router(self, laps: Laps) -> None:
         for clock, pieces in (("wall", dict(laps.wall)), ("cpu", dict(laps.cpu))):

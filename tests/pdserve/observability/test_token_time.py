@@ -37,7 +37,8 @@ def test_a_run_is_taken_apart_per_step_and_per_token_from_two_scrapes():
     m.update_router(laps)
     m.streamed(80)
     run = Breakdown.parse(generate_latest(registry).decode()).minus(before)
-    assert run["steps"] == 20 and run["tokens"] == 80
+    assert run["steps"] == 20 and run["tokens"] == 80 and run["rows_per_step"] == 4.0
+    assert run["prefill_tokens_per_step"] == 0.0  # a PD decode worker computes no prompt
     assert run["step_ms"]["forward"] == pytest.approx(1e3 * 0.8 / 20)
     assert run["step_ms"]["sample"] == pytest.approx(1e3 * 0.2 / 20)
     assert run["step_ms"]["step total"] == pytest.approx(1e3 * 1.0 / 20)
