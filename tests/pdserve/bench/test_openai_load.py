@@ -123,3 +123,22 @@ def test_vllm_load_through_pdserve_serve_with_its_breakdown(ray_cluster, tmp_pat
     assert b["token_ms"]["router wait"] >= 0 and b["token_ms"]["http thread CPU"] > 0
     printed = capsys.readouterr().out
     assert "per output token" in printed and "[pdserve] 4 req/s: goodput" in printed
+
+
+def test_runs_of_the_random_dataset_are_vllms_prompts_per_rate(tokenizer):
+    from pdserve.bench.openai_load import PromptRequest
+    from pdserve.bench.serve import ServeBench, make_runs
+
+    bench = ServeBench(rates=(1.0, 2.0), modes=("pd",), num_prompts=3, warmup=1,
+                       dataset=RandomDataset(input_len=30, output_len=4))
+    runs, warmup = make_runs(bench, tokenizer)
+    assert [rate for rate, _, _ in runs] == [1.0, 2.0] and len(warmup) == 1
+    prompts = [r.prompt for _, reqs, _ in runs for r in reqs] + [warmup[0].prompt]
+    assert len(set(prompts)) == 7  # no rate replays another's prompts into the prefix cache
+    for rate, reqs, offsets in runs:
+        assert all(isinstance(r, PromptRequest) and len(r.prompt_ids) == 30 and r.max_tokens == 4 for r in reqs)
+        assert [r.custom_id for r in reqs] == [f"{rate:g}-{i}" for i in range(3)] and len(offsets) == 3
+    with pytest.raises(ValueError, match="--direct"):
+        ServeBench(direct=True, dataset=RandomDataset())
+    with pytest.raises(ValueError, match="--base-url"):
+        ServeBench(modes=())
