@@ -70,7 +70,7 @@ def breakdown_lines(res: dict[str, Any]) -> list[str]:
     """Where each rate's output tokens spent their time on a pdserve server (pdserve/bench/token_time.py)."""
     from pdserve.bench.token_time import Breakdown
 
-    return [f"{r['rate_rps']:g} req/s, per output token: {Breakdown.describe(r['breakdown'])}"
+    return [f"{r['rate_rps']:g} req/s, where the time went: {Breakdown.describe(r['breakdown'])}"
             for r in res["rates"] if r.get("breakdown")]
 
 
