@@ -380,17 +380,18 @@ def _ms_or_none(x: float | None) -> float | None:
 
 
 async def _scrape(base_url: str) -> Breakdown:
-    """A server's token-time figures once its collector has refreshed them (every second)."""
+    """A server's token-time figures once its collector has refreshed them twice (every second; the workers'
+    stats asked for at one refresh are read at the next)."""
     from pdserve.bench.token_time import scrape_breakdown
 
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(2.2)
     return await asyncio.to_thread(scrape_breakdown, base_url)
 
 
 async def _pieces(loop) -> Breakdown:
-    """The serving loop's token-time figures (/metrics' gauges), once the collector has refreshed them
-    (every second, from the router thread)."""
-    await asyncio.sleep(1.1)
+    """The serving loop's token-time figures (/metrics' gauges), once the collector has refreshed them twice
+    (every second, from the router thread; the workers' stats asked for at one refresh are read at the next)."""
+    await asyncio.sleep(2.2)
     return Breakdown.parse(loop.collector.prometheus().decode())
 
 
