@@ -153,8 +153,11 @@ class ColocatedWorker(StepLoopWorker):
         return self.scheduler.has_work()
 
     def _step(self) -> None:
+        self.phases.start()  # laps: schedule, forward, sample, postprocess, finish (decode_worker/phases.py)
         plan = self.scheduler.schedule()
+        self.phases.lap("schedule")
         if plan is None:
+            self.phases.stop()
             return
         started, started_cpu = time.perf_counter(), time.thread_time()
         try:
@@ -163,8 +166,10 @@ class ColocatedWorker(StepLoopWorker):
             log.exception("colocated step failed")
             for seq in self.scheduler.abort_all():
                 self._finish(seq, error=f"colocated step failed: {e!r}")
+            self.phases.stop()
             return
         prefilled, finished = self.scheduler.postprocess(plan, sampled)
+        self.phases.lap("postprocess")
         self._count_step(started, started_cpu, len(plan.rows))
         self.decode_tokens += plan.num_decode
         self.prefill_tokens += plan.num_tokens - plan.num_decode
@@ -173,6 +178,8 @@ class ColocatedWorker(StepLoopWorker):
         self._release_behind_window([s for s in self.scheduler.running if s.prefilled])
         for seq in finished:
             self._finish(seq)
+        self.phases.lap("finish")
+        self.phases.stop()
 
     def _run(self, plan: StepPlan) -> list[int]:
         """The plan as one forward (decode rows + prompt chunks), then the keyed sampler on the rows that
@@ -183,11 +190,14 @@ class ColocatedWorker(StepLoopWorker):
         masks = self.masks.begin([s.grammar for s in chosen])  # filled while the forward runs
         logits = self.runner.mixed(self.pool, [list(r.tokens) for r in rows], [r.start for r in rows],
                                    [r.seq.block_table for r in rows], plan.num_decode, picks)
+        self.phases.lap("forward")
         if not picks:
             return []
         if masks is not None:
             masks.apply(logits)
-        return sample(logits, [s.params for s in chosen], [len(s.output) for s in chosen]).tolist()
+        ids = sample(logits, [s.params for s in chosen], [len(s.output) for s in chosen]).tolist()
+        self.phases.lap("sample")  # the keyed sampler and the host sync reading its ids
+        return ids
 
     def _accept(self, seq: ColocatedSequence) -> None:
         try:

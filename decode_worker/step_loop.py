@@ -47,6 +47,7 @@ class StepLoopWorker(ABC):
         self._loop_queue: queue.Queue[Any] = queue.Queue()  # sequences to admit, and Aborts
         self._results: queue.Queue[DecodeResult] = queue.Queue()
         self._stop = threading.Event()
+        self._stepped = threading.Event()  # set after each step: a waiting poll looks at once, not at its next slice
         self.steps = 0
         self.step_seconds = 0.0  # wall time inside steps
         self.step_cpu_seconds = 0.0  # the loop thread's CPU time inside steps: at one torch thread, less
@@ -80,14 +81,18 @@ class StepLoopWorker(ABC):
         sliced = stream or self._slice_polls
         started_cpu = time.thread_time()
         deadline = time.monotonic() + timeout
-        while True:
-            wait = max(0.0, deadline - time.monotonic())
-            try:
-                out.append(self._results.get(timeout=min(wait, 0.01) if sliced else wait))
+        while sliced:  # cleared before looking, so a step that ends after the look cuts the wait short
+            self._stepped.clear()
+            with contextlib.suppress(queue.Empty):
+                out.append(self._results.get_nowait())
                 break
-            except queue.Empty:
-                if not sliced or wait == 0.0 or self._poll_ready() or (stream and (progress := self._progress())):
-                    break
+            wait = max(0.0, deadline - time.monotonic())
+            if wait == 0.0 or self._poll_ready() or (stream and (progress := self._progress())):
+                break
+            self._stepped.wait(min(wait, 0.05))  # a slice: for what no step ends (a request finished at admission)
+        if not sliced:
+            with contextlib.suppress(queue.Empty):
+                out.append(self._results.get(timeout=timeout))
         with contextlib.suppress(queue.Empty):
             while True:
                 out.append(self._results.get_nowait())
@@ -157,6 +162,7 @@ class StepLoopWorker(ABC):
             if self._has_work():
                 waited = self._run_queue.read()
                 self._step()
+                self._stepped.set()
                 if waited is not None:
                     self.step_run_queue_seconds = (self.step_run_queue_seconds or 0.0) + self._run_queue.read() - waited
         self._run_queue.close()
@@ -190,7 +196,7 @@ class StepLoopWorker(ABC):
         """New tokens of streamable sequences since the last call. Reads lists the loop appends to
         (output before token_times): a token read late only comes with the next poll. A sequence that
         left the batch needs no entry: its DecodeResult carries its whole output.
-        A streaming poll looks every 10 ms; one that finds `_progress_key()` unchanged skips the walk over
+        A streaming poll looks after each step; one that finds `_progress_key()` unchanged skips the walk over
         the batch (at 30 rows and ~100 ms steps it cost the actor ~1.5 ms of CPU per step)."""
         key = self._progress_key()  # read before the sequences: a token appended after it moves the key on
         if key is not None and key == self._progress_seen:

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
@@ -59,6 +59,16 @@ class RouterConfig:
     colocated_backlog: int = 8  # --mode colocated: requests a worker may hold beyond max_num_seqs (waiting)
 
 
+class Laps(Protocol):
+    def lap(self, phase: str) -> None: ...
+
+
+class _NoLaps:
+    def lap(self, phase: str) -> None:
+        pass
+
+
+_NO_LAPS = _NoLaps()
 STRATEGIES: dict[Mode, type[Dispatch]] = {Mode.PD: PDDispatch, Mode.COLOCATED: ColocatedDispatch}
 
 
@@ -82,6 +92,8 @@ class Router:
         self.health = WorkerHealth(config.restart_timeout_s)
         self._releases: list[ray.ObjectRef] = []  # block releases sent, maybe not yet applied
         self.dispatch: Dispatch = STRATEGIES[workers.mode](self)
+        # A phase clock (`lap(piece)`) the tick laps on: dispatch, wait (ray.wait), replies; set by a server.
+        self.laps: Laps = _NO_LAPS
 
     # ---- intake ------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -120,6 +132,7 @@ class Router:
             self._probe(role, wid)
         self.dispatch.dispatch()
         self._ensure_polls()
+        self.laps.lap("dispatch")
         if not self._calls:
             time.sleep(0.01)
             return
@@ -127,6 +140,7 @@ class Router:
         ready, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
         if ready:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        self.laps.lap("wait")
         for ref in ready:
             call = self._calls.pop(ref)
             self._settle(call)
@@ -137,6 +151,7 @@ class Router:
                 continue
             self._handle(call, value)
         self._expire_calls()
+        self.laps.lap("replies")
 
     def _settle(self, call: Call) -> None:
         """A call is over, whatever its outcome: free what it held in the router's books."""

@@ -23,13 +23,34 @@ from typing import Any
 
 from engine.config import EngineConfig
 from pdserve.bench.arrivals import ArrivalSpec, arrival_times
+from pdserve.bench.openai_load import PromptRequest, RandomDataset, completions_sender, random_requests
+from pdserve.bench.serve_sample import Sample
 from pdserve.bench.sustained import sustained_rate
+from pdserve.bench.token_time import Breakdown
 from pdserve.bench.workload import BenchRequest, WorkloadSpec, make_workload
 from pdserve.observability.metrics import SLO, percentile
 from pdserve.runtime.cluster import ClusterConfig, start_workers, stop_workers
 from proto.stats import StepWorkerStats
 from proto.workers import WorkerSet
 from router.router import RouterConfig
+
+
+@dataclass(frozen=True)
+class Target:
+    """A running OpenAI-compatible server to load: `label` names it in the report."""
+
+    label: str
+    base_url: str
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """LABEL=URL, or a URL (labelled by its host:port)."""
+        label, sep, url = text.partition("=")
+        if not sep:
+            label, url = text.split("://")[-1].rstrip("/"), text
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--base-url takes [LABEL=]http(s)://HOST:PORT, got {text!r}")
+        return cls(label, url.rstrip("/"))
 
 
 @dataclass(frozen=True)
@@ -45,51 +66,20 @@ class ServeBench:
     warmup: int = 2  # requests per mode before the first rate, not counted
     request_timeout_s: float = 600.0
     seed: int = 0
+    # Other OpenAI-compatible servers run through the same load (`--base-url`), the first the baseline.
+    targets: tuple[Target, ...] = ()
+    dataset: RandomDataset | None = None  # vLLM's random dataset through /v1/completions, instead of chats
+    model: str | None = None  # the model name sent to --base-url targets (None: the first one they list)
 
     def __post_init__(self) -> None:
         if not self.rates or min(self.rates) <= 0 or len(set(self.rates)) != len(self.rates):
             raise ValueError(f"--request-rates takes distinct positive rates, got {self.rates}")
-        if not self.modes:
-            raise ValueError("--modes names at least one mode")
+        if not self.modes and not self.targets:
+            raise ValueError("--modes or --base-url names at least one server to load")
+        if self.direct and self.dataset is not None:
+            raise ValueError("--direct sends chats; --dataset-name random goes through HTTP")
         if self.num_prompts < 1:
             raise ValueError("--num-prompts must be at least 1")
-
-
-@dataclass
-class Sample:
-    """One request as the client saw it; times in seconds from the start of its rate's run."""
-
-    custom_id: str
-    prompt_tokens: int
-    max_tokens: int
-    scheduled: float  # when it was due to arrive
-    sent: float = 0.0
-    first: float | None = None  # first content
-    end: float | None = None  # end of the stream
-    output_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens the server found in its prefix cache
-    error: str | None = None
-
-    @property
-    def ttft(self) -> float | None:
-        return None if self.first is None else self.first - self.sent
-
-    @property
-    def tpot(self) -> float | None:
-        if self.error or self.first is None or self.end is None or self.output_tokens < 2:
-            return None
-        return (self.end - self.first) / (self.output_tokens - 1)
-
-    @property
-    def e2e(self) -> float | None:
-        return None if self.end is None else self.end - self.sent
-
-    def meets(self, slo: SLO) -> tuple[bool, bool]:
-        """(TTFT ok, TPOT ok), both False for a failed request; no TPOT (one token) meets it."""
-        if self.error is not None:
-            return False, False
-        ttft, tpot = self.ttft, self.tpot
-        return ttft is not None and ttft <= slo.ttft_s, tpot is None or tpot <= slo.tpot_s
 
 
 Send = Callable[[BenchRequest, Sample, float], Awaitable[None]]
@@ -182,7 +172,10 @@ def _front_end(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, 
     running = start_server(engine, cluster, router_config, options, workers=workers)
     _, name, _ = model_limits(engine, 512, ignore_eos=True)
     try:
-        yield running.loop, lambda: _openai_sender(running.url, name, bench.request_timeout_s)
+        if bench.dataset is not None:  # vLLM's load: completions of random prompts
+            yield running.loop, lambda: completions_sender(running.url, name, bench.request_timeout_s)
+        else:
+            yield running.loop, lambda: _openai_sender(running.url, name, bench.request_timeout_s)
     finally:
         running.stop()
 
@@ -226,7 +219,13 @@ def summarize(samples: list[Sample], rate: float, slo: SLO) -> dict[str, Any]:
             "cached_prompt_tokens": sum(s.cached_tokens for s in ok),
             "prompt_tokens": sum(s.prompt_tokens for s in ok),
             "ttft_s": pct([s.ttft for s in ok]), "tpot_s": pct([s.tpot for s in ok]), "e2e_s": pct([s.e2e for s in ok]),
+            "ttft_mean_s": _mean([s.ttft for s in ok]), "tpot_mean_s": _mean([s.tpot for s in ok]),
             "errors": sorted({s.error for s in samples if s.error})[:5]}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vs = [v for v in values if v is not None]
+    return sum(vs) / len(vs) if vs else None
 
 
 # ---- one mode ----------------------------------------------------------------------------------
@@ -303,10 +302,12 @@ def _run_mode(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, r
                     rows, leaked = [], 0
                     for rate, requests, offsets in runs:
                         before = await asyncio.to_thread(_decode_counters, workers)
+                        pieces = await _pieces(loop)
                         cpu_before = time.process_time()  # this process: router, front end, client
                         samples = await _run_rate(send, requests, offsets)
                         leaked = max(leaked, await _wait_idle(loop, workers))
                         row = summarize(samples, rate, bench.slo)
+                        row["breakdown"] = (await _pieces(loop)).minus(pieces)
                         row["front_end_cpu_s"] = time.process_time() - cpu_before
                         row["decode"] = decode_stage(before, await asyncio.to_thread(_decode_counters, workers),
                                                      row["wall_s"], len(workers.decode))
@@ -320,6 +321,7 @@ def _run_mode(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, r
                                  + (f" at context {d['mean_context']:.0f}" if d["mean_context"] else "")
                                  + (f", {d['core_wait_ms']:.1f} ms waiting for a core" if d["core_wait_ms"] else "")
                                  + f", busy {_fmt(d['busy'], '.0%')}")
+                        print_fn(f"[{mode}] {_rate_line(row)}\n[{mode}]   {Breakdown.describe(row['breakdown'])}")
                     return {"rates": rows, "kv_blocks_leaked": leaked}
                 finally:
                     if close is not None:
@@ -333,22 +335,87 @@ def _run_mode(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, r
     return result
 
 
+def _run_target(bench: ServeBench, target: Target, runs: list[Run], warmup: list[PromptRequest],
+                print_fn: Callable[[str], None]) -> dict[str, Any]:
+    """Every rate against a running server (`--base-url`), through vLLM's request/stream format. Its own
+    books are not ours to check (no leak check); a pdserve server's /metrics gives each rate's breakdown."""
+    from pdserve.bench.openai_load import served_model
+
+    async def all_rates() -> dict[str, Any]:
+        model = bench.model or await served_model(target.base_url)
+        send, close = completions_sender(target.base_url, model, bench.request_timeout_s)
+        try:
+            if warmup:
+                await _run_rate(send, warmup, [0.0] * len(warmup))
+            rows = []
+            for rate, requests, offsets in runs:
+                before = await _scrape(target.base_url)
+                row = summarize(await _run_rate(send, requests, offsets), rate, bench.slo)
+                row["breakdown"] = (await _scrape(target.base_url)).minus(before)
+                rows.append(row)
+                print_fn(f"[{target.label}] {_rate_line(row)}")
+                if row["breakdown"]:
+                    print_fn(f"[{target.label}]   {Breakdown.describe(row['breakdown'])}")
+            return {"rates": rows, "kv_blocks_leaked": None, "base_url": target.base_url, "model": model}
+        finally:
+            await close()
+
+    result = asyncio.run(all_rates())
+    result["sustained"] = asdict(sustained_rate([(r["rate_rps"], r["attainment"]) for r in result["rates"]],
+                                                bench.target))
+    return result
+
+
+def _rate_line(row: dict[str, Any]) -> str:
+    """One rate's result as vLLM's summary names it."""
+    t, p = row["ttft_s"], row["tpot_s"]
+    return (f"{row['rate_rps']:g} req/s: goodput {_fmt(row['goodput_rps'])} req/s, attainment {row['attainment']:.0%}, "
+            f"TTFT mean {_fmt(_ms_or_none(row.get('ttft_mean_s')), '.0f')} p99 {_fmt(_ms_or_none(t['p99']), '.0f')} "
+            f"ms, TPOT mean {_fmt(_ms_or_none(row.get('tpot_mean_s')), '.0f')} p99 "
+            f"{_fmt(_ms_or_none(p['p99']), '.0f')} ms, {row['failed']} failed")
+
+
+def _ms_or_none(x: float | None) -> float | None:
+    return None if x is None else 1e3 * x
+
+
+async def _scrape(base_url: str) -> Breakdown:
+    """A server's token-time figures once its collector has refreshed them twice (every second; the workers'
+    stats asked for at one refresh are read at the next)."""
+    from pdserve.bench.token_time import scrape_breakdown
+
+    await asyncio.sleep(2.2)
+    return await asyncio.to_thread(scrape_breakdown, base_url)
+
+
+async def _pieces(loop) -> Breakdown:
+    """The serving loop's token-time figures (/metrics' gauges), once the collector has refreshed them twice
+    (every second, from the router thread; the workers' stats asked for at one refresh are read at the next)."""
+    await asyncio.sleep(2.2)
+    return Breakdown.parse(loop.collector.prometheus().decode())
+
+
 def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def make_runs(bench: ServeBench, tokenizer: Any) -> tuple[list[tuple[float, list[BenchRequest], list[float]]],
-                                                          list[BenchRequest]]:
+Run = tuple[float, list[BenchRequest] | list[PromptRequest], list[float]]
+
+
+def make_runs(bench: ServeBench, tokenizer: Any) -> tuple[list[Run], list[BenchRequest] | list[PromptRequest]]:
     """Per rate: its own requests (seeded by the rate's index, so no rate replays another's prompts into
     the prefix cache) and arrival offsets; plus the warm-up requests."""
+    def requests(n: int, seed: int, prefix: str) -> list[Any]:
+        if bench.dataset is not None:
+            return random_requests(bench.dataset, n, tokenizer, seed, prefix)
+        spec = replace(bench.workload, num_requests=n, seed=seed)
+        return [replace(r, custom_id=f"{prefix}{r.custom_id}") for r in make_workload(spec, tokenizer)]
+
     runs = []
     for i, rate in enumerate(bench.rates):
-        spec = replace(bench.workload, num_requests=bench.num_prompts, seed=bench.seed + 1000 * (i + 1))
-        requests = [replace(r, custom_id=f"{rate:g}-{r.custom_id}") for r in make_workload(spec, tokenizer)]
-        runs.append((rate, requests, arrival_times(bench.arrival, rate, len(requests), bench.seed + i).tolist()))
-    warm_spec = replace(bench.workload, num_requests=bench.warmup, seed=bench.seed + 999_999)
-    warmup = [replace(r, custom_id=f"warmup-{r.custom_id}") for r in make_workload(warm_spec, tokenizer)]
-    return runs, warmup
+        reqs = requests(bench.num_prompts, bench.seed + 1000 * (i + 1), f"{rate:g}-")
+        runs.append((rate, reqs, arrival_times(bench.arrival, rate, len(reqs), bench.seed + i).tolist()))
+    return runs, requests(bench.warmup, bench.seed + 999_999, "warmup-")
 
 
 def run(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, router_config: RouterConfig,
@@ -374,4 +441,33 @@ def run(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, router_
             report["modes"][mode] = {"error": str(e)}
             continue
         report["modes"][mode] = _run_mode(bench, engine, config, router_config, workers, runs, warmup, print_fn)
+    for target in bench.targets:
+        print_fn(f"[{target.label}] loading {target.base_url} ...")
+        try:
+            report["modes"][target.label] = _run_target(bench, target, runs, warmup, print_fn)
+        except OSError as e:  # aiohttp's connection errors are OSErrors: say so, run the others
+            print_fn(f"[{target.label}] could not load {target.base_url}: {e}")
+            report["modes"][target.label] = {"error": str(e)}
+    report["baseline"] = bench.targets[0].label if bench.targets else None
+    report["ratios"] = ratios(report, report["baseline"])
     return report
+
+
+def ratios(report: dict[str, Any], baseline: str | None) -> dict[str, list[dict[str, Any]]]:
+    """Per server and rate, goodput and mean TPOT / TTFT over the baseline's (the first --base-url) at the same
+    rate, measured in this run: the figures the issue's goals are stated in."""
+    base = report["modes"].get(baseline) if baseline else None
+    if not base or "error" in base:
+        return {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for label, res in report["modes"].items():
+        if label == baseline or "error" in res:
+            continue
+        rows = []
+        for mine, theirs in zip(res["rates"], base["rates"]):
+            rows.append({"rate_rps": mine["rate_rps"]} | {
+                key: (mine[key] / theirs[key] if mine.get(key) is not None and theirs.get(key) else None)
+                for key in ("goodput_rps", "tpot_mean_s", "ttft_mean_s")})
+        sustained = res["sustained"]["rate_rps"], base["sustained"]["rate_rps"]
+        out[label] = rows + [{"sustained": sustained[0] / sustained[1] if sustained[1] else None}]
+    return out

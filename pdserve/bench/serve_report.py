@@ -43,8 +43,11 @@ def render_table(report: dict[str, Any]) -> str:
                 f"{r['tpot_attainment']:>7.0%} {'/'.join(_ms(t[k]) for k in ('p50', 'p90', 'p99')):>20} "
                 f"{'/'.join(_ms(p[k]) for k in ('p50', 'p90', 'p99')):>20} "
                 f"{'/'.join(_f(e[k], '.1f') for k in ('p50', 'p90', 'p99')):>18} {r['failed']:>6}")
+        leaked = res["kv_blocks_leaked"]
         lines.append(f"{'':<10} sustained at >= {report['target']:.0%} attainment: {sustained_text(res['sustained'])}; "
-                     f"KV blocks leaked: {res['kv_blocks_leaked']}")
+                     f"KV blocks leaked: {'n/a (another server)' if leaked is None else leaked}")
+        lines += [f"{'':<10} {line}" for line in breakdown_lines(res)]
+    lines += ratio_lines(report)
     plan = report.get("plan")
     if plan:
         lines.append(f"planner vs measured (pd, {plan['config']}, {_f(plan.get('cached_prompt_tokens'), '.0f')} "
@@ -61,6 +64,26 @@ def render_table(report: dict[str, Any]) -> str:
                          f"relative error {_f(colo['relative_error'], '+.0%')}: {colo['verdict']}")
         lines += plan["profile"]
     return "\n".join(lines)
+
+
+def breakdown_lines(res: dict[str, Any]) -> list[str]:
+    """Where each rate's output tokens spent their time on a pdserve server (pdserve/bench/token_time.py)."""
+    from pdserve.bench.token_time import Breakdown
+
+    return [f"{r['rate_rps']:g} req/s, where the time went: {Breakdown.describe(r['breakdown'])}"
+            for r in res["rates"] if r.get("breakdown")]
+
+
+def ratio_lines(report: dict[str, Any]) -> list[str]:
+    """Each server against the baseline (the first --base-url), rate by rate, from this run alone."""
+    lines = []
+    for label, rows in (report.get("ratios") or {}).items():
+        per_rate = [r for r in rows if "rate_rps" in r]
+        text = "; ".join(f"{r['rate_rps']:g} req/s goodput {_f(r['goodput_rps'])}x, TPOT mean {_f(r['tpot_mean_s'])}x, "
+                         f"TTFT mean {_f(r['ttft_mean_s'])}x" for r in per_rate)
+        sustained = next((r["sustained"] for r in rows if "sustained" in r), None)
+        lines.append(f"{label} / {report['baseline']}: {text}; sustained rate {_f(sustained)}x")
+    return lines
 
 
 def sustained_text(s: dict[str, Any]) -> str:

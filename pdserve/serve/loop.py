@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from decode_worker.phases import PhaseClock
 from pdserve.observability.dashboard.collector import MetricsCollector
 from pdserve.openai.records import metrics_record
 from pdserve.serve.admission import Admission
@@ -58,6 +59,22 @@ class Sink:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+def deliver(outbox: list[tuple[Sink, Event]]) -> None:
+    """Hand a tick's events to their handlers: one wake-up of each event loop per tick, not one per request
+    per step (each `call_soon_threadsafe` writes the loop's self-pipe)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sink, Event]]] = {}
+    for sink, event in outbox:
+        by_loop.setdefault(sink.loop, []).append((sink, event))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is going down
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[Sink, Event]]) -> None:
+    for sink, event in items:
+        sink.events.put_nowait(event)
+
+
 class ServingLoop:
     def __init__(self, make_router: Callable[[OnFinished, OnTokens], RouterAPI], admission: Admission,
                  collector: MetricsCollector, tokenizer: Any = None) -> None:
@@ -66,10 +83,17 @@ class ServingLoop:
         self.admission, self.collector, self.tokenizer = admission, collector, tokenizer
         self._inbox: queue.Queue[Submit | Abort] = queue.Queue()
         self._sinks: dict[str, Sink] = {}  # custom_id -> sink; the router thread's only
+        self._outbox: list[tuple[Sink, Event]] = []  # this tick's events, delivered together at its end
         self._stop = threading.Event()
         self.error: str | None = None  # set if the router thread died: /health says so
+        # The router thread's pieces of a token's time (intake, collector; the router's tick laps its own
+        # when it takes a clock: dispatch, wait, replies), exported on /metrics.
+        self.laps = PhaseClock()
+        if hasattr(self.router, "laps"):  # the local Router (a deployment's ticks run in its actor)
+            self.router.laps = self.laps
         self._thread = threading.Thread(target=self._run, name="router", daemon=True)
         self._thread.start()
+        collector.token_time.watch_thread("router", self._thread.ident)
 
     # ---- called from the HTTP handlers -------------------------------------------------------
     def submit(self, req: Request, sink: Sink) -> None:
@@ -85,12 +109,20 @@ class ServingLoop:
 
     # ---- the router thread -------------------------------------------------------------------
     def _run(self) -> None:
+        laps = self.laps
         try:
+            laps.start()
             while not self._stop.is_set():
                 self._drain(block=not self.router.active)
+                laps.lap("intake")  # idle waits for a submission included
                 if self.router.active:
                     self.router.tick(wait_s=0.02)
-                self.collector.refresh(self.router)
+                if self._outbox:
+                    deliver(self._outbox)
+                    self._outbox = []
+                laps.lap("tick")  # what the router's own laps left (all of a tick without them), delivery too
+                self.collector.refresh(self.router, laps=laps, wait=False)
+                laps.lap("collector")
         except Exception as e:  # a bug: fail every open request rather than leave its client hanging
             log.exception("the router thread died")
             self.error = f"router thread died: {e!r}"
@@ -114,18 +146,19 @@ class ServingLoop:
                 return
 
     def _tokens(self, req: Request, new: list[int]) -> None:
+        self.collector.token_time.streamed(len(new))
         if req.streamed == len(new):  # its first tokens: prefill is done
             self.admission.prefilled(req)
         sink = self._sinks.get(req.custom_id)
         if sink is not None:
-            sink.put(Tokens(new))
+            self._outbox.append((sink, Tokens(new)))
 
     def _finished(self, req: Request) -> None:
         self.admission.gone(req)
         self.collector.record(metrics_record(req, self.tokenizer))
         sink = self._sinks.pop(req.custom_id, None)
         if sink is not None:
-            sink.put(Finished(req))
+            self._outbox.append((sink, Finished(req)))
 
 
 class InFlight:

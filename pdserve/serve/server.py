@@ -73,6 +73,7 @@ def start_server(engine: EngineConfig, cluster: ClusterConfig, router_config: Ro
             Admission(options.admission, options.slo), collector, tokenizer)
         app = build_app(AppConfig(name, limits, options.api_key, options.request_timeout_s), loop, tokenizer)
         server, thread = _start_uvicorn(app, options.host, options.port, loop)
+        collector.token_time.watch_thread("http", thread.ident)
     except BaseException:
         backend.close()
         raise

@@ -20,7 +20,8 @@ def add_parser(bench) -> None:
                                      "percentiles; the highest rate each mode sustains at the target attainment; "
                                      "an HTML report of attainment vs rate.")
     w = p.add_argument_group("arrivals and workload")
-    w.add_argument("--request-rates", default="0.5,1,2,4", help="comma-separated requests/s")
+    w.add_argument("--request-rates", "--request-rate", dest="request_rates", default="0.5,1,2,4",
+                   help="comma-separated requests/s (vLLM's --request-rate: one rate)")
     w.add_argument("--arrival", default="poisson", choices=("poisson", "gamma"))
     w.add_argument("--burstiness", type=float, default=1.0,
                    help="gamma: coefficient of variation of the gaps between arrivals (1: as Poisson; >1: burstier). "
@@ -31,6 +32,7 @@ def add_parser(bench) -> None:
     w.add_argument("--prompt-dist", default="loguniform", choices=("loguniform", "uniform"))
     w.add_argument("--output-len", default="16:128", help="output tokens MIN:MAX, uniform (EOS ignored)")
     w.add_argument("--seed", type=int, default=0)
+    _vllm_load_args(p)
     m = p.add_argument_group("modes and front end")
     m.add_argument("--modes", default="pd,colocated", help="comma-separated: pd, colocated")
     m.add_argument("--direct", action="store_true", help="hand requests to the router in-process (no HTTP)")
@@ -67,9 +69,49 @@ def _range(text: str, flag: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _vllm_load_args(p) -> None:
+    """vLLM's `bench serve` flags, for the same load through pdserve and any OpenAI-compatible server."""
+    v = p.add_argument_group("vLLM's load (`vllm bench serve --backend openai --endpoint /v1/completions`)")
+    v.add_argument("--dataset-name", default="chat", choices=("chat", "random"),
+                   help="chat: the bench workload's chats (--prompt-len, --output-len); random: vLLM's random "
+                        "dataset, sent to /v1/completions in vLLM's request/stream format")
+    v.add_argument("--random-input-len", type=int, default=1024, help="random: prompt tokens")
+    v.add_argument("--random-output-len", type=int, default=128, help="random: output tokens")
+    v.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="random: lengths drawn in [len * (1 - r), len * (1 + r)]")
+    v.add_argument("--ignore-eos", action="store_true",
+                   help="accepted for vLLM's command lines: EOS is always ignored here")
+    v.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
+                   help="vLLM's goodput SLOs, e.g. ttft:2000 tpot:150 (milliseconds; sets --ttft-slo/--tpot-slo)")
+    v.add_argument("--base-url", action="append", default=[], metavar="[LABEL=]URL",
+                   help="also load this running OpenAI-compatible server (repeatable; e.g. "
+                        "vllm=http://127.0.0.1:8000); the first is the baseline the report's ratios are "
+                        "taken against. With --modes '' only these")
+    v.add_argument("--served-model-name", dest="served_model", default=None,
+                   help="the model name sent to --base-url servers (default: the first each lists)")
+
+
+def _goodput_slo(pairs: list[str] | None, slo):
+    """vLLM's `--goodput ttft:MS tpot:MS` over the SLO the other flags gave."""
+    from dataclasses import replace
+
+    fields = {"ttft": "ttft_s", "tpot": "tpot_s"}
+    for pair in pairs or ():
+        key, _, value = pair.partition(":")
+        try:
+            seconds = float(value) / 1e3
+        except ValueError:
+            raise ValueError(f"--goodput takes KEY:MILLISECONDS, got {pair!r}") from None
+        if key not in fields or seconds <= 0:
+            raise ValueError(f"--goodput keys are ttft and tpot with positive milliseconds, got {pair!r}")
+        slo = replace(slo, **{fields[key]: seconds})
+    return slo
+
+
 def bench_from_args(args: argparse.Namespace):
     from pdserve.bench.arrivals import ArrivalSpec
-    from pdserve.bench.serve import ServeBench
+    from pdserve.bench.openai_load import RandomDataset
+    from pdserve.bench.serve import ServeBench, Target
     from pdserve.bench.workload import WorkloadSpec
     from pdserve.observability.metrics import SLO
 
@@ -80,15 +122,21 @@ def bench_from_args(args: argparse.Namespace):
     (pmin, pmax), (omin, omax) = _range(args.prompt_len, "--prompt-len"), _range(args.output_len, "--output-len")
     workload = WorkloadSpec(min_prompt=pmin, max_prompt=pmax, min_output=omin, max_output=omax, seed=args.seed,
                             prompt_lengths=args.prompt_dist)
+    slo = _goodput_slo(args.goodput, SLO(ttft_s=args.ttft_slo, tpot_s=args.tpot_slo))
+    dataset = (RandomDataset(args.random_input_len, args.random_output_len, args.random_range_ratio)
+               if args.dataset_name == "random" else None)
     bench = ServeBench(rates=rates, modes=tuple(m for m in args.modes.split(",") if m),
                        arrival=ArrivalSpec(args.arrival, args.burstiness), num_prompts=args.num_prompts,
-                       workload=workload, slo=SLO(ttft_s=args.ttft_slo, tpot_s=args.tpot_slo), direct=args.direct,
-                       target=args.attainment_target, warmup=args.warmup, seed=args.seed)
+                       workload=workload, slo=slo, direct=args.direct, target=args.attainment_target,
+                       warmup=args.warmup, seed=args.seed, targets=tuple(Target.parse(u) for u in args.base_url),
+                       dataset=dataset, model=args.served_model)
     if args.quick:
         from dataclasses import replace
 
         bench = replace(bench, rates=(0.5, 1.0), num_prompts=4, warmup=1,
-                        workload=replace(workload, min_prompt=16, max_prompt=64, min_output=2, max_output=6))
+                        workload=replace(workload, min_prompt=16, max_prompt=64, min_output=2, max_output=6),
+                        dataset=dataset and replace(dataset, input_len=min(dataset.input_len, 48),
+                                                    output_len=min(dataset.output_len, 6)))
     return bench
 
 

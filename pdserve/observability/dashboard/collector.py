@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from pdserve.observability.dashboard.state import LIMIT_WINDOW_S, dashboard_state
+from pdserve.observability.dashboard.state import LIMIT_WINDOW_S, LiveSample, dashboard_state
 from pdserve.observability.limiting import STAGES, limiting_stage
 from pdserve.observability.metrics import SLO, RequestMetrics, from_record, offered_served, summarize
+from pdserve.observability.token_time import NAMES as TOKEN_TIME_NAMES
+from pdserve.observability.token_time import Laps, TokenTimeMetrics
 from router.request import State
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
@@ -37,6 +40,7 @@ METRIC_NAMES = (
     "pdserve_spec_draft_tokens_total", "pdserve_spec_accepted_tokens_total", "pdserve_spec_steps_total",
     "pdserve_spec_gamma_asked_total", "pdserve_spec_target_forwards_total", "pdserve_spec_decode_tokens_total",
     "pdserve_spec_acceptance_rate", "pdserve_spec_tokens_per_forward", "pdserve_spec_gamma_mean",
+    *TOKEN_TIME_NAMES,
 )
 
 
@@ -158,7 +162,8 @@ class _Prometheus:
 
 
 class MetricsCollector:
-    def __init__(self, slo: SLO, title: str = "pdserve batch", total_lines: int | None = None) -> None:
+    def __init__(self, slo: SLO, title: str = "pdserve batch", total_lines: int | None = None,
+                 history: int = 3600) -> None:
         self.slo, self.title, self.total_lines = slo, title, total_lines
         self._lock = threading.Lock()
         self._requests: list[RequestMetrics] = []
@@ -167,8 +172,13 @@ class MetricsCollector:
         self._in_flight: dict[str | None, float] = {}  # custom id -> queued time, of the router's unfinished requests
         self._recorded: set[str | None] = set()  # custom ids already recorded: never in flight again
         self._summary_stale = False
+        # The router's state at each refresh, oldest first: the live charts count in-flight requests up to now
+        # from these, the same figures /metrics' gauges were set to at that refresh.
+        self._history: deque[LiveSample] = deque(maxlen=history)
+        self._asked: list | None = None  # stats calls in flight (refresh with wait=False)
         self.finished = False
         self.prom = _Prometheus(slo)
+        self.token_time = TokenTimeMetrics(self.prom.registry)  # where a token's time goes (a server's pieces)
 
     def record(self, record: dict[str, Any]) -> None:
         """One output line, as written to the output file."""
@@ -184,26 +194,34 @@ class MetricsCollector:
         with self._lock:
             self.prom.prefill_batch.observe(size)
 
-    def refresh(self, router: Any, every_s: float = 1.0) -> None:
-        """Live state from the router and its decode workers, at most every `every_s`."""
+    def refresh(self, router: Any, every_s: float = 1.0, laps: Laps | None = None, wait: bool = True) -> None:
+        """Live state from the router and its decode workers, at most every `every_s`; `laps`: the router
+        thread's phase clock, exported as the router's pieces of a token's time. `wait=False` (a server's
+        router thread): the workers' stats are asked for here and read at the next refresh, so the router
+        never blocks on a busy worker's answer."""
         now = time.time()
         if now - self._live_at < every_s:
             return
         self._live_at = now
+        if laps is not None:
+            self.token_time.update_router(laps)
         import ray
 
         snap = router.snapshot()
         in_flight = {r.custom_id: r.timeline.queued for r in list(router.active.values())}
-        workers = {}
+        workers = self._live.get("decode_workers", {})  # the last figures, unless new ones come
         try:
-            stats = ray.get([h.stats.remote() for h in router.workers.decode.values()], timeout=5)
+            stats = self._worker_stats(ray, list(router.workers.decode.values()), wait)
+        except Exception:  # a worker restarting: keep the last figures
+            self._asked, stats = None, None
+        if stats is not None:
             workers = {s.worker_id: {"worker_id": s.worker_id, "num_blocks": s.pool.num_blocks,
                                      "free_blocks": s.pool.free_blocks, "running": s.running} for s in stats}
-        except Exception:  # a worker restarting: keep the last figures
-            workers = self._live.get("decode_workers", {})
+            self.token_time.update_workers(stats)
         with self._lock:
             self._live = {"at": now, "states": snap["states"], "queue_depth": snap["queue_depth"],
                           "decode_workers": workers}
+            self._history.append(LiveSample(now, dict(snap["states"]), dict(snap["queue_depth"])))
             # a request recorded while we waited for the workers' stats is finished, not in flight
             self._in_flight = {cid: q for cid, q in in_flight.items() if cid not in self._recorded}
             self._summary_stale = True
@@ -216,14 +234,31 @@ class MetricsCollector:
                 self.prom.kv_total.labels(wid).set(s["num_blocks"])
                 self.prom.decode_batch.labels(wid).set(s["running"])
 
+    def _worker_stats(self, ray: Any, handles: list, wait: bool) -> list | None:
+        """The decode workers' stats; None: not in yet (wait=False: the answers asked for last time)."""
+        if not handles:
+            return []  # no Ray call at all
+        if wait:
+            return ray.get([h.stats.remote() for h in handles], timeout=5)
+        got = None
+        if self._asked is not None:
+            ready, _ = ray.wait(self._asked, num_returns=len(self._asked), timeout=0)
+            if len(ready) < len(self._asked):
+                return None
+            got = ray.get(self._asked)
+        self._asked = [h.stats.remote() for h in handles]
+        return got
+
     def state(self) -> dict[str, Any]:
         with self._lock:
             requests, live = list(self._requests), dict(self._live, finished=self.finished)
             in_flight = list(self._in_flight.values())
+            history = list(self._history)
         return dashboard_state(requests, self.slo, total_lines=self.total_lines, live=live, title=self.title,
-                               in_flight_queued=in_flight)
+                               in_flight_queued=in_flight, history=history)
 
     def prometheus(self) -> bytes:
+        self.token_time.update_threads()
         with self._lock:
             self._refresh_summary()
             return generate_latest(self.prom.registry)

@@ -11,7 +11,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pdserve.observability.limiting import attainment_series, limiting_stage
@@ -30,6 +30,37 @@ GRID_POINTS = 120
 GANTT_ROWS = 40
 HIST_BINS = 24
 LIMIT_WINDOW_S = 60.0  # the limiting stage is judged on the requests that finished in the last minute
+
+
+# The router states a live chart counts (router/request.py State), in pipeline order.
+LIVE_STATES = ("queued", "prefill", "admitting", "decode")
+
+
+@dataclass(frozen=True)
+class LiveSample:
+    """The router's live state at one refresh (MetricsCollector.refresh): what /metrics reported then."""
+
+    at: float  # time.time()
+    states: dict[str, int]  # router state -> requests in it
+    queue_depth: dict[str, int]  # prompt-length bucket -> queued requests
+
+
+def live_series(history: Sequence[LiveSample], t0: float) -> dict[str, Any]:
+    """Requests in each state and queued per bucket at each refresh up to now, seconds from `t0`: in-flight
+    requests counted as they were, so an overload shows while it happens, not once its requests finish."""
+    buckets = sorted({b for s in history for b in s.queue_depth}, key=lambda b: int(b.split("-")[0].rstrip("+")))
+    return {"t": [round(s.at - t0, 3) for s in history],
+            "in_stage": {state: [s.states.get(state, 0) for s in history] for state in LIVE_STATES},
+            "queue_depth": {b: [s.queue_depth.get(b, 0) for s in history] for b in buckets}}
+
+
+def backlog(now: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The headline: requests in each state now, and the state holding most of them (where the backlog is)."""
+    if not now or "states" not in now:
+        return None
+    counts = {state: int(now["states"].get(state, 0)) for state in LIVE_STATES}
+    total = sum(counts.values())
+    return {"counts": counts, "in_flight": total, "at": max(counts, key=counts.get) if total else None}
 
 
 def _grid(t0: float, t1: float, points: int = GRID_POINTS) -> list[float]:
@@ -71,8 +102,9 @@ def _spec_series(ok: Sequence[RequestMetrics], bucket_s: float, t0: float) -> li
 def dashboard_state(requests: Sequence[RequestMetrics], slo: SLO, *, total_lines: int | None = None,
                     live: dict[str, Any] | None = None, title: str = "pdserve batch",
                     bucket_edges: Sequence[int] = DEFAULT_BUCKET_EDGES,
-                    in_flight_queued: Sequence[float] = ()) -> dict[str, Any]:
-    """`in_flight_queued`: queued times of requests not finished yet (live), for the offered rate."""
+                    in_flight_queued: Sequence[float] = (), history: Sequence[LiveSample] = ()) -> dict[str, Any]:
+    """`in_flight_queued`: queued times of requests not finished yet (live), for the offered rate; `history`:
+    the router's state at each live refresh, which the stage and queue charts are drawn from when given."""
     done = [r for r in requests]
     summary = summarize(done, slo) if done else None
     state: dict[str, Any] = {"title": title, "generated_at": time.time(), "live": live is not None,
@@ -81,9 +113,13 @@ def dashboard_state(requests: Sequence[RequestMetrics], slo: SLO, *, total_lines
     if live is not None:
         state["now"] = live
     state["rates"] = offered_served(done, in_flight_queued, LIMIT_WINDOW_S)
+    state["backlog"] = backlog(live)
+    if history:  # before any request finished too: an overload's first minute has no finishes
+        start = min([h.at for h in history] + [r.queued for r in done] + list(in_flight_queued))
+        state["live_series"] = live_series(history, start)
     if not done:
         return state
-    t0 = min([r.queued for r in done] + list(in_flight_queued))
+    t0 = min([r.queued for r in done] + list(in_flight_queued) + [h.at for h in history[:1]])
     t1 = max(r.finish for r in done)
     grid = _grid(t0, t1)
     rel = [round(t - t0, 4) for t in grid]

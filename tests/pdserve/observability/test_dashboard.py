@@ -134,7 +134,9 @@ def render(url: str, screenshot: Path, profile: Path) -> _Page:
     return parsed
 
 
-def check_page(page: _Page, output: Path, slo: SLO) -> None:
+def check_page(page: _Page, output: Path, slo: SLO, live: dict | None = None) -> None:
+    """`live`: the live page's own state (api/state): its stage and queue charts count in-flight requests at
+    each refresh (the router's states), not the finished requests' stages."""
     assert page.body.get("data-rendered") == "final", "the page did not render the final state"
     records = [json.loads(line) for line in output.read_text().splitlines()]
     metrics = [from_record(r) for r in records]
@@ -149,7 +151,11 @@ def check_page(page: _Page, output: Path, slo: SLO) -> None:
         assert float(page.by_id[tile]["data-value"]) == pytest.approx(rates[f"{tile}_rps"], rel=1e-9)
     limit = limiting_stage(metrics, slo, window_s=LIMIT_WINDOW_S)
     assert page.by_id["limiting-stage"]["data-value"] == limit.stage
-    for chart, (titles, legend) in expected_charts(dashboard_state(metrics, slo)).items():
+    charts = expected_charts(dashboard_state(metrics, slo))
+    if live is not None:
+        charts["chart-stages"] = ({TIME, "requests"}, list(live["live_series"]["in_stage"]))
+        charts["chart-queue"] = ({TIME, "queued requests"}, list(live["live_series"]["queue_depth"]))
+    for chart, (titles, legend) in charts.items():
         drawn = page.charts[chart]
         assert page.by_id[chart].get("data-drawn") == "1", f"{chart} was not drawn"
         assert drawn["svg"] >= 1 and drawn["traces"] >= (len(legend) if legend else 1), f"{chart}: {drawn}"
@@ -191,7 +197,9 @@ def test_live_dashboard_shows_the_output_figures(finished_batch):
     shot = tmp / "dashboard.png"
     page = render(server.url, shot, tmp / "profile-live")
     assert shot.stat().st_size > 20_000
-    check_page(page, out, slo)
+    live = json.loads(urllib.request.urlopen(server.url + "api/state", timeout=10).read())
+    assert list(live["live_series"]["in_stage"]) == ["queued", "prefill", "admitting", "decode"]
+    check_page(page, out, slo, live=live)
     metrics = urllib.request.urlopen(server.url + "metrics", timeout=10).read().decode()
     assert "pdserve_goodput_requests_per_second" in metrics and "pdserve_kv_blocks_total" in metrics
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -227,3 +235,63 @@ class _References(HTMLParser):
         for k, v in attrs:
             if k in ("src", "href", "data", "srcset", "action") and v and not v.startswith("#"):
                 self.found.append(f"<{tag} {k}={v}>")
+
+
+class _OverloadedRouter:
+    """A router's live face (snapshot, active, workers) during an overload that grows at each refresh."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.workers = SimpleNamespace(decode={})
+        self.active: dict = {}
+        self.turn = 0
+        self._ns = SimpleNamespace
+
+    def grow(self) -> None:
+        import time
+
+        self.turn += 1
+        for i in range(7):
+            self.active[f"r{self.turn}-{i}"] = self._ns(custom_id=f"r{self.turn}-{i}",
+                                                       timeline=self._ns(queued=time.time()))
+
+    def snapshot(self) -> dict:
+        t = self.turn
+        return {"states": {"queued": 6 * t, "prefill": min(4, t), "admitting": t % 2, "decode": 8},
+                "queue_depth": {"0-128": 2 * t, "129-512": 4 * t, "513+": 0}, "kv_blocks_held": {}}
+
+
+def _gauges(metrics: str, name: str, label: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2)) for m in re.finditer(rf'^{name}{{{label}="([^"]+)"}} (\S+)$', metrics, re.M)}
+
+
+def test_live_charts_show_an_overload_before_any_request_finishes(tmp_path):
+    """Requests pile up and none has finished: the page leads with the backlog, and its stage and queue
+    charts end at now with the numbers /metrics' pdserve_requests_in_state and queue depth give."""
+    collector = MetricsCollector(SLO(ttft_s=2.0, tpot_s=0.15), title="pdserve: overload")
+    router = _OverloadedRouter()
+    for _ in range(5):
+        router.grow()
+        collector.refresh(router, every_s=0)
+    server = DashboardServer(collector)
+    try:
+        page = render(server.url, tmp_path / "overload.png", tmp_path / "profile")
+        metrics = urllib.request.urlopen(server.url + "metrics", timeout=10).read().decode()
+    finally:
+        server.stop()
+    in_state = _gauges(metrics, "pdserve_requests_in_state", "state")
+    queued = _gauges(metrics, "pdserve_queue_depth", "bucket")
+    assert in_state == {"queued": 30, "prefill": 4, "admitting": 1, "decode": 8}  # the last refresh's snapshot
+    for chart, want in (("chart-stages", in_state), ("chart-queue", queued)):
+        assert page.by_id[chart].get("data-drawn") == "1", f"{chart} was not drawn with no request finished"
+        assert json.loads(page.by_id[chart]["data-last"]) == want, chart
+        assert page.charts[chart]["traces"] >= len(want)
+    # the headline: what is in flight now, and where most of it waits
+    assert "hidden" not in page.by_id["backlog"]
+    assert {k: float(page.by_id[f"now-{k}"]["data-value"]) for k in in_state} == in_state
+    assert float(page.by_id["now-in-flight"]["data-value"]) == sum(in_state.values())
+    assert page.by_id["backlog-at"]["data-value"] == "queued"
+    state = collector.state()  # the live series: one point per refresh, up to the last
+    assert [s[-1] for s in state["live_series"]["in_stage"].values()] == list(in_state.values())
+    assert len(state["live_series"]["t"]) == 5 and state["live_series"]["t"] == sorted(state["live_series"]["t"])

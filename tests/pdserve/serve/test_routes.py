@@ -88,7 +88,7 @@ class ScriptedRouter:
 class OfflineCollector(MetricsCollector):
     """The real collector, minus the live refresh (it asks the decode workers through Ray)."""
 
-    def refresh(self, router: Any, every_s: float = 1.0) -> None:
+    def refresh(self, router: Any, every_s: float = 1.0, **live: Any) -> None:
         pass
 
 

@@ -6,7 +6,8 @@
 (function () {
   "use strict";
   const COLORS = ["#2f80ed", "#e8833a", "#27ae60", "#b04ad6", "#eb5757", "#f2c94c", "#56ccf2", "#6d4c41"];
-  const STAGE_COLORS = { queued: "#8a93a6", prefill: "#e8833a", transfer: "#b04ad6", decode: "#2f80ed" };
+  const STAGE_COLORS = { queued: "#8a93a6", prefill: "#e8833a", transfer: "#b04ad6", admitting: "#b04ad6", decode: "#2f80ed" };
+  const STATE_WORDS = { queued: "queued for prefill", prefill: "in prefill", admitting: "waiting to join a decode batch", decode: "decoding" };
   const CONFIG = { displaylogo: false, responsive: true };
   const TIME = "time since the first arrival (s)";
   let pending = [];
@@ -53,6 +54,21 @@
       line: { color: STAGE_COLORS[n] || COLORS[i % COLORS.length], width: 1.8 },
     }));
     draw(id, xs && xs.length ? traces : [], layout(TIME, yTitle, extra));
+    // Each line's last value, for a reader that compares the chart with /metrics at the same moment.
+    const last = {};
+    Object.keys(named).forEach(n => { const ys = named[n]; if (ys && ys.length) last[n] = ys[ys.length - 1]; });
+    document.getElementById(id).setAttribute("data-last", JSON.stringify(last));
+  }
+
+  // The headline of a live page: requests in flight now, and the state holding most of them.
+  function backlog(b) {
+    const box = document.getElementById("backlog");
+    if (!b) { box.hidden = true; return; }
+    box.hidden = false;
+    box.className = "backlog" + (b.counts.queued > 0 ? " queued" : "");
+    Object.keys(b.counts).forEach(k => tile("now-" + k, b.counts[k], String(b.counts[k])));
+    tile("now-in-flight", b.in_flight, String(b.in_flight));
+    tile("backlog-at", b.at || "", b.at ? "most are " + STATE_WORDS[b.at] : "nothing in flight");
   }
 
   function rates(points) {
@@ -221,13 +237,20 @@
     document.getElementById("progress").textContent =
       `${done}${state.total_lines ? " / " + state.total_lines : ""} requests finished`;
     tiles(state);
+    backlog(state.backlog);
     limiting(state.limiting, state.slo);
-    const ser = state.series;
+    const ser = state.series, live = state.live_series;
+    if (live) {  // live: in-flight requests up to now, sampled from the router (what /metrics reports)
+      lines("chart-stages", live.t, live.in_stage, "requests");
+      lines("chart-queue", live.t, live.queue_depth, "queued requests", { legend: { orientation: "h", x: 0, y: 1.0, yanchor: "bottom", title: { text: "prompt tokens" } } });
+    }
     if (ser) {
       rates(ser.goodput);
       attainment(ser.attainment, state.limiting ? state.limiting.target : 0.9);
-      lines("chart-stages", ser.t, ser.in_stage, "requests");
-      lines("chart-queue", ser.t, ser.queue_depth, "queued requests", { legend: { orientation: "h", x: 0, y: 1.0, yanchor: "bottom", title: { text: "prompt tokens" } } });
+      if (!live) {  // a report: reconstructed from the finished requests' timelines
+        lines("chart-stages", ser.t, ser.in_stage, "requests");
+        lines("chart-queue", ser.t, ser.queue_depth, "queued requests", { legend: { orientation: "h", x: 0, y: 1.0, yanchor: "bottom", title: { text: "prompt tokens" } } });
+      }
       lines("chart-kv", ser.t, ser.kv_blocks, "KV blocks");
       lines("chart-batch", ser.t, ser.decode_batch, "sequences in the batch");
       speculative(ser.speculative || []);
