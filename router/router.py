@@ -16,7 +16,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -29,6 +29,8 @@ from router.api import OnFinished, OnTokens
 from router.calls import Call, CallKind, Role
 from router.colocated import ColocatedDispatch
 from router.health import WorkerHealth
+from router.hybrid import HybridDispatch
+from router.hybrid_rule import HybridRule
 from router.pd import PDDispatch
 from router.placement import DecodeCapacity, Placement, PrefixRouting
 from router.queue import DEFAULT_BUCKET_EDGES, LengthBucketQueue
@@ -56,10 +58,12 @@ class RouterConfig:
     # the worker is killed so Ray restarts it, and its requests are served again elsewhere.
     stall_timeout_s: float = 60.0
     restart_timeout_s: float = 300.0  # how long a lost worker may take to come back before it is retired
-    colocated_backlog: int = 8  # --mode colocated: requests a worker may hold beyond max_num_seqs (waiting)
+    colocated_backlog: int = 8  # --mode colocated/hybrid: requests a worker may hold beyond max_num_seqs (waiting)
+    hybrid_rule: HybridRule = field(default_factory=HybridRule)  # --mode hybrid: each request's path
 
 
-STRATEGIES: dict[Mode, type[Dispatch]] = {Mode.PD: PDDispatch, Mode.COLOCATED: ColocatedDispatch}
+STRATEGIES: dict[Mode, type[Dispatch]] = {Mode.PD: PDDispatch, Mode.COLOCATED: ColocatedDispatch,
+                                           Mode.HYBRID: HybridDispatch}
 
 
 class Router:
@@ -350,7 +354,7 @@ class Router:
 
     def _add_decode_capacity(self, did: str, ep: KVEndpoint) -> None:
         self.routing.configure(ep.layout.block_size, ep.model_fingerprint)
-        colocated = self.workers.mode == Mode.COLOCATED
+        colocated = self.workers.mode in (Mode.COLOCATED, Mode.HYBRID)  # workers that hold a waiting line
         most = self.workers.max_num_seqs + self.config.colocated_backlog if colocated else None
         self.placement.add_worker(DecodeCapacity(did, ep.layout.num_blocks, ep.layout.block_size,
                                                  self.workers.max_num_seqs, max_requests=most,

@@ -13,6 +13,7 @@ import time
 import ray
 
 from decode_worker.colocated import ColocatedWorker
+from decode_worker.hybrid import HybridWorker
 from decode_worker.worker import DecodeWorker
 from pdserve.runtime.startup import process_age_s
 from prefill_worker.worker import PrefillWorker
@@ -112,4 +113,10 @@ class ColocatedActor(ColocatedWorker, _ActorInfo):
         _start(self, config, super().__init__)
 
 
-ACTORS = {"prefill": PrefillActor, "decode": DecodeActor, "colocated": ColocatedActor}
+@ray.remote
+class HybridActor(HybridWorker, _ActorInfo):
+    def __init__(self, config: WorkerConfig) -> None:
+        _start(self, config, super().__init__)
+
+
+ACTORS = {"prefill": PrefillActor, "decode": DecodeActor, "colocated": ColocatedActor, "hybrid": HybridActor}
