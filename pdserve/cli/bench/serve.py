@@ -32,7 +32,7 @@ def add_parser(bench) -> None:
     w.add_argument("--output-len", default="16:128", help="output tokens MIN:MAX, uniform (EOS ignored)")
     w.add_argument("--seed", type=int, default=0)
     m = p.add_argument_group("modes and front end")
-    m.add_argument("--modes", default="pd,colocated", help="comma-separated: pd, colocated")
+    m.add_argument("--modes", default="pd,colocated", help="comma-separated: pd, colocated, hybrid")
     m.add_argument("--direct", action="store_true", help="hand requests to the router in-process (no HTTP)")
     m.add_argument("--warmup", type=int, default=2, help="uncounted requests per mode before the first rate")
     s = p.add_argument_group("SLOs (defaults: run-batch's, serve's and plan's, for SmolLM2-135M on 2 cores)")
