@@ -45,6 +45,9 @@ def render_table(report: dict[str, Any]) -> str:
                 f"{'/'.join(_f(e[k], '.1f') for k in ('p50', 'p90', 'p99')):>18} {r['failed']:>6}")
         lines.append(f"{'':<10} sustained at >= {report['target']:.0%} attainment: {sustained_text(res['sustained'])}; "
                      f"KV blocks leaked: {res['kv_blocks_leaked']}")
+    ratio = hybrid_ratio(report)
+    if ratio is not None:
+        lines.append(f"hybrid sustains {ratio:.2f}x the rate of the better of pd and colocated (this run)")
     plan = report.get("plan")
     if plan:
         lines.append(f"planner vs measured (pd, {plan['config']}, {_f(plan.get('cached_prompt_tokens'), '.0f')} "
@@ -61,6 +64,16 @@ def render_table(report: dict[str, Any]) -> str:
                          f"relative error {_f(colo['relative_error'], '+.0%')}: {colo['verdict']}")
         lines += plan["profile"]
     return "\n".join(lines)
+
+
+def hybrid_ratio(report: dict[str, Any]) -> float | None:
+    """Hybrid's sustained rate over the better of PD's and colocated's, when all three ran (issue 28's goal:
+    >= 1.2); None when one is missing or the better baseline sustained nothing."""
+    modes = report["modes"]
+    if any(m not in modes or "error" in modes[m] for m in ("pd", "colocated", "hybrid")):
+        return None
+    best = max(modes["pd"]["sustained"]["rate_rps"] or 0.0, modes["colocated"]["sustained"]["rate_rps"] or 0.0)
+    return (modes["hybrid"]["sustained"]["rate_rps"] or 0.0) / best if best > 0 else None
 
 
 def sustained_text(s: dict[str, Any]) -> str:

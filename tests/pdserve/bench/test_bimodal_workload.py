@@ -25,3 +25,15 @@ def test_the_workload_flag_sets_the_bimodal_spec():
     assert isinstance(args, argparse.Namespace)
     workload = bench_from_args(args).workload
     assert workload.prompt_lengths == "bimodal" and workload.max_prompt == 256
+
+
+def test_the_report_gives_hybrids_rate_over_the_better_baseline():
+    from pdserve.bench.serve_report import hybrid_ratio
+
+    def mode(rate):
+        return {"sustained": {"rate_rps": rate}}
+
+    report = {"modes": {"pd": mode(2.0), "colocated": mode(2.5), "hybrid": mode(3.0)}}
+    assert hybrid_ratio(report) == 1.2
+    assert hybrid_ratio({"modes": {"pd": mode(2.0), "hybrid": mode(3.0)}}) is None  # colocated did not run
+    assert hybrid_ratio({"modes": {"pd": mode(0.0), "colocated": mode(None), "hybrid": mode(1.0)}}) is None
