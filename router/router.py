@@ -28,6 +28,7 @@ from proto.workers import WorkerSet
 from router.api import OnFinished, OnTokens
 from router.calls import Call, CallKind, Role
 from router.colocated import ColocatedDispatch
+from router.drain import WorkerDrains
 from router.health import WorkerHealth
 from router.hybrid import HybridDispatch
 from router.hybrid_rule import HybridRule
@@ -86,6 +87,7 @@ class Router:
         self.health = WorkerHealth(config.restart_timeout_s)
         self._releases: list[ray.ObjectRef] = []  # block releases sent, maybe not yet applied
         self.dispatch: Dispatch = STRATEGIES[workers.mode](self)
+        self.drains = WorkerDrains()  # scale-down: workers that finish what they hold, then stop
 
     # ---- intake ------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -122,6 +124,8 @@ class Router:
     def tick(self, wait_s: float = 0.5) -> None:
         for role, wid in self.health.due_probes():
             self._probe(role, wid)
+        if self.drains.draining:
+            self.drains.check(self)
         self.dispatch.dispatch()
         self._ensure_polls()
         if not self._calls:
@@ -213,7 +217,14 @@ class Router:
         return None if req is None or req.finished or req.attempt_id != attempt_id else req
 
     def is_down(self, worker_id: str) -> bool:
-        return self.health.is_down(worker_id)
+        """Send it nothing new: being restarted, or a prefill worker draining (a draining decode worker
+        still admits what it reserved; placement gives it nothing new)."""
+        draining_prefill = self.drains.draining.get(worker_id) == Role.PREFILL
+        return self.health.is_down(worker_id) or draining_prefill
+
+    def drain_worker(self, role: Role, worker_id: str) -> None:
+        """Scale one worker down without losing a request (router/drain.py)."""
+        self.drains.drain(self, role, worker_id)
 
     def stream(self, req: Request) -> None:
         """Hand on_tokens what this attempt's output holds beyond what was streamed already. A retry
