@@ -145,6 +145,8 @@ class Router:
                 continue
             self._handle(call, value)
         self._expire_calls()
+        if self.drains.draining:  # here too: the turn that finished a drained worker's last request stops it
+            self.drains.check(self)
 
     def _settle(self, call: Call) -> None:
         """A call is over, whatever its outcome: free what it held in the router's books."""
