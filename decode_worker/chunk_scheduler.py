@@ -109,6 +109,7 @@ class ChunkScheduler:
     def schedule(self, now: float | None = None) -> StepPlan | None:
         """The next step's rows, or None when there is nothing to run."""
         now = time.time() if now is None else now
+        self._admit_prefilled()
         rows = [StepRow(s, (s.output[-1],), s.next_position, True) for s in self.running if s.prefilled]
         num_decode = len(rows)
         budget = self.max_num_batched_tokens - num_decode
@@ -122,6 +123,16 @@ class ChunkScheduler:
             self.running.append(seq)
             budget -= self._chunk(seq, budget, rows, now)
         return StepPlan(tuple(rows), num_decode) if rows else None
+
+    def _admit_prefilled(self) -> None:
+        """Waiting sequences whose prompt KV arrived whole with their first token (a hybrid worker's PD
+        path) need no chunk: they join the running batch as decode rows, while it has room."""
+        for seq in [s for s in self.waiting if s.prefilled]:
+            if len(self.running) >= self.max_num_seqs:
+                return
+            self.waiting.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
 
     @staticmethod
     def _chunk(seq: ColocatedSequence, budget: int, rows: list[StepRow], now: float) -> int:

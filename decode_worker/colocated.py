@@ -28,7 +28,7 @@ from decode_worker.step_loop import Abort, StepLoopWorker
 from decode_worker.stopping import StopChecker
 from engine.compute_thread import ComputeThread
 from engine.config import default_batched_tokens
-from engine.kv_cache import BlockManager, KVPool
+from engine.kv_cache import BlockManager, KVLayout, KVPool
 from engine.loader import load_tokenizer
 from engine.parallel.follow import DriverRunner
 from engine.runner import model_fingerprint
@@ -53,16 +53,13 @@ class ColocatedWorker(StepLoopWorker):
         self.compute = ComputeThread(config.engine.num_threads, name=f"colocated-{self.worker_id}")
         self.tp, self.runner = start_rank(self.compute, config, "colocated")  # decode_worker/ranks.py
         layout = self.runner.kv_layout()
-        self.pool = self.compute.call(KVPool.allocate, layout, self.runner.config.device)
+        fingerprint = model_fingerprint(self.runner.folder)
+        self.pool, self.endpoint_info = self._open_pool(layout, fingerprint, node_ip)
         self.compute.call(exchange_pools, self.tp, self.runner, None)
         if self.tp.size > 1:  # rank 0 drives the others, each over its own pool of its KV heads
             self.runner = DriverRunner(self.runner, self.tp, {POOL: self.pool})
-        fingerprint = model_fingerprint(self.runner.folder)
         self.blocks = BlockManager(layout.num_blocks, layout.block_size, salt=fingerprint,
                                    enable_prefix_caching=config.engine.enable_prefix_caching)
-        # No transport: nothing is sent to this pool. The endpoint only tells the router its size.
-        self.endpoint_info = KVEndpoint(worker_id=self.worker_id, node_id=node_id, layout=layout,
-                                        model_fingerprint=fingerprint)
         budget = config.max_num_batched_tokens or default_batched_tokens(self.runner.config.device,
                                                                          config.engine.max_num_seqs)
         tokenizer = load_tokenizer(self.runner.folder)
@@ -77,6 +74,13 @@ class ColocatedWorker(StepLoopWorker):
         self._announced: set[str] = set()  # requests whose first token a poll has returned (in `prefilled`)
         self._start_loop_state()
         self._start_loop()
+
+    def _open_pool(self, layout: KVLayout, fingerprint: str, node_ip: str) -> tuple[KVPool, KVEndpoint]:
+        """No transport: nothing is sent to this pool. The endpoint only tells the router its size.
+        (A hybrid worker, decode_worker/hybrid.py, opens one that prefill workers write into.)"""
+        pool = self.compute.call(KVPool.allocate, layout, self.runner.config.device)
+        return pool, KVEndpoint(worker_id=self.worker_id, node_id=self.node_id, layout=layout,
+                                model_fingerprint=fingerprint)
 
     # ---- router-facing API -------------------------------------------------------------
     def endpoint(self) -> KVEndpoint:

@@ -49,6 +49,14 @@ class Mode(StrEnum):
 
     PD = "pd"  # prefill and decode workers, KV sent between them
     COLOCATED = "colocated"  # workers that each prefill (chunked, mixed into decode steps) and decode
+    HYBRID = "hybrid"  # prefill workers for long prompts, workers that decode and chunk-prefill short ones
+
+
+class PrefillPath(StrEnum):
+    """Which way one request's prompt was prefilled (`--mode hybrid` chooses per request)."""
+
+    PD = "pd"  # on a prefill worker, its KV sent to the decode-side worker
+    CHUNKED = "chunked"  # on the decode-side worker itself, in chunks inside its decode steps
 
 
 class FinishReason(StrEnum):

@@ -13,6 +13,7 @@ Who calls what, and what it may block on:
     DecodeWorkerAPI.reserve         router, before a prefill batch is sent; under the pool lock only
     DecodeWorkerAPI.admit           router, once prefill returned; queues sequences for the step loop
     ColocatedWorkerAPI.submit       router (--mode colocated): reserve + queue, prefill runs in place
+    HybridWorkerAPI                 router (--mode hybrid): submit for short prompts, reserve/admit for long
     StepLoopWorkerAPI.poll          router, one in flight per worker; waits up to `timeout` for results
     StepLoopWorkerAPI.release       router, fire and forget: aborts (the loop frees blocks between steps)
 """
@@ -108,6 +109,17 @@ class ColocatedWorkerAPI(StepLoopWorkerAPI, Protocol):
     def stats(self) -> ColocatedStats: ...
 
 
+@runtime_checkable
+class HybridWorkerAPI(ColocatedWorkerAPI, Protocol):
+    """--mode hybrid: a colocated worker that also takes KV from prefill workers (the PD path)."""
+
+    def reserve(self, reservations: list[Reservation], arrived: Sequence[Admission] = ()) -> dict[str, Grant]:
+        """As DecodeWorkerAPI.reserve."""
+
+    def admit(self, admissions: list[Admission]) -> list[str]:
+        """As DecodeWorkerAPI.admit: the request joins the running batch as a decode row."""
+
+
 # A Ray actor handle whose methods are the protocol's, each called as `handle.method.remote(...)`.
 PrefillHandle = Any
 StepLoopHandle = Any
@@ -125,5 +137,5 @@ class WorkerSet:
     endpoints: dict[str, KVEndpoint] = field(default_factory=dict)
     max_num_seqs: int = 128
     shared_cores: bool = False  # prefill and decode workers compete for the same CPU cores
-    mode: Mode = Mode.PD  # COLOCATED: `decode` holds colocated workers, `prefill` is empty
+    mode: Mode = Mode.PD  # COLOCATED: `decode` holds colocated workers, `prefill` is empty; HYBRID: hybrid ones
     followers: list = field(default_factory=list)  # ranks > 0 of tensor-parallel workers: kept alive, stopped last

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from proto.kinds import PrefillPath
 from proto.messages import ColocatedTask, DecodePoll
 from router.calls import Call, CallKind, Role
 from router.request import Request, State
@@ -28,6 +29,8 @@ class ColocatedDispatch(Dispatch):
         chosen: dict[str, str] = {}  # attempt id -> worker
 
         def fits(req: Request) -> bool:  # does_fit + reserve in the mirror, prefix overlap against load
+            if not self.accepts(req):
+                return False
             keys = r.routing.keys(req.prompt_token_ids)
             where = r.placement.place(req.attempt_id, req.prompt_len + req.params.max_tokens,
                                       r.routing.decode_overlap(keys))
@@ -42,6 +45,7 @@ class ColocatedDispatch(Dispatch):
         for wid, reqs in by_worker.items():
             for req in reqs:
                 req.decode_worker = req.prefill_worker = wid
+                req.path = PrefillPath.CHUNKED
                 req.kv_blocks = r.placement.workers[wid].holds[req.attempt_id]
                 req.move(State.PREFILL)
             tasks = [ColocatedTask(q.attempt_id, tuple(q.prompt_token_ids), q.params) for q in reqs]

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from proto.kinds import PrefillPath
 from proto.messages import Admission, Grant, PrefillResult, PrefillTask, Reservation
 from router.calls import Call, CallKind, Role
 from router.request import Request, State
@@ -28,8 +30,8 @@ log = logging.getLogger("pdserve.router")
 class PDDispatch(Dispatch):
     kinds = frozenset({CallKind.PREFILL, CallKind.ADMIT})
 
-    def __init__(self, router: RouterServices) -> None:
-        super().__init__(router)
+    def __init__(self, router: RouterServices, accepts: Callable[[Request], bool] | None = None) -> None:
+        super().__init__(router, accepts)
         self.prefill_load: dict[str, int] = {wid: 0 for wid in router.workers.prefill}  # batches in flight
         # Prefilled requests waiting for their admit call, per decode worker (see batch_admissions).
         self.held: dict[str, list[tuple[Request, Admission]]] = defaultdict(list)
@@ -59,6 +61,8 @@ class PDDispatch(Dispatch):
         ready = [w for w in r.workers.prefill if not r.is_down(w) and self._has_slot(w)]
 
         def fits(req: Request) -> bool:  # the cheapest prefill worker is this one; does_fit + reserve in the mirror
+            if not self.accepts(req):
+                return False
             keys = r.routing.keys(req.prompt_token_ids)
             if r.routing.prefill_worker(ready, keys, req.prompt_len) != wid:
                 return False
@@ -99,7 +103,7 @@ class PDDispatch(Dispatch):
                     log.warning("decode worker %s refused a reservation the router expected to fit", did)
                 r.retry(req, f"decode worker {did} could not reserve KV blocks")
                 continue
-            req.prefill_worker = wid
+            req.prefill_worker, req.path = wid, PrefillPath.PD
             req.kv_bytes_saved = grant.cached_blocks * endpoint.layout.bytes_per_block
             req.move(State.PREFILL)
             keys = r.routing.keys(req.prompt_token_ids)

@@ -29,6 +29,7 @@ class DecodeCapacity:
     holds: dict[str, int] = field(default_factory=dict)  # attempt id -> blocks
     max_requests: int | None = None  # requests held at once (colocated workers: their batch + a backlog)
     kv_window: int | None = None  # every layer's window (the widest); None: some layer sees every position
+    accepting: bool = True  # False while the worker drains (router/drain.py): no new reservation
 
     @property
     def free_blocks(self) -> int:
@@ -39,6 +40,8 @@ class DecodeCapacity:
         return -(-tokens // self.block_size) - blocks_before_window(prompt_tokens, self.kv_window, self.block_size)
 
     def does_fit(self, tokens: int, prompt_tokens: int = 0) -> bool:
+        if not self.accepting:
+            return False
         if self.max_requests is not None and len(self.holds) >= self.max_requests:
             return False
         return self.blocks_for(tokens, prompt_tokens) <= self.free_blocks

@@ -22,7 +22,7 @@ from enum import Enum
 from typing import Any
 
 from engine.config import SamplingParams
-from proto.kinds import FinishReason, Transport
+from proto.kinds import FinishReason, PrefillPath, Transport
 
 
 class State(str, Enum):
@@ -101,6 +101,7 @@ class Request:
     speculative: dict[str, float] | None = None  # drafted, accepted, alpha from the decode worker
     streamed: int = 0  # output tokens handed to a streaming front end (kept across retries)
     tools: Any = None  # the front end's ToolPlan (pdserve/openai/tools.py): how to read tool calls from the answer
+    path: PrefillPath | None = None  # how this attempt is prefilled (set at dispatch; None while queued)
 
     def __post_init__(self) -> None:
         self.transitions.append((self.state.value, self.timeline.queued))
@@ -131,7 +132,7 @@ class Request:
             self.move(State.QUEUED)
         self.attempts += 1
         self.timeline.clear_attempt()
-        self.decode_worker = self.prefill_worker = self.transport = None
+        self.decode_worker = self.prefill_worker = self.transport = self.path = None
         self.kv_bytes, self.kv_busy_s, self.cached_tokens, self.kv_bytes_saved = 0, 0.0, 0, 0
 
     def fail(self, reason: str) -> None:

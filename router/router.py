@@ -16,7 +16,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ray
@@ -28,7 +28,10 @@ from proto.workers import WorkerSet
 from router.api import OnFinished, OnTokens
 from router.calls import Call, CallKind, Role
 from router.colocated import ColocatedDispatch
+from router.drain import WorkerDrains
 from router.health import WorkerHealth
+from router.hybrid import HybridDispatch
+from router.hybrid_rule import HybridRule
 from router.pd import PDDispatch
 from router.placement import DecodeCapacity, Placement, PrefixRouting
 from router.queue import DEFAULT_BUCKET_EDGES, LengthBucketQueue
@@ -56,7 +59,8 @@ class RouterConfig:
     # the worker is killed so Ray restarts it, and its requests are served again elsewhere.
     stall_timeout_s: float = 60.0
     restart_timeout_s: float = 300.0  # how long a lost worker may take to come back before it is retired
-    colocated_backlog: int = 8  # --mode colocated: requests a worker may hold beyond max_num_seqs (waiting)
+    colocated_backlog: int = 8  # --mode colocated/hybrid: requests a worker may hold beyond max_num_seqs (waiting)
+    hybrid_rule: HybridRule = field(default_factory=HybridRule)  # --mode hybrid: each request's path
 
 
 class Laps(Protocol):
@@ -69,7 +73,8 @@ class _NoLaps:
 
 
 _NO_LAPS = _NoLaps()
-STRATEGIES: dict[Mode, type[Dispatch]] = {Mode.PD: PDDispatch, Mode.COLOCATED: ColocatedDispatch}
+STRATEGIES: dict[Mode, type[Dispatch]] = {Mode.PD: PDDispatch, Mode.COLOCATED: ColocatedDispatch,
+                                           Mode.HYBRID: HybridDispatch}
 
 
 class Router:
@@ -94,6 +99,7 @@ class Router:
         self.dispatch: Dispatch = STRATEGIES[workers.mode](self)
         # A phase clock (`lap(piece)`) the tick laps on: dispatch, wait (ray.wait), replies; set by a server.
         self.laps: Laps = _NO_LAPS
+        self.drains = WorkerDrains()  # scale-down: workers that finish what they hold, then stop
 
     # ---- intake ------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -130,6 +136,8 @@ class Router:
     def tick(self, wait_s: float = 0.5) -> None:
         for role, wid in self.health.due_probes():
             self._probe(role, wid)
+        if self.drains.draining:
+            self.drains.check(self)
         self.dispatch.dispatch()
         self._ensure_polls()
         self.laps.lap("dispatch")
@@ -152,6 +160,8 @@ class Router:
             self._handle(call, value)
         self._expire_calls()
         self.laps.lap("replies")
+        if self.drains.draining:  # here too: the turn that finished a drained worker's last request stops it
+            self.drains.check(self)
 
     def _settle(self, call: Call) -> None:
         """A call is over, whatever its outcome: free what it held in the router's books."""
@@ -224,7 +234,14 @@ class Router:
         return None if req is None or req.finished or req.attempt_id != attempt_id else req
 
     def is_down(self, worker_id: str) -> bool:
-        return self.health.is_down(worker_id)
+        """Send it nothing new: being restarted, or a prefill worker draining (a draining decode worker
+        still admits what it reserved; placement gives it nothing new)."""
+        draining_prefill = self.drains.draining.get(worker_id) == Role.PREFILL
+        return self.health.is_down(worker_id) or draining_prefill
+
+    def drain_worker(self, role: Role, worker_id: str) -> None:
+        """Scale one worker down without losing a request (router/drain.py)."""
+        self.drains.drain(self, role, worker_id)
 
     def stream(self, req: Request) -> None:
         """Hand on_tokens what this attempt's output holds beyond what was streamed already. A retry
@@ -365,7 +382,7 @@ class Router:
 
     def _add_decode_capacity(self, did: str, ep: KVEndpoint) -> None:
         self.routing.configure(ep.layout.block_size, ep.model_fingerprint)
-        colocated = self.workers.mode == Mode.COLOCATED
+        colocated = self.workers.mode in (Mode.COLOCATED, Mode.HYBRID)  # workers that hold a waiting line
         most = self.workers.max_num_seqs + self.config.colocated_backlog if colocated else None
         self.placement.add_worker(DecodeCapacity(did, ep.layout.num_blocks, ep.layout.block_size,
                                                  self.workers.max_num_seqs, max_requests=most,

@@ -6,6 +6,7 @@ a request gets from the queue onto a worker and handles the replies to the calls
 
     PDDispatch (router/pd.py)               prefill batch -> KV into reserved blocks -> admit on decode
     ColocatedDispatch (router/colocated.py) submit to a worker that prefills in chunks and decodes
+    HybridDispatch (router/hybrid.py)       the two composed: a rule picks each request's path
 
 Strategies see the router only through `RouterServices`, so neither imports the router.
 """
@@ -68,8 +69,10 @@ class Dispatch(ABC):
 
     kinds: frozenset[CallKind] = frozenset()
 
-    def __init__(self, router: RouterServices) -> None:
+    def __init__(self, router: RouterServices, accepts: Callable[[Request], bool] | None = None) -> None:
         self.router = router
+        # Which queued requests this strategy may take (--mode hybrid splits the queue between two).
+        self.accepts: Callable[[Request], bool] = accepts or (lambda _: True)
 
     @abstractmethod
     def dispatch(self) -> None:

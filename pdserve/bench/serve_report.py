@@ -48,6 +48,9 @@ def render_table(report: dict[str, Any]) -> str:
                      f"KV blocks leaked: {'n/a (another server)' if leaked is None else leaked}")
         lines += [f"{'':<10} {line}" for line in breakdown_lines(res)]
     lines += ratio_lines(report)
+    ratio = hybrid_ratio(report)
+    if ratio is not None:
+        lines.append(f"hybrid sustains {ratio:.2f}x the rate of the better of pd and colocated (this run)")
     plan = report.get("plan")
     if plan:
         lines.append(f"planner vs measured (pd, {plan['config']}, {_f(plan.get('cached_prompt_tokens'), '.0f')} "
@@ -84,6 +87,16 @@ def ratio_lines(report: dict[str, Any]) -> list[str]:
         sustained = next((r["sustained"] for r in rows if "sustained" in r), None)
         lines.append(f"{label} / {report['baseline']}: {text}; sustained rate {_f(sustained)}x")
     return lines
+
+
+def hybrid_ratio(report: dict[str, Any]) -> float | None:
+    """Hybrid's sustained rate over the better of PD's and colocated's, when all three ran (issue 28's goal:
+    >= 1.2); None when one is missing or the better baseline sustained nothing."""
+    modes = report["modes"]
+    if any(m not in modes or "error" in modes[m] for m in ("pd", "colocated", "hybrid")):
+        return None
+    best = max(modes["pd"]["sustained"]["rate_rps"] or 0.0, modes["colocated"]["sustained"]["rate_rps"] or 0.0)
+    return (modes["hybrid"]["sustained"]["rate_rps"] or 0.0) / best if best > 0 else None
 
 
 def sustained_text(s: dict[str, Any]) -> str:

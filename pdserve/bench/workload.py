@@ -34,7 +34,9 @@ class WorkloadSpec:
     min_output: int = 16
     max_output: int = 256
     seed: int = 0
-    prompt_lengths: str = "loguniform"  # or "uniform"
+    prompt_lengths: str = "loguniform"  # or "uniform", or "bimodal": most short, `long_share` of 2-4k tokens
+    long_share: float = 0.15  # bimodal: share of long prompts, uniform in long_prompt
+    long_prompt: tuple[int, int] = (2048, 4096)
 
 
 # nano-vllm's benchmark shape: 256 sequences, prompt and output lengths uniform in 100-1024.
@@ -55,15 +57,22 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
                                               return_dict=True)["input_ids"])
 
 
+def _prompt_target(spec: WorkloadSpec, rng: random.Random) -> int:
+    """A prompt length: uniform or log-uniform in [min_prompt, max_prompt]; bimodal (`--workload bimodal`,
+    issue 28): log-uniform up to max_prompt, and `long_share` of them uniform in `long_prompt`."""
+    if spec.prompt_lengths == "bimodal" and rng.random() < spec.long_share:
+        return rng.randint(*spec.long_prompt)
+    if spec.prompt_lengths == "uniform":
+        return rng.randint(spec.min_prompt, spec.max_prompt)
+    return int(round(math.exp(rng.uniform(math.log(spec.min_prompt), math.log(spec.max_prompt)))))
+
+
 def make_workload(spec: WorkloadSpec, tokenizer: Any) -> list[BenchRequest]:
     rng = random.Random(spec.seed)
     words = CORPUS.read_text().split()
     requests = []
     for i in range(spec.num_requests):
-        if spec.prompt_lengths == "uniform":
-            target = rng.randint(spec.min_prompt, spec.max_prompt)
-        else:
-            target = int(round(math.exp(rng.uniform(math.log(spec.min_prompt), math.log(spec.max_prompt)))))
+        target = _prompt_target(spec, rng)
         out = rng.randint(spec.min_output, spec.max_output)
         instruction = rng.choice(INSTRUCTIONS)
         start = rng.randrange(len(words))

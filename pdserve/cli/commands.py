@@ -38,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pdserve: interrupted", file=sys.stderr)
         return 130
-    if argv is None and args.func is run_batch.cmd_run_batch:  # this process's own command: nothing runs after it
+    if argv is None and args.func in (run_batch.cmd_run_batch, serve.cmd_serve):  # nothing runs after it:
+        # stop the local cluster at once (every Ray process of it), not through Ray's slow atexit teardown
         exit_now(code)
     return code
 
 
 def exit_now(code: int) -> None:
-    """End a finished run-batch without the slow teardown (Ray's graceful shutdown, the interpreter's):
-    the output and journal are written, flushed, fsynced and closed and the workers stopped by now."""
+    """End a finished run-batch or a drained server without the slow teardown (Ray's graceful shutdown, the
+    interpreter's): the output and journal are written, flushed, fsynced and closed and the workers stopped by now."""
     sys.stdout.flush()
     sys.stderr.flush()
     if "ray" in sys.modules:

@@ -21,6 +21,10 @@ def add_parser(sub) -> None:
         p = sub.add_parser(cmd, help=text)
         p.add_argument("--name", default="pdserve")
         p.add_argument("--address", default="auto")
+        if cmd == "down":
+            p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                           help="seconds the requests in flight may take to finish before they are aborted "
+                                "(new ones fail at once meanwhile)")
         p.set_defaults(func=fn)
 
     db = sub.add_parser("dashboard", help="serve the live dashboard of a running deployment")
@@ -75,7 +79,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     from pdserve.runtime.deployment import teardown
 
-    teardown(args.name, args.address)
+    drained = teardown(args.name, args.address, args.shutdown_timeout)
+    if drained:
+        print(f"deployment {args.name!r}: {drained['in_flight']} requests in flight, {drained['finished']} "
+              f"finished, {drained['aborted']} aborted after --shutdown-timeout {args.shutdown_timeout:g}s")
     print(f"deployment {args.name!r} stopped")
     return 0
 

@@ -11,6 +11,7 @@ from proto.kinds import TRANSPORT_NAMES, Mode, Transport
 if TYPE_CHECKING:
     from pdserve.observability.metrics import SLO
     from pdserve.runtime.cluster import ClusterConfig
+    from router.hybrid_rule import HybridRule
     from router.router import RouterConfig
 
 
@@ -58,7 +59,11 @@ def cluster_args(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster: omit to start a local one, 'auto' to join the running one, or ray://host:port")
     g.add_argument("--mode", default=Mode.PD.value, choices=Mode.words(),
                    help="pd: prefill and decode workers, KV sent between them; colocated: workers that each "
-                        "prefill (chunked, mixed into decode steps) and decode, the non-disaggregated baseline")
+                        "prefill (chunked, mixed into decode steps) and decode, the non-disaggregated baseline; "
+                        "hybrid: prefill workers take long prompts, decode workers chunk-prefill short ones")
+    g.add_argument("--hybrid-threshold", type=int, default=None,
+                   help="--mode hybrid: uncached prompt tokens up to which a prompt is chunk-prefilled on its decode "
+                        "worker below saturation (default: the rule `pdserve plan` prints, 512/256/0 by load)")
     g.add_argument("--prefill-workers", type=int, default=1)
     g.add_argument("--decode-workers", type=int, default=1)
     g.add_argument("--colocated-workers", type=int, default=1,
@@ -125,7 +130,16 @@ def router_config(args: argparse.Namespace, engine: EngineConfig) -> RouterConfi
     online = getattr(args, "online_router", False)
     batch = {"on": True, "off": False}.get(choice, False if online else None)  # None: the router decides
     return RouterConfig(max_prefill_tokens=engine.max_prefill_tokens, call_timeout_s=args.call_timeout,
-                        stall_timeout_s=args.stall_timeout, batch_admissions=batch)
+                        stall_timeout_s=args.stall_timeout, batch_admissions=batch, hybrid_rule=hybrid_rule(args))
+
+
+def hybrid_rule(args: argparse.Namespace) -> HybridRule:
+    from router.hybrid_rule import HybridRule
+
+    threshold = getattr(args, "hybrid_threshold", None)
+    rule = HybridRule() if threshold is None else HybridRule.fixed(threshold)
+    ttft = getattr(args, "slo_ttft", None)
+    return rule if ttft is None else rule.with_slo(ttft)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -155,8 +169,8 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
     roles = {role: WorkerResources.parse(getattr(args, f"{role}_cpus"), getattr(args, f"{role}_gpus"),
                                          getattr(args, f"{role}_resources"), getattr(args, f"{role}_labels"))
              for role in ("prefill", "decode")}
-    if args.mode == Mode.COLOCATED and getattr(args, "deployment", None):
-        raise ValueError("--deployment serves a running deployment, which runs --mode pd; drop --mode colocated")
+    if args.mode != Mode.PD and getattr(args, "deployment", None):
+        raise ValueError(f"--deployment serves a running deployment, which runs --mode pd; drop --mode {args.mode}")
     return ClusterConfig(address=args.address, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
                          transport=Transport(args.transport), prefill_threads=args.prefill_threads,
                          decode_threads=args.decode_threads, prefill=roles["prefill"], decode=roles["decode"],

@@ -97,6 +97,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     ranked = search(profile, workload, resources, batches, policy)
     colocated = search_colocated(profile, workload, resources, batches, policy)
     print(render(profile, workload, resources, ranked, colocated=colocated, policy=policy))
+    rule = _hybrid_rule(profile, workload, ranked[0].config.max_batch if ranked else max(batches))
+    print(f"\n--mode hybrid: which prompts to chunk-prefill on the decode workers\n{rule.describe()}")
     if args.json:
         report = {"workload": asdict(replace(workload, prompt=str(workload.prompt), output=str(workload.output))),
                   "resources": asdict(resources),
@@ -104,9 +106,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                    "goodput_rps": p.goodput_rps(workload.rate_rps),
                                    "limiting_stage": p.limiting_stage} for p in ranked],
                   "colocated": {**asdict(colocated), "stable": colocated.stable,
-                                "goodput_rps": colocated.goodput_rps(workload.rate_rps)}}
+                                "goodput_rps": colocated.goodput_rps(workload.rate_rps)},
+                  "hybrid_rule": asdict(rule)}
         Path(args.json).write_text(json.dumps(_finite(report), indent=2))
     return 0
+
+
+def _hybrid_rule(profile, workload, max_num_seqs: int):
+    from pdserve.plan.hybrid import fit_hybrid_rule
+
+    mean_prompt = (workload.prompt.low + workload.prompt.high) / 2
+    mean_output = (workload.output.low + workload.output.high) / 2
+    return fit_hybrid_rule(profile, workload.slo.ttft_s, workload.slo.tpot_s, mean_output, max_num_seqs,
+                           context_tokens=mean_prompt + mean_output / 2)
 
 
 def _finite(obj):

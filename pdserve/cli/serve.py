@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
                     help="requests waiting for prefill at once; beyond it 503 + Retry-After")
     sv.add_argument("--request-timeout", type=float, default=600.0,
                     help="a request not finished after this many seconds is aborted (504)")
+    sv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                    help="on SIGTERM/SIGINT: seconds the requests in flight may take to finish before they are "
+                         "aborted (new requests get 503 meanwhile; a second signal aborts at once)")
     sv.add_argument("--default-max-tokens", type=int, default=512,
                     help="max_tokens for requests that set none (KV is reserved for prompt + max_tokens)")
     sv.add_argument("--deployment", default=None,
@@ -38,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(host=args.host, port=args.port, api_key=args.api_key,
                            admission=AdmissionConfig(args.admission, args.max_queue, args.admission_headroom),
                            slo=flags.slo_config(args), default_max_tokens=args.default_max_tokens,
-                           request_timeout_s=args.request_timeout)
+                           request_timeout_s=args.request_timeout, shutdown_timeout_s=args.shutdown_timeout)
     if args.deployment and args.batch_admissions != "auto":
         raise ValueError(f"--batch-admissions {args.batch_admissions}: the deployment's router was configured "
                          f"by `pdserve up`; pass --batch-admissions there")

@@ -68,6 +68,7 @@ def extension(req: Request) -> dict[str, Any]:
         "kv_transfer_busy_s": round(req.kv_busy_s, 6),
         "kv_transfer_gbps": round(req.kv_bytes / req.kv_busy_s / 1e9, 3) if req.kv_busy_s > 0 else None,
         "transport": req.transport,
+        "path": req.path,  # pd: prefilled on a prefill worker; chunked: on its decode-side worker
         "prefill_worker": req.prefill_worker,
         "decode_worker": req.decode_worker,
         "attempts": req.attempts + 1,

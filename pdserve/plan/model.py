@@ -191,6 +191,19 @@ def predict(profile: StageProfile, workload: Workload, resources: Resources, con
                       float(sim.tpot_s[decoded].mean()) if decoded.any() else 0.0, ttft_ok, tpot_ok, both)
 
 
+def stage_capacity_rps(profile: StageProfile, workload: Workload, resources: Resources, max_batch: int,
+                       policy: RouterPolicy = ROUTER_DEFAULTS) -> tuple[float, float]:
+    """Requests/s one prefill worker and one decode worker (at `max_batch`) sustain when fully busy: the
+    autoscaler's model of each role (pdserve/autoscale/controller.py Capacity)."""
+    prompts, outputs = workload.draw()
+    unit = replace(workload, rate_rps=1.0)
+    scale = resources.time_scale(profile)
+    one = Config(1, 1, max_batch)
+    prefill = _full_call_load(profile, unit, one, prompts, unit.cached(prompts), scale, policy)
+    decode = _full_batch_load(profile, unit, one, prompts, outputs, scale)
+    return 1.0 / max(prefill, 1e-12), 1.0 / max(decode, 1e-12)
+
+
 def _full_call_load(profile, workload, config, prompts, cached, scale, policy: RouterPolicy) -> float:
     """Prefill work per worker-second when every call packs as many prompts as the router allows."""
     mean, square = float((prompts - cached).mean()), float(computed_squares(prompts, cached).mean())

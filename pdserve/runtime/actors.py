@@ -13,6 +13,7 @@ import time
 import ray
 
 from decode_worker.colocated import ColocatedWorker
+from decode_worker.hybrid import HybridWorker
 from decode_worker.ranks import FollowerRank
 from decode_worker.worker import DecodeWorker
 from pdserve.runtime.startup import process_age_s
@@ -114,6 +115,12 @@ class ColocatedActor(ColocatedWorker, _ActorInfo):
 
 
 @ray.remote
+class HybridActor(HybridWorker, _ActorInfo):
+    def __init__(self, config: WorkerConfig) -> None:
+        _start(self, config, super().__init__)
+
+
+
 class RankActor(FollowerRank):
     """Rank r > 0 of a tensor-parallel worker (decode_worker/ranks.py): follows its rank 0, talks to no router."""
 
@@ -122,4 +129,4 @@ class RankActor(FollowerRank):
         super().__init__(config, role)
 
 
-ACTORS = {"prefill": PrefillActor, "decode": DecodeActor, "colocated": ColocatedActor}
+ACTORS = {"prefill": PrefillActor, "decode": DecodeActor, "colocated": ColocatedActor, "hybrid": HybridActor}

@@ -237,8 +237,8 @@ def actor_name(deployment: str, role: str, i: int) -> str:
 
 
 def check_mode(engine: EngineConfig, cluster: ClusterConfig) -> None:
-    """What --mode colocated cannot be combined with, said before any worker starts."""
-    if cluster.mode != Mode.COLOCATED:
+    """What --mode colocated or hybrid cannot be combined with, said before any worker starts."""
+    if cluster.mode == Mode.PD:
         return
     if engine.speculative not in (None, "", "off"):
         raise ValueError("--speculative runs on PD decode workers only; drop it or use --mode pd")
@@ -263,13 +263,17 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     roles = [("prefill", i) for i in range(cluster.num_prefill)] + [("decode", i) for i in range(cluster.num_decode)]
     if colocated:
         roles = [("colocated", i) for i in range(cluster.num_colocated)]
-    wants = {"prefill": cluster.prefill, "decode": cluster.decode, "colocated": cluster.decode}
+    step_role = {Mode.PD: "decode", Mode.COLOCATED: "colocated", Mode.HYBRID: "hybrid"}[cluster.mode]
+    if cluster.mode == Mode.HYBRID:  # decode workers that also chunk-prefill short prompts
+        roles = [(step_role if role == "decode" else role, i) for role, i in roles]
+    wants = {"prefill": cluster.prefill, "decode": cluster.decode, "colocated": cluster.decode,
+             "hybrid": cluster.decode}
     pg = _placement_group(cluster, roles, wants) if any(w.requested for w in wants.values()) else None
 
     importing.join()
     from pdserve.runtime import actors  # imported by `importing`; a failed import raises here
 
-    handles: dict[str, dict[str, object]] = {"prefill": {}, "decode": {}, "colocated": {}}
+    handles: dict[str, dict[str, object]] = {"prefill": {}, "decode": {}, "colocated": {}, "hybrid": {}}
     followers: list[object] = []
     for index, (role, i) in enumerate(roles):
         want = wants[role]
@@ -288,7 +292,7 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
             followers += [actors.RankActor.options(**rank_options).remote(
                 replace(config, tensor_parallel=replace(config.tensor_parallel, rank=r)), role) for r in range(1, size)]
         handles[role][config.worker_id] = actors.ACTORS[role].options(**options).remote(config)
-    decode = handles["colocated"] if colocated else handles["decode"]
+    decode = handles[step_role]
     workers = attach_workers(handles["prefill"], decode, engine.max_num_seqs, cluster.start_timeout_s,
                              mode=cluster.mode)
     workers.followers.extend(followers)

@@ -90,6 +90,7 @@ class RouterActor:
         self._tokens_out: dict[str, list[tuple[str, list[int], Timeline]]] = defaultdict(list)
         self._done_ready = threading.Condition()
         self._stop = threading.Event()
+        self._draining: str | None = None  # why new requests fail at once (`pdserve down` drains first)
         self.started = time.time()
         self._thread = threading.Thread(target=self._loop, name="router", daemon=True)
         self._thread.start()
@@ -132,6 +133,10 @@ class RouterActor:
         if incarnation != self.incarnation:
             return self.incarnation
         for req in requests:
+            if self._draining:  # back to its client at once, failed: it can go to another deployment
+                req.fail(self._draining)
+                self._finished(req)
+                continue
             if stream:
                 self._streams.add(req.request_id)
             self._inbox.put(req)
@@ -177,6 +182,24 @@ class RouterActor:
 
     def prometheus(self) -> bytes:
         return self.collector.prometheus()
+
+    def drain(self, timeout_s: float, grace_s: float = 10.0) -> dict[str, int]:
+        """Stop like a server (as `pdserve serve` on SIGTERM, pdserve/serve/shutdown.py): new requests fail at
+        once, those in flight get `timeout_s` to finish, the rest are aborted (their blocks freed, their
+        clients get them back failed). The workers keep running until `shutdown`."""
+        self._draining = "the deployment is shutting down (pdserve down)"
+        start = len(self.router.active) + self._inbox.qsize()
+        deadline = time.time() + timeout_s
+        while (self.router.active or not self._inbox.empty()) and time.time() < deadline:
+            time.sleep(0.05)
+        left = list(self.router.active)
+        for rid in left:
+            self._aborts.put((rid, f"{self._draining}: not finished within {timeout_s:g}s"))
+        deadline = time.time() + grace_s
+        while self.router.active and time.time() < deadline:
+            time.sleep(0.05)
+        log.warning("drained: %d in flight, %d finished, %d aborted", start, start - len(left), len(left))
+        return {"in_flight": start, "finished": start - len(left), "aborted": len(left)}
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -257,15 +280,19 @@ def find(name: str, address: str | None) -> Any:
         raise ValueError(f"no pdserve deployment named {name!r} on this cluster; start one with `pdserve up`") from e
 
 
-def teardown(name: str, address: str | None) -> None:
+def teardown(name: str, address: str | None, shutdown_timeout_s: float = 30.0) -> dict[str, int] | None:
+    """Drain the deployment's router (`RouterActor.drain`), then stop it and its workers. Returns the drain's
+    counts (None for a deployment whose router was already gone)."""
     try:
         actor = find(name, address)
     except ValueError:
         if _remove_orphans(name):  # its router died for good: its workers still go
-            return
+            return None
         raise
     try:
+        drained = ray.get(actor.drain.remote(shutdown_timeout_s), timeout=shutdown_timeout_s + 60)
         ray.get(actor.shutdown.remote(), timeout=120)
+        return drained
     finally:
         ray.kill(actor, no_restart=True)
 

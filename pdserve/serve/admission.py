@@ -77,10 +77,20 @@ class Admission:
         self._lock = threading.Lock()
         self._waiting: dict[str, int] = {}  # custom id (unique per request) -> prompt tokens, until its first token
         self.refused = 0
+        self.closed: tuple[str, int] | None = None  # (why, Retry-After seconds) once the server drains
+
+    def close(self, message: str, retry_after_s: int) -> None:
+        """Refuse every request from now on (503 + Retry-After): the server is shutting down."""
+        with self._lock:
+            self.closed = (message, retry_after_s)
 
     def admit(self, req: Request) -> None:
         """Count the request in, or raise ApiError (429/503 with Retry-After)."""
         with self._lock:
+            if self.closed is not None:
+                self.refused += 1
+                raise ApiError(503, self.closed[0], "shutting_down", "server_error",
+                               {"Retry-After": str(self.closed[1])})
             if len(self._waiting) >= self.config.max_queue:
                 self.refused += 1
                 raise ApiError(503, f"the server holds {len(self._waiting)} requests waiting for prefill, its "

@@ -54,6 +54,8 @@ class MonitoringRoutes:
     async def health(self) -> Response:
         if self.loop.error:
             return JSONResponse({"status": "error", "error": self.loop.error}, status_code=503)
+        if self.loop.admission.closed is not None:  # draining: a load balancer should send elsewhere
+            return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metrics(self) -> Response:

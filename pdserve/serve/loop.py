@@ -103,6 +103,17 @@ class ServingLoop:
     def abort(self, req: Request, reason: str) -> None:
         self._inbox.put(Abort(req, reason))
 
+    # ---- called by the shutdown (pdserve/serve/shutdown.py), from the main thread ----------
+    def close_admission(self, message: str, retry_after_s: int) -> None:
+        self.admission.close(message, retry_after_s)
+
+    def in_flight(self) -> int:
+        """Requests handed to the loop whose handler has not had their end yet."""
+        return len(self._sinks) + self._inbox.qsize()
+
+    def unfinished(self) -> list[Request]:
+        return list(self.router.active.values())  # one C-level copy: safe against the router thread
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)

@@ -8,7 +8,6 @@ run-batch's (same engine and cluster flags) and stopped with the server; with
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import threading
@@ -28,6 +27,7 @@ from pdserve.serve.admission import Admission, AdmissionConfig
 from pdserve.serve.app import build_app
 from pdserve.serve.loop import ServingLoop
 from pdserve.serve.routes import AppConfig
+from pdserve.serve.shutdown import DrainResult, StopRequest, drain_loop, say
 from proto.workers import WorkerSet
 from router.router import RouterConfig
 
@@ -43,6 +43,7 @@ class ServeOptions:
     slo: SLO = field(default_factory=SLO)
     default_max_tokens: int = 512
     request_timeout_s: float = 600.0
+    shutdown_timeout_s: float = 30.0  # SIGTERM/SIGINT: how long requests in flight may take to finish
 
 
 @dataclass
@@ -53,6 +54,17 @@ class RunningServer:
     backend: Backend
     _uvicorn: Any
     _thread: threading.Thread
+
+    def drain_and_stop(self, timeout_s: float, hurry: threading.Event) -> DrainResult:
+        """Stop like a server (pdserve/serve/shutdown.py): drain, then stop HTTP, router and workers."""
+        result = drain_loop(self.loop, timeout_s, hurry)
+        self._uvicorn.should_exit = True
+        self._thread.join(timeout=30)
+        say("HTTP server stopped")
+        self.loop.stop()
+        self.backend.close()
+        say("workers stopped" if self.backend.owns_workers else "router stopped (the workers keep running)")
+        return result
 
     def stop(self) -> None:
         self._uvicorn.should_exit = True
@@ -98,13 +110,13 @@ def _start_uvicorn(app: Any, host: str, port: int, loop: ServingLoop) -> tuple[u
 
 def serve_forever(engine: EngineConfig, cluster: ClusterConfig, router_config: RouterConfig, options: ServeOptions,
                   deployment: str | None = None) -> None:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
+    """Serve until SIGTERM or SIGINT, then drain (stop accepting, finish or abort what is in flight) and stop."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # during start-up, `kill` stops like Ctrl-C
     running = start_server(engine, cluster, router_config, options, deployment)
+    stop = StopRequest.install()  # now: ray.init (in start_server) set its own SIGTERM handler
     print(f"pdserve: serving the OpenAI API on {running.url}/v1 (dashboard {running.url}/dashboard/, "
-          f"Prometheus {running.url}/metrics); Ctrl-C stops", flush=True)
-    try:
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C (or SIGTERM) stops the server
-            while running._thread.is_alive():
-                time.sleep(0.5)
-    finally:
-        running.stop()
+          f"Prometheus {running.url}/metrics); Ctrl-C or SIGTERM drains and stops", flush=True)
+    stop.wait(running._thread.is_alive)
+    say(f"{stop.signal_name or 'the HTTP server ended'}: stopping")
+    running.drain_and_stop(options.shutdown_timeout_s, stop.hurry)
+    say("stopped")

@@ -8,6 +8,7 @@ import inspect
 import pytest
 
 from decode_worker.colocated import ColocatedWorker
+from decode_worker.hybrid import HybridWorker
 from decode_worker.worker import DecodeWorker
 from prefill_worker.worker import PrefillWorker
 from proto import workers as api
@@ -29,6 +30,7 @@ def _shape(sig: inspect.Signature) -> list[tuple[str, object, bool]]:
     (PrefillWorker, api.PrefillWorkerAPI),
     (DecodeWorker, api.DecodeWorkerAPI),
     (ColocatedWorker, api.ColocatedWorkerAPI),
+    (HybridWorker, api.HybridWorkerAPI),
 ])
 def test_worker_class_matches_its_protocol(worker, protocol):
     methods = _protocol_methods(protocol)

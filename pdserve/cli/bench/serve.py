@@ -29,12 +29,15 @@ def add_parser(bench) -> None:
     w.add_argument("--num-prompts", type=int, default=50, help="requests per rate")
     w.add_argument("--prompt-len", default="16:512", help="prompt tokens MIN:MAX (the bench workload's, chat template "
                                                           "included)")
-    w.add_argument("--prompt-dist", default="loguniform", choices=("loguniform", "uniform"))
+    w.add_argument("--prompt-dist", default="loguniform", choices=("loguniform", "uniform", "bimodal"))
+    w.add_argument("--workload", default=None, choices=("bimodal",),
+                   help="bimodal: most prompts up to 256 tokens (log-uniform from the --prompt-len minimum), 15%% "
+                        "of 2-4k tokens; sets --prompt-dist bimodal and caps the short ones at 256")
     w.add_argument("--output-len", default="16:128", help="output tokens MIN:MAX, uniform (EOS ignored)")
     w.add_argument("--seed", type=int, default=0)
     _vllm_load_args(p)
     m = p.add_argument_group("modes and front end")
-    m.add_argument("--modes", default="pd,colocated", help="comma-separated: pd, colocated")
+    m.add_argument("--modes", default="pd,colocated", help="comma-separated: pd, colocated, hybrid")
     m.add_argument("--direct", action="store_true", help="hand requests to the router in-process (no HTTP)")
     m.add_argument("--warmup", type=int, default=2, help="uncounted requests per mode before the first rate")
     s = p.add_argument_group("SLOs (defaults: run-batch's, serve's and plan's, for SmolLM2-135M on 2 cores)")
@@ -120,8 +123,11 @@ def bench_from_args(args: argparse.Namespace):
     except ValueError:
         raise ValueError(f"--request-rates takes numbers, got {args.request_rates!r}") from None
     (pmin, pmax), (omin, omax) = _range(args.prompt_len, "--prompt-len"), _range(args.output_len, "--output-len")
+    dist = args.prompt_dist
+    if getattr(args, "workload", None) == "bimodal":
+        dist, pmax = "bimodal", min(pmax, 256)
     workload = WorkloadSpec(min_prompt=pmin, max_prompt=pmax, min_output=omin, max_output=omax, seed=args.seed,
-                            prompt_lengths=args.prompt_dist)
+                            prompt_lengths=dist)
     slo = _goodput_slo(args.goodput, SLO(ttft_s=args.ttft_slo, tpot_s=args.tpot_slo))
     dataset = (RandomDataset(args.random_input_len, args.random_output_len, args.random_range_ratio)
                if args.dataset_name == "random" else None)

@@ -30,7 +30,8 @@ def test_the_commands_users_know():
     assert _subcommands(parser) == ["run-batch", "serve", "up", "status", "down", "dashboard", "submit", "report",
                                     "bench", "plan"]
     bench_parser = parser._subparsers._group_actions[0].choices["bench"]
-    assert _subcommands(bench_parser) == ["throughput", "kvtransfer", "quant", "specdec", "serve", "structured"]
+    assert _subcommands(bench_parser) == ["throughput", "kvtransfer", "quant", "specdec", "serve", "autoscale",
+                                          "structured"]
 
 
 def test_a_bench_subcommand_is_one_registration(monkeypatch):
@@ -46,4 +47,4 @@ def test_a_bench_subcommand_is_one_registration(monkeypatch):
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "--help"], capture_output=True, text=True,
                          check=True)
-    assert "{throughput,kvtransfer,quant,specdec,serve,structured}" in out.stdout
+    assert "{throughput,kvtransfer,quant,specdec,serve,autoscale,structured}" in out.stdout

@@ -1,0 +1,1 @@
+"""The goodput autoscaler: a pure controller (controller.py) and its simulation at scale (simulate.py)."""
