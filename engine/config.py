@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,20 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8", "int4", "w8a8", "gguf")
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # auto: see engine/cpu_features.auto_dtype, resolved where the worker runs
 
-# Architectures our forward implements, by HF `model_type`.
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+# Architectures our forward implements, by HF `model_type`; any other decoder-only model runs through
+# transformers' own modules (engine/model/registry.py decides which path a checkpoint takes).
+DENSE_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")  # engine/model/moe.py
+SUPPORTED_ARCHS = DENSE_ARCHS + MOE_ARCHS
+
+
+class ModelImpl(str, Enum):
+    """Which forward runs a checkpoint (vLLM's --model-impl): ours, or transformers' modules with our
+    paged KV cache (engine/model/generic.py). AUTO: native where we have it."""
+
+    AUTO = "auto"
+    NATIVE = "native"
+    TRANSFORMERS = "transformers"
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -49,6 +62,23 @@ def default_device() -> str:
 
 
 @dataclass(frozen=True)
+class MoEArch:
+    """Routed experts of a mixture-of-experts checkpoint (engine/model/moe.py).
+
+    Each token goes to `top_k` of `num_experts` SwiGLU experts, weighted by the softmax of the router's
+    logits over all experts, taken at the top k and renormalized to sum 1 when `norm_topk_prob`.
+    Layers not in `sparse_layers` keep a dense MLP of the arch's `intermediate_size`."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool
+    sparse_layers: tuple[int, ...]
+    shared_expert_intermediate_size: int = 0  # 0: none; else one always-on expert behind a sigmoid gate
+    fp32_route_weights: bool = False  # Mixtral scales expert outputs by float32 weights; the others cast first
+
+
+@dataclass(frozen=True)
 class ModelArch:
     """The shape of a Llama-family checkpoint, read from its HF config."""
 
@@ -66,12 +96,21 @@ class ModelArch:
     attention_bias: bool  # Qwen2 has q/k/v biases
     qk_norm: bool  # Qwen3 normalizes q and k per head before RoPE
     eos_token_ids: tuple[int, ...]
+    qk_norm_whole: bool = False  # OLMoE normalizes the whole q and k projections (all heads at once)
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip] after the norms
+    o_proj_bias: bool = False
+    moe: MoEArch | None = None  # None: every layer's MLP is dense
+    impl: ModelImpl = ModelImpl.NATIVE  # which forward runs it (engine/model/registry.py)
 
     @classmethod
-    def from_hf(cls, config: Any) -> ModelArch:
+    def from_hf(cls, config: Any, model_impl: ModelImpl | str = ModelImpl.AUTO) -> ModelArch:
+        """Refuses what pdserve cannot serve (engine/model/registry.py, with the reason); an architecture
+        without a native path is read as transformers' modules will run it."""
+        from engine.model.registry import generic_arch, model_path
+
+        if model_path(config, model_impl) is ModelImpl.TRANSFORMERS:
+            return generic_arch(config)
         model_type = config.model_type
-        if model_type not in SUPPORTED_ARCHS:
-            raise ValueError(f"unsupported architecture {model_type!r}; pdserve runs {', '.join(SUPPORTED_ARCHS)}")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         eos = config.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
@@ -87,9 +126,13 @@ class ModelArch:
             rms_norm_eps=config.rms_norm_eps,
             max_position_embeddings=config.max_position_embeddings,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(config, "attention_bias", model_type == "qwen2")),
-            qk_norm=model_type == "qwen3",
+            attention_bias=bool(getattr(config, "attention_bias", getattr(config, "qkv_bias", model_type == "qwen2"))),
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             eos_token_ids=eos_ids,
+            qk_norm_whole=model_type == "olmoe",
+            clip_qkv=getattr(config, "clip_qkv", None),
+            o_proj_bias=model_type == "olmoe" and bool(getattr(config, "attention_bias", False)),
+            moe=moe_arch(config),
         )
 
     @property
@@ -97,12 +140,39 @@ class ModelArch:
         """K and V values stored per token across all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
-    def num_params(self) -> int:
+    def num_params(self, active: bool = False) -> int:
+        """Every weight; with `active`, only those one token uses (its top-k experts, not all of them)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
-        per_layer = attn + 3 * h * i + 2 * h
+        mlp = [3 * h * i] * self.num_layers
+        if self.moe is not None:
+            m = self.moe
+            experts = m.top_k if active else m.num_experts
+            sparse = (experts * 3 * h * m.expert_intermediate_size + m.num_experts * h
+                      + m.shared_expert_intermediate_size * 3 * h + (h if m.shared_expert_intermediate_size else 0))
+            mlp = [sparse if layer in m.sparse_layers else dense for layer, dense in enumerate(mlp)]
         embed = self.vocab_size * h
-        return self.num_layers * per_layer + embed + h + (0 if self.tie_word_embeddings else embed)
+        return self.num_layers * (attn + 2 * h) + sum(mlp) + embed + h + (0 if self.tie_word_embeddings else embed)
+
+
+def moe_arch(config: Any) -> MoEArch | None:
+    """The experts of a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE config, None for a dense one."""
+    model_type = config.model_type
+    if model_type not in MOE_ARCHS:
+        return None
+    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0)
+    layers = range(config.num_hidden_layers)
+    if model_type in ("qwen2_moe", "qwen3_moe"):  # dense layers: mlp_only_layers, or off the sparse step
+        only, step = set(config.mlp_only_layers), config.decoder_sparse_step
+        sparse = tuple(i for i in layers if i not in only and num_experts > 0 and (i + 1) % step == 0)
+        size = config.moe_intermediate_size
+    else:
+        sparse, size = tuple(layers), config.intermediate_size
+    return MoEArch(num_experts=num_experts, top_k=config.num_experts_per_tok, expert_intermediate_size=size,
+                   norm_topk_prob=True if model_type == "mixtral" else bool(config.norm_topk_prob),
+                   sparse_layers=sparse,
+                   shared_expert_intermediate_size=getattr(config, "shared_expert_intermediate_size", 0) or 0,
+                   fp32_route_weights=model_type == "mixtral")
 
 
 @dataclass(frozen=True)
@@ -128,8 +198,12 @@ class EngineConfig:
     quantization: str = "none"  # none | int8 | int4 | w8a8 (int8 activations too) | gguf (the GGUF's own blocks)
     quant_group_size: int = 0  # inputs per scale; 0: int8 one per output channel, int4 32
     quantize_lm_head: bool = False  # also quantize the LM head (the embedding stays float)
+    model_impl: str = "auto"  # auto (native where we have it) | native | transformers (vLLM's --model-impl)
 
     def __post_init__(self) -> None:
+        if self.model_impl not in [m.value for m in ModelImpl]:
+            raise ValueError(f"--model-impl must be one of {', '.join(m.value for m in ModelImpl)}, "
+                             f"got {self.model_impl!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -1,4 +1,5 @@
-"""A compact Llama-family decoder: Llama, Mistral, SmolLM2, Qwen2 (qkv bias), Qwen3 (q/k norm).
+"""A compact Llama-family decoder: Llama, Mistral, SmolLM2, Qwen2 (qkv bias), Qwen3 (q/k norm), and the
+mixture-of-experts ones built on it (Mixtral, Qwen2/3-MoE, OLMoE: engine/model/moe.py).
 
 Tokens of all sequences in a batch are packed along one axis (no padding):
 every projection runs on [T, hidden]. Attention is delegated to an
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelArch
+from engine.model.moe import SparseMoE, checkpoint_tensors
 from engine.model.ops import TORCH_OPS, ModelOps, Rotary
 from engine.model.rope import rope_tables
 
@@ -53,13 +55,18 @@ class DecoderLayer(nn.Module):
         self.split = (q_size, kv_size, kv_size)
         self.input_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.qkv_proj = nn.Linear(arch.hidden_size, q_size + 2 * kv_size, bias=arch.attention_bias)
-        self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=False)
-        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
-        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=arch.o_proj_bias)
+        # q/k norm per head (Qwen3: rows of head_dim) or over the whole projection (OLMoE: q_size, kv_size)
+        self.qk_norm_whole, self.clip_qkv = arch.qk_norm_whole, arch.clip_qkv
+        norm_q, norm_k = (q_size, kv_size) if arch.qk_norm_whole else (arch.head_dim, arch.head_dim)
+        self.q_norm = RMSNorm(norm_q, arch.rms_norm_eps) if arch.qk_norm or arch.qk_norm_whole else None
+        self.k_norm = RMSNorm(norm_k, arch.rms_norm_eps) if arch.qk_norm or arch.qk_norm_whole else None
         self.post_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.ops = TORCH_OPS
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.moe = SparseMoE.for_layer(arch, index)  # None: the dense MLP below
+        if self.moe is None:
+            self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+            self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rotary: Rotary,
                 ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,15 +75,21 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         h, residual = self.input_norm.add_norm(x, residual)
         q, k, v = self.qkv_proj(h).split(self.split, dim=-1)
+        if self.qk_norm_whole:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (x.clamp(-self.clip_qkv, self.clip_qkv) for x in (q, k, v))
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # per head: rows of head_dim
+        if self.q_norm is not None and not self.qk_norm_whole:  # per head: rows of head_dim
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
         q, k = self.ops.rope(q, k, rotary)
         attn = ctx.attend(self.index, q, k, v)  # [T, H, D]
         h, residual = self.post_norm.add_norm(self.o_proj(attn.reshape(t, -1)), residual)
+        if self.moe is not None:
+            return self.moe(h), residual
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up), residual
 
@@ -160,11 +173,19 @@ class CausalLM(nn.Module):
             if self.arch.attention_bias:
                 put(dst + "qkv_proj.bias", torch.cat([get(attn + f"{p}_proj.bias") for p in "qkv"]))
             put(dst + "o_proj.weight", get(attn + "o_proj.weight"))
-            if self.arch.qk_norm:
+            if self.arch.o_proj_bias:
+                put(dst + "o_proj.bias", get(attn + "o_proj.bias"))
+            if self.arch.qk_norm or self.arch.qk_norm_whole:
                 put(dst + "q_norm.weight", get(attn + "q_norm.weight"))
                 put(dst + "k_norm.weight", get(attn + "k_norm.weight"))
             put(dst + "input_norm.weight", get(src + "input_layernorm.weight"))
             put(dst + "post_norm.weight", get(src + "post_attention_layernorm.weight"))
+            moe = self.layers[i].moe
+            if moe is not None:
+                shared = moe.shared_gate_up is not None
+                for name, tensor in checkpoint_tensors(state, src, moe.experts.num_experts, shared).items():
+                    put(dst + "moe." + name, tensor)
+                continue
             mlp = src + "mlp."
             put(dst + "gate_up_proj.weight", torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")]))
             put(dst + "down_proj.weight", get(mlp + "down_proj.weight"))

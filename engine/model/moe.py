@@ -1,0 +1,151 @@
+"""Mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): top-k routing, then each expert runs
+once over the tokens routed to it.
+
+    route     p = softmax(x Wr^T) in float32 [T, E];  (w, ids) = top-k of p [T, K];  w /= sum(w) if norm
+    experts   the T*K (token, expert) rows sorted by expert; per active expert e, one matmul pair:
+              y = (silu(x Wg_e^T) * x Wu_e^T) Wd_e^T over its rows only (CPU: grouped_experts below;
+              CUDA: one Triton launch per projection over all experts, engine/kernels/triton_moe.py)
+    combine   out[t] = sum_j w[t, j] y[t, j], added in expert order as transformers adds them
+    shared    (Qwen2-MoE) out += sigmoid(x Wsg^T) * SwiGLU_shared(x)
+
+Expert weights are stacked as w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]: transformers'
+fused layout and vLLM's fused_moe's, so every kernel reads them as stored. The router's weights are
+plain parameters, not nn.Linear, so weight quantization (engine/quant) leaves routing in float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelArch, MoEArch
+
+ExpertMatmul = Callable[[int, torch.Tensor], torch.Tensor]  # (expert, rows [n, K]) -> [n, N]
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, K] float32, expert ids [T, K] int64), as transformers routes."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def combine_weights(weights: torch.Tensor, dtype: torch.dtype, fp32: bool) -> torch.Tensor:
+    """The factor each (token, expert) output is scaled by: float32 (Mixtral), or cast to the model dtype
+    first (the others), rounding where transformers rounds."""
+    return weights if fp32 else weights.to(dtype)
+
+
+def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                    up: ExpertMatmul, down: ExpertMatmul) -> torch.Tensor:
+    """x [T, H], weights/ids [T, K] -> [T, H]: rows sorted by expert, one matmul pair per active expert
+    (no loop over tokens, no compute for experts nobody chose). `up` gives [n, 2I] (gate | up)."""
+    t, k = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # (token, slot) rows grouped by expert, tokens ascending
+    counts = torch.bincount(flat, minlength=num_experts).tolist()  # the one host sync
+    tokens = order // k
+    rows = x.index_select(0, tokens)  # [T*K, H]
+    out = torch.empty(t * k, x.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for expert, n in enumerate(counts):
+        if n:
+            gate, value = up(expert, rows[start:start + n]).chunk(2, dim=-1)
+            out[start:start + n] = down(expert, F.silu(gate) * value)
+            start += n
+    scaled = (out * weights.reshape(-1)[order, None]).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, tokens, scaled)
+
+
+class Experts(nn.Module):
+    """The stacked experts of one layer, in float or quantized (engine/quant/experts.py) form."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
+        self.quantized = None  # a QuantizedExperts once quantize_model ran; then w13/w2 are empty
+        self.kernel = "auto"  # auto: Triton on CUDA, grouped matmuls elsewhere | grouped | triton
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "triton" or (self.kernel == "auto" and x.is_cuda):
+            from engine.kernels.triton_moe import fused_experts
+
+            q = self.quantized
+            return fused_experts(x, self.w13, self.w2, weights, ids,
+                                 None if q is None else q.w13, None if q is None else q.w2)
+        if self.quantized is not None:
+            return grouped_experts(x, weights, ids, self.num_experts, self.quantized.up, self.quantized.down)
+        w13, w2 = self.w13, self.w2
+        return grouped_experts(x, weights, ids, self.num_experts,
+                               lambda e, rows: F.linear(rows, w13[e]), lambda e, rows: F.linear(rows, w2[e]))
+
+    def extra_repr(self) -> str:
+        form = "float" if self.quantized is None else self.quantized.describe()
+        return f"num_experts={self.num_experts}, {form}, kernel={self.kernel}"
+
+
+class SparseMoE(nn.Module):
+    """One decoder layer's MLP when the layer is sparse: router, experts, optional shared expert."""
+
+    def __init__(self, moe: MoEArch, hidden: int) -> None:
+        super().__init__()
+        self.top_k, self.normalize, self.fp32_weights = moe.top_k, moe.norm_topk_prob, moe.fp32_route_weights
+        self.router = nn.Parameter(torch.empty(moe.num_experts, hidden), requires_grad=False)
+        self.experts = Experts(moe.num_experts, hidden, moe.expert_intermediate_size)
+        shared = moe.shared_expert_intermediate_size
+        self.shared_gate_up = nn.Linear(hidden, 2 * shared, bias=False) if shared else None
+        self.shared_down = nn.Linear(shared, hidden, bias=False) if shared else None
+        self.shared_gate = nn.Parameter(torch.empty(1, hidden), requires_grad=False) if shared else None
+
+    @staticmethod
+    def for_layer(arch: ModelArch, index: int) -> SparseMoE | None:
+        """The layer's experts, or None where it keeps a dense MLP."""
+        if arch.moe is None or index not in arch.moe.sparse_layers:
+            return None
+        return SparseMoE(arch.moe, arch.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H] -> [T, H]
+        weights, ids = route(F.linear(x, self.router), self.top_k, self.normalize)
+        out = self.experts(x, combine_weights(weights, x.dtype, self.fp32_weights), ids)
+        if self.shared_gate_up is not None:
+            gate, value = self.shared_gate_up(x).chunk(2, dim=-1)
+            shared = self.shared_down(F.silu(gate) * value)
+            out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * shared
+        return out
+
+
+def checkpoint_tensors(state: dict[str, torch.Tensor], layer: str, num_experts: int,
+                       shared: bool) -> dict[str, torch.Tensor]:
+    """This layer's SparseMoE tensors by local name, from an HF state dict (prefix `layer`, e.g.
+    'model.layers.3.'): per-expert tensors as checkpoints ship them (Mixtral's w1/w3/w2 under
+    block_sparse_moe, the others' gate/up/down_proj under mlp), or transformers' fused gate_up_proj."""
+    prefix = next((layer + p for p in ("mlp.", "block_sparse_moe.") if layer + p + "gate.weight" in state), None)
+    if prefix is None:
+        raise KeyError(f"checkpoint lacks {layer}mlp.gate.weight (the router of a sparse layer)")
+
+    def get(name: str) -> torch.Tensor:
+        if prefix + name not in state:
+            raise KeyError(f"checkpoint lacks {prefix}{name}")
+        return state[prefix + name]
+
+    out = {"router": get("gate.weight")}
+    if prefix + "experts.gate_up_proj" in state:
+        out["experts.w13"], out["experts.w2"] = get("experts.gate_up_proj"), get("experts.down_proj")
+    else:
+        names = ("w1", "w3", "w2") if prefix + "experts.0.w1.weight" in state else ("gate_proj", "up_proj", "down_proj")
+        g, u, d = ([get(f"experts.{e}.{n}.weight") for e in range(num_experts)] for n in names)
+        out["experts.w13"] = torch.stack([torch.cat([a, b]) for a, b in zip(g, u)])
+        out["experts.w2"] = torch.stack(d)
+    if shared:
+        out["shared_gate_up.weight"] = torch.cat([get("shared_expert.gate_proj.weight"),
+                                                  get("shared_expert.up_proj.weight")])
+        out["shared_down.weight"] = get("shared_expert.down_proj.weight")
+        out["shared_gate"] = get("shared_expert_gate.weight")
+    return out
