@@ -37,6 +37,11 @@ class ModelImpl(str, Enum):
     NATIVE = "native"
     TRANSFORMERS = "transformers"
 
+    @property
+    def label(self) -> str:
+        """How the start-up log names the path."""
+        return "generic (transformers modules)" if self is ModelImpl.TRANSFORMERS else self.value
+
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype called `name` (one of DTYPE_NAMES); imports torch, which configs alone do not need."""

@@ -27,14 +27,15 @@ class MixedAttention:
             raise ValueError("a mixed step needs decode rows or prefill chunks")
         self.decode, self.extend, self.num_decode = decode, extend, num_decode
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
         if self.extend is None:
-            return self.decode.attend(layer, q, k, v)
+            return self.decode.attend(layer, q, k, v, scale)
         if self.decode is None:
-            return self.extend.attend(layer, q, k, v)
+            return self.extend.attend(layer, q, k, v, scale)
         d = self.num_decode
-        return torch.cat([self.decode.attend(layer, q[:d], k[:d], v[:d]),
-                          self.extend.attend(layer, q[d:], k[d:], v[d:])])
+        return torch.cat([self.decode.attend(layer, q[:d], k[:d], v[:d], scale),
+                          self.extend.attend(layer, q[d:], k[d:], v[d:], scale)])
 
 
 def _padded(tables: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Attention contexts: what one forward needs to know about where K/V come from and go.
 
-A context is built once per forward and passed to the model explicitly (no global state):
+A context is built once per forward and passed to the model explicitly (no global state). `attend`
+takes the layer's softmax scale where the model has its own (transformers' modules pass theirs on the
+generic path); None means 1/sqrt(head_dim).
 
     PrefillAttention      packed prompts, no pool: K/V go to a sink (the KV transfer)
     ExtendAttention       new tokens of sequences that already hold a cached prefix in a pool
@@ -36,10 +38,11 @@ class PrefillAttention:
         self.kv_sink = kv_sink
         self.backend = backend or TorchBackend()
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
         if self.kv_sink is not None:
             self.kv_sink(layer, k, v)
-        return self.backend.varlen_prefill(q, k, v, self.batch, None, None, q.shape[-1] ** -0.5)
+        return self.backend.varlen_prefill(q, k, v, self.batch, None, None, scale or q.shape[-1] ** -0.5)
 
 
 class ExtendAttention:
@@ -56,14 +59,16 @@ class ExtendAttention:
             raise ValueError("ExtendAttention needs block tables for the cached prefix")
         self.pool, self.slots, self.batch, self.backend, self.kv_sink = pool, slots, batch, backend, kv_sink
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
         cache, scales = self.pool.tensor[layer], self.pool.layer_scales(layer)
         self.backend.store_kv(cache[0], cache[1], self.slots, k, v, *scales)
         if self.kv_sink is not None:
             self.kv_sink(layer, k, v)
         if scales[0] is not None:
             k, v = (dequantize_kv(*quantize_kv(x), x.dtype) for x in (k, v))
-        return self.backend.paged_extend(q, k, v, self.batch, cache[0], cache[1], q.shape[-1] ** -0.5, *scales)
+        return self.backend.paged_extend(q, k, v, self.batch, cache[0], cache[1], scale or q.shape[-1] ** -0.5,
+                                         *scales)
 
 
 class PagedDecodeAttention:
@@ -80,8 +85,9 @@ class PagedDecodeAttention:
         self.block_tables, self.context_lens = block_tables, context_lens
         self.scale = pool.layout.head_dim ** -0.5
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
         cache, scales = self.pool.tensor[layer], self.pool.layer_scales(layer)
         self.backend.store_kv(cache[0], cache[1], self.slots, k, v, *scales)
         return self.backend.paged_decode(q.contiguous(), cache[0], cache[1], self.block_tables,
-                                         self.context_lens, self.scale, *scales)
+                                         self.context_lens, scale or self.scale, *scales)

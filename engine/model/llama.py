@@ -24,8 +24,9 @@ from engine.model.rope import rope_tables
 
 
 class AttentionContext(Protocol):
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, KVH, D] (RoPE applied) -> [T, H, D]."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, KVH, D] (RoPE applied) -> [T, H, D]; scale None: 1/sqrt(D)."""
         ...
 
 

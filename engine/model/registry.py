@@ -30,7 +30,10 @@ STATEFUL_MODEL_TYPES = {
     "kimi_linear": "linear-attention layers' state", "minimax": "linear-attention layers' state",
     "reformer": "a chunked (LSH) attention state", "xlnet": "a two-stream memory",
 }
-KV_LAYER_TYPES = ("full_attention", "sliding_attention")
+KV_LAYER_TYPES = ("full_attention", "sliding_attention")  # windows: refused or run by the path that has them
+# Layer types whose attention reads a KV cache in a pattern our kernels do not compute (chunks, indexers...).
+PATTERNED_ATTENTION = ("chunked_attention", "window_attention", "indexed_attention", "compressed_sparse_attention",
+                       "heavily_compressed_attention", "minimax_m3_sparse", "reference_sliding_attention")
 
 
 class UnsupportedModelError(ValueError):
@@ -64,7 +67,10 @@ def refusal(config: Any) -> str | None:
         return f"it keeps {STATEFUL_MODEL_TYPES[model_type]}, not a KV cache"
     layers = _stateful_layers(config)
     if layers:
-        return f"layers {layers[:4]} are of types {sorted({t for _, t in layers})}, whose state is not a KV cache"
+        kinds, which = sorted({t for _, t in layers}), [i for i, _ in layers][:8]
+        if set(kinds) <= set(PATTERNED_ATTENTION):
+            return f"layers {which} attend in patterns ({', '.join(kinds)}) pdserve does not compute"
+        return f"layers {which} are of types {', '.join(kinds)}, whose state is not a KV cache"
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)

@@ -127,10 +127,10 @@ def model_limits(engine: EngineConfig, default_max_tokens: int, ignore_eos: bool
     once, before any worker starts. The online server uses it too."""
     started = time.time()
     folder = resolve_model(engine.model, engine.cache_dir)
+    arch = ModelArch.from_hf(load_hf_config(folder), engine.model_impl)  # refuses what cannot be served
     tokenizer = load_tokenizer(folder)
-    arch = ModelArch.from_hf(load_hf_config(folder))
-    log.info("start-up: model files, tokenizer and config %.1f s (%s)", time.time() - started,
-             type(tokenizer).__name__)
+    log.info("start-up: model files, tokenizer and config %.1f s (%s); %s runs on the %s path",
+             time.time() - started, type(tokenizer).__name__, arch.model_type, arch.impl.label)
     name = model_display_name(engine.model)
     limits = BatchLimits(max_context=arch.max_position_embeddings,
                          model_names=tuple(dict.fromkeys([name, str(engine.model or name)])),

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from engine.attention import PrefillAttention
 from engine.config import EngineConfig, ModelArch
-from engine.kv_cache import BlockManager, KVPool
+from engine.kv_cache import KVPool
 from engine.loader import load_hf_config
 from engine.model.moe import SparseMoE, grouped_experts, route
 from engine.runner import ModelRunner, pool_writer, token_slots
-from tests.tiny_moe import MOE_NAMES, tiny_moe_models  # noqa: F401 (a fixture)
+from tests.model_paths import MOE_NAMES, greedy_through_engine, hf_greedy, tiny_moe_models  # noqa: F401
 
 TOL = 1e-4
 
@@ -149,39 +149,6 @@ def test_paged_decode_and_extend_logits_match_transformers(tiny_moe_models, name
         for i, ref in enumerate(refs):
             diff = (out[i] - ref[int(pos[i])]).abs().max().item()
             assert diff < TOL, f"{name} decode step {step} seq {i}: max |logit diff| {diff:.2e}"
-
-
-def greedy_through_engine(runner: ModelRunner, prompts: list[list[int]], n: int, cached: int = 0) -> list[list[int]]:
-    """Greedy tokens by prefill (the first `cached` tokens of each prompt, if any, then an extend over
-    them: prefix caching's path) and paged decode steps."""
-    layout = runner.kv_layout(num_blocks=128)
-    pool = KVPool.allocate(layout)
-    blocks = BlockManager(layout.num_blocks, layout.block_size)
-    tables = [blocks.allocate(str(i), len(p) + n) for i, p in enumerate(prompts)]
-    bs = layout.block_size
-    if cached:
-        heads = [p[:cached] for p in prompts]
-        runner.prefill(heads, pool_writer(pool, [token_slots(t, cached, bs) for t in tables]))
-        logits = runner.extend(pool, [p[cached:] for p in prompts], [cached] * len(prompts), tables)
-    else:
-        slots = [token_slots(t, len(p), bs) for t, p in zip(tables, prompts)]
-        logits = runner.prefill(prompts, pool_writer(pool, slots))
-    out = [[int(t)] for t in logits.argmax(-1)]
-    width = max(len(t) for t in tables)
-    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    for _ in range(n - 1):
-        toks = torch.tensor([o[-1] for o in out])
-        pos = torch.tensor([len(p) + len(o) - 1 for p, o in zip(prompts, out)])
-        for o, t in zip(out, runner.decode(pool, toks, pos, bt).argmax(-1).tolist()):
-            o.append(t)
-    return out
-
-
-def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    """transformers' greedy tokens: n of them, or fewer ending with EOS."""
-    ids = torch.tensor([prompt])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("name", MOE_NAMES)

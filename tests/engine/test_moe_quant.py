@@ -16,7 +16,7 @@ from engine.model.moe import Experts, grouped_experts, route
 from engine.quant.experts import QuantizedExperts, quantize_stacked
 from engine.quant.scheme import dequantize
 from engine.runner import ModelRunner, pool_writer, token_slots
-from tests.tiny_moe import tiny_moe_models  # noqa: F401 (a fixture)
+from tests.model_paths import tiny_moe_models  # noqa: F401 (a fixture)
 
 BF16_EPS = 2.0**-8
 

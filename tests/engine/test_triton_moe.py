@@ -11,7 +11,7 @@ from engine.kernels.triton_moe import align_by_expert, fused_experts
 from engine.model.moe import grouped_experts, route
 from engine.quant.experts import quantize_stacked
 from engine.quant.scheme import dequantize
-from tests.tiny_moe import tiny_moe_models  # noqa: F401 (a fixture)
+from tests.model_paths import tiny_moe_models  # noqa: F401 (a fixture)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,6 +1,7 @@
-"""Tiny random-weight mixture-of-experts checkpoints (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE) and models
-without a native path, built from transformers' config classes; fixtures shared by engine, worker and
-end-to-end tests (import the fixture by name)."""
+"""Tiny random-weight checkpoints for the mixture-of-experts path (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE)
+and the generic path (architectures without a native one), built from transformers' config classes, and
+greedy decoding through the engine and through transformers; shared by engine, worker and end-to-end
+tests (import a fixture by name)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.kv_cache import BlockManager, KVPool
+from engine.runner import ModelRunner, pool_writer, token_slots
 from tests.conftest import TINY_COMMON
 
 # Several experts per token everywhere; Qwen3-MoE also has a dense layer (mlp_only_layers), OLMoE clips q/k/v.
@@ -87,3 +90,36 @@ def tiny_moe_models(tmp_path_factory) -> dict[str, Path]:
 def tiny_generic_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-generic")
     return {name: save_tiny(root / name, cfg) for name, cfg in generic_configs().items()}
+
+
+def greedy_through_engine(runner: ModelRunner, prompts: list[list[int]], n: int, cached: int = 0) -> list[list[int]]:
+    """Greedy tokens by prefill (the first `cached` tokens of each prompt, if any, then an extend over
+    them: prefix caching's path) and paged decode steps."""
+    layout = runner.kv_layout(num_blocks=128)
+    pool = KVPool.allocate(layout)
+    blocks = BlockManager(layout.num_blocks, layout.block_size)
+    tables = [blocks.allocate(str(i), len(p) + n) for i, p in enumerate(prompts)]
+    bs = layout.block_size
+    if cached:
+        heads = [p[:cached] for p in prompts]
+        runner.prefill(heads, pool_writer(pool, [token_slots(t, cached, bs) for t in tables]))
+        logits = runner.extend(pool, [p[cached:] for p in prompts], [cached] * len(prompts), tables)
+    else:
+        slots = [token_slots(t, len(p), bs) for t, p in zip(tables, prompts)]
+        logits = runner.prefill(prompts, pool_writer(pool, slots))
+    out = [[int(t)] for t in logits.argmax(-1)]
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    for _ in range(n - 1):
+        toks = torch.tensor([o[-1] for o in out])
+        pos = torch.tensor([len(p) + len(o) - 1 for p, o in zip(prompts, out)])
+        for o, t in zip(out, runner.decode(pool, toks, pos, bt).argmax(-1).tolist()):
+            o.append(t)
+    return out
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy tokens: n of them, or fewer ending with EOS."""
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
