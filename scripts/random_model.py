@@ -48,7 +48,8 @@ def build(preset: str, out: Path, router_gain: float = 20.0) -> Path:
             if name.endswith("mlp.gate.weight"):
                 p.mul_(router_gain)
     model.save_pretrained(out)
-    for f in resolve_model(None, default_cache_dir()).glob("tokenizer*"):
+    default = resolve_model(None, default_cache_dir())
+    for f in [*default.glob("tokenizer*"), *default.glob("chat_template*")]:
         shutil.copy(f, out / f.name)
     return out
 

@@ -75,7 +75,7 @@ def save_tiny(folder: Path, config, router_gain: float = 30.0) -> Path:
 def with_tokenizer(folder: Path, default_model_dir: Path) -> Path:
     """The default model's tokenizer beside the weights (workers load one for the stop checks); the tiny
     models' 256 ids are its first 256."""
-    for f in default_model_dir.glob("tokenizer*"):
+    for f in [*default_model_dir.glob("tokenizer*"), *default_model_dir.glob("chat_template*")]:
         shutil.copy(f, folder / f.name)
     return folder
 

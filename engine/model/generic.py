@@ -201,6 +201,9 @@ def _self_check(model: GenericCausalLM, device: str) -> None:
     ours = model(ids, positions, PrefillAttention(lens, device=device))
     own = model.bridge.name
     model.hf.set_attn_implementation("sdpa")
+    if model.hf.config._attn_implementation != "sdpa":
+        raise UnsupportedModelError(f"{model.arch.model_type}: its attention cannot be switched to sdpa to check "
+                                    "pdserve's against it")
     try:
         with torch.inference_mode():
             ref = torch.cat([model.hf(input_ids=torch.tensor([p], device=device)).logits[0] for p in prompts]).float()

@@ -3,8 +3,9 @@ once over the tokens routed to it.
 
     route     p = softmax(x Wr^T) in float32 [T, E];  (w, ids) = top-k of p [T, K];  w /= sum(w) if norm
     experts   the T*K (token, expert) rows sorted by expert; per active expert e, one matmul pair:
-              y = (silu(x Wg_e^T) * x Wu_e^T) Wd_e^T over its rows only (CPU: grouped_experts below;
-              CUDA: one Triton launch per projection over all experts, engine/kernels/triton_moe.py)
+              y = (silu(x Wg_e^T) * x Wu_e^T) Wd_e^T over its rows only (CPU: torch's grouped_mm, or for
+              decode-sized bf16 batches our grouped GEMV, engine/kernels/moe_experts_cpu.cpp; CUDA: one
+              Triton launch per projection over all experts, engine/kernels/triton_moe.py)
     combine   out[t] = sum_j w[t, j] y[t, j], added in expert order as transformers adds them
     shared    (Qwen2-MoE) out += sigmoid(x Wsg^T) * SwiGLU_shared(x)
 
@@ -25,6 +26,11 @@ from engine.config import ModelArch, MoEArch
 
 ExpertMatmul = Callable[[int, torch.Tensor], torch.Tensor]  # (expert, rows [n, K]) -> [n, N]
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")  # torch >= 2.8; else one matmul pair per expert from Python
+# Up to this many (token, expert) rows per expert on average, bf16 experts on a CPU take our grouped GEMV:
+# olmoe-mini's layer (64 experts of 512x256, top-8), 1 thread, Zen 4: 3.0 vs 10.6 ms at 8 tokens, 4.7 vs
+# 13.9 at 32, 16 vs 26 at 128, level at 256 (32 rows per expert); on 2 threads of a loaded machine 10x
+# faster, one parallel region per projection instead of one per expert.
+GEMV_MAX_ROWS_PER_EXPERT = 32
 
 
 def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,14 +69,36 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, n
 def grouped_mm_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
                        w2: torch.Tensor) -> torch.Tensor:
     """grouped_experts for float weights as two torch._grouped_mm calls, each over every expert's group of
-    rows at once: ~10 ops per layer whatever the number of experts, and no host sync. Measured on the
-    2-core Zen 4 (1 thread, olmoe-mini, bf16): see docs/design.md."""
+    rows at once: ~10 ops per layer whatever the number of experts are active, and no host sync. On the
+    2-core Zen 4 (1 thread, a heavily shared machine) decode steps of olmoe-mini took the same CPU time
+    as with the per-expert loop (torch's CPU op is itself a loop of matmuls); it is kept for the fewer
+    dispatches, which count where a step is launch-bound."""
     order, tokens = _sort_rows(ids)
     offsets = torch.bincount(ids.reshape(-1), minlength=w13.shape[0]).cumsum(0).to(torch.int32)
     rows = x.index_select(0, tokens)
     gate, value = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
     out = torch._grouped_mm(F.silu(gate) * value, w2.transpose(1, 2), offs=offsets)
     return _combine(x, out, weights, order, tokens)
+
+
+def gemv_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 kernel) -> torch.Tensor:
+    """grouped_mm_experts through our bf16 grouped GEMV (`kernel`: engine.kernels.cpu_moe_experts())."""
+    order, tokens = _sort_rows(ids)
+    offsets = torch.zeros(w13.shape[0] + 1, dtype=torch.int64)
+    offsets[1:] = torch.bincount(ids.reshape(-1), minlength=w13.shape[0]).cumsum(0)
+    gate, value = kernel.grouped_gemv_bf16(x.index_select(0, tokens), w13, offsets).chunk(2, dim=-1)
+    out = kernel.grouped_gemv_bf16((F.silu(gate) * value).contiguous(), w2, offsets)
+    return _combine(x, out, weights, order, tokens)
+
+
+def _cpu_gemv(x: torch.Tensor, ids: torch.Tensor, num_experts: int):
+    """Our grouped GEMV module when it serves this call (bf16 on a CPU with AVX512-BF16, decode-sized), else None."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or ids.numel() > GEMV_MAX_ROWS_PER_EXPERT * num_experts:
+        return None
+    from engine.kernels import cpu_moe_experts
+
+    return cpu_moe_experts()
 
 
 def _sort_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +123,7 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate), requires_grad=False)
         self.quantized = None  # a QuantizedExperts once quantize_model ran; then w13/w2 are empty
-        self.kernel = "auto"  # auto: Triton on CUDA, grouped matmuls elsewhere | grouped | loop | triton
+        self.kernel = "auto"  # auto: Triton on CUDA; CPU: gemv or grouped by size | gemv | grouped | loop | triton
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.kernel == "triton" or (self.kernel == "auto" and x.is_cuda):
@@ -106,6 +134,11 @@ class Experts(nn.Module):
                                  None if q is None else q.w13, None if q is None else q.w2)
         if self.quantized is not None:
             return grouped_experts(x, weights, ids, self.num_experts, self.quantized.up, self.quantized.down)
+        gemv = _cpu_gemv(x, ids, self.num_experts) if self.kernel in ("auto", "gemv") else None
+        if self.kernel == "gemv" and gemv is None:
+            raise RuntimeError("the grouped GEMV takes bf16 experts on a CPU with AVX512-BF16, decode-sized")
+        if gemv is not None:
+            return gemv_experts(x, weights, ids, self.w13, self.w2, gemv)
         if HAS_GROUPED_MM and self.kernel != "loop":
             return grouped_mm_experts(x, weights, ids, self.w13, self.w2)
         w13, w2 = self.w13, self.w2
