@@ -26,11 +26,13 @@ from engine.config import ModelArch, MoEArch
 
 ExpertMatmul = Callable[[int, torch.Tensor], torch.Tensor]  # (expert, rows [n, K]) -> [n, N]
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")  # torch >= 2.8; else one matmul pair per expert from Python
-# Up to this many (token, expert) rows per expert on average, bf16 experts on a CPU take our grouped GEMV:
-# olmoe-mini's layer (64 experts of 512x256, top-8), 1 thread, Zen 4: 3.0 vs 10.6 ms at 8 tokens, 4.7 vs
-# 13.9 at 32, 16 vs 26 at 128, level at 256 (32 rows per expert); on 2 threads of a loaded machine 10x
-# faster, one parallel region per projection instead of one per expert.
-GEMV_MAX_ROWS_PER_EXPERT = 32
+# Up to this many (token, expert) rows per expert on average, bf16 experts on a CPU take our grouped GEMV
+# rather than torch's grouped_mm. olmoe-mini's layer (64 experts of 512x256, top-8) on the shared 2-core
+# Zen 4, CPU ms per layer, 1 thread: 3.0 vs 10.6 at 8 tokens, 4.7 vs 13.9 at 32, 18 vs 23 at 256, 36 vs 36
+# at 512 (64 rows per expert), 62 vs 57-61 at 1024; on 2 threads of the loaded machine (load ~20) the
+# GEMV's one parallel region per projection took 0.2-0.4 s of wall time at 512 tokens where grouped_mm's
+# 128 regions per layer took 2-2.5 s. Above this, grouped_mm (oneDNN's compute-bound GEMMs) serves.
+GEMV_MAX_ROWS_PER_EXPERT = 128
 
 
 def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
