@@ -67,8 +67,9 @@ class ForwardSlot:
 class PagedAttentionBridge:
     """The attention function of one model: layer numbering, the refusals, the hand-off to the context."""
 
-    def __init__(self, max_positions: int) -> None:
+    def __init__(self, max_positions: int, dtype: torch.dtype) -> None:
         self.name = f"pdserve_paged_{next(_ids)}"
+        self.dtype = dtype  # the pool's: a module that hands q/k/v over in float32 (after its RoPE) is cast
         self.slot = ForwardSlot()
         self.layer_of: dict[int, int] = {}  # id(attention module) -> layer
         self.shapes: list[LayerShape] = []
@@ -82,9 +83,9 @@ class PagedAttentionBridge:
         # query [1, H, T, D]; key, value [1, KVH, T, D] -> ([1, T, H, D], no weights)
         layer = self._layer(module, key, value)
         self._check(module, query, attention_mask, kwargs)
-        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+        q, k, v = (x[0].transpose(0, 1).to(self.dtype).contiguous() for x in (query, key, value))
         self.calls += 1
-        return self.slot.current.attend(layer, q, k, v, scaling).unsqueeze(0), None
+        return self.slot.current.attend(layer, q, k, v, scaling).to(query.dtype).unsqueeze(0), None
 
     def _layer(self, module: nn.Module, key: torch.Tensor, value: torch.Tensor) -> int:
         layer = self.layer_of.get(id(module))
@@ -153,7 +154,7 @@ def load_generic(folder: Path, config: EngineConfig, arch: ModelArch) -> Generic
     if config.quantization != "none":
         raise UnsupportedModelError(f"--quantization {config.quantization} runs on the native path only; "
                                     f"{arch.model_type} runs through transformers' modules")
-    bridge = PagedAttentionBridge(arch.max_position_embeddings)
+    bridge = PagedAttentionBridge(arch.max_position_embeddings, config.torch_dtype)
     AttentionInterface.register(bridge.name, bridge)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=config.torch_dtype, attn_implementation=bridge.name)
     hf = hf.to(config.device).eval()
