@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -78,8 +79,6 @@ def test_pd_workers_equal_transformers(served, references, name, transport):
 @pytest.mark.parametrize("name", MODELS)
 def test_colocated_worker_equals_transformers(served, references, name):
     from decode_worker.colocated import ColocatedWorker
-
-    from dataclasses import replace
 
     engine = replace(_engine(served[name]), max_num_seqs=4)
     worker = ColocatedWorker(WorkerConfig(engine=engine, worker_id="colocated-0", auth_token="t",
