@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.quant.experts import expert_targets, load_quantized_experts, quantize_experts
 from engine.quant.linear import QuantLinear
 from engine.quant.scheme import QuantizedWeight, check_group_size, quantize
 
@@ -48,6 +49,9 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
     scheme = config.quantization
     if scheme == "none":
         return
+    experts = expert_targets(model)
+    if experts and scheme in ("gguf", "w8a8"):
+        raise ValueError(f"--quantization {scheme} does not cover mixture-of-experts weights; use int8 or int4")
     if scheme == "gguf":
         _load_gguf_blocks(model, config)
         return
@@ -59,7 +63,8 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
     tag = f"{scheme}-v{FORMAT_VERSION}-g{config.quant_group_size or 'default'}{'-lmhead' if lm_head else ''}"
 
     def build() -> dict[str, torch.Tensor]:
-        return quantize_linears(targets, scheme, config.quant_group_size)
+        return {**quantize_linears(targets, scheme, config.quant_group_size),
+                **quantize_experts(experts, scheme, config.quant_group_size)}
 
     if folder is not None:
         from engine.loader import cached_tensors
@@ -73,6 +78,7 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
         qw = QuantizedWeight.from_tensors(scheme, gs, state, name).to(device)
         bias = None if m.bias is None else m.bias.to(device=device, dtype=config.torch_dtype)
         _set_module(model, name, QuantLinear(qw, bias, kernel))
+    load_quantized_experts(experts, state, scheme, config.quant_group_size, device, kernel)
 
 
 def _quantize_w8a8(model: nn.Module, config, folder: Path | None, kernel: str) -> None:
@@ -138,4 +144,6 @@ def weight_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             total += m.qw.nbytes()
+        elif getattr(m, "quantized", None) is not None:  # quantized experts (engine/quant/experts.py)
+            total += m.quantized.nbytes()
     return total
