@@ -9,18 +9,9 @@ from torch import nn
 
 from engine.quant.experts import expert_targets, load_quantized_experts, quantize_experts
 from engine.quant.linear import QuantLinear
-from engine.quant.scheme import QuantizedWeight, check_group_size, quantize
+from engine.quant.scheme import QuantizedWeight, check_group_size, quantize, resolve_group_size  # noqa: F401
 
-# The GGUF Q4_0/Q4_1 block size: the default model's weights come as such blocks. torch's int4 CPU op takes it.
-INT4_DEFAULT_GROUP = 32
 FORMAT_VERSION = 2  # part of the cache key: bump when scheme.py's layout or module names change (2: layers.i.mlp.*)
-
-
-def resolve_group_size(scheme: str, group_size: int, in_features: int) -> int:
-    """0 means the scheme's default: int8 one group per output channel, int4 groups of 32."""
-    if group_size:
-        return group_size
-    return in_features if scheme == "int8" else INT4_DEFAULT_GROUP
 
 
 def linear_targets(model: nn.Module, lm_head: bool) -> dict[str, nn.Linear]:

@@ -11,12 +11,13 @@ prefill); the Triton fused-MoE kernel (engine/kernels/triton_moe.py) reads the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from engine.quant.linear import QuantLinear
-from engine.quant.scheme import QuantizedWeight, quantize
+from engine.quant.scheme import QuantizedWeight, quantize, resolve_group_size
 
 
 @dataclass(frozen=True)
@@ -99,16 +100,23 @@ class QuantizedExperts:
         return f"{self.w13.scheme} g{self.w13.group_size}/g{self.w2.group_size}"
 
 
-def expert_targets(model: nn.Module) -> dict[str, nn.Module]:
-    """Every layer's experts (engine/model/moe.Experts) by qualified name."""
-    from engine.model.moe import Experts
+@runtime_checkable
+class StackedExperts(Protocol):
+    """What weight quantization takes from a mixture-of-experts layer (engine/model/moe.Experts), declared
+    here so engine/quant never imports the model: float experts stacked as w13 [E, 2I, H] and w2 [E, H, I],
+    and the slot their quantized form goes in."""
 
-    return {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
+    w13: nn.Parameter
+    w2: nn.Parameter
+    quantized: QuantizedExperts | None
+
+
+def expert_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer's experts by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, StackedExperts)}
 
 
 def _group(scheme: str, group_size: int, in_features: int) -> int:
-    from engine.quant.apply import resolve_group_size
-
     return resolve_group_size(scheme, group_size, in_features)
 
 

@@ -20,7 +20,8 @@ def add_parser(bench) -> None:
                          "shared-prefix: 4 headers of ~1,000 tokens, 64 short questions each")
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; the last one makes the last line")
-    tp.add_argument("--systems", default="hf_static,hf_cb,pdserve", help="comma-separated subset of hf_static, hf_cb, pdserve, pdserve_generic")
+    tp.add_argument("--systems", default="hf_static,hf_cb,pdserve",
+                    help="comma-separated subset of hf_static, hf_cb, pdserve, pdserve_generic")
     tp.add_argument("--static-batch-size", type=int, default=8)
     tp.add_argument("--baseline-threads", type=int, default=0,
                     help="torch threads of the transformers baselines (0: all cores); match --decode-threads to "
