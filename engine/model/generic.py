@@ -209,7 +209,8 @@ def _self_check(model: GenericCausalLM, device: str) -> None:
     second passes the narrowest sliding window, if any. A model that reads positions, masks or windows
     in a way the packing breaks is refused here, not served wrong."""
     vocab = model.arch.vocab_size
-    longer = 9 if model.bridge.narrowest_window is None else model.bridge.narrowest_window + 7
+    window = model.bridge.narrowest_window
+    longer = 9 if window is None else min(window + 7, model.arch.max_position_embeddings)
     prompts = [[(7 * i + 3) % vocab for i in range(5)], [(11 * i + 5) % vocab for i in range(longer)]]
     lens = [len(p) for p in prompts]
     ids = torch.tensor(sum(prompts, []), device=device)

@@ -166,7 +166,8 @@ def test_models_whose_state_is_not_a_kv_cache_are_refused_at_start(tmp_path, nam
 
 
 def test_refusals_found_only_by_running_the_modules_name_the_reason(tmp_path):
-    """Gemma 2 soft-caps its attention logits: the probe forward sees it and refuses at load."""
+    """Gemma 2 soft-caps its attention logits: forced onto the generic path (natively it runs), the probe
+    forward sees it and refuses at load."""
     from transformers import Gemma2Config
 
     from tests.model_paths import save_tiny
@@ -176,7 +177,8 @@ def test_refusals_found_only_by_running_the_modules_name_the_reason(tmp_path):
                                                          num_key_value_heads=2, head_dim=16,
                                                          max_position_embeddings=64, sliding_window=128))
     with pytest.raises(UnsupportedArchitecture, match="soft-caps attention logits"):
-        _runner(folder)
+        _runner(folder, model_impl="transformers")
+    assert _runner(folder).arch.attn_softcap == 50.0  # auto: the native path, which soft-caps
 
 
 def test_native_only_and_quantized_generic_are_refused_clearly(tiny_generic_models, tmp_path):  # noqa: F811

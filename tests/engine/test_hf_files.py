@@ -17,7 +17,7 @@ from engine.hf_config import HFConfig, NotPlainConfig, read_config
 from engine.hf_tokenizer import HFTokenizer, NotPlainTokenizer
 from engine.loader import load_hf_config, load_tokenizer
 from engine.model.rope import rope_inv_freq
-from tests.model_paths import tiny_moe_models  # noqa: F401 (a fixture)
+from tests.model_paths import tiny_moe_models, tiny_moe_window_models  # noqa: F401 (fixtures)
 
 TEXTS = [
     "Hello, world!", "  leading and trailing spaces  ", "tabs\tand\nnew\n\nlines\r\n", "", " ",
@@ -257,10 +257,10 @@ def test_config_equals_transformers(default_model_dir, tiny_models, tmp_path):
     assert isinstance(_same_config(legacy), HFConfig)
 
 
-def test_moe_configs_read_plain_equal_transformers(tiny_moe_models, tmp_path):  # noqa: F811
-    """Mixture-of-experts configs as saved read without transformers, the same arch (routing included);
-    one lacking a routing field transformers would fill from its class falls back."""
-    for name, folder in tiny_moe_models.items():
+def test_moe_configs_read_plain_equal_transformers(tiny_moe_models, tiny_moe_window_models, tmp_path):  # noqa: F811
+    """Mixture-of-experts configs as saved read without transformers, the same arch (routing and windows
+    included); one lacking a routing field transformers would fill from its class falls back."""
+    for name, folder in {**tiny_moe_models, **tiny_moe_window_models}.items():
         assert isinstance(_same_config(folder), HFConfig), name
     cfg = json.loads((tiny_moe_models["qwen3_moe"] / "config.json").read_text())
     del cfg["norm_topk_prob"]

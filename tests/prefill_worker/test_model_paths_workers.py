@@ -15,19 +15,27 @@ from decode_worker.worker import DecodeWorker
 from engine.config import EngineConfig, SamplingParams
 from prefill_worker.worker import PrefillWorker
 from proto.messages import ColocatedTask, WorkerConfig
-from tests.model_paths import MOE_NAMES, hf_greedy, tiny_generic_models, tiny_moe_models, with_tokenizer  # noqa: F401
+from tests.model_paths import (  # noqa: F401 (fixtures)
+    MOE_NAMES,
+    hf_greedy,
+    tiny_generic_models,
+    tiny_moe_models,
+    tiny_moe_window_models,
+    with_tokenizer,
+)
 from tests.prefill_worker.test_prefix_workers import _run
 
 PARAMS = SamplingParams(max_tokens=10, temperature=0)
-MODELS = [*MOE_NAMES, "gpt2", "gpt_neox"]
+MODELS = [*MOE_NAMES, "mixtral-sw", "gpt2", "gpt_neox"]  # mixtral-sw: prompts and outputs past its window
 
 
 @pytest.fixture(scope="module")
-def served(tiny_moe_models, tiny_generic_models, default_model_dir, tmp_path_factory):  # noqa: F811
+def served(tiny_moe_models, tiny_moe_window_models, tiny_generic_models, default_model_dir,  # noqa: F811
+           tmp_path_factory):
     """Each model's folder with the default tokenizer beside it (workers load one for their stop checks)."""
     root = tmp_path_factory.mktemp("served")
     out = {}
-    for name, folder in {**tiny_moe_models, **tiny_generic_models}.items():
+    for name, folder in {**tiny_moe_models, **tiny_moe_window_models, **tiny_generic_models}.items():
         out[name] = with_tokenizer(shutil.copytree(folder, root / name), default_model_dir)
     return out
 
@@ -67,7 +75,7 @@ def test_pd_workers_equal_transformers(served, references, name, transport):
             assert list(out.outputs[rid]) == references[name][rid], f"{name} {rid} over {transport}"
             assert out.outputs[f"again-{rid}"] == out.outputs[rid]
         assert any(r.cached_tokens for r in out.prefill.values())
-        assert decode.stats()["running"] == 0
+        assert decode.stats().running == 0
         with decode._lock:
             decode.blocks.assert_empty()
         prefill.cache.blocks.assert_empty()
@@ -95,7 +103,7 @@ def test_colocated_worker_equals_transformers(served, references, name):
             assert results[rid].error is None
             assert list(results[rid].token_ids) == references[name][rid], f"{name} {rid} colocated"
         deadline = time.time() + 10
-        while worker.stats()["free_blocks"] != worker.stats()["num_blocks"]:
+        while worker.stats().pool.free_blocks != worker.stats().pool.num_blocks:
             assert time.time() < deadline, worker.stats()
             time.sleep(0.05)
     finally:
