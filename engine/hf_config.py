@@ -27,10 +27,11 @@ REQUIRED = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num
 _MOE_STEP = (("num_experts", "num_local_experts"), "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
              "decoder_sparse_step", "mlp_only_layers", "sliding_window", "use_sliding_window")
 REQUIRED_FOR = {"llama": (), "qwen2": (), "qwen3": ("head_dim",),
-                # mixture-of-experts (engine/families.moe_arch): the routing fields, and those that place windows
+                # mixture-of-experts (engine/families.moe_arch): the routing fields, and the windows'
+                # (use_sliding_window ones go to transformers, below)
                 "mixtral": ("num_local_experts", "num_experts_per_tok", "sliding_window"),
                 "qwen3_moe": ("head_dim", "attention_bias", *_MOE_STEP),
-                "qwen2_moe": ("qkv_bias", "shared_expert_intermediate_size", "max_window_layers", *_MOE_STEP),
+                "qwen2_moe": ("qkv_bias", "shared_expert_intermediate_size", *_MOE_STEP),
                 "olmoe": ("num_experts", "num_experts_per_tok", "norm_topk_prob", "clip_qkv", "attention_bias")}
 
 

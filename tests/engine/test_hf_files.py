@@ -259,9 +259,12 @@ def test_config_equals_transformers(default_model_dir, tiny_models, tmp_path):
 
 def test_moe_configs_read_plain_equal_transformers(tiny_moe_models, tiny_moe_window_models, tmp_path):  # noqa: F811
     """Mixture-of-experts configs as saved read without transformers, the same arch (routing and windows
-    included); one lacking a routing field transformers would fill from its class falls back."""
-    for name, folder in {**tiny_moe_models, **tiny_moe_window_models}.items():
+    included; use_sliding_window configs go to transformers, as the dense ones do); one lacking a routing
+    field transformers would fill from its class falls back."""
+    for name, folder in {**tiny_moe_models, "mixtral-sw": tiny_moe_window_models["mixtral-sw"]}.items():
         assert isinstance(_same_config(folder), HFConfig), name
+    for name in ("qwen3_moe-sw", "qwen2_moe-sw"):
+        assert not isinstance(_same_config(tiny_moe_window_models[name]), HFConfig), name
     cfg = json.loads((tiny_moe_models["qwen3_moe"] / "config.json").read_text())
     del cfg["norm_topk_prob"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
