@@ -107,7 +107,7 @@ class PagedAttentionBridge:
                 raise UnsupportedArchitecture(f"attention module {type(module).__name__} was not seen at load")
             if value.shape[1:2] + value.shape[3:] != key.shape[1:2] + key.shape[3:]:
                 raise UnsupportedArchitecture(f"{type(module).__name__}: keys {tuple(key.shape)} and values "
-                                            f"{tuple(value.shape)} differ in shape; the KV pool holds one shape")
+                                              f"{tuple(value.shape)} differ in shape; the KV pool holds one shape")
             layer = self.layer_of[id(module)] = len(self.shapes)
             self.shapes.append(LayerShape(key.shape[1], key.shape[3]))
         return layer
@@ -118,14 +118,14 @@ class PagedAttentionBridge:
             raise UnsupportedArchitecture(f"{name} was called with a batch of {query.shape[0]}; pdserve packs one row")
         if mask is not None:
             raise UnsupportedArchitecture(f"{name} hands its attention a mask or bias (ALiBi, relative positions...) "
-                                        "that pdserve's attention kernels do not apply")
+                                          "that pdserve's attention kernels do not apply")
         if getattr(module, "is_causal", True) is False:
             raise UnsupportedArchitecture(f"{name} attends bidirectionally; pdserve serves causal decoders")
         for key, what in UNSUPPORTED_KWARGS.items():
             value = kwargs.get(key)
             if value is not None:
                 raise UnsupportedArchitecture(f"{name} {what} ({key}={value}); the generic path attends to the "
-                                            "context with plain softmax")
+                                              "context with plain softmax")
 
 
 class GenericCausalLM(nn.Module):
@@ -166,7 +166,7 @@ def load_generic(folder: Path, config: EngineConfig, arch: ModelArch) -> Generic
 
     if config.quantization != "none":
         raise UnsupportedArchitecture(f"--quantization {config.quantization} runs on the native path only; "
-                                    f"{arch.model_type} runs through transformers' modules")
+                                      f"{arch.model_type} runs through transformers' modules")
     bridge = PagedAttentionBridge(arch.max_position_embeddings, config.torch_dtype)
     AttentionInterface.register(bridge.name, bridge)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=config.torch_dtype, attn_implementation=bridge.name)
@@ -181,7 +181,7 @@ def load_generic(folder: Path, config: EngineConfig, arch: ModelArch) -> Generic
         raise
     except Exception as e:  # the modules themselves failed under packing or our attention
         raise UnsupportedArchitecture(f"architecture {arch.model_type!r} failed on pdserve's generic path at load "
-                                    f"({type(e).__name__}: {e})") from e
+                                      f"({type(e).__name__}: {e})") from e
     return model
 
 
@@ -196,10 +196,10 @@ def _probe(model: GenericCausalLM, device: str) -> list[LayerShape]:
         raise UnsupportedArchitecture(f"{model.arch.model_type}: its modules never called the attention interface")
     if calls != len(shapes):
         raise UnsupportedArchitecture(f"{model.arch.model_type}: {calls} attention calls in one forward over "
-                                    f"{len(shapes)} modules (layers sharing attention modules)")
+                                      f"{len(shapes)} modules (layers sharing attention modules)")
     if len(set(shapes)) != 1:
         raise UnsupportedArchitecture(f"{model.arch.model_type}: K/V shapes differ between layers "
-                                    f"({sorted(set(shapes), key=str)}); the KV pool holds one shape")
+                                      f"({sorted(set(shapes), key=str)}); the KV pool holds one shape")
     bridge.frozen = True
     return shapes
 
@@ -220,7 +220,7 @@ def _self_check(model: GenericCausalLM, device: str) -> None:
     model.hf.set_attn_implementation("sdpa")
     if model.hf.config._attn_implementation != "sdpa":
         raise UnsupportedArchitecture(f"{model.arch.model_type}: its attention cannot be switched to sdpa to check "
-                                    "pdserve's against it")
+                                      "pdserve's against it")
     try:
         with torch.inference_mode():
             ref = torch.cat([model.hf(input_ids=torch.tensor([p], device=device)).logits[0] for p in prompts]).float()
@@ -230,4 +230,4 @@ def _self_check(model: GenericCausalLM, device: str) -> None:
     diff = (ours - ref).abs().max().item()
     if diff > rel * max(1.0, ref.abs().max().item()):
         raise UnsupportedArchitecture(f"{model.arch.model_type}: logits through pdserve's attention differ from the "
-                                    f"model's own by {diff:.3g} on packed prompts; refused rather than served wrong")
+                                      f"model's own by {diff:.3g} on packed prompts; refused rather than served wrong")

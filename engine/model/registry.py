@@ -44,7 +44,7 @@ def model_path(config: Any, model_impl: ModelImpl | str = ModelImpl.AUTO) -> Mod
         return ModelImpl.NATIVE
     if impl is ModelImpl.NATIVE:
         raise UnsupportedArchitecture(f"architecture {model_type!r} has no native path in pdserve (native: "
-                                    f"{', '.join(NATIVE_MODEL_TYPES)}); use --model-impl auto or transformers")
+                                      f"{', '.join(NATIVE_MODEL_TYPES)}); use --model-impl auto or transformers")
     why = refusal(config)
     if why:
         raise UnsupportedArchitecture(f"architecture {model_type!r} cannot be served: {why}")
@@ -109,4 +109,4 @@ def max_positions(config: Any) -> int:
         if isinstance(value, int) and value > 0:
             return value
     raise UnsupportedArchitecture(f"architecture {config.model_type!r}: its config names no maximum context "
-                                "(max_position_embeddings or the like)")
+                                  "(max_position_embeddings or the like)")
