@@ -10,13 +10,29 @@ from dataclasses import dataclass
 from enum import Enum
 
 # The HF `model_type`s our own forward runs (engine/families.py reads each one's config into a ModelArch,
-# engine/model/weights.py maps its checkpoint's tensor names). Anything else is refused at start.
-NATIVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+# engine/model/weights.py maps its checkpoint's tensor names). Any other decoder-only model runs through
+# transformers' modules or is refused (engine/model/registry.py decides, before any worker starts).
+MOE_MODEL_TYPES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")  # engine/model/moe.py
+NATIVE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", *MOE_MODEL_TYPES)
 
 
 class UnsupportedArchitecture(ValueError):
-    """A checkpoint whose architecture pdserve does not run; raised before any worker starts."""
+    """A checkpoint pdserve cannot serve (on the path asked for); the message names the architecture and why.
+    Raised before any worker starts, and by a worker before it reads weights."""
 
+
+class ModelImpl(str, Enum):
+    """Which forward runs a checkpoint (vLLM's --model-impl): ours, or transformers' modules with our
+    paged KV cache (engine/model/generic.py). AUTO: native where we have it."""
+
+    AUTO = "auto"
+    NATIVE = "native"
+    TRANSFORMERS = "transformers"
+
+    @property
+    def label(self) -> str:
+        """How the start-up log names the path."""
+        return "generic (transformers modules)" if self is ModelImpl.TRANSFORMERS else self.value
 
 
 class Norm(str, Enum):
@@ -39,6 +55,30 @@ class LayerSpec:
 
     sliding_window: int | None = None  # sees the last `sliding_window` positions, its own included; None: all
     rope: str = "default"  # which RoPE table (Gemma 3: its local and global layers have their own bases)
+
+
+@dataclass(frozen=True)
+class MoEArch:
+    """Routed experts of a mixture-of-experts checkpoint (engine/model/moe.py).
+
+    Each token goes to `top_k` of `num_experts` SwiGLU experts, weighted by the softmax of the router's
+    logits over all experts, taken at the top k and renormalized to sum 1 when `norm_topk_prob`.
+    Layers not in `sparse_layers` keep a dense MLP of the arch's `intermediate_size`."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool
+    sparse_layers: tuple[int, ...]
+    shared_expert_intermediate_size: int = 0  # 0: none; else one always-on expert behind a sigmoid gate
+    fp32_route_weights: bool = False  # Mixtral scales expert outputs by float32 weights; the others cast first
+
+    def mlp_params(self, hidden: int, active: bool) -> int:
+        """Weights of one sparse layer's MLP; `active`: those one token uses (its top-k experts)."""
+        experts = self.top_k if active else self.num_experts
+        shared = self.shared_expert_intermediate_size
+        return (experts * 3 * hidden * self.expert_intermediate_size + self.num_experts * hidden
+                + shared * 3 * hidden + (hidden if shared else 0))
 
 
 @dataclass(frozen=True)
@@ -68,6 +108,11 @@ class ModelArch:
     attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the softmax
     final_softcap: float | None = None  # Gemma 2 (3 optional): the same on the logits
     rotary_dim: int = 0  # leading dims of each head that RoPE rotates (Phi partial rotary); 0: all
+    qk_norm_whole: bool = False  # OLMoE normalizes the whole q and k projections (all heads at once)
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip] after the norms
+    o_proj_bias: bool = False  # OLMoE with attention_bias
+    moe: MoEArch | None = None  # None: every layer's MLP is dense
+    impl: ModelImpl = ModelImpl.NATIVE  # which forward runs it (engine/model/registry.py)
 
     def layer(self, index: int) -> LayerSpec:
         return self.layers[index] if self.layers else LayerSpec()
@@ -88,9 +133,12 @@ class ModelArch:
         """K and V values stored per token across all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
-    def num_params(self) -> int:
+    def num_params(self, active: bool = False) -> int:
+        """Every weight; with `active`, only those one token uses (its top-k experts, not all of them)."""
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
-        per_layer = attn + 3 * h * i + (4 if self.sandwich_norms else 2) * h
+        norms = (4 if self.sandwich_norms else 2) * h
+        sparse = self.moe.sparse_layers if self.moe is not None else ()
+        mlp = sum(self.moe.mlp_params(h, active) if layer in sparse else 3 * h * i for layer in range(self.num_layers))
         embed = self.vocab_size * h
-        return self.num_layers * per_layer + embed + h + (0 if self.tie_word_embeddings else embed)
+        return self.num_layers * (attn + norms) + mlp + embed + h + (0 if self.tie_word_embeddings else embed)

@@ -16,6 +16,8 @@ from engine.arch import (  # noqa: F401  re-exported: the model's shape is part 
     Activation,
     LayerSpec,
     ModelArch,
+    ModelImpl,
+    MoEArch,
     Norm,
     UnsupportedArchitecture,
 )
@@ -77,8 +79,12 @@ class EngineConfig:
     quantization: str = "none"  # none | int8 | int4 | w8a8 (int8 activations too) | gguf (the GGUF's own blocks)
     quant_group_size: int = 0  # inputs per scale; 0: int8 one per output channel, int4 32
     quantize_lm_head: bool = False  # also quantize the LM head (the embedding stays float)
+    model_impl: str = "auto"  # auto (native where we have it) | native | transformers (vLLM's --model-impl)
 
     def __post_init__(self) -> None:
+        if self.model_impl not in [m.value for m in ModelImpl]:
+            raise ValueError(f"--model-impl must be one of {', '.join(m.value for m in ModelImpl)}, "
+                             f"got {self.model_impl!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -13,6 +13,14 @@ an error that names it. What differs between families is data here; the forward
     gemma2       layer_types (local/global)     (1 + w) RMS   GeGLU   sandwich norms, embed scale,
                                                                        softcaps, query_pre_attn_scalar
     gemma3_text  layer_types, a RoPE per type   (1 + w) RMS   GeGLU   as gemma2 + q/k norm
+    mixtral      sliding_window: every layer    RMS           MoE     experts w1/w3/w2, float32 route weights
+    qwen2_moe    use_sliding_window: layer_types RMS          MoE     q/k/v bias, shared expert
+    qwen3_moe    use_sliding_window: every layer RMS          MoE     q,k norm, dense mlp_only_layers
+    olmoe        none                           RMS           MoE     q,k norm over the whole projection,
+                                                                       clip_qkv
+
+`read_arch(config, model_impl)` is the one entry point: engine/model/registry.py first decides whether
+our forward, transformers' modules or nothing serves the checkpoint; a native one is read here.
 """
 
 from __future__ import annotations
@@ -21,7 +29,17 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from engine.arch import NATIVE_MODEL_TYPES, Activation, LayerSpec, ModelArch, Norm, UnsupportedArchitecture
+from engine.arch import (
+    MOE_MODEL_TYPES,
+    NATIVE_MODEL_TYPES,
+    Activation,
+    LayerSpec,
+    ModelArch,
+    ModelImpl,
+    MoEArch,
+    Norm,
+)
+from engine.model.registry import generic_arch, model_path
 
 # RoPE types whose frequencies are fixed at load (engine/model/rope.py builds them with transformers' own
 # functions). dynamic NTK and a LongRoPE that switches factor sets with the sequence's length are not.
@@ -47,32 +65,41 @@ class Family:
     qk_norm: bool = False
     rope_per_layer_type: bool = False  # rope_parameters keyed by layer type (Gemma 3)
     attn_softcap_field: str | None = None  # Gemma 3's attention never passes its softcap on
+    qk_norm_whole: bool = False  # OLMoE: one norm over all heads' q (and k), with clip_qkv
+    qkv_bias_field: str = "attention_bias"  # Qwen2-MoE names it qkv_bias
+    window_switch: bool = False  # sliding_window applies only with use_sliding_window (Qwen2/3 and their MoE)
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(Windows.NONE),
     "mistral": Family(Windows.EVERY_LAYER),
-    "qwen2": Family(Windows.LAYER_TYPES),
-    "qwen3": Family(Windows.LAYER_TYPES, qk_norm=True),
+    "qwen2": Family(Windows.LAYER_TYPES, window_switch=True),
+    "qwen3": Family(Windows.LAYER_TYPES, qk_norm=True, window_switch=True),
     "phi3": Family(Windows.EVERY_LAYER),
     "gemma2": Family(Windows.LAYER_TYPES, Norm.RMS_UNIT_OFFSET, "hidden_activation", gemma=True,
                      attn_softcap_field="attn_logit_softcapping"),
     "gemma3_text": Family(Windows.LAYER_TYPES, Norm.RMS_UNIT_OFFSET, "hidden_activation", gemma=True,
                           qk_norm=True, rope_per_layer_type=True),
+    "mixtral": Family(Windows.EVERY_LAYER),
+    "qwen2_moe": Family(Windows.LAYER_TYPES, qkv_bias_field="qkv_bias", window_switch=True),
+    "qwen3_moe": Family(Windows.EVERY_LAYER, qk_norm=True, window_switch=True),
+    "olmoe": Family(Windows.NONE, qk_norm_whole=True),
 }
-assert set(FAMILIES) == set(NATIVE_MODEL_TYPES), "engine/config.py NATIVE_MODEL_TYPES and FAMILIES disagree"
-
-# Architectures whose state is not (only) a KV cache: named in the refusal, never sent to a generic path.
-_NOT_KV = ("mamba", "mamba2", "rwkv", "recurrent_gemma", "jamba", "t5", "bart", "whisper", "falcon_mamba")
+assert set(FAMILIES) == set(NATIVE_MODEL_TYPES), "engine/arch.py NATIVE_MODEL_TYPES and FAMILIES disagree"
 
 
-def read_arch(config: Any) -> ModelArch:
+def read_arch(config: Any, model_impl: ModelImpl | str = ModelImpl.AUTO) -> ModelArch:
+    """The ModelArch of `config` on the path --model-impl picks (engine/model/registry.py); raises
+    UnsupportedArchitecture, naming the architecture and why, for what pdserve cannot serve."""
+    if model_path(config, model_impl) is ModelImpl.TRANSFORMERS:
+        return generic_arch(config)
+    return native_arch(config)
+
+
+def native_arch(config: Any) -> ModelArch:
+    """`config` (a model type of NATIVE_MODEL_TYPES) as our forward runs it."""
     model_type = config.model_type
-    family = FAMILIES.get(model_type)
-    if family is None:
-        kind = " (its state is not a KV cache)" if model_type in _NOT_KV else ""
-        raise UnsupportedArchitecture(f"unsupported architecture {model_type!r}{kind}; native: "
-                                      f"{', '.join(NATIVE_MODEL_TYPES)}")
+    family = FAMILIES[model_type]
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError(f"{model_type} with use_bidirectional_attention (an embedding model) is not a decoder "
                          "pdserve can serve")
@@ -94,7 +121,7 @@ def read_arch(config: Any) -> ModelArch:
         rms_norm_eps=config.rms_norm_eps,
         max_position_embeddings=config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        attention_bias=bool(getattr(config, "attention_bias", model_type == "qwen2")),
+        attention_bias=bool(getattr(config, family.qkv_bias_field, model_type in ("qwen2", "qwen2_moe"))),
         qk_norm=family.qk_norm,
         eos_token_ids=eos_ids,
         layers=layers,
@@ -106,15 +133,40 @@ def read_arch(config: Any) -> ModelArch:
         attn_softcap=getattr(config, family.attn_softcap_field, None) if family.attn_softcap_field else None,
         final_softcap=getattr(config, "final_logit_softcapping", None) if family.gemma else None,
         rotary_dim=int(head_dim * _partial_rotary_factor(config, family)),
+        qk_norm_whole=family.qk_norm_whole,
+        clip_qkv=getattr(config, "clip_qkv", None) if family.qk_norm_whole else None,
+        o_proj_bias=family.qk_norm_whole and bool(getattr(config, "attention_bias", False)),
+        moe=moe_arch(config),
     )
+
+
+def moe_arch(config: Any) -> MoEArch | None:
+    """The experts of a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE config, None for a dense one."""
+    model_type = config.model_type
+    if model_type not in MOE_MODEL_TYPES:
+        return None
+    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0)
+    layers = range(config.num_hidden_layers)
+    if model_type in ("qwen2_moe", "qwen3_moe"):  # dense layers: mlp_only_layers, or off the sparse step
+        only, step = set(config.mlp_only_layers or ()), config.decoder_sparse_step
+        sparse = tuple(i for i in layers if i not in only and num_experts > 0 and (i + 1) % step == 0)
+        size = config.moe_intermediate_size
+    else:
+        sparse, size = tuple(layers), config.intermediate_size
+    return MoEArch(num_experts=num_experts, top_k=config.num_experts_per_tok, expert_intermediate_size=size,
+                   norm_topk_prob=True if model_type == "mixtral" else bool(config.norm_topk_prob),
+                   sparse_layers=sparse,
+                   shared_expert_intermediate_size=getattr(config, "shared_expert_intermediate_size", 0) or 0,
+                   fp32_route_weights=model_type == "mixtral")
 
 
 def layer_specs(config: Any, family: Family) -> tuple[LayerSpec, ...]:
     """Each layer's window and RoPE table, as transformers builds that model's masks."""
     n = config.num_hidden_layers
     window = getattr(config, "sliding_window", None) if family.windows != Windows.NONE else None
-    if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+    if family.window_switch and not getattr(config, "use_sliding_window", False):
         window = None  # their configs carry a sliding_window that only use_sliding_window turns on
+    window = window or None  # Qwen2-MoE stores 0 for "no window"
     types = getattr(config, "layer_types", None) or _default_layer_types(config, family, window)
     unknown = sorted(set(types) - set(_LAYER_TYPES))
     if unknown:
@@ -136,6 +188,10 @@ def _default_layer_types(config: Any, family: Family, window: int | None) -> lis
     if config.model_type in ("qwen2", "qwen3"):
         first = getattr(config, "max_window_layers", n)
         return ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n)]
+    if config.model_type == "qwen2_moe":  # odd-numbered layers below max_window_layers (its config's own rule)
+        first = getattr(config, "max_window_layers", n)
+        return ["sliding_attention" if window is not None and (i + 1) % 2 and i < first else "full_attention"
+                for i in range(n)]
     if family.gemma:
         pattern = getattr(config, "sliding_window_pattern", 2 if config.model_type == "gemma2" else 6)
         return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]

@@ -22,7 +22,17 @@ REQUIRED = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num
             "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings",
             "tie_word_embeddings", "eos_token_id")
 # Per architecture: fields whose class default is not what `getattr(config, name, fallback)` gives.
-REQUIRED_FOR = {"llama": (), "qwen2": (), "qwen3": ("head_dim",)}
+# A tuple names alternatives, any one present: Qwen3-MoE's class stores `num_local_experts` (its `num_experts`
+# is an alias) while checkpoints ship `num_experts`.
+_MOE_STEP = (("num_experts", "num_local_experts"), "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+             "decoder_sparse_step", "mlp_only_layers", "sliding_window", "use_sliding_window")
+REQUIRED_FOR = {"llama": (), "qwen2": (), "qwen3": ("head_dim",),
+                # mixture-of-experts (engine/families.moe_arch): the routing fields, and the windows'
+                # (use_sliding_window ones go to transformers, below)
+                "mixtral": ("num_local_experts", "num_experts_per_tok", "sliding_window"),
+                "qwen3_moe": ("head_dim", "attention_bias", *_MOE_STEP),
+                "qwen2_moe": ("qkv_bias", "shared_expert_intermediate_size", *_MOE_STEP),
+                "olmoe": ("num_experts", "num_experts_per_tok", "norm_topk_prob", "clip_qkv", "attention_bias")}
 
 
 class NotPlainConfig(ValueError):
@@ -58,7 +68,8 @@ def read_config(folder: Path) -> HFConfig:
     model_type = values.get("model_type")
     if model_type not in REQUIRED_FOR:
         raise NotPlainConfig(f"model_type {model_type!r}")
-    missing = [k for k in (*REQUIRED, *REQUIRED_FOR[model_type]) if k not in values]
+    missing = [k for k in (*REQUIRED, *REQUIRED_FOR[model_type])
+               if not (any(a in values for a in k) if isinstance(k, tuple) else k in values)]
     if missing:
         raise NotPlainConfig(f"config.json lacks {missing} (transformers would fill class defaults)")
     if values.get("use_sliding_window"):  # the window and its layers come with class defaults and a fill-in

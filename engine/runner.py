@@ -6,13 +6,15 @@ states, workers or transports.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from engine.attention import ExtendAttention, KVSink, PagedDecodeAttention, PrefillAttention, VarlenBatch, get_backend
-from engine.config import EngineConfig, ModelArch
+from engine.config import EngineConfig, ModelArch, ModelImpl
 from engine.families import read_arch
 from engine.kv_cache import KVLayout, KVPool, LayerKV
 from engine.loader import load_hf_config, load_state_dict, read_generation_eos, resolve_model
@@ -22,26 +24,39 @@ from engine.parallel import SINGLE, ShardPlan, TensorParallel, TensorParallelUns
 from engine.parallel.layers import parallelize
 from engine.quant import quantize_model
 
+log = logging.getLogger("pdserve.runner")
+
 
 @dataclass(frozen=True)
 class LoadedModel:
     folder: Path
     arch: ModelArch  # this rank's shape: its query/KV heads and MLP width under tensor parallelism
-    model: CausalLM
+    model: nn.Module  # CausalLM (native) or GenericCausalLM (transformers' modules): the same forward
     shard: ShardPlan  # which part of the whole model this rank holds (the whole of it at TP 1)
 
 
 def load_model(config: EngineConfig, tp: TensorParallel = SINGLE) -> LoadedModel:
+    """The checkpoint on the path engine/model/registry.py picks for it (a refused one raises before any
+    weight is read); the log says which."""
     config = config.resolved()
     folder = resolve_model(config.model, config.cache_dir)
     hf_config = load_hf_config(folder)
-    arch = read_arch(hf_config)
+    arch = read_arch(hf_config, config.model_impl)
     extra_eos = read_generation_eos(folder)
     if extra_eos:
-        arch = ModelArch(**{**arch.__dict__, "eos_token_ids": tuple(dict.fromkeys(arch.eos_token_ids + extra_eos))})
+        arch = replace(arch, eos_token_ids=tuple(dict.fromkeys(arch.eos_token_ids + extra_eos)))
     if tp.size > 1 and config.quantization != "none":
         raise TensorParallelUnsupported(f"--quantization {config.quantization} with tensor parallel size {tp.size}: "
                                         "quantized weights are not sharded yet; use tensor parallel size 1")
+    log.info("%s (%s): %s path", folder.name, arch.model_type, arch.impl.label)
+    if arch.impl is ModelImpl.TRANSFORMERS:
+        if tp.size > 1:
+            raise TensorParallelUnsupported(f"tensor parallel size {tp.size} on the generic (transformers) path: "
+                                            "native families only; use tensor parallel size 1")
+        from engine.model.generic import load_generic
+
+        model = load_generic(folder, config, arch)
+        return LoadedModel(folder, model.arch, model, ShardPlan.of(model.arch, 0, 1))
     plan = ShardPlan.of(arch, tp.rank, tp.size)
     with torch.device("meta"):  # skip the random init of 100M+ parameters
         model = CausalLM(plan.rank_arch, hf_config)
@@ -65,6 +80,11 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.backend = get_backend(config.attention_backend, config.device)
         self.model.use_ops(ops_for(self.backend.name))
+        if self.arch.impl is ModelImpl.TRANSFORMERS:
+            if config.speculative.startswith("layers:"):
+                raise ValueError("--speculative layers:K drafts with the model's first layers: native path only")
+            if config.device == "cuda" and not config.enforce_eager:  # modules of unknown host syncs: no graphs
+                self.config = replace(config, enforce_eager=True)
 
     @property
     def attention_backend(self) -> str:

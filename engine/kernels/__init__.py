@@ -3,7 +3,8 @@
 CPU: `paged_attention_cpu.cpp`, decode attention read straight from the paged
 pool; `int4_gemv_cpu.cpp`, int4 weights x int8-quantized activations for
 decode-shaped matmuls (engine/quant/int4_kernel.py); `token_bitmask_cpu.cpp`, grammar masks
-applied to logits (engine/structured/bitmask.py). Each is compiled with
+applied to logits (engine/structured/bitmask.py); `moe_experts_cpu.cpp`, bf16 experts' grouped GEMV for
+decode (engine/model/moe.py). Each is compiled with
 -march=native, so the extension's name (and build folder) carries `isa_key`
 of this CPU's flags: a cache shared across machines (a home directory on NFS,
 a baked image) never hands one CPU code compiled for another. The name also
@@ -35,6 +36,7 @@ _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 
 _INT4_SOURCE = _HERE / "int4_gemv_cpu.cpp"
 _INT4_CFLAGS = ("-O3", "-march=native", "-fopenmp")  # no -ffast-math: the activation rounding must be exact
+_MOE_SOURCE = _HERE / "moe_experts_cpu.cpp"
 
 
 @functools.cache
@@ -103,6 +105,17 @@ def cpu_token_bitmask():
     """The token-bitmask module, or None when it cannot be built here."""
     name = cpu_extension_name(cpu_flags(), "pdserve_token_bitmask_cpu", _BITMASK_SOURCE, _BITMASK_CFLAGS)
     return _load(name, _BITMASK_SOURCE, _BITMASK_CFLAGS, "CPU token-bitmask kernel")
+
+
+@functools.cache
+def cpu_moe_experts():
+    """The bf16 experts' grouped GEMV, or None on a CPU without AVX512-BF16 (or without a compiler):
+    engine/model/moe.py keeps torch's grouped_mm there."""
+    if "avx512_bf16" not in cpu_flags():
+        return None
+    name = cpu_extension_name(cpu_flags(), "pdserve_moe_experts_cpu", _MOE_SOURCE, _INT4_CFLAGS)
+    module = _load(name, _MOE_SOURCE, _INT4_CFLAGS, "CPU MoE experts kernel")
+    return module if module is not None and module.isa() != "none" else None
 
 
 def _load(name: str, source: Path, cflags: tuple[str, ...], what: str):

@@ -1,4 +1,5 @@
-"""The decoder: Llama, Mistral, SmolLM2, Qwen2/3, Phi-3/4, Gemma 2/3, as one layer shape read from ModelArch.
+"""The decoder: Llama, Mistral, SmolLM2, Qwen2/3, Phi-3/4, Gemma 2/3 and the mixture-of-experts ones
+(Mixtral, Qwen2/3-MoE, OLMoE), as one layer shape read from ModelArch.
 
 Tokens of all sequences in a batch are packed along one axis (no padding): every projection runs
 on [T, hidden]. Attention is delegated to an `AttentionContext` that knows whether this is a
@@ -8,8 +9,9 @@ What differs between families is data (engine/families.py), not branches here:
     x ──(+ residual)──> input_norm ─> qkv ─> [q/k norm] ─> RoPE[layer's table] ─> attend(layer spec)
       ─> o_proj ─> [attn_out_norm] ──(+ residual)──> mlp_norm ─> mlp ─> [mlp_out_norm] ─> next layer
 
-    [..]: only where the arch has it (Gemma: sandwich norms; Qwen3/Gemma 3: q/k norm). The layer spec
-    carries the attention's window, scale and logit softcap; `mlp` is built by engine/model/mlp.py.
+    [..]: only where the arch has it (Gemma: sandwich norms; Qwen3/Gemma 3: q/k norm; OLMoE: q/k norm
+    over the whole projection, then clip_qkv). The layer spec carries the attention's window, scale and
+    logit softcap; `mlp` is built by engine/model/mlp.py (dense, or the experts of engine/model/moe.py).
 
 q/k/v and gate/up projections are fused into one matmul each.
 """
@@ -72,9 +74,12 @@ class DecoderLayer(nn.Module):
 
         self.input_norm = norm(arch.hidden_size)
         self.qkv_proj = nn.Linear(arch.hidden_size, q_size + 2 * kv_size, bias=arch.attention_bias)
-        self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=False)
-        self.q_norm = norm(arch.head_dim) if arch.qk_norm else None
-        self.k_norm = norm(arch.head_dim) if arch.qk_norm else None
+        self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=arch.o_proj_bias)
+        # q/k norm per head (Qwen3, Gemma 3: rows of head_dim) or over the whole projection (OLMoE)
+        self.qk_norm_whole, self.clip_qkv = arch.qk_norm_whole, arch.clip_qkv
+        norm_q, norm_k = (q_size, kv_size) if arch.qk_norm_whole else (arch.head_dim, arch.head_dim)
+        self.q_norm = norm(norm_q) if arch.qk_norm or arch.qk_norm_whole else None
+        self.k_norm = norm(norm_k) if arch.qk_norm or arch.qk_norm_whole else None
         self.attn_out_norm = norm(arch.hidden_size) if arch.sandwich_norms else None
         self.mlp_norm = norm(arch.hidden_size)
         self.mlp = build_mlp(arch, index)
@@ -88,10 +93,14 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         h, residual = self.input_norm.add_norm(x, residual)
         q, k, v = self.qkv_proj(h).split(self.split, dim=-1)
+        if self.qk_norm_whole:  # OLMoE: all heads at once, then clipped
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (x.clamp(-self.clip_qkv, self.clip_qkv) for x in (q, k, v))
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # per head: rows of head_dim
+        if self.q_norm is not None and not self.qk_norm_whole:  # per head: rows of head_dim
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
         q, k = self.ops.rope(q, k, rotary[self.rope_key])

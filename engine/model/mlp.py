@@ -2,8 +2,8 @@
 
 `build_mlp(arch, layer)` returns a module mapping [T, hidden] -> [T, hidden]; the decoder layer
 (engine/model/llama.py) knows nothing else about it. Its parameters live under `layers.{i}.mlp.`,
-and engine/model/weights.py maps them to the checkpoint's names. A mixture-of-experts MLP is added
-here (a branch on the arch) and there (its weight names), and nowhere else.
+and engine/model/weights.py maps them to the checkpoint's names. A mixture-of-experts layer gets the
+experts of engine/model/moe.py (SparseMoE); its dense layers (Qwen2/3-MoE's mlp_only_layers) a GatedMLP.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import Activation, ModelArch
+from engine.model.moe import SparseMoE
 
 ACTIVATIONS: dict[Activation, Callable[[torch.Tensor], torch.Tensor]] = {
     Activation.SILU: F.silu,
@@ -38,4 +39,6 @@ class GatedMLP(nn.Module):
 
 def build_mlp(arch: ModelArch, layer: int) -> nn.Module:
     """The MLP of decoder layer `layer`."""
+    if arch.moe is not None and layer in arch.moe.sparse_layers:
+        return SparseMoE(arch.moe, arch.hidden_size)
     return GatedMLP(arch.hidden_size, arch.intermediate_size, arch.activation)

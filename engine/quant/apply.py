@@ -7,19 +7,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.quant.experts import expert_targets, load_quantized_experts, quantize_experts
 from engine.quant.linear import QuantLinear
-from engine.quant.scheme import QuantizedWeight, check_group_size, quantize
+from engine.quant.scheme import QuantizedWeight, check_group_size, quantize, resolve_group_size  # noqa: F401
 
-# The GGUF Q4_0/Q4_1 block size: the default model's weights come as such blocks. torch's int4 CPU op takes it.
-INT4_DEFAULT_GROUP = 32
 FORMAT_VERSION = 2  # part of the cache key: bump when scheme.py's layout or module names change (2: layers.i.mlp.*)
-
-
-def resolve_group_size(scheme: str, group_size: int, in_features: int) -> int:
-    """0 means the scheme's default: int8 one group per output channel, int4 groups of 32."""
-    if group_size:
-        return group_size
-    return in_features if scheme == "int8" else INT4_DEFAULT_GROUP
 
 
 def linear_targets(model: nn.Module, lm_head: bool) -> dict[str, nn.Linear]:
@@ -48,6 +40,9 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
     scheme = config.quantization
     if scheme == "none":
         return
+    experts = expert_targets(model)
+    if experts and scheme in ("gguf", "w8a8"):
+        raise ValueError(f"--quantization {scheme} does not cover mixture-of-experts weights; use int8 or int4")
     if scheme == "gguf":
         _load_gguf_blocks(model, config)
         return
@@ -59,7 +54,8 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
     tag = f"{scheme}-v{FORMAT_VERSION}-g{config.quant_group_size or 'default'}{'-lmhead' if lm_head else ''}"
 
     def build() -> dict[str, torch.Tensor]:
-        return quantize_linears(targets, scheme, config.quant_group_size)
+        return {**quantize_linears(targets, scheme, config.quant_group_size),
+                **quantize_experts(experts, scheme, config.quant_group_size)}
 
     if folder is not None:
         from engine.loader import cached_tensors
@@ -73,6 +69,7 @@ def quantize_model(model: nn.Module, config, folder: Path | None = None, kernel:
         qw = QuantizedWeight.from_tensors(scheme, gs, state, name).to(device)
         bias = None if m.bias is None else m.bias.to(device=device, dtype=config.torch_dtype)
         _set_module(model, name, QuantLinear(qw, bias, kernel))
+    load_quantized_experts(experts, state, scheme, config.quant_group_size, device, kernel)
 
 
 def _quantize_w8a8(model: nn.Module, config, folder: Path | None, kernel: str) -> None:
@@ -138,4 +135,6 @@ def weight_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             total += m.qw.nbytes()
+        elif getattr(m, "quantized", None) is not None:  # quantized experts (engine/quant/experts.py)
+            total += m.quantized.nbytes()
     return total

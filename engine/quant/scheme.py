@@ -109,3 +109,14 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     q = unpack_int4(qw.qweight).float().reshape(n, -1, gs)
     w = q * qw.scales[..., None].float() + qw.zeros[..., None].float()
     return w.reshape(n, k).to(dtype)
+
+
+# The GGUF Q4_0/Q4_1 block size: the default model's weights come as such blocks. torch's int4 CPU op takes it.
+INT4_DEFAULT_GROUP = 32
+
+
+def resolve_group_size(scheme: str, group_size: int, in_features: int) -> int:
+    """0 means the scheme's default: int8 one group per output channel, int4 groups of 32."""
+    if group_size:
+        return group_size
+    return in_features if scheme == "int8" else INT4_DEFAULT_GROUP

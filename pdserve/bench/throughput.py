@@ -2,10 +2,13 @@
 
 For each dtype: transformers' `generate` in static batches, transformers'
 continuous batching, and pdserve (1 prefill + 1 decode worker by default),
-then a table of wall time, useful output tok/s, total tok/s, mean TTFT/TPOT,
-the ratio of pdserve to each baseline, and the share of the compute bound
-(matmul FLOP/s measured in this run / 2·params). The last line is
-    throughput ratio_vs_hf_cb=<x> ratio_vs_hf_static=<y> roofline_share=<z>
+optionally pdserve again on the generic path (`pdserve_generic`: --model-impl
+transformers, the same model through transformers' modules), then a table of
+wall time, useful output tok/s, total tok/s, mean TTFT/TPOT, the ratio of
+pdserve to each baseline, and the share of the compute bound (matmul FLOP/s
+measured in this run / 2·active params: a mixture-of-experts token uses its
+top-k experts only). The last line is
+    throughput ratio_vs_hf_cb=<x> ratio_vs_hf_static=<y> roofline_share=<z> [ratio_native_vs_generic=<w>]
 for the last dtype run (bf16 by default).
 """
 
@@ -32,7 +35,7 @@ from pdserve.bench.workload import (
 )
 from router.router import RouterConfig
 
-SYSTEMS = ("hf_static", "hf_cb", "pdserve")
+SYSTEMS = ("hf_static", "hf_cb", "pdserve", "pdserve_generic")
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class ThroughputBench:
     workload: WorkloadSpec = WorkloadSpec()
     shared_prefix: SharedPrefixSpec | None = None  # --workload shared-prefix: replaces `workload`
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
-    systems: tuple[str, ...] = SYSTEMS
+    systems: tuple[str, ...] = SYSTEMS[:3]  # pdserve_generic on request
     static_batch_size: int = 8
     baseline_threads: int = 0  # 0: all cores
     check_outputs: bool = True  # pdserve's greedy outputs vs the baselines'
@@ -83,15 +86,18 @@ def _isolated(threads: int, fn, *args):
 
 
 def run_pdserve(requests, batch_path: Path, engine: EngineConfig, cluster, dtype: str,
-                router: RouterConfig | None = None) -> SystemResult:
+                router: RouterConfig | None = None, system: str = "pdserve") -> SystemResult:
+    """pdserve on the benchmark batch; `pdserve_generic` forces transformers' modules (--model-impl transformers)."""
     from pdserve.batch.run import BatchOptions, run_batch
 
-    out = batch_path.with_name(f"pdserve-{dtype}.jsonl")
+    out = batch_path.with_name(f"{system}-{dtype}.jsonl")
     router = router or RouterConfig(max_prefill_tokens=engine.max_prefill_tokens)
-    summary = run_batch(batch_path, out, replace(engine, dtype=dtype), cluster, router, BatchOptions(progress=False))
+    impl = "transformers" if system == "pdserve_generic" else engine.model_impl
+    engine = replace(engine, dtype=dtype, model_impl=impl)
+    summary = run_batch(batch_path, out, engine, cluster, router, BatchOptions(progress=False))
     if summary.failed:
         raise RuntimeError(f"pdserve failed {summary.failed} benchmark requests; see {out}")
-    result = SystemResult("pdserve", dtype, summary.wall_s, summary.completion_tokens, summary.prompt_tokens,
+    result = SystemResult(system, dtype, summary.wall_s, summary.completion_tokens, summary.prompt_tokens,
                           summary.ttft_s, summary.tpot_s)
     for line in out.read_text().splitlines():
         rec = json.loads(line)
@@ -105,8 +111,8 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
 
     folder = resolve_model(engine.model, engine.cache_dir)
     tokenizer = load_tokenizer(folder)
-    arch = read_arch(load_hf_config(folder))
-    params = arch.num_params()
+    arch = read_arch(load_hf_config(folder), engine.model_impl)
+    params = arch.num_params(active=True)  # a token's FLOPs: a mixture-of-experts model uses its top-k experts only
     threads = bench.baseline_threads or os.cpu_count() or 1
     device = engine.resolved().device  # the baselines run where pdserve's workers run
     requests = (make_shared_prefix_workload(bench.shared_prefix, tokenizer) if bench.shared_prefix
@@ -141,8 +147,8 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
                                                  device)
                 elif system == "hf_cb":
                     results[system] = _isolated(threads, hf_continuous, folder, dtype, requests, 3600, device)
-                elif system == "pdserve":
-                    results[system] = run_pdserve(requests, batch_path, engine, cluster, dtype, router)
+                elif system in ("pdserve", "pdserve_generic"):
+                    results[system] = run_pdserve(requests, batch_path, engine, cluster, dtype, router, system)
                 r = results[system]
                 print_fn(f"[{dtype}] {system}: {r.output_tok_s:.1f} output tok/s in {r.wall_s:.1f} s")
             report["dtypes"][dtype] = _summarize(results, flops, bound)
@@ -159,6 +165,8 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
     line = (f"throughput ratio_vs_hf_cb={_fmt(last.get('ratio_vs_hf_cb'))} "
             f"ratio_vs_hf_static={_fmt(last.get('ratio_vs_hf_static'))} "
             f"roofline_share={_fmt(last.get('roofline_share'), 4)}")
+    if "ratio_native_vs_generic" in last:
+        line += f" ratio_native_vs_generic={_fmt(last['ratio_native_vs_generic'])}"
     report["last_line"] = line
     return report
 
@@ -176,6 +184,8 @@ def _summarize(results: dict[str, SystemResult], flops: float, bound_tok_s: floa
             if base in results:
                 out[f"ratio_vs_{base}"] = p / results[base].output_tok_s
         out["roofline_share"] = rows["pdserve"]["roofline_share"]
+        if "pdserve_generic" in results:
+            out["ratio_native_vs_generic"] = p / results["pdserve_generic"].output_tok_s
     return out
 
 

@@ -51,6 +51,9 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant-group-size", type=int, default=0,
                    help="inputs per quantization scale; 0: int8 one per output channel, int4 32")
     g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head")
+    g.add_argument("--model-impl", default="auto", choices=("auto", "native", "transformers"),
+                   help="auto: pdserve's own forward where it has one, else transformers' modules over the paged KV "
+                        "cache (slower); transformers: always the latter (the start-up log says which ran)")
 
 
 def cluster_args(p: argparse.ArgumentParser) -> None:
@@ -151,7 +154,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                   prefill_cache_gib=args.prefill_cache_gib,
                   quantization=args.quantization, quant_group_size=args.quant_group_size,
                   quantize_lm_head=args.quantize_lm_head, speculative=args.speculative,
-                  num_speculative_tokens=args.num_speculative_tokens)
+                  num_speculative_tokens=args.num_speculative_tokens, model_impl=args.model_impl)
     if args.cache_dir:
         kwargs["cache_dir"] = args.cache_dir
     return EngineConfig(**kwargs)

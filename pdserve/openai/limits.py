@@ -24,13 +24,13 @@ class ModelLimits:
 
 def model_limits(engine: EngineConfig, default_max_tokens: int, ignore_eos: bool) -> tuple[Any, str, ModelLimits]:
     """(tokenizer, the model's name, what a request may ask) for the model served. Converts a GGUF
-    once, before any worker starts."""
+    once, before any worker starts; an architecture pdserve cannot serve is refused here."""
     started = time.time()
     folder = resolve_model(engine.model, engine.cache_dir)
+    arch = read_arch(load_hf_config(folder), engine.model_impl)  # refuses what cannot be served, first
     tokenizer = load_tokenizer(folder)
-    arch = read_arch(load_hf_config(folder))
-    log.info("start-up: model files, tokenizer and config %.1f s (%s)", time.time() - started,
-             type(tokenizer).__name__)
+    log.info("start-up: model files, tokenizer and config %.1f s (%s); %s runs on the %s path",
+             time.time() - started, type(tokenizer).__name__, arch.model_type, arch.impl.label)
     name = model_display_name(engine.model)
     limits = ModelLimits(max_context=arch.max_position_embeddings,
                          model_names=tuple(dict.fromkeys([name, str(engine.model or name)])),

@@ -17,6 +17,7 @@ from engine.hf_config import HFConfig, NotPlainConfig, read_config
 from engine.hf_tokenizer import HFTokenizer, NotPlainTokenizer
 from engine.loader import load_hf_config, load_tokenizer
 from engine.model.rope import rope_inv_freq
+from tests.model_paths import tiny_moe_models, tiny_moe_window_models  # noqa: F401 (fixtures)
 
 TEXTS = [
     "Hello, world!", "  leading and trailing spaces  ", "tabs\tand\nnew\n\nlines\r\n", "", " ",
@@ -254,6 +255,20 @@ def test_config_equals_transformers(default_model_dir, tiny_models, tmp_path):
     cfg["rope_scaling"] = None
     (legacy / "config.json").write_text(json.dumps(cfg))
     assert isinstance(_same_config(legacy), HFConfig)
+
+
+def test_moe_configs_read_plain_equal_transformers(tiny_moe_models, tiny_moe_window_models, tmp_path):  # noqa: F811
+    """Mixture-of-experts configs as saved read without transformers, the same arch (routing and windows
+    included; use_sliding_window configs go to transformers, as the dense ones do); one lacking a routing
+    field transformers would fill from its class falls back."""
+    for name, folder in {**tiny_moe_models, "mixtral-sw": tiny_moe_window_models["mixtral-sw"]}.items():
+        assert isinstance(_same_config(folder), HFConfig), name
+    for name in ("qwen3_moe-sw", "qwen2_moe-sw"):
+        assert not isinstance(_same_config(tiny_moe_window_models[name]), HFConfig), name
+    cfg = json.loads((tiny_moe_models["qwen3_moe"] / "config.json").read_text())
+    del cfg["norm_topk_prob"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert not isinstance(_same_config(tmp_path), HFConfig)
 
 
 @pytest.mark.parametrize("drop", ["head_dim", "num_key_value_heads", "eos_token_id", "tie_word_embeddings"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine.attention import PrefillAttention
-from engine.config import EngineConfig, UnsupportedArchitecture
+from engine.config import EngineConfig, ModelImpl, UnsupportedArchitecture
 from engine.families import read_arch
 from engine.kv_cache import KVPool
 from engine.kv_window import NO_BLOCK, blocks_before_window
@@ -178,8 +178,9 @@ def _config(model_type: str, **fields):
 
 
 def test_unsupported_architectures_are_refused_by_name():
-    with pytest.raises(UnsupportedArchitecture, match=r"unsupported architecture 'gpt2'; native: llama, .*gemma2"):
-        read_arch(_config("gpt2"))
+    with pytest.raises(UnsupportedArchitecture, match=r"'gpt2' has no native path in pdserve \(native: llama, .*olmoe"):
+        read_arch(_config("gpt2"), "native")
+    assert read_arch(_config("gpt2")).impl is ModelImpl.TRANSFORMERS  # auto: transformers' modules run it
     with pytest.raises(UnsupportedArchitecture, match="'mamba' .*not a KV cache"):
         read_arch(_config("mamba"))
 

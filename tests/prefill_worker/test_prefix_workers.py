@@ -43,7 +43,7 @@ def _run(prefill: PrefillWorker, decode: DecodeWorker, batches: list[list[tuple[
         grants = decode.reserve([Reservation(rid, len(p), params.max_tokens, tuple(p)) for rid, p in batch])
         assert set(grants) == {rid for rid, _ in batch}
         tasks = [PrefillTask(rid, tuple(p), params, decode.endpoint(), grants[rid].block_table,
-                             grants[rid].cached_blocks) for rid, p in batch]
+                             grants[rid].first_block) for rid, p in batch]
         results = prefill.prefill(tasks)
         for r in results:
             assert r.error is None, r.error

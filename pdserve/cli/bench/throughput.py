@@ -20,8 +20,12 @@ def add_parser(bench) -> None:
                          "shared-prefix: 4 headers of ~1,000 tokens, 64 short questions each")
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; the last one makes the last line")
-    tp.add_argument("--systems", default="hf_static,hf_cb,pdserve", help="comma-separated subset")
+    tp.add_argument("--systems", default="hf_static,hf_cb,pdserve",
+                    help="comma-separated subset of hf_static, hf_cb, pdserve, pdserve_generic")
     tp.add_argument("--static-batch-size", type=int, default=8)
+    tp.add_argument("--baseline-threads", type=int, default=0,
+                    help="torch threads of the transformers baselines (0: all cores); match --decode-threads to "
+                         "compare like for like")
     tp.add_argument("--json", default=None, help="also write the full report here")
     flags.engine_args(tp)
     flags.cluster_args(tp)
@@ -45,7 +49,8 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
         raise ValueError(f"--systems takes {','.join(SYSTEMS)}; unknown: {','.join(sorted(unknown))}")
     shared = SharedPrefixSpec(seed=args.seed) if args.workload == "shared-prefix" and not args.quick else None
     bench = ThroughputBench(workload=spec, dtypes=tuple(args.dtypes.split(",")), systems=systems,
-                            static_batch_size=args.static_batch_size, shared_prefix=shared)
+                            static_batch_size=args.static_batch_size, shared_prefix=shared,
+                            baseline_threads=args.baseline_threads)
     engine = flags.engine_config(args)
     print(f"{CpuInfo.here().describe(f'auto -> {engine.resolved().dtype}')}; benchmarking {','.join(bench.dtypes)}")
     report = run(bench, engine, flags.cluster_config(args), router=flags.router_config(args, engine))

@@ -29,6 +29,20 @@ def test_bench_throughput_quick(ray_cluster, tmp_path, capsys):
     assert fp32["rows"]["pdserve"]["output_tok_s"] > 0 and 0 < fp32["roofline_share"] < 1
 
 
+def test_bench_throughput_native_vs_generic_path(ray_cluster, tmp_path, capsys):
+    """The same model on both paths in one run: greedy fp32 tokens equal, the ratio on the last line."""
+    import json
+
+    report_path = tmp_path / "report.json"
+    assert main(["bench", "throughput", "--quick", "--dtypes", "float32", "--systems", "pdserve,pdserve_generic",
+                 "--json", str(report_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.search(r" ratio_native_vs_generic=\d+\.\d\d$", last), last
+    fp32 = json.loads(report_path.read_text())["dtypes"]["float32"]
+    assert fp32["agreement"] == {"pdserve_generic": 1.0}
+    assert fp32["ratio_native_vs_generic"] > 0
+
+
 def test_bench_kvtransfer_quick(capsys):
     assert main(["bench", "kvtransfer", "--quick"]) == 0
     out = capsys.readouterr().out
