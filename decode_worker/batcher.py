@@ -26,6 +26,7 @@ import torch
 from decode_worker.decode_state import DecodeState
 from decode_worker.phases import PhaseClock
 from decode_worker.stopping import StopChecker
+from engine.compiled_step import compile_decode_step
 from engine.config import SamplingParams
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVPool
@@ -63,10 +64,11 @@ class _InFlight:
 
 class ContinuousBatcher:
     def __init__(self, runner: ModelRunner, pool: KVPool, stopper: StopChecker, max_num_seqs: int,
-                 cuda_graphs: bool | None = None, overlap: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, overlap: bool | None = None, compiled: bool | None = None) -> None:
         """cuda_graphs / overlap: None = on for CUDA (unless the config says --enforce-eager), off on a CPU,
         where neither pays (no launch overhead; the host does the compute). Both also run on a CPU when
-        asked, which is how their logic is tested without a GPU."""
+        asked, which is how their logic is tested without a GPU. compiled: None = on for a CPU where it can
+        be (engine/compiled_step.py says why not, e.g. --enforce-eager), off on CUDA."""
         self.runner, self.pool, self.stopper = runner, pool, stopper
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[DecodeSequence] = deque()
@@ -79,6 +81,8 @@ class ContinuousBatcher:
             cuda_graphs = on_gpu and not runner.config.enforce_eager and runner.backend.graph_safe
         self.graphs = DecodeGraphs(runner.model, runner.backend, pool, max_num_seqs, max_blocks,
                                    capture=on_gpu) if cuda_graphs else None
+        use_compiled = (not on_gpu) if compiled is None else compiled
+        self.compiled = compile_decode_step(runner) if use_compiled and self.graphs is None else None
         self.overlap = on_gpu if overlap is None else overlap
         self.speculative: Any = None  # a SpeculativeStepper (decode_worker/speculative.py): enable_speculation
         self._in_flight: _InFlight | None = None
@@ -184,6 +188,8 @@ class ContinuousBatcher:
         tokens, positions = state.tokens[:n], state.positions[:n]
         if self.graphs is not None and self.graphs.covers(n):
             logits = self.graphs.run(tokens, positions, state.block_tables[:n])
+        elif self.compiled is not None:
+            logits = self.compiled.run(self.pool, tokens, positions, state.block_tables[:n, : state.width])
         else:
             logits = self.runner.decode(self.pool, tokens, positions, state.block_tables[:n, : state.width])
         self.phases.lap("forward")

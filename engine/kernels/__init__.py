@@ -1,7 +1,8 @@
 """Native kernels, built on first use and cached per source, torch and CPU kind.
 
 CPU: `paged_attention_cpu.cpp`, decode attention read straight from the paged
-pool; `int4_gemv_cpu.cpp`, int4 weights x int8-quantized activations for
+pool; `decode_step_cpu.cpp`, the fused elementwise ops and a whole decode step in
+C++ (engine/compiled_step.py); `int4_gemv_cpu.cpp`, int4 weights x int8-quantized activations for
 decode-shaped matmuls (engine/quant/int4_kernel.py). Each is compiled with
 -march=native, so the extension's name (and build folder) carries `isa_key`
 of this CPU's flags: a cache shared across machines (a home directory on NFS,
@@ -20,6 +21,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,8 +31,14 @@ from engine.cpu_features import cpu_flags, isa_key
 log = logging.getLogger("pdserve.kernels")
 _HERE = Path(__file__).resolve().parent
 _SOURCE = _HERE / "paged_attention_cpu.cpp"
-_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
+# No -ffast-math and no FMA contraction: the kernels round where the torch reference rounds (fused_ops_cpu.h),
+# vectorise through fixed lanes, and the attention module and the decode step (which share
+# paged_attention_cpu.h) compute the same bits.
+_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 
+
+_STEP_SOURCE = _HERE / "decode_step_cpu.cpp"
+_STEP_CFLAGS = _CFLAGS
 
 _INT4_SOURCE = _HERE / "int4_gemv_cpu.cpp"
 _INT4_CFLAGS = ("-O3", "-march=native", "-fopenmp")  # no -ffast-math: the activation rounding must be exact
@@ -38,11 +46,19 @@ _INT4_CFLAGS = ("-O3", "-march=native", "-fopenmp")  # no -ffast-math: the activ
 
 @functools.cache
 def _build_key(source: Path = _SOURCE, cflags: tuple[str, ...] = _CFLAGS) -> str:
-    """What else decides the binary: the source, the flags, torch and Python."""
+    """What else decides the binary: the source and the headers it includes, the flags, torch and Python."""
     import torch
 
-    text = f"{source.read_bytes().hex()} {cflags} {torch.__version__} {sys.version_info[:2]}"
+    text = f"{_source_text(source).hex()} {cflags} {torch.__version__} {sys.version_info[:2]}"
     return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _source_text(source: Path) -> bytes:
+    """The source followed by the local headers it includes (`#include "x.h"`), recursively."""
+    text = source.read_bytes()
+    for name in re.findall(rb'^#include "([^"]+)"', text, flags=re.M):
+        text += _source_text(source.parent / name.decode())
+    return text
 
 
 def cpu_extension_name(flags: Iterable[str], stem: str = "pdserve_paged_attention_cpu", source: Path = _SOURCE,
@@ -76,6 +92,22 @@ def _import_built(name: str, folder: Path):
 def cpu_paged_attention():
     """The compiled module, or None when it cannot be built here."""
     return _load(cpu_extension_name(cpu_flags()), _SOURCE, _CFLAGS, "CPU paged-attention kernel")
+
+
+def _step_name() -> str:
+    return cpu_extension_name(cpu_flags(), "pdserve_decode_step_cpu", _STEP_SOURCE, _STEP_CFLAGS)
+
+
+@functools.cache
+def cpu_decode_step():
+    """The fused CPU ops and the compiled decode step (decode_step_cpu.cpp), or None when it cannot be built here."""
+    return _load(_step_name(), _STEP_SOURCE, _STEP_CFLAGS, "CPU decode-step kernels")
+
+
+def cpu_decode_step_cached() -> bool:
+    """True when cpu_decode_step() has been built for this CPU and torch already (importing it takes no compiler)."""
+    name = _step_name()
+    return (build_dir(name) / f"{name}.so").is_file()
 
 
 @functools.cache

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelArch
@@ -77,8 +76,7 @@ class DecoderLayer(nn.Module):
         q, k = self.ops.rope(q, k, rotary)
         attn = ctx.attend(self.index, q, k, v)  # [T, H, D]
         h, residual = self.post_norm.add_norm(self.o_proj(attn.reshape(t, -1)), residual)
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up), residual
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(h))), residual
 
 
 class CausalLM(nn.Module):

@@ -1,8 +1,11 @@
-"""The elementwise ops of the forward, chosen per device: torch on the CPU (the reference), fused
-Triton kernels on CUDA (one launch each instead of a chain of small ones).
+"""The elementwise ops of the forward, chosen per attention backend: torch (the reference), fused
+Triton kernels on CUDA (one launch each instead of a chain of small ones), fused native kernels with
+the CPU backend (engine/kernels/fused_ops_cpu.h: one pass over a row instead of several torch ops; the
+compiled decode step, engine/compiled_step.py, runs the same kernels, so the two agree bit for bit).
 
     rms_norm(x, weight, eps, residual) -> (weight * norm(x + residual), x + residual)
     rope(q, k, rotary)                 -> q, k rotated at each token's position
+    silu_mul(gate_up)                  -> SiLU(gate) * up, gate_up = [gate | up] along the last dim
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from engine.model.rope import apply_rope
 
@@ -42,6 +46,30 @@ def torch_rope(q: torch.Tensor, k: torch.Tensor, rotary: Rotary) -> tuple[torch.
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
+def torch_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    from engine.kernels import cpu_decode_step
+
+    return cpu_decode_step().add_rms_norm(x, residual, weight, eps)
+
+
+def cpu_rope(q: torch.Tensor, k: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+    from engine.kernels import cpu_decode_step
+
+    return cpu_decode_step().rope(q, k, rotary.cos, rotary.sin, rotary.positions)
+
+
+def cpu_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    from engine.kernels import cpu_decode_step
+
+    return cpu_decode_step().silu_mul(gate_up)
+
+
 def triton_rope(q: torch.Tensor, k: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
     from engine.kernels.triton_ops import rope
 
@@ -60,12 +88,21 @@ class ModelOps:
     name: str
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rope: Callable[[torch.Tensor, torch.Tensor, Rotary], tuple[torch.Tensor, torch.Tensor]]
+    silu_mul: Callable[[torch.Tensor], torch.Tensor]
 
 
-TORCH_OPS = ModelOps("torch", torch_rms_norm, torch_rope)
-TRITON_OPS = ModelOps("triton", triton_rms_norm, triton_rope)
+TORCH_OPS = ModelOps("torch", torch_rms_norm, torch_rope, torch_silu_mul)
+TRITON_OPS = ModelOps("triton", triton_rms_norm, triton_rope, torch_silu_mul)
+CPU_OPS = ModelOps("cpu", cpu_rms_norm, cpu_rope, cpu_silu_mul)
 
 
 def ops_for(backend_name: str) -> ModelOps:
-    """Triton elementwise kernels go with the Triton attention backend; everything else uses torch."""
-    return TRITON_OPS if backend_name == "triton" else TORCH_OPS
+    """Triton elementwise kernels go with the Triton attention backend, the native fused ones with the CPU
+    backend (torch's where they cannot be built here); the torch backend keeps torch's."""
+    if backend_name == "triton":
+        return TRITON_OPS
+    if backend_name == "cpu":
+        from engine.kernels import cpu_decode_step
+
+        return CPU_OPS if cpu_decode_step() is not None else TORCH_OPS
+    return TORCH_OPS

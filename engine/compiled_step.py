@@ -1,0 +1,137 @@
+"""A compiled decode step on the CPU: the whole forward of a step in C++, no Python between its ops.
+
+The counterpart of the CUDA graphs (engine/cuda_graphs.py). An eager step of SmolLM2-135M is ~30 layers x
+~25 Python-dispatched ops; here it is one call into engine/kernels/decode_step_cpu.cpp, which runs the
+CPU backend's own fused kernels (engine/model/ops.py CPU_OPS, its paged attention) in the eager order, with
+the GEMMs on weights prepacked once for oneDNN (bf16). So the compiled step equals the eager one: bit for
+bit in float32 (the same at::linear), and in bf16 up to oneDNN's prepacked GEMM against at::linear.
+
+Two candidates were measured for this (README, `pdserve bench step --inductor`): inductor (torch.compile,
+freezing, the paged attention as a custom op: engine/inductor_step.py) and this native step. The native
+step won: it compiles nothing per model, so a warm start is the kernel import and the weight packing, and
+it takes any batch size (no buckets, no padding rows); inductor took ~70 s per batch-size bucket on this
+machine's cores and is not bitwise equal to the eager step (its own reductions and fusions).
+
+What is compiled and cached on disk is the kernel module (engine/kernels: keyed by the CPU's ISA flags,
+torch, Python and the source), shared by every model and dtype; what depends on the model -- the packed
+weights -- is rebuilt at start (a fraction of a second) rather than cached.
+
+Refused, with one log line, the step then runs eagerly: --enforce-eager, a device other than the CPU, an
+attention backend other than the native one, quantized weights (their matmuls are Python-side kernels),
+and a machine where the kernels cannot be built.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_cache import KVPool
+
+log = logging.getLogger("pdserve.compiled_step")
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """What the worker's start-up log says about its decode step."""
+
+    dtype: str
+    packed_gemms: bool  # oneDNN prepacked bf16 weights (else at::linear: float32, or no oneDNN bf16 here)
+    kernel_cached: bool  # the kernel module was on disk already (a warm start)
+    kernel_s: float  # seconds to import (warm) or build (cold) the kernel module
+    pack_s: float  # seconds to pack the weights
+
+    def describe(self) -> str:
+        source = "cache hit" if self.kernel_cached else "cache miss, built"
+        gemms = "oneDNN-prepacked weights" if self.packed_gemms else "at::linear"
+        return (f"compiled decode step (native C++, {self.dtype}, {gemms}): kernels {source} in {self.kernel_s:.1f} s, "
+                f"weights packed in {self.pack_s:.2f} s")
+
+
+def refusal(runner) -> str | None:
+    """Why the decode step of `runner` (an engine.runner.ModelRunner) cannot be compiled; None if it can."""
+    from engine.quant import QuantLinear
+
+    config = runner.config
+    if config.enforce_eager:
+        return "--enforce-eager"
+    if runner.device.type != "cpu":
+        return f"the compiled step is the CPU's ({runner.device.type} uses CUDA graphs)"
+    if runner.backend.name != "cpu":
+        return f"attention backend {runner.backend.name!r} (the compiled step runs the native cpu backend's kernels)"
+    if any(isinstance(m, QuantLinear) for m in runner.model.modules()):
+        return f"--quantization {config.quantization} (quantized matmuls run as Python-side kernels)"
+    if runner.model.rope_cos.dtype not in (torch.float32, torch.bfloat16):
+        return f"dtype {config.dtype} (the native kernels run float32 and bfloat16)"
+    return None
+
+
+def compile_decode_step(runner) -> CompiledDecodeStep | None:
+    """The compiled step for `runner`'s model, or None (and one log line saying why) to run eagerly."""
+    reason = refusal(runner)
+    if reason is not None:
+        log.info("decode step runs eagerly: %s", reason)
+        return None
+    from engine.kernels import cpu_decode_step, cpu_decode_step_cached
+
+    cached = cpu_decode_step_cached()
+    started = time.perf_counter()
+    module = cpu_decode_step()
+    kernel_s = time.perf_counter() - started
+    if module is None:
+        log.info("decode step runs eagerly: the native kernels cannot be built here (no C++ compiler?)")
+        return None
+    started = time.perf_counter()
+    packed = runner.model.rope_cos.dtype == torch.bfloat16 and _onednn_bf16()
+    step = _build(module, runner.model, packed, runner.config.max_num_seqs)
+    report = CompileReport(runner.config.dtype, packed, cached, kernel_s, time.perf_counter() - started)
+    log.info("%s", report.describe())
+    return CompiledDecodeStep(step, report)
+
+
+def _onednn_bf16() -> bool:
+    """oneDNN runs bf16 matmuls natively here (AVX512-BF16/AMX; else prepacking would emulate them)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@torch.inference_mode()
+def _build(module, model, packed: bool, batch_hint: int):
+    """The C++ DecodeStep over `model`'s weights (views; packed copies of the GEMM weights when `packed`)."""
+
+    def weight(linear: torch.nn.Linear) -> torch.Tensor:
+        w = linear.weight.detach()
+        return torch.ops.mkldnn._reorder_linear_weight(w, batch_hint) if packed else w
+
+    arch = model.arch
+    step = module.DecodeStep(model.embed.weight.detach(), model.norm.weight.detach(), weight(model.lm_head), packed,
+                             model.rope_cos, model.rope_sin, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                             arch.rms_norm_eps, arch.head_dim ** -0.5)
+    for layer in model.layers:
+        bias = layer.qkv_proj.bias
+        step.add_layer(layer.input_norm.weight.detach(), layer.post_norm.weight.detach(),
+                       None if layer.q_norm is None else layer.q_norm.weight.detach(),
+                       None if layer.k_norm is None else layer.k_norm.weight.detach(),
+                       weight(layer.qkv_proj), None if bias is None else bias.detach(), weight(layer.o_proj),
+                       weight(layer.gate_up_proj), weight(layer.down_proj), packed)
+    return step
+
+
+class CompiledDecodeStep:
+    """Runs a decode step of any number of rows; the batcher calls it where CUDA would replay a graph."""
+
+    def __init__(self, step, report: CompileReport) -> None:
+        self._step, self.report = step, report
+
+    def covers(self, n: int) -> bool:
+        return n >= 1
+
+    def run(self, pool: KVPool, tokens: torch.Tensor, positions: torch.Tensor,
+            block_tables: torch.Tensor) -> torch.Tensor:
+        """tokens/positions [n], block_tables [n, W] -> logits [n, vocab] float32; writes the rows' K/V."""
+        return self._step.forward(tokens, positions, block_tables, pool.tensor, pool.scales)
