@@ -544,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve.bench.serve_command import add_parser as add_bench_serve_parser  # bench serve: its own module
 
     add_bench_serve_parser(bench)
+    from pdserve.bench.step import add_parser as add_bench_step_parser  # bench step: its own module
+
+    add_bench_step_parser(bench)
     from pdserve.plan.command import add_parser as add_plan_parser  # pdserve plan: its own module
 
     add_plan_parser(sub)

@@ -1,0 +1,62 @@
+"""vLLM's CPU decode step, for `pdserve bench step`. Run by vLLM's own Python (`--vllm-python`, its own
+virtual environment), never imported by pdserve: it needs nothing but vLLM and the standard library.
+
+vLLM's offline API gives no step hook, so a step is the difference of two runs that differ only in their
+decode length: (time of 72 output tokens - time of 8) / 64, each the median of `--repeats` runs, after a
+warm-up run (vLLM compiles its model at start and on a batch size's first run). Prompts of
+context - 40 random tokens put the 64 timed steps at a mean context of `--context`, as pdserve's rows;
+prefix caching is off (random prompts, but no run may reuse another's KV). Greedy, EOS ignored.
+
+Prints one JSON object per batch size: {"batch", "step_s", "short_s", "long_s"}. Offline LLM(...)
+spawns its engine process, hence the __main__ guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+SHORT, LONG = 8, 72
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--context", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    from vllm import LLM, SamplingParams
+
+    prompt_len = max(1, args.context - (SHORT + LONG) // 2)
+    llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=max(batches), max_model_len=prompt_len + LONG + 8,
+              enable_prefix_caching=False, seed=args.seed)
+    vocab = llm.get_tokenizer().vocab_size
+    rng = random.Random(args.seed)
+
+    def run(batch: int, max_tokens: int) -> float:
+        prompts = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(prompt_len)]} for _ in range(batch)]
+        params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0)
+        started = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - started
+
+    for batch in batches:
+        run(batch, SHORT)  # warm-up: this batch size's first run
+        short, long = [], []
+        for _ in range(args.repeats):  # alternated, so a slow minute on a shared machine hits both
+            short.append(run(batch, SHORT))
+            long.append(run(batch, LONG))
+        s, lg = statistics.median(short), statistics.median(long)
+        print(json.dumps({"batch": batch, "step_s": (lg - s) / (LONG - SHORT), "short_s": s, "long_s": lg}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
