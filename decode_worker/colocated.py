@@ -23,6 +23,7 @@ import time
 from decode_worker.chunk_scheduler import ChunkScheduler, ColocatedSequence, StepPlan
 from decode_worker.step_loop import StepLoopWorker
 from decode_worker.stopping import StopChecker
+from engine.compiled_step import compile_decode_step
 from engine.compute_thread import ComputeThread
 from engine.config import default_batched_tokens
 from engine.kv_cache import BlockManager, KVPool
@@ -46,6 +47,7 @@ class ColocatedWorker(StepLoopWorker):
         self.runner = self.compute.call(ModelRunner, config.engine)
         layout = self.runner.kv_layout()
         self.pool = self.compute.call(KVPool.allocate, layout, self.runner.config.device)
+        self._compiled = self.compute.call(compile_decode_step, self.runner)  # steps of decode rows only (CPU)
         fingerprint = model_fingerprint(self.runner.folder)
         self.blocks = BlockManager(layout.num_blocks, layout.block_size, salt=fingerprint,
                                    enable_prefix_caching=config.engine.enable_prefix_caching)
@@ -163,8 +165,12 @@ class ColocatedWorker(StepLoopWorker):
         end in a new token: step len(output), so a first token is step 0 as on a PD prefill worker."""
         rows = plan.rows
         picks = plan.sampling_rows
-        logits = self.runner.mixed(self.pool, [list(r.tokens) for r in rows], [r.start for r in rows],
-                                   [r.seq.block_table for r in rows], plan.num_decode, picks)
+        if self._compiled is not None and plan.num_decode == len(rows):  # no prompt chunk: every row samples
+            logits = self._compiled.run_rows(self.pool, [r.tokens[0] for r in rows], [r.start for r in rows],
+                                             [r.seq.block_table for r in rows])
+        else:
+            logits = self.runner.mixed(self.pool, [list(r.tokens) for r in rows], [r.start for r in rows],
+                                       [r.seq.block_table for r in rows], plan.num_decode, picks)
         if not picks:
             return []
         chosen = [rows[i].seq for i in picks]

@@ -1,7 +1,7 @@
 """A compiled decode step on the CPU: the whole forward of a step in C++, no Python between its ops.
 
 The counterpart of the CUDA graphs (engine/cuda_graphs.py). An eager step of SmolLM2-135M is ~30 layers x
-~25 Python-dispatched ops; here it is one call into engine/kernels/decode_step_cpu.cpp, which runs the
+~25 Python-dispatched ops; here it is one call into engine/kernels/cpu_kernels.cpp, which runs the
 CPU backend's own fused kernels (engine/model/ops.py CPU_OPS, its paged attention) in the eager order, with
 the GEMMs on weights prepacked once for oneDNN (bf16). So the compiled step equals the eager one: bit for
 bit in float32 (the same at::linear), and in bf16 up to oneDNN's prepacked GEMM against at::linear.
@@ -53,6 +53,7 @@ class CompileReport:
 
 def refusal(runner) -> str | None:
     """Why the decode step of `runner` (an engine.runner.ModelRunner) cannot be compiled; None if it can."""
+    from engine.kernels import cpu_kernels
     from engine.quant import QuantLinear
 
     config = runner.config
@@ -60,6 +61,8 @@ def refusal(runner) -> str | None:
         return "--enforce-eager"
     if runner.device.type != "cpu":
         return f"the compiled step is the CPU's ({runner.device.type} uses CUDA graphs)"
+    if cpu_kernels() is None:
+        return "the native kernels cannot be built here (no C++ compiler?)"
     if runner.backend.name != "cpu":
         return f"attention backend {runner.backend.name!r} (the compiled step runs the native cpu backend's kernels)"
     if any(isinstance(m, QuantLinear) for m in runner.model.modules()):
@@ -71,19 +74,16 @@ def refusal(runner) -> str | None:
 
 def compile_decode_step(runner) -> CompiledDecodeStep | None:
     """The compiled step for `runner`'s model, or None (and one log line saying why) to run eagerly."""
-    reason = refusal(runner)
+    from engine.kernels import cpu_kernels, cpu_kernels_cached
+
+    cached = cpu_kernels_cached()
+    started = time.perf_counter()
+    reason = refusal(runner)  # imports the kernel module, or builds it on a cold start
+    kernel_s = time.perf_counter() - started
     if reason is not None:
         log.info("decode step runs eagerly: %s", reason)
         return None
-    from engine.kernels import cpu_decode_step, cpu_decode_step_cached
-
-    cached = cpu_decode_step_cached()
-    started = time.perf_counter()
-    module = cpu_decode_step()
-    kernel_s = time.perf_counter() - started
-    if module is None:
-        log.info("decode step runs eagerly: the native kernels cannot be built here (no C++ compiler?)")
-        return None
+    module = cpu_kernels()
     started = time.perf_counter()
     packed = runner.model.rope_cos.dtype == torch.bfloat16 and _onednn_bf16()
     step = _build(module, runner.model, packed, runner.config.max_num_seqs)
@@ -135,3 +135,9 @@ class CompiledDecodeStep:
             block_tables: torch.Tensor) -> torch.Tensor:
         """tokens/positions [n], block_tables [n, W] -> logits [n, vocab] float32; writes the rows' K/V."""
         return self._step.forward(tokens, positions, block_tables, pool.tensor, pool.scales)
+
+    def run_rows(self, pool: KVPool, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """As `run`, from host lists (a colocated worker's decode-only step); tables of any lengths."""
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        return self.run(pool, torch.tensor(tokens), torch.tensor(positions), padded)

@@ -33,16 +33,16 @@ log = logging.getLogger("pdserve.inductor_step")
 @functools.cache
 def _register_op() -> None:
     """pdserve::paged_decode_step: store this step's K/V at `slots` (< 0: nowhere), then attend over the pool."""
-    from engine.kernels import cpu_decode_step, cpu_paged_attention
+    from engine.kernels import cpu_kernels
 
-    native, attention = cpu_decode_step(), cpu_paged_attention()
+    native = cpu_kernels()
 
     @torch.library.custom_op("pdserve::paged_decode_step", mutates_args=("k_cache", "v_cache"))
     def paged_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                           v_cache: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
         native.store_kv(k_cache, v_cache, slots, k, v)
-        return attention.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables.long(),
+        return native.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables.long(),
                                                 context_lens.long(), scale)
 
     @paged_decode_step.register_fake

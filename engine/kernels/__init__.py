@@ -1,8 +1,8 @@
 """Native kernels, built on first use and cached per source, torch and CPU kind.
 
-CPU: `paged_attention_cpu.cpp`, decode attention read straight from the paged
-pool; `decode_step_cpu.cpp`, the fused elementwise ops and a whole decode step in
-C++ (engine/compiled_step.py); `int4_gemv_cpu.cpp`, int4 weights x int8-quantized activations for
+CPU: `cpu_kernels.cpp`, decode attention read straight from the paged pool
+(paged_attention_cpu.h), the fused elementwise ops (fused_ops_cpu.h) and a whole
+decode step in C++ (engine/compiled_step.py); `int4_gemv_cpu.cpp`, int4 weights x int8-quantized activations for
 decode-shaped matmuls (engine/quant/int4_kernel.py). Each is compiled with
 -march=native, so the extension's name (and build folder) carries `isa_key`
 of this CPU's flags: a cache shared across machines (a home directory on NFS,
@@ -30,15 +30,11 @@ from engine.cpu_features import cpu_flags, isa_key
 
 log = logging.getLogger("pdserve.kernels")
 _HERE = Path(__file__).resolve().parent
-_SOURCE = _HERE / "paged_attention_cpu.cpp"
-# No -ffast-math and no FMA contraction: the kernels round where the torch reference rounds (fused_ops_cpu.h),
-# vectorise through fixed lanes, and the attention module and the decode step (which share
-# paged_attention_cpu.h) compute the same bits.
+_SOURCE = _HERE / "cpu_kernels.cpp"
+# No -ffast-math and no FMA contraction: the kernels round where the torch reference rounds (fused_ops_cpu.h)
+# and vectorise through fixed lanes (vec16.h), the same bits on every run.
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 
-
-_STEP_SOURCE = _HERE / "decode_step_cpu.cpp"
-_STEP_CFLAGS = _CFLAGS
 
 _INT4_SOURCE = _HERE / "int4_gemv_cpu.cpp"
 _INT4_CFLAGS = ("-O3", "-march=native", "-fopenmp")  # no -ffast-math: the activation rounding must be exact
@@ -61,7 +57,7 @@ def _source_text(source: Path) -> bytes:
     return text
 
 
-def cpu_extension_name(flags: Iterable[str], stem: str = "pdserve_paged_attention_cpu", source: Path = _SOURCE,
+def cpu_extension_name(flags: Iterable[str], stem: str = "pdserve_cpu_kernels", source: Path = _SOURCE,
                        cflags: tuple[str, ...] = _CFLAGS) -> str:
     """A CPU kernel's module name (and build folder) on a CPU with these flags."""
     return f"{stem}_{isa_key(flags)}_{_build_key(source, cflags)}"
@@ -89,24 +85,15 @@ def _import_built(name: str, folder: Path):
 
 
 @functools.cache
-def cpu_paged_attention():
-    """The compiled module, or None when it cannot be built here."""
-    return _load(cpu_extension_name(cpu_flags()), _SOURCE, _CFLAGS, "CPU paged-attention kernel")
+def cpu_kernels():
+    """The CPU backend's native module (cpu_kernels.cpp: attention, fused ops, the compiled decode step), or None
+    when it cannot be built here."""
+    return _load(cpu_extension_name(cpu_flags()), _SOURCE, _CFLAGS, "CPU kernels")
 
 
-def _step_name() -> str:
-    return cpu_extension_name(cpu_flags(), "pdserve_decode_step_cpu", _STEP_SOURCE, _STEP_CFLAGS)
-
-
-@functools.cache
-def cpu_decode_step():
-    """The fused CPU ops and the compiled decode step (decode_step_cpu.cpp), or None when it cannot be built here."""
-    return _load(_step_name(), _STEP_SOURCE, _STEP_CFLAGS, "CPU decode-step kernels")
-
-
-def cpu_decode_step_cached() -> bool:
-    """True when cpu_decode_step() has been built for this CPU and torch already (importing it takes no compiler)."""
-    name = _step_name()
+def cpu_kernels_cached() -> bool:
+    """True when cpu_kernels() has been built for this CPU and torch already (importing it needs no compiler)."""
+    name = cpu_extension_name(cpu_flags())
     return (build_dir(name) / f"{name}.so").is_file()
 
 

@@ -6,7 +6,7 @@
 //   silu_mul       SiLU(gate) * up of the fused gate_up projection  (torch: chunk, silu, mul)
 //
 // Used by the CPU backend's eager forward (engine/model/ops.py CPU_OPS) and by the compiled decode step
-// (decode_step_cpu.cpp), so the two run the same kernels and agree bit for bit.
+// (cpu_kernels.cpp), so the two run the same kernels and agree bit for bit.
 //
 // Rounding follows the torch reference (engine/model/ops.py torch_*): a value is rounded to the element
 // type (bf16) wherever the reference's op writes a bf16 tensor, computed in float32 in between. The file is

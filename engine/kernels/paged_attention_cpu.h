@@ -17,8 +17,8 @@
 // context, never on the thread count); a token's K (or V) row for all kv heads is contiguous in the
 // pool and is read once for all query heads. Two passes per chunk: scores (q . k) for all tokens, then
 // exp and the weighted sum of V. Accumulation in float32, in fixed lanes (no -ffast-math needed to
-// vectorise, and the same bits on every ISA). Shared by the attention module (paged_attention_cpu.cpp) and the
-// compiled decode step (decode_step_cpu.cpp); neither holds the GIL while it runs.
+// vectorise, and the same bits on every ISA). The CPU backend calls it, and so does the compiled decode step
+// (cpu_kernels.cpp); it runs without the GIL.
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

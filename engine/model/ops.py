@@ -53,21 +53,21 @@ def torch_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    from engine.kernels import cpu_decode_step
+    from engine.kernels import cpu_kernels
 
-    return cpu_decode_step().add_rms_norm(x, residual, weight, eps)
+    return cpu_kernels().add_rms_norm(x, residual, weight, eps)
 
 
 def cpu_rope(q: torch.Tensor, k: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
-    from engine.kernels import cpu_decode_step
+    from engine.kernels import cpu_kernels
 
-    return cpu_decode_step().rope(q, k, rotary.cos, rotary.sin, rotary.positions)
+    return cpu_kernels().rope(q, k, rotary.cos, rotary.sin, rotary.positions)
 
 
 def cpu_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    from engine.kernels import cpu_decode_step
+    from engine.kernels import cpu_kernels
 
-    return cpu_decode_step().silu_mul(gate_up)
+    return cpu_kernels().silu_mul(gate_up)
 
 
 def triton_rope(q: torch.Tensor, k: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +102,7 @@ def ops_for(backend_name: str) -> ModelOps:
     if backend_name == "triton":
         return TRITON_OPS
     if backend_name == "cpu":
-        from engine.kernels import cpu_decode_step
+        from engine.kernels import cpu_kernels
 
-        return CPU_OPS if cpu_decode_step() is not None else TORCH_OPS
+        return CPU_OPS if cpu_kernels() is not None else TORCH_OPS
     return TORCH_OPS

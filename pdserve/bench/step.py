@@ -216,6 +216,14 @@ def time_steps(runner, batch: int, context: int, rounds: int, steps: int,
     return result
 
 
+def _first_error(stderr: str) -> str:
+    """The root cause in a failed run's log (vLLM's engine logs its worker's error before its own summary)."""
+    import re
+
+    found = re.search(r"\b(\w+(?:Error|Exception): .*)", stderr)
+    return found.group(1) if found else (stderr.strip().splitlines() or ["no output"])[-1]
+
+
 def vllm_python(flag: str | None) -> str | None:
     """The Python to run vLLM with: the flag, PDSERVE_VLLM_PYTHON, or this one if it has vllm; else None."""
     chosen = flag or os.environ.get("PDSERVE_VLLM_PYTHON")
@@ -239,8 +247,7 @@ def vllm_steps(python: str, model: Path, dtype: str, batches: tuple[int, ...], c
         raise RuntimeError(f"could not run {python}: {e}") from None
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not rows:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{python} exited {done.returncode}: {tail}")
+        raise RuntimeError(f"{python} exited {done.returncode}: {_first_error(done.stderr)}")
     return {int(r["batch"]): float(r["step_s"]) for r in rows}
 
 

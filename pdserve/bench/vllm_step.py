@@ -5,7 +5,10 @@ vLLM's offline API gives no step hook, so a step is the difference of two runs t
 decode length: (time of 72 output tokens - time of 8) / 64, each the median of `--repeats` runs, after a
 warm-up run (vLLM compiles its model at start and on a batch size's first run). Prompts of
 context - 40 random tokens put the 64 timed steps at a mean context of `--context`, as pdserve's rows;
-prefix caching is off (random prompts, but no run may reuse another's KV). Greedy, EOS ignored.
+prefix caching is off (random prompts, but no run may reuse another's KV). Greedy, EOS ignored. vLLM's CPU
+backend reserves gpu_memory_utilization (92% by default) of the machine's memory and refuses to start when
+that much is not free, as on a machine shared with other work: it gets `--memory-gib` (its KV cache and
+activations; SmolLM2-135M at 64 x 340 tokens needs ~0.5 GiB of KV).
 
 Prints one JSON object per batch size: {"batch", "step_s", "short_s", "long_s"}. Offline LLM(...)
 spawns its engine process, hence the __main__ guard.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -30,13 +34,15 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--memory-gib", type=float, default=3.0)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     from vllm import LLM, SamplingParams
 
     prompt_len = max(1, args.context - (SHORT + LONG) // 2)
+    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=max(batches), max_model_len=prompt_len + LONG + 8,
-              enable_prefix_caching=False, seed=args.seed)
+              enable_prefix_caching=False, seed=args.seed, gpu_memory_utilization=min(0.9, args.memory_gib / total_gib))
     vocab = llm.get_tokenizer().vocab_size
     rng = random.Random(args.seed)
 

@@ -40,10 +40,10 @@ def _timed_init(actor: _ActorInfo, config: WorkerConfig, init) -> None:
     phases = {"process+imports": process_age_s()}
     engine = config.engine.resolved()
     if engine.device == "cpu" and engine.attention_backend in ("auto", "cpu"):
-        from engine.kernels import cpu_paged_attention
+        from engine.kernels import cpu_kernels
 
         started = time.time()
-        cpu_paged_attention()  # cached: the runner's decode_kernel() finds it loaded
+        cpu_kernels()  # cached: the runner's backend finds it loaded
         phases["kernel"] = time.time() - started
     started = time.time()
     init()

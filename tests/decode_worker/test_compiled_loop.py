@@ -82,3 +82,20 @@ def test_compiled_plain_steps_under_speculative_decoding(tiny_models, speculativ
     greedy = [i for i, p in enumerate(PARAMS) if p.greedy]  # sampled rows keep plain decoding's distribution only
     plain = decode_all(runner, compiled=False)
     assert [fast[i] for i in greedy] == [plain[i] for i in greedy]
+
+
+def test_colocated_decode_only_step_equals_the_mixed_forward(tiny_models):
+    """A colocated worker runs a step without prompt chunks through the compiled step (decode_worker/colocated.py):
+    the same logits and KV writes as its mixed forward over the same decode rows."""
+    from engine.compiled_step import compile_decode_step
+
+    runner = ModelRunner(EngineConfig(model=str(tiny_models["qwen2"]), dtype="float32", device="cpu", block_size=4,
+                                      num_threads=1))
+    mixed_pool = KVPool.allocate(runner.kv_layout(num_blocks=40))
+    mixed_pool.tensor.copy_(torch.randn(mixed_pool.tensor.shape, generator=torch.Generator().manual_seed(5)))
+    compiled_pool = KVPool(mixed_pool.layout, mixed_pool.buffer.clone())
+    tables = [[3, 9, 1], [4, 20, 21, 22, 30], [5]]  # ragged, as the worker's sequences hold them
+    tokens, starts = [11, 42, 250], [9, 17, 2]
+    mixed = runner.mixed(mixed_pool, [[t] for t in tokens], starts, tables, num_decode=3, logits_rows=[0, 1, 2])
+    compiled = compile_decode_step(runner).run_rows(compiled_pool, tokens, starts, tables)
+    assert torch.equal(compiled, mixed) and torch.equal(compiled_pool.buffer, mixed_pool.buffer)

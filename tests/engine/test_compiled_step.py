@@ -16,7 +16,7 @@ import torch
 from engine.attention import TorchBackend, torch_paged_decode
 from engine.compiled_step import compile_decode_step
 from engine.config import EngineConfig
-from engine.kernels import cpu_decode_step, cpu_paged_attention
+from engine.kernels import cpu_kernels
 from engine.kv_cache import KVPool
 from engine.model.ops import Rotary, torch_rms_norm, torch_rope, torch_silu_mul
 from engine.model.rope import rope_tables
@@ -27,7 +27,7 @@ BF16_ULP = 2.0 ** -7  # relative spacing of bf16 values (8 bits of mantissa)
 
 @pytest.fixture(scope="module")
 def native():
-    module = cpu_decode_step()
+    module = cpu_kernels()
     assert module is not None, "the native CPU kernels did not build (needs a C++ compiler)"
     return module
 
@@ -109,7 +109,7 @@ def test_store_kv_equals_the_backend_store(native, kv_dtype):
 def test_attention_over_long_contexts_and_any_thread_count(h, kvh, d):
     """Contexts past one 512-token work item (merged chunks), head dims that are not a multiple of 16, query
     groups of 1-6 heads: the reference's values, and the same bits whatever the thread count."""
-    attention = cpu_paged_attention()
+    attention = cpu_kernels()
     assert attention is not None
     g = torch.Generator().manual_seed(4)
     bs, nb = 16, 420
@@ -179,7 +179,7 @@ def test_refusals_run_eagerly_and_say_why(tiny_models, caplog, monkeypatch):
         assert len(messages) == 1 and messages[0].startswith(f"decode step runs eagerly: {reason}"), messages
     import engine.kernels
 
-    monkeypatch.setattr(engine.kernels, "cpu_decode_step", lambda: None)  # as on a machine without a compiler
+    monkeypatch.setattr(engine.kernels, "cpu_kernels", lambda: None)  # as on a machine without a compiler
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pdserve.compiled_step"):
         assert compile_decode_step(ModelRunner(EngineConfig(model=folder, dtype="float32", device="cpu"))) is None

@@ -1,4 +1,6 @@
-// The decode step of a Llama-family model on the CPU, in C++: no Python between its ops.
+// The CPU backend's native kernels, one module: the paged decode attention (paged_attention_cpu.h), the fused
+// elementwise ops (fused_ops_cpu.h) and the decode step of a Llama-family model in C++, no Python between
+// its ops (DecodeStep below).
 //
 // The CPU's counterpart of the CUDA graphs (engine/cuda_graphs.py), driven by engine/compiled_step.py.
 // A step of B rows (one new token per sequence) is one call:
@@ -189,6 +191,10 @@ void store_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& slots_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using release = py::call_guard<py::gil_scoped_release>;  // pure C++: other Python threads run meanwhile
+  m.def("paged_decode_attention", &pdserve_attention::paged_decode_attention,
+        "decode attention over a paged KV pool (CPU)", py::arg("q"), py::arg("k_pool"), py::arg("v_pool"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("k_scale") = py::none(),
+        py::arg("v_scale") = py::none(), release());
   m.def("add_rms_norm", &pdserve_fused::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"),
         py::arg("eps"), release());
   m.def("rope", &pdserve_fused::rope, py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"),
