@@ -236,7 +236,8 @@ def vllm_python(flag: str | None) -> str | None:
 
 def vllm_steps(python: str, model: Path, dtype: str, batches: tuple[int, ...], context: int,
                threads: int) -> dict[int, float]:
-    """vLLM's step per batch size (pdserve/bench/vllm_step.py in its own process, on cores 0..threads-1)."""
+    """vLLM's step per batch size (pdserve/bench/vllm_step.py in its own process, on cores 0..threads-1), on the
+    clock pdserve's steps are timed with: at one thread the CPU time of vLLM's processes, else wall time."""
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     script = Path(__file__).with_name("vllm_step.py")
     cmd = [python, str(script), "--model", str(model), "--dtype", dtype, "--context", str(context),
@@ -248,7 +249,8 @@ def vllm_steps(python: str, model: Path, dtype: str, batches: tuple[int, ...], c
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not rows:
         raise RuntimeError(f"{python} exited {done.returncode}: {_first_error(done.stderr)}")
-    return {int(r["batch"]): float(r["step_s"]) for r in rows}
+    key = "step_cpu_s" if threads == 1 else "step_s"
+    return {int(r["batch"]): float(r[key]) for r in rows}
 
 
 def run(bench: StepBench, engine: EngineConfig) -> StepReport:
@@ -290,7 +292,8 @@ def _add_vllm(report: StepReport, bench: StepBench, model: Path, dtype: str, thr
         return f"failed: {e}"
     for row in report.rows:
         row.vllm_s = steps.get(row.batch)
-    return (f"{python}, cores 0-{threads - 1}, (72-token run - 8-token run) / 64, load average "
+    clock = "CPU time of its processes" if threads == 1 else "wall time"
+    return (f"{python}, cores 0-{threads - 1}, (72-token run - 8-token run) / 64, {clock}, load average "
             f"{os.getloadavg()[0]:.1f} at the end")
 
 

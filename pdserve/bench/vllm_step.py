@@ -1,5 +1,5 @@
 """vLLM's CPU decode step, for `pdserve bench step`. Run by vLLM's own Python (`--vllm-python`, its own
-virtual environment), never imported by pdserve: it needs nothing but vLLM and the standard library.
+virtual environment), never imported by pdserve: it needs nothing but vLLM (and psutil, a vLLM dependency).
 
 vLLM's offline API gives no step hook, so a step is the difference of two runs that differ only in their
 decode length: (time of 72 output tokens - time of 8) / 64, each the median of `--repeats` runs, after a
@@ -10,8 +10,10 @@ backend reserves gpu_memory_utilization (92% by default) of the machine's memory
 that much is not free, as on a machine shared with other work: it gets `--memory-gib` (its KV cache and
 activations; SmolLM2-135M at 64 x 340 tokens needs ~0.5 GiB of KV).
 
-Prints one JSON object per batch size: {"batch", "step_s", "short_s", "long_s"}. Offline LLM(...)
-spawns its engine process, hence the __main__ guard.
+Each run is timed twice: wall time, and the CPU time of this process and every process it started (vLLM's
+engine core and worker): on a machine shared with other work, CPU time is what vLLM itself spent, the clock
+`pdserve bench step` uses at one thread. Prints one JSON object per batch size: {"batch", "step_s",
+"step_cpu_s", "short_s", "long_s"}. Offline LLM(...) spawns its engine process, hence the __main__ guard.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ def main() -> None:
     vocab = llm.get_tokenizer().vocab_size
     rng = random.Random(args.seed)
 
-    def run(batch: int, max_tokens: int) -> float:
+    def run(batch: int, max_tokens: int) -> tuple[float, float]:
         prompts = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(prompt_len)]} for _ in range(batch)]
         params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True, temperature=0)
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), tree_cpu_s()
         llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, tree_cpu_s() - started_cpu
 
     for batch in batches:
         run(batch, SHORT)  # warm-up: this batch size's first run
@@ -59,9 +61,24 @@ def main() -> None:
         for _ in range(args.repeats):  # alternated, so a slow minute on a shared machine hits both
             short.append(run(batch, SHORT))
             long.append(run(batch, LONG))
-        s, lg = statistics.median(short), statistics.median(long)
-        print(json.dumps({"batch": batch, "step_s": (lg - s) / (LONG - SHORT), "short_s": s, "long_s": lg}),
-              flush=True)
+        (s, s_cpu), (lg, lg_cpu) = (tuple(statistics.median(x) for x in zip(*runs)) for runs in (short, long))
+        print(json.dumps({"batch": batch, "step_s": (lg - s) / (LONG - SHORT),
+                          "step_cpu_s": (lg_cpu - s_cpu) / (LONG - SHORT), "short_s": s, "long_s": lg}), flush=True)
+
+
+def tree_cpu_s() -> float:
+    """User + system CPU seconds of this process and its live descendants."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
 
 
 if __name__ == "__main__":

@@ -77,9 +77,9 @@ def test_vllm_steps_protocol(tmp_path):
     ok = _stand_in(tmp_path, 'case "$*" in *vllm_step.py*"--batches 1,8"*) ;; *) exit 3 ;; esac\n'
                              '[ "$VLLM_CPU_OMP_THREADS_BIND" = 0-1 ] || exit 4\n'
                              'echo "vLLM log line"\n'
-                             'echo \'{"batch": 1, "step_s": 0.02, "short_s": 1.0, "long_s": 2.28}\'\n'
-                             'echo \'{"batch": 8, "step_s": 0.03, "short_s": 1.5, "long_s": 3.42}\'\n')
-    assert vllm_steps(ok, tmp_path, "bfloat16", (1, 8), 300, 2) == {1: 0.02, 8: 0.03}
+                             'echo \'{"batch": 1, "step_s": 0.02, "step_cpu_s": 0.01, "short_s": 1, "long_s": 2}\'\n'
+                             'echo \'{"batch": 8, "step_s": 0.03, "step_cpu_s": 0.02, "short_s": 1, "long_s": 3}\'\n')
+    assert vllm_steps(ok, tmp_path, "bfloat16", (1, 8), 300, 2) == {1: 0.02, 8: 0.03}  # wall time at 2 threads
     broken = _stand_in(tmp_path, 'echo "ModuleNotFoundError: No module named vllm" >&2\nexit 1\n')
     with pytest.raises(RuntimeError, match="exited 1: ModuleNotFoundError: No module named vllm"):
         vllm_steps(broken, tmp_path, "bfloat16", (1,), 300, 2)
