@@ -108,7 +108,8 @@ class StepRow:
     floor_s: float
     eager_s: float | None = None
     compiled_s: float | None = None
-    vllm_s: float | None = None
+    vllm_s: float | None = None  # on the clock of eager_s and compiled_s
+    vllm_wall_s: float | None = None
     inductor_s: float | None = None  # with --inductor
     inductor_compile_s: float | None = None  # that bucket's compile at start
 
@@ -140,6 +141,9 @@ class StepReport:
             lines.append(f"{r.batch:>5} {_ms(r.eager_s):>9} {_ms(r.compiled_s):>11} {_ms(r.vllm_s):>8} "
                          f"{_ms(r.floor_s):>9} {_ratio(r.eager_s, r.floor_s):>11} "
                          f"{_ratio(r.compiled_s, r.floor_s):>14} {_ratio(r.vllm_s, r.floor_s):>10}")
+        if any(r.vllm_wall_s is not None for r in self.rows) and "thread CPU" in self.clock:
+            lines.append("vLLM's step in wall time: " + ", ".join(f"batch {r.batch} {_ms(r.vllm_wall_s)} ms"
+                                                                   for r in self.rows))
         inductor = [r for r in self.rows if r.inductor_s is not None]
         if inductor:
             lines.append("inductor candidate (torch.compile, freezing, cpp wrapper; one bucket per batch size):")
@@ -235,9 +239,10 @@ def vllm_python(flag: str | None) -> str | None:
 
 
 def vllm_steps(python: str, model: Path, dtype: str, batches: tuple[int, ...], context: int,
-               threads: int) -> dict[int, float]:
-    """vLLM's step per batch size (pdserve/bench/vllm_step.py in its own process, on cores 0..threads-1), on the
-    clock pdserve's steps are timed with: at one thread the CPU time of vLLM's processes, else wall time."""
+               threads: int) -> dict[int, tuple[float, float]]:
+    """vLLM's step per batch size (pdserve/bench/vllm_step.py in its own process, on cores 0..threads-1):
+    (on the clock pdserve's steps are timed with -- at one thread the CPU time of vLLM's processes, else wall
+    time --, wall time)."""
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     script = Path(__file__).with_name("vllm_step.py")
     cmd = [python, str(script), "--model", str(model), "--dtype", dtype, "--context", str(context),
@@ -250,7 +255,7 @@ def vllm_steps(python: str, model: Path, dtype: str, batches: tuple[int, ...], c
     if done.returncode != 0 or not rows:
         raise RuntimeError(f"{python} exited {done.returncode}: {_first_error(done.stderr)}")
     key = "step_cpu_s" if threads == 1 else "step_s"
-    return {int(r["batch"]): float(r[key]) for r in rows}
+    return {int(r["batch"]): (float(r[key]), float(r["step_s"])) for r in rows}
 
 
 def run(bench: StepBench, engine: EngineConfig) -> StepReport:
@@ -291,7 +296,7 @@ def _add_vllm(report: StepReport, bench: StepBench, model: Path, dtype: str, thr
     except RuntimeError as e:
         return f"failed: {e}"
     for row in report.rows:
-        row.vllm_s = steps.get(row.batch)
+        row.vllm_s, row.vllm_wall_s = steps.get(row.batch, (None, None))
     clock = "CPU time of its processes" if threads == 1 else "wall time"
     return (f"{python}, cores 0-{threads - 1}, (72-token run - 8-token run) / 64, {clock}, load average "
             f"{os.getloadavg()[0]:.1f} at the end")

@@ -79,7 +79,9 @@ def test_vllm_steps_protocol(tmp_path):
                              'echo "vLLM log line"\n'
                              'echo \'{"batch": 1, "step_s": 0.02, "step_cpu_s": 0.01, "short_s": 1, "long_s": 2}\'\n'
                              'echo \'{"batch": 8, "step_s": 0.03, "step_cpu_s": 0.02, "short_s": 1, "long_s": 3}\'\n')
-    assert vllm_steps(ok, tmp_path, "bfloat16", (1, 8), 300, 2) == {1: 0.02, 8: 0.03}  # wall time at 2 threads
+    assert vllm_steps(ok, tmp_path, "bfloat16", (1, 8), 300, 2) == {1: (0.02, 0.02), 8: (0.03, 0.03)}  # wall
+    one_thread = _stand_in(tmp_path, "echo '{\"batch\": 1, \"step_s\": 0.02, \"step_cpu_s\": 0.01}'\n")
+    assert vllm_steps(one_thread, tmp_path, "bfloat16", (1,), 300, 1) == {1: (0.01, 0.02)}  # CPU time, and wall
     broken = _stand_in(tmp_path, 'echo "ModuleNotFoundError: No module named vllm" >&2\nexit 1\n')
     with pytest.raises(RuntimeError, match="exited 1: ModuleNotFoundError: No module named vllm"):
         vllm_steps(broken, tmp_path, "bfloat16", (1,), 300, 2)
