@@ -14,7 +14,7 @@
 // the int8 quantization equal the reference bit for bit; the RMS sum of squares (16 lanes, fixed order:
 // the same result on every ISA) and exp (exp_f below, <= 2 ulp) differ from torch's by rounding only.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <algorithm>

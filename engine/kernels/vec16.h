@@ -25,6 +25,8 @@ constexpr int64_t W = 16;
 
 inline f32x16 splat(float v) { return f32x16{} + v; }
 
+inline f32x16 lane_index() { return f32x16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
+
 inline f32x16 loadu(const float* p) {
   f32x16 v;
   std::memcpy(&v, p, sizeof v);
