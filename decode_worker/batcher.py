@@ -26,7 +26,6 @@ import torch
 from decode_worker.decode_state import DecodeState
 from decode_worker.phases import PhaseClock
 from decode_worker.stopping import StopChecker
-from engine.compiled_step import compile_decode_step
 from engine.config import SamplingParams
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVPool
@@ -82,7 +81,7 @@ class ContinuousBatcher:
         self.graphs = DecodeGraphs(runner.model, runner.backend, pool, max_num_seqs, max_blocks,
                                    capture=on_gpu) if cuda_graphs else None
         use_compiled = (not on_gpu) if compiled is None else compiled
-        self.compiled = compile_decode_step(runner) if use_compiled and self.graphs is None else None
+        self.compiled = runner.compiled_step if use_compiled and self.graphs is None else None
         self.overlap = on_gpu if overlap is None else overlap
         self.speculative: Any = None  # a SpeculativeStepper (decode_worker/speculative.py): enable_speculation
         self._in_flight: _InFlight | None = None

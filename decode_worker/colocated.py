@@ -23,7 +23,6 @@ import time
 from decode_worker.chunk_scheduler import ChunkScheduler, ColocatedSequence, StepPlan
 from decode_worker.step_loop import StepLoopWorker
 from decode_worker.stopping import StopChecker
-from engine.compiled_step import compile_decode_step
 from engine.compute_thread import ComputeThread
 from engine.config import default_batched_tokens
 from engine.kv_cache import BlockManager, KVPool
@@ -47,7 +46,7 @@ class ColocatedWorker(StepLoopWorker):
         self.runner = self.compute.call(ModelRunner, config.engine)
         layout = self.runner.kv_layout()
         self.pool = self.compute.call(KVPool.allocate, layout, self.runner.config.device)
-        self._compiled = self.compute.call(compile_decode_step, self.runner)  # steps of decode rows only (CPU)
+        self._compiled = self.compute.call(lambda: self.runner.compiled_step)  # steps of decode rows only (CPU)
         fingerprint = model_fingerprint(self.runner.folder)
         self.blocks = BlockManager(layout.num_blocks, layout.block_size, salt=fingerprint,
                                    enable_prefix_caching=config.engine.enable_prefix_caching)

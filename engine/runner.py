@@ -6,6 +6,7 @@ states, workers or transports.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,14 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.backend = get_backend(config.attention_backend, config.device)
         self.model.use_ops(ops_for(self.backend.name))
+
+    @functools.cached_property
+    def compiled_step(self):
+        """The compiled CPU decode step over this model (engine/compiled_step.py), built once per runner: its
+        packed weights are a second copy of the projections. None where it is refused (the log says why)."""
+        from engine.compiled_step import compile_decode_step
+
+        return compile_decode_step(self)
 
     @property
     def attention_backend(self) -> str:

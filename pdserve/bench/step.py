@@ -259,7 +259,7 @@ def vllm_steps(python: str, model: Path, dtype: str, batches: tuple[int, ...], c
 
 
 def run(bench: StepBench, engine: EngineConfig) -> StepReport:
-    from engine.compiled_step import compile_decode_step, refusal
+    from engine.compiled_step import refusal
     from engine.cpu_features import CpuInfo
     from engine.runner import ModelRunner
     from pdserve.bench.clock import clock_name
@@ -270,7 +270,7 @@ def run(bench: StepBench, engine: EngineConfig) -> StepReport:
     machine = (f"{CpuInfo.here().describe(cfg.dtype)}; {os.cpu_count()} cores, load average "
                f"{os.getloadavg()[0]:.1f} at the start")
     rates = measure_machine(cfg.torch_dtype, threads)
-    compiled = compile_decode_step(runner)
+    compiled = runner.compiled_step
     report = StepReport(machine, rates, bench.context, clock_name(),
                         compiled=compiled.report.describe() if compiled else f"off ({refusal(runner)})")
     layout = runner.kv_layout(num_blocks=1)
