@@ -278,8 +278,8 @@ def run(bench: StepBench, engine: EngineConfig) -> StepReport:
         work = StepWork.of(runner.arch, batch, bench.context, cfg.torch_dtype.itemsize, layout.bytes_per_token)
         modes = MODES if bench.inductor else MODES[:2]
         t = time_steps(runner, batch, bench.context, bench.rounds, bench.steps, modes)
-        report.rows.append(StepRow(batch, work.floor_s(rates), t["eager"], t.get("compiled"), None,
-                                   t.get("inductor"), t.get("inductor_compile")))
+        report.rows.append(StepRow(batch, work.floor_s(rates), eager_s=t["eager"], compiled_s=t.get("compiled"),
+                                   inductor_s=t.get("inductor"), inductor_compile_s=t.get("inductor_compile")))
     report.vllm = _add_vllm(report, bench, runner.folder, cfg.dtype, threads)
     return report
 
@@ -336,7 +336,7 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
     if args.quick:
         bench = replace(QUICK, threads=args.threads)
     report = run(bench, engine_config(args))
-    print(report.table())
     if args.json:
         Path(args.json).write_text(report.to_json())
+    print(report.table())
     return 0
