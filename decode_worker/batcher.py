@@ -25,16 +25,21 @@ import torch
 
 from decode_worker.decode_state import DecodeState
 from decode_worker.phases import PhaseClock
+from decode_worker.status import SeqStatus
 from decode_worker.stopping import StopChecker
 from engine.config import SamplingParams
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVPool
 from engine.runner import ModelRunner
 from engine.sampler import sample_t
+from proto.kinds import FinishReason
 
 
 @dataclass(eq=False)  # identity: a sequence is its own row
 class DecodeSequence:
+    """A request on a PD decode worker, from its reservation on (decode_worker/status.py). Its sampling
+    parameters, first token and admission time arrive with `admit` (the prefill worker sampled the token)."""
+
     request_id: str
     prompt_len: int
     params: SamplingParams
@@ -42,9 +47,10 @@ class DecodeSequence:
     output: list[int]  # output[0] came from prefill
     token_times: list[float]
     admitted_at: float = field(default_factory=time.time)
-    finish_reason: str | None = None
-    prompt_token_ids: tuple[int, ...] = ()  # carried only when a drafter needs them (ngram)
+    finish_reason: FinishReason | None = None
+    prompt_token_ids: tuple[int, ...] = ()  # their blocks are keyed for prefix sharing; drafters read them
     spec: Any = None  # speculative decoding's per-request state (decode_worker/speculative.py)
+    status: SeqStatus = SeqStatus.RESERVED
 
     @property
     def next_position(self) -> int:
@@ -102,6 +108,7 @@ class ContinuousBatcher:
         seq.finish_reason = self.stopper.check(seq.output, seq.params)
         if seq.finish_reason is not None:
             return seq
+        seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
         return None
 
@@ -143,6 +150,7 @@ class ContinuousBatcher:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
             self.state.append(seq.output[-1], seq.next_position, len(seq.output), seq.block_table, seq.params)
+            seq.status = SeqStatus.RUNNING
             self.running.append(seq)
         self.phases.lap("admit")
         if not self.running:
@@ -219,6 +227,7 @@ class ContinuousBatcher:
         self.phases.lap("collect")
         for seq in finished:
             self._drop_row(self.running.index(seq))
+            seq.status = SeqStatus.RETIRING
         self.phases.lap("retire")
         return finished
 

@@ -20,8 +20,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from decode_worker.status import SeqStatus
 from decode_worker.stopping import StopChecker
 from engine.config import SamplingParams
+from proto.kinds import FinishReason
 
 
 @dataclass(eq=False)  # identity: a sequence is its own row
@@ -37,7 +39,8 @@ class ColocatedSequence:
     submitted_at: float = field(default_factory=time.time)
     prefill_start: float | None = None  # its first chunk's step
     prefill_end: float | None = None  # its last chunk's step: its first token
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
+    status: SeqStatus = SeqStatus.WAITING  # decode_worker/status.py
 
     @property
     def prefilled(self) -> bool:
@@ -82,6 +85,7 @@ class ChunkScheduler:
         self.running: list[ColocatedSequence] = []  # admitted: prefilling or decoding, in admission order
 
     def add(self, seq: ColocatedSequence) -> None:
+        seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -120,6 +124,7 @@ class ChunkScheduler:
     @staticmethod
     def _chunk(seq: ColocatedSequence, budget: int, rows: list[StepRow], now: float) -> int:
         n = min(len(seq.prompt) - seq.computed, budget)
+        seq.status = SeqStatus.PREFILLING
         rows.append(StepRow(seq, seq.prompt[seq.computed:seq.computed + n], seq.computed,
                             seq.computed + n == len(seq.prompt)))
         if seq.prefill_start is None:
@@ -141,6 +146,7 @@ class ChunkScheduler:
             token = next(tokens)
             if not seq.prefilled:
                 seq.prefill_end = now
+                seq.status = SeqStatus.RUNNING
                 prefilled.append(seq)
             if self.stopper.accept(seq, token, now):
                 finished.append(seq)

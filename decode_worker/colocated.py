@@ -8,8 +8,9 @@ streamed tokens, and the whole output at the end (`DecodeResult`).
 
 Threads as in DecodeWorker (the loop, polls and streaming are step_loop.py's): the model and the
 step loop run on one ComputeThread; `submit`, `release` and `poll` come from the router on Ray
-threads. `_lock` guards the BlockManager; the scheduler belongs to the loop, others reach it through
-`_loop_queue`.
+threads. `_lock` guards the BlockManager and `requests` (every request held here, by id; its
+`status` says where it is: decode_worker/status.py); the scheduler belongs to the loop, others reach
+it through `_loop_queue`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import threading
 import time
 
 from decode_worker.chunk_scheduler import ChunkScheduler, ColocatedSequence, StepPlan
-from decode_worker.step_loop import StepLoopWorker
+from decode_worker.status import SeqStatus
+from decode_worker.step_loop import Abort, StepLoopWorker
 from decode_worker.stopping import StopChecker
 from engine.compute_thread import ComputeThread
 from engine.config import default_batched_tokens
@@ -30,7 +32,9 @@ from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from engine.sampler import sample
 from kvtransfer.base import KVEndpoint
+from proto.kinds import FinishReason, Transport
 from proto.messages import ColocatedTask, DecodeResult, PrefillResult, WorkerConfig
+from proto.stats import ColocatedStats
 
 log = logging.getLogger("pdserve.colocated")
 
@@ -58,7 +62,7 @@ class ColocatedWorker(StepLoopWorker):
         stopper = StopChecker(self.runner.arch.eos_token_ids, load_tokenizer(self.runner.folder))
         self.scheduler = ChunkScheduler(stopper, config.engine.max_num_seqs, budget)
         self._lock = threading.Lock()
-        self._held: set[str] = set()  # handed to the loop, not finished yet
+        self.requests: dict[str, ColocatedSequence] = {}  # every request held here (decode_worker/status.py)
         self._prefilled: queue.Queue[PrefillResult] = queue.Queue()
         self.prefill_tokens = self.decode_tokens = 0  # tokens computed per kind, over all steps
         self._announced: set[str] = set()  # requests whose first token a poll has returned (in `prefilled`)
@@ -76,7 +80,7 @@ class ColocatedWorker(StepLoopWorker):
         refused = []
         with self._lock:
             for t in tasks:
-                if t.request_id in self._held:
+                if t.request_id in self.requests:
                     refused.append(t.request_id)  # a duplicate: the first copy is running
                     continue
                 prompt_len = len(t.prompt_token_ids)
@@ -86,22 +90,23 @@ class ColocatedWorker(StepLoopWorker):
                     continue
                 table = self.blocks.allocate(t.request_id, total, t.prompt_token_ids, max_shared)
                 cached = self.blocks.shared_blocks(t.request_id) * self.blocks.block_size
-                self._held.add(t.request_id)
-                self._loop_queue.put(ColocatedSequence(t.request_id, tuple(t.prompt_token_ids), t.params, table,
-                                                  computed=cached, cached_tokens=cached))
+                seq = ColocatedSequence(t.request_id, tuple(t.prompt_token_ids), t.params, table,
+                                        computed=cached, cached_tokens=cached, status=SeqStatus.QUEUED)
+                self.requests[t.request_id] = seq
+                self._loop_queue.put(seq)
         return refused
 
     def release(self, request_ids: list[str]) -> int:
         """Abort requests: the loop takes them out between steps and frees their blocks."""
         with self._lock:
-            mine = [rid for rid in request_ids if rid in self._held]
+            mine = [rid for rid in request_ids if rid in self.requests]
         for rid in mine:
-            self._loop_queue.put(rid)
+            self._loop_queue.put(Abort(rid))
         return len(mine)
 
     def release_all(self) -> int:
         with self._lock:
-            held = list(self._held)
+            held = list(self.requests)
         return self.release(held)
 
     def _poll_ready(self) -> bool:
@@ -122,14 +127,12 @@ class ColocatedWorker(StepLoopWorker):
         self._announced.intersection_update(s.request_id for s in running)
         return running
 
-    def stats(self) -> dict:
+    def stats(self) -> ColocatedStats:
         with self._lock:
-            return {"worker_id": self.worker_id, "num_blocks": self.blocks.num_blocks,
-                    "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
-                    "cached_blocks": self.blocks.num_cached, "running": len(self.scheduler.running),
-                    "waiting": len(self.scheduler.waiting), "prefill_tokens": self.prefill_tokens,
-                    "decode_tokens": self.decode_tokens,
-                    "max_num_batched_tokens": self.scheduler.max_num_batched_tokens, **self.loop_stats()}
+            return ColocatedStats(self.worker_id, self._pool_stats(), running=len(self.scheduler.running),
+                                  waiting=len(self.scheduler.waiting), loop=self.loop_stats(),
+                                  prefill_tokens=self.prefill_tokens, decode_tokens=self.decode_tokens,
+                                  max_num_batched_tokens=self.scheduler.max_num_batched_tokens)
 
     def shutdown(self) -> None:
         self._stop_loop()
@@ -155,7 +158,8 @@ class ColocatedWorker(StepLoopWorker):
         self.decode_tokens += plan.num_decode
         self.prefill_tokens += plan.num_tokens - plan.num_decode
         for seq in prefilled:
-            self._prefill_done(seq)
+            self._prefill_done(seq)  # keys the prompt's blocks first: those freed next stay cached (evictable)
+        self._release_behind_window([s for s in self.scheduler.running if s.prefilled])
         for seq in finished:
             self._finish(seq)
 
@@ -188,12 +192,12 @@ class ColocatedWorker(StepLoopWorker):
         end = seq.prefill_end or time.time()
         self._prefilled.put(PrefillResult(
             request_id=seq.request_id, first_token=seq.output[0], prefill_start=seq.prefill_start or end,
-            prefill_end=end, transfer_start=end, transfer_end=end, transport="none", kv_bytes=0,
+            prefill_end=end, transfer_start=end, transfer_end=end, transport=Transport.NONE, kv_bytes=0,
             cached_tokens=seq.cached_tokens))
 
     def _free(self, request_id: str) -> None:
         with self._lock:
-            self._held.discard(request_id)
+            self.requests.pop(request_id, None)
             if self.blocks.holds(request_id):
                 self.blocks.free(request_id)
 
@@ -203,6 +207,6 @@ class ColocatedWorker(StepLoopWorker):
                 self.blocks.register(seq.request_id, seq.prompt + tuple(seq.output[:-1]))
         self._free(seq.request_id)
         self._results.put(DecodeResult(
-            request_id=seq.request_id, token_ids=tuple(seq.output), finish_reason=seq.finish_reason or "error",
-            admitted_at=seq.prefill_end or time.time(), finished_at=time.time(), token_times=tuple(seq.token_times),
-            error=error))
+            request_id=seq.request_id, token_ids=tuple(seq.output),
+            finish_reason=seq.finish_reason or FinishReason.ERROR, admitted_at=seq.prefill_end or time.time(),
+            finished_at=time.time(), token_times=tuple(seq.token_times), error=error))

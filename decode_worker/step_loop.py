@@ -14,16 +14,29 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from decode_worker.phases import PhaseClock, RunQueueClock
+from engine.kv_window import blocks_before_window
 from proto.messages import DecodePoll, DecodeResult, PrefillResult, TokenProgress
+from proto.stats import LoopStats, PoolStats
+
+
+@dataclass(frozen=True)
+class Abort:
+    """A loop inbox item: take this request out between steps and free its blocks."""
+
+    request_id: str
+
+
+# The loop's inbox carries sequences to admit (a subclass's kind) and Aborts, in the order they were sent.
 
 
 class StepLoopWorker(ABC):
     """Subclasses call `_start_loop_state()` before `_start_loop()`, and implement `_has_work`, `_step`,
     `_accept` (an inbox item that is not an abort), `_abort_in_loop` and `_streamable`; they hold
-    `self.blocks` and `self._lock` (the block manager and its guard)."""
+    `self.blocks` and `self._lock` (the block manager and its guard) and `self.pool`."""
 
     # The colocated worker also ends a poll's wait when a prompt finished prefilling, so it always
     # waits in slices; the decode worker waits in one block unless it streams.
@@ -31,7 +44,7 @@ class StepLoopWorker(ABC):
 
     def _start_loop_state(self, phases: PhaseClock | None = None) -> None:
         """`phases`: the clock the subclass's step laps on (the batcher's), which the loop laps on too."""
-        self._loop_queue: queue.Queue[Any] = queue.Queue()  # admissions, and request ids to abort
+        self._loop_queue: queue.Queue[Any] = queue.Queue()  # sequences to admit, and Aborts
         self._results: queue.Queue[DecodeResult] = queue.Queue()
         self._stop = threading.Event()
         self.steps = 0
@@ -83,19 +96,37 @@ class StepLoopWorker(ABC):
             progress = self._progress()
         with self._lock:
             events = self.blocks.take_events()
+            released = tuple(self.blocks.take_released().items())
         self.poll_cpu_seconds += time.thread_time() - started_cpu  # one poll at a time: no race
         return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress), events or None,
-                          prefilled)
+                          prefilled, released)
+
+    def _release_behind_window(self, seqs) -> None:
+        """Free the blocks every layer's sliding window has left behind, for sequences that decode (each has
+        `request_id` and `next_position`, the position the next step writes). No-op without a window."""
+        window = self.pool.layout.kv_window
+        if window is None:
+            return
+        bs = self.pool.layout.block_size
+        with self._lock:
+            for seq in seqs:
+                self.blocks.release_before(seq.request_id, blocks_before_window(seq.next_position, window, bs))
 
     def stall_for(self, seconds: float) -> None:
         """Fault drill: wedge the step loop for `seconds`, as a hung kernel or a deadlock would, while
         the actor keeps answering calls. The router's watchdog must restart the worker."""
         self._stall_until = time.monotonic() + seconds
 
-    def loop_stats(self) -> dict:
-        return {"steps": self.steps, "step_seconds": self.step_seconds, "step_rows": self.step_rows,
-                "step_cpu_seconds": self.step_cpu_seconds, "poll_cpu_seconds": self.poll_cpu_seconds,
-                "step_run_queue_seconds": self.step_run_queue_seconds, **self.phases.snapshot()}
+    def loop_stats(self) -> LoopStats:
+        return LoopStats(steps=self.steps, step_seconds=self.step_seconds, step_rows=self.step_rows,
+                         step_cpu_seconds=self.step_cpu_seconds, poll_cpu_seconds=self.poll_cpu_seconds,
+                         step_run_queue_seconds=self.step_run_queue_seconds, phase_seconds=dict(self.phases.wall),
+                         phase_cpu_seconds=dict(self.phases.cpu))
+
+    def _pool_stats(self) -> PoolStats:
+        """The pool as the block manager sees it; call under `_lock`."""
+        b = self.blocks
+        return PoolStats(b.num_blocks, b.num_free, len(b.requests()), b.num_cached)
 
     def _stop_loop(self) -> None:
         self._stop.set()
@@ -137,8 +168,8 @@ class StepLoopWorker(ABC):
             return
         self.phases.start()  # after the wait for the first item
         while True:
-            if isinstance(item, str):
-                self._abort_in_loop(item)
+            if isinstance(item, Abort):
+                self._abort_in_loop(item.request_id)
             else:
                 self._accept(item)
             try:

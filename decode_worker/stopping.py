@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.config import SamplingParams
+from proto.kinds import FinishReason
 
 
 class StopChecker:
@@ -18,15 +19,15 @@ class StopChecker:
         self.eos = frozenset(eos_token_ids)
         self.tokenizer = tokenizer
 
-    def check(self, output: Sequence[int], params: SamplingParams) -> str | None:
-        """'stop', 'length' or None for a sequence whose newest token is output[-1]."""
+    def check(self, output: Sequence[int], params: SamplingParams) -> FinishReason | None:
+        """STOP, LENGTH or None (not finished) for a sequence whose newest token is output[-1]."""
         last = output[-1]
         if (not params.ignore_eos and last in self.eos) or last in params.stop_token_ids:
-            return "stop"
+            return FinishReason.STOP
         if params.stop and self.tokenizer is not None and self._hits_stop_string(output, params.stop):
-            return "stop"
+            return FinishReason.STOP
         if len(output) >= params.max_tokens:
-            return "length"
+            return FinishReason.LENGTH
         return None
 
     def accept(self, seq: Any, token: int, now: float) -> bool:

@@ -3,8 +3,10 @@
 Run as a threaded Ray actor: the model loads and the decode loop runs on one
 ComputeThread; `reserve`, `admit`, `release` and `poll` are called by the
 router concurrently, and the gRPC server's threads write arriving KV.
+Where a request is: `requests` holds each one from reservation to finish, its `status` says where
+(decode_worker/status.py).
 Ownership:
-  - BlockManager and KVInbox: guarded by `_lock` (router calls and the loop).
+  - BlockManager, KVInbox and `requests`: guarded by `_lock` (router calls and the loop).
   - ContinuousBatcher: the loop only; others talk to it through `_loop_queue` (step_loop.py).
 """
 
@@ -14,18 +16,24 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 from decode_worker.batcher import ContinuousBatcher, DecodeSequence
 from decode_worker.speculative import build_stepper, spec_summary
-from decode_worker.step_loop import StepLoopWorker
+from decode_worker.status import SeqStatus
+from decode_worker.step_loop import Abort, StepLoopWorker
 from decode_worker.stopping import StopChecker
 from engine.compute_thread import ComputeThread
+from engine.config import SamplingParams
 from engine.kv_cache import BlockManager, KVPool
+from engine.kv_window import blocks_before_window
 from engine.loader import load_tokenizer
 from engine.runner import ModelRunner, model_fingerprint
 from kvtransfer.base import KVEndpoint
 from kvtransfer.inbox import KVInbox
+from proto.kinds import FinishReason, Transport
 from proto.messages import Admission, DecodeResult, Grant, Reservation, WorkerConfig
+from proto.stats import DecodeStats
 
 log = logging.getLogger("pdserve.decode")
 
@@ -42,14 +50,14 @@ class DecodeWorker(StepLoopWorker):
         self._shared = None
         cuda_handle = None
         device = self.runner.config.device
-        if device == "cpu" and config.transport in ("auto", "shm"):
+        if device == "cpu" and config.transport in (Transport.AUTO, Transport.SHM):
             from kvtransfer.shm import SharedKVPool
 
             self._shared = self.compute.call(SharedKVPool, layout)  # it touches every page: compute thread
             self.pool = self._shared.pool
         else:
             self.pool = self.compute.call(KVPool.allocate, layout, device)
-            if self.pool.tensor.is_cuda and config.transport in ("auto", "cuda_ipc"):
+            if self.pool.buffer.is_cuda and config.transport in (Transport.AUTO, Transport.CUDA_IPC):
                 from kvtransfer.cuda_ipc import export_pool
 
                 cuda_handle = export_pool(self.pool)
@@ -58,12 +66,11 @@ class DecodeWorker(StepLoopWorker):
                                    enable_prefix_caching=config.engine.enable_prefix_caching)
         self.inbox = KVInbox(self.pool)
         self._lock = threading.Lock()
-        self._admitted: set[str] = set()  # handed to the loop, not yet finished
-        # Prompt ids of reserved requests: their blocks get keys once the KV is complete, and the
-        # generated ones too when the request finishes (a next chat turn resends them).
-        self._prompts: dict[str, tuple[int, ...]] = {}
+        # Every request holding blocks here, by id (decode_worker/status.py). Prompt ids travel on each:
+        # its blocks get keys once the KV is complete, and the generated ones too when it finishes.
+        self.requests: dict[str, DecodeSequence] = {}
         self._server = None
-        if config.transport in ("auto", "grpc"):
+        if config.transport in (Transport.AUTO, Transport.GRPC):
             from kvtransfer.grpc_transport import KVServer
 
             self._server = KVServer(self.inbox, receiver_id=self.worker_id, model_fingerprint=fingerprint,
@@ -87,7 +94,7 @@ class DecodeWorker(StepLoopWorker):
     def endpoint(self) -> KVEndpoint:
         return self.endpoint_info
 
-    def reserve(self, reservations: list[Reservation], arrived: list[Admission] = ()) -> dict[str, Grant]:
+    def reserve(self, reservations: list[Reservation], arrived: Sequence[Admission] = ()) -> dict[str, Grant]:
         """Allocate blocks for prompt + max_tokens of each request; those that don't fit are left out.
         Leading prompt blocks this pool already caches are shared and not sent again (at least one
         prompt token always travels, so every request has a transfer that completes it).
@@ -96,20 +103,23 @@ class DecodeWorker(StepLoopWorker):
         granted: dict[str, Grant] = {}
         with self._lock:
             for a in arrived:
-                if self.blocks.holds(a.request_id) and self._kv_complete(a):
-                    self.blocks.register(a.request_id, self._prompts.get(a.request_id, ()))
+                if a.request_id in self.requests and self._kv_complete(a):
+                    self.blocks.register(a.request_id, self.requests[a.request_id].prompt_token_ids)
             for r in reservations:
                 total = r.prompt_tokens + r.max_tokens
                 if self.blocks.holds(r.request_id):  # a retry of a reservation we already hold
                     self._release_locked(r.request_id)
                 max_shared = (r.prompt_tokens - 1) // self.blocks.block_size
-                if not self.blocks.can_allocate(total, r.prompt_token_ids, max_shared):
+                # Prompt blocks before every layer's window at the first decode step: not held, not sent.
+                skip = blocks_before_window(r.prompt_tokens, self.pool.layout.kv_window, self.blocks.block_size)
+                if not self.blocks.can_allocate(total, r.prompt_token_ids, max_shared, skip):
                     continue
-                table = self.blocks.allocate(r.request_id, total, r.prompt_token_ids, max_shared)
-                cached = self.blocks.shared_blocks(r.request_id)
-                self.inbox.expect(r.request_id, table, r.prompt_tokens, first_block=cached)
-                self._prompts[r.request_id] = r.prompt_token_ids
-                granted[r.request_id] = Grant(tuple(table), cached)
+                table = self.blocks.allocate(r.request_id, total, r.prompt_token_ids, max_shared, skip)
+                grant = Grant(tuple(table), self.blocks.shared_blocks(r.request_id), skip)
+                self.inbox.expect(r.request_id, table, r.prompt_tokens, first_block=grant.first_block)
+                self.requests[r.request_id] = DecodeSequence(r.request_id, r.prompt_tokens, SamplingParams(), table,
+                                                             [], [], prompt_token_ids=r.prompt_token_ids)
+                granted[r.request_id] = grant
         return granted
 
     def admit(self, admissions: list[Admission]) -> list[str]:
@@ -117,17 +127,16 @@ class DecodeWorker(StepLoopWorker):
         refused = []
         with self._lock:
             for a in admissions:
-                if not self.blocks.holds(a.request_id) or not self._kv_complete(a):
+                seq = self.requests.get(a.request_id)
+                if seq is None or seq.status != SeqStatus.RESERVED or not self._kv_complete(a):
                     refused.append(a.request_id)
                     continue
                 self.inbox.forget(a.request_id)
                 # The prompt's KV is whole now: its full blocks may be shared from here on.
-                self.blocks.register(a.request_id, self._prompts.get(a.request_id, ()))
-                self._admitted.add(a.request_id)
-                self._loop_queue.put(DecodeSequence(
-                    request_id=a.request_id, prompt_len=a.prompt_tokens, params=a.params,
-                    block_table=self.blocks.table(a.request_id), output=[a.first_token],
-                    token_times=[a.first_token_time], prompt_token_ids=self._prompts.get(a.request_id, ())))
+                self.blocks.register(a.request_id, seq.prompt_token_ids)
+                seq.params, seq.output, seq.token_times = a.params, [a.first_token], [a.first_token_time]
+                seq.admitted_at, seq.status = time.time(), SeqStatus.QUEUED
+                self._loop_queue.put(seq)
         return refused
 
     def release(self, request_ids: list[str]) -> int:
@@ -135,8 +144,9 @@ class DecodeWorker(StepLoopWorker):
         freed = 0
         with self._lock:
             for rid in request_ids:
-                if rid in self._admitted:
-                    self._loop_queue.put(rid)  # the loop takes it out of the batch, then frees
+                seq = self.requests.get(rid)
+                if seq is not None and seq.status.in_loop:
+                    self._loop_queue.put(Abort(rid))  # the loop takes it out of the batch, then frees
                 else:
                     freed += self._release_locked(rid)
         return freed
@@ -147,13 +157,11 @@ class DecodeWorker(StepLoopWorker):
             held = self.blocks.requests()
         return self.release(held)
 
-    def stats(self) -> dict:
+    def stats(self) -> DecodeStats:
         with self._lock:
-            return {"worker_id": self.worker_id, "num_blocks": self.blocks.num_blocks,
-                    "free_blocks": self.blocks.num_free, "reserved_requests": len(self.blocks.requests()),
-                    "cached_blocks": self.blocks.num_cached,
-                    "running": len(self.batcher.running), "waiting": len(self.batcher.waiting),
-                    "step_context_tokens": self.step_context_tokens, **self.loop_stats()}
+            return DecodeStats(self.worker_id, self._pool_stats(), running=len(self.batcher.running),
+                               waiting=len(self.batcher.waiting), loop=self.loop_stats(),
+                               step_context_tokens=self.step_context_tokens)
 
     def shutdown(self) -> None:
         self._stop_loop()
@@ -168,11 +176,10 @@ class DecodeWorker(StepLoopWorker):
     # ---- decode loop -------------------------------------------------------------------
     def _kv_complete(self, a: Admission) -> bool:
         # Same-node transports wrote straight into the pool before the prefill call returned.
-        return a.transport in ("shm", "cuda_ipc") or self.inbox.is_complete(a.request_id)
+        return Transport(a.transport).writes_in_place or self.inbox.is_complete(a.request_id)
 
     def _release_locked(self, request_id: str) -> int:
-        self._admitted.discard(request_id)
-        self._prompts.pop(request_id, None)
+        self.requests.pop(request_id, None)
         self.inbox.forget(request_id)
         return self.blocks.free(request_id)
 
@@ -193,6 +200,7 @@ class DecodeWorker(StepLoopWorker):
             return
         self._count_step(started, started_cpu, rows)
         self.step_context_tokens += context
+        self._release_behind_window(self.batcher.running)
         self.phases.start()
         for seq in finished:
             self._finish(seq)
@@ -220,9 +228,10 @@ class DecodeWorker(StepLoopWorker):
         with self._lock:
             if error is None and self.blocks.holds(seq.request_id):
                 # Every token but the newest has its KV in the pool: key those blocks too.
-                self.blocks.register(seq.request_id, self._prompts.get(seq.request_id, ()) + tuple(seq.output[:-1]))
+                self.blocks.register(seq.request_id, seq.prompt_token_ids + tuple(seq.output[:-1]))
             self._release_locked(seq.request_id)
         self._results.put(DecodeResult(
-            request_id=seq.request_id, token_ids=tuple(seq.output), finish_reason=seq.finish_reason or "error",
+            request_id=seq.request_id, token_ids=tuple(seq.output),
+            finish_reason=seq.finish_reason or FinishReason.ERROR,
             admitted_at=seq.admitted_at, finished_at=time.time(), token_times=tuple(seq.token_times), error=error,
             speculative=spec_summary(seq)))

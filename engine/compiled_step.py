@@ -16,9 +16,15 @@ What is compiled and cached on disk is the kernel module (engine/kernels: keyed 
 torch, Python and the source), shared by every model and dtype; what depends on the model -- the packed
 weights -- is rebuilt at start (a fraction of a second) rather than cached.
 
+Per layer it runs the arch's attention spec exactly: sliding windows (keys p - W < j <= p; blocks before the
+window are never read, their table entries may be -1), a query scale, an attention-logit softcap, the
+layer's own RoPE table (Gemma 3's local/global bases), q/k norms and q/k/v biases.
+
 Refused, with one log line, the step then runs eagerly: --enforce-eager, a device other than the CPU, an
 attention backend other than the native one, quantized weights (their matmuls are Python-side kernels),
-and a machine where the kernels cannot be built.
+a machine where the kernels cannot be built, and what the C++ step does not implement (`arch_refusal`):
+Gemma's (1 + w) norms, sandwich norms, embedding scale, GeGLU and final-logit softcap, partial rotary
+(Phi), layers whose KV shapes differ, and MLPs other than the dense gated one (MoE).
 """
 
 from __future__ import annotations
@@ -67,8 +73,28 @@ def refusal(runner) -> str | None:
         return f"attention backend {runner.backend.name!r} (the compiled step runs the native cpu backend's kernels)"
     if any(isinstance(m, QuantLinear) for m in runner.model.modules()):
         return f"--quantization {config.quantization} (quantized matmuls run as Python-side kernels)"
-    if runner.model.rope_cos.dtype not in (torch.float32, torch.bfloat16):
+    if runner.model.embed.weight.dtype not in (torch.float32, torch.bfloat16):
         return f"dtype {config.dtype} (the native kernels run float32 and bfloat16)"
+    return arch_refusal(runner.model)
+
+
+def arch_refusal(model) -> str | None:
+    """What of `model`'s architecture the C++ step does not implement (None: it runs the model exactly)."""
+    from engine.config import Activation, Norm
+    from engine.model.mlp import GatedMLP
+
+    arch = model.arch
+    name = f"{arch.model_type}:"
+    if arch.norm != Norm.RMS:
+        return f"{name} {arch.norm.value} norms (the native norm scales by w, not 1 + w)"
+    if arch.sandwich_norms or arch.embed_scale is not None or arch.final_softcap is not None:
+        return f"{name} sandwich norms, embedding scale or final-logit softcap (Gemma)"
+    if arch.activation != Activation.SILU:
+        return f"{name} {arch.activation.value} MLP (the native step runs SwiGLU)"
+    if arch.rotary_dim and arch.rotary_dim != arch.head_dim:
+        return f"{name} partial rotary ({arch.rotary_dim} of {arch.head_dim} dims)"
+    if not all(type(layer.mlp) is GatedMLP for layer in model.layers):
+        return f"{name} an MLP other than the dense gated one"
     return None
 
 
@@ -85,7 +111,7 @@ def compile_decode_step(runner) -> CompiledDecodeStep | None:
         return None
     module = cpu_kernels()
     started = time.perf_counter()
-    packed = runner.model.rope_cos.dtype == torch.bfloat16 and _onednn_bf16()
+    packed = runner.model.embed.weight.dtype == torch.bfloat16 and _onednn_bf16()
     step = _build(module, runner.model, packed, runner.config.max_num_seqs)
     report = CompileReport(runner.config.dtype, packed, cached, kernel_s, time.perf_counter() - started)
     log.info("%s", report.describe())
@@ -110,15 +136,16 @@ def _build(module, model, packed: bool, batch_hint: int):
 
     arch = model.arch
     step = module.DecodeStep(model.embed.weight.detach(), model.norm.weight.detach(), weight(model.lm_head), packed,
-                             model.rope_cos, model.rope_sin, arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                             arch.rms_norm_eps, arch.head_dim ** -0.5)
+                             arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.rms_norm_eps)
     for layer in model.layers:
-        bias = layer.qkv_proj.bias
-        step.add_layer(layer.input_norm.weight.detach(), layer.post_norm.weight.detach(),
+        bias, spec = layer.qkv_proj.bias, layer.attention
+        cos, sin = model.rope[layer.rope_key]
+        step.add_layer(layer.input_norm.weight.detach(), layer.mlp_norm.weight.detach(),
                        None if layer.q_norm is None else layer.q_norm.weight.detach(),
                        None if layer.k_norm is None else layer.k_norm.weight.detach(),
                        weight(layer.qkv_proj), None if bias is None else bias.detach(), weight(layer.o_proj),
-                       weight(layer.gate_up_proj), weight(layer.down_proj), packed)
+                       weight(layer.mlp.gate_up_proj), weight(layer.mlp.down_proj), packed,
+                       spec.scale, spec.window or 0, spec.softcap or 0.0, cos, sin)
     return step
 
 
@@ -134,6 +161,8 @@ class CompiledDecodeStep:
     def run(self, pool: KVPool, tokens: torch.Tensor, positions: torch.Tensor,
             block_tables: torch.Tensor) -> torch.Tensor:
         """tokens/positions [n], block_tables [n, W] -> logits [n, vocab] float32; writes the rows' K/V."""
+        if pool.tensor is None:
+            raise ValueError("the compiled step needs a uniform KV layout (one [L, 2, NB, BS, KVH, D] pool)")
         return self._step.forward(tokens, positions, block_tables, pool.tensor, pool.scales)
 
     def run_rows(self, pool: KVPool, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:

@@ -9,7 +9,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from engine.arch import (  # noqa: F401  re-exported: the model's shape is part of the engine's config
+    NATIVE_MODEL_TYPES,
+    Activation,
+    LayerSpec,
+    ModelArch,
+    Norm,
+    UnsupportedArchitecture,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -20,10 +29,6 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # weights: int8, int4 group-wise; w8a8 = int8 weights and activations; gguf = the file's own blocks (engine.quant)
 QUANTIZATIONS = ("none", "int8", "int4", "w8a8", "gguf")
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # auto: see engine/cpu_features.auto_dtype, resolved where the worker runs
-
-# Architectures our forward implements, by HF `model_type`.
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype called `name` (one of DTYPE_NAMES); imports torch, which configs alone do not need."""
@@ -46,63 +51,6 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass(frozen=True)
-class ModelArch:
-    """The shape of a Llama-family checkpoint, read from its HF config."""
-
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool  # Qwen2 has q/k/v biases
-    qk_norm: bool  # Qwen3 normalizes q and k per head before RoPE
-    eos_token_ids: tuple[int, ...]
-
-    @classmethod
-    def from_hf(cls, config: Any) -> ModelArch:
-        model_type = config.model_type
-        if model_type not in SUPPORTED_ARCHS:
-            raise ValueError(f"unsupported architecture {model_type!r}; pdserve runs {', '.join(SUPPORTED_ARCHS)}")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        eos = config.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-        return cls(
-            model_type=model_type,
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=head_dim,
-            rms_norm_eps=config.rms_norm_eps,
-            max_position_embeddings=config.max_position_embeddings,
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(config, "attention_bias", model_type == "qwen2")),
-            qk_norm=model_type == "qwen3",
-            eos_token_ids=eos_ids,
-        )
-
-    @property
-    def kv_elements_per_token(self) -> int:
-        """K and V values stored per token across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
-
-    def num_params(self) -> int:
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
-        per_layer = attn + 3 * h * i + 2 * h
-        embed = self.vocab_size * h
-        return self.num_layers * per_layer + embed + h + (0 if self.tie_word_embeddings else embed)
 
 
 @dataclass(frozen=True)

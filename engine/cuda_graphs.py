@@ -46,7 +46,7 @@ class DecodeGraphs:
         self.model, self.backend, self.pool = model, backend, pool
         self.buckets = graph_buckets(max_num_seqs)
         self.block_size = pool.layout.block_size
-        device = pool.tensor.device
+        device = pool.device
         top = self.buckets[-1]
         self.tokens = torch.zeros(top, dtype=torch.int64, device=device)
         self.positions = torch.zeros(top, dtype=torch.int64, device=device)

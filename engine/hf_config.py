@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-# Fields ModelArch.from_hf and the RoPE tables read whose absence transformers fills with a class
+# Fields engine.families.read_arch and the RoPE tables read whose absence transformers fills with a class
 # default that can differ from the engine's own fallback (e.g. Qwen3's head_dim 128, Llama's eos 2).
 REQUIRED = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings",
@@ -61,6 +61,8 @@ def read_config(folder: Path) -> HFConfig:
     missing = [k for k in (*REQUIRED, *REQUIRED_FOR[model_type]) if k not in values]
     if missing:
         raise NotPlainConfig(f"config.json lacks {missing} (transformers would fill class defaults)")
+    if values.get("use_sliding_window"):  # the window and its layers come with class defaults and a fill-in
+        raise NotPlainConfig("use_sliding_window")
     values["rope_parameters"] = _plain_rope(values)
     values.pop("rope_scaling", None)
     values.pop("rope_theta", None)

@@ -8,7 +8,8 @@ ops, which inductor fuses itself; the KV store and the paged attention are one c
 are the CUDA graphs' (engine/cuda_graphs.DecodeGraphs): a batch runs in the smallest bucket that holds it,
 padding rows write no KV (slot -1) and read one cached token. Compiled code is cached on disk by inductor
 (TORCHINDUCTOR_CACHE_DIR, set here to a folder keyed by model fingerprint, dtype, ISA and torch version).
-Float KV pools only; quantized weights are refused.
+Float KV pools only; quantized weights, and architectures the native step refuses
+(engine/compiled_step.arch_refusal), are refused.
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ def _register_op() -> None:
     @torch.library.custom_op("pdserve::paged_decode_step", mutates_args=("k_cache", "v_cache"))
     def paged_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                           v_cache: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
-                          context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                          context_lens: torch.Tensor, scale: float, window: int, softcap: float) -> torch.Tensor:
         native.store_kv(k_cache, v_cache, slots, k, v)
         return native.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables.long(),
-                                                context_lens.long(), scale)
+                                             context_lens.long(), scale, window=window, softcap=softcap)
 
     @paged_decode_step.register_fake
-    def _(q, k, v, k_cache, v_cache, slots, block_tables, context_lens, scale):
+    def _(q, k, v, k_cache, v_cache, slots, block_tables, context_lens, scale, window, softcap):
         return torch.empty_like(q)
 
 
@@ -60,7 +61,7 @@ class _Step(torch.nn.Module):
     def forward(self, tokens, positions, slots, block_tables, context_lens, pool):  # [B] x3, [B, MB], [B], pool
         m, t = self.model, tokens.shape[0]
         x = m.embed(tokens)
-        cos, sin = m.rope_cos[positions], m.rope_sin[positions]
+        rows = {key: (cos[positions], sin[positions]) for key, (cos, sin) in m.rope.items()}
         residual = None
         for i, layer in enumerate(m.layers):
             h, residual = torch_rms_norm(x, layer.input_norm.weight, layer.input_norm.eps, residual)
@@ -69,13 +70,16 @@ class _Step(torch.nn.Module):
             if layer.q_norm is not None:
                 q = torch_rms_norm(q.reshape(-1, layer.head_dim), layer.q_norm.weight, layer.q_norm.eps)[0].view_as(q)
                 k = torch_rms_norm(k.reshape(-1, layer.head_dim), layer.k_norm.weight, layer.k_norm.eps)[0].view_as(k)
+            cos, sin = rows[layer.rope_key]
+            spec = layer.attention
             attn = torch.ops.pdserve.paged_decode_step(
                 apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.reshape(t, layer.num_kv_heads, layer.head_dim),
-                pool[i, 0], pool[i, 1], slots, block_tables, context_lens, layer.head_dim ** -0.5)
-            h, residual = torch_rms_norm(layer.o_proj(attn.reshape(t, -1)), layer.post_norm.weight,
-                                         layer.post_norm.eps, residual)
-            gate, up = layer.gate_up_proj(h).chunk(2, dim=-1)
-            x = layer.down_proj(F.silu(gate) * up)
+                pool[i, 0], pool[i, 1], slots, block_tables, context_lens, spec.scale, spec.window or 0,
+                spec.softcap or 0.0)
+            h, residual = torch_rms_norm(layer.o_proj(attn.reshape(t, -1)), layer.mlp_norm.weight,
+                                         layer.mlp_norm.eps, residual)
+            gate, up = layer.mlp.gate_up_proj(h).chunk(2, dim=-1)
+            x = layer.mlp.down_proj(F.silu(gate) * up)
         return m.lm_head(torch_rms_norm(x, m.norm.weight, m.norm.eps, residual)[0]).float()
 
 
@@ -91,8 +95,13 @@ class InductorDecodeStep(DecodeGraphs):
     """DecodeGraphs' static buffers and padding, with a compiled forward per bucket instead of a CUDA graph."""
 
     def __init__(self, runner, pool: KVPool, buckets: list[int]) -> None:
+        from engine.compiled_step import arch_refusal
+
         if pool.scales is not None:
             raise ValueError("the inductor candidate runs float KV pools only")
+        reason = arch_refusal(runner.model)
+        if reason is not None:
+            raise ValueError(f"the inductor candidate runs what the native step runs, not {reason}")
         _register_op()
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir(runner))  # bench-only: this process's inductor cache
         max_blocks = -(-runner.arch.max_position_embeddings // pool.layout.block_size)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.attention import ExtendAttention, PagedDecodeAttention, VarlenBatch
-from engine.attention.base import AttentionBackend
+from engine.attention.base import AttentionBackend, AttentionSpec
 from engine.kv_cache import KVPool
 
 
@@ -27,14 +27,15 @@ class MixedAttention:
             raise ValueError("a mixed step needs decode rows or prefill chunks")
         self.decode, self.extend, self.num_decode = decode, extend, num_decode
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               spec: AttentionSpec) -> torch.Tensor:
         if self.extend is None:
-            return self.decode.attend(layer, q, k, v)
+            return self.decode.attend(layer, q, k, v, spec)
         if self.decode is None:
-            return self.extend.attend(layer, q, k, v)
+            return self.extend.attend(layer, q, k, v, spec)
         d = self.num_decode
-        return torch.cat([self.decode.attend(layer, q[:d], k[:d], v[:d]),
-                          self.extend.attend(layer, q[d:], k[d:], v[d:])])
+        return torch.cat([self.decode.attend(layer, q[:d], k[:d], v[:d], spec),
+                          self.extend.attend(layer, q[d:], k[d:], v[d:], spec)])
 
 
 def _padded(tables: Sequence[Sequence[int]]) -> torch.Tensor:

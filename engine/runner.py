@@ -14,7 +14,8 @@ import torch
 
 from engine.attention import ExtendAttention, KVSink, PagedDecodeAttention, PrefillAttention, VarlenBatch, get_backend
 from engine.config import EngineConfig, ModelArch
-from engine.kv_cache import KVLayout, KVPool
+from engine.families import read_arch
+from engine.kv_cache import KVLayout, KVPool, LayerKV
 from engine.loader import load_hf_config, load_state_dict, read_generation_eos, resolve_model
 from engine.model.llama import CausalLM
 from engine.model.ops import ops_for
@@ -32,7 +33,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     config = config.resolved()
     folder = resolve_model(config.model, config.cache_dir)
     hf_config = load_hf_config(folder)
-    arch = ModelArch.from_hf(hf_config)
+    arch = read_arch(hf_config)
     extra_eos = read_generation_eos(folder)
     if extra_eos:
         arch = ModelArch(**{**arch.__dict__, "eos_token_ids": tuple(dict.fromkeys(arch.eos_token_ids + extra_eos))})
@@ -77,13 +78,7 @@ class ModelRunner:
 
     def kv_layout(self, num_blocks: int | None = None) -> KVLayout:
         """The pool layout for this model; sized from `kv_cache_gib` unless `num_blocks` is given."""
-        a, c = self.arch, self.config
-        if num_blocks is not None:
-            return KVLayout(a.num_layers, num_blocks, c.block_size, a.num_kv_heads, a.head_dim, c.dtype,
-                            c.kv_cache_dtype)
-        return KVLayout.for_budget(num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
-                                   block_size=c.block_size, dtype=c.dtype, budget_bytes=int(c.kv_cache_gib * 2**30),
-                                   kv_cache_dtype=c.kv_cache_dtype)
+        return kv_layout_for(self.arch, self.config, num_blocks)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], kv_sink: KVSink | None) -> torch.Tensor:
@@ -140,9 +135,24 @@ class ModelRunner:
         return self.model(tokens, positions, ctx)
 
 
+def kv_layout_for(arch: ModelArch, config: EngineConfig, num_blocks: int | None = None) -> KVLayout:
+    """A pool layout for `arch`: each layer's KV heads, head dim and window travel with it (handshake)."""
+    layers = tuple(LayerKV(arch.num_kv_heads, arch.head_dim, arch.layer(i).sliding_window)
+                   for i in range(arch.num_layers))
+    if all(spec == LayerKV(arch.num_kv_heads, arch.head_dim) for spec in layers):
+        layers = ()  # plain full attention everywhere: the layout every peer before per-layer specs sent
+    if num_blocks is not None:
+        return KVLayout(arch.num_layers, num_blocks, config.block_size, arch.num_kv_heads, arch.head_dim,
+                        config.dtype, config.kv_cache_dtype, layers)
+    return KVLayout.for_budget(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim,
+                               block_size=config.block_size, dtype=config.dtype,
+                               budget_bytes=int(config.kv_cache_gib * 2**30), kv_cache_dtype=config.kv_cache_dtype,
+                               layers=layers)
+
+
 def pool_writer(pool: KVPool, slot_lists: list[list[int]]) -> KVSink:
     """A KV sink that writes packed prefill K/V into a local pool (single-process use and tests)."""
-    slots = torch.tensor([s for lst in slot_lists for s in lst], dtype=torch.long, device=pool.tensor.device)
+    slots = torch.tensor([s for lst in slot_lists for s in lst], dtype=torch.long, device=pool.device)
 
     def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         pool.write_tokens(layer, slots, k, v)  # quantized here for an int8 pool

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from proto.kinds import TRANSPORT_NAMES, Transport
 from proto.messages import KVEndpoint, TLSFiles
 
 if TYPE_CHECKING:  # the driver reads TRANSPORTS without loading torch
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # the driver reads TRANSPORTS without loading torch
 
     from engine.kv_cache import KVLayout
 
-TRANSPORTS = ("auto", "shm", "cuda_ipc", "grpc")
+TRANSPORTS = TRANSPORT_NAMES  # what --transport accepts
 
 
 class TransferError(RuntimeError):
@@ -65,7 +66,7 @@ class TransferStats:
     `busy_s` is the time actually spent moving bytes, so `gbps` is the transport's own rate."""
 
     request_id: str
-    transport: str
+    transport: Transport
     bytes: int
     start: float
     end: float
@@ -83,7 +84,7 @@ class TransferStats:
 class KVConnection(ABC):
     """Prefill side of one (prefill worker, decode worker) pair."""
 
-    transport: str
+    transport: Transport
 
     @abstractmethod
     def begin(self, request_id: str, block_table: list[int], num_tokens: int,
@@ -107,24 +108,25 @@ class KVConnection(ABC):
     def close(self) -> None: ...
 
 
-def select_transport(requested: str, sender_node: str, endpoint: KVEndpoint) -> str:
+def select_transport(requested: str, sender_node: str, endpoint: KVEndpoint) -> Transport:
     """Forced transport wins; `auto` takes CUDA IPC or shared memory on the same node, gRPC across nodes."""
     if requested not in TRANSPORTS:
         raise ValueError(f"--transport must be one of {TRANSPORTS}, got {requested!r}")
-    if requested != "auto":
-        return requested
+    if requested != Transport.AUTO:
+        return Transport(requested)
     if sender_node == endpoint.node_id:
         if endpoint.cuda_ipc:
-            return "cuda_ipc"
+            return Transport.CUDA_IPC
         if endpoint.shm_name:
-            return "shm"
-    return "grpc"
+            return Transport.SHM
+    return Transport.GRPC
 
 
-_MODULES = {"shm": "kvtransfer.shm", "cuda_ipc": "kvtransfer.cuda_ipc", "grpc": "kvtransfer.grpc_transport"}
+_MODULES = {Transport.SHM: "kvtransfer.shm", Transport.CUDA_IPC: "kvtransfer.cuda_ipc",
+            Transport.GRPC: "kvtransfer.grpc_transport"}
 
 
-def connect(endpoint: KVEndpoint, transport: str, *, sender_id: str, auth_token: str,
+def connect(endpoint: KVEndpoint, transport: Transport, *, sender_id: str, auth_token: str,
             sender_layout: KVLayout, model_fingerprint: str, timeout: float = 30.0,
             tls: TLSFiles | None = None) -> KVConnection:
     """Open a connection of `transport` (lazily imported) and run the compatibility check."""

@@ -22,13 +22,14 @@ import torch
 
 from engine.kv_cache import KVLayout, KVPool, rows_nbytes
 from kvtransfer.base import KVConnection, KVEndpoint, TransferHandle, TransferStats
+from proto.kinds import Transport
 
 
 def export_pool(pool: KVPool) -> bytes:
     """The IPC handle of a CUDA pool, as bytes to publish in the decode worker's endpoint."""
     from torch.multiprocessing.reductions import reduce_tensor
 
-    if not pool.tensor.is_cuda:
+    if not pool.buffer.is_cuda:
         raise ValueError("only a CUDA pool can be exported over CUDA IPC")
     return pickle.dumps(reduce_tensor(pool.buffer))  # the whole buffer: data and (int8) scales
 
@@ -55,18 +56,18 @@ def _store(pool: KVPool, layer: int, slots: torch.Tensor, k: torch.Tensor, v: to
     except ImportError:  # no Triton: index_copy_ is still one launch per tensor
         pool.write_tokens(layer, slots, k, v)
         return
-    cache = pool.tensor[layer]
+    cache = pool.layer(layer)
     store_kv(cache[0], cache[1], slots, k, v)
 
 
 class CudaIpcConnection(KVConnection):
-    transport = "cuda_ipc"
+    transport = Transport.CUDA_IPC
 
     def __init__(self, endpoint: KVEndpoint) -> None:
         if not endpoint.cuda_ipc:
             raise ValueError(f"decode worker {endpoint.worker_id} exposes no CUDA IPC handle")
         self.pool = open_pool(endpoint.cuda_ipc, endpoint.layout)
-        self.device = self.pool.tensor.device
+        self.device = self.pool.device
         self.stream = torch.cuda.Stream(device=self.device)
         self._transfers: dict[str, _Transfer] = {}
 

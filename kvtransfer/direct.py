@@ -37,7 +37,7 @@ class DirectWriteConnection(KVConnection):
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
         t = self._transfers[handle.request_id]
         started = time.perf_counter()
-        device = self.pool.tensor.device
+        device = self.pool.device
         scales = (None, None) if k_scale is None else (k_scale.to(device), v_scale.to(device))
         self.pool.write_runs(layer, t.runs, k.to(device), v.to(device), *scales)
         t.busy_s += time.perf_counter() - started

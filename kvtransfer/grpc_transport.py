@@ -33,6 +33,7 @@ from kvtransfer.inbox import KVInbox
 from kvtransfer.wire import DEFAULT_MAX_CHUNK_BYTES, decode_rows, encode_frames, parse_frame
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
+from proto.kinds import Transport
 from proto.messages import TLSFiles
 
 AUTH_HEADER = "x-pdserve-token"
@@ -64,15 +65,35 @@ _LAYOUT_FIELDS = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype
 
 
 def layout_spec(layout: KVLayout) -> pb.KVLayoutSpec:
+    layers = [pb.LayerKVSpec(num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, window=s.window or 0)
+              for s in layout.layers]
     return pb.KVLayoutSpec(num_layers=layout.num_layers, block_size=layout.block_size,
                            num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
-                           kv_cache_dtype=layout.kv_cache_dtype)
+                           kv_cache_dtype=layout.kv_cache_dtype, layers=layers)
 
 
 def _spec_value(spec: pb.KVLayoutSpec, name: str) -> object:
     """A field of a peer's layout; a peer from before kv_cache_dtype existed sends "" and stores `auto`."""
     value = getattr(spec, name)
     return (value or "auto") if name == "kv_cache_dtype" else value
+
+
+def _spec_layers(spec: pb.KVLayoutSpec) -> list[tuple[int, int, int]]:
+    """(KV heads, head dim, window or 0) per layer; a peer that sends none has every layer alike, unwindowed."""
+    if spec.layers:
+        return [(s.num_kv_heads, s.head_dim, s.window) for s in spec.layers]
+    return [(spec.num_kv_heads, spec.head_dim, 0)] * spec.num_layers
+
+
+def layout_problems(mine: pb.KVLayoutSpec, theirs: pb.KVLayoutSpec) -> list[str]:
+    """What differs between two peers' layouts, field by field, then layer by layer."""
+    problems = [f"{f}: {_spec_value(mine, f)} != {_spec_value(theirs, f)}"
+                for f in _LAYOUT_FIELDS if _spec_value(mine, f) != _spec_value(theirs, f)]
+    if not problems:
+        names = ("num_kv_heads", "head_dim", "window")
+        problems = [f"layer {i}: " + ", ".join(f"{n} {x} != {y}" for n, x, y in zip(names, a, b) if x != y)
+                    for i, (a, b) in enumerate(zip(_spec_layers(mine), _spec_layers(theirs))) if a != b]
+    return problems
 
 
 class _Servicer(pb_grpc.KVTransferServicer):
@@ -86,9 +107,7 @@ class _Servicer(pb_grpc.KVTransferServicer):
 
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeReply:
         self._authenticate(context)
-        mine = layout_spec(self.inbox.layout)
-        problems = [f"{f}: {_spec_value(mine, f)} != {_spec_value(request.layout, f)}"
-                    for f in _LAYOUT_FIELDS if _spec_value(mine, f) != _spec_value(request.layout, f)]
+        problems = layout_problems(layout_spec(self.inbox.layout), request.layout)
         if request.model_fingerprint != self.model_fingerprint:
             problems.append(f"model: {self.model_fingerprint} != {request.model_fingerprint}")
         return pb.HandshakeReply(ok=not problems, reason="; ".join(problems), receiver_id=self.receiver_id)
@@ -160,7 +179,7 @@ class _Stream:
 
 
 class GrpcConnection(KVConnection):
-    transport = "grpc"
+    transport = Transport.GRPC
 
     def __init__(self, endpoint: KVEndpoint, *, sender_id: str, auth_token: str, sender_layout: KVLayout,
                  model_fingerprint: str, timeout: float, tls: TLSFiles | None = None,

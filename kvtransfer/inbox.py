@@ -64,7 +64,7 @@ class KVInbox:
                 raise IntegrityError(f"chunk has {k.shape[0]} tokens, blocks {block_start}+{num_blocks} hold {t1 - t0}")
             table = exp.table
         runs = block_runs(table, bs, t1 - t0, first_block=block_start)
-        device = self.pool.tensor.device
+        device = self.pool.device
         scales = (None, None) if k_scale is None else (k_scale.to(device), v_scale.to(device))
         try:
             self.pool.write_runs(layer, runs, k.to(device), v.to(device), *scales)

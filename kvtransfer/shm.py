@@ -18,6 +18,7 @@ import torch
 from engine.kv_cache import KVLayout, KVPool
 from kvtransfer.base import KVEndpoint
 from kvtransfer.direct import DirectWriteConnection
+from proto.kinds import Transport
 
 SEGMENT_PREFIX = "pdserve-kv-"
 SHM_DIR = Path("/dev/shm")  # where Linux keeps POSIX shared memory
@@ -147,7 +148,7 @@ class SharedKVPool:
 
 
 class ShmConnection(DirectWriteConnection):
-    transport = "shm"
+    transport = Transport.SHM
 
     def __init__(self, endpoint: KVEndpoint) -> None:
         if not endpoint.shm_name:

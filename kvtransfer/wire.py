@@ -164,7 +164,10 @@ def decode_rows(chunk: pb.KVChunk, layout: KVLayout, data: memoryview | bytes | 
     if chunk.dtype != layout.storage_dtype:
         raise IntegrityError(f"chunk dtype {chunk.dtype} != pool dtype {layout.storage_dtype} "
                              f"(kv_cache_dtype {layout.kv_cache_dtype})")
-    n, kvh, d = chunk.num_tokens, layout.num_kv_heads, layout.head_dim
+    if not 0 <= chunk.layer < layout.num_layers:
+        raise IntegrityError(f"layer {chunk.layer} out of range for {layout.num_layers} layers")
+    spec = layout.layer(chunk.layer)
+    n, kvh, d = chunk.num_tokens, spec.num_kv_heads, spec.head_dim
     expect_shape = [2, n, kvh, d]
     if list(chunk.shape) != expect_shape:
         raise IntegrityError(f"chunk shape {list(chunk.shape)} != expected {expect_shape}")

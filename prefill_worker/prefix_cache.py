@@ -54,9 +54,10 @@ class PrefillCache:
         """K, V [end - start, KVH, D] of tokens [start, end) of a prompt held in this pool (block-aligned), as
         stored, and for an int8 pool their scales [end - start, KVH] (else None): shipped as they are."""
         bs = self.layout.block_size
-        ids = torch.tensor(table[start // bs:end // bs], device=self.pool.tensor.device)
+        ids = torch.tensor(table[start // bs:end // bs], device=self.pool.device)
         k, v = self.pool.read_blocks(layer, ids)
-        shape = (-1, self.layout.num_kv_heads, self.layout.head_dim)
+        spec = self.layout.layer(layer)
+        shape = (-1, spec.num_kv_heads, spec.head_dim)
         if not self.layout.quantized:
             return k.reshape(shape), v.reshape(shape), None, None
         ks, vs = self.pool.read_block_scales(layer, ids)

@@ -23,6 +23,7 @@ from engine.runner import ModelRunner, model_fingerprint
 from engine.sampler import sample
 from kvtransfer.base import KVConnection, KVEndpoint, TransferError, TransferHandle, connect, select_transport
 from prefill_worker.prefix_cache import PrefillCache
+from proto.kinds import Transport
 from proto.messages import PrefillResult, PrefillTask, WorkerConfig
 
 log = logging.getLogger("pdserve.prefill")
@@ -155,9 +156,14 @@ class PrefillWorker:
             request_id=t.request_id, first_token=token, prefill_start=prefill_start, prefill_end=prefill_end,
             transfer_start=h[1].started if h else prefill_start,
             transfer_end=stats.end if stats else time.time(),
-            transport=h[0].transport if h else "none", kv_bytes=stats.bytes if stats else 0,
+            transport=h[0].transport if h else Transport.NONE, kv_bytes=stats.bytes if stats else 0,
             transfer_busy_s=stats.busy_s if stats else 0.0,
             error=errors.get(t.request_id), cached_tokens=cached_tokens)
+
+    def barrier(self) -> None:
+        """Returns once the prefill calls queued before it have run (their KV writes are over): a
+        restarted deployment router frees the blocks they wrote into only after this."""
+        self.compute.call(lambda: None)
 
     def shutdown(self) -> None:
         for _, conn in self._connections.values():

@@ -24,23 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17proto/kv_transfer.proto\x12\npdserve.kv\"\x85\x01\n\x0cKVLayoutSpec\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x06 \x01(\t\"j\n\x10HandshakeRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12(\n\x06layout\x18\x03 \x01(\x0b\x32\x18.pdserve.kv.KVLayoutSpec\"A\n\x0eHandshakeReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0breceiver_id\x18\x03 \x01(\t\"\xa4\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_start\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\r\x12\r\n\x05\x63rc32\x18\x08 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\t \x01(\x0c\"P\n\tPushReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x32\x8b\x01\n\nKVTransfer\x12\x45\n\tHandshake\x12\x1c.pdserve.kv.HandshakeRequest\x1a\x1a.pdserve.kv.HandshakeReply\x12\x36\n\x06PushKV\x12\x13.pdserve.kv.KVChunk\x1a\x15.pdserve.kv.PushReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17proto/kv_transfer.proto\x12\npdserve.kv\"E\n\x0bLayerKVSpec\x12\x14\n\x0cnum_kv_heads\x18\x01 \x01(\r\x12\x10\n\x08head_dim\x18\x02 \x01(\r\x12\x0e\n\x06window\x18\x03 \x01(\r\"\xae\x01\n\x0cKVLayoutSpec\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x06 \x01(\t\x12\'\n\x06layers\x18\x07 \x03(\x0b\x32\x17.pdserve.kv.LayerKVSpec\"j\n\x10HandshakeRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12(\n\x06layout\x18\x03 \x01(\x0b\x32\x18.pdserve.kv.KVLayoutSpec\"A\n\x0eHandshakeReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0breceiver_id\x18\x03 \x01(\t\"\xa4\x01\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_start\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\r\x12\r\n\x05\x63rc32\x18\x08 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\t \x01(\x0c\"P\n\tPushReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x32\x8b\x01\n\nKVTransfer\x12\x45\n\tHandshake\x12\x1c.pdserve.kv.HandshakeRequest\x1a\x1a.pdserve.kv.HandshakeReply\x12\x36\n\x06PushKV\x12\x13.pdserve.kv.KVChunk\x1a\x15.pdserve.kv.PushReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVLAYOUTSPEC']._serialized_start=40
-  _globals['_KVLAYOUTSPEC']._serialized_end=173
-  _globals['_HANDSHAKEREQUEST']._serialized_start=175
-  _globals['_HANDSHAKEREQUEST']._serialized_end=281
-  _globals['_HANDSHAKEREPLY']._serialized_start=283
-  _globals['_HANDSHAKEREPLY']._serialized_end=348
-  _globals['_KVCHUNK']._serialized_start=351
-  _globals['_KVCHUNK']._serialized_end=515
-  _globals['_PUSHREPLY']._serialized_start=517
-  _globals['_PUSHREPLY']._serialized_end=597
-  _globals['_KVTRANSFER']._serialized_start=600
-  _globals['_KVTRANSFER']._serialized_end=739
+  _globals['_LAYERKVSPEC']._serialized_start=39
+  _globals['_LAYERKVSPEC']._serialized_end=108
+  _globals['_KVLAYOUTSPEC']._serialized_start=111
+  _globals['_KVLAYOUTSPEC']._serialized_end=285
+  _globals['_HANDSHAKEREQUEST']._serialized_start=287
+  _globals['_HANDSHAKEREQUEST']._serialized_end=393
+  _globals['_HANDSHAKEREPLY']._serialized_start=395
+  _globals['_HANDSHAKEREPLY']._serialized_end=460
+  _globals['_KVCHUNK']._serialized_start=463
+  _globals['_KVCHUNK']._serialized_end=627
+  _globals['_PUSHREPLY']._serialized_start=629
+  _globals['_PUSHREPLY']._serialized_end=709
+  _globals['_KVTRANSFER']._serialized_start=712
+  _globals['_KVTRANSFER']._serialized_end=851
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig, SamplingParams
 from engine.prefix_cache import KVEvents
+from proto.kinds import FinishReason, Transport
 
 if TYPE_CHECKING:  # engine.kv_cache imports torch, which the driver (router) does not load
     from engine.kv_cache import KVLayout
@@ -28,11 +29,18 @@ class Reservation:
 
 @dataclass(frozen=True)
 class Grant:
-    """Decode worker -> router: a reservation held. The first `cached_blocks` blocks of the table
-    already hold this prompt's KV (prefix cache): the prefill worker sends only the rest."""
+    """Decode worker -> router: a reservation held. Its first `window_blocks` table entries are not held
+    (-1: before every layer's sliding window at the first decode step, engine/kv_window.py) and the
+    `cached_blocks` after them already hold this prompt's KV (prefix cache): the prefill worker sends only
+    the blocks from `first_block` on."""
 
     block_table: tuple[int, ...]
     cached_blocks: int = 0
+    window_blocks: int = 0
+
+    @property
+    def first_block(self) -> int:
+        return self.window_blocks + self.cached_blocks
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class PrefillTask:
     params: SamplingParams
     decode: KVEndpoint
     block_table: tuple[int, ...]
-    cached_blocks: int = 0  # leading blocks the decode worker already holds: not sent
+    cached_blocks: int = 0  # leading blocks not sent: the decode worker holds them (prefix) or never reads them
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,7 @@ class PrefillResult:
     prefill_end: float
     transfer_start: float
     transfer_end: float
-    transport: str
+    transport: Transport
     kv_bytes: int
     transfer_busy_s: float = 0.0  # time spent moving bytes (the span overlaps prefill)
     error: str | None = None
@@ -91,7 +99,7 @@ class Admission:
     first_token: int
     first_token_time: float
     params: SamplingParams
-    transport: str
+    transport: Transport
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,7 @@ class DecodeResult:
 
     request_id: str
     token_ids: tuple[int, ...]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: FinishReason
     admitted_at: float
     finished_at: float
     token_times: tuple[float, ...] = field(default=())  # wall time of each output token
@@ -142,6 +150,7 @@ class DecodePoll:
     progress: tuple[TokenProgress, ...] = ()  # poll(stream=True) only
     kv_events: KVEvents | None = None  # prefix-cache blocks stored/evicted since the last poll
     prefilled: tuple[PrefillResult, ...] = ()  # colocated workers: prompts whose last chunk ran since the last poll
+    released_blocks: tuple[tuple[str, int], ...] = ()  # (request, blocks) a sliding window left behind and freed
 
 
 @dataclass(frozen=True)
@@ -165,7 +174,7 @@ class WorkerConfig:
     engine: EngineConfig
     worker_id: str
     auth_token: str  # the cluster's shared secret for the KV endpoint
-    transport: str = "auto"  # auto | shm | grpc
+    transport: Transport = Transport.AUTO
     kv_host: str | None = None  # bind address of the KV server; None: the node's own address
     transfer_timeout_s: float = 60.0
     tls: TLSFiles | None = None  # TLS for the gRPC KV endpoint

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from proto.workers import WorkerSet
 from router.request import Request
 
 OnFinished = Callable[[Request], None]
@@ -24,7 +25,7 @@ OnTokens = Callable[[Request, list[int]], None]
 @runtime_checkable
 class RouterAPI(Protocol):
     active: dict[str, Request]  # request_id -> request not finished yet
-    workers: Any  # the WorkerSet served (decode handles for live stats)
+    workers: WorkerSet  # the workers served (decode handles for live stats)
 
     def submit(self, req: Request) -> None:
         """Queue a request; a request that can never fit fails at once (through on_finished)."""

@@ -4,12 +4,18 @@ The router is the only one who reserves blocks, and every release comes back
 to it (finished, aborted, or worker lost), so it can decide where a request
 fits without asking. Conservative: a request holds blocks for
 prompt + max_tokens from reservation to finish, so decode never runs out.
+
+Sliding-window models (every layer windowed: `kv_window`): a PD reservation leaves out the prompt
+blocks before the first decode step's window (engine/kv_window.reserved_blocks, the decode worker's
+own rule), and a hold shrinks as the decode worker reports blocks the window has left behind
+(`shrink`, from DecodePoll.released_blocks): the mirror counts what the worker holds, never less.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.kv_window import blocks_before_window
 from engine.prefix_cache import BlockKey
 from router.kv_index import KVIndex
 
@@ -22,18 +28,20 @@ class DecodeCapacity:
     max_num_seqs: int
     holds: dict[str, int] = field(default_factory=dict)  # attempt id -> blocks
     max_requests: int | None = None  # requests held at once (colocated workers: their batch + a backlog)
+    kv_window: int | None = None  # every layer's window (the widest); None: some layer sees every position
 
     @property
     def free_blocks(self) -> int:
         return self.num_blocks - sum(self.holds.values())
 
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+    def blocks_for(self, tokens: int, prompt_tokens: int = 0) -> int:
+        """Blocks a reservation of `tokens` holds; given its prompt, less the prompt blocks before the window."""
+        return -(-tokens // self.block_size) - blocks_before_window(prompt_tokens, self.kv_window, self.block_size)
 
-    def does_fit(self, tokens: int) -> bool:
+    def does_fit(self, tokens: int, prompt_tokens: int = 0) -> bool:
         if self.max_requests is not None and len(self.holds) >= self.max_requests:
             return False
-        return self.blocks_for(tokens) <= self.free_blocks
+        return self.blocks_for(tokens, prompt_tokens) <= self.free_blocks
 
 
 class Placement:
@@ -52,21 +60,30 @@ class Placement:
         cap = self.workers.pop(worker_id, None)
         return list(cap.holds) if cap else []
 
-    def place(self, attempt_id: str, tokens: int, cached: dict[str, int] | None = None) -> str | None:
-        """`cached`: per worker, leading blocks of this prompt it holds (router/kv_index.py)."""
-        fitting = [w for w in self.workers.values() if w.does_fit(tokens)]
+    def place(self, attempt_id: str, tokens: int, cached: dict[str, int] | None = None,
+              prompt_tokens: int = 0) -> str | None:
+        """`cached`: per worker, leading blocks of this prompt it holds (router/kv_index.py). `prompt_tokens`
+        (PD only): lets a sliding-window model reserve less (the decode worker skips the same blocks)."""
+        fitting = [w for w in self.workers.values() if w.does_fit(tokens, prompt_tokens)]
         if not fitting:
             return None
         cached = cached or {}
         best = max(fitting, key=lambda w: (w.free_blocks + self.overlap_weight * cached.get(w.worker_id, 0),
                                            w.worker_id))
-        best.holds[attempt_id] = best.blocks_for(tokens)
+        best.holds[attempt_id] = best.blocks_for(tokens, prompt_tokens)
         return best.worker_id
 
     def release(self, worker_id: str | None, attempt_id: str) -> None:
         cap = self.workers.get(worker_id) if worker_id else None
         if cap:
             cap.holds.pop(attempt_id, None)
+
+    def shrink(self, worker_id: str, released: tuple[tuple[str, int], ...]) -> None:
+        """The worker freed these (attempt, blocks) behind a sliding window; finished attempts are ignored."""
+        cap = self.workers.get(worker_id)
+        for attempt_id, n in released if cap else ():
+            if attempt_id in cap.holds:
+                cap.holds[attempt_id] = max(0, cap.holds[attempt_id] - n)
 
     def fits_anywhere_when_empty(self, tokens: int) -> bool:
         """Could this request ever fit (an empty worker)? If not, it must fail, not wait forever."""

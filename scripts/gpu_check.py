@@ -1,10 +1,9 @@
-"""Every GPU check and benchmark of issue 11 in one run (≤ 8 minutes on one H200).
+"""Every GPU check and benchmark in one run, on a GPU host: see docs/gpu.md.
 
-Run on a GPU host from the project root (or the offline bundle's copy of it, after
-`bash .gpu/setup.sh && . /tmp/pdserve-env.sh` and `python3 .gpu/gpu_models.py .gpu/tok`, which
-writes the random-weight models /tmp/smol and /tmp/big):
+Run on a GPU host from the project root, after `make setup` and `python scripts/gpu_models.py`,
+which writes the random-weight models /tmp/smol and /tmp/big:
 
-    python3 scripts/gpu_check.py [STEP ...]      # steps: tests step tp ipc (default: all)
+    python scripts/gpu_check.py [STEP ...]      # steps: tests step tp ipc (default: all)
 
 Each step prints `RESULT {json}` lines and appends them to $OUT/results.jsonl (default /tmp/out).
 """
@@ -43,8 +42,9 @@ def run(cmd: list[str], timeout: int) -> tuple[int, str]:
 
 def tests() -> None:
     """The Triton kernels for real (no interpreter), graph replay vs eager, the CUDA IPC round trip."""
-    rc, tail = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/engine/test_triton_kernels.py",
-                    "tests/decode_worker/test_decode_batcher.py", "tests/kvtransfer/test_transfer_faults.py", "-k",
+    rc, tail = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    "tests/engine/test_triton_kernels.py", "tests/decode_worker/test_decode_batcher.py",
+                    "tests/kvtransfer/test_transfer_faults.py", "-k",
                     "triton or paged or extend or store or rms or rope or graph or cuda"], 240)
     result("tests", rc=rc, tail=tail)
 

@@ -11,6 +11,11 @@ Every backend implements the same four operations over the paged pool layout
 The torch backend is the reference (any device, any shape); `cpu` adds the
 native decode kernel; `triton` runs everything as Triton kernels on CUDA.
 
+Per layer (`AttentionSpec`): the softmax scale; a sliding window W (a query at position p sees keys at
+p - W < j <= p, as transformers' sliding-window mask); a logit softcap c (scores -> c * tanh(s / c)
+before masking and softmax, Gemma 2). Every reader takes them as keyword arguments `window` / `softcap`
+(None: off) and never reads a key outside the window, so blocks before it may be freed (-1 in a table).
+
 An int8 pool (`--kv-cache-dtype int8`, engine/kv_quant.py) comes with its scales: every method
 that touches the cache takes k_scale/v_scale [NB, BS, KVH] float32 (None for a float pool);
 store_kv quantizes, the readers dequantize (K/V values q * s) as they load.
@@ -24,6 +29,15 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv_quant import quantize_kv
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One layer's attention, as the model hands it to its context with each call."""
+
+    scale: float
+    window: int | None = None  # sliding window in positions (the query's own included); None: every key
+    softcap: float | None = None  # attention-logit soft-capping; None: off
 
 
 @dataclass(frozen=True)
@@ -69,21 +83,26 @@ class AttentionBackend(ABC):
     @abstractmethod
     def varlen_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: VarlenBatch,
                        k_cache: torch.Tensor | None, v_cache: torch.Tensor | None, scale: float,
-                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal: row j of sequence i sees its prefix and its own rows 0..j. -> [T, H, D]."""
+                       k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, *,
+                       window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """Causal: row j of sequence i sees its prefix and its own rows 0..j (within `window`). -> [T, H, D]."""
 
     def paged_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: VarlenBatch,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, *,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         """varlen_prefill for new tokens whose K/V are already stored in the cache (ExtendAttention stores
         them first), so a backend may read every key from the pool. Default: varlen_prefill."""
-        return self.varlen_prefill(q, k, v, batch, k_cache, v_cache, scale, k_scale, v_scale)
+        return self.varlen_prefill(q, k, v, batch, k_cache, v_cache, scale, k_scale, v_scale,
+                                   window=window, softcap=softcap)
 
     @abstractmethod
     def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """q [B, H, D]; sequence b sees its first context_lens[b] cached tokens. -> [B, H, D]."""
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, *,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """q [B, H, D]; sequence b sees its first context_lens[b] cached tokens (the last `window` of them).
+        -> [B, H, D]."""
 
     def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                  k: torch.Tensor, v: torch.Tensor,

@@ -1,6 +1,7 @@
 """Attention contexts: what one forward needs to know about where K/V come from and go.
 
-A context is built once per forward and passed to the model explicitly (no global state):
+A context is built once per forward and passed to the model explicitly (no global state); each
+layer's call carries its AttentionSpec (scale, sliding window, softcap):
 
     PrefillAttention      packed prompts, no pool: K/V go to a sink (the KV transfer)
     ExtendAttention       new tokens of sequences that already hold a cached prefix in a pool
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.attention.base import AttentionBackend, VarlenBatch
+from engine.attention.base import AttentionBackend, AttentionSpec, VarlenBatch
 from engine.attention.torch_ref import TorchBackend
 from engine.kv_cache import KVPool
 from engine.kv_quant import dequantize_kv, quantize_kv
@@ -36,10 +37,12 @@ class PrefillAttention:
         self.kv_sink = kv_sink
         self.backend = backend or TorchBackend()
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               spec: AttentionSpec) -> torch.Tensor:
         if self.kv_sink is not None:
             self.kv_sink(layer, k, v)
-        return self.backend.varlen_prefill(q, k, v, self.batch, None, None, q.shape[-1] ** -0.5)
+        return self.backend.varlen_prefill(q, k, v, self.batch, None, None, spec.scale, window=spec.window,
+                                           softcap=spec.softcap)
 
 
 class ExtendAttention:
@@ -56,14 +59,16 @@ class ExtendAttention:
             raise ValueError("ExtendAttention needs block tables for the cached prefix")
         self.pool, self.slots, self.batch, self.backend, self.kv_sink = pool, slots, batch, backend, kv_sink
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cache, scales = self.pool.tensor[layer], self.pool.layer_scales(layer)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               spec: AttentionSpec) -> torch.Tensor:
+        cache, scales = self.pool.layer(layer), self.pool.layer_scales(layer)
         self.backend.store_kv(cache[0], cache[1], self.slots, k, v, *scales)
         if self.kv_sink is not None:
             self.kv_sink(layer, k, v)
         if scales[0] is not None:
             k, v = (dequantize_kv(*quantize_kv(x), x.dtype) for x in (k, v))
-        return self.backend.paged_extend(q, k, v, self.batch, cache[0], cache[1], q.shape[-1] ** -0.5, *scales)
+        return self.backend.paged_extend(q, k, v, self.batch, cache[0], cache[1], spec.scale, *scales,
+                                         window=spec.window, softcap=spec.softcap)
 
 
 class PagedDecodeAttention:
@@ -78,10 +83,11 @@ class PagedDecodeAttention:
         # slots: [B]; block_tables: [B, MB] (padding entries are never read); context_lens: [B]
         self.pool, self.slots, self.backend = pool, slots, backend or TorchBackend()
         self.block_tables, self.context_lens = block_tables, context_lens
-        self.scale = pool.layout.head_dim ** -0.5
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cache, scales = self.pool.tensor[layer], self.pool.layer_scales(layer)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               spec: AttentionSpec) -> torch.Tensor:
+        cache, scales = self.pool.layer(layer), self.pool.layer_scales(layer)
         self.backend.store_kv(cache[0], cache[1], self.slots, k, v, *scales)
         return self.backend.paged_decode(q.contiguous(), cache[0], cache[1], self.block_tables,
-                                         self.context_lens, self.scale, *scales)
+                                         self.context_lens, spec.scale, *scales, window=spec.window,
+                                         softcap=spec.softcap)

@@ -26,14 +26,16 @@ class TritonBackend(AttentionBackend):
             log.warning("Triton is unavailable (%s)", e)
             return None
 
-    def varlen_prefill(self, q, k, v, batch: VarlenBatch, k_cache, v_cache, scale, k_scale=None, v_scale=None):
+    def varlen_prefill(self, q, k, v, batch: VarlenBatch, k_cache, v_cache, scale, k_scale=None, v_scale=None, *,
+                       window=None, softcap=None):
         prefix = batch.prefix_lens if batch.has_prefix else None
         return self._attn.extend_attention(q, k, v, batch.cu_q, batch.max_q_len, prefix, k_cache, v_cache,
-                                           batch.block_tables, scale, k_scale, v_scale)
+                                           batch.block_tables, scale, k_scale, v_scale, window, softcap)
 
-    def paged_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=None, v_scale=None):
+    def paged_decode(self, q, k_cache, v_cache, block_tables, context_lens, scale, k_scale=None, v_scale=None, *,
+                     window=None, softcap=None):
         return self._attn.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                       k_scale=k_scale, v_scale=v_scale)
+                                       k_scale=k_scale, v_scale=v_scale, window=window, softcap=softcap)
 
     def store_kv(self, k_cache, v_cache, slots, k, v, k_scale=None, v_scale=None) -> None:
         self._ops.store_kv(k_cache, v_cache, slots, k, v, k_scale, v_scale)

@@ -10,6 +10,7 @@
 //               qkv = h @ Wqkv (+ bias)                                  oneDNN, weight prepacked once
 //               q, k = rope(q, k); K/V -> pool at each row's slot       fused (int8 pool: quantized)
 //               a = paged attention over each row's blocks               paged_attention_cpu.h
+//                   (the layer's scale, sliding window and logit softcap; its own RoPE table)
 //               h, res = add_rms_norm(a @ Wo, res)
 //               x = silu_mul(h @ Wgate_up) @ Wdown
 //   logits = (add_rms_norm(x, res) @ Wlm).float()                        [B, vocab]
@@ -51,25 +52,36 @@ struct Linear {
   }
 };
 
+// What a layer's attention does beyond the model's shapes (engine/attention/base.py AttentionSpec).
+struct AttentionSpec {
+  double scale;       // the softmax scale (1/sqrt(D), or the arch's query scale)
+  int64_t window;     // sliding window (0: every position)
+  double softcap;     // logit softcap (0: none)
+  Tensor cos, sin;    // the layer's RoPE table [max_pos, D]
+};
+
 struct Layer {
   Tensor input_norm, post_norm;
   c10::optional<Tensor> q_norm, k_norm;  // Qwen3: RMSNorm per head of q and k before RoPE
   Linear qkv, o, gate_up, down;
+  AttentionSpec attn;
 };
 
 class DecodeStep {
  public:
-  DecodeStep(Tensor embed, Tensor final_norm, Tensor lm_head, bool lm_head_packed, Tensor rope_cos, Tensor rope_sin,
-             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double attn_scale)
+  DecodeStep(Tensor embed, Tensor final_norm, Tensor lm_head, bool lm_head_packed, int64_t num_heads,
+             int64_t num_kv_heads, int64_t head_dim, double eps)
       : embed_(std::move(embed)), final_norm_(std::move(final_norm)), lm_head_{std::move(lm_head), c10::nullopt,
-        lm_head_packed}, cos_(rope_cos.contiguous()), sin_(rope_sin.contiguous()), H_(num_heads), KVH_(num_kv_heads),
-        D_(head_dim), eps_(eps), scale_(attn_scale) {}
+        lm_head_packed}, H_(num_heads), KVH_(num_kv_heads), D_(head_dim), eps_(eps) {}
 
   void add_layer(Tensor input_norm, Tensor post_norm, c10::optional<Tensor> q_norm, c10::optional<Tensor> k_norm,
-                 Tensor qkv, c10::optional<Tensor> qkv_bias, Tensor o, Tensor gate_up, Tensor down, bool packed) {
+                 Tensor qkv, c10::optional<Tensor> qkv_bias, Tensor o, Tensor gate_up, Tensor down, bool packed,
+                 double scale, int64_t window, double softcap, const Tensor& rope_cos, const Tensor& rope_sin) {
+    TORCH_CHECK(rope_cos.size(-1) == D_, "the compiled step rotates whole heads (no partial rotary)");
     layers_.push_back(Layer{std::move(input_norm), std::move(post_norm), std::move(q_norm), std::move(k_norm),
                             Linear{std::move(qkv), std::move(qkv_bias), packed}, Linear{std::move(o), c10::nullopt, packed},
-                            Linear{std::move(gate_up), c10::nullopt, packed}, Linear{std::move(down), c10::nullopt, packed}});
+                            Linear{std::move(gate_up), c10::nullopt, packed}, Linear{std::move(down), c10::nullopt, packed},
+                            AttentionSpec{scale, window, softcap, rope_cos.contiguous(), rope_sin.contiguous()}});
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -142,12 +154,13 @@ class DecodeStep {
     Tensor q_rot, k_rot;
     {
       RECORD_FUNCTION("pdserve::rope_store_kv", std::vector<c10::IValue>());
-      std::tie(q_rot, k_rot) = pdserve_fused::rope(q, k, cos_, sin_, pos);
+      std::tie(q_rot, k_rot) = pdserve_fused::rope(q, k, L.attn.cos, L.attn.sin, pos);
       store(k_rot, k.size(0), k_cache, k_scale, slots);
       store(v, B, v_cache, v_scale, slots);
     }
     RECORD_FUNCTION("pdserve::paged_decode_attention", std::vector<c10::IValue>());
-    return pdserve_attention::paged_decode_attention(q_rot, k_cache, v_cache, tables, lens, scale_, k_scale, v_scale);
+    return pdserve_attention::paged_decode_attention(q_rot, k_cache, v_cache, tables, lens, L.attn.scale, k_scale,
+                                                     v_scale, L.attn.window, L.attn.softcap);
   }
 
   void store(const Tensor& rows, int64_t B, const Tensor& cache, const c10::optional<Tensor>& scale,
@@ -160,9 +173,8 @@ class DecodeStep {
 
   Tensor embed_, final_norm_;
   Linear lm_head_;
-  Tensor cos_, sin_;
   int64_t H_, KVH_, D_;
-  double eps_, scale_;  // RMSNorm epsilon; attention's 1/sqrt(D), as the eager context computes it
+  double eps_;  // RMSNorm epsilon
   std::vector<Layer> layers_;
 };
 
@@ -194,7 +206,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &pdserve_attention::paged_decode_attention,
         "decode attention over a paged KV pool (CPU)", py::arg("q"), py::arg("k_pool"), py::arg("v_pool"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("k_scale") = py::none(),
-        py::arg("v_scale") = py::none(), release());
+        py::arg("v_scale") = py::none(), py::arg("window") = 0, py::arg("softcap") = 0.0, release());
   m.def("add_rms_norm", &pdserve_fused::add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"),
         py::arg("eps"), release());
   m.def("rope", &pdserve_fused::rope, py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"),
@@ -208,13 +220,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return out;
   }, "exp_f elementwise (tests)");
   py::class_<DecodeStep>(m, "DecodeStep")
-      .def(py::init<Tensor, Tensor, Tensor, bool, Tensor, Tensor, int64_t, int64_t, int64_t, double, double>(),
-           py::arg("embed"), py::arg("final_norm"), py::arg("lm_head"), py::arg("lm_head_packed"), py::arg("rope_cos"),
-           py::arg("rope_sin"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"),
-           py::arg("attn_scale"))
+      .def(py::init<Tensor, Tensor, Tensor, bool, int64_t, int64_t, int64_t, double>(),
+           py::arg("embed"), py::arg("final_norm"), py::arg("lm_head"), py::arg("lm_head_packed"),
+           py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"))
       .def("add_layer", &DecodeStep::add_layer, py::arg("input_norm"), py::arg("post_norm"), py::arg("q_norm"),
            py::arg("k_norm"), py::arg("qkv"), py::arg("qkv_bias"), py::arg("o"), py::arg("gate_up"), py::arg("down"),
-           py::arg("packed"))
+           py::arg("packed"), py::arg("scale"), py::arg("window"), py::arg("softcap"), py::arg("rope_cos"),
+           py::arg("rope_sin"))
       .def_property_readonly("num_layers", &DecodeStep::num_layers)
       .def("forward", &DecodeStep::forward, py::arg("tokens"), py::arg("positions"), py::arg("block_tables"),
            py::arg("pool"), py::arg("scales") = py::none(), release());

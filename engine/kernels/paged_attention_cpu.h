@@ -3,12 +3,16 @@
 // One query token per sequence attends to its first context_lens[b] cached
 // tokens, found through its block table: no gather of the cache into a
 // padded tensor first, so each K and V value is read from memory once.
+// With a sliding window W > 0 only the last W of them (p - W < j <= p for the row at position p = len - 1;
+// blocks before are never read: a freed block's table entry may be -1); with a softcap c > 0 each score s
+// becomes c * tanh(s / c) before the softmax (Gemma 2).
 //
 //   q            [B, H, D]            float32 or bfloat16
 //   k_pool/v_pool[NB, BS, KVH, D]     one layer's K or V (a view of the pool): q's dtype, or int8
 //   k_scale/v_scale [NB, BS, KVH]     float32, int8 pools only (--kv-cache-dtype int8): value = q8 * scale
 //   block_tables [B, MB] int64        physical block of each logical block
 //   context_lens [B] int64
+//   window       int (0: none), softcap float (0: none)
 //   out          [B, H, D]
 //
 // An int8 pool is read as it is stored: each token's row is converted to float32 with its per-head
@@ -115,7 +119,7 @@ inline void prefetch_l2(const KV* p, int64_t n) {
 template <typename KV>
 void chunk_attention(const Tiles& tiles, const float* qf, const KV* k_pool, const KV* v_pool, const float* k_scale,
                      const float* v_scale, const int64_t* table, int64_t t0, int64_t t1, int64_t H, int64_t KVH,
-                     int64_t D, int64_t Dp, int64_t BS, float* scratch, float* m, float* l, float* o) {
+                     int64_t D, int64_t Dp, int64_t BS, float softcap, float* scratch, float* m, float* l, float* o) {
   const int64_t G = H / KVH, gt = tiles.gt;
   float* p = scratch;                  // [H, 16]: scores, then their exps
   float* lanes = scratch + H * W;      // [H, 16]: the exps' sums, in lanes
@@ -131,6 +135,9 @@ void chunk_attention(const Tiles& tiles, const float* qf, const KV* k_pool, cons
     if (next >= 0) prefetch_l2(k_pool + next * row, next_count * row);
     stage_rows(k_pool + slot * row, k_scale ? k_scale + slot * KVH : nullptr, count, KVH, D, Dp, rows);
     for (int64_t h = 0; h < H; h += gt) tiles.score(qf + h * Dp, rows, count, KVH, h / G, p + h * W);
+    if (softcap > 0.f)  // c * tanh(s / c), as the reference caps the scaled scores
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < count; ++i) p[h * W + i] = softcap * std::tanh(p[h * W + i] / softcap);
     const auto live = lane_index() < splat(static_cast<float>(count));  // lanes of this run's tokens
     for (int64_t h = 0; h < H; ++h) {
       float* ph = p + h * W;
@@ -192,14 +199,19 @@ inline Tiles tiles_for(int64_t C, int64_t G) {
 template <typename T, typename KV>
 static void decode_kernel(const T* q, const KV* k_pool, const KV* v_pool, const float* k_scale,
                           const float* v_scale, const int64_t* tables, const int64_t* lens, T* out,
-                          int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t MB, float scale) {
+                          int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t MB, float scale,
+                          int64_t window, float softcap) {
   // Dp: head_dim rounded up to a power-of-two number of 16-lane vectors (1, 2, 4, 8 or 16).
   int64_t C = 1;
   while (C * W < D) C *= 2;
   const int64_t Dp = C * W, G = H / KVH;
   const Tiles tiles = tiles_for(C, G);
-  std::vector<int64_t> first(B + 1, 0);  // items of sequence b: first[b] .. first[b + 1]
-  for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + std::max<int64_t>(1, (lens[b] + CHUNK - 1) / CHUNK);
+  // Sequence b reads positions [oldest[b], lens[b]): all of them, or the last `window`.
+  std::vector<int64_t> first(B + 1, 0), oldest(B, 0);  // items of sequence b: first[b] .. first[b + 1]
+  for (int64_t b = 0; b < B; ++b) {
+    oldest[b] = window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0;
+    first[b + 1] = first[b] + std::max<int64_t>(1, (lens[b] - oldest[b] + CHUNK - 1) / CHUNK);
+  }
   const int64_t items = first[B], per_item = H * (Dp + 2);  // m [H], l [H], o [H, Dp]
   std::vector<float> partial(items * per_item);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
@@ -209,10 +221,10 @@ static void decode_kernel(const T* q, const KV* k_pool, const KV* v_pool, const 
       while (it >= first[b + 1]) ++b;
       for (int64_t h = 0; h < H; ++h)
         for (int64_t d = 0; d < D; ++d) qf[h * Dp + d] = load(q[(b * H + h) * D + d]) * scale;
-      const int64_t t0 = (it - first[b]) * CHUNK, t1 = std::min(lens[b], t0 + CHUNK);
+      const int64_t t0 = oldest[b] + (it - first[b]) * CHUNK, t1 = std::min(lens[b], t0 + CHUNK);
       float* part = partial.data() + it * per_item;  // m [H], l [H], o [H, Dp]
       chunk_attention(tiles, qf.data(), k_pool, v_pool, k_scale, v_scale, tables + b * MB, t0, t1, H, KVH, D, Dp,
-                      BS, scratch.data(), part, part + H, part + 2 * H);
+                      BS, softcap, scratch.data(), part, part + H, part + 2 * H);
     }
   });
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {  // merge each sequence's chunks, in order
@@ -241,21 +253,23 @@ template <typename T>
 static void dispatch_kv(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                         const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
                         const at::Tensor& tables, const at::Tensor& lens, at::Tensor& out,
-                        int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t MB, float scale) {
+                        int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t MB, float scale,
+                        int64_t window, float softcap) {
   if (k_pool.scalar_type() == at::kChar) {
     decode_kernel<T, int8_t>(q.data_ptr<T>(), k_pool.data_ptr<int8_t>(), v_pool.data_ptr<int8_t>(),
                              k_scale->data_ptr<float>(), v_scale->data_ptr<float>(), tables.data_ptr<int64_t>(),
-                             lens.data_ptr<int64_t>(), out.data_ptr<T>(), B, H, KVH, D, BS, MB, scale);
+                             lens.data_ptr<int64_t>(), out.data_ptr<T>(), B, H, KVH, D, BS, MB, scale, window, softcap);
   } else {
     decode_kernel<T, T>(q.data_ptr<T>(), k_pool.data_ptr<T>(), v_pool.data_ptr<T>(), nullptr, nullptr,
                         tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<T>(),
-                        B, H, KVH, D, BS, MB, scale);
+                        B, H, KVH, D, BS, MB, scale, window, softcap);
   }
 }
 
 inline at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
                                      at::Tensor block_tables, at::Tensor context_lens, double scale,
-                                     c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale) {
+                                     c10::optional<at::Tensor> k_scale, c10::optional<at::Tensor> v_scale,
+                                     int64_t window = 0, double softcap = 0.0) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 4 && v_pool.dim() == 4, "q [B,H,D], pools [NB,BS,KVH,D]");
   TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous(), "inputs must be contiguous");
   const bool int8_kv = k_pool.scalar_type() == at::kChar;
@@ -279,11 +293,13 @@ inline at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Te
   TORCH_CHECK(tables.size(0) == B && lens.size(0) == B, "one block table and length per sequence");
   auto out = at::empty_like(q);
   const int64_t MB = tables.size(1);
-  const float s = static_cast<float>(scale);
+  TORCH_CHECK(window >= 0 && softcap >= 0, "window and softcap must be >= 0 (0: off)");
+  const float s = static_cast<float>(scale), cap = static_cast<float>(softcap);
   if (q.scalar_type() == at::kFloat) {
-    dispatch_kv<float>(q, k_pool, v_pool, k_scale, v_scale, tables, lens, out, B, H, KVH, D, BS, MB, s);
+    dispatch_kv<float>(q, k_pool, v_pool, k_scale, v_scale, tables, lens, out, B, H, KVH, D, BS, MB, s, window, cap);
   } else if (q.scalar_type() == at::kBFloat16) {
-    dispatch_kv<c10::BFloat16>(q, k_pool, v_pool, k_scale, v_scale, tables, lens, out, B, H, KVH, D, BS, MB, s);
+    dispatch_kv<c10::BFloat16>(q, k_pool, v_pool, k_scale, v_scale, tables, lens, out, B, H, KVH, D, BS, MB, s,
+                               window, cap);
   } else {
     TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16 queries");
   }

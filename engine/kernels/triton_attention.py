@@ -6,6 +6,10 @@
     extend_attention  varlen causal attention over a packed batch in one launch; each sequence's
                       new tokens also see its cached prefix, read through its block table.
 
+Per layer: a sliding window W (WINDOW > 0: a query at position p sees keys p - W < j <= p; tiles before
+its window are not loaded, so freed blocks, -1 in a table, are never read) and a logit softcap
+(SOFTCAP > 0: scores -> c * tanh(s / c) before masking, Gemma 2).
+
 Pool layout (engine/kv_cache.py), one layer's K (or V):  cache[block, slot, kv_head, d]
 A token at position p of a sequence lives at block table[p // BS], slot p % BS. An int8 pool
 (QUANT) has scales[block, slot, kv_head] float32 beside it: each loaded tile is converted as
@@ -19,11 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
+NO_WINDOW = 1 << 30  # WINDOW when a layer attends to every position
+
 
 @triton.jit
-def _online_step(q, k, v, valid, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
+def _online_step(q, k, v, valid, m_i, l_i, acc, scale, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     """One tile of online softmax: scores of q [M, D] against k [N, D], masked by valid [M, N]."""
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    if SOFTCAP > 0:  # c * tanh(s / c), tanh(x) = 2 * sigmoid(2x) - 1
+        qk = SOFTCAP * (2.0 * tl.sigmoid(qk * (2.0 / SOFTCAP)) - 1.0)
     qk = tl.where(valid, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -54,15 +62,16 @@ def _paged_kv_tile(K, V, KS, VS, table_row, pos, pmask, kvh, stride_b, stride_s,
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, KS, VS, Tables, Lens, MidO, MidLse, scale,
+def _decode_split_kernel(Q, K, V, KS, VS, Tables, Lens, MidO, MidLse, scale, window,
                          stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
                          G: tl.constexpr, BLOCK_H: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         PRECISION: tl.constexpr, KVH: tl.constexpr, QUANT: tl.constexpr):
+                         PRECISION: tl.constexpr, KVH: tl.constexpr, QUANT: tl.constexpr, SOFTCAP: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(Lens + b)
-    split_len = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    first = tl.maximum(length - window, 0)  # the oldest key in the window
+    split_len = tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * split_len
     end = tl.minimum(start + split_len, length)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -78,7 +87,8 @@ def _decode_split_kernel(Q, K, V, KS, VS, Tables, Lens, MidO, MidLse, scale,
         pmask = pos < end
         k, v = _paged_kv_tile(K, V, KS, VS, Tables + b * stride_tb, pos, pmask, kvh, stride_kb, stride_ks,
                               stride_kh, offs_d, dmask, BS, KVH, QUANT, Q.dtype.element_ty)
-        m_i, l_i, acc = _online_step(q, k, v, hmask[:, None] & pmask[None, :], m_i, l_i, acc, scale, PRECISION)
+        m_i, l_i, acc = _online_step(q, k, v, hmask[:, None] & pmask[None, :], m_i, l_i, acc, scale, PRECISION,
+                                     SOFTCAP)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), float("-inf"))
     mid = ((b * NUM_SPLITS + split) * (G * tl.num_programs(1)) + heads)  # [B, S, H] row index
@@ -128,35 +138,36 @@ def _scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None,
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, num_splits: int | None = None,
-                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                 window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q [B, H, D]; caches [NB, BS, KVH, D] (int8 with scales [NB, BS, KVH]); block_tables [B, MB];
-    context_lens [B] -> [B, H, D]."""
+    context_lens [B] -> [B, H, D]. Each sequence sees its last `window` cached tokens (None: all)."""
     b, h, d = q.shape
     _, bs, kvh, _ = k_cache.shape
     g = h // kvh
-    splits = num_splits or decode_splits(b, kvh, block_tables.shape[1] * bs)
+    splits = num_splits or decode_splits(b, kvh, min(block_tables.shape[1] * bs, window or NO_WINDOW))
     mid_o = torch.empty(b, splits, h, d, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(b, splits, h, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     block_d = max(16, triton.next_power_of_2(d))
     ks, vs, quant = _scales(k_cache, k_scale, v_scale)
     _decode_split_kernel[(b, kvh, splits)](
-        q, k_cache, v_cache, ks, vs, block_tables, context_lens, mid_o, mid_lse, scale,
+        q, k_cache, v_cache, ks, vs, block_tables, context_lens, mid_o, mid_lse, scale, window or NO_WINDOW,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BS=bs, D=d, BLOCK_D=block_d, BLOCK_N=32,
-        NUM_SPLITS=splits, PRECISION=_precision(q.dtype), KVH=kvh, QUANT=quant)
+        NUM_SPLITS=splits, PRECISION=_precision(q.dtype), KVH=kvh, QUANT=quant, SOFTCAP=float(softcap or 0.0))
     _decode_merge_kernel[(b, h)](mid_o, mid_lse, out, out.stride(0), out.stride(1), h, D=d, BLOCK_D=block_d,
                                  NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)))
     return out
 
 
 @triton.jit
-def _extend_kernel(Q, Kn, Vn, Kc, Vc, KS, VS, CuQ, PrefixLens, Tables, Out, scale,
+def _extend_kernel(Q, Kn, Vn, Kc, Vc, KS, VS, CuQ, PrefixLens, Tables, Out, scale, window,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_cb, stride_cs, stride_ch, stride_tb, stride_ot, stride_oh,
                    G: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                   PRECISION: tl.constexpr, KVH: tl.constexpr, QUANT: tl.constexpr):
+                   PRECISION: tl.constexpr, KVH: tl.constexpr, QUANT: tl.constexpr, SOFTCAP: tl.constexpr):
     b, h, mblk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(CuQ + b)
     q_len = tl.load(CuQ + b + 1) - q_start
@@ -171,25 +182,28 @@ def _extend_kernel(Q, Kn, Vn, Kc, Vc, KS, VS, CuQ, PrefixLens, Tables, Out, scal
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if HAS_PREFIX:  # the cached prefix: every new token sees all of it
+        lo = mblk * BLOCK_M - window + 1  # the tile's first query sees new tokens from here on (may be < 0)
+        if HAS_PREFIX:  # the cached prefix: each new token sees it within its window
             prefix = tl.load(PrefixLens + b)
-            for n0 in range(0, prefix, BLOCK_N):
+            for n0 in range(tl.maximum(prefix + lo, 0) // BLOCK_N * BLOCK_N, prefix, BLOCK_N):
                 pos = n0 + tl.arange(0, BLOCK_N)
-                pmask = pos < prefix
+                pmask = (pos < prefix) & (pos >= prefix + lo)  # before it: no query of the tile sees it
                 k, v = _paged_kv_tile(Kc, Vc, KS, VS, Tables + b * stride_tb, pos, pmask, kvh, stride_cb,
                                       stride_cs, stride_ch, offs_d, dmask, BS, KVH, QUANT, Q.dtype.element_ty)
-                m_i, l_i, acc = _online_step(q, k, v, mmask[:, None] & pmask[None, :], m_i, l_i, acc, scale,
-                                             PRECISION)
+                seen = pos[None, :] > prefix + offs_m[:, None] - window
+                m_i, l_i, acc = _online_step(q, k, v, mmask[:, None] & pmask[None, :] & seen, m_i, l_i, acc, scale,
+                                             PRECISION, SOFTCAP)
         hi = tl.minimum(q_len, (mblk + 1) * BLOCK_M)
-        for n0 in range(0, hi, BLOCK_N):  # the new tokens themselves, causally
+        for n0 in range(tl.maximum(lo, 0) // BLOCK_N * BLOCK_N, hi, BLOCK_N):  # the new tokens themselves, causally
             pos = n0 + tl.arange(0, BLOCK_N)
             pmask = pos < q_len
             krow = (q_start + pos).to(tl.int64)
             kv_mask = pmask[:, None] & dmask[None, :]
             k = tl.load(Kn + krow[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(Vn + krow[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            causal = (pos[None, :] <= offs_m[:, None]) & pmask[None, :] & mmask[:, None]
-            m_i, l_i, acc = _online_step(q, k, v, causal, m_i, l_i, acc, scale, PRECISION)
+            causal = ((pos[None, :] <= offs_m[:, None]) & (pos[None, :] > offs_m[:, None] - window)
+                      & pmask[None, :] & mmask[:, None])
+            m_i, l_i, acc = _online_step(q, k, v, causal, m_i, l_i, acc, scale, PRECISION, SOFTCAP)
         out = acc / tl.maximum(l_i, 1e-30)[:, None]
         tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
@@ -198,9 +212,11 @@ def _extend_kernel(Q, Kn, Vn, Kc, Vc, KS, VS, CuQ, PrefixLens, Tables, Out, scal
 def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, max_q_len: int,
                      prefix_lens: torch.Tensor | None, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
                      block_tables: torch.Tensor | None, scale: float, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor | None = None, window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] packed by cu_q [B+1]; with a prefix, sequence i first sees its
-    prefix_lens[i] cached tokens through block_tables[i] (an int8 cache with its scales). -> [T, H, D]."""
+    prefix_lens[i] cached tokens through block_tables[i] (an int8 cache with its scales), each query only
+    the last `window` positions up to its own. -> [T, H, D]."""
     t, h, d = q.shape
     kvh = k.shape[1]
     b = cu_q.shape[0] - 1
@@ -212,9 +228,10 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     ks, vs, quant = _scales(k_cache, k_scale, v_scale)
     block_m = 64 if max_q_len > 32 else 16
     _extend_kernel[(b, h, triton.cdiv(max_q_len, block_m))](
-        q, k, v, k_cache, v_cache, ks, vs, cu_q, prefix_lens, block_tables, out, scale,
+        q, k, v, k_cache, v_cache, ks, vs, cu_q, prefix_lens, block_tables, out, scale, window or NO_WINDOW,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         G=h // kvh, BS=k_cache.shape[1], D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m,
-        BLOCK_N=32, HAS_PREFIX=has_prefix, PRECISION=_precision(q.dtype), KVH=kvh, QUANT=quant)
+        BLOCK_N=32, HAS_PREFIX=has_prefix, PRECISION=_precision(q.dtype), KVH=kvh, QUANT=quant,
+        SOFTCAP=float(softcap or 0.0))
     return out

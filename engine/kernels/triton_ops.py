@@ -75,7 +75,8 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, Y, RO, stride_x, stride_r, N, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(X, R, W, Y, RO, stride_x, stride_r, N, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     UNIT_OFFSET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -86,21 +87,26 @@ def _rms_norm_kernel(X, R, W, Y, RO, stride_x, stride_r, N, eps, HAS_RESIDUAL: t
         tl.store(RO + row * N + offs, x, mask=mask)
     xf = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
-    normed = (xf * inv).to(X.dtype.element_ty).to(tl.float32)
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * N + offs, (w * normed).to(Y.dtype.element_ty), mask=mask)
+    if UNIT_OFFSET:  # Gemma: (1 + w) * norm in float32, rounded once
+        y = (xf * inv) * (1.0 + w)
+    else:  # the norm rounded to the input dtype, then times w (rounded again on the store)
+        y = w * (xf * inv).to(X.dtype.element_ty).to(tl.float32)
+    tl.store(Y + row * N + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, N] -> (weight * norm(x + residual), x + residual). Without a residual, the second is x."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, N] -> (weight * norm(x + residual), x + residual). Without a residual, the second is x.
+    unit_offset (Gemma): (1 + weight) * norm, computed in float32."""
     t, n = x.shape
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     new_residual = torch.empty_like(out) if residual is not None else x
     if t:
         _rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out, new_residual,
                                x.stride(0), residual.stride(0) if residual is not None else 0, n, eps,
-                               HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+                               HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
+                               UNIT_OFFSET=unit_offset)
     return out, new_residual
 
 
@@ -132,12 +138,13 @@ def _rope_kernel(Q, K, Cos, Sin, Pos, stride_qt, stride_qh, stride_kt, stride_kh
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """In place: q [T, H, D], k [T, KVH, D]; cos/sin tables [max_pos, D]; positions [T]."""
-    t, h, d = q.shape
-    kvh = k.shape[1]
+    """In place: q [T, H, D], k [T, KVH, D]; cos/sin tables [max_pos, R]; positions [T]. The first R dims of
+    each head rotate (R < D: partial rotary), the rest are left alone."""
+    t, h, _ = q.shape
+    kvh, r = k.shape[1], cos.shape[1]
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1
     if t:
         _rope_kernel[(t,)](q, k, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                           cos.stride(0), H=h, KVH=kvh, HALF=d // 2, BLOCK_H=triton.next_power_of_2(max(h, kvh)),
-                           BLOCK_HALF=triton.next_power_of_2(d // 2))
+                           cos.stride(0), H=h, KVH=kvh, HALF=r // 2, BLOCK_H=triton.next_power_of_2(max(h, kvh)),
+                           BLOCK_HALF=triton.next_power_of_2(r // 2))
     return q, k

@@ -3,9 +3,12 @@ Triton kernels on CUDA (one launch each instead of a chain of small ones), fused
 the CPU backend (engine/kernels/fused_ops_cpu.h: one pass over a row instead of several torch ops; the
 compiled decode step, engine/compiled_step.py, runs the same kernels, so the two agree bit for bit).
 
-    rms_norm(x, weight, eps, residual) -> (weight * norm(x + residual), x + residual)
-    rope(q, k, rotary)                 -> q, k rotated at each token's position
+    rms_norm(x, weight, eps, residual, unit_offset) -> (weight * norm(x + residual), x + residual)
+                                          unit_offset (Gemma): (1 + weight) * norm, in float32, then rounded
+    rope(q, k, rotary)                 -> q, k rotated at each token's position (the table's leading dims)
     silu_mul(gate_up)                  -> SiLU(gate) * up, gate_up = [gate | up] along the last dim
+
+The native CPU kernels cover the common shapes; Gemma's unit-offset norm and partial rotary go to torch's.
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ class Rotary:
         return self.cos[self.positions], self.sin[self.positions]
 
 
-def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                   residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                   unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if residual is not None:
         x = x + residual
-    # Normalise in float32 and scale in the input dtype, exactly as the reference does.
+    # Normalise in float32 and scale in the input dtype (Gemma: in float32), exactly as the reference does.
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (h * (1.0 + weight.float())).to(x.dtype), x
     return weight * h.to(x.dtype), x
 
 
@@ -51,15 +56,21 @@ def torch_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     from engine.kernels import cpu_kernels
+
+    if unit_offset:  # Gemma's (1 + w) in float32: the native kernel scales in the input dtype
+        return torch_rms_norm(x, weight, eps, residual, unit_offset)
 
     return cpu_kernels().add_rms_norm(x, residual, weight, eps)
 
 
 def cpu_rope(q: torch.Tensor, k: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
     from engine.kernels import cpu_kernels
+
+    if rotary.cos.shape[-1] != q.shape[-1]:  # partial rotary: the native kernel rotates whole heads
+        return torch_rope(q, k, rotary)
 
     return cpu_kernels().rope(q, k, rotary.cos, rotary.sin, rotary.positions)
 
@@ -76,11 +87,11 @@ def triton_rope(q: torch.Tensor, k: torch.Tensor, rotary: Rotary) -> tuple[torch
     return rope(q, k, rotary.cos, rotary.sin, rotary.positions)
 
 
-def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                    residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                    unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     from engine.kernels.triton_ops import rms_norm
 
-    return rms_norm(x, weight, eps, residual)
+    return rms_norm(x, weight, eps, residual, unit_offset)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from engine.quant.scheme import QuantizedWeight, check_group_size, quantize
 
 # The GGUF Q4_0/Q4_1 block size: the default model's weights come as such blocks. torch's int4 CPU op takes it.
 INT4_DEFAULT_GROUP = 32
-FORMAT_VERSION = 1  # part of the cache key: bump when the canonical layout in scheme.py changes
+FORMAT_VERSION = 2  # part of the cache key: bump when scheme.py's layout or module names change (2: layers.i.mlp.*)
 
 
 def resolve_group_size(scheme: str, group_size: int, in_features: int) -> int:

@@ -85,8 +85,8 @@ def read_gguf_linears(path: Path, arch, lm_head: bool) -> dict[str, QuantizedWei
         k = _unpermute_rows(get(b + "attn_k.weight"), arch.num_kv_heads)
         out[f"layers.{i}.qkv_proj"] = _cat_rows([q, k, get(b + "attn_v.weight")])
         out[f"layers.{i}.o_proj"] = get(b + "attn_output.weight")
-        out[f"layers.{i}.gate_up_proj"] = _cat_rows([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")])
-        out[f"layers.{i}.down_proj"] = get(b + "ffn_down.weight")
+        out[f"layers.{i}.mlp.gate_up_proj"] = _cat_rows([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")])
+        out[f"layers.{i}.mlp.down_proj"] = get(b + "ffn_down.weight")
     if lm_head:
         out["lm_head"] = get("output.weight" if "output.weight" in tensors else "token_embd.weight")
     return out

@@ -9,7 +9,6 @@ on disk and memory stays bounded.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -18,18 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from engine.config import EngineConfig, ModelArch
-from engine.loader import load_hf_config, load_tokenizer, model_display_name, resolve_model
-from pdserve.batch.format import BatchLimits, check_paths, error_record, iter_lines, parse_line, success_record
+from engine.config import EngineConfig
+from pdserve.batch.format import MAX_LINE_BYTES, check_paths, iter_lines, parse_line
 from pdserve.batch.interrupt import StopSignals
 from pdserve.batch.journal import Journal, input_identity
 from pdserve.observability.dashboard.collector import MetricsCollector
 from pdserve.observability.metrics import SLO, from_record
-from pdserve.runtime.cluster import ClusterConfig, start_workers, stop_workers
+from pdserve.openai.limits import ModelLimits, model_limits
+from pdserve.openai.records import error_record, success_record
+from pdserve.runtime.backend import Backend, leaked_blocks
+from pdserve.runtime.cluster import ClusterConfig
+from router.api import RouterAPI
 from router.request import Request, State
-from router.router import Router, RouterConfig
+from router.router import RouterConfig
 
-log = logging.getLogger("pdserve.batch")
 
 @dataclass(frozen=True)
 class BatchOptions:
@@ -114,33 +115,17 @@ class _Output:
             s.cached_tokens += req.cached_tokens
             s.completion_tokens += len(req.output_token_ids)
             t = req.timeline
-            s.ttft_s.append(t["first_token"] - t["queued"])
+            s.ttft_s.append(t.first_token - t.queued)
             if len(req.output_token_ids) > 1:
-                s.tpot_s.append((t["finish"] - t["first_token"]) / (len(req.output_token_ids) - 1))
+                s.tpot_s.append((t.finish - t.first_token) / (len(req.output_token_ids) - 1))
         else:
             self.write(error_record(req.custom_id, req.line, "request_failed", req.error or "failed", req))
             s.failed += 1
 
 
-def model_limits(engine: EngineConfig, default_max_tokens: int, ignore_eos: bool) -> tuple[Any, str, BatchLimits]:
-    """(tokenizer, the model's name, what a request may ask) for the model served. Converts a GGUF
-    once, before any worker starts. The online server uses it too."""
-    started = time.time()
-    folder = resolve_model(engine.model, engine.cache_dir)
-    tokenizer = load_tokenizer(folder)
-    arch = ModelArch.from_hf(load_hf_config(folder))
-    log.info("start-up: model files, tokenizer and config %.1f s (%s)", time.time() - started,
-             type(tokenizer).__name__)
-    name = model_display_name(engine.model)
-    limits = BatchLimits(max_context=arch.max_position_embeddings,
-                         model_names=tuple(dict.fromkeys([name, str(engine.model or name)])),
-                         default_max_tokens=default_max_tokens, ignore_eos=ignore_eos)
-    return tokenizer, name, limits
-
-
 def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster: ClusterConfig,
               router_config: RouterConfig, options: BatchOptions,
-              on_tick: Callable[[Router], None] | None = None,
+              on_tick: Callable[[RouterAPI], None] | None = None,
               collector: MetricsCollector | None = None, deployment: str | None = None) -> BatchSummary:
     """Serve every line of `input_path`, appending one output line per input line to `output_path`.
 
@@ -148,9 +133,7 @@ def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster
     With `deployment`, requests go to that running deployment (`pdserve up`) instead of new workers.
     `on_tick` is called after every router step (progress hooks, fault drills in tests)."""
     check_paths(input_path, output_path)
-    with open(input_path, "rb") as f:
-        if not any(line.strip() for line in iter(lambda: f.readline(1 << 20), b"")):
-            raise ValueError(f"input file {input_path} holds no requests")
+    _check_has_requests(input_path)
     tokenizer, name, limits = model_limits(engine, options.default_max_tokens, options.ignore_eos)
     summary = BatchSummary(output_path=str(output_path))
     journal = Journal.for_output(output_path)
@@ -160,52 +143,19 @@ def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster
         journal.close()
         summary.lines = summary.resumed
         return summary
-    workers = None if deployment else start_workers(engine, cluster)
+    backend = Backend.open(engine, cluster, router_config, deployment)
     start = time.time()
     try:
         with StopSignals() as stop, open(output_path, "a", encoding="utf-8") as out_stream:
             out = _Output(out_stream, tokenizer, name, summary, journal, options.slo, collector)
-            if deployment:
-                from pdserve.runtime.deployment import RemoteRouter, find
-
-                router: Any = RemoteRouter(find(deployment, cluster.address or "auto"), on_finished=out.finished)
-            else:
-                router = Router(workers, router_config, on_finished=out.finished,
-                                on_prefill_batch=collector.prefill_batch if collector else None)
-            progress = _Progress(summary, router) if options.progress else None
-
-            def tick() -> None:
-                stop.check()
-                router.tick()
-                if progress:
-                    progress.update()
-                if collector:
-                    collector.refresh(router)
-                if on_tick:
-                    on_tick(router)
-
-            seen: set[str] = set()
-            with open(input_path, "rb") as f:
-                for number, raw in iter_lines(f, limits.max_line_bytes):
-                    summary.lines += 1
-                    if number in journal.done:  # finished in an earlier, interrupted run
-                        _remember_custom_id(raw, seen)
-                        continue
-                    parsed = parse_line(number, raw, tokenizer, limits, seen)
-                    if parsed.error is not None:
-                        out.error(parsed.custom_id, number, parsed.error.code, str(parsed.error))
-                        continue
-                    router.submit(parsed.request)
-                    while len(router.active) >= options.max_pending:
-                        tick()
-            while not router.done:
-                tick()
-            if progress:
-                progress.close()
+            router = backend.make_router(out.finished, on_prefill_batch=collector.prefill_batch if collector else None)
+            driver = _Driver(router, stop, summary, options, collector, on_tick)
+            driver.submit_lines(input_path, tokenizer, limits, out, journal)
+            driver.run_to_end()
             # A shared deployment may be serving other clients: only a private cluster can be checked.
-            if workers:
+            if backend.workers is not None:
                 router.drain()
-                summary.kv_blocks_leaked = leaked_blocks(workers)
+                summary.kv_blocks_leaked = leaked_blocks(backend.workers)
             out_stream.flush()
             os.fsync(out_stream.fileno())  # every line durable before the journal says the batch is complete
             journal.finish()
@@ -215,9 +165,58 @@ def run_batch(input_path: Path, output_path: Path, engine: EngineConfig, cluster
     finally:
         summary.wall_s = time.time() - start
         journal.close()
-        if workers:
-            stop_workers(workers)
+        backend.close()
     return summary
+
+
+def _check_has_requests(input_path: Path) -> None:
+    with open(input_path, "rb") as f:
+        if not any(line.strip() for line in iter(lambda: f.readline(1 << 20), b"")):
+            raise ValueError(f"input file {input_path} holds no requests")
+
+
+class _Driver:
+    """Turns the router while the input's lines are submitted (at most `max_pending` in flight) and then
+    until every request has finished; each turn also checks for Ctrl-C and updates progress and metrics."""
+
+    def __init__(self, router: RouterAPI, stop: StopSignals, summary: BatchSummary, options: BatchOptions,
+                 collector: MetricsCollector | None, on_tick: Callable[[RouterAPI], None] | None) -> None:
+        self.router, self.stop, self.summary, self.options = router, stop, summary, options
+        self.collector, self.on_tick = collector, on_tick
+        self.progress = _Progress(summary, router) if options.progress else None
+
+    def tick(self) -> None:
+        self.stop.check()
+        self.router.tick()
+        if self.progress:
+            self.progress.update()
+        if self.collector:
+            self.collector.refresh(self.router)
+        if self.on_tick:
+            self.on_tick(self.router)
+
+    def submit_lines(self, input_path: Path, tokenizer: Any, limits: ModelLimits, out: _Output,
+                     journal: Journal) -> None:
+        seen: set[str] = set()
+        with open(input_path, "rb") as f:
+            for number, raw in iter_lines(f, MAX_LINE_BYTES):
+                self.summary.lines += 1
+                if number in journal.done:  # finished in an earlier, interrupted run
+                    _remember_custom_id(raw, seen)
+                    continue
+                parsed = parse_line(number, raw, tokenizer, limits, seen)
+                if parsed.error is not None:
+                    out.error(parsed.custom_id, number, parsed.error.code, str(parsed.error))
+                    continue
+                self.router.submit(parsed.request)
+                while len(self.router.active) >= self.options.max_pending:
+                    self.tick()
+
+    def run_to_end(self) -> None:
+        while not self.router.done:
+            self.tick()
+        if self.progress:
+            self.progress.close()
 
 
 def _result_options(engine: EngineConfig, options: BatchOptions) -> dict[str, Any]:
@@ -235,27 +234,10 @@ def _remember_custom_id(raw: bytes | None, seen: set[str]) -> None:
         seen.add(cid)
 
 
-def leaked_blocks(workers, timeout_s: float = 60.0) -> int:
-    """KV blocks the decode workers still hold once no request is in flight (each is a leak). A worker
-    killed late in the batch may still be restarting when the others have finished it: wait for it."""
-    import ray
-    from ray.exceptions import ActorUnavailableError
-
-    deadline = time.time() + timeout_s
-    while True:
-        try:
-            stats = ray.get([h.stats.remote() for h in workers.decode.values()], timeout=timeout_s)
-            return sum(s["num_blocks"] - s["free_blocks"] for s in stats)
-        except ActorUnavailableError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 class _Progress:
     """One self-overwriting status line on stderr."""
 
-    def __init__(self, summary: BatchSummary, router: Router) -> None:
+    def __init__(self, summary: BatchSummary, router: RouterAPI) -> None:
         self.summary, self.router = summary, router
         self.start = time.time()
         self.last = 0.0

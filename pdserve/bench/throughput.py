@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig, ModelArch
+from engine.config import EngineConfig
+from engine.families import read_arch
 from engine.loader import load_hf_config, load_tokenizer, model_display_name, resolve_model
 from pdserve.bench.baselines import SystemResult, hf_continuous, hf_static
 from pdserve.bench.workload import (
@@ -104,7 +105,7 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
 
     folder = resolve_model(engine.model, engine.cache_dir)
     tokenizer = load_tokenizer(folder)
-    arch = ModelArch.from_hf(load_hf_config(folder))
+    arch = read_arch(load_hf_config(folder))
     params = arch.num_params()
     threads = bench.baseline_threads or os.cpu_count() or 1
     device = engine.resolved().device  # the baselines run where pdserve's workers run

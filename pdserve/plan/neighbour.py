@@ -89,7 +89,7 @@ def _serve(settings: tuple, answers) -> None:
     import torch
 
     from engine.runner import ModelRunner
-    from pdserve.plan.profile import decode_step_inputs
+    from pdserve.plan.decode_inputs import decode_step_inputs
 
     engine, threads, prompt_tokens, batch, context = settings
     if threads > 0:

@@ -1,7 +1,7 @@
 """The worker actors: the worker classes made Ray actors, each told the node it landed on.
 
 Importing this module imports the workers (torch, the model code, ~1-2 s), which the driver needs only
-to declare the actors: pdserve.runtime.cluster imports it on a thread while Ray starts (`prefetch`).
+to declare the actors: pdserve.runtime.cluster imports it on a thread while Ray starts (`prefetch_actors`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import ray
 
 from decode_worker.colocated import ColocatedWorker
 from decode_worker.worker import DecodeWorker
-from pdserve.runtime.cluster import process_age_s
+from pdserve.runtime.startup import process_age_s
 from prefill_worker.worker import PrefillWorker
 from proto.messages import WorkerConfig
+from proto.stats import WorkerPlacement
 
 log = logging.getLogger("pdserve.cluster")
 
@@ -70,16 +71,17 @@ class _ActorInfo:
     def node(self) -> str:
         return self.node_id
 
-    def where(self) -> dict:
+    def where(self) -> WorkerPlacement:
         import torch
 
         from engine.cpu_features import CpuInfo
 
         config = self.runner.config  # type: ignore[attr-defined]  # resolved: concrete device and dtype
-        return {"worker_id": self.worker_id, "node_id": self.node_id, "node_ip": ray.util.get_node_ip_address(),
-                "device": config.device, "dtype": config.dtype, "threads": config.num_threads,
-                "gpu": torch.cuda.get_device_name() if config.device == "cuda" else None, "pid": os.getpid(),
-                "cpu": CpuInfo.here().describe(config.dtype)}
+        return WorkerPlacement(
+            worker_id=self.worker_id, node_id=self.node_id, node_ip=ray.util.get_node_ip_address(),
+            device=config.device, dtype=config.dtype, threads=config.num_threads, pid=os.getpid(),
+            gpu=torch.cuda.get_device_name() if config.device == "cuda" else None,
+            cpu=CpuInfo.here().describe(config.dtype))
 
     def rss_mib(self) -> float:
         """Peak resident memory of this worker process."""
@@ -100,11 +102,6 @@ def _start(actor: _ActorInfo, config: WorkerConfig, init, with_ip: bool = True) 
 class PrefillActor(PrefillWorker, _ActorInfo):
     def __init__(self, config: WorkerConfig) -> None:
         _start(self, config, super().__init__, with_ip=False)
-
-    def barrier(self) -> None:
-        """Returns once the prefill calls queued before it have run (their KV writes are over): a
-        restarted deployment router frees the blocks they wrote into only after this."""
-        self.compute.call(lambda: None)
 
 
 @ray.remote

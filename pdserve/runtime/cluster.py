@@ -27,15 +27,14 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import EngineConfig
-from kvtransfer.base import TRANSPORTS
+from proto.kinds import TRANSPORT_NAMES, Mode, Transport
 from proto.messages import TLSFiles, WorkerConfig
-from router.router import WorkerSet
+from proto.workers import WorkerSet
 
 log = logging.getLogger("pdserve.cluster")
 
 NAMESPACE = "pdserve"
 ROLE_RESOURCES = ("prefill", "decode")  # the custom resource names deploy/ gives each node pool
-MODES = ("pd", "colocated")  # disaggregated prefill/decode workers, or workers that do both
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ class ClusterConfig:
     address: str | None = None  # None: start a local cluster; "auto": join the running one; "ray://...": client
     num_prefill: int = 1
     num_decode: int = 1
-    transport: str = "auto"
+    transport: Transport = Transport.AUTO  # the CLI's word is accepted too
     prefill_threads: int = 0  # torch threads per worker; 0: from the worker's CPUs, else this node's cores
     decode_threads: int = 0
     prefill: WorkerResources = field(default_factory=WorkerResources)
@@ -89,30 +88,26 @@ class ClusterConfig:
     start_timeout_s: float = 300.0
     tls: TLSFiles | None = None
     inject_transfer_failures: int = 0  # fault drills (tests): per prefill worker
-    # "pd": prefill and decode workers, KV sent between them; "colocated": `num_colocated` workers that
-    # each prefill (in chunks of at most `max_num_batched_tokens` tokens per step, decode rows included) and decode.
-    mode: str = "pd"
+    # PD: prefill and decode workers, KV sent between them; COLOCATED: `num_colocated` workers that each
+    # prefill (in chunks of at most `max_num_batched_tokens` tokens per step, decode rows included) and decode.
+    mode: Mode = Mode.PD  # the CLI's word is accepted too
     num_colocated: int = 1
     max_num_batched_tokens: int = 0  # 0: 512 on a CPU, 2048 on CUDA (and at least max_num_seqs)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode not in Mode.words():
+            raise ValueError(f"--mode must be one of {', '.join(Mode.words())}, got {self.mode!r}")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("need at least one prefill and one decode worker")
         if self.num_colocated < 1:
             raise ValueError(f"--colocated-workers must be at least 1, got {self.num_colocated}")
         if self.max_num_batched_tokens < 0:
             raise ValueError(f"--max-num-batched-tokens must be positive (0: auto), got {self.max_num_batched_tokens}")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
-
-
-def process_age_s() -> float:
-    """Seconds since this process started (Ray worker boot and imports, for an actor entering __init__)."""
-    import psutil
-
-    return time.time() - psutil.Process().create_time()
+        if self.transport not in TRANSPORT_NAMES:
+            raise ValueError(f"--transport must be one of {TRANSPORT_NAMES}, got {self.transport!r}")
+        # Normalized once, here: the rest of the code compares members, whatever the caller passed.
+        object.__setattr__(self, "mode", Mode(self.mode))
+        object.__setattr__(self, "transport", Transport(self.transport))
 
 
 def prefetch_actors() -> threading.Thread:
@@ -237,7 +232,7 @@ def actor_name(deployment: str, role: str, i: int) -> str:
 
 def check_mode(engine: EngineConfig, cluster: ClusterConfig) -> None:
     """What --mode colocated cannot be combined with, said before any worker starts."""
-    if cluster.mode != "colocated":
+    if cluster.mode != Mode.COLOCATED:
         return
     if engine.speculative not in (None, "", "off"):
         raise ValueError("--speculative runs on PD decode workers only; drop it or use --mode pd")
@@ -256,30 +251,14 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     init_ray(cluster.address)
     log.info("start-up: Ray %s in %.1f s", "started" if cluster.address is None else "joined", time.time() - started)
     started = time.time()
-    cores = max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
-    # Prefill workers run at the same time as each other, decode workers too; with batch admissions
-    # (router) the two roles mostly take turns, so each role gets all the cores of a shared node.
-    colocated = cluster.mode == "colocated"
-    even = max(1, cores // (cluster.num_colocated if colocated else max(cluster.num_prefill, cluster.num_decode)))
+    colocated = cluster.mode == Mode.COLOCATED
+    even = _even_threads(cluster)  # before a placement group takes its CPUs out of the available ones
     token = secrets.token_hex(16)
     roles = [("prefill", i) for i in range(cluster.num_prefill)] + [("decode", i) for i in range(cluster.num_decode)]
     if colocated:
         roles = [("colocated", i) for i in range(cluster.num_colocated)]
     wants = {"prefill": cluster.prefill, "decode": cluster.decode, "colocated": cluster.decode}
-    pg = None
-    if any(w.requested for w in wants.values()):
-        pg = ray.util.placement_group(
-            [wants[r].bundle() for r, _ in roles], strategy=cluster.placement_strategy,
-            bundle_label_selector=[dict(wants[r].labels) for r, _ in roles],
-            name=f"{cluster.deployment}-workers" if cluster.deployment else "",
-            lifetime="detached" if cluster.deployment else None)
-        try:
-            ray.get(pg.ready(), timeout=cluster.start_timeout_s)
-        except ray.exceptions.GetTimeoutError as e:
-            ray.util.remove_placement_group(pg)
-            asks = "; ".join(f"{r}: {wants[r].bundle()} on nodes labelled {dict(wants[r].labels)}" for r in wants)
-            raise RuntimeError(f"the cluster cannot place the workers within {cluster.start_timeout_s:.0f}s "
-                               f"({asks}); add nodes that offer these resources") from e
+    pg = _placement_group(cluster, roles, wants) if any(w.requested for w in wants.values()) else None
 
     importing.join()
     from pdserve.runtime import actors  # imported by `importing`; a failed import raises here
@@ -290,52 +269,90 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
         threads = (cluster.prefill_threads if role == "prefill" else cluster.decode_threads) \
             or int(want.num_cpus) or even
         config = WorkerConfig(engine=replace(engine, num_threads=threads), worker_id=f"{role}-{i}",
-                              auth_token=token, transport=cluster.transport,
+                              auth_token=token, transport=cluster.transport.value,
                               transfer_timeout_s=cluster.transfer_timeout_s, tls=cluster.tls,
                               inject_transfer_failures=cluster.inject_transfer_failures if role == "prefill" else 0,
                               max_num_batched_tokens=cluster.max_num_batched_tokens)
-        # Every thread of the worker starts with OMP_NUM_THREADS OpenMP threads (Ray sets 1 by default).
-        options: dict = {"max_restarts": cluster.max_restarts, "num_cpus": want.num_cpus, "num_gpus": want.num_gpus,
-                         "resources": dict(want.custom),
-                         "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
-                         "max_concurrency": 4 if role == "prefill" else 32}
-        if pg is not None:
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
-            if want.num_cpus == 0 and "CPU" in wants[role].bundle():
-                options["num_cpus"] = wants[role].bundle()["CPU"]
-        elif want.labels:
-            options["label_selector"] = dict(want.labels)
-        if cluster.deployment:
-            options.update(name=actor_name(cluster.deployment, role, i), namespace=NAMESPACE, lifetime="detached")
+        options = _actor_options(cluster, role, i, threads, want, (pg, index))
         handles[role][config.worker_id] = actors.ACTORS[role].options(**options).remote(config)
     decode = handles["colocated"] if colocated else handles["decode"]
     workers = attach_workers(handles["prefill"], decode, engine.max_num_seqs, cluster.start_timeout_s,
-                             colocated=colocated)
+                             mode=cluster.mode)
     if log.isEnabledFor(logging.INFO):
         log.info("start-up: workers ready in %.1f s", time.time() - started)
-        every = dict(zip(handles["prefill"] | decode, ray.get(
-            [h.startup.remote() for h in [*handles["prefill"].values(), *decode.values()]], timeout=60)))
-        for worker_id, phases in every.items():
-            log.info("start-up: %s: %s", worker_id, ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+        _log_startup({**handles["prefill"], **decode})
     return workers
 
 
+def _even_threads(cluster: ClusterConfig) -> int:
+    """Torch threads per worker when neither its role's threads nor its CPUs say: the cluster's cores shared.
+    Prefill workers run at the same time as each other, decode workers too; with batch admissions
+    (router) the two roles mostly take turns, so each role gets all the cores of a shared node."""
+    cores = max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)))
+    colocated = cluster.mode == Mode.COLOCATED
+    return max(1, cores // (cluster.num_colocated if colocated else max(cluster.num_prefill, cluster.num_decode)))
+
+
+def _placement_group(cluster: ClusterConfig, roles: list[tuple[str, int]], wants: dict[str, WorkerResources]):
+    """All workers reserved together, one bundle each, once the cluster can place them all; or a clear error."""
+    pg = ray.util.placement_group(
+        [wants[r].bundle() for r, _ in roles], strategy=cluster.placement_strategy,
+        bundle_label_selector=[dict(wants[r].labels) for r, _ in roles],
+        name=f"{cluster.deployment}-workers" if cluster.deployment else "",
+        lifetime="detached" if cluster.deployment else None)
+    try:
+        ray.get(pg.ready(), timeout=cluster.start_timeout_s)
+    except ray.exceptions.GetTimeoutError as e:
+        ray.util.remove_placement_group(pg)
+        asks = "; ".join(f"{r}: {wants[r].bundle()} on nodes labelled {dict(wants[r].labels)}" for r in wants)
+        raise RuntimeError(f"the cluster cannot place the workers within {cluster.start_timeout_s:.0f}s "
+                           f"({asks}); add nodes that offer these resources") from e
+    return pg
+
+
+def _actor_options(cluster: ClusterConfig, role: str, i: int, threads: int, want: WorkerResources,
+                   bundle: tuple) -> dict:
+    """Ray's options for worker `i` of `role`; `bundle`: (placement group or None, its bundle index)."""
+    pg, index = bundle
+    # Every thread of the worker starts with OMP_NUM_THREADS OpenMP threads (Ray sets 1 by default).
+    options: dict = {"max_restarts": cluster.max_restarts, "num_cpus": want.num_cpus, "num_gpus": want.num_gpus,
+                     "resources": dict(want.custom),
+                     "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+                     "max_concurrency": 4 if role == "prefill" else 32}
+    if pg is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
+        if want.num_cpus == 0 and "CPU" in want.bundle():
+            options["num_cpus"] = want.bundle()["CPU"]
+    elif want.labels:
+        options["label_selector"] = dict(want.labels)
+    if cluster.deployment:
+        options.update(name=actor_name(cluster.deployment, role, i), namespace=NAMESPACE, lifetime="detached")
+    return options
+
+
+def _log_startup(handles: dict[str, object]) -> None:
+    """Where each worker's start-up went (`pdserve -v`)."""
+    every = dict(zip(handles, ray.get([h.startup.remote() for h in handles.values()], timeout=60)))
+    for worker_id, phases in every.items():
+        log.info("start-up: %s: %s", worker_id, ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+
+
 def attach_workers(prefill: dict, decode: dict, max_num_seqs: int, timeout_s: float = 300.0,
-                   colocated: bool = False) -> WorkerSet:
-    """A WorkerSet over running actors: waits until each has loaded its model. `colocated`: `decode`
+                   mode: Mode = Mode.PD) -> WorkerSet:
+    """A WorkerSet over running actors: waits until each has loaded its model. Mode.COLOCATED: `decode`
     holds colocated workers and `prefill` is empty."""
     endpoints = dict(zip(decode, ray.get([h.endpoint.remote() for h in decode.values()], timeout=timeout_s)))
     where = ray.get([h.where.remote() for h in list(prefill.values()) + list(decode.values())], timeout=timeout_s)
-    nodes = {w["node_id"] for w in where}
-    dtypes = {w["worker_id"]: w.get("dtype") for w in where}
+    nodes = {w.node_id for w in where}
+    dtypes = {w.worker_id: w.dtype for w in where}
     if len(set(dtypes.values())) > 1:  # `--dtype auto` on nodes of different kinds: KV layouts would not match
         for handle in list(prefill.values()) + list(decode.values()):
             ray.kill(handle, no_restart=True)
         raise RuntimeError(f"workers chose different dtypes ({dtypes}); pass --dtype float32 or --dtype bfloat16")
-    for cpu in sorted({w["cpu"] for w in where if w.get("cpu")}):
+    for cpu in sorted({w.cpu for w in where if w.cpu}):
         log.info("workers: %s", cpu)
     return WorkerSet(prefill=prefill, decode=decode, endpoints=endpoints, max_num_seqs=max_num_seqs,
-                     shared_cores=len(nodes) == 1 and all(w["device"] == "cpu" for w in where), colocated=colocated)
+                     shared_cores=len(nodes) == 1 and all(w.device == "cpu" for w in where), mode=mode)
 
 
 def stop_workers(workers: WorkerSet) -> None:

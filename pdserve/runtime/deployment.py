@@ -24,6 +24,7 @@ so the router needs no journal of its own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -37,9 +38,9 @@ import ray
 from ray.exceptions import RayActorError
 
 from engine.config import EngineConfig
-from pdserve.batch.format import metrics_record
 from pdserve.observability.dashboard.collector import MetricsCollector
 from pdserve.observability.metrics import SLO
+from pdserve.openai.records import metrics_record
 from pdserve.runtime.cluster import (
     NAMESPACE,
     ClusterConfig,
@@ -49,9 +50,10 @@ from pdserve.runtime.cluster import (
     start_workers,
     stop_workers,
 )
+from proto.workers import WorkerSet
 from router.api import OnFinished, OnTokens
-from router.request import Request, State
-from router.router import Router, RouterConfig, WorkerSet
+from router.request import Request, State, Timeline
+from router.router import Router, RouterConfig
 
 log = logging.getLogger("pdserve.service")
 
@@ -85,7 +87,7 @@ class RouterActor:
         self._aborts: queue.Queue[tuple[str, str]] = queue.Queue()
         self._done: dict[str, list[Request]] = defaultdict(list)
         self._streams: set[str] = set()  # requests whose client wants their tokens as they come
-        self._tokens_out: dict[str, list[tuple[str, list[int], dict[str, float]]]] = defaultdict(list)
+        self._tokens_out: dict[str, list[tuple[str, list[int], Timeline]]] = defaultdict(list)
         self._done_ready = threading.Condition()
         self._stop = threading.Event()
         self.started = time.time()
@@ -102,7 +104,7 @@ class RouterActor:
     def _tokens(self, req: Request, new: list[int]) -> None:
         if req.request_id in self._streams:
             with self._done_ready:
-                self._tokens_out[req.request_id.split("/", 1)[0]].append((req.request_id, new, dict(req.timeline)))
+                self._tokens_out[req.request_id.split("/", 1)[0]].append((req.request_id, new, replace(req.timeline)))
                 self._done_ready.notify_all()
 
     def _loop(self) -> None:
@@ -155,14 +157,16 @@ class RouterActor:
         return self.workers
 
     def status(self) -> dict[str, Any]:
-        where = ray.get([h.where.remote() for h in list(self.workers.prefill.values())
-                         + list(self.workers.decode.values())], timeout=60)
-        stats = {s["worker_id"]: s for s in ray.get([h.stats.remote() for h in self.workers.decode.values()],
-                                                    timeout=60)}
-        for w in where:
-            w["role"] = w["worker_id"].split("-")[0]
-            w.update({k: stats[w["worker_id"]][k] for k in ("num_blocks", "free_blocks", "running")}
-                     if w["worker_id"] in stats else {})
+        placements = ray.get([h.where.remote() for h in list(self.workers.prefill.values())
+                              + list(self.workers.decode.values())], timeout=60)
+        stats = {s.worker_id: s for s in ray.get([h.stats.remote() for h in self.workers.decode.values()],
+                                                 timeout=60)}
+        where = []
+        for p in placements:
+            w = {**dataclasses.asdict(p), "role": p.worker_id.split("-")[0]}
+            if (s := stats.get(p.worker_id)) is not None:
+                w.update(num_blocks=s.pool.num_blocks, free_blocks=s.pool.free_blocks, running=s.running)
+            where.append(w)
         return {"name": self.spec.name, "model": self.spec.engine.model or "default", "dtype": self.spec.engine.dtype,
                 "uptime_s": time.time() - self.started, "in_flight": len(self.router.active),
                 "reattached": self.reattached is not None,
@@ -207,7 +211,7 @@ def reattach_workers(engine: EngineConfig, cluster: ClusterConfig, timeout_s: fl
     deadline = time.time() + timeout_s
     while True:  # running sequences leave at the decode loop's next turn
         stats = ray.get([h.stats.remote() for h in decode.values()], timeout=timeout_s)
-        if all(s["reserved_requests"] == 0 and s["running"] == 0 and s["waiting"] == 0 for s in stats):
+        if all(s.pool.reserved_requests == 0 and s.running == 0 and s.waiting == 0 for s in stats):
             return workers
         if time.time() > deadline:
             raise RuntimeError(f"decode workers of {name!r} still hold requests after release: {stats}")
@@ -345,7 +349,7 @@ class RemoteRouter:
         for request_id, new, timeline in events:
             req = self.active.get(request_id)
             if req is not None:
-                req.timeline.update(timeline)
+                req.timeline = timeline
                 req.streamed += len(new)
                 self.on_tokens(req, new)
         for req in finished:

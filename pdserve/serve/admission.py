@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from pdserve.observability.metrics import SLO
-from pdserve.serve.protocol import ApiError
+from pdserve.serve.errors import ApiError
 from router.request import Request
 
 MODES = ("always", "slo")
@@ -106,8 +106,7 @@ class Admission:
         """The request's first token came back: it no longer waits, and its TTFT timed the rate."""
         with self._lock:
             self._waiting.pop(req.custom_id, None)
-            if "queued" in req.timeline:
-                self.rate.observe(req.timeline["queued"], time.time(), req.prompt_len)
+            self.rate.observe(req.timeline.queued, time.time(), req.prompt_len)
 
     def gone(self, req: Request) -> None:
         with self._lock:

@@ -19,14 +19,17 @@ from typing import Any
 import uvicorn
 
 from engine.config import EngineConfig
-from pdserve.batch.run import model_limits
 from pdserve.observability.dashboard.collector import MetricsCollector
 from pdserve.observability.metrics import SLO
-from pdserve.runtime.cluster import ClusterConfig, start_workers, stop_workers
+from pdserve.openai.limits import model_limits
+from pdserve.runtime.backend import Backend
+from pdserve.runtime.cluster import ClusterConfig
 from pdserve.serve.admission import Admission, AdmissionConfig
-from pdserve.serve.app import AppConfig, build_app
+from pdserve.serve.app import build_app
 from pdserve.serve.loop import ServingLoop
-from router.router import Router, RouterConfig, WorkerSet
+from pdserve.serve.routes import AppConfig
+from proto.workers import WorkerSet
+from router.router import RouterConfig
 
 log = logging.getLogger("pdserve.serve")
 
@@ -46,8 +49,8 @@ class ServeOptions:
 class RunningServer:
     url: str
     loop: ServingLoop
-    workers: WorkerSet | None  # None when serving a deployment's
-    own_workers: bool
+    workers: WorkerSet | None  # the workers served (a deployment's, as its router reported them)
+    backend: Backend
     _uvicorn: Any
     _thread: threading.Thread
 
@@ -55,8 +58,7 @@ class RunningServer:
         self._uvicorn.should_exit = True
         self._thread.join(timeout=30)
         self.loop.stop()
-        if self.own_workers and self.workers is not None:
-            stop_workers(self.workers)
+        self.backend.close()
 
 
 def start_server(engine: EngineConfig, cluster: ClusterConfig, router_config: RouterConfig, options: ServeOptions,
@@ -64,40 +66,33 @@ def start_server(engine: EngineConfig, cluster: ClusterConfig, router_config: Ro
     """Serve until `stop()`. `workers`: serve these running workers (left running at stop)."""
     tokenizer, name, limits = model_limits(engine, options.default_max_tokens, ignore_eos=False)
     collector = MetricsCollector(options.slo, title=f"pdserve serve: {name}")
-    own = workers is None and deployment is None
-    if own:
-        workers = start_workers(engine, cluster)
+    backend = Backend.open(engine, cluster, router_config, deployment, workers)
     try:
-        if deployment:
-            from pdserve.runtime.deployment import RemoteRouter, find
-
-            actor = find(deployment, cluster.address or "auto")
-
-            def make_router(on_finished, on_tokens):
-                return RemoteRouter(actor, on_finished=on_finished, on_tokens=on_tokens)
-        else:
-            def make_router(on_finished, on_tokens):
-                return Router(workers, router_config, on_finished=on_finished,
-                              on_prefill_batch=collector.prefill_batch, on_tokens=on_tokens)
-
-        loop = ServingLoop(make_router, Admission(options.admission, options.slo), collector)
+        loop = ServingLoop(lambda on_finished, on_tokens: backend.make_router(
+            on_finished, on_tokens=on_tokens, on_prefill_batch=collector.prefill_batch),
+            Admission(options.admission, options.slo), collector)
         app = build_app(AppConfig(name, limits, options.api_key, options.request_timeout_s), loop, tokenizer)
-        server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
-                                               lifespan="off", timeout_graceful_shutdown=5))
-        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-        thread.start()
-        while not server.started:
-            if not thread.is_alive():
-                loop.stop()
-                raise OSError(f"could not serve on {options.host}:{options.port} (is the port taken?)")
-            time.sleep(0.05)
+        server, thread = _start_uvicorn(app, options.host, options.port, loop)
     except BaseException:
-        if own:
-            stop_workers(workers)
+        backend.close()
         raise
     port = server.servers[0].sockets[0].getsockname()[1]
-    return RunningServer(f"http://{options.host}:{port}", loop, workers if not deployment else loop.router.workers,
-                         own, server, thread)
+    served = backend.workers if backend.workers is not None else loop.router.workers
+    return RunningServer(f"http://{options.host}:{port}", loop, served, backend, server, thread)
+
+
+def _start_uvicorn(app: Any, host: str, port: int, loop: ServingLoop) -> tuple[uvicorn.Server, threading.Thread]:
+    """uvicorn on its own thread, once it answers; the serving loop is stopped if it cannot."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            loop.stop()
+            raise OSError(f"could not serve on {host}:{port} (is the port taken?)")
+        time.sleep(0.05)
+    return server, thread
 
 
 def serve_forever(engine: EngineConfig, cluster: ClusterConfig, router_config: RouterConfig, options: ServeOptions,

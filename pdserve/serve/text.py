@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pdserve.batch.format import output_text
+from pdserve.openai.responses import output_text
 from router.request import Request
 
 log = logging.getLogger("pdserve.serve")

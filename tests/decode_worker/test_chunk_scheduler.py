@@ -207,10 +207,10 @@ def test_colocated_worker_shares_prefix_blocks_frees_aborts_and_leaks_nothing(ti
         assert prefilled["b"].cached_tokens == 24
         assert again["b"].token_ids == results["a"].token_ids and len(results["a"].token_ids) == 6
         deadline = time.time() + 10
-        while worker.stats()["free_blocks"] != worker.stats()["num_blocks"]:
+        while worker.stats().pool.free_blocks != worker.stats().pool.num_blocks:
             assert time.time() < deadline, worker.stats()
             time.sleep(0.05)
-        assert worker.stats()["running"] == 0 and not worker._held
+        assert worker.stats().running == 0 and not worker.requests
         too_big = ColocatedTask("huge", prompt, SamplingParams(max_tokens=10_000, temperature=0))
         assert worker.submit([too_big]) == ["huge"]
     finally:

@@ -109,18 +109,18 @@ def test_worker_stats_carry_the_phases(tiny_with_tokenizer):
     prompts = {"a": [5, 6, 7, 8, 9], "b": list(range(10, 23))}
     done, _, stats = _decode_in_process(tiny_with_tokenizer, prompts, 8)
     assert all(r.error is None for r in done.values())
-    assert stats["steps"] > 0 and stats["free_blocks"] == stats["num_blocks"]
+    loop = stats.loop
+    assert loop.steps > 0 and stats.pool.free_blocks == stats.pool.num_blocks
     # Row positions: prompt length - 1 at the first step, one more each step after (8 tokens each, the
     # first from prefill: 7 steps per request, both in every step).
-    assert stats["step_rows"] == 14 and stats["step_context_tokens"] == sum(
+    assert loop.step_rows == 14 and stats.step_context_tokens == sum(
         len(p) - 1 + k for p in prompts.values() for k in range(1, 8))
-    assert set(stats["phase_cpu_seconds"]) == STEP_PHASES | {"ingest", "finish"}
-    step_phases = sum(stats["phase_cpu_seconds"][p] for p in STEP_PHASES)
-    assert 0 < step_phases <= stats["step_cpu_seconds"]  # the batcher's laps nest inside the counted steps
-    assert stats["poll_cpu_seconds"] > 0
+    assert set(loop.phase_cpu_seconds) == STEP_PHASES | {"ingest", "finish"}
+    step_phases = sum(loop.phase_cpu_seconds[p] for p in STEP_PHASES)
+    assert 0 < step_phases <= loop.step_cpu_seconds  # the batcher's laps nest inside the counted steps
+    assert loop.poll_cpu_seconds > 0
     if RunQueueClock().read() is not None:
-        assert stats["step_run_queue_seconds"] >= 0
-
+        assert loop.step_run_queue_seconds >= 0
 
 def test_streamed_tokens_are_the_results_tokens_in_order_none_missed(tiny_with_tokenizer):
     """Streaming polls skip the walk over the batch while no step has completed: each request's progress

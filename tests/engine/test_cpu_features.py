@@ -76,12 +76,12 @@ def test_kernel_is_built_into_its_cpu_keyed_folder_and_imported_from_there():
 
 
 def test_status_prints_each_workers_dtype_and_cpu(capsys):
-    from pdserve.cli import _print_status
+    from pdserve.cli.deployment import print_status
 
     line = CpuInfo("Some EPYC", isa_features(AVX2_ONLY), False).describe("float32")
     worker = {"node_ip": "10.0.0.1", "pid": 1, "device": "cpu", "gpu": None, "threads": 2, "dtype": "float32",
               "cpu": line}
-    _print_status({"name": "d", "model": "default", "dtype": "auto", "uptime_s": 1, "in_flight": 0, "queued": 0,
+    print_status({"name": "d", "model": "default", "dtype": "auto", "uptime_s": 1, "in_flight": 0, "queued": 0,
                    "workers": [dict(worker, worker_id="prefill-0"), dict(worker, worker_id="decode-0", num_blocks=8,
                                                                          free_blocks=8, running=0)]})
     out = capsys.readouterr().out

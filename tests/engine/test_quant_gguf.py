@@ -68,6 +68,6 @@ def test_default_model_blocks_match_gguf_and_the_converted_weights(default_model
         assert torch.equal(dequantize(layer.qkv_proj.qw), qkv)
         assert torch.equal(dequantize(layer.o_proj.qw), state[src + "self_attn.o_proj.weight"])
         gate_up = torch.cat([state[src + "mlp.gate_proj.weight"], state[src + "mlp.up_proj.weight"]])
-        assert torch.equal(dequantize(layer.gate_up_proj.qw), gate_up)
-        assert torch.equal(dequantize(layer.down_proj.qw), state[src + "mlp.down_proj.weight"])
+        assert torch.equal(dequantize(layer.mlp.gate_up_proj.qw), gate_up)
+        assert torch.equal(dequantize(layer.mlp.down_proj.qw), state[src + "mlp.down_proj.weight"])
     assert torch.equal(dequantize(model.lm_head.qw), state["model.embed_tokens.weight"])

@@ -85,32 +85,35 @@ def test_store_kv_writes_each_token_to_its_slot_and_skips_padding(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm(dtype, with_residual):
+@pytest.mark.parametrize("norm_kind", ["rms", "rms_unit_offset"])  # the second: Gemma's (1 + w) in float32
+def test_rms_norm(dtype, with_residual, norm_kind):
+    from engine.config import Norm
     from engine.kernels.triton_ops import rms_norm
     from engine.model.llama import RMSNorm
 
     gen = torch.Generator().manual_seed(2)
-    norm = RMSNorm(576, 1e-5)
+    norm = RMSNorm(576, 1e-5, Norm(norm_kind))
     with torch.no_grad():
         norm.weight.copy_(torch.randn(576, generator=gen))
     norm = norm.to(dtype).to(DEVICE)
     x = torch.randn(5, 576, generator=gen).to(dtype).to(DEVICE)
     r = torch.randn(5, 576, generator=gen).to(dtype).to(DEVICE) if with_residual else None
-    out, new_r = rms_norm(x, norm.weight, 1e-5, r)
+    out, new_r = rms_norm(x, norm.weight, 1e-5, r, unit_offset=norm.unit_offset)
     summed = x + r if with_residual else x
     assert torch.equal(new_r, summed)
     assert (out.float() - norm(summed).float()).abs().max().item() < (1e-5 if dtype == torch.float32 else 4e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rope(dtype):
+@pytest.mark.parametrize("rotary", [64, 32])  # 32 of 64: partial rotary (Phi), the other dims pass through
+def test_rope(dtype, rotary):
     from engine.kernels.triton_ops import rope
     from engine.model.rope import apply_rope
 
     gen = torch.Generator().manual_seed(3)
     t, h, kvh, d = 7, 9, 3, 64
-    cos = torch.randn(100, d, generator=gen).to(dtype).to(DEVICE)
-    sin = torch.randn(100, d, generator=gen).to(dtype).to(DEVICE)
+    cos = torch.randn(100, rotary, generator=gen).to(dtype).to(DEVICE)
+    sin = torch.randn(100, rotary, generator=gen).to(dtype).to(DEVICE)
     qkv = torch.randn(t, (h + 2 * kvh) * d, generator=gen).to(dtype).to(DEVICE)
     q, k, _ = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
     q, k = q.view(t, h, d), k.view(t, kvh, d)

@@ -34,8 +34,9 @@ def test_driver_does_not_import_torch(default_model_dir):
     import subprocess
     import sys
 
-    code = ("import sys; from pathlib import Path; import pdserve.cli; from pdserve.batch.run import model_limits; "
-            "import pdserve.runtime.cluster; from engine.config import EngineConfig; "
+    code = ("import sys; from pathlib import Path; import pdserve.cli; import pdserve.batch.run; "
+            "from pdserve.openai.limits import model_limits; import pdserve.runtime.cluster; "
+            "from engine.config import EngineConfig; "
             f"model_limits(EngineConfig(model={str(default_model_dir)!r}, dtype='float32'), 16, False); "
             "print(sorted(m for m in ('torch', 'transformers', 'prefill_worker.worker', 'decode_worker.worker', "
             "'decode_worker.colocated') if m in sys.modules))")

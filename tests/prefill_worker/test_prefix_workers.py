@@ -83,7 +83,7 @@ def test_greedy_outputs_equal_with_caching_on_and_off_and_cached_blocks_are_not_
         prefill, decode = _workers(tiny_with_tokenizer, caching, transport)
         try:
             results[caching] = _run(prefill, decode, batches)
-            assert decode.stats()["running"] == 0
+            assert decode.stats().running == 0
             with decode._lock:
                 decode.blocks.assert_empty()
             if prefill.cache is not None:
@@ -161,7 +161,7 @@ def test_held_admissions_make_blocks_shareable_at_the_next_reservation(tiny_with
         assert decode.admit([held]) == []
         decode.release(["early", "late"])
         deadline = time.time() + 30
-        while decode.stats()["reserved_requests"] and time.time() < deadline:
+        while decode.stats().pool.reserved_requests and time.time() < deadline:
             decode.poll(0.2)
         with decode._lock:
             decode.blocks.assert_empty()

@@ -78,7 +78,9 @@ def test_router_drops_a_dead_workers_entries_from_both_indexes():
     """The router's own fault path (a failed call marks the worker lost): no routing to a stale cache."""
     from engine.kv_cache import KVLayout
     from proto.messages import KVEndpoint
-    from router.router import Router, RouterConfig, WorkerSet
+    from proto.workers import WorkerSet
+    from router.calls import Role
+    from router.router import Router, RouterConfig
 
     layout = KVLayout(2, 64, BS, 1, 8, "float32")
     endpoints = {d: KVEndpoint(d, "n", layout, SALT) for d in ("d0", "d1")}
@@ -89,9 +91,9 @@ def test_router_drops_a_dead_workers_entries_from_both_indexes():
         router.routing.prefill_index.apply(w, KVEvents(stored=keys))
     for w in ("d0", "d1"):
         router.routing.decode_index.apply(w, KVEvents(stored=keys))
-    router._prefill_lost("p0", "prefill worker p0 failed: died")
-    router._decode_lost("d1", "decode worker d1 failed: died")
+    router.worker_lost(Role.PREFILL, "p0", "prefill worker p0 failed: died")
+    router.worker_lost(Role.DECODE, "d1", "decode worker d1 failed: died")
     assert router.routing.prefill_index.overlaps(keys) == {"p1": 3}
     assert router.routing.decode_index.overlaps(keys) == {"d0": 3}
-    router._retire("decode", "d0", "gone")
+    router._retire(Role.DECODE, "d0", "gone")
     assert router.routing.decode_index.overlaps(keys) == {}

@@ -15,6 +15,7 @@ from engine.config import EngineConfig
 from kvtransfer.shm import SEGMENT_PREFIX, SHM_DIR
 from pdserve.batch.run import BatchOptions, run_batch
 from pdserve.runtime.cluster import ClusterConfig
+from router.calls import CallKind
 from router.request import State
 from router.router import RouterConfig
 
@@ -79,7 +80,7 @@ class KillOnce:
             return
         self.done = True
         handle = next(iter(getattr(router.workers, self.role).values()))
-        self.pid = ray.get(handle.where.remote())["pid"]
+        self.pid = ray.get(handle.where.remote()).pid
         ray.kill(handle, no_restart=False)  # Ray restarts it (max_restarts)
 
 
@@ -89,8 +90,8 @@ def decoding(router) -> bool:
 
 def prefilling(router) -> bool:
     """A prefill batch is in flight and an earlier one has already come back."""
-    in_flight = any(c.kind == "prefill" for c in router._calls.values())
-    return in_flight and any(r.state in (State.TRANSFER, State.DECODE) for r in router.active.values())
+    in_flight = any(c.kind == CallKind.PREFILL for c in router._calls.values())
+    return in_flight and any(r.state in (State.ADMITTING, State.DECODE) for r in router.active.values())
 
 
 def test_decode_worker_killed_mid_batch(ray_cluster, tmp_path, reference):
@@ -122,7 +123,7 @@ class WedgeOnce:
         if self.pid is not None or not self.when(router):
             return
         handle = next(iter(getattr(router.workers, self.role).values()))
-        self.pid = ray.get(handle.where.remote())["pid"]
+        self.pid = ray.get(handle.where.remote()).pid
         if self.how == "sigstop":  # the whole process freezes: its calls go unanswered
             os.kill(self.pid, signal.SIGSTOP)
         else:  # the actor answers calls, but its decode loop no longer turns

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pdserve.observability.dashboard.state import LIMIT_WINDOW_S, dashboard_state
 from pdserve.observability.limiting import STAGES, limiting_stage
 from pdserve.observability.metrics import SLO, RequestMetrics, from_record, offered_served, summarize
+from router.request import State
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 _GBPS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50)
@@ -185,12 +186,12 @@ class MetricsCollector:
         import ray
 
         snap = router.snapshot()
-        in_flight = {r.custom_id: q for r in list(router.active.values())
-                     if (q := r.timeline.get("queued")) is not None}
+        in_flight = {r.custom_id: r.timeline.queued for r in list(router.active.values())}
         workers = {}
         try:
             stats = ray.get([h.stats.remote() for h in router.workers.decode.values()], timeout=5)
-            workers = {s["worker_id"]: s for s in stats}
+            workers = {s.worker_id: {"worker_id": s.worker_id, "num_blocks": s.pool.num_blocks,
+                                     "free_blocks": s.pool.free_blocks, "running": s.running} for s in stats}
         except Exception:  # a worker restarting: keep the last figures
             workers = self._live.get("decode_workers", {})
         with self._lock:
@@ -199,8 +200,8 @@ class MetricsCollector:
             # a request recorded while we waited for the workers' stats is finished, not in flight
             self._in_flight = {cid: q for cid, q in in_flight.items() if cid not in self._recorded}
             self._summary_stale = True
-            for state in ("queued", "prefill", "transfer", "decode"):
-                self.prom.in_state.labels(state).set(snap["states"].get(state, 0))
+            for state in (State.QUEUED, State.PREFILL, State.ADMITTING, State.DECODE):
+                self.prom.in_state.labels(state.value).set(snap["states"].get(state.value, 0))
             for bucket, depth in snap["queue_depth"].items():
                 self.prom.queue_depth.labels(bucket).set(depth)
             for wid, s in workers.items():

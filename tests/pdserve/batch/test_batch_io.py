@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from pdserve.batch.format import BatchLimits, iter_lines, output_text, parse_line
+from pdserve.batch.format import iter_lines, parse_line
+from pdserve.openai.limits import ModelLimits
+from pdserve.openai.responses import output_text
 
-LIMITS = BatchLimits(max_context=8192, model_names=("SmolLM2-135M-Instruct",), default_max_tokens=64,
-                     max_line_bytes=4096)
+LIMITS = ModelLimits(max_context=8192, model_names=("SmolLM2-135M-Instruct",), default_max_tokens=64)
 
 
 def line(body=None, **top):
@@ -21,7 +22,7 @@ def line(body=None, **top):
 
 
 def parse(raw, seen=None):
-    return parse_line(1, raw, TOKENIZER, LIMITS, set() if seen is None else seen)
+    return parse_line(1, raw, TOKENIZER, LIMITS, set() if seen is None else seen, max_line_bytes=4096)
 
 
 @pytest.fixture(autouse=True)

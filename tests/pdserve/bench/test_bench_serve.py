@@ -240,7 +240,7 @@ def _nearest_rank(values: list[float], q: int) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("front_end", ["openai", "direct"])
 def test_bench_serve_quick_end_to_end(ray_cluster, tmp_path, capsys, monkeypatch, front_end):
-    from pdserve.bench.serve_command import colocated_threads, worker_threads
+    from pdserve.bench.serve_plan import colocated_threads, worker_threads
     from pdserve.cli import build_parser, cluster_config, engine_config, main, router_config
     from pdserve.plan.check import predicted_sustained_colocated
     from pdserve.plan.simulate import RouterPolicy

@@ -11,6 +11,7 @@ import pytest
 from pdserve.observability.dashboard.collector import METRIC_NAMES, MetricsCollector
 from pdserve.observability.dashboard.state import dashboard_state
 from pdserve.observability.metrics import SLO, from_record, goodput_series, percentile, summarize
+from router.request import Timeline
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -140,7 +141,7 @@ def test_a_request_finishing_during_refresh_counts_once_in_the_offered_rate():
 
     router = SimpleNamespace(
         snapshot=lambda: {"states": {"decode": 1}, "queue_depth": {}},
-        active={"r-a": SimpleNamespace(custom_id="a", timeline={"queued": 100.0})},
+        active={"r-a": SimpleNamespace(custom_id="a", timeline=Timeline(queued=100.0))},
         workers=SimpleNamespace(decode={"decode-0": FinishesWhileAsked()}))
     collector.refresh(router, every_s=0)
     text = collector.prometheus().decode()

@@ -4,20 +4,21 @@ summary's hit rate, the metrics summary and Prometheus."""
 from __future__ import annotations
 
 from engine.config import SamplingParams
-from pdserve.batch.format import success_record
 from pdserve.batch.run import BatchSummary
 from pdserve.observability.dashboard.collector import MetricsCollector
 from pdserve.observability.metrics import SLO, from_record, summarize
+from pdserve.openai.records import success_record
 from router.request import Request, State
 
 
 def _done(rid: str, prompt: int, cached: int) -> Request:
     req = Request(rid, rid, 1, "completion", list(range(prompt)), SamplingParams(max_tokens=2, temperature=0))
-    for state in (State.PREFILL, State.TRANSFER, State.DECODE, State.DONE):
+    for state in (State.PREFILL, State.ADMITTING, State.DECODE, State.DONE):
         req.move(state)
     req.cached_tokens = cached
     req.output_token_ids, req.finish_reason = [5, 6], "length"
-    req.timeline.update(prefill_start=1.0, prefill_end=2.0, first_token=2.0, finish=3.0)
+    req.timeline.prefill_start, req.timeline.prefill_end, req.timeline.first_token = 1.0, 2.0, 2.0
+    req.timeline.finish = 3.0
     return req
 
 

@@ -13,8 +13,8 @@ from pdserve.bench.specdec import generate
 from pdserve.observability.dashboard.collector import MetricsCollector
 from pdserve.observability.dashboard.state import dashboard_state
 from pdserve.observability.metrics import SLO, from_record, summarize
-from tests.pdserve.observability.test_metrics import record
 from tests.engine.test_specdec_engine import _prompts, _runner
+from tests.pdserve.observability.test_metrics import record
 
 
 class ByRequestDrafter:

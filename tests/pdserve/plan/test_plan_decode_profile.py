@@ -8,7 +8,8 @@ import torch
 
 from engine.config import EngineConfig
 from engine.runner import ModelRunner
-from pdserve.plan.profile import _decode_time, decode_step_inputs
+from pdserve.plan.decode_inputs import decode_step_inputs
+from pdserve.plan.profile import _decode_time
 
 
 @pytest.fixture(scope="module")

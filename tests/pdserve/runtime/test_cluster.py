@@ -42,7 +42,7 @@ MULTI_NODE = textwrap.dedent("""
         if not seen:
             for role, handles in (("prefill", router.workers.prefill), ("decode", router.workers.decode)):
                 for h in handles.values():
-                    seen[role] = ray.get(h.where.remote())["node_id"]
+                    seen[role] = ray.get(h.where.remote()).node_id
 
     summary = run_batch(Path(sys.argv[1]), Path(sys.argv[2]),
                         EngineConfig(dtype="float32", device="cpu", kv_cache_gib=0.25), config, RouterConfig(),

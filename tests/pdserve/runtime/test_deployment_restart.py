@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from engine.config import EngineConfig, SamplingParams
-from pdserve.batch.run import leaked_blocks
+from pdserve.runtime.backend import leaked_blocks
 from pdserve.runtime.cluster import ClusterConfig
 from pdserve.runtime.deployment import DeploymentSpec, RemoteRouter, deploy, teardown
 from proto.messages import Reservation
@@ -88,7 +88,7 @@ def test_killed_router_restarts_reattaches_and_requeues(ray_cluster, tiny_with_t
             time.sleep(0.2)
         assert leaked_blocks(client.workers) == 0
         stats = ray.get([h.stats.remote() for h in client.workers.decode.values()], timeout=60)
-        assert all(s["reserved_requests"] == 0 and s["running"] == 0 for s in stats), stats
+        assert all(s.pool.reserved_requests == 0 and s.running == 0 for s in stats), stats
 
         # A router that does not come back: every request fails with a clear error, none hangs.
         client, finished, _, in_flight = _serve(actor, kill_after_first_token=True, restart=False)

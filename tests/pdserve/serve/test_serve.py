@@ -12,8 +12,9 @@ import openai
 import pytest
 
 from engine.config import EngineConfig
-from pdserve.batch.run import BatchOptions, leaked_blocks, run_batch
+from pdserve.batch.run import BatchOptions, run_batch
 from pdserve.observability.dashboard.collector import METRIC_NAMES
+from pdserve.runtime.backend import leaked_blocks
 from pdserve.runtime.cluster import ClusterConfig
 from pdserve.serve.server import ServeOptions, start_server
 from router.router import RouterConfig

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import EngineConfig
-from pdserve.batch.run import leaked_blocks
+from pdserve.runtime.backend import leaked_blocks
 from pdserve.runtime.cluster import ClusterConfig, start_workers, stop_workers
 from pdserve.serve.admission import AdmissionConfig
 from pdserve.serve.server import ServeOptions, start_server

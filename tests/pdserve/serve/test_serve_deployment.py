@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from engine.config import EngineConfig
-from pdserve.batch.run import leaked_blocks
+from pdserve.runtime.backend import leaked_blocks
 from pdserve.runtime.cluster import ClusterConfig
 from pdserve.runtime.deployment import DeploymentSpec, deploy, teardown
 from pdserve.serve.server import ServeOptions, start_server

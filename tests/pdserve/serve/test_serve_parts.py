@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from engine.config import SamplingParams
-from pdserve.batch.format import output_text
 from pdserve.observability.metrics import SLO
+from pdserve.openai.responses import output_text
 from pdserve.serve.admission import Admission, AdmissionConfig, PrefillRate
-from pdserve.serve.protocol import ApiError
+from pdserve.serve.errors import ApiError
 from pdserve.serve.text import TextStream, _held_back
 from router.request import Request
 

@@ -1,4 +1,5 @@
-"""`pdserve bench serve`'s arguments and command (pdserve/cli.py registers them)."""
+"""`pdserve bench serve`: SLO attainment and goodput against the request rate, PD against colocated
+(pdserve/bench/serve.py runs it; pdserve/bench/serve_plan.py sets `pdserve plan`'s prediction beside it)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import argparse
 import os
 from pathlib import Path
 
+from pdserve.cli import flags
+
 
 def add_parser(bench) -> None:
-    from pdserve.cli import _cluster_args, _engine_args
     from pdserve.observability.metrics import SLO
 
     p = bench.add_parser("serve", help="SLO attainment and goodput vs request rate, PD against colocated",
@@ -49,8 +51,8 @@ def add_parser(bench) -> None:
     o.add_argument("--report", default="bench_serve.html", help="the HTML report written here")
     o.add_argument("--json", default=None, help="also write the full report here")
     o.add_argument("--quick", action="store_true", help="a few short requests at two low rates: checks it runs")
-    _engine_args(p)
-    _cluster_args(p)
+    flags.engine_args(p)
+    flags.cluster_args(p)
     p.set_defaults(func=cmd_bench_serve, online_router=True)
 
 
@@ -90,45 +92,16 @@ def bench_from_args(args: argparse.Namespace):
     return bench
 
 
-def worker_threads(cluster) -> int:
-    """The torch threads a prefill worker of `cluster` runs with (as start_workers picks them, locally)."""
-    return (cluster.prefill_threads or int(cluster.prefill.num_cpus)
-            or max(1, (os.cpu_count() or 1) // max(cluster.num_prefill, cluster.num_decode)))
-
-
-def measure_profile(engine, threads: int, bench, quick: bool):
-    """`pdserve plan`'s profile at sizes that cover the benchmark's requests (fewer sizes than plan's own,
-    as it runs in the same command, but more repeats: each point is the fastest of them, and on a
-    shared machine the fixed decode cost fitted from two repeats varied 2x between runs minutes apart)."""
-    from dataclasses import replace
-
-    from engine.cpu_features import CpuInfo
-    from engine.runner import ModelRunner
-    from pdserve.plan.profile import QUICK_SIZES, ProfileSizes, measure
-
-    w = bench.workload
-    sizes = QUICK_SIZES if quick else ProfileSizes(
-        prefill_tokens=tuple(sorted({min(32, w.max_prompt), max(w.min_prompt, w.max_prompt // 4), w.max_prompt})),
-        prefill_packed=((4, 64), (16, 64)),  # calls under load pack several prompts
-        decode_batches=tuple(b for b in (1, 8, 32, 64) if b <= max(32, engine.max_num_seqs)),
-        decode_contexts=(max(1, w.min_prompt), w.max_prompt + w.max_output), repeats=5)
-    runner = ModelRunner(replace(engine, num_threads=threads))
-    cfg = runner.config
-    where = CpuInfo.here().describe() if cfg.device == "cpu" else cfg.device
-    # The benchmarked workers share this node: time each stage beside a busy neighbour too.
-    return measure(runner, sizes, threads, f"{runner.folder.name} {cfg.dtype} on {where}", neighbour=True)
-
-
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     import json
 
     from engine.cpu_features import CpuInfo
     from pdserve.bench.serve import run
+    from pdserve.bench.serve_plan import measure_profile, plan_vs_measured, worker_threads
     from pdserve.bench.serve_report import render_html, render_table
-    from pdserve.cli import cluster_config, engine_config, router_config
 
     bench = bench_from_args(args)
-    engine, cluster = engine_config(args), cluster_config(args)
+    engine, cluster = flags.engine_config(args), flags.cluster_config(args)
     machine = (f"{CpuInfo.here().describe(f'auto -> {engine.resolved().dtype}')}; {os.cpu_count()} cores, "
                f"load average {os.getloadavg()[0]:.1f} at the start")  # a shared machine's timings say so
     print(machine)
@@ -141,7 +114,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                    else measure_profile(engine, worker_threads(cluster), bench, args.quick))
         if args.profile_out:
             profile.save(Path(args.profile_out))
-    router = router_config(args, engine)
+    router = flags.router_config(args, engine)
     report = run(bench, engine, cluster, router)
     report["machine"] = f"{machine}, {os.getloadavg()[0]:.1f} at the end"
     if profile is not None:
@@ -153,72 +126,3 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2))
     failed = [m for m, r in report["modes"].items() if "error" in r]
     return 1 if failed else 0
-
-
-def colocated_threads(cluster) -> int:
-    """The torch threads a colocated worker runs with: the decode role's, as start_workers picks them."""
-    return (cluster.decode_threads or int(cluster.decode.num_cpus)
-            or max(1, (os.cpu_count() or 1) // cluster.num_colocated))
-
-
-def plan_vs_measured(profile, report: dict, cluster, engine, router) -> dict:
-    """`pdserve plan`'s rate at the target for the pd configuration benchmarked (its router's batching
-    included), against the measured one; the same for the colocated configuration when it ran."""
-    from pdserve.observability.metrics import SLO
-    from pdserve.plan.check import predicted_sustained, predicted_sustained_colocated
-    from pdserve.plan.model import Config
-    from pdserve.plan.report import describe_profile
-    from pdserve.plan.simulate import RouterPolicy
-
-    config = Config(cluster.num_prefill, cluster.num_decode, engine.max_num_seqs)
-    threads, policy = worker_threads(cluster), RouterPolicy.of(router)
-    lengths, slo = [tuple(x) for x in report["lengths"]], SLO(**report["slo"])
-    cv = report["arrival"]["cv"] if report["arrival"]["process"] == "gamma" else 1.0
-    pd = report["modes"].get("pd", {})
-    predicted = predicted_sustained(profile, lengths, slo, config, threads, report["target"], policy=policy, cv=cv,
-                                    cached_tokens=cached_per_request(pd), front_end_cpu_s=front_end_cpu_per_request(pd))
-    out = {"config": f"{config.prefill_workers}P+{config.decode_workers}D, max batch {config.max_batch}, "
-                     f"{threads} threads each", "profile": describe_profile(profile),
-           "cached_prompt_tokens": cached_per_request(pd), "front_end_cpu_ms": 1e3 * front_end_cpu_per_request(pd),
-           **_against(predicted, pd, "pd")}
-    if "colocated" in report["modes"]:
-        colo_threads = colocated_threads(cluster)
-        colo = predicted_sustained_colocated(profile, lengths, slo, cluster.num_colocated, engine.max_num_seqs,
-                                             cluster.max_num_batched_tokens, colo_threads, report["target"],
-                                             policy=policy, cv=cv,
-                                             cached_tokens=cached_per_request(report["modes"]["colocated"]),
-                                             front_end_cpu_s=front_end_cpu_per_request(report["modes"]["colocated"]))
-        out["colocated"] = {"config": f"{cluster.num_colocated} colocated workers, max batch {engine.max_num_seqs}, "
-                                      f"{colo_threads} threads each",
-                            "cached_prompt_tokens": cached_per_request(report["modes"]["colocated"]),
-                            "front_end_cpu_ms": 1e3 * front_end_cpu_per_request(report["modes"]["colocated"]),
-                            **_against(colo, report["modes"]["colocated"], "colocated")}
-    return out
-
-
-def cached_per_request(mode_report: dict) -> float:
-    """Prompt tokens per completed request the mode's server found in its prefix cache (the chat
-    template's system prompt and a shared instruction): the planner does not compute or send them."""
-    return _per_request(mode_report, "cached_prompt_tokens", "completed")
-
-
-def front_end_cpu_per_request(mode_report: dict) -> float:
-    """CPU seconds per request the benchmark process spent (router, HTTP server, client) beside the workers
-    on the same cores: the planner takes them from the workers' share."""
-    return _per_request(mode_report, "front_end_cpu_s", "requests")
-
-
-def _per_request(mode_report: dict, key: str, per: str) -> float:
-    """A rate counter summed over the mode's rates, over their `per` counts summed."""
-    rates = mode_report.get("rates", [])
-    n = sum(r[per] for r in rates)
-    return sum(r.get(key, 0) for r in rates) / n if n else 0.0
-
-
-def _against(predicted: float, measured: dict, mode: str) -> dict:
-    from pdserve.plan.check import compare
-
-    if "sustained" not in measured:
-        return {"predicted_rps": predicted, "measured_rps": None, "relative_error": None,
-                "verdict": f"{mode} was not measured"}
-    return compare(predicted, measured["sustained"])

@@ -1,4 +1,4 @@
-"""`pdserve plan`'s arguments and command (pdserve/cli.py registers them)."""
+"""`pdserve plan`: recommend prefill/decode worker counts and the max decode batch for a workload."""
 
 from __future__ import annotations
 
