@@ -73,6 +73,15 @@ def test_compiled_loop_writes_the_eager_loops_tokens(tiny_models, dtype, kv_cach
     assert decode_all(runner, compiled=True) == decode_all(runner, compiled=False)
 
 
+@pytest.mark.parametrize("arch", ["mistral-sw", "qwen2-sw"])
+def test_compiled_loop_with_sliding_windows(tiny_models, arch):
+    """Window 16 (Mistral: every layer; Qwen2: layer 1 only) with outputs past it: the compiled loop writes the
+    eager loop's tokens (the eager forward equals transformers': tests/engine/test_model_families.py)."""
+    runner = ModelRunner(EngineConfig(model=str(tiny_models[arch]), dtype="float32", device="cpu", block_size=4,
+                                      num_threads=1))
+    assert decode_all(runner, compiled=True) == decode_all(runner, compiled=False)
+
+
 @pytest.mark.parametrize("speculative", ["ngram", "layers:1"])
 def test_compiled_plain_steps_under_speculative_decoding(tiny_models, speculative):
     runner = ModelRunner(EngineConfig(model=str(tiny_models["llama"]), dtype="float32", device="cpu", block_size=4,

@@ -18,6 +18,7 @@ from engine.compiled_step import compile_decode_step
 from engine.config import EngineConfig
 from engine.kernels import cpu_kernels
 from engine.kv_cache import KVPool
+from engine.kv_window import NO_BLOCK, blocks_before_window
 from engine.model.ops import Rotary, torch_rms_norm, torch_rope, torch_silu_mul
 from engine.model.rope import rope_tables
 from engine.runner import ModelRunner
@@ -161,6 +162,50 @@ def test_compiled_step_equals_the_eager_step_bit_for_bit(tiny_models, arch, dtyp
         compiled = step.run(compiled_pool, tokens, positions, tables)
         assert torch.equal(compiled, eager), f"batch {batch}: logits differ"
         assert torch.equal(compiled_pool.buffer, eager_pool.buffer), f"batch {batch}: KV writes differ"
+
+
+@pytest.mark.parametrize("arch", ["mistral-sw", "qwen2-sw", "qwen2-sw-all", "phi3-longrope"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_step_runs_windows_exactly(tiny_models, arch, dtype):
+    """Sliding windows (window 16, contexts to 72): each layer's window, per layer where they differ (qwen2-sw:
+    layer 0 global). Where every layer is windowed, the blocks before the window are -1 in the tables and NaN in
+    the pool: read, they would poison the logits. Logits and KV writes equal the eager step's bit for bit."""
+    runner = ModelRunner(EngineConfig(model=str(tiny_models[arch]), dtype=dtype, device="cpu", block_size=8))
+    step = compile_decode_step(runner)
+    assert step is not None
+    window = runner.kv_layout().kv_window
+    assert (window is not None) == (arch in ("mistral-sw", "qwen2-sw-all")), window
+    for batch in (1, 4):
+        eager_pool = _random_pool(runner, 80, seed=batch)
+        g = torch.Generator().manual_seed(10 + batch)
+        tables = torch.randperm(80, generator=g)[: batch * 9].view(batch, 9).to(torch.int32)
+        positions = torch.tensor([71, 40, 15, 17][:batch])
+        for row, p in enumerate(positions.tolist()):
+            dead = blocks_before_window(p, window, 8)
+            eager_pool.tensor[:, :, tables[row, :dead].long()] = float("nan")
+            tables[row, :dead] = NO_BLOCK
+        compiled_pool = KVPool(eager_pool.layout, eager_pool.buffer.clone())
+        tokens = torch.randint(0, runner.arch.vocab_size, (batch,), generator=g)
+        eager = runner.decode(eager_pool, tokens, positions, tables)
+        compiled = step.run(compiled_pool, tokens, positions, tables)
+        assert not compiled.isnan().any()
+        assert torch.equal(compiled, eager), f"batch {batch}: logits differ"
+        assert torch.equal(compiled_pool.buffer, eager_pool.buffer), f"batch {batch}: KV writes differ"
+
+
+@pytest.mark.parametrize("arch,reason", [("gemma2", "gemma2: rms_unit_offset norms"),
+                                         ("gemma3", "gemma3_text: rms_unit_offset norms"),
+                                         ("phi3", "phi3: partial rotary (8 of 16 dims)")])
+def test_families_it_cannot_run_exactly_are_refused_and_run_eagerly(tiny_models, caplog, arch, reason):
+    """Gemma's (1 + w) norms, softcapped logits and GeGLU, Phi-3's partial rotary: refused at load with one log
+    line naming the feature; the batcher then runs the eager step (its forward is tested against transformers
+    in tests/engine/test_model_families.py)."""
+    runner = ModelRunner(EngineConfig(model=str(tiny_models[arch]), dtype="float32", device="cpu"))
+    assert runner.backend.name == "cpu"
+    with caplog.at_level(logging.INFO, logger="pdserve.compiled_step"):
+        assert runner.compiled_step is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and messages[0].startswith(f"decode step runs eagerly: {reason}"), messages
 
 
 def test_refusals_run_eagerly_and_say_why(tiny_models, caplog, monkeypatch):
