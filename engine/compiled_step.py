@@ -165,6 +165,17 @@ class CompiledDecodeStep:
             raise ValueError("the compiled step needs a uniform KV layout (one [L, 2, NB, BS, KVH, D] pool)")
         return self._step.forward(tokens, positions, block_tables, pool.tensor, pool.scales)
 
+    def set_profiling(self, on: bool) -> None:
+        """Time each op of the following steps (off: nothing is timed); the sums restart from zero."""
+        self._step.set_profiling(on)
+
+    def op_times(self) -> tuple[int, dict[str, tuple[float, float]]]:
+        """(profiled steps, {op: (wall s, calling-thread CPU s)} summed over them). At one torch thread the CPU
+        time is the op's own work, whatever else the machine runs."""
+        times = dict(self._step.op_times())
+        steps = int(times.pop("steps"))
+        return steps, {name: (float(wall), float(cpu)) for name, (wall, cpu) in times.items()}
+
     def run_rows(self, pool: KVPool, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
         """As `run`, from host lists (a colocated worker's decode-only step); tables of any lengths."""
         width = max(len(t) for t in tables)

@@ -24,8 +24,10 @@
 // length p + 1), so the caller passes only the decode state's rows.
 #include <torch/extension.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/record_function.h>
 #include <c10/core/InferenceMode.h>
+#include <array>
+#include <chrono>
+#include <ctime>
 #include <vector>
 
 #include "fused_ops_cpu.h"
@@ -58,6 +60,44 @@ struct AttentionSpec {
   int64_t window;     // sliding window (0: every position)
   double softcap;     // logit softcap (0: none)
   Tensor cos, sin;    // the layer's RoPE table [max_pos, D]
+};
+
+// Per-op time of profiled steps (DecodeStep.set_profiling): wall and calling-thread CPU seconds, summed. At one
+// torch thread all of an op runs on the calling thread, so its CPU time is the op's work, whatever else runs.
+enum Op { kEmbed, kNorm, kQkv, kRopeStore, kAttention, kOProj, kGateUp, kSiluMul, kDown, kLmHead, kNumOps };
+constexpr const char* kOpNames[kNumOps] = {"embed", "rms_norm", "qkv_proj", "rope_store_kv", "attention", "o_proj",
+                                           "gate_up_proj", "silu_mul", "down_proj", "lm_head"};
+
+struct OpTimes {
+  std::array<double, kNumOps> wall{}, cpu{};
+  int64_t steps = 0;
+};
+
+inline double thread_cpu_s() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// Adds the scope's time to `times` (nothing when it is null: profiling off costs a branch).
+class OpScope {
+ public:
+  OpScope(OpTimes* times, Op op) : times_(times), op_(op) {
+    if (times_ == nullptr) return;
+    wall0_ = std::chrono::steady_clock::now();
+    cpu0_ = thread_cpu_s();
+  }
+  ~OpScope() {
+    if (times_ == nullptr) return;
+    times_->wall[op_] += std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0_).count();
+    times_->cpu[op_] += thread_cpu_s() - cpu0_;
+  }
+
+ private:
+  OpTimes* times_;
+  Op op_;
+  std::chrono::steady_clock::time_point wall0_;
+  double cpu0_ = 0;
 };
 
 struct Layer {
@@ -99,21 +139,38 @@ class DecodeStep {
     TORCH_CHECK(!int8_kv || (scales.has_value() && scales->is_contiguous()), "an int8 pool needs its scales");
     const Tensor pos = positions.to(at::kLong).contiguous(), tables = block_tables.to(at::kLong).contiguous();
     const auto [slots, lens] = slots_and_lens(pos, tables, pool.size(3));
-    Tensor x = at::embedding(embed_, tokens), res;
+    OpTimes* times = profiling_ ? &times_ : nullptr;
+    Tensor x, res, h, out;
+    timed(times, kEmbed, [&] { x = at::embedding(embed_, tokens); });
     for (int64_t l = 0; l < num_layers(); ++l) {
       const Layer& L = layers_[l];
-      Tensor h;
-      std::tie(h, res) = norm(x, res, L.input_norm);
-      const Tensor attn = attention(l, L, L.qkv(h), pos, slots, tables, lens, pool, scales);
-      std::tie(h, res) = norm(L.o(attn.view({B, H_ * D_})), res, L.post_norm);
-      Tensor act;
-      {
-        RECORD_FUNCTION("pdserve::silu_mul", std::vector<c10::IValue>());
-        act = pdserve_fused::silu_mul(L.gate_up(h));
-      }
-      x = L.down(act);
+      timed(times, kNorm, [&] { std::tie(h, res) = norm(x, res, L.input_norm); });
+      timed(times, kQkv, [&] { out = L.qkv(h); });
+      const Tensor attn = attention(l, L, out, pos, slots, tables, lens, pool, scales, times);
+      timed(times, kOProj, [&] { out = L.o(attn.view({B, H_ * D_})); });
+      timed(times, kNorm, [&] { std::tie(h, res) = norm(out, res, L.post_norm); });
+      timed(times, kGateUp, [&] { out = L.gate_up(h); });
+      timed(times, kSiluMul, [&] { out = pdserve_fused::silu_mul(out); });
+      timed(times, kDown, [&] { x = L.down(out); });
     }
-    return lm_head_(std::get<0>(norm(x, res, final_norm_))).to(at::kFloat);
+    timed(times, kNorm, [&] { h = std::get<0>(norm(x, res, final_norm_)); });
+    timed(times, kLmHead, [&] { out = lm_head_(h).to(at::kFloat); });
+    if (times != nullptr) ++times->steps;
+    return out;
+  }
+
+  // Profiling on: op times are summed from the next step on (from zero); off: nothing is timed.
+  void set_profiling(bool on) {
+    profiling_ = on;
+    times_ = OpTimes{};
+  }
+
+  // {op: (wall s, thread CPU s)} summed over the profiled steps, and "steps": their number.
+  pybind11::dict op_times() const {
+    pybind11::dict out;
+    for (int op = 0; op < kNumOps; ++op) out[kOpNames[op]] = pybind11::make_tuple(times_.wall[op], times_.cpu[op]);
+    out["steps"] = times_.steps;
+    return out;
   }
 
  private:
@@ -129,14 +186,20 @@ class DecodeStep {
     return {slots, lens};
   }
 
+  template <typename F>
+  static void timed(OpTimes* times, Op op, F&& fn) {
+    OpScope scope(times, op);
+    fn();
+  }
+
   std::tuple<Tensor, Tensor> norm(const Tensor& x, const Tensor& res, const Tensor& w) const {
-    RECORD_FUNCTION("pdserve::add_rms_norm", std::vector<c10::IValue>());
     return add_rms_norm(x, res.defined() ? c10::optional<Tensor>(res) : c10::nullopt, w, eps_);
   }
 
   // qkv [B, (H + 2 KVH) D] -> attention output [B, H, D]; this row's K/V are stored first.
   Tensor attention(int64_t l, const Layer& L, const Tensor& qkv, const Tensor& pos, const Tensor& slots,
-                   const Tensor& tables, const Tensor& lens, const Tensor& pool, const c10::optional<Tensor>& scales) const {
+                   const Tensor& tables, const Tensor& lens, const Tensor& pool, const c10::optional<Tensor>& scales,
+                   OpTimes* times) const {
     const int64_t B = qkv.size(0);
     Tensor q = qkv.narrow(1, 0, H_ * D_).view({B, H_, D_});
     Tensor k = qkv.narrow(1, H_ * D_, KVH_ * D_).view({B, KVH_, D_});
@@ -151,16 +214,17 @@ class DecodeStep {
       k_scale = scales->select(0, l).select(0, 0);
       v_scale = scales->select(0, l).select(0, 1);
     }
-    Tensor q_rot, k_rot;
-    {
-      RECORD_FUNCTION("pdserve::rope_store_kv", std::vector<c10::IValue>());
+    Tensor q_rot, k_rot, out;
+    timed(times, kRopeStore, [&] {
       std::tie(q_rot, k_rot) = pdserve_fused::rope(q, k, L.attn.cos, L.attn.sin, pos);
       store(k_rot, k.size(0), k_cache, k_scale, slots);
       store(v, B, v_cache, v_scale, slots);
-    }
-    RECORD_FUNCTION("pdserve::paged_decode_attention", std::vector<c10::IValue>());
-    return pdserve_attention::paged_decode_attention(q_rot, k_cache, v_cache, tables, lens, L.attn.scale, k_scale,
-                                                     v_scale, L.attn.window, L.attn.softcap);
+    });
+    timed(times, kAttention, [&] {
+      out = pdserve_attention::paged_decode_attention(q_rot, k_cache, v_cache, tables, lens, L.attn.scale, k_scale,
+                                                      v_scale, L.attn.window, L.attn.softcap);
+    });
+    return out;
   }
 
   void store(const Tensor& rows, int64_t B, const Tensor& cache, const c10::optional<Tensor>& scale,
@@ -176,6 +240,8 @@ class DecodeStep {
   int64_t H_, KVH_, D_;
   double eps_;  // RMSNorm epsilon
   std::vector<Layer> layers_;
+  bool profiling_ = false;
+  mutable OpTimes times_;
 };
 
 // k, v [T, KVH, D] (views allowed) into one layer's caches [NB, BS, KVH, D] at flat slots (< 0: skipped);
@@ -228,6 +294,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("packed"), py::arg("scale"), py::arg("window"), py::arg("softcap"), py::arg("rope_cos"),
            py::arg("rope_sin"))
       .def_property_readonly("num_layers", &DecodeStep::num_layers)
+      .def("set_profiling", &DecodeStep::set_profiling, py::arg("on"))
+      .def("op_times", &DecodeStep::op_times)
       .def("forward", &DecodeStep::forward, py::arg("tokens"), py::arg("positions"), py::arg("block_tables"),
            py::arg("pool"), py::arg("scales") = py::none(), release());
 }

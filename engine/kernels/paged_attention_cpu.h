@@ -62,19 +62,18 @@ void stage_rows(const KV* src, const float* scales, int64_t count, int64_t KVH, 
 }
 
 // Scores of GT query heads sharing kv head g against `count` (<= 16) staged rows:
-// scores[j * 16 + i] = q_j . k_i. The queries stay in registers; rows [count, KVH, C * 16].
+// scores[j * 16 + i] = q_j . k_i (lanes past `count`: whatever the staging buffer held, masked by the caller).
+// Per head, all 16 rows advance one vector at a time (16 independent FMA chains in registers, each in d order),
+// then are reduced together (hsum16: one vector of scores, no horizontal sum per row); rows [16, KVH, C * 16].
 template <int C, int GT>
-void score_tile(const float* qf, const float* rows, int64_t count, int64_t KVH, int64_t g, float* scores) {
-  f32x16 q[GT][C];
-  for (int j = 0; j < GT; ++j)
-    for (int c = 0; c < C; ++c) q[j][c] = loadu(qf + (j * C + c) * W);
-  for (int64_t i = 0; i < count; ++i) {
-    const float* k = rows + (i * KVH + g) * C * W;
-    for (int j = 0; j < GT; ++j) {
-      f32x16 acc = {};
-      for (int c = 0; c < C; ++c) acc = fmadd(q[j][c], loadu(k + c * W), acc);
-      scores[j * W + i] = hsum(acc);
+void score_tile(const float* qf, const float* rows, int64_t /*count*/, int64_t KVH, int64_t g, float* scores) {
+  for (int j = 0; j < GT; ++j) {
+    f32x16 acc[W] = {};
+    for (int c = 0; c < C; ++c) {
+      const f32x16 q = loadu(qf + (j * C + c) * W);
+      for (int i = 0; i < W; ++i) acc[i] = fmadd(q, loadu(rows + (i * KVH + g) * C * W + c * W), acc[i]);
     }
+    storeu(scores + j * W, hsum16(acc));
   }
 }
 

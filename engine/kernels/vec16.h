@@ -23,7 +23,8 @@ typedef int8_t i8x16 __attribute__((vector_size(16)));
 
 constexpr int64_t W = 16;
 
-inline f32x16 splat(float v) { return f32x16{} + v; }
+// v in every lane (a broadcast: `f32x16{} + v` would be an add, 0 + v, before it without -ffast-math).
+inline f32x16 splat(float v) { return f32x16{v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
 
 inline f32x16 lane_index() { return f32x16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }
 
@@ -39,6 +40,10 @@ inline void storeu(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
 inline f32x16 widen(const float* p, float /*scale*/) { return loadu(p); }
 
 inline f32x16 widen(const c10::BFloat16* p, float /*scale*/) {
+#if defined(__AVX512F__)  // one zero-extending load (GCC splits the generic one into two 8-lane halves)
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (f32x16)_mm512_slli_epi32(wide, 16);
+#endif
   u16x16 h;
   std::memcpy(&h, p, sizeof h);
   return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
@@ -87,6 +92,24 @@ inline float hsum(f32x16 v) {  // lanes j + (j + 8), then + (j + 4), + (j + 2), 
   const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   const f32x2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
   return c[0] + c[1];
+}
+
+// Sums of 16 vectors at once: lane i of the result is hsum(v[i]), added in hsum's tree (lanes j + (j + 8), then
+// + (j + 4), + (j + 2), + (j + 1): the same bits), but transposed: each level adds two vectors' halves
+// side by side, 15 adds and 30 two-source shuffles instead of 16 horizontal sums and scalar stores.
+inline f32x16 hsum16(const f32x16* v) {
+  f32x16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // [x8 | y8]: x_j + x_{j+8}
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // [x4 | y4 | z4 | w4]: + (j + 4)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // eight tokens, 2 lanes each: + (j + 2)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 // exp, lane by lane: the same operations as pdserve_fused::exp_f, so the same bits.

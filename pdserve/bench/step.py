@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -111,6 +112,7 @@ class StepRow:
     vllm_wall_s: float | None = None
     inductor_s: float | None = None  # with --inductor
     inductor_compile_s: float | None = None  # that bucket's compile at start
+    ops_s: dict[str, float] = field(default_factory=dict)  # the compiled step's seconds per op and step
 
 
 def _ms(seconds: float | None) -> str:
@@ -143,6 +145,12 @@ class StepReport:
         if any(r.vllm_wall_s is not None for r in self.rows) and "thread CPU" in self.clock:
             lines.append("vLLM's step in wall time: " + ", ".join(f"batch {r.batch} {_ms(r.vllm_wall_s)} ms"
                                                                    for r in self.rows))
+        profiled = [r for r in self.rows if r.ops_s]
+        if profiled:
+            lines.append(f"compiled step per op (ms per step, {self.clock}):")
+            lines += [f"{r.batch:>5} " + ", ".join(f"{name} {s * 1e3:.2f}" for name, s in
+                                                   sorted(r.ops_s.items(), key=lambda kv: -kv[1]) if s > 0)
+                      for r in profiled]
         inductor = [r for r in self.rows if r.inductor_s is not None]
         if inductor:
             lines.append("inductor candidate (torch.compile, freezing, cpp wrapper; one bucket per batch size):")
@@ -219,6 +227,27 @@ def time_steps(runner, batch: int, context: int, rounds: int, steps: int,
     return result
 
 
+def op_profile(runner, batch: int, context: int, steps: int) -> dict[str, float]:
+    """The compiled step's seconds per op and step (its own timers, engine/kernels/cpu_kernels.cpp) over `steps`
+    steps of `batch` rows: thread CPU time at one thread, else wall time ({} when the step is refused)."""
+    from pdserve.bench.clock import bench_clock
+    from pdserve.plan.decode_inputs import decode_step_inputs
+
+    compiled = runner.compiled_step
+    if compiled is None:
+        return {}
+    pool, tokens, positions, tables = decode_step_inputs(runner, batch, context, torch.Generator().manual_seed(2),
+                                                         steps + 1)
+    compiled.run(pool, tokens, positions, tables)  # warm-up
+    compiled.set_profiling(True)
+    for i in range(steps):
+        compiled.run(pool, tokens, positions + 1 + i, tables)
+    count, times = compiled.op_times()
+    compiled.set_profiling(False)
+    cpu = bench_clock() is not time.perf_counter
+    return {name: (c if cpu else w) / count for name, (w, c) in times.items()}
+
+
 def _first_error(stderr: str) -> str:
     """The root cause in a failed run's log (vLLM's engine logs its worker's error before its own summary)."""
     import re
@@ -278,7 +307,8 @@ def run(bench: StepBench, engine: EngineConfig) -> StepReport:
         modes = MODES if bench.inductor else MODES[:2]
         t = time_steps(runner, batch, bench.context, bench.rounds, bench.steps, modes)
         report.rows.append(StepRow(batch, work.floor_s(rates), eager_s=t["eager"], compiled_s=t.get("compiled"),
-                                   inductor_s=t.get("inductor"), inductor_compile_s=t.get("inductor_compile")))
+                                   inductor_s=t.get("inductor"), inductor_compile_s=t.get("inductor_compile"),
+                                   ops_s=op_profile(runner, batch, bench.context, bench.steps)))
     report.vllm = _add_vllm(report, bench, runner.folder, cfg.dtype, threads)
     return report
 

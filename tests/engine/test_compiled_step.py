@@ -231,6 +231,31 @@ def test_refusals_run_eagerly_and_say_why(tiny_models, caplog, monkeypatch):
     assert "cannot be built here" in caplog.text
 
 
+def test_op_profile_counts_steps_and_sums_each_op(tiny_models):
+    """Profiling on: each op's wall and thread-CPU seconds summed over the steps (their sum within the steps'
+    own time); off: nothing more is counted; on again: from zero."""
+    import time
+
+    runner = ModelRunner(EngineConfig(model=str(tiny_models["llama"]), dtype="float32", device="cpu", block_size=8,
+                                      num_threads=1))
+    step = runner.compiled_step
+    pool = _random_pool(runner, 40, seed=3)
+    tables = torch.arange(40).view(4, 10).to(torch.int32)
+    tokens, positions = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 30, 60, 79])
+    step.set_profiling(True)
+    started = time.thread_time()
+    for _ in range(3):
+        step.run(pool, tokens, positions, tables)
+    elapsed = time.thread_time() - started
+    steps, times = step.op_times()
+    assert steps == 3 and set(times) >= {"embed", "rms_norm", "qkv_proj", "attention", "lm_head", "down_proj"}
+    assert all(wall >= 0 and cpu >= 0 for wall, cpu in times.values()) and times["attention"][0] > 0
+    assert sum(cpu for _, cpu in times.values()) <= elapsed + 1e-3
+    step.set_profiling(False)
+    step.run(pool, tokens, positions, tables)
+    assert step.op_times()[0] == 0  # reset when switched, nothing counted while off
+
+
 def test_start_up_log_reports_the_kernel_cache_and_packing(tiny_models, caplog):
     with caplog.at_level(logging.INFO, logger="pdserve.compiled_step"):
         step = compile_decode_step(ModelRunner(EngineConfig(model=str(tiny_models["llama"]), dtype="bfloat16",

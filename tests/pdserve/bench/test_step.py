@@ -44,6 +44,9 @@ def test_step_bench_runs_on_a_tiny_model(tiny_models):
     assert report.vllm == "skipped: --no-vllm"
     table = report.table()
     assert "compiled/floor" in table and "thread CPU time" in table
+    ops = report.rows[1].ops_s  # the compiled step's own per-op timers
+    assert {"attention", "qkv_proj", "gate_up_proj", "lm_head"} <= ops.keys() and ops["attention"] > 0
+    assert "compiled step per op" in table
     assert json.loads(report.to_json())["rows"][1]["batch"] == 3
 
 
