@@ -73,12 +73,13 @@ class _InFlight:
 class ContinuousBatcher:
     def __init__(self, runner: ModelRunner, pool: KVPool, stopper: StopChecker, max_num_seqs: int,
                  cuda_graphs: bool | None = None, overlap: bool | None = None,
-                 overlap_masks: bool | None = None) -> None:
+                 overlap_masks: bool | None = None, compiled: bool | None = None) -> None:
         """cuda_graphs / overlap: None = on for CUDA (unless the config says --enforce-eager), off on a CPU,
         where neither pays (no launch overhead; the host does the compute). Both also run on a CPU when
         asked, which is how their logic is tested without a GPU. overlap_masks: grammar bitmasks filled on
         a helper thread during the forward (engine/structured/bitmask.py); None: on (measured in
-        docs/structured_outputs.md)."""
+        docs/structured_outputs.md). compiled: None = on for a CPU where it can be (engine/compiled_step.py
+        says why not, e.g. --enforce-eager), off on CUDA."""
         self.runner, self.pool, self.stopper = runner, pool, stopper
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[DecodeSequence] = deque()
@@ -91,6 +92,8 @@ class ContinuousBatcher:
             cuda_graphs = on_gpu and not runner.config.enforce_eager and runner.backend.graph_safe
         self.graphs = DecodeGraphs(runner.model, runner.backend, pool, max_num_seqs, max_blocks,
                                    capture=on_gpu) if cuda_graphs else None
+        use_compiled = (not on_gpu) if compiled is None else compiled
+        self.compiled = runner.compiled_step if use_compiled and self.graphs is None else None
         self.overlap = on_gpu if overlap is None else overlap
         self.masks = MaskFiller(runner.arch.vocab_size, overlap=True if overlap_masks is None else overlap_masks)
         self.speculative: Any = None  # a SpeculativeStepper (decode_worker/speculative.py): enable_speculation
@@ -209,6 +212,8 @@ class ContinuousBatcher:
         masks = self.masks.begin([s.grammar for s in self.running])  # filled while the forward runs
         if self.graphs is not None and self.graphs.covers(n):
             logits = self.graphs.run(tokens, positions, state.block_tables[:n])
+        elif self.compiled is not None:
+            logits = self.compiled.run(self.pool, tokens, positions, state.block_tables[:n, : state.width])
         else:
             logits = self.runner.decode(self.pool, tokens, positions, state.block_tables[:n, : state.width])
         self.phases.lap("forward")

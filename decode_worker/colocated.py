@@ -58,6 +58,7 @@ class ColocatedWorker(StepLoopWorker):
         self.compute.call(exchange_pools, self.tp, self.runner, None)
         if self.tp.size > 1:  # rank 0 drives the others, each over its own pool of its KV heads
             self.runner = DriverRunner(self.runner, self.tp, {POOL: self.pool})
+        self._compiled = self.compute.call(lambda: self.runner.compiled_step)  # steps of decode rows only (CPU)
         self.blocks = BlockManager(layout.num_blocks, layout.block_size, salt=fingerprint,
                                    enable_prefix_caching=config.engine.enable_prefix_caching)
         budget = config.max_num_batched_tokens or default_batched_tokens(self.runner.config.device,
@@ -192,8 +193,12 @@ class ColocatedWorker(StepLoopWorker):
         picks = plan.sampling_rows
         chosen = [rows[i].seq for i in picks]
         masks = self.masks.begin([s.grammar for s in chosen])  # filled while the forward runs
-        logits = self.runner.mixed(self.pool, [list(r.tokens) for r in rows], [r.start for r in rows],
-                                   [r.seq.block_table for r in rows], plan.num_decode, picks)
+        if self._compiled is not None and plan.num_decode == len(rows):  # no prompt chunk: every row samples
+            logits = self._compiled.run_rows(self.pool, [r.tokens[0] for r in rows], [r.start for r in rows],
+                                             [r.seq.block_table for r in rows])
+        else:
+            logits = self.runner.mixed(self.pool, [list(r.tokens) for r in rows], [r.start for r in rows],
+                                       [r.seq.block_table for r in rows], plan.num_decode, picks)
         self.phases.lap("forward")
         if not picks:
             return []

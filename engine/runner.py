@@ -6,6 +6,7 @@ states, workers or transports.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -85,6 +86,14 @@ class ModelRunner:
                 raise ValueError("--speculative layers:K drafts with the model's first layers: native path only")
             if config.device == "cuda" and not config.enforce_eager:  # modules of unknown host syncs: no graphs
                 self.config = replace(config, enforce_eager=True)
+
+    @functools.cached_property
+    def compiled_step(self):
+        """The compiled CPU decode step over this model (engine/compiled_step.py), built once per runner: its
+        packed weights are a second copy of the projections. None where it is refused (the log says why)."""
+        from engine.compiled_step import compile_decode_step
+
+        return compile_decode_step(self)
 
     @property
     def attention_backend(self) -> str:

@@ -1,4 +1,4 @@
-"""The CPU backend: the native paged decode kernel (engine/kernels/paged_attention_cpu.cpp) for decode,
+"""The CPU backend: the native paged decode kernel (engine/kernels/paged_attention_cpu.h) for decode,
 the torch reference (SDPA per sequence) for prefill."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ class CpuBackend(TorchBackend):
 
     @classmethod
     def load(cls) -> CpuBackend | None:
-        from engine.kernels import cpu_paged_attention
+        from engine.kernels import cpu_kernels
 
-        module = cpu_paged_attention()
+        module = cpu_kernels()
         return None if module is None else cls(module)
 
     def paged_extend(self, q, k, v, batch, k_cache, v_cache, scale, k_scale=None, v_scale=None, *,

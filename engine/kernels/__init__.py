@@ -1,7 +1,8 @@
 """Native kernels, built on first use and cached per source, torch and CPU kind.
 
-CPU: `paged_attention_cpu.cpp`, decode attention read straight from the paged
-pool; `int4_gemv_cpu.cpp`, int4 weights x int8-quantized activations for
+CPU: `cpu_kernels.cpp`, decode attention read straight from the paged pool
+(paged_attention_cpu.h), the fused elementwise ops (fused_ops_cpu.h) and a whole
+decode step in C++ (engine/compiled_step.py); `int4_gemv_cpu.cpp`, int4 weights x int8-quantized activations for
 decode-shaped matmuls (engine/quant/int4_kernel.py); `token_bitmask_cpu.cpp`, grammar masks
 applied to logits (engine/structured/bitmask.py); `moe_experts_cpu.cpp`, bf16 experts' grouped GEMV for
 decode (engine/model/moe.py). Each is compiled with
@@ -22,6 +23,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,8 +32,10 @@ from engine.cpu_features import cpu_flags, isa_key
 
 log = logging.getLogger("pdserve.kernels")
 _HERE = Path(__file__).resolve().parent
-_SOURCE = _HERE / "paged_attention_cpu.cpp"
-_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
+_SOURCE = _HERE / "cpu_kernels.cpp"
+# No -ffast-math and no FMA contraction: the kernels round where the torch reference rounds (fused_ops_cpu.h)
+# and vectorise through fixed lanes (vec16.h), the same bits on every run.
+_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 
 
 _INT4_SOURCE = _HERE / "int4_gemv_cpu.cpp"
@@ -41,14 +45,22 @@ _MOE_SOURCE = _HERE / "moe_experts_cpu.cpp"
 
 @functools.cache
 def _build_key(source: Path = _SOURCE, cflags: tuple[str, ...] = _CFLAGS) -> str:
-    """What else decides the binary: the source, the flags, torch and Python."""
+    """What else decides the binary: the source and the headers it includes, the flags, torch and Python."""
     import torch
 
-    text = f"{source.read_bytes().hex()} {cflags} {torch.__version__} {sys.version_info[:2]}"
+    text = f"{_source_text(source).hex()} {cflags} {torch.__version__} {sys.version_info[:2]}"
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def cpu_extension_name(flags: Iterable[str], stem: str = "pdserve_paged_attention_cpu", source: Path = _SOURCE,
+def _source_text(source: Path) -> bytes:
+    """The source followed by the local headers it includes (`#include "x.h"`), recursively."""
+    text = source.read_bytes()
+    for name in re.findall(rb'^#include "([^"]+)"', text, flags=re.M):
+        text += _source_text(source.parent / name.decode())
+    return text
+
+
+def cpu_extension_name(flags: Iterable[str], stem: str = "pdserve_cpu_kernels", source: Path = _SOURCE,
                        cflags: tuple[str, ...] = _CFLAGS) -> str:
     """A CPU kernel's module name (and build folder) on a CPU with these flags."""
     return f"{stem}_{isa_key(flags)}_{_build_key(source, cflags)}"
@@ -76,9 +88,16 @@ def _import_built(name: str, folder: Path):
 
 
 @functools.cache
-def cpu_paged_attention():
-    """The compiled module, or None when it cannot be built here."""
-    return _load(cpu_extension_name(cpu_flags()), _SOURCE, _CFLAGS, "CPU paged-attention kernel")
+def cpu_kernels():
+    """The CPU backend's native module (cpu_kernels.cpp: attention, fused ops, the compiled decode step), or None
+    when it cannot be built here."""
+    return _load(cpu_extension_name(cpu_flags()), _SOURCE, _CFLAGS, "CPU kernels")
+
+
+def cpu_kernels_cached() -> bool:
+    """True when cpu_kernels() has been built for this CPU and torch already (importing it needs no compiler)."""
+    name = cpu_extension_name(cpu_flags())
+    return (build_dir(name) / f"{name}.so").is_file()
 
 
 @functools.cache

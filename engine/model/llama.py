@@ -26,7 +26,7 @@ from torch import nn
 
 from engine.attention.base import AttentionSpec
 from engine.config import ModelArch, Norm
-from engine.model.mlp import build_mlp
+from engine.model.mlp import GatedMLP, build_mlp
 from engine.model.ops import TORCH_OPS, ModelOps, Rotary
 from engine.model.rope import rope_tables
 from engine.model.weights import gather
@@ -134,7 +134,7 @@ class CausalLM(nn.Module):
     def use_ops(self, ops: ModelOps) -> None:
         """Set the elementwise ops of every layer (at load, once the device is known)."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, DecoderLayer)):
+            if isinstance(module, (RMSNorm, DecoderLayer, GatedMLP)):
                 module.ops = ops
 
     def init_rope(self, dtype: torch.dtype) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from engine.config import Activation, ModelArch
 from engine.model.moe import SparseMoE
+from engine.model.ops import TORCH_OPS
 
 ACTIVATIONS: dict[Activation, Callable[[torch.Tensor], torch.Tensor]] = {
     Activation.SILU: F.silu,
@@ -24,16 +25,22 @@ ACTIVATIONS: dict[Activation, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with gate and up fused into one matmul: SwiGLU (SiLU) or GeGLU (GELU tanh)."""
+    """down(act(gate(x)) * up(x)) with gate and up fused into one matmul: SwiGLU (SiLU) or GeGLU (GELU tanh).
+    SwiGLU's SiLU * up is the model's ops (`ops`, set by CausalLM.use_ops: the fused native kernel on the CPU)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: Activation) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.activation = activation
         self.act = ACTIVATIONS[activation]
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.activation == Activation.SILU:
+            return self.down_proj(self.ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

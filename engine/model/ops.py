@@ -1,9 +1,14 @@
-"""The elementwise ops of the forward, chosen per device: torch on the CPU (the reference), fused
-Triton kernels on CUDA (one launch each instead of a chain of small ones).
+"""The elementwise ops of the forward, chosen per attention backend: torch (the reference), fused
+Triton kernels on CUDA (one launch each instead of a chain of small ones), fused native kernels with
+the CPU backend (engine/kernels/fused_ops_cpu.h: one pass over a row instead of several torch ops; the
+compiled decode step, engine/compiled_step.py, runs the same kernels, so the two agree bit for bit).
 
     rms_norm(x, weight, eps, residual, unit_offset) -> (weight * norm(x + residual), x + residual)
                                           unit_offset (Gemma): (1 + weight) * norm, in float32, then rounded
     rope(q, k, rotary)                 -> q, k rotated at each token's position (the table's leading dims)
+    silu_mul(gate_up)                  -> SiLU(gate) * up, gate_up = [gate | up] along the last dim
+
+The native CPU kernels cover the common shapes; Gemma's unit-offset norm and partial rotary go to torch's.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from engine.model.rope import apply_rope
 
@@ -45,6 +51,36 @@ def torch_rope(q: torch.Tensor, k: torch.Tensor, rotary: Rotary) -> tuple[torch.
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
+def torch_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    from engine.kernels import cpu_kernels
+
+    if unit_offset:  # Gemma's (1 + w) in float32: the native kernel scales in the input dtype
+        return torch_rms_norm(x, weight, eps, residual, unit_offset)
+
+    return cpu_kernels().add_rms_norm(x, residual, weight, eps)
+
+
+def cpu_rope(q: torch.Tensor, k: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+    from engine.kernels import cpu_kernels
+
+    if rotary.cos.shape[-1] != q.shape[-1]:  # partial rotary: the native kernel rotates whole heads
+        return torch_rope(q, k, rotary)
+
+    return cpu_kernels().rope(q, k, rotary.cos, rotary.sin, rotary.positions)
+
+
+def cpu_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    from engine.kernels import cpu_kernels
+
+    return cpu_kernels().silu_mul(gate_up)
+
+
 def triton_rope(q: torch.Tensor, k: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
     from engine.kernels.triton_ops import rope
 
@@ -63,12 +99,21 @@ class ModelOps:
     name: str
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rope: Callable[[torch.Tensor, torch.Tensor, Rotary], tuple[torch.Tensor, torch.Tensor]]
+    silu_mul: Callable[[torch.Tensor], torch.Tensor]
 
 
-TORCH_OPS = ModelOps("torch", torch_rms_norm, torch_rope)
-TRITON_OPS = ModelOps("triton", triton_rms_norm, triton_rope)
+TORCH_OPS = ModelOps("torch", torch_rms_norm, torch_rope, torch_silu_mul)
+TRITON_OPS = ModelOps("triton", triton_rms_norm, triton_rope, torch_silu_mul)
+CPU_OPS = ModelOps("cpu", cpu_rms_norm, cpu_rope, cpu_silu_mul)
 
 
 def ops_for(backend_name: str) -> ModelOps:
-    """Triton elementwise kernels go with the Triton attention backend; everything else uses torch."""
-    return TRITON_OPS if backend_name == "triton" else TORCH_OPS
+    """Triton elementwise kernels go with the Triton attention backend, the native fused ones with the CPU
+    backend (torch's where they cannot be built here); the torch backend keeps torch's."""
+    if backend_name == "triton":
+        return TRITON_OPS
+    if backend_name == "cpu":
+        from engine.kernels import cpu_kernels
+
+        return CPU_OPS if cpu_kernels() is not None else TORCH_OPS
+    return TORCH_OPS

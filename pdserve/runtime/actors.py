@@ -43,14 +43,18 @@ def _timed_init(actor: _ActorInfo, config: WorkerConfig, init) -> None:
     phases = {"process+imports": process_age_s()}
     engine = config.engine.resolved()
     if engine.device == "cpu" and engine.attention_backend in ("auto", "cpu"):
-        from engine.kernels import cpu_paged_attention
+        from engine.kernels import cpu_kernels, cpu_kernels_cached
 
+        key = "kernel (cache hit)" if cpu_kernels_cached() else "kernel (cache miss: built)"
         started = time.time()
-        cpu_paged_attention()  # cached: the runner's decode_kernel() finds it loaded
-        phases["kernel"] = time.time() - started
+        cpu_kernels()  # cached: the runner's backend finds it loaded
+        phases[key] = time.time() - started
     started = time.time()
     init()
     phases["model+pool"] = time.time() - started  # weights, KV pool (decode: allocated and prefaulted), servers
+    compiled = getattr(getattr(actor, "runner", None), "__dict__", {}).get("compiled_step")  # built by decode only
+    if compiled is not None:
+        phases["of which compiled step"] = compiled.report.pack_s  # its weights packed (engine/compiled_step.py)
     phases["cpu"] = time.process_time()  # CPU seconds of this process so far: load elsewhere does not inflate it
     actor.startup_s = phases
 

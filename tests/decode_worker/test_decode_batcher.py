@@ -1,7 +1,8 @@
-"""The decode loop's device-resident state, graph runner padding and overlap, on the CPU.
+"""The decode loop's device-resident state, graph runner padding, overlap and the compiled CPU step.
 
 Every mode (eager; padded static buffers as the CUDA graphs use them; overlap of step n+1 with the
-read-back of step n; both) must produce exactly the tokens of the eager loop, which itself equals
+read-back of step n; both; the compiled step of engine/compiled_step.py) must produce exactly the tokens
+of the eager loop, which itself equals
 transformers' greedy generate in fp32, with sequences admitted mid-batch and finishing at different
 steps. No row, in-flight step or block may be left behind."""
 
@@ -38,7 +39,7 @@ PARAMS = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in 
     SamplingParams(max_tokens=5, temperature=0.7, top_k=20, seed=5, ignore_eos=True)]
 
 
-def run_batch(runner, cuda_graphs: bool, overlap: bool, max_num_seqs: int = 4):
+def run_batch(runner, cuda_graphs: bool, overlap: bool, max_num_seqs: int = 4, compiled: bool = False):
     layout = runner.kv_layout(num_blocks=96)
     pool = KVPool.allocate(layout, str(runner.device))
     blocks = BlockManager(layout.num_blocks, layout.block_size)
@@ -49,7 +50,7 @@ def run_batch(runner, cuda_graphs: bool, overlap: bool, max_num_seqs: int = 4):
                                                          for t, p in zip(tables, prompts)]))
     first = sample(logits, PARAMS, [0] * len(PARAMS)).tolist()
     batcher = ContinuousBatcher(runner, pool, StopChecker((), None), max_num_seqs, cuda_graphs=cuda_graphs,
-                                overlap=overlap)
+                                overlap=overlap, compiled=compiled)
     seqs = [DecodeSequence(str(i), len(p), prm, t, [f], [0.0])
             for i, (p, prm, t, f) in enumerate(zip(prompts, PARAMS, tables, first))]
     for s in seqs[:3]:  # the rest join mid-batch
@@ -74,11 +75,12 @@ def run_batch(runner, cuda_graphs: bool, overlap: bool, max_num_seqs: int = 4):
     return prompts, {s.request_id: s.output for s in finished}
 
 
-def test_eager_loop_equals_transformers_greedy(runner, tiny_models):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_eager_and_compiled_loops_equal_transformers_greedy(runner, tiny_models, compiled):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
-    prompts, outputs = run_batch(runner, cuda_graphs=False, overlap=False)
+    prompts, outputs = run_batch(runner, cuda_graphs=False, overlap=False, compiled=compiled)
     assert len(outputs) == len(PARAMS)
     for i, (p, prm) in enumerate(zip(prompts, PARAMS)):
         assert len(outputs[str(i)]) == prm.max_tokens
@@ -89,11 +91,13 @@ def test_eager_loop_equals_transformers_greedy(runner, tiny_models):
             assert outputs[str(i)] == ref.tolist()
 
 
-@pytest.mark.parametrize("cuda_graphs,overlap,max_num_seqs", [(True, False, 4), (False, True, 4), (True, True, 3),
-                                                              (True, False, 40)])
-def test_graph_padding_and_overlap_change_nothing(runner, cuda_graphs, overlap, max_num_seqs):
+@pytest.mark.parametrize("cuda_graphs,overlap,max_num_seqs,compiled", [
+    (True, False, 4, False), (False, True, 4, False), (True, True, 3, False), (True, False, 40, False),
+    (False, False, 4, True), (False, True, 3, True)])
+def test_graph_padding_overlap_and_compiled_step_change_nothing(runner, cuda_graphs, overlap, max_num_seqs, compiled):
     _, reference = run_batch(runner, cuda_graphs=False, overlap=False, max_num_seqs=max_num_seqs)
-    _, outputs = run_batch(runner, cuda_graphs=cuda_graphs, overlap=overlap, max_num_seqs=max_num_seqs)
+    _, outputs = run_batch(runner, cuda_graphs=cuda_graphs, overlap=overlap, max_num_seqs=max_num_seqs,
+                           compiled=compiled)
     assert outputs == reference
 
 

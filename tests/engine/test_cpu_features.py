@@ -60,16 +60,16 @@ def test_isa_features_and_description():
 def test_kernel_cache_key_differs_per_cpu_kind():
     names = {cpu_extension_name(f) for f in (AVX2_ONLY, ZEN4, SAPPHIRE_RAPIDS, AVX2_ONLY - {"bmi2"})}
     assert len(names) == 4  # any flag -march=native may use changes the key
-    assert cpu_extension_name(AVX2_ONLY).startswith("pdserve_paged_attention_cpu_avx2_")
+    assert cpu_extension_name(AVX2_ONLY).startswith("pdserve_cpu_kernels_avx2_")
     assert isa_key(ZEN4).startswith("avx512_") and isa_key(SAPPHIRE_RAPIDS).startswith("amx_")
     assert isa_key(sorted(ZEN4)) == isa_key(reversed(sorted(ZEN4)))  # order does not matter
     assert cpu_extension_name(cpu_flags()).isidentifier()  # a valid Python module name
 
 
 def test_kernel_is_built_into_its_cpu_keyed_folder_and_imported_from_there():
-    from engine.kernels import build_dir, cpu_paged_attention
+    from engine.kernels import build_dir, cpu_kernels
 
-    module = cpu_paged_attention()
+    module = cpu_kernels()
     assert module is not None, "the native CPU kernel did not build (needs a C++ compiler)"
     name = cpu_extension_name(cpu_flags())
     assert Path(module.__file__) == build_dir(name) / f"{name}.so"

@@ -4,7 +4,7 @@ COMMANDS (tests/pdserve/cli checks that every module here is listed)."""
 
 from __future__ import annotations
 
-from pdserve.cli.bench import autoscale, kvtransfer, quant, serve, specdec, structured, throughput
+from pdserve.cli.bench import autoscale, kvtransfer, quant, serve, specdec, step, structured, throughput
 
 COMMANDS = (  # in `pdserve bench --help` order
     throughput,
@@ -14,6 +14,7 @@ COMMANDS = (  # in `pdserve bench --help` order
     serve,
     autoscale,
     structured,
+    step,
 )
 
 

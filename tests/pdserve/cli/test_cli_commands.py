@@ -31,20 +31,20 @@ def test_the_commands_users_know():
                                     "bench", "plan"]
     bench_parser = parser._subparsers._group_actions[0].choices["bench"]
     assert _subcommands(bench_parser) == ["throughput", "kvtransfer", "quant", "specdec", "serve", "autoscale",
-                                          "structured"]
+                                          "structured", "step"]
 
 
 def test_a_bench_subcommand_is_one_registration(monkeypatch):
     def add_parser(sub) -> None:
-        sub.add_parser("step", help="one decode step").set_defaults(func=lambda args: 7)
+        sub.add_parser("probe", help="a new benchmark").set_defaults(func=lambda args: 7)
 
-    step = types.SimpleNamespace(add_parser=add_parser)
-    monkeypatch.setattr(bench, "COMMANDS", (*bench.COMMANDS, step))
-    args = build_parser().parse_args(["bench", "step"])
+    probe = types.SimpleNamespace(add_parser=add_parser)
+    monkeypatch.setattr(bench, "COMMANDS", (*bench.COMMANDS, probe))
+    args = build_parser().parse_args(["bench", "probe"])
     assert args.func(args) == 7
 
 
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "--help"], capture_output=True, text=True,
                          check=True)
-    assert "{throughput,kvtransfer,quant,specdec,serve,autoscale,structured}" in out.stdout
+    assert "{throughput,kvtransfer,quant,specdec,serve,autoscale,structured,step}" in out.stdout
