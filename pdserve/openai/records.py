@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from pdserve.openai.responses import completion_body, id_prefix, output_text, usage
-from pdserve.openai.structured import answer_check
+from pdserve.openai.structured import answer_check, constraint_kind
 from router.request import Request, State
 
 
@@ -33,11 +33,11 @@ def error_record(custom_id: str | None, line: int, code: str, message: str,
 
 
 def metrics_record(req: Request, tokenizer: Any = None) -> dict[str, Any]:
-    """What the metrics need of a finished request (no text): for a router that has no tokenizer. Given
-    one, a constrained answer is decoded and checked (`structured_check`)."""
+    """What the metrics need of a finished request (no text): for a router that has no tokenizer, where a
+    constrained answer is counted unchecked. Given one, it is decoded and checked (`structured_check`)."""
     ext = extension(req)
-    if tokenizer is not None and req.state == State.DONE:
-        ext |= structured_check(req, output_text(req, tokenizer))
+    if req.state == State.DONE:
+        ext |= structured_check(req, output_text(req, tokenizer) if tokenizer is not None else None)
     if req.state != State.DONE:
         return {"custom_id": req.custom_id, "response": None,
                 "error": {"code": "request_failed", "message": req.error}, "pdserve": ext}
@@ -45,11 +45,15 @@ def metrics_record(req: Request, tokenizer: Any = None) -> dict[str, Any]:
             "error": None, "pdserve": ext}
 
 
-def structured_check(req: Request, text: str) -> dict[str, Any]:
-    """A constrained answer's kind and whether it validates (None: not checkable here), for the metrics."""
-    if req.params.constraint is None:
+def structured_check(req: Request, text: str | None) -> dict[str, Any]:
+    """A constrained answer's kind and whether it validates (None: not checkable here, or no `text`: a
+    router without a tokenizer still counts it), for the metrics."""
+    constraint = req.params.constraint
+    if constraint is None:
         return {}
-    return {"structured": {**answer_check(text, req.params.constraint, req.tools), "finish_reason": req.finish_reason}}
+    check = answer_check(text, constraint, req.tools) if text is not None else \
+        {"kind": constraint_kind(constraint, req.tools), "valid": None}
+    return {"structured": {**check, "finish_reason": req.finish_reason}}
 
 
 def extension(req: Request) -> dict[str, Any]:

@@ -50,9 +50,15 @@ def chat_finish_reason(reason: str | None, message: Message) -> str | None:
 def answer_check(text: str, constraint: Constraint, tools: ToolPlan | None = None) -> dict[str, Any]:
     """{"kind", "valid"}: the constraint's kind ("tool_calls" for the calls tool_choice asked for) and whether
     `text` satisfies it; valid None when this cannot tell (a grammar, or a regex Python's `re` does not read)."""
-    if tools is not None and tools.constraint() == constraint:
-        return {"kind": "tool_calls", "valid": tool_calls_valid(assistant_message(text, tools), tools)}
-    return {"kind": constraint.kind.value, "valid": satisfies(text, constraint)}
+    kind = constraint_kind(constraint, tools)
+    if kind == "tool_calls":
+        return {"kind": kind, "valid": tool_calls_valid(assistant_message(text, tools), tools)}
+    return {"kind": kind, "valid": satisfies(text, constraint)}
+
+
+def constraint_kind(constraint: Constraint, tools: ToolPlan | None = None) -> str:
+    """What the metrics call a constraint: its kind, or "tool_calls" for the calls tool_choice asked for."""
+    return "tool_calls" if tools is not None and tools.constraint() == constraint else constraint.kind.value
 
 
 def tool_calls_valid(message: Message, tools: ToolPlan) -> bool:

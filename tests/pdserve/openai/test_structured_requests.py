@@ -11,7 +11,7 @@ import pytest
 from engine.structured.spec import ConstraintKind
 from pdserve.batch.format import parse_line
 from pdserve.openai.limits import ModelLimits
-from pdserve.openai.records import success_record
+from pdserve.openai.records import metrics_record, success_record
 from pdserve.openai.requests import InvalidRequest, build_request
 from pdserve.openai.responses import Chunks, completion_body
 from pdserve.openai.structured import answer_check, read_structured
@@ -233,3 +233,18 @@ def test_streamed_chunks_of_a_tool_call_add_up_to_the_whole_body(tokenizer):
     assert calls == [(c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]]
     assert pieces[-1]["choices"][0]["finish_reason"] == whole["finish_reason"] == "tool_calls"
     assert all(p["choices"][0]["finish_reason"] is None for p in pieces[:-1])
+
+
+def test_a_router_without_a_tokenizer_counts_constrained_answers_unchecked(tokenizer):
+    """A deployment's router has no tokenizer: its metrics still count the constrained answer, valid unknown."""
+    req = build_request(1, "c", "chat", body(tools=[WEATHER], tool_choice="required"), tokenizer, LIMITS)
+    answer = '<tool_call>\n{"name": "get_weather", "arguments": {"town": "Oslo"}}\n</tool_call>'
+    req.output_token_ids = tokenizer.encode(answer, add_special_tokens=False)
+    req.finish_reason, req.state = "stop", State.DONE
+    unchecked = metrics_record(req)["pdserve"]["structured"]
+    assert unchecked == {"kind": "tool_calls", "valid": None, "finish_reason": "stop"}
+    checked = metrics_record(req, tokenizer)["pdserve"]["structured"]
+    assert checked == {"kind": "tool_calls", "valid": False, "finish_reason": "stop"}  # "town" is not a parameter
+    free = build_request(2, "f", "chat", body(), tokenizer, LIMITS)
+    free.state = State.DONE
+    assert "structured" not in metrics_record(free)["pdserve"]
