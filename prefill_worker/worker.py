@@ -1,9 +1,9 @@
 """The prefill worker: packed prefill of a batch, first token, KV streamed out layer by layer.
 
 With prefix caching, prompts are computed from the end of their longest prefix
-cached in the worker's own pool (prefix_cache.py). Each layer's K/V goes to the
-request's decode worker (only the blocks it does not already hold) as soon as the layer is
-computed (the attention context's KV sink), so the transfer of layer i
+cached in the worker's own pool (prefix_cache.py); a batch with no hit runs the plain packed
+prefill. Each layer's K/V goes to the request's decode worker (only the blocks it does not
+already hold) as soon as the layer is computed (the attention context's KV sink), so the transfer of layer i
 overlaps the compute of layer i+1. A transfer that fails costs only its own
 request: the result carries the error and the router retries it elsewhere.
 """
@@ -78,6 +78,9 @@ class PrefillWorker:
         try:
             if cached is None:
                 logits = self.runner.prefill(prompts, ship)
+            elif not any(cached):  # a miss costs what caching off costs: the plain packed prefill
+                store = self.cache.full_block_writer(prompts, tables)
+                logits = self.runner.prefill(prompts, lambda layer, k, v: (store(layer, k, v), ship(layer, k, v)))
             else:
                 chunks = [p[c:] for p, c in zip(prompts, cached)]
                 logits = self.runner.extend(self.cache.pool, chunks, cached, tables, kv_sink=ship)
