@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from decode_worker.phases import PhaseClock, RunQueueClock
+from engine.core_lease import CoreLease, NoLease
 from engine.kv_window import blocks_before_window
 from proto.messages import DecodePoll, DecodeResult, PrefillResult, TokenProgress
 from proto.stats import LoopStats, PoolStats
@@ -60,6 +61,8 @@ class StepLoopWorker(ABC):
         # None where the OS does not say. Counted around `_step`, so a step's result handling is in it too.
         self.step_run_queue_seconds: float | None = None
         self._run_queue = RunQueueClock()  # opened by the loop thread, on its first read
+        # Each step runs holding the node's cores when a prefill worker shares them (engine/core_lease.py).
+        self.core_lease: CoreLease = NoLease()
         self._heartbeat = time.monotonic()  # the loop's last turn: idle turns every 50 ms, busy ones every step
         self._stall_until = 0.0  # fault drill: see stall_for
         self._streamed: dict[str, int] = {}  # streaming polls: request -> output tokens already reported
@@ -156,7 +159,8 @@ class StepLoopWorker(ABC):
             self._drain_loop_queue(block=not self._has_work())
             if self._has_work():
                 waited = self._run_queue.read()
-                self._step()
+                with self.core_lease.hold():
+                    self._step()
                 if waited is not None:
                     self.step_run_queue_seconds = (self.step_run_queue_seconds or 0.0) + self._run_queue.read() - waited
         self._run_queue.close()

@@ -18,6 +18,7 @@ import torch
 
 from engine.attention import KVSink
 from engine.compute_thread import ComputeThread
+from engine.core_lease import CoreLease, LeaseRole, NodeCoreLease, NoLease, lease_key
 from engine.kv_cache import as_stored
 from engine.runner import ModelRunner, model_fingerprint
 from engine.sampler import sample
@@ -45,6 +46,8 @@ class PrefillWorker:
                       if engine.enable_prefix_caching else None)
         self._connections: dict[str, tuple[KVEndpoint, KVConnection]] = {}  # by decode worker id
         self._faults_left = config.inject_transfer_failures
+        self.lease: CoreLease = (NodeCoreLease(lease_key(config.auth_token, node_id), LeaseRole.PREFILL)
+                                 if config.share_node_cores else NoLease())
 
     def connection(self, endpoint: KVEndpoint) -> KVConnection:
         """A cached connection to `endpoint`; a restarted decode worker (new endpoint) gets a new one."""
@@ -76,14 +79,8 @@ class PrefillWorker:
         ship = self._shipper(tasks, handles, errors, computed_from, tables)
         prefill_start = time.time()
         try:
-            if cached is None:
-                logits = self.runner.prefill(prompts, ship)
-            elif not any(cached):  # a miss costs what caching off costs: the plain packed prefill
-                store = self.cache.full_block_writer(prompts, tables)
-                logits = self.runner.prefill(prompts, lambda layer, k, v: (store(layer, k, v), ship(layer, k, v)))
-            else:
-                chunks = [p[c:] for p, c in zip(prompts, cached)]
-                logits = self.runner.extend(self.cache.pool, chunks, cached, tables, kv_sink=ship)
+            with self.lease.hold():
+                logits = self._forward(prompts, cached, tables, ship)
         except BaseException:
             if cached is not None:
                 self.cache.release(ids)  # the pool's copy is incomplete: nothing gets a key
@@ -98,6 +95,17 @@ class PrefillWorker:
         if results and events:
             results[0] = replace(results[0], kv_events=events)
         return results
+
+    def _forward(self, prompts: list[list[int]], cached: list[int] | None, tables: list[list[int]],
+                 ship: KVSink) -> torch.Tensor:
+        """Last-token logits of `prompts`, every layer's K/V through `ship` (and the cache's pool)."""
+        if cached is None:
+            return self.runner.prefill(prompts, ship)
+        if not any(cached):  # a miss costs what caching off costs: the plain packed prefill
+            store = self.cache.full_block_writer(prompts, tables)
+            return self.runner.prefill(prompts, lambda layer, k, v: (store(layer, k, v), ship(layer, k, v)))
+        chunks = [p[c:] for p, c in zip(prompts, cached)]
+        return self.runner.extend(self.cache.pool, chunks, cached, tables, kv_sink=ship)
 
     def _begin_transfers(self, tasks: list[PrefillTask], errors: dict[str, str]) -> list[_Handle | None]:
         handles: list[_Handle | None] = []
@@ -173,3 +181,5 @@ class PrefillWorker:
             conn.close()
         self._connections.clear()
         self.compute.shutdown()
+        if isinstance(self.lease, NodeCoreLease):
+            self.lease.close()
