@@ -1,12 +1,13 @@
 """`pdserve bench throughput`: pdserve against transformers on one workload, in one run.
 
 For each dtype: transformers' `generate` in static batches, transformers'
-continuous batching, and pdserve (1 prefill + 1 decode worker by default),
+continuous batching, pdserve (1 prefill + 1 decode worker by default) and, with
+`--systems ...,vllm`, vLLM's CPU backend in its own Python (vllm_peer.py),
 then a table of wall time, useful output tok/s, total tok/s, mean TTFT/TPOT,
 the ratio of pdserve to each baseline, and the share of the compute bound
 (matmul FLOP/s measured in this run / 2·params). The last line is
     throughput ratio_vs_hf_cb=<x> ratio_vs_hf_static=<y> roofline_share=<z>
-for the last dtype run (bf16 by default).
+for the last dtype run (bf16 by default), plus `vllm_out_tok_s=<v> ratio_vs_vllm=<r>` when vllm was asked for.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pdserve.bench.workload import (
 )
 from router.router import RouterConfig
 
-SYSTEMS = ("hf_static", "hf_cb", "pdserve")
+SYSTEMS = ("hf_static", "hf_cb", "pdserve", "vllm")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class ThroughputBench:
     static_batch_size: int = 8
     baseline_threads: int = 0  # 0: all cores
     check_outputs: bool = True  # pdserve's greedy outputs vs the baselines'
+    vllm_python: str | None = None  # vLLM's own Python (vllm_peer.py); None: PDSERVE_VLLM_PYTHON
 
 
 def matmul_flops(dtype: str, threads: int, m: int = 2048, k: int = 576, n: int = 1536, repeats: int = 20,
@@ -143,6 +145,12 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
                     results[system] = _isolated(threads, hf_continuous, folder, dtype, requests, 3600, device)
                 elif system == "pdserve":
                     results[system] = run_pdserve(requests, batch_path, engine, cluster, dtype, router)
+                elif system == "vllm":
+                    skipped = _run_vllm(bench, folder, dtype, requests, engine.max_num_seqs, threads, results)
+                    if skipped:
+                        report.setdefault("skipped", {})[system] = skipped
+                        print_fn(f"[{dtype}] vllm skipped: {skipped}")
+                        continue
                 r = results[system]
                 print_fn(f"[{dtype}] {system}: {r.output_tok_s:.1f} output tok/s in {r.wall_s:.1f} s")
             report["dtypes"][dtype] = _summarize(results, flops, bound)
@@ -159,8 +167,25 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
     line = (f"throughput ratio_vs_hf_cb={_fmt(last.get('ratio_vs_hf_cb'))} "
             f"ratio_vs_hf_static={_fmt(last.get('ratio_vs_hf_static'))} "
             f"roofline_share={_fmt(last.get('roofline_share'), 4)}")
+    if "vllm" in bench.systems:
+        vllm = last["rows"].get("vllm")
+        line += (f" vllm_out_tok_s={_fmt(vllm['output_tok_s'], 1) if vllm else 'n/a'}"
+                 f" ratio_vs_vllm={_fmt(last.get('ratio_vs_vllm'))}")
     report["last_line"] = line
     return report
+
+
+def _run_vllm(bench: ThroughputBench, folder: Path, dtype: str, requests, max_num_seqs: int, cores: int,
+              results: dict[str, SystemResult]) -> str | None:
+    """vLLM's CPU backend on the same requests, in its own Python; the reason it was skipped, or None."""
+    from pdserve.bench import vllm_peer
+
+    try:
+        peer = vllm_peer.find(bench.vllm_python)
+        results["vllm"] = vllm_peer.run(peer, folder, dtype, requests, max_num_seqs=max_num_seqs, cores=cores)
+    except vllm_peer.VllmUnavailable as e:
+        return str(e)
+    return None
 
 
 def _summarize(results: dict[str, SystemResult], flops: float, bound_tok_s: float) -> dict:
@@ -172,7 +197,7 @@ def _summarize(results: dict[str, SystemResult], flops: float, bound_tok_s: floa
     out: dict = {"matmul_tflops": flops / 1e12, "compute_bound_tok_s": bound_tok_s, "rows": rows}
     if "pdserve" in results:
         p = results["pdserve"].output_tok_s
-        for base in ("hf_cb", "hf_static"):
+        for base in ("hf_cb", "hf_static", "vllm"):
             if base in results:
                 out[f"ratio_vs_{base}"] = p / results[base].output_tok_s
         out["roofline_share"] = rows["pdserve"]["roofline_share"]

