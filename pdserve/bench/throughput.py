@@ -167,7 +167,7 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
                         report.setdefault("breakdown", {})[dtype] = _breakdown(results[system], stats[0], requests,
                                                                                engine.max_num_seqs, print_fn)
                 elif system == "vllm":
-                    skipped = _run_vllm(bench, folder, dtype, requests, engine.max_num_seqs, threads, results)
+                    skipped = _run_vllm(bench, folder, dtype, requests, engine, threads, results)
                     if skipped:
                         report.setdefault("skipped", {})[system] = skipped
                         print_fn(f"[{dtype}] vllm skipped: {skipped}")
@@ -196,14 +196,15 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
     return report
 
 
-def _run_vllm(bench: ThroughputBench, folder: Path, dtype: str, requests, max_num_seqs: int, cores: int,
+def _run_vllm(bench: ThroughputBench, folder: Path, dtype: str, requests, engine: EngineConfig, cores: int,
               results: dict[str, SystemResult]) -> str | None:
     """vLLM's CPU backend on the same requests, in its own Python; the reason it was skipped, or None."""
     from pdserve.bench import vllm_peer
 
     try:
         peer = vllm_peer.find(bench.vllm_python)
-        results["vllm"] = vllm_peer.run(peer, folder, dtype, requests, max_num_seqs=max_num_seqs, cores=cores)
+        results["vllm"] = vllm_peer.run(peer, folder, dtype, requests, max_num_seqs=engine.max_num_seqs, cores=cores,
+                                        kv_cache_gib=engine.kv_cache_gib)
     except vllm_peer.VllmUnavailable as e:
         return str(e)
     return None

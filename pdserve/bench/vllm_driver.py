@@ -3,7 +3,7 @@ starts it as a script with a JSON job and reads a JSON answer back.
 
     python vllm_driver.py JOB.json ANSWER.json
 
-JOB: {"model": folder, "dtype": str, "max_model_len": int, "max_num_seqs": int,
+JOB: {"model": folder, "dtype": str, "max_model_len": int, "max_num_seqs": int, "kv_cache_bytes": int,
       "requests": [{"id": str, "prompt_token_ids": [int], "max_tokens": int}]}
 ANSWER: {"version": str, "wall_s": float, "outputs": {id: [int]}}
 
@@ -23,8 +23,10 @@ def main(job_path: str, answer_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     job = json.loads(open(job_path).read())
+    # The KV cache sized as pdserve's (by default vLLM's CPU backend reserves 92% of the machine's memory,
+    # and refuses to start on a machine others use).
     llm = LLM(model=job["model"], dtype=job["dtype"], max_model_len=job["max_model_len"],
-              max_num_seqs=job["max_num_seqs"], seed=0)
+              max_num_seqs=job["max_num_seqs"], kv_cache_memory_bytes=job["kv_cache_bytes"], seed=0)
     requests = job["requests"]
     warm = requests[0]["prompt_token_ids"][:16]
     llm.generate([{"prompt_token_ids": warm}], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),

@@ -56,19 +56,21 @@ def peer_env(cores: int) -> dict[str, str]:
     return env
 
 
-def job(folder: Path, dtype: str, requests: list[BenchRequest], max_num_seqs: int) -> dict:
+def job(folder: Path, dtype: str, requests: list[BenchRequest], max_num_seqs: int, kv_cache_gib: float = 1.0) -> dict:
     longest = max(len(r.prompt_ids) + r.max_tokens for r in requests)
     return {"model": str(folder), "dtype": dtype, "max_model_len": longest + 16, "max_num_seqs": max_num_seqs,
+            "kv_cache_bytes": int(kv_cache_gib * 2**30),
             "requests": [{"id": r.custom_id, "prompt_token_ids": list(r.prompt_ids), "max_tokens": r.max_tokens}
                          for r in requests]}
 
 
 def run(peer: VllmPeer, folder: Path, dtype: str, requests: list[BenchRequest], max_num_seqs: int = 256,
-        cores: int | None = None, timeout_s: float = 3600) -> SystemResult:
-    """vLLM's `LLM.generate` over the workload in its own process; its wall time excludes its start-up."""
+        cores: int | None = None, timeout_s: float = 3600, kv_cache_gib: float = 1.0) -> SystemResult:
+    """vLLM's `LLM.generate` over the workload in its own process; its wall time excludes its start-up.
+    Its KV cache gets `kv_cache_gib` (pdserve's --kv-cache-gib), its batch `max_num_seqs` (--max-num-seqs)."""
     with tempfile.TemporaryDirectory(prefix="pdserve-vllm-") as tmp:
         job_path, answer_path = Path(tmp) / "job.json", Path(tmp) / "answer.json"
-        job_path.write_text(json.dumps(job(folder, dtype, requests, max_num_seqs)))
+        job_path.write_text(json.dumps(job(folder, dtype, requests, max_num_seqs, kv_cache_gib)))
         done = subprocess.run([str(peer.python), str(DRIVER), str(job_path), str(answer_path)],
                               env=peer_env(cores or os.cpu_count() or 1), capture_output=True, text=True,
                               timeout=timeout_s, cwd=tmp)
