@@ -52,13 +52,21 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the LM head")
 
 
-def cluster_args(p: argparse.ArgumentParser) -> None:
+AUTO_MODE = "auto"
+
+
+def cluster_args(p: argparse.ArgumentParser, offline: bool = False) -> None:
+    """`offline` (run-batch, bench throughput): --mode defaults to auto (runtime/offline_mode.py)."""
     g = p.add_argument_group("cluster")
     g.add_argument("--address", default=None,
                    help="Ray cluster: omit to start a local one, 'auto' to join the running one, or ray://host:port")
-    g.add_argument("--mode", default=Mode.PD.value, choices=Mode.words(),
+    auto = (f"; {AUTO_MODE} (the default): the mode measured faster offline on one CPU node there (a local "
+            "cluster on the CPU), pd elsewhere, said in the log") if offline else ""
+    g.add_argument("--mode", default=AUTO_MODE if offline else Mode.PD.value,
+                   choices=(*Mode.words(), AUTO_MODE) if offline else Mode.words(),
                    help="pd: prefill and decode workers, KV sent between them; colocated: workers that each "
-                        "prefill (chunked, mixed into decode steps) and decode, the non-disaggregated baseline")
+                        "prefill (chunked, mixed into decode steps) and decode, the non-disaggregated baseline"
+                        + auto)
     g.add_argument("--prefill-workers", type=int, default=1)
     g.add_argument("--decode-workers", type=int, default=1)
     g.add_argument("--colocated-workers", type=int, default=1,
@@ -149,6 +157,10 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
              for role in ("prefill", "decode")}
     if args.mode == Mode.COLOCATED and getattr(args, "deployment", None):
         raise ValueError("--deployment serves a running deployment, which runs --mode pd; drop --mode colocated")
+    if args.mode == AUTO_MODE:
+        from pdserve.runtime.offline_mode import choose_offline_mode
+
+        args.mode = choose_offline_mode(args).value
     return ClusterConfig(address=args.address, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
                          transport=Transport(args.transport), prefill_threads=args.prefill_threads,
                          decode_threads=args.decode_threads, prefill=roles["prefill"], decode=roles["decode"],

@@ -33,7 +33,7 @@ def add_parser(bench) -> None:
                          "ideal makespan from this run's measured prefill rate and step times")
     tp.add_argument("--json", default=None, help="also write the full report here")
     flags.engine_args(tp)
-    flags.cluster_args(tp)
+    flags.cluster_args(tp, offline=True)
     tp.set_defaults(func=cmd_bench_throughput)
 
 
