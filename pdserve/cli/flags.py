@@ -160,7 +160,7 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
     if args.mode == AUTO_MODE:
         from pdserve.runtime.offline_mode import choose_offline_mode
 
-        args.mode = choose_offline_mode(args).value
+        args.mode = choose_offline_mode(args, engine_config(args).resolved().device).value
     return ClusterConfig(address=args.address, num_prefill=args.prefill_workers, num_decode=args.decode_workers,
                          transport=Transport(args.transport), prefill_threads=args.prefill_threads,
                          decode_threads=args.decode_threads, prefill=roles["prefill"], decode=roles["decode"],

@@ -37,11 +37,9 @@ def pd_only_asks(args: argparse.Namespace) -> list[str]:
     return asks
 
 
-def choose_offline_mode(args: argparse.Namespace) -> Mode:
-    """The mode for `--mode auto`, said in the log (at warning level: the default log shows it)."""
-    from pdserve.cli import flags
-
-    device = flags.engine_config(args).resolved().device
+def choose_offline_mode(args: argparse.Namespace, device: str) -> Mode:
+    """The mode for `--mode auto` (`device`: the engine's, resolved), said in the log (at warning level:
+    the default log shows it)."""
     asks = pd_only_asks(args)
     if args.address is None and device == "cpu" and not asks:
         log.warning("--mode auto: one CPU node (a local cluster, device cpu): running --mode %s, measured faster "
