@@ -114,7 +114,9 @@ def render(b: Breakdown) -> str:
              f"  the rest          {pct(b.rest_s)}  (router, Ray, transfers, admission, idle while work waits)",
              f"  core lease waits  {b.lease_wait_s:.2f} s (summed over both sides)"]
     if b.curve:
-        lines.append(f"  step time         {b.curve.fixed * 1e3:.1f} ms + {b.curve.per_row * 1e3:.2f} ms/row (fit)")
+        mixed = " over mixed steps (prefill chunks in them)" if b.prefill_s is None else ""
+        lines.append(f"  step time         {b.curve.fixed * 1e3:.1f} ms + {b.curve.per_row * 1e3:.2f} ms/row "
+                     f"(fit{mixed})")
     if b.ideal_s is not None:
         lines.append(f"ideal makespan {b.ideal_s:.2f} s (prefill {b.ideal_prefill_s:.2f} s at "
                      f"{b.prefill_tok_s:.0f} tok/s + decode replay {b.ideal_decode_s:.2f} s) vs measured "
