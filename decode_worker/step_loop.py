@@ -63,7 +63,10 @@ class StepLoopWorker(ABC):
         self.step_run_queue_seconds: float | None = None
         self._run_queue = RunQueueClock()  # opened by the loop thread, on its first read
         # Each step runs holding the node's cores when a prefill worker shares them (engine/core_lease.py).
+        # While the loop waits for them it is not wedged: polls report no stall (a prefill worker that hangs
+        # holding the lease is its own call's timeout, and its death frees the lease).
         self.core_lease: CoreLease = NoLease()
+        self._waiting_for_cores = False
         self._heartbeat = time.monotonic()  # the loop's last turn: idle turns every 50 ms, busy ones every step
         self._stall_until = 0.0  # fault drill: see stall_for
         self._streamed: dict[str, int] = {}  # streaming polls: request -> output tokens already reported
@@ -102,7 +105,8 @@ class StepLoopWorker(ABC):
             events = self.blocks.take_events()
             released = tuple(self.blocks.take_released().items())
         self.poll_cpu_seconds += time.thread_time() - started_cpu  # one poll at a time: no race
-        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress), events or None,
+        stalled = 0.0 if self._waiting_for_cores else time.monotonic() - self._heartbeat
+        return DecodePoll(tuple(out), stalled, tuple(progress), events or None,
                           prefilled, released)
 
     def _release_behind_window(self, seqs) -> None:
@@ -161,7 +165,9 @@ class StepLoopWorker(ABC):
             self._drain_loop_queue(block=not self._has_work())
             if self._has_work():
                 waited = self._run_queue.read()
+                self._waiting_for_cores = True
                 with self.core_lease.hold():
+                    self._heartbeat, self._waiting_for_cores = time.monotonic(), False
                     self._step()
                 if waited is not None:
                     self.step_run_queue_seconds = (self.step_run_queue_seconds or 0.0) + self._run_queue.read() - waited

@@ -71,7 +71,7 @@ def lease_key(run_token: str, node_id: str) -> str:
 class NodeCoreLease:
     def __init__(self, key: str, role: LeaseRole, directory: Path | None = None) -> None:
         folder = directory or lease_directory()
-        self.role = role
+        self.key, self.directory, self.role = key, folder, role
         self.paths = (folder / f"pdserve-cores-{key}.turn", folder / f"pdserve-cores-{key}.lock")
         self._turn, self._cores = (os.open(p, os.O_RDWR | os.O_CREAT, 0o600) for p in self.paths)
         self.waited_s = 0.0
