@@ -8,7 +8,8 @@ The measured makespan (run-batch's wall, workers already started) is split into
                       while work waits (on one node with the core lease the two never overlap)
 
 and set beside an ideal makespan made of the same run's measured parts: every prompt prefilled at the
-measured prefill rate, then the workload's output lengths replayed through the measured step-time curve
+measured prefill rate over the tokens it computed (a prefix-cache hit is a real saving), then the
+workload's output lengths replayed through the measured step-time curve
 t(b) = a + c*b (least squares over the steps of each batch size) at --max-num-seqs rows at most.
 """
 
@@ -40,6 +41,9 @@ class StepCurve:
         var = sum(c * (b - mean_b) ** 2 for b, (c, _) in steps_by_rows.items())
         cov = sum((b - mean_b) * (s - c * mean_t) for b, (c, s) in steps_by_rows.items())
         per_row = max(0.0, cov / var) if var > 0 else 0.0
+        if mean_t - per_row * mean_b < 0:  # noise made the line cross zero: through the origin instead
+            total_rows = sum(b * c for b, (c, _) in steps_by_rows.items())
+            return cls(0.0, sum(s for _, s in steps_by_rows.values()) / total_rows)
         return cls(mean_t - per_row * mean_b, per_row)
 
 
@@ -102,7 +106,7 @@ def compute(makespan_s: float, prefill: list[PrefillStats], loops: list[DecodeSt
         makespan_s=makespan_s, prefill_s=forward if prefill else None,
         decode_s=sum(s.loop.step_seconds for s in loops),
         lease_wait_s=sum(p.lease_wait_seconds for p in prefill) + sum(s.loop.lease_wait_seconds for s in loops),
-        prefill_tok_s=rate, curve=curve, ideal_prefill_s=prompt_tokens / rate if rate else None,
+        prefill_tok_s=rate, curve=curve, ideal_prefill_s=computed / rate if rate else None,
         ideal_decode_s=replay_decode(output_lengths, max_num_seqs, curve) if curve else None)
 
 

@@ -14,6 +14,8 @@ def test_the_step_curve_fits_a_line_through_the_measured_steps():
     assert curve.fixed == pytest.approx(0.02) and curve.per_row == pytest.approx(0.001)
     assert StepCurve.fit({}) is None
     assert StepCurve.fit({16: (4, 0.4)}) == StepCurve(0.1, 0.0)  # one batch size: its mean, flat
+    noisy = StepCurve.fit({1: (1, 0.001), 10: (1, 1.0), 20: (1, 1.5)})  # a line would cross zero
+    assert noisy.fixed == 0.0 and noisy.per_row == pytest.approx(2.501 / 31)
 
 
 def test_the_replay_runs_each_request_for_its_decode_steps_at_most_max_num_seqs_at_once():
@@ -32,8 +34,8 @@ def test_compute_splits_the_makespan_and_sets_the_ideal_beside_it():
     b = compute(6.0, [prefill], [decode], prompt_tokens=1000, output_lengths=[3, 2], max_num_seqs=8)
     assert b.prefill_s == 2.0 and b.decode_s == 2.0 and b.rest_s == pytest.approx(2.0)
     assert b.lease_wait_s == pytest.approx(0.75) and b.prefill_tok_s == pytest.approx(400.0)
-    assert b.ideal_prefill_s == pytest.approx(2.5)
+    assert b.ideal_prefill_s == pytest.approx(2.0)  # the 800 computed tokens at 400 tok/s
     assert b.ideal_decode_s == pytest.approx(1.0)  # 0.5 s per step (flat fit), two steps
-    assert "ideal makespan 3.50 s" in render(b)
+    assert "ideal makespan 3.00 s" in render(b)
     colocated = compute(6.0, [], [decode], 1000, [3, 2], 8)
     assert colocated.prefill_s is None and colocated.ideal_s is None and colocated.rest_s == pytest.approx(4.0)
