@@ -14,8 +14,8 @@ def test_the_step_curve_fits_a_line_through_the_measured_steps():
     assert curve.fixed == pytest.approx(0.02) and curve.per_row == pytest.approx(0.001)
     assert StepCurve.fit({}) is None
     assert StepCurve.fit({16: (4, 0.4)}) == StepCurve(0.1, 0.0)  # one batch size: its mean, flat
-    noisy = StepCurve.fit({1: (1, 0.001), 10: (1, 1.0), 20: (1, 1.5)})  # a line would cross zero
-    assert noisy.fixed == 0.0 and noisy.per_row == pytest.approx(2.501 / 31)
+    noisy = StepCurve.fit({1: (1, 0.001), 2: (1, 0.001), 20: (1, 2.0)})  # a line would cross zero
+    assert noisy.fixed == 0.0 and noisy.per_row == pytest.approx(2.002 / 23)
 
 
 def test_the_replay_runs_each_request_for_its_decode_steps_at_most_max_num_seqs_at_once():
