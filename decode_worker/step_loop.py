@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from decode_worker.phases import PhaseClock, RunQueueClock
+from engine.core_lease import CoreLease, NoLease
 from engine.kv_window import blocks_before_window
 from proto.messages import DecodePoll, DecodeResult, PrefillResult, TokenProgress
 from proto.stats import LoopStats, PoolStats
@@ -53,6 +54,7 @@ class StepLoopWorker(ABC):
         self.step_cpu_seconds = 0.0  # the loop thread's CPU time inside steps: at one torch thread, less
         # than step_seconds by the time it waited for a core or the GIL (with more, OpenMP threads' work too)
         self.step_rows = 0  # sum of batch sizes over steps
+        self.steps_by_rows: dict[int, tuple[int, float]] = {}  # batch size -> (steps, wall seconds)
         # Per-phase wall/CPU seconds of the loop thread (decode_worker/phases.py): the step's own phases,
         # and between steps "ingest" (admissions and aborts taken off the inbox) and "finish" (results).
         self.phases = phases or PhaseClock()
@@ -61,6 +63,11 @@ class StepLoopWorker(ABC):
         # None where the OS does not say. Counted around `_step`, so a step's result handling is in it too.
         self.step_run_queue_seconds: float | None = None
         self._run_queue = RunQueueClock()  # opened by the loop thread, on its first read
+        # Each step runs holding the node's cores when a prefill worker shares them (engine/core_lease.py).
+        # While the loop waits for them it is not wedged: polls report no stall (a prefill worker that hangs
+        # holding the lease is its own call's timeout, and its death frees the lease).
+        self.core_lease: CoreLease = NoLease()
+        self._waiting_for_cores = False
         self._heartbeat = time.monotonic()  # the loop's last turn: idle turns every 50 ms, busy ones every step
         self._stall_until = 0.0  # fault drill: see stall_for
         self._streamed: dict[str, int] = {}  # streaming polls: request -> output tokens already reported
@@ -103,7 +110,8 @@ class StepLoopWorker(ABC):
             events = self.blocks.take_events()
             released = tuple(self.blocks.take_released().items())
         self.poll_cpu_seconds += time.thread_time() - started_cpu  # one poll at a time: no race
-        return DecodePoll(tuple(out), time.monotonic() - self._heartbeat, tuple(progress), events or None,
+        stalled = 0.0 if self._waiting_for_cores else time.monotonic() - self._heartbeat
+        return DecodePoll(tuple(out), stalled, tuple(progress), events or None,
                           prefilled, released)
 
     def _release_behind_window(self, seqs) -> None:
@@ -126,7 +134,8 @@ class StepLoopWorker(ABC):
         return LoopStats(steps=self.steps, step_seconds=self.step_seconds, step_rows=self.step_rows,
                          step_cpu_seconds=self.step_cpu_seconds, poll_cpu_seconds=self.poll_cpu_seconds,
                          step_run_queue_seconds=self.step_run_queue_seconds, phase_seconds=dict(self.phases.wall),
-                         phase_cpu_seconds=dict(self.phases.cpu))
+                         phase_cpu_seconds=dict(self.phases.cpu), steps_by_rows=dict(self.steps_by_rows),
+                         lease_wait_seconds=self.core_lease.waited_s)
 
     def _pool_stats(self) -> PoolStats:
         """The pool as the block manager sees it; call under `_lock`."""
@@ -161,7 +170,10 @@ class StepLoopWorker(ABC):
             self._drain_loop_queue(block=not self._has_work())
             if self._has_work():
                 waited = self._run_queue.read()
-                self._step()
+                self._waiting_for_cores = True
+                with self.core_lease.hold():
+                    self._heartbeat, self._waiting_for_cores = time.monotonic(), False
+                    self._step()
                 self._stepped.set()
                 if waited is not None:
                     self.step_run_queue_seconds = (self.step_run_queue_seconds or 0.0) + self._run_queue.read() - waited
@@ -191,6 +203,8 @@ class StepLoopWorker(ABC):
         self.step_seconds += time.perf_counter() - started
         self.step_cpu_seconds += time.thread_time() - started_cpu
         self.step_rows += rows
+        count, seconds = self.steps_by_rows.get(rows, (0, 0.0))
+        self.steps_by_rows[rows] = (count + 1, seconds + time.perf_counter() - started)
 
     def _progress(self) -> list[TokenProgress]:
         """New tokens of streamable sequences since the last call. Reads lists the loop appends to

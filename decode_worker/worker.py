@@ -26,6 +26,7 @@ from decode_worker.step_loop import Abort, StepLoopWorker
 from decode_worker.stopping import StopChecker
 from engine.compute_thread import ComputeThread
 from engine.config import SamplingParams
+from engine.core_lease import LeaseRole, NodeCoreLease, lease_key
 from engine.kv_cache import BlockManager, KVPool
 from engine.kv_window import blocks_before_window
 from engine.loader import load_tokenizer
@@ -95,6 +96,8 @@ class DecodeWorker(StepLoopWorker):
                                          config.engine.max_num_seqs)
         self.batcher.enable_speculation(build_stepper(self.runner, self.pool, stopper))
         self._start_loop_state(self.batcher.phases)
+        if config.share_node_cores:
+            self.core_lease = NodeCoreLease(lease_key(config.auth_token, node_id), LeaseRole.DECODE)
         # Sum over steps of each row's position (the context the plan profile's decode step is timed at):
         # / step_rows = the mean context a step ran at, to compare a step's time with the profile's fit.
         self.step_context_tokens = 0
@@ -178,6 +181,8 @@ class DecodeWorker(StepLoopWorker):
         if self.tp.size > 1:
             self.compute.call(self.runner.stop)  # the followers' loops return
             self.ranks.close()
+        if isinstance(self.core_lease, NodeCoreLease):
+            self.core_lease.close()
         if self._server:
             self._server.stop()
         if self._shared:

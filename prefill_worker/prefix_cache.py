@@ -5,6 +5,9 @@ left there), only the uncached suffix is computed (`ModelRunner.extend` attends 
 prefix through the block tables and stores the new K/V in the pool), and afterwards the prompts'
 full blocks get their keys and are released into the pool's LRU for later batches.
 
+A batch with no hit at all costs what caching off costs: the plain packed prefill runs, and the
+pool keeps only the rows a later prompt can reuse, those of full blocks (`full_block_writer`).
+
     prompt i:   [ cached prefix: p_i tokens | computed: len_i - p_i tokens ]
     sent:                 [ from cached_blocks * BS on: what the decode worker lacks ]
 
@@ -16,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from engine.attention import KVSink
 from engine.kv_cache import BlockManager, KVPool
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, token_slots
 
 
 class PrefillCache:
@@ -48,6 +52,30 @@ class PrefillCache:
 
     def tables(self, ids: list[str]) -> list[list[int]]:
         return [self.blocks.table(rid) for rid in ids]
+
+    def full_block_writer(self, prompts: list[list[int]], tables: list[list[int]]) -> KVSink:
+        """A KV sink for a plain packed prefill of `prompts` (allocated here, nothing cached): stores each
+        prompt's full blocks into the pool, the only rows `commit` keys; a partial last block is never read."""
+        bs = self.layout.block_size
+        rows: list[int] = []
+        slots: list[int] = []
+        start = 0
+        for prompt, table in zip(prompts, tables):
+            full = len(prompt) // bs * bs
+            rows += range(start, start + full)
+            slots += token_slots(table, full, bs)
+            start += len(prompt)
+        device = self.pool.device
+        row_index = torch.tensor(rows, dtype=torch.long, device=device)
+        slot_index = torch.tensor(slots, dtype=torch.long, device=device)
+
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            if len(rows) == start:  # every prompt block-aligned: no gather
+                self.pool.write_tokens(layer, slot_index, k, v)
+            elif rows:
+                self.pool.write_tokens(layer, slot_index, k.index_select(0, row_index), v.index_select(0, row_index))
+
+        return write
 
     def cached_rows(self, layer: int, table: list[int], start: int,
                     end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -1,9 +1,9 @@
 """The prefill worker: packed prefill of a batch, first token, KV streamed out layer by layer.
 
 With prefix caching, prompts are computed from the end of their longest prefix
-cached in the worker's own pool (prefix_cache.py). Each layer's K/V goes to the
-request's decode worker (only the blocks it does not already hold) as soon as the layer is
-computed (the attention context's KV sink), so the transfer of layer i
+cached in the worker's own pool (prefix_cache.py); a batch with no hit runs the plain packed
+prefill. Each layer's K/V goes to the request's decode worker (only the blocks it does not
+already hold) as soon as the layer is computed (the attention context's KV sink), so the transfer of layer i
 overlaps the compute of layer i+1. A transfer that fails costs only its own
 request: the result carries the error and the router retries it elsewhere.
 """
@@ -19,6 +19,7 @@ import torch
 from decode_worker.ranks import exchange_pools, start_rank
 from engine.attention import KVSink
 from engine.compute_thread import ComputeThread
+from engine.core_lease import CoreLease, LeaseRole, NodeCoreLease, NoLease, lease_key
 from engine.kv_cache import as_stored
 from engine.loader import load_tokenizer
 from engine.parallel.follow import DriverRunner
@@ -31,6 +32,7 @@ from kvtransfer.reshard import whole_layout
 from prefill_worker.prefix_cache import PrefillCache
 from proto.kinds import Transport
 from proto.messages import PrefillResult, PrefillTask, WorkerConfig
+from proto.stats import PrefillStats
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -60,6 +62,10 @@ class PrefillWorker:
             self.runner = DriverRunner(self.runner, self.tp)
         self._connections: dict[str, tuple[KVEndpoint, KVConnection]] = {}  # by decode worker id
         self._faults_left = config.inject_transfer_failures
+        self.lease: CoreLease = (NodeCoreLease(lease_key(config.auth_token, node_id), LeaseRole.PREFILL)
+                                 if config.share_node_cores else NoLease())
+        self._counts = {"batches": 0, "prompt_tokens": 0, "computed_tokens": 0}
+        self._seconds = {"forward": 0.0, "call": 0.0}
 
     def connection(self, endpoint: KVEndpoint) -> KVConnection:
         """A cached connection to `endpoint`; a restarted decode worker (new endpoint) gets a new one."""
@@ -81,6 +87,7 @@ class PrefillWorker:
         return self.compute.call(self._prefill, tasks)
 
     def _prefill(self, tasks: list[PrefillTask]) -> list[PrefillResult]:
+        called = time.perf_counter()
         errors: dict[str, str] = {}
         handles = self._begin_transfers(tasks, errors)
         ids = [t.request_id for t in tasks]
@@ -91,11 +98,10 @@ class PrefillWorker:
         ship = self._shipper(tasks, handles, errors, computed_from, tables)
         prefill_start = time.time()
         try:
-            if cached is None:
-                logits = self.runner.prefill(prompts, ship)
-            else:
-                chunks = [p[c:] for p, c in zip(prompts, cached)]
-                logits = self.runner.extend(self.cache.pool, chunks, cached, tables, kv_sink=ship)
+            with self.lease.hold():
+                started = time.perf_counter()
+                logits = self._forward(prompts, cached, tables, ship)
+                self._seconds["forward"] += time.perf_counter() - started
         except BaseException:
             if cached is not None:
                 self.cache.release(ids)  # the pool's copy is incomplete: nothing gets a key
@@ -110,6 +116,7 @@ class PrefillWorker:
         events = self.cache.blocks.take_events() if self.cache else None
         if results and events:
             results[0] = replace(results[0], kv_events=events)
+        self._count(prompts, computed_from, time.perf_counter() - called)
         return results
 
     def _mask_first_tokens(self, tasks: list[PrefillTask], logits: torch.Tensor, errors: dict[str, str]) -> None:
@@ -124,6 +131,27 @@ class PrefillWorker:
         masks = self.masks.begin(grammars)
         if masks is not None:
             masks.apply(logits)
+
+    def _count(self, prompts: list[list[int]], cached: list[int], seconds: float) -> None:
+        self._counts["batches"] += 1
+        self._counts["prompt_tokens"] += sum(len(p) for p in prompts)
+        self._counts["computed_tokens"] += sum(len(p) - c for p, c in zip(prompts, cached))
+        self._seconds["call"] += seconds
+
+    def stats(self) -> PrefillStats:
+        return PrefillStats(self.worker_id, **self._counts, forward_seconds=self._seconds["forward"],
+                            call_seconds=self._seconds["call"], lease_wait_seconds=self.lease.waited_s)
+
+    def _forward(self, prompts: list[list[int]], cached: list[int] | None, tables: list[list[int]],
+                 ship: KVSink) -> torch.Tensor:
+        """Last-token logits of `prompts`, every layer's K/V through `ship` (and the cache's pool)."""
+        if cached is None:
+            return self.runner.prefill(prompts, ship)
+        if not any(cached):  # a miss costs what caching off costs: the plain packed prefill
+            store = self.cache.full_block_writer(prompts, tables)
+            return self.runner.prefill(prompts, lambda layer, k, v: (store(layer, k, v), ship(layer, k, v)))
+        chunks = [p[c:] for p, c in zip(prompts, cached)]
+        return self.runner.extend(self.cache.pool, chunks, cached, tables, kv_sink=ship)
 
     def _begin_transfers(self, tasks: list[PrefillTask], errors: dict[str, str]) -> list[_Handle | None]:
         handles: list[_Handle | None] = []
@@ -201,3 +229,5 @@ class PrefillWorker:
         if self.tp.size > 1:
             self.compute.call(self.runner.stop)  # the followers' loops return
         self.compute.shutdown()
+        if isinstance(self.lease, NodeCoreLease):
+            self.lease.close()

@@ -205,3 +205,6 @@ class WorkerConfig:
     inject_transfer_failures: int = 0  # fault drill: the first N transfers of a prefill worker fail
     max_num_batched_tokens: int = 0  # colocated workers: tokens per mixed step; 0: 512 on a CPU, 2048 on CUDA
     tensor_parallel: TensorParallelSpec = field(default_factory=TensorParallelSpec)  # this process's rank
+    # PD on a CPU node whose cores both roles use: prefill and decode forwards take turns on the node's cores
+    # (engine/core_lease.py); the lease is named by auth_token and the node id.
+    share_node_cores: bool = False

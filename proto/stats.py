@@ -23,6 +23,22 @@ class LoopStats:
     step_run_queue_seconds: float | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
     phase_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    # Steps and their wall seconds per batch size (rows): the step-time curve a run measured.
+    steps_by_rows: dict[int, tuple[int, float]] = field(default_factory=dict)
+    lease_wait_seconds: float = 0.0  # waiting for the node's cores while a prefill worker held them
+
+
+@dataclass(frozen=True)
+class PrefillStats:
+    """A prefill worker's counters since it started (prefill_worker/worker.py)."""
+
+    worker_id: str
+    batches: int = 0
+    prompt_tokens: int = 0
+    computed_tokens: int = 0  # prompt tokens less those its prefix cache served
+    forward_seconds: float = 0.0  # wall seconds inside the model's forward (KV sent layer by layer inside it)
+    call_seconds: float = 0.0  # wall seconds of whole prefill calls (cache, forward, sampling, transfers' ends)
+    lease_wait_seconds: float = 0.0  # waiting for the node's cores while a decode step held them
 
 
 @dataclass(frozen=True)

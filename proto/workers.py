@@ -35,7 +35,7 @@ from proto.messages import (
     PrefillTask,
     Reservation,
 )
-from proto.stats import ColocatedStats, DecodeStats, WorkerPlacement
+from proto.stats import ColocatedStats, DecodeStats, PrefillStats, WorkerPlacement
 
 
 @runtime_checkable
@@ -62,6 +62,9 @@ class PrefillWorkerAPI(Protocol):
 
     def barrier(self) -> None:
         """Returns once the prefill calls queued before it have run (their KV writes are over)."""
+
+    def stats(self) -> PrefillStats:
+        """Counters since start: batches, tokens, forward and call seconds, waits for the node's cores."""
 
     def shutdown(self) -> None: ...
 

@@ -1,15 +1,16 @@
 """`pdserve bench throughput`: pdserve against transformers on one workload, in one run.
 
 For each dtype: transformers' `generate` in static batches, transformers'
-continuous batching, and pdserve (1 prefill + 1 decode worker by default),
+continuous batching, pdserve (1 prefill + 1 decode worker by default),
 optionally pdserve again on the generic path (`pdserve_generic`: --model-impl
-transformers, the same model through transformers' modules), then a table of
-wall time, useful output tok/s, total tok/s, mean TTFT/TPOT, the ratio of
-pdserve to each baseline, and the share of the compute bound (matmul FLOP/s
-measured in this run / 2·active params: a mixture-of-experts token uses its
-top-k experts only). The last line is
+transformers, the same model through transformers' modules) and, with
+`--systems ...,vllm`, vLLM's CPU backend in its own Python (vllm_peer.py),
+then a table of wall time, useful output tok/s, total tok/s, mean TTFT/TPOT,
+the ratio of pdserve to each baseline, and the share of the compute bound
+(matmul FLOP/s measured in this run / 2·active params: a mixture-of-experts
+token uses its top-k experts only). The last line is
     throughput ratio_vs_hf_cb=<x> ratio_vs_hf_static=<y> roofline_share=<z> [ratio_native_vs_generic=<w>]
-for the last dtype run (bf16 by default).
+for the last dtype run (bf16 by default), plus `vllm_out_tok_s=<v> ratio_vs_vllm=<r>` when vllm was asked for.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pdserve.bench.workload import (
 )
 from router.router import RouterConfig
 
-SYSTEMS = ("hf_static", "hf_cb", "pdserve", "pdserve_generic")
+SYSTEMS = ("hf_static", "hf_cb", "pdserve", "pdserve_generic", "vllm")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class ThroughputBench:
     static_batch_size: int = 8
     baseline_threads: int = 0  # 0: all cores
     check_outputs: bool = True  # pdserve's greedy outputs vs the baselines'
+    vllm_python: str | None = None  # vLLM's own Python (vllm_peer.py); None: PDSERVE_VLLM_PYTHON
+    breakdown: bool = False  # split pdserve's makespan (breakdown.py): workers' stats read at the end
 
 
 def matmul_flops(dtype: str, threads: int, m: int = 2048, k: int = 576, n: int = 1536, repeats: int = 20,
@@ -86,15 +89,22 @@ def _isolated(threads: int, fn, *args):
 
 
 def run_pdserve(requests, batch_path: Path, engine: EngineConfig, cluster, dtype: str,
-                router: RouterConfig | None = None, system: str = "pdserve") -> SystemResult:
-    """pdserve on the benchmark batch; `pdserve_generic` forces transformers' modules (--model-impl transformers)."""
+                router: RouterConfig | None = None, system: str = "pdserve",
+                stats: list | None = None) -> SystemResult:
+    """pdserve on the benchmark batch; `pdserve_generic` forces transformers' modules (--model-impl transformers).
+    `stats`: when given, gets (prefill stats, step-loop stats) of the workers once every request finished."""
     from pdserve.batch.run import BatchOptions, run_batch
 
     out = batch_path.with_name(f"{system}-{dtype}.jsonl")
     router = router or RouterConfig(max_prefill_tokens=engine.max_prefill_tokens)
     impl = "transformers" if system == "pdserve_generic" else engine.model_impl
-    engine = replace(engine, dtype=dtype, model_impl=impl)
-    summary = run_batch(batch_path, out, engine, cluster, router, BatchOptions(progress=False))
+
+    def at_end(api) -> None:
+        if stats is not None and api.done and not stats:
+            stats.append(worker_stats(api.workers))
+
+    summary = run_batch(batch_path, out, replace(engine, dtype=dtype, model_impl=impl), cluster, router,
+                        BatchOptions(progress=False), on_tick=at_end)
     if summary.failed:
         raise RuntimeError(f"pdserve failed {summary.failed} benchmark requests; see {out}")
     result = SystemResult(system, dtype, summary.wall_s, summary.completion_tokens, summary.prompt_tokens,
@@ -103,6 +113,14 @@ def run_pdserve(requests, batch_path: Path, engine: EngineConfig, cluster, dtype
         rec = json.loads(line)
         result.outputs[rec["custom_id"]] = rec["pdserve"]["output_token_ids"]
     return result
+
+
+def worker_stats(workers) -> tuple[list, list]:
+    """Every worker's counters now: (prefill workers' PrefillStats, step loops' Decode/ColocatedStats)."""
+    import ray
+
+    prefill = ray.get([h.stats.remote() for h in workers.prefill.values()])
+    return prefill, ray.get([h.stats.remote() for h in workers.decode.values()])
 
 
 def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
@@ -148,7 +166,18 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
                 elif system == "hf_cb":
                     results[system] = _isolated(threads, hf_continuous, folder, dtype, requests, 3600, device)
                 elif system in ("pdserve", "pdserve_generic"):
-                    results[system] = run_pdserve(requests, batch_path, engine, cluster, dtype, router, system)
+                    stats: list = []
+                    results[system] = run_pdserve(requests, batch_path, engine, cluster, dtype, router, system,
+                                                  stats if bench.breakdown and system == "pdserve" else None)
+                    if stats:
+                        report.setdefault("breakdown", {})[dtype] = _breakdown(results[system], stats[0], requests,
+                                                                               engine.max_num_seqs, print_fn)
+                elif system == "vllm":
+                    skipped = _run_vllm(bench, folder, dtype, requests, engine, threads, results)
+                    if skipped:
+                        report.setdefault("skipped", {})[system] = skipped
+                        print_fn(f"[{dtype}] vllm skipped: {skipped}")
+                        continue
                 r = results[system]
                 print_fn(f"[{dtype}] {system}: {r.output_tok_s:.1f} output tok/s in {r.wall_s:.1f} s")
             report["dtypes"][dtype] = _summarize(results, flops, bound)
@@ -167,8 +196,35 @@ def run(bench: ThroughputBench, engine: EngineConfig, cluster, print_fn=print,
             f"roofline_share={_fmt(last.get('roofline_share'), 4)}")
     if "ratio_native_vs_generic" in last:
         line += f" ratio_native_vs_generic={_fmt(last['ratio_native_vs_generic'])}"
+    if "vllm" in bench.systems:
+        vllm = last["rows"].get("vllm")
+        line += (f" vllm_out_tok_s={_fmt(vllm['output_tok_s'], 1) if vllm else 'n/a'}"
+                 f" ratio_vs_vllm={_fmt(last.get('ratio_vs_vllm'))}")
     report["last_line"] = line
     return report
+
+
+def _run_vllm(bench: ThroughputBench, folder: Path, dtype: str, requests, engine: EngineConfig, cores: int,
+              results: dict[str, SystemResult]) -> str | None:
+    """vLLM's CPU backend on the same requests, in its own Python; the reason it was skipped, or None."""
+    from pdserve.bench import vllm_peer
+
+    try:
+        peer = vllm_peer.find(bench.vllm_python)
+        results["vllm"] = vllm_peer.run(peer, folder, dtype, requests, max_num_seqs=engine.max_num_seqs, cores=cores,
+                                        kv_cache_gib=engine.kv_cache_gib)
+    except vllm_peer.VllmUnavailable as e:
+        return str(e)
+    return None
+
+
+def _breakdown(result: SystemResult, stats: tuple[list, list], requests, max_num_seqs: int, print_fn) -> dict:
+    from pdserve.bench import breakdown
+
+    b = breakdown.compute(result.wall_s, stats[0], stats[1], result.prompt_tokens,
+                          [r.max_tokens for r in requests], max_num_seqs)
+    print_fn(breakdown.render(b))
+    return b.as_dict()
 
 
 def _summarize(results: dict[str, SystemResult], flops: float, bound_tok_s: float) -> dict:
@@ -180,7 +236,7 @@ def _summarize(results: dict[str, SystemResult], flops: float, bound_tok_s: floa
     out: dict = {"matmul_tflops": flops / 1e12, "compute_bound_tok_s": bound_tok_s, "rows": rows}
     if "pdserve" in results:
         p = results["pdserve"].output_tok_s
-        for base in ("hf_cb", "hf_static"):
+        for base in ("hf_cb", "hf_static", "vllm"):
             if base in results:
                 out[f"ratio_vs_{base}"] = p / results[base].output_tok_s
         out["roofline_share"] = rows["pdserve"]["roofline_share"]

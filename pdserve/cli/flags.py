@@ -56,14 +56,22 @@ def engine_args(p: argparse.ArgumentParser) -> None:
                         "cache (slower); transformers: always the latter (the start-up log says which ran)")
 
 
-def cluster_args(p: argparse.ArgumentParser) -> None:
+AUTO_MODE = "auto"
+
+
+def cluster_args(p: argparse.ArgumentParser, offline: bool = False) -> None:
+    """`offline` (run-batch, bench throughput): --mode defaults to auto (runtime/offline_mode.py)."""
     g = p.add_argument_group("cluster")
     g.add_argument("--address", default=None,
                    help="Ray cluster: omit to start a local one, 'auto' to join the running one, or ray://host:port")
-    g.add_argument("--mode", default=Mode.PD.value, choices=Mode.words(),
+    auto = (f"; {AUTO_MODE} (the default): the mode measured faster offline on one CPU node there (a local "
+            "cluster on the CPU), pd elsewhere, said in the log") if offline else ""
+    g.add_argument("--mode", default=AUTO_MODE if offline else Mode.PD.value,
+                   choices=(*Mode.words(), AUTO_MODE) if offline else Mode.words(),
                    help="pd: prefill and decode workers, KV sent between them; colocated: workers that each "
                         "prefill (chunked, mixed into decode steps) and decode, the non-disaggregated baseline; "
-                        "hybrid: prefill workers take long prompts, decode workers chunk-prefill short ones")
+                        "hybrid: prefill workers take long prompts, decode workers chunk-prefill short ones"
+                        + auto)
     g.add_argument("--hybrid-threshold", type=int, default=None,
                    help="--mode hybrid: uncached prompt tokens up to which a prompt is chunk-prefilled on its decode "
                         "worker below saturation (default: the rule `pdserve plan` prints, 512/256/0 by load)")
@@ -172,6 +180,10 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
     roles = {role: WorkerResources.parse(getattr(args, f"{role}_cpus"), getattr(args, f"{role}_gpus"),
                                          getattr(args, f"{role}_resources"), getattr(args, f"{role}_labels"))
              for role in ("prefill", "decode")}
+    if args.mode == AUTO_MODE:
+        from pdserve.runtime.offline_mode import choose_offline_mode
+
+        args.mode = choose_offline_mode(args, engine_config(args).resolved().device).value
     if args.mode != Mode.PD and getattr(args, "deployment", None):
         raise ValueError(f"--deployment serves a running deployment, which runs --mode pd; drop --mode {args.mode}")
     return ClusterConfig(address=args.address, num_prefill=args.prefill_workers, num_decode=args.decode_workers,

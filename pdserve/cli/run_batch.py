@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
                     help="send the batch to this running deployment (`pdserve up`) instead of starting workers")
     flags.slo_args(rb)
     flags.engine_args(rb)
-    flags.cluster_args(rb)
+    flags.cluster_args(rb, offline=True)
     rb.set_defaults(func=cmd_run_batch)
 
 

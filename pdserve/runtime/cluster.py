@@ -259,6 +259,7 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
     started = time.time()
     colocated = cluster.mode == Mode.COLOCATED
     even = _even_threads(cluster)  # before a placement group takes its CPUs out of the available ones
+    share_cores = shares_node_cores(engine, cluster)
     token = secrets.token_hex(16)
     roles = [("prefill", i) for i in range(cluster.num_prefill)] + [("decode", i) for i in range(cluster.num_decode)]
     if colocated:
@@ -285,7 +286,8 @@ def start_workers(engine: EngineConfig, cluster: ClusterConfig) -> WorkerSet:
                               auth_token=token, transport=cluster.transport.value,
                               transfer_timeout_s=cluster.transfer_timeout_s, tls=cluster.tls,
                               inject_transfer_failures=cluster.inject_transfer_failures if role == "prefill" else 0,
-                              max_num_batched_tokens=cluster.max_num_batched_tokens)
+                              max_num_batched_tokens=cluster.max_num_batched_tokens,
+                              share_node_cores=share_cores)
         options = _actor_options(cluster, role, i, threads, want, (pg, index))
         if size > 1:
             config, rank_options = _rank_group(config, size, options)
@@ -322,6 +324,15 @@ def _rank_group(config: WorkerConfig, size: int, options: dict) -> tuple[WorkerC
     followers = {k: v for k, v in options.items() if k not in ("name", "namespace", "lifetime")}
     followers.update(max_restarts=0, max_concurrency=2)
     return replace(config, tensor_parallel=spec), followers
+
+
+def shares_node_cores(engine: EngineConfig, cluster: ClusterConfig) -> bool:
+    """PD with one prefill and one decode worker on the CPU, each given all of its node's cores (no threads or
+    CPUs asked per role): where the two land on one node, their forwards take turns (engine/core_lease.py)."""
+    per_role = (cluster.prefill_threads or cluster.decode_threads or cluster.prefill.num_cpus
+                or cluster.decode.num_cpus)
+    return (cluster.mode == Mode.PD and engine.resolved().device == "cpu" and not per_role
+            and cluster.num_prefill == 1 and cluster.num_decode == 1)
 
 
 def _even_threads(cluster: ClusterConfig) -> int:

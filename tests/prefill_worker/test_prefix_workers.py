@@ -195,3 +195,28 @@ def test_a_finished_requests_generated_blocks_serve_the_next_chat_turn(tiny_with
     # 14 prompt + 11 generated tokens with KV: 6 full blocks of 4 (the prompt alone fills only 3)
     assert outs[True][0] == 6 and outs[False][0] == 0
     assert outs[True][1] == outs[False][1]
+
+
+def test_a_batch_without_a_hit_takes_the_plain_prefill_path(tiny_with_tokenizer, monkeypatch):
+    """Zero cached tokens in a batch: `ModelRunner.extend` is not called; a later batch that hits uses it,
+    and greedy outputs equal those with caching off."""
+    batches = _shared_prefix_batches(seed=2)
+    prefill, decode = _workers(tiny_with_tokenizer, True, "shm")
+    ref_prefill, ref_decode = _workers(tiny_with_tokenizer, False, "shm")
+    calls = []
+    real_extend = prefill.runner.extend
+    monkeypatch.setattr(prefill.runner, "extend", lambda *a, **k: calls.append(1) or real_extend(*a, **k))
+    try:
+        on = _run(prefill, decode, batches[:1])
+        assert calls == [] and all(r.cached_tokens == 0 for r in on.prefill.values())
+        on2 = _run(prefill, decode, batches[1:2])
+        assert calls == [1] and all(r.cached_tokens > 0 for r in on2.prefill.values())
+        off = _run(ref_prefill, ref_decode, batches[:2])
+        assert {**on.outputs, **on2.outputs} == off.outputs
+        time.sleep(0.3)
+        prefill.cache.blocks.assert_empty()
+        with decode._lock:
+            decode.blocks.assert_empty()
+    finally:
+        for w in (prefill, decode, ref_prefill, ref_decode):
+            w.shutdown()

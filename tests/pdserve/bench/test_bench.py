@@ -43,6 +43,24 @@ def test_bench_throughput_native_vs_generic_path(ray_cluster, tmp_path, capsys):
     assert fp32["ratio_native_vs_generic"] > 0
 
 
+def test_bench_throughput_breakdown_and_a_missing_vllm(ray_cluster, tmp_path, capsys, monkeypatch):
+    """PD with the core lease: the makespan's split and the ideal beside it; vllm asked for but not
+    installed: its row is skipped with the reason, the last line says n/a."""
+    monkeypatch.delenv("PDSERVE_VLLM_PYTHON", raising=False)
+    report_path = tmp_path / "report.json"
+    assert main(["bench", "throughput", "--quick", "--dtypes", "float32", "--systems", "pdserve,vllm", "--mode", "pd",
+                 "--breakdown", "--json", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].endswith("vllm_out_tok_s=n/a ratio_vs_vllm=n/a")
+    assert "vllm skipped: no vLLM Python given (--vllm-python PATH or PDSERVE_VLLM_PYTHON)" in out
+    assert re.search(r"^ideal makespan \d+\.\d\d s \(prefill .* vs measured \d+\.\d\d s", out, re.M), out
+    import json
+
+    split = json.loads(report_path.read_text())["breakdown"]["float32"]
+    assert split["prefill_s"] > 0 and split["decode_s"] > 0
+    assert split["prefill_s"] + split["decode_s"] + split["rest_s"] == pytest.approx(split["makespan_s"])
+
+
 def test_bench_kvtransfer_quick(capsys):
     assert main(["bench", "kvtransfer", "--quick"]) == 0
     out = capsys.readouterr().out
