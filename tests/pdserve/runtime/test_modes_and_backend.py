@@ -19,7 +19,7 @@ from router.router import Router, RouterConfig
 
 def test_the_enums_are_the_cli_words():
     assert TRANSPORT_NAMES == TRANSPORTS
-    assert Mode.words() == ("pd", "colocated")
+    assert Mode.words() == ("pd", "colocated", "hybrid")
     for member in (*Mode, *Transport):
         assert member == member.value and str(member) == f"{member}" == member.value
         assert json.loads(json.dumps({"x": member})) == {"x": member.value}
@@ -34,7 +34,7 @@ def test_cluster_config_holds_members_whatever_it_was_given():
     assert cfg.mode is Mode.COLOCATED and cfg.transport is Transport.SHM
     with pytest.raises(ValueError, match=r"--transport must be one of \('auto', 'shm', 'cuda_ipc', 'grpc'\)"):
         ClusterConfig(transport="carrier-pigeon")
-    with pytest.raises(ValueError, match="--mode must be one of pd, colocated, got 'both'"):
+    with pytest.raises(ValueError, match="--mode must be one of pd, colocated, hybrid, got 'both'"):
         ClusterConfig(mode="both")
 
 
