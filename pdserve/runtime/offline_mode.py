@@ -3,9 +3,11 @@
 On one CPU node PD splits the node's cores between a prefill worker and a decode worker, ships every
 prompt's KV through shared memory and keeps two copies of the model; a colocated worker does the same
 work in one process, its prefill chunks mixed into decode steps. Measured on the project's 2-core
-Zen 4 machine (issue 22; docs/benchmarks.md, "PD against colocated on one CPU node"), colocated
-finished the benchmark's batch sooner, so that is what auto picks there. Anywhere else (a cluster
-joined with --address, a GPU, PD-only features asked for) auto is pd. An explicit --mode always wins.
+Zen 4 machine on a quiet machine (issue 22; docs/benchmarks.md, "Against vLLM on the same CPU"), PD with
+the node core lease (engine/core_lease.py) finished the benchmark's 64 requests sooner than colocated
+(345-360 against 299-323 output tok/s, alternated), so auto picks pd there too; the choice stays one
+constant, re-measured when either path changes. Anywhere else (a cluster joined with --address, a GPU,
+PD-only features asked for) auto is pd. An explicit --mode always wins.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from proto.kinds import Mode
 
 log = logging.getLogger("pdserve.cli")
 
-SINGLE_CPU_NODE = Mode.COLOCATED  # the measured winner (module docstring)
+SINGLE_CPU_NODE = Mode.PD  # the measured winner (module docstring)
 
 
 def pd_only_asks(args: argparse.Namespace) -> list[str]:
@@ -44,8 +46,10 @@ def choose_offline_mode(args: argparse.Namespace, device: str) -> Mode:
     the default log shows it)."""
     asks = pd_only_asks(args)
     if args.address is None and device == "cpu" and not asks:
+        other = Mode.COLOCATED if SINGLE_CPU_NODE is Mode.PD else Mode.PD
         log.warning("--mode auto: one CPU node (a local cluster, device cpu): running --mode %s, measured faster "
-                    "offline on one CPU node than pd; give --mode pd to disaggregate", SINGLE_CPU_NODE.value)
+                    "offline on one CPU node than %s; give --mode %s to change it", SINGLE_CPU_NODE.value,
+                    other.value, other.value)
         return SINGLE_CPU_NODE
     why = ", ".join(asks) or ("--address given" if args.address is not None else f"device {device}")
     log.info("--mode auto: running --mode pd (%s)", why)

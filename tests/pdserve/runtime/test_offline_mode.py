@@ -23,7 +23,8 @@ def test_auto_on_one_cpu_node_runs_the_measured_winner_and_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="pdserve.cli"):
         assert _mode(RUN_BATCH) == offline_mode.SINGLE_CPU_NODE
         assert _mode(["bench", "throughput", "--device", "cpu"]) == offline_mode.SINGLE_CPU_NODE
-    assert "--mode auto: one CPU node" in caplog.text and "--mode pd" in caplog.text
+    assert "--mode auto: one CPU node" in caplog.text
+    assert f"running --mode {offline_mode.SINGLE_CPU_NODE}" in caplog.text
 
 
 @pytest.mark.parametrize("extra", [["--address", "auto"], ["--speculative", "ngram"], ["--prefill-workers", "2"],
