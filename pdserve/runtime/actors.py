@@ -124,7 +124,7 @@ class HybridActor(HybridWorker, _ActorInfo):
         _start(self, config, super().__init__)
 
 
-
+@ray.remote
 class RankActor(FollowerRank):
     """Rank r > 0 of a tensor-parallel worker (decode_worker/ranks.py): follows its rank 0, talks to no router."""
 

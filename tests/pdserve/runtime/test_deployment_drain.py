@@ -35,10 +35,13 @@ def test_down_drains_the_requests_in_flight(ray_cluster, tiny_with_tokenizer):
         finished: dict[str, Request] = {}
         client = RemoteRouter(actor, on_finished=lambda r: finished.setdefault(r.custom_id, r))
         for i in range(8):
-            client.submit(_req(i, 4 if i % 2 else 480))  # short ones finish at once, long ones cannot in 0.5 s
+            client.submit(_req(i, 4 if i % 2 else 480))  # short ones finish at once, long ones are held (below)
         deadline = time.time() + 120
         while len(finished) < 4 and time.time() < deadline:  # the short ones are done: the long ones decode
             client.tick(0.1)
+        # The long ones must still be in flight when the 0.5 s timeout ends, whatever this CPU's speed: the
+        # decode loops pause for 5 s (the fault drill; well inside the router's 60 s stall watchdog).
+        ray.get([h.stall_for.remote(5.0) for h in client.workers.decode.values()])
         drained: dict = {}
         drainer = threading.Thread(target=lambda: drained.update(ray.get(actor.drain.remote(0.5))))
         drainer.start()
